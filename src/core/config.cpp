@@ -1,0 +1,204 @@
+#include "core/config.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <charconv>
+#include <cmath>
+#include <map>
+#include <sstream>
+
+#include "core/error.h"
+#include "core/fs.h"
+
+namespace kiln {
+
+std::string format_value(const ConfigSchema::Target& t) {
+    return std::visit(
+        [](auto* p) -> std::string {
+            using T = std::remove_pointer_t<decltype(p)>;
+            if constexpr (std::is_same_v<T, std::string>) {
+                return *p;
+            } else if constexpr (std::is_same_v<T, bool>) {
+                return *p ? "true" : "false";
+            } else if constexpr (std::is_same_v<T, double>) {
+                return fmt::format("{}", *p);
+            } else {
+                return std::to_string(*p);
+            }
+        },
+        t);
+}
+
+void ConfigSchema::add(const std::string& key, Target target, const std::string& help, Check check,
+                       std::function<void()> on_set) {
+    KILN_CHECK(find(key) == nullptr, "config key {} registered twice", key);
+    entries_.push_back({key, target, help, format_value(target), std::move(check), std::move(on_set)});
+}
+
+const ConfigSchema::Entry* ConfigSchema::find(const std::string& key) const {
+    for (const auto& e : entries_) {
+        if (e.key == key) return &e;
+    }
+    return nullptr;
+}
+
+bool ConfigSchema::has(const std::string& key) const { return find(key) != nullptr; }
+
+std::string ConfigSchema::value_string(const std::string& key) const {
+    const Entry* e = find(key);
+    KILN_CHECK(e != nullptr, "unknown config key {}", key);
+    return format_value(e->target);
+}
+
+namespace {
+
+std::string closest_key(const std::string& key, const std::vector<std::string>& keys) {
+    // Suggest a registered key sharing the last path component, if any.
+    std::string leaf = key.substr(key.rfind('.') + 1);
+    for (const auto& k : keys) {
+        if (k.substr(k.rfind('.') + 1) == leaf) return k;
+    }
+    return "";
+}
+
+void flatten(const YAML::Node& node, const std::string& prefix, const std::string& source,
+             std::vector<std::pair<std::string, std::string>>& out) {
+    if (node.IsMap()) {
+        for (const auto& kv : node) {
+            std::string k = kv.first.as<std::string>();
+            flatten(kv.second, prefix.empty() ? k : prefix + "." + k, source, out);
+        }
+    } else if (node.IsScalar()) {
+        out.emplace_back(prefix, node.Scalar());
+    } else if (node.IsNull()) {
+        throw error("{}: key {} has no value", source, prefix);
+    } else {
+        throw error("{}: key {} must be a single value, not a list", source, prefix);
+    }
+}
+
+}  // namespace
+
+void ConfigSchema::load_yaml_text(const std::string& text, const std::string& source) {
+    YAML::Node root;
+    try {
+        root = YAML::Load(text);
+    } catch (const YAML::Exception& e) {
+        throw error("{} is not valid YAML: {} (line {}, column {})", source, e.msg, e.mark.line + 1,
+                    e.mark.column + 1);
+    }
+    if (root.IsNull()) return;
+    if (!root.IsMap()) {
+        throw error("{} must be a mapping of config keys", source);
+    }
+    std::vector<std::pair<std::string, std::string>> flat;
+    flatten(root, "", source, flat);
+    for (auto& [k, v] : flat) pending_.push_back({k, v, source});
+}
+
+void ConfigSchema::load_yaml_file(const std::string& path) {
+    load_yaml_text(fs::read_file(path), path);
+}
+
+void ConfigSchema::add_override(const std::string& key_equals_value) {
+    auto eq = key_equals_value.find('=');
+    if (eq == std::string::npos || eq == 0) {
+        throw error("--set {}: expected KEY=VALUE, e.g. --set train.lr=3e-4", key_equals_value);
+    }
+    pending_.push_back({key_equals_value.substr(0, eq), key_equals_value.substr(eq + 1), "--set"});
+}
+
+void ConfigSchema::apply() {
+    std::vector<std::string> keys;
+    for (const auto& e : entries_) keys.push_back(e.key);
+    for (const auto& a : pending_) {
+        if (find(a.key) == nullptr) {
+            std::string hint = closest_key(a.key, keys);
+            throw error("{}: unknown config key '{}'{}", a.source, a.key,
+                        hint.empty() ? std::string(" (kiln CMD --help lists every key)")
+                                     : fmt::format(" (did you mean '{}'?)", hint));
+        }
+    }
+    std::stable_partition(pending_.begin(), pending_.end(), [&](const Assignment& a) {
+        return std::find(first_.begin(), first_.end(), a.key) != first_.end();
+    });
+    for (const auto& a : pending_) set(*find(a.key), a.value, a.source);
+    pending_.clear();
+}
+
+void ConfigSchema::set(const Entry& e, const std::string& value, const std::string& source) {
+    auto bad = [&](const char* what) {
+        return error("{}: {}={} is not {}", source, e.key, value, what);
+    };
+    std::visit(
+        [&](auto* p) {
+            using T = std::remove_pointer_t<decltype(p)>;
+            if constexpr (std::is_same_v<T, std::string>) {
+                *p = value;
+            } else if constexpr (std::is_same_v<T, bool>) {
+                if (value == "true" || value == "1" || value == "yes" || value == "on") {
+                    *p = true;
+                } else if (value == "false" || value == "0" || value == "no" || value == "off") {
+                    *p = false;
+                } else {
+                    throw bad("a boolean (true or false)");
+                }
+            } else if constexpr (std::is_same_v<T, double>) {
+                char* end = nullptr;
+                errno = 0;
+                double d = std::strtod(value.c_str(), &end);
+                if (value.empty() || *end != '\0' || errno != 0 || !std::isfinite(d)) {
+                    throw bad("a finite number");
+                }
+                *p = d;
+            } else {
+                int64_t v = 0;
+                auto [ptr, ec] = std::from_chars(value.data(), value.data() + value.size(), v);
+                if (ec != std::errc() || ptr != value.data() + value.size()) {
+                    throw bad("an integer");
+                }
+                *p = v;
+            }
+        },
+        e.target);
+    if (e.check) {
+        std::string why = e.check();
+        if (!why.empty()) {
+            throw error("{}: {}={} is invalid: {}", source, e.key, value, why);
+        }
+    }
+    if (e.on_set) e.on_set();
+}
+
+std::string ConfigSchema::to_yaml() const {
+    YAML::Node root;
+    for (const auto& e : entries_) {
+        std::vector<std::string> parts;
+        std::stringstream ss(e.key);
+        for (std::string p; std::getline(ss, p, '.');) parts.push_back(p);
+        // Walk/create nested maps (yaml-cpp nodes are reference-like).
+        std::vector<YAML::Node> chain{root};
+        for (size_t i = 0; i + 1 < parts.size(); i++) {
+            chain.push_back(chain.back()[parts[i]]);
+        }
+        chain.back()[parts.back()] = format_value(e.target);
+    }
+    YAML::Emitter out;
+    out << root;
+    return std::string(out.c_str()) + "\n";
+}
+
+std::string ConfigSchema::help() const {
+    std::string s;
+    size_t width = 0;
+    for (const auto& e : entries_) width = std::max(width, e.key.size() + e.default_value.size() + 3);
+    for (const auto& e : entries_) {
+        std::string left = fmt::format("{} = {}", e.key, e.default_value);
+        s += fmt::format("  {:<{}}  {}\n", left, width, e.help);
+    }
+    return s;
+}
+
+}  // namespace kiln

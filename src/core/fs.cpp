@@ -1,0 +1,141 @@
+#include "core/fs.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <utility>
+
+#include "core/error.h"
+
+namespace kiln::fs {
+
+std::string read_file(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) {
+        throw error("cannot read {}: {}", path, std::strerror(errno));
+    }
+    std::ostringstream s;
+    s << in.rdbuf();
+    return s.str();
+}
+
+void fsync_path(const std::string& path) {
+    int fd = ::open(path.c_str(), O_RDONLY);
+    if (fd < 0) {
+        throw error("cannot open {} to sync it: {}", path, std::strerror(errno));
+    }
+    ::fsync(fd);
+    ::close(fd);
+}
+
+AtomicWriter::AtomicWriter(std::string path) : path_(std::move(path)), tmp_(path_ + ".tmp") {
+    fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd_ < 0) {
+        throw error("cannot write {}: {}", tmp_, std::strerror(errno));
+    }
+}
+
+AtomicWriter::~AtomicWriter() {
+    if (fd_ >= 0) {
+        ::close(fd_);
+        ::unlink(tmp_.c_str());
+    }
+}
+
+void AtomicWriter::write(const void* data, size_t bytes) {
+    const char* p = static_cast<const char*>(data);
+    while (bytes > 0) {
+        ssize_t n = ::write(fd_, p, bytes);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            throw error("cannot write {}: {}", tmp_, std::strerror(errno));
+        }
+        p += n;
+        bytes -= static_cast<size_t>(n);
+    }
+}
+
+void AtomicWriter::commit() {
+    if (::fsync(fd_) != 0) {
+        throw error("cannot sync {}: {}", tmp_, std::strerror(errno));
+    }
+    ::close(fd_);
+    fd_ = -1;
+    if (::rename(tmp_.c_str(), path_.c_str()) != 0) {
+        int e = errno;
+        ::unlink(tmp_.c_str());
+        throw error("cannot rename {} to {}: {}", tmp_, path_, std::strerror(e));
+    }
+    std::string dir = std::filesystem::path(path_).parent_path().string();
+    fsync_path(dir.empty() ? "." : dir);
+}
+
+void write_file_atomic(const std::string& path, std::span<const char> data) {
+    AtomicWriter w(path);
+    w.write(data.data(), data.size());
+    w.commit();
+}
+
+void make_dirs(const std::string& path) {
+    std::error_code ec;
+    std::filesystem::create_directories(path, ec);
+    if (ec) {
+        throw error("cannot create folder {}: {}", path, ec.message());
+    }
+}
+
+bool exists(const std::string& path) { return std::filesystem::exists(path); }
+
+MappedFile::MappedFile(const std::string& path) : path_(path) {
+    int fd = ::open(path.c_str(), O_RDONLY);
+    if (fd < 0) {
+        throw error("cannot open {}: {}", path, std::strerror(errno));
+    }
+    struct stat st;
+    if (::fstat(fd, &st) != 0) {
+        int e = errno;
+        ::close(fd);
+        throw error("cannot stat {}: {}", path, std::strerror(e));
+    }
+    size_ = static_cast<size_t>(st.st_size);
+    if (size_ > 0) {
+        void* p = ::mmap(nullptr, size_, PROT_READ, MAP_SHARED, fd, 0);
+        if (p == MAP_FAILED) {
+            int e = errno;
+            ::close(fd);
+            throw error("cannot map {}: {}", path, std::strerror(e));
+        }
+        data_ = static_cast<const uint8_t*>(p);
+    }
+    ::close(fd);
+}
+
+MappedFile::MappedFile(MappedFile&& other) noexcept
+    : path_(std::move(other.path_)),
+      data_(std::exchange(other.data_, nullptr)),
+      size_(std::exchange(other.size_, 0)) {}
+
+MappedFile& MappedFile::operator=(MappedFile&& other) noexcept {
+    if (this != &other) {
+        if (data_) ::munmap(const_cast<uint8_t*>(data_), size_);
+        path_ = std::move(other.path_);
+        data_ = std::exchange(other.data_, nullptr);
+        size_ = std::exchange(other.size_, 0);
+    }
+    return *this;
+}
+
+MappedFile::~MappedFile() {
+    if (data_) {
+        ::munmap(const_cast<uint8_t*>(data_), size_);
+    }
+}
+
+}  // namespace kiln::fs

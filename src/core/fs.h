@@ -1,0 +1,59 @@
+#pragma once
+// Files: whole-file reads, atomic writes (temp + fsync + rename), read-only memory maps.
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+
+namespace kiln::fs {
+
+std::string read_file(const std::string& path);  // throws Error naming the path
+
+// Writes `data` to `path` so that a crash leaves either the old file or the new one, never a
+// mix: writes path.tmp, fsyncs it, renames it over path, fsyncs the folder.
+void write_file_atomic(const std::string& path, std::span<const char> data);
+inline void write_file_atomic(const std::string& path, const std::string& text) {
+    write_file_atomic(path, std::span<const char>(text.data(), text.size()));
+}
+
+// Streams a file into place atomically: bytes go to path.tmp; commit() fsyncs, renames it over
+// path and fsyncs the folder. Destroyed without commit(), it removes path.tmp.
+class AtomicWriter {
+public:
+    explicit AtomicWriter(std::string path);  // throws Error naming the path
+    AtomicWriter(const AtomicWriter&) = delete;
+    AtomicWriter& operator=(const AtomicWriter&) = delete;
+    ~AtomicWriter();
+    void write(const void* data, size_t bytes);  // throws Error naming the path
+    void commit();
+
+private:
+    std::string path_, tmp_;
+    int fd_ = -1;
+};
+
+void fsync_path(const std::string& path);  // a file or a folder
+void make_dirs(const std::string& path);   // like mkdir -p; throws Error naming the path
+bool exists(const std::string& path);
+
+// A read-only mapping of a whole file. Movable, not copyable.
+class MappedFile {
+public:
+    explicit MappedFile(const std::string& path);  // throws Error naming the path
+    MappedFile(MappedFile&& other) noexcept;
+    MappedFile& operator=(MappedFile&& other) noexcept;
+    MappedFile(const MappedFile&) = delete;
+    MappedFile& operator=(const MappedFile&) = delete;
+    ~MappedFile();
+
+    const uint8_t* data() const { return data_; }
+    size_t size() const { return size_; }
+    const std::string& path() const { return path_; }
+
+private:
+    std::string path_;
+    const uint8_t* data_ = nullptr;
+    size_t size_ = 0;
+};
+
+}  // namespace kiln::fs

@@ -1,0 +1,30 @@
+#pragma once
+// Logging façade over spdlog. Every line carries a module tag: `[train] step 10 ...`.
+// The console sink prints on rank 0 only; every rank can add its own file (rank-N.log).
+#include <fmt/format.h>
+
+#include <string>
+
+namespace kiln::log {
+
+enum class Level { debug, info, warn, error };
+
+void init(int rank, Level level);            // console on rank 0, level for all sinks
+void add_file(const std::string& path);      // append every line to this file too
+void write(Level level, const char* module, const std::string& message);
+Level parse_level(const std::string& name);  // "debug" | "info" | "warn" | "error"; throws
+
+template <typename... Args>
+void info(const char* module, fmt::format_string<Args...> f, Args&&... args) {
+    write(Level::info, module, fmt::format(f, std::forward<Args>(args)...));
+}
+template <typename... Args>
+void warn(const char* module, fmt::format_string<Args...> f, Args&&... args) {
+    write(Level::warn, module, fmt::format(f, std::forward<Args>(args)...));
+}
+template <typename... Args>
+void debug(const char* module, fmt::format_string<Args...> f, Args&&... args) {
+    write(Level::debug, module, fmt::format(f, std::forward<Args>(args)...));
+}
+
+}  // namespace kiln::log

@@ -1,0 +1,227 @@
+// Causal attention for the CPU backend. Heads are packed into dense (B, H, T, D) operands in
+// the compute dtype (keys/values repeated across a query group for GQA), then every product is
+// one batched oneDNN matmul over (B, H); softmax and its backward run row-parallel in f32.
+#include <cmath>
+
+#include "core/error.h"
+#include "core/threads.h"
+#include "kernels/cpu/cpu.h"
+#include "kernels/cpu/matmul.h"
+#include "kernels/cpu/vecmath.h"
+
+namespace kiln::kernels::cpu {
+namespace {
+
+template <Precision P>
+constexpr DType compute_type = P == Precision::bf16 ? DType::bf16 : DType::f32;
+
+template <Precision P>
+constexpr size_t compute_size = P == Precision::bf16 ? 2 : 4;
+
+size_t round64(size_t n) { return (n + 63) / 64 * 64; }
+
+// Carves the workspace into the packed operands.
+template <Precision P>
+struct Scratch {
+    char* q;   // (B, H, T, D) compute dtype
+    char* k;   // (B, H, T, D) compute dtype, kv heads repeated per group
+    char* v;   // (B, H, T, D) compute dtype
+    char* do_; // (B, H, T, D) compute dtype: the output gradient
+    char* p;   // (B, H, T, T) compute dtype: probabilities, then dS
+    float* dp; // (B, H, T, T)
+    float* dk; // (B, H, T, D)
+    float* dv; // (B, H, T, D)
+
+    static size_t bytes(const Attention& a) {
+        size_t bhtd = size_t(a.B * a.H * a.T * a.D), bhtt = size_t(a.B * a.H * a.T * a.T);
+        return 4 * round64(bhtd * compute_size<P>) + round64(bhtt * compute_size<P>) +
+               round64(bhtt * 4) + 2 * round64(bhtd * 4);
+    }
+    Scratch(const Attention& a, Workspace ws) {
+        KILN_CHECK(ws.bytes >= bytes(a), "attention workspace too small");
+        size_t bhtd = size_t(a.B * a.H * a.T * a.D), bhtt = size_t(a.B * a.H * a.T * a.T);
+        char* at = static_cast<char*>(ws.ptr);
+        auto take = [&](size_t n) {
+            char* p = at;
+            at += round64(n);
+            return p;
+        };
+        q = take(bhtd * compute_size<P>);
+        k = take(bhtd * compute_size<P>);
+        v = take(bhtd * compute_size<P>);
+        do_ = take(bhtd * compute_size<P>);
+        p = take(bhtt * compute_size<P>);
+        dp = reinterpret_cast<float*>(take(bhtt * 4));
+        dk = reinterpret_cast<float*>(take(bhtd * 4));
+        dv = reinterpret_cast<float*>(take(bhtd * 4));
+    }
+};
+
+template <Precision P>
+inline void store(char* base, int64_t index, float x) {
+    if constexpr (P == Precision::bf16) {
+        reinterpret_cast<uint16_t*>(base)[index] = f32_to_bf16(x);
+    } else {
+        reinterpret_cast<float*>(base)[index] = x;
+    }
+}
+
+// Copies D values of `heads` heads from rows of src (row stride ld, first head at column col0)
+// into dst (B, H, T, D); head h reads source head h / repeat.
+template <Precision P>
+void pack_heads(char* dst, const float* src, int64_t ld, int64_t col0, int64_t repeat,
+                const Attention& a) {
+    parallel_range(a.B * a.T, 4, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; r++) {
+            int64_t b = r / a.T, t = r % a.T;
+            for (int64_t h = 0; h < a.H; h++) {
+                const float* s = src + r * ld + col0 + (h / repeat) * a.D;
+                int64_t d0 = ((b * a.H + h) * a.T + t) * a.D;
+                for (int64_t i = 0; i < a.D; i++) store<P>(dst, d0 + i, s[i]);
+            }
+        }
+    });
+}
+
+MatOperand dense(const void* ptr, DType type, const Attention& a, int64_t rows, int64_t cols,
+                 bool transposed) {
+    MatOperand m;
+    m.ptr = ptr;
+    m.type = type;
+    m.dims[0] = a.B;
+    m.dims[1] = a.H;
+    m.dims[2] = transposed ? cols : rows;
+    m.dims[3] = transposed ? rows : cols;
+    m.strides[0] = a.H * rows * cols;
+    m.strides[1] = rows * cols;
+    m.strides[2] = transposed ? 1 : cols;
+    m.strides[3] = transposed ? cols : 1;
+    return m;
+}
+
+template <Precision P>
+void pack_qkv(const Scratch<P>& s, const float* qkv, const Attention& a) {
+    int64_t G = a.H / a.Hkv;
+    pack_heads<P>(s.q, qkv, a.ldqkv, 0, 1, a);
+    pack_heads<P>(s.k, qkv, a.ldqkv, a.H * a.D, G, a);
+    pack_heads<P>(s.v, qkv, a.ldqkv, (a.H + a.Hkv) * a.D, G, a);
+}
+
+}  // namespace
+
+template <Precision P>
+size_t attention_workspace(const Attention& a) {
+    return Scratch<P>::bytes(a);
+}
+
+template <Precision P>
+void attention_forward(float* out, float* probs, const float* qkv, const Attention& a,
+                       Workspace ws) {
+    Scratch<P> s(a, ws);
+    const DType ct = compute_type<P>;
+    const int64_t T = a.T, D = a.D;
+    pack_qkv<P>(s, qkv, a);
+    const int64_t tt_strides[4] = {a.H * T * T, T * T, T, 1};
+    matmul(dense(s.q, ct, a, T, D, false), dense(s.k, ct, a, T, D, true), probs, tt_strides,
+           1.0f / std::sqrt(float(D)), false);
+    // Causal softmax per row; entries above the diagonal become exact zeros.
+    parallel_range(a.B * a.H * T, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; r++) {
+            int64_t t = r % T;
+            float* row = probs + r * T;
+            float mx = row[0];
+            for (int64_t u = 1; u <= t; u++) mx = row[u] > mx ? row[u] : mx;
+            float sum = 0;
+            for (int64_t u = 0; u <= t; u++) {
+                row[u] = fast_exp(row[u] - mx);
+                sum += row[u];
+            }
+            float inv = 1.0f / sum;
+            for (int64_t u = 0; u <= t; u++) row[u] *= inv;
+            for (int64_t u = t + 1; u < T; u++) row[u] = 0;
+            if constexpr (P == Precision::bf16) {
+                uint16_t* pr = reinterpret_cast<uint16_t*>(s.p) + r * T;
+                for (int64_t u = 0; u < T; u++) pr[u] = f32_to_bf16(row[u]);
+            }
+        }
+    });
+    const void* p = P == Precision::bf16 ? static_cast<const void*>(s.p) : probs;
+    const int64_t out_strides[4] = {T * a.H * D, D, a.H * D, 1};
+    matmul(dense(p, ct, a, T, T, false), dense(s.v, ct, a, T, D, false), out, out_strides, 1.0f,
+           false);
+}
+
+template <Precision P>
+void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* probs,
+                        const Attention& a, Workspace ws) {
+    Scratch<P> s(a, ws);
+    const DType ct = compute_type<P>;
+    const int64_t T = a.T, D = a.D, G = a.H / a.Hkv;
+    const float scale = 1.0f / std::sqrt(float(D));
+    pack_qkv<P>(s, qkv, a);
+    pack_heads<P>(s.do_, dout, a.H * D, 0, 1, a);
+    const void* p = probs;
+    if constexpr (P == Precision::bf16) {
+        pack_bf16(reinterpret_cast<uint16_t*>(s.p), probs, a.B * a.H * T, T, T);
+        p = s.p;
+    }
+    const int64_t td_strides[4] = {a.H * T * D, T * D, D, 1};
+    const int64_t tt_strides[4] = {a.H * T * T, T * T, T, 1};
+    // dV = P^T dO ; dP = dO V^T
+    matmul(dense(p, ct, a, T, T, true), dense(s.do_, ct, a, T, D, false), s.dv, td_strides, 1.0f,
+           false);
+    matmul(dense(s.do_, ct, a, T, D, false), dense(s.v, ct, a, T, D, true), s.dp, tt_strides, 1.0f,
+           false);
+    // dS = P * (dP - rowsum(P * dP)), into the p slot (P is no longer needed there).
+    parallel_range(a.B * a.H * T, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; r++) {
+            int64_t t = r % T;
+            const float* pr = probs + r * T;
+            const float* dpr = s.dp + r * T;
+            float dot = 0;
+            for (int64_t u = 0; u <= t; u++) dot += pr[u] * dpr[u];
+            for (int64_t u = 0; u < T; u++) {
+                store<P>(s.p, r * T + u, u <= t ? pr[u] * (dpr[u] - dot) : 0.0f);
+            }
+        }
+    });
+    // dQ = scale dS K, straight into the q part of dqkv; dK = scale dS^T Q.
+    const int64_t dq_strides[4] = {T * a.ldqkv, D, a.ldqkv, 1};
+    matmul(dense(s.p, ct, a, T, T, false), dense(s.k, ct, a, T, D, false), dqkv, dq_strides, scale,
+           false);
+    matmul(dense(s.p, ct, a, T, T, true), dense(s.q, ct, a, T, D, false), s.dk, td_strides, scale,
+           false);
+    // Sum the repeated heads of each kv group into the k and v parts of dqkv.
+    parallel_range(a.B * T, 4, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; r++) {
+            int64_t b = r / T, t = r % T;
+            float* dk_row = dqkv + r * a.ldqkv + a.H * D;
+            float* dv_row = dk_row + a.Hkv * D;
+            for (int64_t j = 0; j < a.Hkv; j++) {
+                for (int64_t i = 0; i < D; i++) {
+                    float sk = 0, sv = 0;
+                    for (int64_t g = 0; g < G; g++) {
+                        int64_t src = ((b * a.H + j * G + g) * T + t) * D + i;
+                        sk += s.dk[src];
+                        sv += s.dv[src];
+                    }
+                    dk_row[j * D + i] = sk;
+                    dv_row[j * D + i] = sv;
+                }
+            }
+        }
+    });
+}
+
+template size_t attention_workspace<Precision::fp32>(const Attention&);
+template size_t attention_workspace<Precision::bf16>(const Attention&);
+template void attention_forward<Precision::fp32>(float*, float*, const float*, const Attention&,
+                                                 Workspace);
+template void attention_forward<Precision::bf16>(float*, float*, const float*, const Attention&,
+                                                 Workspace);
+template void attention_backward<Precision::fp32>(float*, const float*, const float*, const float*,
+                                                  const Attention&, Workspace);
+template void attention_backward<Precision::bf16>(float*, const float*, const float*, const float*,
+                                                  const Attention&, Workspace);
+
+}  // namespace kiln::kernels::cpu

@@ -1,0 +1,193 @@
+// The CPU backend's row-wise ops: embedding, RMSNorm, RoPE, SwiGLU, cross-entropy, AdamW.
+// Each parallelizes over rows (or columns where rows would race) and keeps inner loops simple
+// enough for GCC to vectorize.
+#include <cmath>
+
+#include "core/threads.h"
+#include "kernels/cpu/vecmath.h"
+#include "kernels/table.h"
+
+namespace kiln::kernels::cpu {
+
+void embedding_forward(float* out, const int32_t* tokens, const float* wte, int64_t M, int64_t C) {
+    parallel_range(M, 16, [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; m++) {
+            const float* src = wte + int64_t(tokens[m]) * C;
+            float* dst = out + m * C;
+            for (int64_t c = 0; c < C; c++) dst[c] = src[c];
+        }
+    });
+}
+
+// Parallel over column blocks so that repeated tokens never race.
+void embedding_backward(float* dwte, const float* dout, const int32_t* tokens, int64_t M,
+                        int64_t C) {
+    parallel_range(C, 16, [&](int64_t c0, int64_t c1) {
+        for (int64_t m = 0; m < M; m++) {
+            float* dst = dwte + int64_t(tokens[m]) * C;
+            const float* src = dout + m * C;
+            for (int64_t c = c0; c < c1; c++) dst[c] += src[c];
+        }
+    });
+}
+
+void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, int64_t M, int64_t C,
+                     float eps) {
+    parallel_range(M, 8, [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; m++) {
+            const float* xr = x + m * C;
+            float ss = 0;
+            for (int64_t c = 0; c < C; c++) ss += xr[c] * xr[c];
+            float r = 1.0f / std::sqrt(ss / C + eps);
+            rstd[m] = r;
+            float* o = out + m * C;
+            for (int64_t c = 0; c < C; c++) o[c] = xr[c] * r * w[c];
+        }
+    });
+}
+
+void rmsnorm_backward(float* dx, float* dw, const float* dout, const float* x, const float* w,
+                      const float* rstd, int64_t M, int64_t C) {
+    parallel_range(M, 8, [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; m++) {
+            const float* xr = x + m * C;
+            const float* dr = dout + m * C;
+            float r = rstd[m];
+            float dot = 0;
+            for (int64_t c = 0; c < C; c++) dot += dr[c] * w[c] * xr[c];
+            float k = r * r * r * dot / C;
+            float* d = dx + m * C;
+            for (int64_t c = 0; c < C; c++) d[c] += r * dr[c] * w[c] - k * xr[c];
+        }
+    });
+    parallel_range(C, 16, [&](int64_t c0, int64_t c1) {
+        for (int64_t m = 0; m < M; m++) {
+            const float* xr = x + m * C;
+            const float* dr = dout + m * C;
+            float r = rstd[m];
+            for (int64_t c = c0; c < c1; c++) dw[c] += dr[c] * xr[c] * r;
+        }
+    });
+}
+
+namespace {
+void rope(float* x, int64_t ld, int64_t M, int64_t T, int64_t n_heads, int64_t D, const float* cos,
+          const float* sin, float sign) {
+    int64_t half = D / 2;
+    parallel_range(M, 8, [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; m++) {
+            const float* cr = cos + (m % T) * half;
+            const float* sr = sin + (m % T) * half;
+            for (int64_t h = 0; h < n_heads; h++) {
+                float* v = x + m * ld + h * D;
+                for (int64_t i = 0; i < half; i++) {
+                    float a = v[i], b = v[i + half], s = sign * sr[i];
+                    v[i] = a * cr[i] - b * s;
+                    v[i + half] = b * cr[i] + a * s;
+                }
+            }
+        }
+    });
+}
+}  // namespace
+
+void rope_forward(float* x, int64_t ld, int64_t M, int64_t T, int64_t n_heads, int64_t D,
+                  const float* cos, const float* sin) {
+    rope(x, ld, M, T, n_heads, D, cos, sin, 1.0f);
+}
+
+void rope_backward(float* dx, int64_t ld, int64_t M, int64_t T, int64_t n_heads, int64_t D,
+                   const float* cos, const float* sin) {
+    rope(dx, ld, M, T, n_heads, D, cos, sin, -1.0f);
+}
+
+void swiglu_forward(float* h, const float* gu, int64_t M, int64_t F) {
+    parallel_range(M, 4, [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; m++) {
+            const float* g = gu + m * 2 * F;
+            const float* u = g + F;
+            float* o = h + m * F;
+            for (int64_t f = 0; f < F; f++) o[f] = g[f] * sigmoid(g[f]) * u[f];
+        }
+    });
+}
+
+void swiglu_backward(float* dgu, const float* dh, const float* gu, int64_t M, int64_t F) {
+    parallel_range(M, 4, [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; m++) {
+            const float* g = gu + m * 2 * F;
+            const float* u = g + F;
+            const float* d = dh + m * F;
+            float* dg = dgu + m * 2 * F;
+            float* du = dg + F;
+            for (int64_t f = 0; f < F; f++) {
+                float s = sigmoid(g[f]);
+                dg[f] = d[f] * u[f] * s * (1.0f + g[f] * (1.0f - s));
+                du[f] = d[f] * g[f] * s;
+            }
+        }
+    });
+}
+
+void cross_entropy(float* logits, float* losses, const int32_t* targets, int64_t M, int64_t V,
+                   float dscale) {
+    parallel_range(M, 1, [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; m++) {
+            float* row = logits + m * V;
+            int32_t target = targets[m];
+            if (target < 0) {
+                losses[m] = 0;
+                if (dscale != 0) {
+                    for (int64_t v = 0; v < V; v++) row[v] = 0;
+                }
+                continue;
+            }
+            float mx = row[0];
+            for (int64_t v = 1; v < V; v++) mx = row[v] > mx ? row[v] : mx;
+            float target_logit = row[target];
+            double sum = 0;
+            if (dscale != 0) {
+                float partial = 0;  // per 4096-wide block, so the f32 sum stays accurate
+                for (int64_t v0 = 0; v0 < V; v0 += 4096) {
+                    partial = 0;
+                    int64_t v1 = std::min(V, v0 + 4096);
+                    for (int64_t v = v0; v < v1; v++) {
+                        row[v] = fast_exp(row[v] - mx);
+                        partial += row[v];
+                    }
+                    sum += partial;
+                }
+                float k = static_cast<float>(dscale / sum);
+                for (int64_t v = 0; v < V; v++) row[v] *= k;
+                row[target] -= dscale;
+            } else {
+                for (int64_t v0 = 0; v0 < V; v0 += 4096) {
+                    float partial = 0;
+                    int64_t v1 = std::min(V, v0 + 4096);
+                    for (int64_t v = v0; v < v1; v++) partial += fast_exp(row[v] - mx);
+                    sum += partial;
+                }
+            }
+            losses[m] = static_cast<float>(std::log(sum) + mx - target_logit);
+        }
+    });
+}
+
+void adamw(float* p, float* m, float* v, const float* g, int64_t n, float lr, float beta1,
+           float beta2, float eps, float weight_decay, int64_t t) {
+    float bc1 = static_cast<float>(1.0 - std::pow(double(beta1), double(t)));
+    float bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(double(beta2), double(t))));
+    float step = lr / bc1;
+    float decay = lr * weight_decay;
+    parallel_range(n, 1 << 14, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; i++) {
+            float mi = beta1 * m[i] + (1.0f - beta1) * g[i];
+            float vi = beta2 * v[i] + (1.0f - beta2) * g[i] * g[i];
+            m[i] = mi;
+            v[i] = vi;
+            p[i] -= step * mi / (std::sqrt(vi) / bc2_sqrt + eps) + decay * p[i];
+        }
+    });
+}
+
+}  // namespace kiln::kernels::cpu

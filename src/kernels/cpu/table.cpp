@@ -1,0 +1,67 @@
+// Fills the CPU backend's kernel table (see kernels/table.h).
+#include "kernels/cpu/cpu.h"
+
+namespace kiln::kernels::cpu {
+
+template <Precision P>
+void gemm(const Gemm& g, Workspace ws);
+template <Precision P>
+size_t attention_workspace(const Attention& a);
+template <Precision P>
+void attention_forward(float*, float*, const float*, const Attention&, Workspace);
+template <Precision P>
+void attention_backward(float*, const float*, const float*, const float*, const Attention&,
+                        Workspace);
+void embedding_forward(float*, const int32_t*, const float*, int64_t, int64_t);
+void embedding_backward(float*, const float*, const int32_t*, int64_t, int64_t);
+void rmsnorm_forward(float*, float*, const float*, const float*, int64_t, int64_t, float);
+void rmsnorm_backward(float*, float*, const float*, const float*, const float*, const float*,
+                      int64_t, int64_t);
+void rope_forward(float*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, const float*);
+void rope_backward(float*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*,
+                   const float*);
+void swiglu_forward(float*, const float*, int64_t, int64_t);
+void swiglu_backward(float*, const float*, const float*, int64_t, int64_t);
+void cross_entropy(float*, float*, const int32_t*, int64_t, int64_t, float);
+void adamw(float*, float*, float*, const float*, int64_t, float, float, float, float, float,
+           int64_t);
+
+namespace {
+
+// gemm rounds at most two f32 operands to bf16; attention packs its own operands.
+template <Precision P>
+size_t workspace_bytes(int64_t max_operand, const Attention& a) {
+    size_t gemm_bytes = P == Precision::bf16 ? 2 * (size_t(max_operand) * 2 + 64) : 0;
+    return std::max(gemm_bytes, attention_workspace<P>(a));
+}
+
+template <Precision P>
+const Kernels table = {
+    P == Precision::bf16 ? "cpu-bf16" : "cpu-fp32",
+    P,
+    workspace_bytes<P>,
+    gemm<P>,
+    embedding_forward,
+    embedding_backward,
+    rmsnorm_forward,
+    rmsnorm_backward,
+    rope_forward,
+    rope_backward,
+    attention_forward<P>,
+    attention_backward<P>,
+    swiglu_forward,
+    swiglu_backward,
+    cross_entropy,
+    adamw,
+};
+
+}  // namespace
+}  // namespace kiln::kernels::cpu
+
+namespace kiln::kernels {
+
+const Kernels& cpu_kernels(Precision precision) {
+    return precision == Precision::bf16 ? cpu::table<Precision::bf16> : cpu::table<Precision::fp32>;
+}
+
+}  // namespace kiln::kernels

@@ -1,0 +1,29 @@
+#pragma once
+// Scalar math written so GCC vectorizes the loops that call it (no libm calls in hot loops).
+#include <cstdint>
+#include <cstring>
+
+namespace kiln::kernels::cpu {
+
+// exp(x) for x <= 88; relative error ~2e-7. Range reduction x = n ln2 + r, |r| <= ln2/2,
+// then a degree-6 polynomial for e^r and 2^n built in the exponent bits.
+inline float fast_exp(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float n = __builtin_roundf(x * 1.44269504088896341f);
+    float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+    float p = 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + fast_exp(-x)); }
+
+}  // namespace kiln::kernels::cpu

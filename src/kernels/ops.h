@@ -1,0 +1,56 @@
+#pragma once
+// The operations of a Llama training step, one signature per op, forward and backward in pairs.
+// Every backend (reference/, cpu/, cuda/) implements these; model/ calls them through the
+// Kernels table (table.h) and never knows which backend it runs on.
+//
+// Shape letters: B batch (sequences), T time (tokens per sequence), M = B*T rows,
+// C model dim, H query heads, Hkv key/value heads, G = H/Hkv, D = C/H head dim,
+// F ffn hidden dim, V vocabulary.
+//
+// Conventions: row-major; `ld*` is the distance in elements between consecutive rows; outputs
+// are overwritten (=) unless the comment says they accumulate (+=); no op allocates, logs or
+// throws; inputs and outputs never alias unless the comment says in place.
+#include <cstddef>
+#include <cstdint>
+
+#include "core/dtype.h"
+
+namespace kiln::kernels {
+
+enum class Precision : uint8_t { fp32, bf16 };
+
+// C (M, N) = alpha * op(A) · op(B) (+ C when accumulate).
+// op(A) is (M, K): A is stored (M, K) with row stride lda, or (K, M) when trans_a.
+// op(B) is (K, N): B is stored (K, N) with row stride ldb, or (N, K) when trans_b.
+// A and B are f32 or bf16; C is f32. With Precision::bf16 an f32 operand is rounded to bf16
+// (in `workspace`) before the product, which then runs in bf16 with f32 accumulation.
+struct Gemm {
+    int64_t M = 0, N = 0, K = 0;
+    const void* a = nullptr;
+    int64_t lda = 0;
+    bool trans_a = false;
+    DType a_type = DType::f32;
+    const void* b = nullptr;
+    int64_t ldb = 0;
+    bool trans_b = false;
+    DType b_type = DType::f32;
+    float* c = nullptr;
+    int64_t ldc = 0;
+    float alpha = 1.0f;
+    bool accumulate = false;
+};
+
+// Scratch memory a backend may use inside one call; sized by workspace_bytes().
+struct Workspace {
+    void* ptr = nullptr;
+    size_t bytes = 0;
+};
+
+// Causal self-attention over the packed qkv rows of one micro-batch.
+// qkv (M, ldqkv): per row, H*D query values, then Hkv*D keys, then Hkv*D values (after RoPE).
+struct Attention {
+    int64_t B = 0, T = 0, H = 0, Hkv = 0, D = 0;
+    int64_t ldqkv = 0;  // = (H + 2*Hkv) * D
+};
+
+}  // namespace kiln::kernels

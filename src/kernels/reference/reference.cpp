@@ -1,0 +1,264 @@
+#include "kernels/reference/reference.h"
+
+#include <cmath>
+#include <vector>
+
+namespace kiln::kernels {
+namespace {
+
+template <Precision P>
+double operand(const void* base, DType type, int64_t index) {
+    if (type == DType::bf16) {
+        return bf16_to_f32(static_cast<const uint16_t*>(base)[index]);
+    }
+    float f = static_cast<const float*>(base)[index];
+    if constexpr (P == Precision::bf16) {
+        f = bf16_to_f32(f32_to_bf16(f));
+    }
+    return f;
+}
+
+size_t workspace_bytes(int64_t, const Attention&) { return 0; }
+
+template <Precision P>
+void gemm(const Gemm& g, Workspace) {
+    for (int64_t i = 0; i < g.M; i++) {
+        for (int64_t j = 0; j < g.N; j++) {
+            double acc = 0;
+            for (int64_t k = 0; k < g.K; k++) {
+                int64_t ia = g.trans_a ? k * g.lda + i : i * g.lda + k;
+                int64_t ib = g.trans_b ? j * g.ldb + k : k * g.ldb + j;
+                acc += operand<P>(g.a, g.a_type, ia) * operand<P>(g.b, g.b_type, ib);
+            }
+            float& c = g.c[i * g.ldc + j];
+            c = static_cast<float>(g.alpha * acc + (g.accumulate ? c : 0.0));
+        }
+    }
+}
+
+void embedding_forward(float* out, const int32_t* tokens, const float* wte, int64_t M, int64_t C) {
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t c = 0; c < C; c++) out[m * C + c] = wte[tokens[m] * C + c];
+    }
+}
+
+void embedding_backward(float* dwte, const float* dout, const int32_t* tokens, int64_t M,
+                        int64_t C) {
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t c = 0; c < C; c++) dwte[tokens[m] * C + c] += dout[m * C + c];
+    }
+}
+
+void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, int64_t M, int64_t C,
+                     float eps) {
+    for (int64_t m = 0; m < M; m++) {
+        double ss = 0;
+        for (int64_t c = 0; c < C; c++) ss += double(x[m * C + c]) * x[m * C + c];
+        double r = 1.0 / std::sqrt(ss / C + eps);
+        rstd[m] = static_cast<float>(r);
+        for (int64_t c = 0; c < C; c++) out[m * C + c] = static_cast<float>(x[m * C + c] * r * w[c]);
+    }
+}
+
+void rmsnorm_backward(float* dx, float* dw, const float* dout, const float* x, const float* w,
+                      const float* rstd, int64_t M, int64_t C) {
+    for (int64_t m = 0; m < M; m++) {
+        const float* xr = x + m * C;
+        const float* dr = dout + m * C;
+        double r = rstd[m];
+        double dot = 0;  // sum_c dout_c w_c x_c
+        for (int64_t c = 0; c < C; c++) dot += double(dr[c]) * w[c] * xr[c];
+        for (int64_t c = 0; c < C; c++) {
+            dx[m * C + c] += static_cast<float>(r * dr[c] * w[c] - r * r * r * xr[c] * dot / C);
+            dw[c] += static_cast<float>(dr[c] * xr[c] * r);
+        }
+    }
+}
+
+void rope(float* x, int64_t ld, int64_t M, int64_t T, int64_t n_heads, int64_t D, const float* cos,
+          const float* sin, double sign) {
+    int64_t half = D / 2;
+    for (int64_t m = 0; m < M; m++) {
+        int64_t t = m % T;
+        for (int64_t h = 0; h < n_heads; h++) {
+            float* v = x + m * ld + h * D;
+            for (int64_t i = 0; i < half; i++) {
+                double c = cos[t * half + i], s = sign * sin[t * half + i];
+                double a = v[i], b = v[i + half];
+                v[i] = static_cast<float>(a * c - b * s);
+                v[i + half] = static_cast<float>(b * c + a * s);
+            }
+        }
+    }
+}
+
+void rope_forward(float* x, int64_t ld, int64_t M, int64_t T, int64_t n_heads, int64_t D,
+                  const float* cos, const float* sin) {
+    rope(x, ld, M, T, n_heads, D, cos, sin, 1.0);
+}
+
+void rope_backward(float* dx, int64_t ld, int64_t M, int64_t T, int64_t n_heads, int64_t D,
+                   const float* cos, const float* sin) {
+    rope(dx, ld, M, T, n_heads, D, cos, sin, -1.0);
+}
+
+// Index helpers into the packed qkv rows.
+struct QKV {
+    const Attention& a;
+    int64_t q(int64_t b, int64_t t, int64_t h) const { return (b * a.T + t) * a.ldqkv + h * a.D; }
+    int64_t k(int64_t b, int64_t t, int64_t h) const {
+        return (b * a.T + t) * a.ldqkv + (a.H + h / (a.H / a.Hkv)) * a.D;
+    }
+    int64_t v(int64_t b, int64_t t, int64_t h) const {
+        return (b * a.T + t) * a.ldqkv + (a.H + a.Hkv + h / (a.H / a.Hkv)) * a.D;
+    }
+};
+
+void attention_forward(float* out, float* probs, const float* qkv, const Attention& a, Workspace) {
+    QKV ix{a};
+    double scale = 1.0 / std::sqrt(double(a.D));
+    std::vector<double> s(a.T);
+    for (int64_t b = 0; b < a.B; b++) {
+        for (int64_t h = 0; h < a.H; h++) {
+            for (int64_t t = 0; t < a.T; t++) {
+                double mx = -INFINITY;
+                for (int64_t u = 0; u <= t; u++) {
+                    double d = 0;
+                    for (int64_t i = 0; i < a.D; i++) {
+                        d += double(qkv[ix.q(b, t, h) + i]) * qkv[ix.k(b, u, h) + i];
+                    }
+                    s[u] = d * scale;
+                    mx = std::max(mx, s[u]);
+                }
+                double sum = 0;
+                for (int64_t u = 0; u <= t; u++) sum += (s[u] = std::exp(s[u] - mx));
+                float* p = probs + ((b * a.H + h) * a.T + t) * a.T;
+                for (int64_t u = 0; u < a.T; u++) p[u] = u <= t ? static_cast<float>(s[u] / sum) : 0;
+                for (int64_t i = 0; i < a.D; i++) {
+                    double o = 0;
+                    for (int64_t u = 0; u <= t; u++) o += s[u] / sum * qkv[ix.v(b, u, h) + i];
+                    out[(b * a.T + t) * a.H * a.D + h * a.D + i] = static_cast<float>(o);
+                }
+            }
+        }
+    }
+}
+
+void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* probs,
+                        const Attention& a, Workspace) {
+    QKV ix{a};
+    double scale = 1.0 / std::sqrt(double(a.D));
+    for (int64_t i = 0; i < a.B * a.T * a.ldqkv; i++) dqkv[i] = 0;
+    std::vector<double> dp(a.T);
+    for (int64_t b = 0; b < a.B; b++) {
+        for (int64_t h = 0; h < a.H; h++) {
+            for (int64_t t = 0; t < a.T; t++) {
+                const float* p = probs + ((b * a.H + h) * a.T + t) * a.T;
+                const float* dO = dout + (b * a.T + t) * a.H * a.D + h * a.D;
+                double rowdot = 0;
+                for (int64_t u = 0; u <= t; u++) {
+                    double d = 0;
+                    for (int64_t i = 0; i < a.D; i++) d += double(dO[i]) * qkv[ix.v(b, u, h) + i];
+                    dp[u] = d;
+                    rowdot += d * p[u];
+                    for (int64_t i = 0; i < a.D; i++) dqkv[ix.v(b, u, h) + i] += p[u] * dO[i];
+                }
+                for (int64_t u = 0; u <= t; u++) {
+                    double ds = p[u] * (dp[u] - rowdot) * scale;
+                    for (int64_t i = 0; i < a.D; i++) {
+                        dqkv[ix.q(b, t, h) + i] += static_cast<float>(ds * qkv[ix.k(b, u, h) + i]);
+                        dqkv[ix.k(b, u, h) + i] += static_cast<float>(ds * qkv[ix.q(b, t, h) + i]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+double silu(double x) { return x / (1 + std::exp(-x)); }
+
+void swiglu_forward(float* h, const float* gu, int64_t M, int64_t F) {
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t f = 0; f < F; f++) {
+            h[m * F + f] = static_cast<float>(silu(gu[m * 2 * F + f]) * gu[m * 2 * F + F + f]);
+        }
+    }
+}
+
+void swiglu_backward(float* dgu, const float* dh, const float* gu, int64_t M, int64_t F) {
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t f = 0; f < F; f++) {
+            double g = gu[m * 2 * F + f], u = gu[m * 2 * F + F + f], d = dh[m * F + f];
+            double sig = 1 / (1 + std::exp(-g));
+            dgu[m * 2 * F + f] = static_cast<float>(d * u * sig * (1 + g * (1 - sig)));
+            dgu[m * 2 * F + F + f] = static_cast<float>(d * g * sig);
+        }
+    }
+}
+
+void cross_entropy(float* logits, float* losses, const int32_t* targets, int64_t M, int64_t V,
+                   float dscale) {
+    for (int64_t m = 0; m < M; m++) {
+        float* row = logits + m * V;
+        if (targets[m] < 0) {
+            losses[m] = 0;
+            if (dscale != 0) {
+                for (int64_t v = 0; v < V; v++) row[v] = 0;
+            }
+            continue;
+        }
+        double mx = -INFINITY;
+        for (int64_t v = 0; v < V; v++) mx = std::max(mx, double(row[v]));
+        double sum = 0;
+        for (int64_t v = 0; v < V; v++) sum += std::exp(row[v] - mx);
+        losses[m] = static_cast<float>(std::log(sum) + mx - row[targets[m]]);
+        if (dscale != 0) {
+            for (int64_t v = 0; v < V; v++) {
+                double p = std::exp(row[v] - mx) / sum;
+                row[v] = static_cast<float>(dscale * (p - (v == targets[m] ? 1.0 : 0.0)));
+            }
+        }
+    }
+}
+
+void adamw(float* p, float* m, float* v, const float* g, int64_t n, float lr, float beta1,
+           float beta2, float eps, float weight_decay, int64_t t) {
+    double bc1 = 1 - std::pow(double(beta1), double(t));
+    double bc2 = 1 - std::pow(double(beta2), double(t));
+    for (int64_t i = 0; i < n; i++) {
+        double mi = beta1 * double(m[i]) + (1 - double(beta1)) * g[i];
+        double vi = beta2 * double(v[i]) + (1 - double(beta2)) * double(g[i]) * g[i];
+        m[i] = static_cast<float>(mi);
+        v[i] = static_cast<float>(vi);
+        double update = (mi / bc1) / (std::sqrt(vi / bc2) + eps) + double(weight_decay) * p[i];
+        p[i] = static_cast<float>(p[i] - double(lr) * update);
+    }
+}
+
+template <Precision P>
+const Kernels table = {
+    P == Precision::bf16 ? "reference-bf16" : "reference-fp32",
+    P,
+    workspace_bytes,
+    gemm<P>,
+    embedding_forward,
+    embedding_backward,
+    rmsnorm_forward,
+    rmsnorm_backward,
+    rope_forward,
+    rope_backward,
+    attention_forward,
+    attention_backward,
+    swiglu_forward,
+    swiglu_backward,
+    cross_entropy,
+    adamw,
+};
+
+}  // namespace
+
+const Kernels& reference_kernels(Precision precision) {
+    return precision == Precision::bf16 ? table<Precision::bf16> : table<Precision::fp32>;
+}
+
+}  // namespace kiln::kernels

@@ -1,0 +1,66 @@
+#pragma once
+// The backend seam: a table of function pointers, one per op (see ops.h for the conventions).
+// cpu/ and reference/ fill one each (cuda/ when built with CUDA); model/ receives a table.
+#include "kernels/ops.h"
+
+namespace kiln::kernels {
+
+struct Kernels {
+    const char* name;
+    Precision precision;
+
+    // Bytes of scratch that gemm (operands of at most `max_operand` elements) and attention
+    // (shape `a`) need; the caller hands that much to every call as a Workspace.
+    size_t (*workspace_bytes)(int64_t max_operand, const Attention& a);
+
+    void (*gemm)(const Gemm& g, Workspace ws);
+
+    // out (M, C) = wte[tokens[m]]                          tokens (M), wte (V, C)
+    void (*embedding_forward)(float* out, const int32_t* tokens, const float* wte, int64_t M,
+                              int64_t C);
+    // dwte (V, C) += scatter of dout (M, C) by tokens
+    void (*embedding_backward)(float* dwte, const float* dout, const int32_t* tokens, int64_t M,
+                               int64_t C);
+
+    // out (M, C) = x * rstd * w; rstd (M) = 1 / sqrt(mean(x^2) + eps)
+    void (*rmsnorm_forward)(float* out, float* rstd, const float* x, const float* w, int64_t M,
+                            int64_t C, float eps);
+    // dx (M, C) += d/dx; dw (C) += d/dw; given dout (M, C), x, w, rstd from the forward
+    void (*rmsnorm_backward)(float* dx, float* dw, const float* dout, const float* x,
+                             const float* w, const float* rstd, int64_t M, int64_t C);
+
+    // In place on `n_heads` heads of D values starting at column 0 of each row of x (M, ld),
+    // position of row m = m % T. HF convention: pairs (i, i + D/2); cos/sin are (T, D/2).
+    // Backward applies the inverse rotation to the gradient, also in place.
+    void (*rope_forward)(float* x, int64_t ld, int64_t M, int64_t T, int64_t n_heads, int64_t D,
+                         const float* cos, const float* sin);
+    void (*rope_backward)(float* dx, int64_t ld, int64_t M, int64_t T, int64_t n_heads, int64_t D,
+                          const float* cos, const float* sin);
+
+    // out (M, H*D) = softmax(q k^T / sqrt(D) + causal mask) v; probs (B, H, T, T) keeps the
+    // softmax for the backward (entries above the diagonal are 0).
+    void (*attention_forward)(float* out, float* probs, const float* qkv, const Attention& a,
+                              Workspace ws);
+    // dqkv (M, ldqkv) = gradient of the attention output dout (M, H*D) w.r.t. the packed qkv
+    // (overwritten, all three parts).
+    void (*attention_backward)(float* dqkv, const float* dout, const float* qkv,
+                               const float* probs, const Attention& a, Workspace ws);
+
+    // h (M, F) = silu(gate) * up where gu (M, 2F) holds gate in [0, F) and up in [F, 2F)
+    void (*swiglu_forward)(float* h, const float* gu, int64_t M, int64_t F);
+    // dgu (M, 2F) = gradient w.r.t. gate and up, given dh (M, F)
+    void (*swiglu_backward)(float* dgu, const float* dh, const float* gu, int64_t M, int64_t F);
+
+    // For rows with targets[m] >= 0: losses[m] = logsumexp(logits[m]) - logits[m][target]; when
+    // dscale != 0, logits are replaced in place by dscale * (softmax - onehot) (the gradient);
+    // rows with target < 0 get loss 0 and a zero gradient. logits (M, V), targets (M).
+    void (*cross_entropy)(float* logits, float* losses, const int32_t* targets, int64_t M,
+                          int64_t V, float dscale);
+
+    // AdamW on n elements, decoupled weight decay, bias correction by step t (>= 1):
+    // m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr (mhat / (sqrt(vhat) + eps) + wd p)
+    void (*adamw)(float* p, float* m, float* v, const float* g, int64_t n, float lr, float beta1,
+                  float beta2, float eps, float weight_decay, int64_t t);
+};
+
+}  // namespace kiln::kernels

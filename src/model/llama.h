@@ -1,0 +1,89 @@
+#pragma once
+// The Llama-2 model on one device: parameters, gradients and activations in one arena each,
+// forward and backward of a micro-batch through a kernel table (kernels/table.h).
+//
+// Shapes: B sequences x T tokens per micro-batch, M = B*T rows; see kernels/ops.h for letters.
+#include <cstdint>
+#include <string>
+
+#include "core/arena.h"
+#include "kernels/table.h"
+#include "model/config.h"
+#include "model/layout.h"
+
+namespace kiln::model {
+
+// Which activations the backward recomputes instead of keeping:
+//   none       keep everything (fastest, most memory)
+//   selective  recompute the attention probabilities (the (B,H,T,T) tensor) per block
+//   full       keep only each block's input; rerun the block's forward before its backward
+enum class Recompute { none, selective, full };
+Recompute parse_recompute(const std::string& name);  // throws Error
+
+struct LossSum {
+    double sum = 0;      // summed cross-entropy over the rows with a target
+    int64_t tokens = 0;  // rows with a target (target >= 0)
+};
+
+class Llama {
+public:
+    Llama(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t B, int64_t T,
+          Recompute recompute);
+
+    const LlamaConfig& config() const { return config_; }
+    const Layout& layout() const { return layout_; }
+    float* params() { return params_.get<float>(0); }  // (layout().total()) fp32
+    float* grads() { return grads_.get<float>(0); }    // (layout().total()) fp32, accumulated
+    size_t activation_bytes() const { return acts_.bytes(); }
+
+    // N(0, std) for matrices and embeddings, 1 for norm weights; deterministic in seed.
+    void init_weights(uint64_t seed, double std);
+    // Refreshes the bf16 copy of the weights that the bf16 products read; call after every
+    // change to params(). A no-op in fp32.
+    void sync_compute_weights();
+    void zero_grads();
+
+    // One micro-batch. tokens, targets (B, T); a target < 0 is ignored. grads() += the
+    // gradient of grad_scale * (summed loss). grad_scale 0: forward only, grads untouched.
+    LossSum forward_backward(const int32_t* tokens, const int32_t* targets, float grad_scale);
+    // Forward only, writing the full logits (B, T, V) to `logits` (tests and sampling).
+    void forward_logits(const int32_t* tokens, float* logits);
+
+private:
+    struct BlockActs {  // one block's saved activations; pointers into acts_
+        float *rstd1, *xn1, *qkv, *probs, *att, *x2, *rstd2, *xn2, *gu, *h;
+    };
+    struct Weight {  // a weight matrix as the products read it
+        const void* ptr;
+        DType type;
+    };
+    Weight weight(int64_t offset) const;
+    void block_forward(int64_t l, const float* x, float* out);
+    void block_backward(int64_t l, float* dres);
+    void embed(const int32_t* tokens);
+    LossSum head(const int32_t* targets, float grad_scale, float* logits_out);
+    void linear_forward(float* y, const float* x, Weight w, int64_t M, int64_t K, int64_t N);
+    void linear_backward(float* dx, float* dw, const float* dy, const float* x, Weight w,
+                         int64_t M, int64_t K, int64_t N);
+
+    LlamaConfig config_;
+    Layout layout_;
+    const kernels::Kernels& k_;
+    int64_t B_, T_, M_, head_rows_;
+    Recompute recompute_;
+    kernels::Attention attn_;
+
+    Arena params_{"parameters"}, grads_{"gradients"}, params_bf16_{"bf16 weights"};
+    Arena acts_{"activations"};
+    bool bf16_;
+
+    float* res_;  // (L+1, M, C) residual stream: block inputs, then the final block's output
+    std::vector<BlockActs> blocks_;  // [layer] (aliases one set when recomputing everything)
+    float *rope_cos_, *rope_sin_;    // (T, D/2)
+    float *rstdf_, *xnf_;            // (M), (M, C) final norm
+    float *dres_, *dxn_, *dqkv_, *datt_, *dgu_, *dh_;  // backward scratch
+    float *logits_, *losses_;        // (head_rows, V), (M)
+    kernels::Workspace ws_;
+};
+
+}  // namespace kiln::model

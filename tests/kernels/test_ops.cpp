@@ -1,0 +1,277 @@
+// Every op of the CPU backend against the double-precision reference, and every backward of the
+// reference against central finite differences of its forward.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <functional>
+#include <random>
+#include <vector>
+
+#include "kernels/cpu/cpu.h"
+#include "kernels/reference/reference.h"
+
+namespace kiln::kernels {
+namespace {
+
+std::vector<float> randn(size_t n, uint64_t seed, float scale = 1.0f) {
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> d(0.0f, scale);
+    std::vector<float> v(n);
+    for (auto& x : v) x = d(rng);
+    return v;
+}
+
+// |got - ref| <= atol + rtol |ref| elementwise.
+void expect_close(const std::vector<float>& got, const std::vector<float>& ref, double atol,
+                  double rtol, const char* what) {
+    ASSERT_EQ(got.size(), ref.size()) << what;
+    int bad = 0;
+    for (size_t i = 0; i < got.size(); i++) {
+        if (!(std::fabs(got[i] - ref[i]) <= atol + rtol * std::fabs(ref[i]))) {
+            if (bad++ < 5) {
+                ADD_FAILURE() << what << "[" << i << "]: got " << got[i] << " want " << ref[i];
+            }
+        }
+    }
+    EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << got.size() << " out of tolerance";
+}
+
+struct Workspaces {
+    std::vector<char> bytes;
+    Workspace get(size_t n) {
+        bytes.assign(n + 64, 0);
+        return {bytes.data(), n};
+    }
+};
+
+// Central differences of a scalar function of x, in double, compared with an analytic grad.
+void expect_fd(std::vector<float>& x, const std::vector<float>& analytic,
+               const std::function<double()>& loss, const char* what, int max_checks = 40) {
+    std::mt19937_64 rng(7);
+    for (int c = 0; c < max_checks; c++) {
+        size_t i = rng() % x.size();
+        float saved = x[i];
+        float h = 1e-2f * std::max(1.0f, std::fabs(saved));
+        x[i] = saved + h;
+        double up = loss();
+        x[i] = saved - h;
+        double down = loss();
+        x[i] = saved;
+        double fd = (up - down) / (2.0 * h);
+        EXPECT_NEAR(analytic[i], fd, 2e-3 + 2e-2 * std::fabs(fd)) << what << "[" << i << "]";
+    }
+}
+
+// Weighted sum of outputs: a loss whose gradient w.r.t. the output is `weights`.
+double dot(const std::vector<float>& a, const std::vector<float>& b) {
+    double s = 0;
+    for (size_t i = 0; i < a.size(); i++) s += double(a[i]) * b[i];
+    return s;
+}
+
+const Kernels& ref() { return reference_kernels(Precision::fp32); }
+
+TEST(Gemm, CpuMatchesReferenceAllTranspositions) {
+    const int64_t M = 37, N = 29, K = 53;
+    for (Precision prec : {Precision::fp32, Precision::bf16}) {
+        for (int ta = 0; ta < 2; ta++) {
+            for (int tb = 0; tb < 2; tb++) {
+                for (int acc = 0; acc < 2; acc++) {
+                    auto a = randn(M * K + 8, 1), b = randn(K * N + 8, 2);
+                    auto c0 = randn(M * N, 3);
+                    Gemm g;
+                    g.M = M, g.N = N, g.K = K, g.trans_a = ta, g.trans_b = tb;
+                    g.a = a.data(), g.lda = ta ? M : K;
+                    g.b = b.data(), g.ldb = tb ? K : N;
+                    g.ldc = N, g.alpha = 0.5f, g.accumulate = acc;
+                    std::vector<float> got = c0, want = c0;
+                    Workspaces ws;
+                    g.c = got.data();
+                    const Kernels& cpu = cpu_kernels(prec);
+                    cpu.gemm(g, ws.get(cpu.workspace_bytes(M * K + N * K, Attention{})));
+                    g.c = want.data();
+                    reference_kernels(prec).gemm(g, {});
+                    expect_close(got, want, prec == Precision::bf16 ? 2e-3 : 1e-4, 1e-3, "gemm");
+                }
+            }
+        }
+    }
+}
+
+TEST(Gemm, Bf16WeightsOperand) {
+    const int64_t M = 16, N = 24, K = 40;
+    auto a = randn(M * K, 1), bf = randn(N * K, 2);
+    std::vector<uint16_t> b(N * K);
+    for (size_t i = 0; i < b.size(); i++) b[i] = f32_to_bf16(bf[i]);
+    Gemm g;
+    g.M = M, g.N = N, g.K = K, g.a = a.data(), g.lda = K;
+    g.b = b.data(), g.b_type = DType::bf16, g.ldb = K, g.trans_b = true, g.ldc = N;
+    std::vector<float> got(M * N), want(M * N);
+    Workspaces ws;
+    g.c = got.data();
+    cpu_kernels(Precision::bf16).gemm(g, ws.get(1 << 16));
+    g.c = want.data();
+    reference_kernels(Precision::bf16).gemm(g, {});
+    expect_close(got, want, 1e-3, 1e-3, "gemm bf16 weights");
+}
+
+TEST(RmsNorm, ForwardAndBackward) {
+    const int64_t M = 7, C = 48;
+    auto x = randn(M * C, 1), w = randn(C, 2), dout = randn(M * C, 3);
+    for (auto& v : w) v += 1.0f;
+    std::vector<float> out_c(M * C), out_r(M * C), rstd_c(M), rstd_r(M);
+    cpu_kernels(Precision::fp32).rmsnorm_forward(out_c.data(), rstd_c.data(), x.data(), w.data(),
+                                                 M, C, 1e-5f);
+    ref().rmsnorm_forward(out_r.data(), rstd_r.data(), x.data(), w.data(), M, C, 1e-5f);
+    expect_close(out_c, out_r, 1e-5, 1e-5, "rmsnorm out");
+    std::vector<float> dx_c(M * C, 0.5f), dx_r(M * C, 0.5f), dw_c(C, 0.25f), dw_r(C, 0.25f);
+    cpu_kernels(Precision::fp32).rmsnorm_backward(dx_c.data(), dw_c.data(), dout.data(), x.data(),
+                                                  w.data(), rstd_c.data(), M, C);
+    ref().rmsnorm_backward(dx_r.data(), dw_r.data(), dout.data(), x.data(), w.data(), rstd_r.data(),
+                           M, C);
+    expect_close(dx_c, dx_r, 1e-5, 1e-4, "rmsnorm dx");
+    expect_close(dw_c, dw_r, 1e-5, 1e-4, "rmsnorm dw");
+    // Finite differences of sum(out * dout) (the accumulate base 0.5/0.25 subtracted).
+    for (auto& v : dx_r) v -= 0.5f;
+    for (auto& v : dw_r) v -= 0.25f;
+    auto loss = [&] {
+        std::vector<float> o(M * C), r(M);
+        ref().rmsnorm_forward(o.data(), r.data(), x.data(), w.data(), M, C, 1e-5f);
+        return dot(o, dout);
+    };
+    expect_fd(x, dx_r, loss, "rmsnorm fd dx");
+    expect_fd(w, dw_r, loss, "rmsnorm fd dw");
+}
+
+TEST(Rope, ForwardInverseAndCpu) {
+    const int64_t B = 2, T = 5, heads = 3, D = 8, ld = heads * D + 4, M = B * T;
+    std::vector<float> cos(T * D / 2), sin(T * D / 2);
+    for (int64_t t = 0; t < T; t++) {
+        for (int64_t i = 0; i < D / 2; i++) {
+            double a = t * std::pow(10000.0, -2.0 * i / D);
+            cos[t * D / 2 + i] = std::cos(a);
+            sin[t * D / 2 + i] = std::sin(a);
+        }
+    }
+    auto x = randn(M * ld, 4);
+    auto xc = x, xr = x;
+    cpu_kernels(Precision::fp32).rope_forward(xc.data(), ld, M, T, heads, D, cos.data(), sin.data());
+    ref().rope_forward(xr.data(), ld, M, T, heads, D, cos.data(), sin.data());
+    expect_close(xc, xr, 1e-6, 1e-5, "rope");
+    // HF convention: out[i] = x[i] cos - x[i + D/2] sin for i < D/2 (row 1 = position 1).
+    const int64_t m = 1;
+    EXPECT_NEAR(xr[m * ld + 0], x[m * ld] * cos[D / 2] - x[m * ld + D / 2] * sin[D / 2], 1e-6);
+    // Rotation is orthogonal: backward is the inverse rotation, so it undoes the forward.
+    cpu_kernels(Precision::fp32).rope_backward(xc.data(), ld, M, T, heads, D, cos.data(),
+                                               sin.data());
+    expect_close(xc, x, 1e-5, 1e-5, "rope inverse");
+    // The columns past the heads are untouched.
+    EXPECT_EQ(xr[ld - 1], x[ld - 1]);
+}
+
+void check_attention(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, Precision prec) {
+    Attention a{B, T, H, Hkv, D, (H + 2 * Hkv) * D};
+    const int64_t M = B * T;
+    auto qkv = randn(M * a.ldqkv, 5), dout = randn(M * H * D, 6);
+    std::vector<float> out_c(M * H * D), out_r(M * H * D), p_c(B * H * T * T), p_r(B * H * T * T);
+    const Kernels& cpu = cpu_kernels(prec);
+    Workspaces ws;
+    Workspace w = ws.get(cpu.workspace_bytes(0, a));
+    cpu.attention_forward(out_c.data(), p_c.data(), qkv.data(), a, w);
+    ref().attention_forward(out_r.data(), p_r.data(), qkv.data(), a, {});
+    double tol = prec == Precision::bf16 ? 3e-2 : 1e-4;
+    expect_close(out_c, out_r, tol, tol, "attention out");
+    expect_close(p_c, p_r, tol, tol, "attention probs");
+    std::vector<float> dq_c(M * a.ldqkv, 9.0f), dq_r(M * a.ldqkv);
+    cpu.attention_backward(dq_c.data(), dout.data(), qkv.data(), p_c.data(), a, w);
+    ref().attention_backward(dq_r.data(), dout.data(), qkv.data(), p_r.data(), a, {});
+    expect_close(dq_c, dq_r, prec == Precision::bf16 ? 6e-2 : 1e-4, tol, "attention dqkv");
+    if (prec == Precision::fp32) {
+        auto loss = [&] {
+            std::vector<float> o(M * H * D), p(B * H * T * T);
+            ref().attention_forward(o.data(), p.data(), qkv.data(), a, {});
+            return dot(o, dout);
+        };
+        expect_fd(qkv, dq_r, loss, "attention fd");
+    }
+}
+
+TEST(Attention, MultiHead) { check_attention(2, 9, 4, 4, 8, Precision::fp32); }
+TEST(Attention, GroupedQuery) { check_attention(2, 7, 6, 2, 8, Precision::fp32); }
+TEST(Attention, GroupedQueryBf16) { check_attention(2, 16, 4, 2, 16, Precision::bf16); }
+
+TEST(SwiGlu, ForwardAndBackward) {
+    const int64_t M = 6, F = 37;
+    auto gu = randn(M * 2 * F, 7, 2.0f), dh = randn(M * F, 8);
+    std::vector<float> h_c(M * F), h_r(M * F), d_c(M * 2 * F), d_r(M * 2 * F);
+    cpu_kernels(Precision::fp32).swiglu_forward(h_c.data(), gu.data(), M, F);
+    ref().swiglu_forward(h_r.data(), gu.data(), M, F);
+    expect_close(h_c, h_r, 1e-6, 1e-5, "swiglu");
+    cpu_kernels(Precision::fp32).swiglu_backward(d_c.data(), dh.data(), gu.data(), M, F);
+    ref().swiglu_backward(d_r.data(), dh.data(), gu.data(), M, F);
+    expect_close(d_c, d_r, 1e-6, 1e-5, "swiglu backward");
+    auto loss = [&] {
+        std::vector<float> h(M * F);
+        ref().swiglu_forward(h.data(), gu.data(), M, F);
+        return dot(h, dh);
+    };
+    expect_fd(gu, d_r, loss, "swiglu fd");
+}
+
+TEST(CrossEntropy, ForwardAndBackward) {
+    const int64_t M = 5, V = 5000;
+    auto logits = randn(M * V, 9, 3.0f);
+    std::vector<int32_t> targets = {3, 4999, -1, 0, 1234};
+    auto lc = logits, lr = logits;
+    std::vector<float> loss_c(M), loss_r(M);
+    cpu_kernels(Precision::fp32).cross_entropy(lc.data(), loss_c.data(), targets.data(), M, V,
+                                               0.5f);
+    ref().cross_entropy(lr.data(), loss_r.data(), targets.data(), M, V, 0.5f);
+    expect_close(loss_c, loss_r, 1e-5, 1e-5, "xent loss");
+    expect_close(lc, lr, 1e-7, 1e-4, "xent grad");
+    EXPECT_EQ(loss_r[2], 0.0f);
+    auto loss = [&] {
+        auto l = logits;
+        std::vector<float> out(M);
+        ref().cross_entropy(l.data(), out.data(), targets.data(), M, V, 0.0f);
+        double s = 0;
+        for (float v : out) s += v;
+        return 0.5 * s;
+    };
+    expect_fd(logits, lr, loss, "xent fd");
+    // Forward-only leaves the logits alone and gives the same loss.
+    auto lf = logits;
+    std::vector<float> loss_f(M);
+    cpu_kernels(Precision::fp32).cross_entropy(lf.data(), loss_f.data(), targets.data(), M, V, 0);
+    expect_close(loss_f, loss_r, 1e-5, 1e-5, "xent forward-only");
+    EXPECT_EQ(lf, logits);
+}
+
+TEST(Embedding, ForwardAndBackwardWithRepeats) {
+    const int64_t M = 6, C = 20, V = 4;
+    auto wte = randn(V * C, 10), dout = randn(M * C, 11);
+    std::vector<int32_t> tokens = {1, 3, 1, 0, 1, 2};
+    std::vector<float> o_c(M * C), o_r(M * C), d_c(V * C, 1.0f), d_r(V * C, 1.0f);
+    cpu_kernels(Precision::fp32).embedding_forward(o_c.data(), tokens.data(), wte.data(), M, C);
+    ref().embedding_forward(o_r.data(), tokens.data(), wte.data(), M, C);
+    EXPECT_EQ(o_c, o_r);
+    cpu_kernels(Precision::fp32).embedding_backward(d_c.data(), dout.data(), tokens.data(), M, C);
+    ref().embedding_backward(d_r.data(), dout.data(), tokens.data(), M, C);
+    expect_close(d_c, d_r, 1e-6, 1e-6, "embedding backward");
+}
+
+TEST(AdamW, MatchesReference) {
+    const int64_t n = 1000;
+    auto p = randn(n, 12), g = randn(n, 13), m = randn(n, 14, 0.1f), v = randn(n, 15, 0.1f);
+    for (auto& x : v) x = x * x;
+    auto pc = p, mc = m, vc = v, pr = p, mr = m, vr = v;
+    cpu_kernels(Precision::fp32).adamw(pc.data(), mc.data(), vc.data(), g.data(), n, 1e-2f, 0.9f,
+                                       0.95f, 1e-8f, 0.1f, 3);
+    ref().adamw(pr.data(), mr.data(), vr.data(), g.data(), n, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 3);
+    expect_close(pc, pr, 1e-6, 1e-5, "adamw p");
+    expect_close(mc, mr, 1e-7, 1e-6, "adamw m");
+    expect_close(vc, vr, 1e-7, 1e-6, "adamw v");
+}
+
+}  // namespace
+}  // namespace kiln::kernels

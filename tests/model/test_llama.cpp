@@ -1,0 +1,219 @@
+// The whole model: against the independent PyTorch reference (logits, loss, every gradient), its
+// gradients against finite differences, the CPU backend against the double-precision reference
+// backend, and the recompute policies against each other.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "core/error.h"
+#include "core/safetensors.h"
+#include "fixture.h"
+#include "kernels/cpu/cpu.h"
+#include "kernels/reference/reference.h"
+#include "model/llama.h"
+
+namespace kiln::model {
+namespace {
+
+using kernels::Precision;
+
+struct Batch {
+    std::vector<int32_t> tokens, targets;
+};
+
+// HF shift: position t predicts token t+1 of the same row; the last position predicts nothing.
+Batch shifted(std::vector<int32_t> tokens, int64_t B, int64_t T) {
+    Batch b{tokens, std::vector<int32_t>(B * T)};
+    for (int64_t r = 0; r < B; r++) {
+        for (int64_t t = 0; t < T; t++) {
+            b.targets[r * T + t] = t + 1 < T ? tokens[r * T + t + 1] : -1;
+        }
+    }
+    return b;
+}
+
+Batch random_batch(int64_t B, int64_t T, int64_t V, uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    std::vector<int32_t> tokens(B * T);
+    for (auto& t : tokens) t = static_cast<int32_t>(rng() % V);
+    return shifted(tokens, B, T);
+}
+
+LlamaConfig small_config() {
+    LlamaConfig c;
+    c.dim = 32, c.n_layers = 2, c.n_heads = 4, c.n_kv_heads = 2, c.vocab_size = 50;
+    c.multiple_of = 16;
+    return c;
+}
+
+double max_rel_diff(const float* a, const float* b, int64_t n, double floor) {
+    double worst = 0;
+    for (int64_t i = 0; i < n; i++) {
+        worst = std::max(worst, std::fabs(a[i] - b[i]) / (floor + std::fabs(b[i])));
+    }
+    return worst;
+}
+
+class ReferenceFixture : public ::testing::Test {
+protected:
+    void SetUp() override {
+        if (!kiln::testing::have_torch()) GTEST_SKIP() << "python3-torch is not installed";
+        kiln::testing::make_fixture(dir_ / "fixture.safetensors", "");
+        file_ = std::make_unique<SafetensorsFile>(dir_ / "fixture.safetensors");
+        auto meta = [&](const char* k) { return std::stod(*file_->metadata(k)); };
+        config_.dim = meta("dim"), config_.n_layers = meta("n_layers");
+        config_.n_heads = meta("n_heads"), config_.n_kv_heads = meta("n_kv_heads");
+        config_.vocab_size = meta("vocab"), config_.multiple_of = meta("multiple_of");
+        config_.norm_eps = meta("norm_eps"), config_.rope_theta = meta("rope_theta");
+        B_ = meta("batch"), T_ = meta("seq");
+        const auto* tok = static_cast<const int32_t*>(file_->data("tokens", DType::i32, {B_, T_}));
+        batch_ = shifted(std::vector<int32_t>(tok, tok + B_ * T_), B_, T_);
+    }
+    void load(Llama& model, const std::string& prefix = "") {
+        for (const auto& p : model.layout().params()) {
+            const void* src = file_->data(prefix + p.hf_name, DType::f32, p.shape);
+            std::memcpy(model.params() + p.offset, src, p.numel * 4);
+        }
+        model.sync_compute_weights();
+    }
+    kiln::testing::TempDir dir_;
+    std::unique_ptr<SafetensorsFile> file_;
+    LlamaConfig config_;
+    int64_t B_ = 0, T_ = 0;
+    Batch batch_;
+};
+
+TEST_F(ReferenceFixture, LogitsLossAndGradientsMatchPyTorch) {
+    for (Precision prec : {Precision::fp32, Precision::bf16}) {
+        for (const kernels::Kernels* k :
+             {&kernels::cpu_kernels(prec), &kernels::reference_kernels(prec)}) {
+            SCOPED_TRACE(k->name);
+            const bool bf16 = prec == Precision::bf16;
+            Llama model(config_, *k, B_, T_, Recompute::none);
+            load(model);
+            const int64_t V = config_.vocab_size;
+            std::vector<float> logits(B_ * T_ * V);
+            model.forward_logits(batch_.tokens.data(), logits.data());
+            const float* want =
+                static_cast<const float*>(file_->data("logits", DType::f32, {B_, T_, V}));
+            EXPECT_LT(max_rel_diff(logits.data(), want, B_ * T_ * V, 0.1), bf16 ? 3e-2 : 1e-4);
+
+            int64_t n = B_ * (T_ - 1);
+            LossSum loss = model.forward_backward(batch_.tokens.data(), batch_.targets.data(),
+                                                  1.0f / n);
+            EXPECT_EQ(loss.tokens, n);
+            float want_loss = *static_cast<const float*>(file_->data("loss", DType::f32, {1}));
+            EXPECT_NEAR(loss.sum / n, want_loss, bf16 ? 1e-2 : 1e-5);
+            for (const auto& p : model.layout().params()) {
+                const float* g = static_cast<const float*>(
+                    file_->data("grad." + p.hf_name, DType::f32, p.shape));
+                double scale = 0;
+                for (int64_t i = 0; i < p.numel; i++) scale = std::max(scale, double(std::fabs(g[i])));
+                EXPECT_LT(max_rel_diff(model.grads() + p.offset, g, p.numel, scale),
+                          bf16 ? 6e-2 : 1e-4)
+                    << p.name;
+            }
+        }
+    }
+}
+
+// Whole-model gradients of the reference backend against central finite differences.
+TEST(Llama, GradientsMatchFiniteDifferences) {
+    LlamaConfig c = small_config();
+    const int64_t B = 2, T = 6;
+    Llama model(c, kernels::reference_kernels(Precision::fp32), B, T, Recompute::none);
+    model.init_weights(3, 0.3);
+    Batch batch = random_batch(B, T, c.vocab_size, 4);
+    model.zero_grads();
+    model.forward_backward(batch.tokens.data(), batch.targets.data(), 1.0f);
+    std::vector<float> grads(model.grads(), model.grads() + model.layout().total());
+    std::mt19937_64 rng(5);
+    for (const auto& p : model.layout().params()) {
+        for (int check = 0; check < 3; check++) {
+            int64_t i = p.offset + int64_t(rng() % p.numel);
+            float saved = model.params()[i];
+            const float h = 1e-2f;
+            model.params()[i] = saved + h;
+            double up = model.forward_backward(batch.tokens.data(), batch.targets.data(), 0).sum;
+            model.params()[i] = saved - h;
+            double down = model.forward_backward(batch.tokens.data(), batch.targets.data(), 0).sum;
+            model.params()[i] = saved;
+            double fd = (up - down) / (2 * h);
+            EXPECT_NEAR(grads[i], fd, 2e-3 + 3e-2 * std::fabs(fd)) << p.name << " element " << i;
+        }
+    }
+}
+
+void run_step(Llama& model, const Batch& batch, std::vector<float>& grads, double& loss) {
+    model.zero_grads();
+    loss = model.forward_backward(batch.tokens.data(), batch.targets.data(), 0.01f).sum;
+    grads.assign(model.grads(), model.grads() + model.layout().total());
+}
+
+TEST(Llama, CpuMatchesReferenceBackend) {
+    LlamaConfig c = small_config();
+    c.vocab_size = 300;
+    const int64_t B = 3, T = 16;
+    Batch batch = random_batch(B, T, c.vocab_size, 6);
+    Llama cpu(c, kernels::cpu_kernels(Precision::fp32), B, T, Recompute::none);
+    Llama ref(c, kernels::reference_kernels(Precision::fp32), B, T, Recompute::none);
+    cpu.init_weights(9, 0.1);
+    ref.init_weights(9, 0.1);
+    std::vector<float> g_cpu, g_ref;
+    double l_cpu, l_ref;
+    run_step(cpu, batch, g_cpu, l_cpu);
+    run_step(ref, batch, g_ref, l_ref);
+    EXPECT_NEAR(l_cpu, l_ref, 1e-4 * std::fabs(l_ref));
+    EXPECT_LT(max_rel_diff(g_cpu.data(), g_ref.data(), g_cpu.size(), 1e-3), 2e-3);
+}
+
+// Recomputation changes memory, never results: every policy gives bit-identical gradients.
+TEST(Llama, RecomputePoliciesAreBitIdentical) {
+    LlamaConfig c = small_config();
+    const int64_t B = 2, T = 8;
+    Batch batch = random_batch(B, T, c.vocab_size, 8);
+    for (Precision prec : {Precision::fp32, Precision::bf16}) {
+        std::vector<float> base;
+        double base_loss = 0;
+        for (Recompute r : {Recompute::none, Recompute::selective, Recompute::full}) {
+            Llama model(c, kernels::cpu_kernels(prec), B, T, r);
+            model.init_weights(1, 0.1);
+            std::vector<float> g;
+            double loss;
+            run_step(model, batch, g, loss);
+            if (r == Recompute::none) {
+                base = g, base_loss = loss;
+            } else {
+                EXPECT_EQ(loss, base_loss);
+                EXPECT_EQ(g, base);
+            }
+        }
+    }
+}
+
+TEST(Llama, PresetsHaveMetaShapes) {
+    EXPECT_EQ(preset("llama2-7b").ffn_dim(), 11008);
+    EXPECT_EQ(preset("llama2-13b").ffn_dim(), 13824);
+    EXPECT_EQ(preset("llama2-70b").ffn_dim(), 28672);
+    EXPECT_NEAR(preset("llama2-7b").n_params() / 1e9, 6.74, 0.01);
+    EXPECT_NEAR(preset("llama2-13b").n_params() / 1e9, 13.02, 0.01);
+    EXPECT_NEAR(preset("llama2-70b").n_params() / 1e9, 68.98, 0.01);
+    EXPECT_NEAR(preset("tiny").n_params() / 1e6, 24.4, 0.1);
+    EXPECT_NEAR(preset("small").n_params() / 1e6, 58.1, 0.1);
+    EXPECT_THROW(preset("gpt2"), Error);
+}
+
+TEST(Llama, ContradictoryShapesAreRejected) {
+    LlamaConfig c = small_config();
+    c.n_heads = 5;
+    EXPECT_THROW(c.validate(), Error);
+    c = small_config();
+    c.n_kv_heads = 3;
+    EXPECT_THROW(c.validate(), Error);
+}
+
+}  // namespace
+}  // namespace kiln::model

@@ -1,0 +1,51 @@
+#pragma once
+// Test helpers shared by the test executables: temporary folders, the kiln binary, and the
+// PyTorch reference fixtures (tests/reference/llama_ref.py, run with Debian's python3-torch).
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+
+namespace kiln::testing {
+
+inline std::string source_dir() {
+    const char* s = std::getenv("KILN_SOURCE_DIR");
+    return s ? s : ".";
+}
+
+inline std::string kiln_binary() {
+    const char* s = std::getenv("KILN_BINARY");
+    return s ? s : "kiln";
+}
+
+// A fresh folder under the system temp dir, removed at destruction.
+struct TempDir {
+    std::string path;
+    TempDir() {
+        std::string pattern = (std::filesystem::temp_directory_path() / "kiln-test-XXXXXX").string();
+        path = mkdtemp(pattern.data());
+    }
+    ~TempDir() { std::filesystem::remove_all(path); }
+    std::string operator/(const std::string& name) const { return path + "/" + name; }
+};
+
+// Runs a shell command; returns its exit status.
+inline int run(const std::string& command) {
+    int rc = std::system(command.c_str());
+    return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+}
+
+inline bool have_torch() {
+    static int rc = run("/usr/bin/python3 -c 'import torch' >/dev/null 2>&1");
+    return rc == 0;
+}
+
+// Writes a reference fixture with `args` (llama_ref.py fixture flags) to `out`.
+inline void make_fixture(const std::string& out, const std::string& args) {
+    std::string cmd = "/usr/bin/python3 " + source_dir() + "/tests/reference/llama_ref.py fixture --out " +
+                      out + " " + args + " >/dev/null";
+    ASSERT_EQ(run(cmd), 0) << cmd;
+}
+
+}  // namespace kiln::testing

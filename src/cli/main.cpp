@@ -1,1 +1,54 @@
-int main() { return 0; }
+// kiln: pretrain Llama-2-family models end to end. The subcommand table lives here; each
+// subcommand is in cmd_<name>.cpp. Only this file catches kiln::Error: it prints the one
+// sentence and exits non-zero.
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+#include <map>
+
+#include "cli/commands.h"
+#include "core/error.h"
+#include "core/log.h"
+
+int main(int argc, char** argv) {
+    CLI::App app{"kiln: pretrain Llama-2-family language models from raw text to a Hugging Face "
+                 "checkpoint, in one C++ program."};
+    app.require_subcommand(1);
+    app.set_version_flag("--version", "kiln 0.1.0");
+    std::map<CLI::App*, kiln::cli::Action> actions;
+    struct Entry {
+        const char* name;
+        const char* help;
+        kiln::cli::Action (*add)(CLI::App&);
+    };
+    const Entry table[] = {
+        {"train", "pretrain a model (single process) on a shard folder or a synthetic stream",
+         kiln::cli::add_train},
+        {"eval", "mean loss and perplexity of a checkpoint on a shard folder, as JSON",
+         kiln::cli::add_eval},
+        {"export", "checkpoint -> Hugging Face folder (model.safetensors + config.json)",
+         kiln::cli::add_export},
+    };
+    for (const auto& e : table) {
+        CLI::App* sub = app.add_subcommand(e.name, e.help);
+        actions[sub] = e.add(*sub);
+    }
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+        return app.exit(e);
+    } catch (const kiln::Error& e) {
+        std::fprintf(stderr, "kiln: %s\n", e.what());
+        return 2;
+    }
+    kiln::log::init(0, kiln::log::Level::info);
+    try {
+        for (auto& [sub, action] : actions) {
+            if (sub->parsed()) return action();
+        }
+    } catch (const kiln::Error& e) {
+        std::fprintf(stderr, "kiln: %s\n", e.what());
+        return 1;
+    }
+    return 1;
+}

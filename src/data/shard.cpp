@@ -1,0 +1,226 @@
+#include "data/shard.h"
+
+#include <xxhash.h>
+
+#include <nlohmann/json.hpp>
+
+#include <cstring>
+#include <filesystem>
+
+#include "core/error.h"
+
+namespace kiln::data {
+
+uint64_t xxh64_bytes(const void* data, size_t bytes) { return XXH64(data, bytes, 0); }
+
+ShardHeader parse_shard_header(const uint8_t* data, size_t size, const std::string& path) {
+    if (size < kShardHeaderBytes) {
+        throw error("{} is not a kiln shard: {} bytes, shorter than the 64-byte header", path, size);
+    }
+    if (std::memcmp(data, kShardMagic, 8) != 0) {
+        throw error("{} is not a kiln shard: wrong magic bytes", path);
+    }
+    uint32_t version, reserved;
+    ShardHeader h;
+    std::memcpy(&version, data + 8, 4);
+    std::memcpy(&h.token_bytes, data + 12, 4);
+    std::memcpy(&h.seq_len, data + 16, 4);
+    std::memcpy(&reserved, data + 20, 4);
+    std::memcpy(&h.n_seqs, data + 24, 8);
+    if (version != kShardVersion) {
+        throw error("{}: shard format version {} is not supported (this kiln reads {})", path,
+                    version, kShardVersion);
+    }
+    if (h.token_bytes != 2 && h.token_bytes != 4) {
+        throw error("{}: token width {} bytes is not 2 or 4", path, h.token_bytes);
+    }
+    if (h.seq_len == 0) throw error("{}: seq_len is 0", path);
+    uint64_t expect = kShardHeaderBytes + h.n_seqs * h.seq_len * h.token_bytes;
+    if (size != expect) {
+        throw error("{}: file is {} bytes but its header promises {} ({} rows of {} tokens)", path,
+                    size, expect, h.n_seqs, h.seq_len);
+    }
+    return h;
+}
+
+uint64_t write_shard(const std::string& path, const std::vector<uint32_t>& tokens, uint32_t seq_len,
+                     uint32_t token_bytes) {
+    KILN_CHECK(tokens.size() % seq_len == 0, "shard rows must be whole");
+    std::vector<uint8_t> bytes(kShardHeaderBytes + tokens.size() * token_bytes, 0);
+    uint64_t n = tokens.size() / seq_len;
+    std::memcpy(bytes.data(), kShardMagic, 8);
+    std::memcpy(bytes.data() + 8, &kShardVersion, 4);
+    std::memcpy(bytes.data() + 12, &token_bytes, 4);
+    std::memcpy(bytes.data() + 16, &seq_len, 4);
+    std::memcpy(bytes.data() + 24, &n, 8);
+    uint8_t* out = bytes.data() + kShardHeaderBytes;
+    for (size_t i = 0; i < tokens.size(); i++) {
+        if (token_bytes == 2) {
+            KILN_CHECK(tokens[i] <= 0xffff, "token {} does not fit 16 bits", tokens[i]);
+            uint16_t t = static_cast<uint16_t>(tokens[i]);
+            std::memcpy(out + 2 * i, &t, 2);
+        } else {
+            std::memcpy(out + 4 * i, &tokens[i], 4);
+        }
+    }
+    fs::write_file_atomic(path, std::span<const char>(reinterpret_cast<const char*>(bytes.data()),
+                                                      bytes.size()));
+    return xxh64_bytes(bytes.data(), bytes.size());
+}
+
+uint64_t Manifest::sequences() const {
+    uint64_t n = 0;
+    for (const auto& s : shards) n += s.sequences;
+    return n;
+}
+
+Manifest read_manifest(const std::string& dir) {
+    std::string path = dir + "/manifest.json";
+    if (!fs::exists(path)) {
+        throw error("{} is not a kiln data set: it has no manifest.json (make one with kiln data)",
+                    dir);
+    }
+    nlohmann::json j;
+    try {
+        j = nlohmann::json::parse(fs::read_file(path));
+    } catch (const nlohmann::json::exception& e) {
+        throw error("{} is not valid JSON: {}", path, e.what());
+    }
+    Manifest m;
+    try {
+        if (j.at("format").get<std::string>() != "kiln-shards") {
+            throw error("{}: format is not kiln-shards", path);
+        }
+        if (j.at("version").get<int>() != 1) {
+            throw error("{}: version {} is not supported", path, j.at("version").dump());
+        }
+        m.seq_len = j.at("seq_len").get<uint32_t>();
+        m.vocab_size = j.at("vocab_size").get<int64_t>();
+        m.token_bytes = j.at("token_bytes").get<uint32_t>();
+        m.tokenizer = j.value("tokenizer", "");
+        m.dropped_tokens = j.value("dropped_tokens", uint64_t(0));
+        m.sources = j.value("sources", std::vector<std::string>{});
+        for (const auto& s : j.at("shards")) {
+            ShardEntry e;
+            e.file = s.at("file").get<std::string>();
+            e.sequences = s.at("sequences").get<uint64_t>();
+            e.xxh64 = std::stoull(s.at("xxh64").get<std::string>(), nullptr, 16);
+            if (e.file.find('/') != std::string::npos || e.file.empty() || e.file[0] == '.') {
+                throw error("{}: shard file name '{}' must be a plain name in the folder", path,
+                            e.file);
+            }
+            m.shards.push_back(e);
+        }
+    } catch (const nlohmann::json::exception& e) {
+        throw error("{}: missing or malformed key: {}", path, e.what());
+    } catch (const std::invalid_argument&) {
+        throw error("{}: an xxh64 value is not hexadecimal", path);
+    }
+    if (m.seq_len == 0) throw error("{}: seq_len is 0", path);
+    if (m.shards.empty()) throw error("{}: lists no shards", path);
+    return m;
+}
+
+void write_manifest(const std::string& dir, const Manifest& m) {
+    nlohmann::ordered_json j;
+    j["format"] = "kiln-shards";
+    j["version"] = 1;
+    j["seq_len"] = m.seq_len;
+    j["vocab_size"] = m.vocab_size;
+    j["token_bytes"] = m.token_bytes;
+    j["tokenizer"] = m.tokenizer;
+    j["sequences"] = m.sequences();
+    j["tokens"] = m.sequences() * m.seq_len;
+    j["dropped_tokens"] = m.dropped_tokens;
+    j["sources"] = m.sources;
+    j["shards"] = nlohmann::json::array();
+    for (const auto& s : m.shards) {
+        j["shards"].push_back({{"file", s.file},
+                               {"sequences", s.sequences},
+                               {"tokens", s.sequences * m.seq_len},
+                               {"xxh64", fmt::format("{:016x}", s.xxh64)}});
+    }
+    fs::write_file_atomic(dir + "/manifest.json", j.dump(2) + "\n");
+}
+
+ShardSet::ShardSet(const std::string& dir, int64_t vocab_size) : dir_(dir) {
+    manifest_ = read_manifest(dir);
+    if (manifest_.vocab_size != vocab_size) {
+        throw error("{}/manifest.json: data set has vocab_size {} but model.vocab_size is {}", dir,
+                    manifest_.vocab_size, vocab_size);
+    }
+    for (const auto& s : manifest_.shards) {
+        std::string path = dir + "/" + s.file;
+        fs::MappedFile f(path);
+        ShardHeader h = parse_shard_header(f.data(), f.size(), path);
+        if (h.seq_len != manifest_.seq_len || h.token_bytes != manifest_.token_bytes ||
+            h.n_seqs != s.sequences) {
+            throw error("{}: header ({} rows of {} x {}-byte tokens) disagrees with manifest.json",
+                        path, h.n_seqs, h.seq_len, h.token_bytes);
+        }
+        first_row_.push_back(rows_);
+        rows_ += static_cast<int64_t>(s.sequences);
+        files_.push_back(std::move(f));
+    }
+    if (rows_ == 0) throw error("{}: the data set has no sequences", dir);
+}
+
+void ShardSet::read_row(int64_t index, int32_t* out) const {
+    KILN_CHECK(index >= 0 && index < rows_, "row {} of {}", index, rows_);
+    size_t s = std::upper_bound(first_row_.begin(), first_row_.end(), index) - first_row_.begin() - 1;
+    const uint8_t* base = files_[s].data() + kShardHeaderBytes +
+                          (index - first_row_[s]) * manifest_.seq_len * manifest_.token_bytes;
+    for (uint32_t t = 0; t < manifest_.seq_len; t++) {
+        uint32_t v = 0;
+        std::memcpy(&v, base + t * manifest_.token_bytes, manifest_.token_bytes);
+        if (v >= uint64_t(manifest_.vocab_size)) {
+            throw error("{}/{}: token id {} at row {} is outside the vocabulary of {}", dir_,
+                        manifest_.shards[s].file, v, index - first_row_[s], manifest_.vocab_size);
+        }
+        out[t] = static_cast<int32_t>(v);
+    }
+}
+
+void ShardSet::verify() const {
+    for (size_t s = 0; s < files_.size(); s++) {
+        uint64_t sum = xxh64_bytes(files_[s].data(), files_[s].size());
+        if (sum != manifest_.shards[s].xxh64) {
+            throw error("{}: checksum {:016x} does not match manifest.json ({:016x})",
+                        files_[s].path(), sum, manifest_.shards[s].xxh64);
+        }
+    }
+}
+
+SyntheticSource::SyntheticSource(int64_t seq_len, int64_t vocab_size, uint64_t seed, int64_t rows)
+    : seq_len_(seq_len), vocab_size_(vocab_size), rows_(rows), seed_(seed) {}
+
+void SyntheticSource::read_row(int64_t index, int32_t* out) const {
+    uint64_t h = XXH64(&index, sizeof index, seed_);
+    int64_t range = std::min<int64_t>(vocab_size_, 1024);
+    int64_t value = static_cast<int64_t>(h % range);
+    int64_t stride = 1 + static_cast<int64_t>((h >> 32) % 7);
+    for (int64_t t = 0; t < seq_len_; t++) {
+        out[t] = static_cast<int32_t>(value);
+        value = (value + stride) % range;
+    }
+}
+
+std::unique_ptr<TokenSource> open_source(const std::string& source, int64_t seq_len,
+                                         int64_t vocab_size, uint64_t seed) {
+    if (source == "synthetic") {
+        return std::make_unique<SyntheticSource>(seq_len, vocab_size, seed);
+    }
+    if (!std::filesystem::is_directory(source)) {
+        throw error("data.source={}: no such folder (give a folder made by kiln data, or "
+                    "synthetic)",
+                    source);
+    }
+    auto set = std::make_unique<ShardSet>(source, vocab_size);
+    if (set->seq_len() != seq_len) {
+        throw error("{}/manifest.json: data set has seq_len {} but train.seq_len is {}", source,
+                    set->seq_len(), seq_len);
+    }
+    return set;
+}
+
+}  // namespace kiln::data

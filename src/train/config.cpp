@@ -1,0 +1,101 @@
+#include "train/config.h"
+
+#include "core/error.h"
+
+namespace kiln::train {
+namespace {
+
+ConfigSchema::Check positive(const int64_t* v) {
+    return [v] { return *v > 0 ? "" : "must be positive"; };
+}
+ConfigSchema::Check positive(const double* v) {
+    return [v] { return *v > 0 ? "" : "must be positive"; };
+}
+ConfigSchema::Check non_negative(const int64_t* v) {
+    return [v] { return *v >= 0 ? "" : "must be >= 0"; };
+}
+ConfigSchema::Check non_negative(const double* v) {
+    return [v] { return *v >= 0 ? "" : "must be >= 0"; };
+}
+ConfigSchema::Check one_of(const std::string* v, std::vector<std::string> options) {
+    return [v, options] {
+        for (const auto& o : options) {
+            if (*v == o) return std::string();
+        }
+        std::string list;
+        for (const auto& o : options) list += (list.empty() ? "" : ", ") + o;
+        return "must be one of " + list;
+    };
+}
+ConfigSchema::Check unit_interval(const double* v) {
+    return [v] { return *v >= 0 && *v < 1 ? "" : "must be in [0, 1)"; };
+}
+
+}  // namespace
+
+void build_schema(ConfigSchema& s, RunConfig& c) {
+    model::register_keys(s, c.model);
+    s.add("data.source", &c.data_source, "shard folder made by `kiln data`, or synthetic");
+    TrainConfig& t = c.train;
+    s.add("train.seq_len", &t.seq_len, "tokens per sequence T", positive(&t.seq_len));
+    s.add("train.micro_batch", &t.micro_batch, "sequences per micro-batch per DP rank",
+          positive(&t.micro_batch));
+    s.add("train.grad_accum", &t.grad_accum, "micro-batches per optimizer step",
+          positive(&t.grad_accum));
+    s.add("train.steps", &t.steps, "optimizer steps", positive(&t.steps));
+    s.add("train.lr", &c.schedule.lr, "peak learning rate", positive(&c.schedule.lr));
+    s.add("train.min_lr", &c.schedule.min_lr, "learning rate at the last step",
+          non_negative(&c.schedule.min_lr));
+    s.add("train.warmup_steps", &c.schedule.warmup_steps, "linear warmup steps",
+          non_negative(&c.schedule.warmup_steps));
+    s.add("train.decay", &c.schedule.decay, "cosine | linear | constant",
+          one_of(&c.schedule.decay, {"cosine", "linear", "constant"}));
+    s.add("train.weight_decay", &c.adamw.weight_decay, "AdamW decoupled weight decay (not on norms)",
+          non_negative(&c.adamw.weight_decay));
+    s.add("train.beta1", &c.adamw.beta1, "AdamW beta1", unit_interval(&c.adamw.beta1));
+    s.add("train.beta2", &c.adamw.beta2, "AdamW beta2", unit_interval(&c.adamw.beta2));
+    s.add("train.eps", &c.adamw.eps, "AdamW epsilon", positive(&c.adamw.eps));
+    s.add("train.grad_clip", &c.adamw.grad_clip, "max global gradient L2 norm (0: off)",
+          non_negative(&c.adamw.grad_clip));
+    s.add("train.seed", &t.seed, "seed of the initial weights and the data order");
+    s.add("train.precision", &t.precision, "matrix products: bf16 (fp32 accumulate) or fp32",
+          one_of(&t.precision, {"bf16", "fp32"}));
+    s.add("train.recompute", &t.recompute, "none | selective (attention) | full (whole block)",
+          one_of(&t.recompute, {"none", "selective", "full"}));
+    s.add("train.backend", &t.backend, "kernel backend: cpu | reference",
+          one_of(&t.backend, {"cpu", "reference", "cuda"}));
+    s.add("train.threads", &t.threads, "CPU threads (0: all cores)", non_negative(&t.threads));
+    s.add("train.init_std", &t.init_std, "std of the initial weights", positive(&t.init_std));
+    s.add("train.log_every", &t.log_every, "print a progress line every N steps",
+          positive(&t.log_every));
+    s.add("train.checkpoint_every", &t.checkpoint_every,
+          "checkpoint every N steps (0: only at the end)", non_negative(&t.checkpoint_every));
+    s.add("train.keep_checkpoints", &t.keep_checkpoints, "newest checkpoints kept (0: all)",
+          non_negative(&t.keep_checkpoints));
+    s.add("train.peak_gflops", &t.peak_gflops,
+          "peak matmul GFLOP/s for MFU (0: measure at start)", non_negative(&t.peak_gflops));
+    s.add("parallel.tp", &c.tp, "tensor-parallel ranks (DP = world size / TP)", positive(&c.tp));
+    s.add("parallel.zero", &c.zero, "1: shard optimizer state over DP (ZeRO-1), 0: replicate",
+          [&c] { return c.zero == 0 || c.zero == 1 ? "" : "must be 0 or 1"; });
+    s.add("run.dir", &c.run_dir, "run folder (empty: runs/<generated id>)");
+    s.add("run.log_level", &c.log_level, "debug | info | warn | error",
+          one_of(&c.log_level, {"debug", "info", "warn", "error"}));
+}
+
+void RunConfig::validate() const {
+    model.validate();
+    if (train.seq_len > model.max_seq_len) {
+        throw error("train.seq_len={} exceeds model.max_seq_len={}", train.seq_len,
+                    model.max_seq_len);
+    }
+    if (schedule.min_lr > schedule.lr) {
+        throw error("train.min_lr={} is above train.lr={}", schedule.min_lr, schedule.lr);
+    }
+    if (tp != 1) {
+        throw error("parallel.tp={}: tensor parallelism needs a multi-rank launch, which this "
+                    "build does not have yet; use parallel.tp=1",
+                    tp);
+    }
+}
+
+}  // namespace kiln::train

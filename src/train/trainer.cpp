@@ -1,0 +1,203 @@
+#include "train/trainer.h"
+
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cmath>
+#include <vector>
+
+#include "checkpoint/checkpoint.h"
+#include "core/error.h"
+#include "core/fs.h"
+#include "core/log.h"
+#include "core/threads.h"
+#include "data/sampler.h"
+#include "data/shard.h"
+#include "kernels/backends.h"
+#include "model/llama.h"
+#include "optim/adamw.h"
+#include "train/metrics.h"
+
+namespace kiln::train {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+    return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+kernels::Precision precision_of(const std::string& p) {
+    return p == "fp32" ? kernels::Precision::fp32 : kernels::Precision::bf16;
+}
+
+void write_status(const checkpoint::RunDir& run, const std::string& state, int64_t step,
+                  int64_t steps, double loss, const std::string& message = "") {
+    nlohmann::ordered_json j;
+    j["state"] = state;
+    j["step"] = step;
+    j["steps"] = steps;
+    j["loss"] = loss;
+    j["pid"] = static_cast<int64_t>(::getpid());
+    j["updated"] = std::chrono::duration<double>(
+                       std::chrono::system_clock::now().time_since_epoch())
+                       .count();
+    if (!message.empty()) j["message"] = message;
+    fs::write_file_atomic(run.status(), j.dump(2) + "\n");
+}
+
+}  // namespace
+
+double measure_peak_gflops(const std::string& backend, const std::string& precision) {
+    const kernels::Kernels& k = kernels::select_kernels(backend, precision_of(precision));
+    const int64_t n = 1024;
+    std::vector<float> a(n * n, 0.5f), b(n * n, 0.25f), c(n * n);
+    std::vector<char> ws(k.workspace_bytes(n * n, kernels::Attention{}) + 64);
+    kernels::Gemm g;
+    g.M = g.N = g.K = n;
+    g.a = a.data(), g.lda = n, g.b = b.data(), g.ldb = n, g.c = c.data(), g.ldc = n;
+    double best = 0;
+    for (int rep = 0; rep < 4; rep++) {
+        auto t0 = Clock::now();
+        k.gemm(g, {ws.data(), ws.size()});
+        best = std::max(best, 2.0 * n * n * n / seconds_since(t0) / 1e9);
+    }
+    return best;
+}
+
+TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
+    cfg.validate();
+    const TrainConfig& t = cfg.train;
+    set_num_threads(static_cast<int>(t.threads));
+
+    checkpoint::RunDir run{cfg.run_dir.empty() ? checkpoint::new_run_path("runs") : cfg.run_dir};
+    fs::make_dirs(run.checkpoints());
+    log::add_file(run.rank_log(0));
+    fs::write_file_atomic(run.config(), resolved_yaml);
+
+    const kernels::Kernels& k = kernels::select_kernels(t.backend, precision_of(t.precision));
+    auto source = data::open_source(cfg.data_source, t.seq_len, cfg.model.vocab_size,
+                                    static_cast<uint64_t>(t.seed));
+    model::Llama model(cfg.model, k, t.micro_batch, t.seq_len,
+                       model::parse_recompute(t.recompute));
+    optim::AdamW adamw(model.layout(), cfg.adamw);
+    optim::Schedule schedule = cfg.schedule;
+    schedule.total_steps = t.steps;
+
+    int64_t start_step = 0;
+    if (auto latest = checkpoint::latest(run)) {
+        checkpoint::Checkpoint ck(*latest);
+        if (ck.config().n_params() != cfg.model.n_params() || ck.config().dim != cfg.model.dim) {
+            throw error("{}: checkpoint holds a different model than the config", ck.dir());
+        }
+        ck.load(model.layout(), model.params(), adamw.m(), adamw.v());
+        adamw.set_step(ck.state().adam_step);
+        start_step = ck.state().step;
+        model.sync_compute_weights();
+        log::info("train", "resuming from {} (step {})", ck.dir(), start_step);
+    } else {
+        model.init_weights(static_cast<uint64_t>(t.seed), t.init_std);
+    }
+
+    log::info("train", "run folder {}", run.root);
+    log::info("train",
+              "model {}: {:.1f}M parameters, {} layers, dim {}; {} kernels, {} threads; "
+              "activations {:.0f} MiB",
+              cfg.model.preset, cfg.model.n_params() / 1e6, cfg.model.n_layers, cfg.model.dim,
+              k.name, num_threads(), model.activation_bytes() / 1048576.0);
+    double peak = t.peak_gflops > 0 ? t.peak_gflops : measure_peak_gflops(t.backend, t.precision);
+    const double flops_tok = flops_per_token(cfg.model, t.seq_len);
+    const int64_t B = t.micro_batch, T = t.seq_len;
+    const int64_t tokens_per_step = t.grad_accum * B * T;
+    const float grad_scale = 1.0f / float(t.grad_accum * B * (T - 1));
+    log::info("train",
+              "{} steps of {} sequences x {} tokens ({} tokens/step); matmul peak {:.0f} GFLOP/s",
+              t.steps, t.grad_accum * B, T, tokens_per_step, peak);
+
+    data::Sampler sampler(source->rows(), static_cast<uint64_t>(t.seed));
+    MetricsFile metrics(run.metrics());
+    std::vector<int32_t> tokens(B * T), targets(B * T);
+    TrainResult result;
+    result.run_dir = run.root;
+    int64_t skipped = 0, bad_in_a_row = 0;
+    double last_loss = 0;
+    auto run_start = Clock::now();
+    write_status(run, "running", start_step, t.steps, 0);
+
+    for (int64_t step = start_step; step < t.steps; step++) {
+        auto step_start = Clock::now();
+        model.zero_grads();
+        double loss_sum = 0;
+        int64_t loss_tokens = 0;
+        for (int64_t micro = 0; micro < t.grad_accum; micro++) {
+            auto rows = sampler.micro_batch(step, t.grad_accum, micro, 0, 1, B);
+            for (int64_t b = 0; b < B; b++) source->read_row(rows[b], tokens.data() + b * T);
+            for (int64_t i = 0; i < B * T; i++) {
+                targets[i] = (i % T) + 1 < T ? tokens[i + 1] : -1;
+            }
+            model::LossSum l = model.forward_backward(tokens.data(), targets.data(), grad_scale);
+            loss_sum += l.sum;
+            loss_tokens += l.tokens;
+        }
+        double loss = loss_sum / double(loss_tokens);
+        double norm = optim::l2_norm(model.grads(), model.layout().total());
+        double lr = schedule.at(step);
+        if (!std::isfinite(norm) || !std::isfinite(loss)) {
+            skipped++;
+            log::warn("train", "step {}: non-finite loss or gradient (loss {}, grad norm {}); "
+                      "step skipped", step + 1, loss, norm);
+            if (++bad_in_a_row >= 5) {
+                write_status(run, "failed", step, t.steps, loss, "5 non-finite steps in a row");
+                throw error("training diverged: 5 steps in a row had a non-finite loss or "
+                            "gradient (lower train.lr or raise train.warmup_steps); the last good "
+                            "checkpoint is in {}",
+                            run.checkpoints());
+            }
+        } else {
+            bad_in_a_row = 0;
+            optim::clip_to_norm(model.grads(), model.layout().total(), norm, cfg.adamw.grad_clip);
+            adamw.update(model.params(), model.grads(), lr, k);
+            model.sync_compute_weights();
+        }
+        last_loss = loss;
+        if (step == start_step) result.first_loss = loss;
+
+        double dt = seconds_since(step_start);
+        StepMetrics m;
+        m.step = step + 1;
+        m.loss = loss;
+        m.lr = lr;
+        m.grad_norm = norm;
+        m.tokens_per_s = tokens_per_step / dt;
+        m.mfu = m.tokens_per_s * flops_tok / (peak * 1e9);
+        m.elapsed_s = seconds_since(run_start);
+        m.tokens = (step + 1) * tokens_per_step;
+        m.skipped = skipped;
+        metrics.write(m);
+        if ((step + 1) % t.log_every == 0 || step + 1 == t.steps || step == start_step) {
+            std::printf("step %6lld/%lld | loss %.4f | lr %.2e | grad %.3f | %8.0f tok/s | "
+                        "mfu %5.1f%% | %.1fs\n",
+                        static_cast<long long>(m.step), static_cast<long long>(t.steps), loss, lr,
+                        norm, m.tokens_per_s, 100 * m.mfu, m.elapsed_s);
+            std::fflush(stdout);
+            write_status(run, "running", step + 1, t.steps, loss);
+        }
+        bool last = step + 1 == t.steps;
+        if (last || (t.checkpoint_every > 0 && (step + 1) % t.checkpoint_every == 0)) {
+            checkpoint::TrainState state{step + 1, adamw.step(), loss};
+            result.checkpoint = checkpoint::save(
+                run, cfg.model, model.layout(), {model.params(), adamw.m(), adamw.v()}, state,
+                static_cast<int>(t.keep_checkpoints));
+            log::info("train", "checkpoint {}", result.checkpoint);
+        }
+    }
+    if (result.checkpoint.empty()) {
+        if (auto l = checkpoint::latest(run)) result.checkpoint = *l;
+    }
+    result.steps = t.steps;
+    result.last_loss = last_loss;
+    write_status(run, "finished", t.steps, t.steps, last_loss);
+    return result;
+}
+
+}  // namespace kiln::train

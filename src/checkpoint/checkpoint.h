@@ -1,0 +1,56 @@
+#pragma once
+// Checkpoints: checkpoints/step-NNNNNNNN/ holds manifest.json (step, model config, per-rank
+// files with sizes and xxh64 sums) and one safetensors file per rank with that rank's
+// parameters (fp32 master weights) and AdamW moments. Written into a temporary folder, fsynced,
+// renamed into place; `latest` names the newest complete one. Format: docs/formats.md.
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "checkpoint/rundir.h"
+#include "core/safetensors.h"
+#include "model/config.h"
+#include "model/layout.h"
+
+namespace kiln::checkpoint {
+
+struct TrainState {
+    int64_t step = 0;         // optimizer steps completed
+    int64_t adam_step = 0;    // AdamW's bias-correction counter
+    double loss = 0;          // mean loss of the last step
+};
+
+// What one rank saves: its parameters and optimizer moments over the layout.
+struct RankTensors {
+    const float* params = nullptr;  // (layout.total())
+    const float* m = nullptr;       // (layout.total()) or null
+    const float* v = nullptr;
+};
+
+// Writes checkpoint `state.step` of a single-rank run, updates `latest`, keeps the newest
+// `keep` checkpoints (0 keeps all). Returns the checkpoint folder.
+std::string save(const RunDir& run, const model::LlamaConfig& config, const model::Layout& layout,
+                 const RankTensors& tensors, const TrainState& state, int keep);
+
+// The newest complete checkpoint of a run, if any.
+std::optional<std::string> latest(const RunDir& run);
+
+// A checkpoint opened for reading; the rank file's checksum is verified on open.
+class Checkpoint {
+public:
+    explicit Checkpoint(const std::string& dir);  // throws Error naming the file at fault
+    const model::LlamaConfig& config() const { return config_; }
+    const TrainState& state() const { return state_; }
+    const std::string& dir() const { return dir_; }
+    // Copies the named tensors into the flat buffers (any of m/v may be null).
+    void load(const model::Layout& layout, float* params, float* m, float* v) const;
+
+private:
+    std::string dir_;
+    model::LlamaConfig config_;
+    TrainState state_;
+    std::unique_ptr<SafetensorsFile> file_;
+};
+
+}  // namespace kiln::checkpoint

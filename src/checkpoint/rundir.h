@@ -1,0 +1,24 @@
+#pragma once
+// The run folder: every path a run writes, in one place.
+//   runs/<id>/config.yaml  metrics.jsonl  rank-N.log  status.json  checkpoints/step-NNNNNNNN/
+#include <cstdint>
+#include <string>
+
+namespace kiln::checkpoint {
+
+struct RunDir {
+    std::string root;
+
+    std::string config() const { return root + "/config.yaml"; }
+    std::string metrics() const { return root + "/metrics.jsonl"; }
+    std::string status() const { return root + "/status.json"; }
+    std::string rank_log(int rank) const { return root + "/rank-" + std::to_string(rank) + ".log"; }
+    std::string checkpoints() const { return root + "/checkpoints"; }
+    std::string checkpoint(int64_t step) const;  // checkpoints/step-NNNNNNNN
+    std::string latest() const { return checkpoints() + "/latest"; }
+};
+
+// "runs/20261128-193100-3f2a": time of day plus 4 random hex digits.
+std::string new_run_path(const std::string& parent);
+
+}  // namespace kiln::checkpoint

@@ -1,0 +1,46 @@
+#pragma once
+// AdamW over the model's flat fp32 buffers: m and v in one arena, decay applied per tensor by
+// the layout's tag (norm weights are not decayed), global gradient-norm clipping.
+#include <cstdint>
+
+#include "core/arena.h"
+#include "kernels/table.h"
+#include "model/layout.h"
+
+namespace kiln::optim {
+
+struct AdamWConfig {
+    double beta1 = 0.9;
+    double beta2 = 0.95;
+    double eps = 1e-8;
+    double weight_decay = 0.1;
+    double grad_clip = 1.0;  // max global L2 norm; 0 disables clipping
+};
+
+// L2 norm of n floats, accumulated in double; threaded.
+double l2_norm(const float* x, int64_t n);
+// Scales x by min(1, max_norm / (norm + 1e-6)) (PyTorch's clip_grad_norm_ rule); returns the
+// factor used.
+float clip_to_norm(float* x, int64_t n, double norm, double max_norm);
+
+class AdamW {
+public:
+    AdamW(const model::Layout& layout, const AdamWConfig& config);
+
+    // One update of params from grads at learning rate lr; increments step().
+    void update(float* params, const float* grads, double lr, const kernels::Kernels& k);
+
+    int64_t step() const { return step_; }
+    void set_step(int64_t step) { step_ = step; }
+    float* m() { return state_.get<float>(0); }  // (layout.total())
+    float* v() { return state_.get<float>(m_bytes_); }
+
+private:
+    const model::Layout& layout_;
+    AdamWConfig config_;
+    Arena state_{"optimizer state"};
+    size_t m_bytes_ = 0;
+    int64_t step_ = 0;
+};
+
+}  // namespace kiln::optim

@@ -1,0 +1,48 @@
+#pragma once
+// The resolved configuration of a training run: one struct per concern, every key registered
+// once (name, default, help, check) in build_schema(). `kiln train --help` prints the schema.
+#include <cstdint>
+#include <string>
+
+#include "core/config.h"
+#include "model/config.h"
+#include "optim/adamw.h"
+#include "optim/schedule.h"
+
+namespace kiln::train {
+
+struct TrainConfig {
+    int64_t seq_len = 256;
+    int64_t micro_batch = 8;
+    int64_t grad_accum = 1;
+    int64_t steps = 200;
+    int64_t seed = 1337;
+    std::string precision = "bf16";
+    std::string recompute = "none";
+    std::string backend = "cpu";
+    int64_t threads = 0;
+    double init_std = 0.02;
+    int64_t log_every = 10;
+    int64_t checkpoint_every = 0;  // 0: only at the end
+    int64_t keep_checkpoints = 3;
+    double peak_gflops = 0;        // for MFU; 0: measured at start
+};
+
+struct RunConfig {
+    model::LlamaConfig model;
+    std::string data_source = "synthetic";
+    TrainConfig train;
+    optim::Schedule schedule;
+    optim::AdamWConfig adamw;
+    int64_t tp = 1;
+    int64_t zero = 1;
+    std::string run_dir;  // empty: runs/<generated id>
+    std::string log_level = "info";
+
+    void validate() const;  // cross-key checks; throws Error naming the keys
+};
+
+// Registers every key of `config` (which must outlive the schema).
+void build_schema(ConfigSchema& schema, RunConfig& config);
+
+}  // namespace kiln::train

@@ -1,0 +1,18 @@
+#pragma once
+// Mean cross-entropy of a checkpoint over a shard set (every row, positions predicting the next
+// token of the same row).
+#include <cstdint>
+#include <string>
+
+namespace kiln::train {
+
+struct EvalResult {
+    double loss = 0;
+    int64_t tokens = 0;
+    int64_t rows = 0;
+};
+
+EvalResult evaluate(const std::string& checkpoint_dir, const std::string& data_dir,
+                    int64_t max_rows, const std::string& precision, int64_t batch);
+
+}  // namespace kiln::train

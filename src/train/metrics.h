@@ -1,0 +1,35 @@
+#pragma once
+// Training metrics: one JSON object per step appended to metrics.jsonl (flushed per line, so a
+// crash loses at most the line being written), and the FLOP count behind MFU.
+#include <cstdint>
+#include <cstdio>
+#include <string>
+
+#include "model/config.h"
+
+namespace kiln::train {
+
+struct StepMetrics {
+    int64_t step = 0;  // optimizer steps completed
+    double loss = 0, lr = 0, grad_norm = 0, tokens_per_s = 0, mfu = 0, elapsed_s = 0;
+    int64_t tokens = 0;  // tokens trained on so far
+    int64_t skipped = 0;  // steps skipped for non-finite gradients so far
+};
+
+class MetricsFile {
+public:
+    explicit MetricsFile(const std::string& path);  // appends; throws Error naming the path
+    MetricsFile(const MetricsFile&) = delete;
+    MetricsFile& operator=(const MetricsFile&) = delete;
+    ~MetricsFile();
+    void write(const StepMetrics& m);
+
+private:
+    std::FILE* f_ = nullptr;
+};
+
+// Training FLOPs per token: 6 x (parameters in matrix products, LM head included, embedding not)
+// + 12 x L x C x T for attention scores and values (forward + backward).
+double flops_per_token(const model::LlamaConfig& c, int64_t seq_len);
+
+}  // namespace kiln::train

@@ -1,0 +1,25 @@
+#pragma once
+// The training loop of one process: data -> micro-batches -> forward/backward with gradient
+// accumulation -> clip -> AdamW -> metrics -> checkpoints. Resumes from the run folder's latest
+// checkpoint when there is one.
+#include <cstdint>
+#include <string>
+
+#include "train/config.h"
+
+namespace kiln::train {
+
+struct TrainResult {
+    std::string run_dir;
+    std::string checkpoint;  // the final checkpoint folder
+    int64_t steps = 0;
+    double first_loss = 0, last_loss = 0;
+};
+
+// `resolved_yaml` is written to the run folder as config.yaml.
+TrainResult train(const RunConfig& config, const std::string& resolved_yaml);
+
+// Peak GFLOP/s of this machine's bf16/fp32 matrix product, measured on a square product.
+double measure_peak_gflops(const std::string& backend, const std::string& precision);
+
+}  // namespace kiln::train

@@ -9,15 +9,9 @@
 
 namespace kiln::testing {
 
-inline std::string source_dir() {
-    const char* s = std::getenv("KILN_SOURCE_DIR");
-    return s ? s : ".";
-}
-
-inline std::string kiln_binary() {
-    const char* s = std::getenv("KILN_BINARY");
-    return s ? s : "kiln";
-}
+// Baked in by tests/CMakeLists.txt.
+inline std::string source_dir() { return KILN_SOURCE_DIR; }
+inline std::string kiln_binary() { return KILN_BINARY; }
 
 // A fresh folder under the system temp dir, removed at destruction.
 struct TempDir {

@@ -172,21 +172,56 @@ void ConfigSchema::set(const Entry& e, const std::string& value, const std::stri
     if (e.on_set) e.on_set();
 }
 
-std::string ConfigSchema::to_yaml() const {
-    YAML::Node root;
-    for (const auto& e : entries_) {
-        std::vector<std::string> parts;
-        std::stringstream ss(e.key);
-        for (std::string p; std::getline(ss, p, '.');) parts.push_back(p);
-        // Walk/create nested maps (yaml-cpp nodes are reference-like).
-        std::vector<YAML::Node> chain{root};
-        for (size_t i = 0; i + 1 < parts.size(); i++) {
-            chain.push_back(chain.back()[parts[i]]);
+namespace {
+
+// Keys in registration order, grouped into nested maps by their dotted path.
+struct Tree {
+    std::vector<std::pair<std::string, std::string>> leaves;
+    std::vector<std::pair<std::string, Tree>> children;
+    std::vector<std::string> order;  // "l:" + leaf or "c:" + child, as first seen
+
+    void insert(const std::string& key, const std::string& value) {
+        auto dot = key.find('.');
+        if (dot == std::string::npos) {
+            leaves.emplace_back(key, value);
+            order.push_back("l:" + key);
+            return;
         }
-        chain.back()[parts.back()] = format_value(e.target);
+        std::string head = key.substr(0, dot);
+        for (auto& [name, child] : children) {
+            if (name == head) return child.insert(key.substr(dot + 1), value);
+        }
+        children.emplace_back(head, Tree{});
+        order.push_back("c:" + head);
+        children.back().second.insert(key.substr(dot + 1), value);
     }
+
+    void emit(YAML::Emitter& out) const {
+        out << YAML::BeginMap;
+        for (const auto& o : order) {
+            std::string name = o.substr(2);
+            out << YAML::Key << name << YAML::Value;
+            if (o[0] == 'l') {
+                for (const auto& [k, v] : leaves) {
+                    if (k == name) out << v;
+                }
+            } else {
+                for (const auto& [k, c] : children) {
+                    if (k == name) c.emit(out);
+                }
+            }
+        }
+        out << YAML::EndMap;
+    }
+};
+
+}  // namespace
+
+std::string ConfigSchema::to_yaml() const {
+    Tree root;
+    for (const auto& e : entries_) root.insert(e.key, format_value(e.target));
     YAML::Emitter out;
-    out << root;
+    root.emit(out);
     return std::string(out.c_str()) + "\n";
 }
 

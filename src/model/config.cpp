@@ -20,6 +20,12 @@ int64_t LlamaConfig::n_params() const {
     return 2 * vocab_size * C + n_layers * per_layer + C;
 }
 
+bool LlamaConfig::same_shapes(const LlamaConfig& o) const {
+    return dim == o.dim && n_layers == o.n_layers && n_heads == o.n_heads &&
+           n_kv_heads == o.n_kv_heads && vocab_size == o.vocab_size && ffn_dim() == o.ffn_dim() &&
+           norm_eps == o.norm_eps && rope_theta == o.rope_theta;
+}
+
 void LlamaConfig::validate() const {
     auto positive = [](const char* key, int64_t v) {
         if (v <= 0) throw error("model.{}={} must be positive", key, v);

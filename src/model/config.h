@@ -28,6 +28,8 @@ struct LlamaConfig {
     int64_t ffn_dim() const;
     int64_t qkv_dim() const { return (n_heads + 2 * n_kv_heads) * head_dim(); }
     int64_t n_params() const;
+    // Same parameter shapes and numerics (the preset name and max_seq_len may differ).
+    bool same_shapes(const LlamaConfig& o) const;
     // Throws Error naming the key when the shapes contradict each other.
     void validate() const;
 };

@@ -71,10 +71,6 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     set_num_threads(static_cast<int>(t.threads));
 
     checkpoint::RunDir run{cfg.run_dir.empty() ? checkpoint::new_run_path("runs") : cfg.run_dir};
-    fs::make_dirs(run.checkpoints());
-    log::add_file(run.rank_log(0));
-    fs::write_file_atomic(run.config(), resolved_yaml);
-
     const kernels::Kernels& k = kernels::select_kernels(t.backend, precision_of(t.precision));
     auto source = data::open_source(cfg.data_source, t.seq_len, cfg.model.vocab_size,
                                     static_cast<uint64_t>(t.seed));
@@ -87,8 +83,10 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     int64_t start_step = 0;
     if (auto latest = checkpoint::latest(run)) {
         checkpoint::Checkpoint ck(*latest);
-        if (ck.config().n_params() != cfg.model.n_params() || ck.config().dim != cfg.model.dim) {
-            throw error("{}: checkpoint holds a different model than the config", ck.dir());
+        if (!ck.config().same_shapes(cfg.model)) {
+            throw error("{}: checkpoint holds a different model than the config (dim {}, {} "
+                        "layers, vocab {}); use another run.dir",
+                        ck.dir(), ck.config().dim, ck.config().n_layers, ck.config().vocab_size);
         }
         ck.load(model.layout(), model.params(), adamw.m(), adamw.v());
         adamw.set_step(ck.state().adam_step);
@@ -99,6 +97,10 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
         model.init_weights(static_cast<uint64_t>(t.seed), t.init_std);
     }
 
+    // Only now that config, data and any checkpoint are known good is the run folder written.
+    fs::make_dirs(run.checkpoints());
+    log::add_file(run.rank_log(0));
+    fs::write_file_atomic(run.config(), resolved_yaml);
     log::info("train", "run folder {}", run.root);
     log::info("train",
               "model {}: {:.1f}M parameters, {} layers, dim {}; {} kernels, {} threads; "

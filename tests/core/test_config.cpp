@@ -1,0 +1,120 @@
+#include <gtest/gtest.h>
+
+#include "core/config.h"
+#include "core/error.h"
+#include "fixture.h"
+#include "core/fs.h"
+
+namespace kiln {
+namespace {
+
+struct Sample {
+    int64_t n = 4;
+    double lr = 0.5;
+    std::string name = "a";
+    bool flag = false;
+    std::string preset = "none";
+};
+
+void build(ConfigSchema& s, Sample& c) {
+    s.add("train.n", &c.n, "a count", [&c] { return c.n > 0 ? "" : "must be positive"; });
+    s.add("train.lr", &c.lr, "a rate");
+    s.add("run.name", &c.name, "a name");
+    s.add("run.flag", &c.flag, "a switch");
+    s.add("model.preset", &c.preset, "sets n", {}, [&c] { c.n = 100; });
+    s.set_first("model.preset");
+}
+
+std::string message_of(const std::function<void()>& f) {
+    try {
+        f();
+    } catch (const Error& e) {
+        return e.what();
+    }
+    return "";
+}
+
+TEST(Config, DefaultsYamlAndOverridesInOrder) {
+    Sample c;
+    ConfigSchema s;
+    build(s, c);
+    s.load_yaml_text("train:\n  n: 7\n  lr: 3e-4\nrun: {name: b}\n", "x.yaml");
+    s.add_override("train.n=9");
+    s.apply();
+    EXPECT_EQ(c.n, 9);
+    EXPECT_DOUBLE_EQ(c.lr, 3e-4);
+    EXPECT_EQ(c.name, "b");
+    EXPECT_FALSE(c.flag);
+}
+
+TEST(Config, PresetAppliesFirstWhateverTheOrder) {
+    Sample c;
+    ConfigSchema s;
+    build(s, c);
+    s.add_override("train.n=5");
+    s.add_override("model.preset=big");
+    s.apply();
+    EXPECT_EQ(c.n, 5);  // the explicit key wins over the preset's value
+}
+
+TEST(Config, ErrorsNameKeyValueAndSource) {
+    Sample c;
+    ConfigSchema s;
+    build(s, c);
+    s.add_override("train.nn=3");
+    std::string m = message_of([&] { s.apply(); });
+    EXPECT_NE(m.find("unknown config key 'train.nn'"), std::string::npos) << m;
+
+    ConfigSchema s2;
+    build(s2, c);
+    s2.load_yaml_text("train: {n: -2}", "bad.yaml");
+    m = message_of([&] { s2.apply(); });
+    EXPECT_NE(m.find("bad.yaml"), std::string::npos) << m;
+    EXPECT_NE(m.find("train.n=-2"), std::string::npos) << m;
+    EXPECT_NE(m.find("must be positive"), std::string::npos) << m;
+
+    ConfigSchema s3;
+    build(s3, c);
+    s3.add_override("train.lr=fast");
+    m = message_of([&] { s3.apply(); });
+    EXPECT_NE(m.find("train.lr=fast is not a finite number"), std::string::npos) << m;
+
+    ConfigSchema s4;
+    build(s4, c);
+    m = message_of([&] { s4.load_yaml_text("train: [1, 2", "broken.yaml"); });
+    EXPECT_NE(m.find("broken.yaml is not valid YAML"), std::string::npos) << m;
+
+    m = message_of([&] { s4.add_override("novalue"); });
+    EXPECT_NE(m.find("expected KEY=VALUE"), std::string::npos) << m;
+}
+
+TEST(Config, ResolvedYamlRoundTrips) {
+    Sample c;
+    ConfigSchema s;
+    build(s, c);
+    s.add_override("run.flag=true");
+    s.add_override("train.lr=0.125");
+    s.apply();
+    std::string yaml = s.to_yaml();
+    Sample d;
+    ConfigSchema t;
+    build(t, d);
+    t.load_yaml_text(yaml, "resolved");
+    t.apply();
+    EXPECT_EQ(d.flag, true);
+    EXPECT_DOUBLE_EQ(d.lr, 0.125);
+    EXPECT_EQ(d.n, c.n);
+    EXPECT_NE(s.help().find("train.lr = 0.5"), std::string::npos);  // defaults
+}
+
+TEST(Fs, AtomicWriteReplacesWholeFile) {
+    kiln::testing::TempDir dir;
+    fs::write_file_atomic(dir / "a.txt", std::string("first"));
+    fs::write_file_atomic(dir / "a.txt", std::string("second"));
+    EXPECT_EQ(fs::read_file(dir / "a.txt"), "second");
+    EXPECT_FALSE(fs::exists(dir / "a.txt.tmp"));
+    EXPECT_THROW(fs::read_file(dir / "missing"), Error);
+}
+
+}  // namespace
+}  // namespace kiln

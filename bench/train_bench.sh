@@ -1,0 +1,239 @@
+#!/usr/bin/env bash
+# End-to-end training throughput: kiln (bf16, fp32) against the PyTorch peer
+# (bench/torch_train.py, fp32 and bf16 autocast) on the tiny and small presets.
+#
+#   bash bench/train_bench.sh [--presets tiny,small] [--out bench/last_run.json]
+#
+# Environment:
+#   STEPS     steps per run (default 8, at least 3). Both implementations run STEPS steps and
+#             report the median tokens/s of the steps after the first 2 (kiln: steps 3..STEPS
+#             of its metrics.jsonl; torch: --warmup 2 --steps STEPS-2).
+#   THREADS   threads for kiln (train.threads, OMP_NUM_THREADS), torch (set_num_threads) and
+#             bench_gemm (default 2).
+#   KILN      the kiln binary (default build/kiln); BENCH_GEMM likewise (build/bench/bench_gemm).
+#   PYTHON    interpreter with torch (default /usr/bin/python3).
+#
+# The Markdown table goes to stdout, progress to stderr, and everything measured (per-step
+# tokens/s, the torch JSON lines, the ceiling) to the --out JSON file.
+#
+# Achieved GFLOP/s = tokens/s x flops/token with flops/token = 6 N_matmul + 12 L C T, where
+# N_matmul counts the weights of every matrix product (per layer 4 C^2 for q, k, v, o and
+# 3 C F for the MLP, plus V C for the LM head; no embedding, no norms). The ceiling is the
+# kiln bf16 gemm on a square 2048^3 product (bench_gemm's kiln_bf16/square).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+PRESETS="tiny,small"
+OUT="bench/last_run.json"
+usage() {
+    sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+}
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --presets) PRESETS="$2"; shift 2 ;;
+        --presets=*) PRESETS="${1#*=}"; shift ;;
+        --out) OUT="$2"; shift 2 ;;
+        --out=*) OUT="${1#*=}"; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "train_bench.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+STEPS="${STEPS:-8}"
+THREADS="${THREADS:-2}"
+KILN="${KILN:-build/kiln}"
+BENCH_GEMM="${BENCH_GEMM:-build/bench/bench_gemm}"
+PYTHON="${PYTHON:-/usr/bin/python3}"
+SKIP=2  # steps left out of the median (start-up, first-touch allocation, oneDNN primitive creation)
+
+if ! [[ "$STEPS" =~ ^[0-9]+$ ]] || (( STEPS <= SKIP )); then
+    echo "train_bench.sh: STEPS=$STEPS must be an integer > $SKIP" >&2
+    exit 2
+fi
+if [[ ! -x "$KILN" ]]; then
+    echo "train_bench.sh: $KILN not found; build first (cmake --build build)" >&2
+    exit 1
+fi
+PRESETS="${PRESETS//,/ }"
+for p in $PRESETS; do
+    case "$p" in tiny|small) ;; *) echo "train_bench.sh: unknown preset '$p' (tiny, small)" >&2; exit 2 ;; esac
+done
+
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+failures=0
+log() { echo "[train_bench] $*" >&2; }
+
+# --- ceiling: kiln bf16 gemm on 2048^3 --------------------------------------------------------
+if [[ -x "$BENCH_GEMM" ]]; then
+    log "measuring the bf16 gemm ceiling ($BENCH_GEMM kiln_bf16/square, $THREADS threads)"
+    if ! OMP_NUM_THREADS="$THREADS" "$BENCH_GEMM" --benchmark_filter='^kiln_bf16/square' \
+            --benchmark_format=json --benchmark_min_time=0.5 >"$WORK/ceiling.json" 2>"$WORK/ceiling.err"; then
+        log "bench_gemm failed:"; tail -5 "$WORK/ceiling.err" >&2
+        rm -f "$WORK/ceiling.json"; failures=$((failures + 1))
+    fi
+else
+    log "$BENCH_GEMM not built (needs Google Benchmark + OpenBLAS); no ceiling"
+fi
+
+# --- runs ---------------------------------------------------------------------------------------
+# kiln PRESET BATCH SEQ PRECISION -> $WORK/kiln_PRESET_PRECISION.jsonl (the run's metrics.jsonl)
+run_kiln() {
+    local preset=$1 batch=$2 seq=$3 prec=$4
+    local dir; dir="$(mktemp -d)"
+    log "kiln $preset $prec: $STEPS steps of $batch x $seq"
+    if OMP_NUM_THREADS="$THREADS" "$KILN" train \
+            --set model.preset="$preset" --set train.micro_batch="$batch" \
+            --set train.seq_len="$seq" --set train.steps="$STEPS" --set train.warmup_steps=1 \
+            --set train.log_every=1 --set run.dir="$dir" --set train.precision="$prec" \
+            --set train.threads="$THREADS" \
+            >"$WORK/kiln_${preset}_${prec}.log" 2>&1 && [[ -s "$dir/metrics.jsonl" ]]; then
+        cp "$dir/metrics.jsonl" "$WORK/kiln_${preset}_${prec}.jsonl"
+    else
+        log "kiln $preset $prec failed:"; tail -5 "$WORK/kiln_${preset}_${prec}.log" >&2
+        failures=$((failures + 1))
+    fi
+    rm -rf "$dir"  # checkpoints are hundreds of MB
+}
+
+# torch PRESET MODE -> $WORK/torch_PRESET_MODE.json (the peer's JSON line)
+run_torch() {
+    local preset=$1 mode=$2
+    log "torch $preset $mode: $SKIP warm-up + $((STEPS - SKIP)) timed steps"
+    if OMP_NUM_THREADS="$THREADS" "$PYTHON" bench/torch_train.py --preset "$preset" --mode "$mode" \
+            --warmup "$SKIP" --steps "$((STEPS - SKIP))" --threads "$THREADS" \
+            >"$WORK/torch_${preset}_${mode}.out" 2>"$WORK/torch_${preset}_${mode}.err"; then
+        tail -1 "$WORK/torch_${preset}_${mode}.out" >"$WORK/torch_${preset}_${mode}.json"
+    else
+        log "torch $preset $mode failed:"; tail -5 "$WORK/torch_${preset}_${mode}.err" >&2
+        failures=$((failures + 1))
+    fi
+}
+
+for p in $PRESETS; do
+    case "$p" in
+        tiny) batch=8; seq=256 ;;
+        small) batch=4; seq=512 ;;
+    esac
+    run_kiln "$p" "$batch" "$seq" bf16
+    run_kiln "$p" "$batch" "$seq" fp32
+    run_torch "$p" fp32
+    run_torch "$p" bf16
+done
+
+# --- report -------------------------------------------------------------------------------------
+mkdir -p "$(dirname "$OUT")"
+WORK="$WORK" OUT="$OUT" PRESETS="$PRESETS" STEPS="$STEPS" SKIP="$SKIP" THREADS="$THREADS" \
+"$PYTHON" - <<'EOF'
+import datetime, json, os, statistics, subprocess
+
+work, out = os.environ["WORK"], os.environ["OUT"]
+steps, skip, threads = int(os.environ["STEPS"]), int(os.environ["SKIP"]), int(os.environ["THREADS"])
+
+# Architecture of the presets (src/model/config.cpp); batch/seq are the benchmark's.
+PRESETS = {
+    "tiny":  dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, vocab=32000, multiple_of=32, batch=8, seq=256),
+    "small": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, vocab=32000, multiple_of=32, batch=4, seq=512),
+}
+
+def ffn_hidden(dim, multiple_of):
+    h = int(2 * (4 * dim) / 3)
+    return multiple_of * ((h + multiple_of - 1) // multiple_of)
+
+def shapes(p):
+    C, L, V = p["dim"], p["n_layers"], p["vocab"]
+    F = ffn_hidden(C, p["multiple_of"])
+    kv = C * p["n_kv_heads"] // p["n_heads"]
+    per_layer = C * C + 2 * C * kv + C * C + 3 * C * F  # q, k, v, o, gate, up, down
+    n_matmul = L * per_layer + V * C
+    return F, n_matmul, 6 * n_matmul + 12 * L * C * p["seq"]
+
+def load_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+ceiling = None
+cj = load_json(os.path.join(work, "ceiling.json"))
+if cj:
+    runs = [b for b in cj.get("benchmarks", []) if b.get("run_type", "iteration") == "iteration"]
+    if runs:
+        ceiling = runs[0]["GFLOP/s"]
+
+result = {
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "steps": steps, "median_over_steps_after": skip, "threads": threads,
+    "bf16_gemm_ceiling_gflops": ceiling,
+    "bench_gemm_context": cj.get("context") if cj else None,
+    "presets": {},
+}
+
+rows = []
+for name in os.environ["PRESETS"].split():
+    p = PRESETS[name]
+    F, n_matmul, flops_tok = shapes(p)
+    entry = {"dim": p["dim"], "n_layers": p["n_layers"], "ffn": F, "vocab": p["vocab"],
+             "micro_batch": p["batch"], "seq_len": p["seq"], "n_matmul": n_matmul,
+             "flops_per_token": flops_tok}
+    tps = {}
+    for prec in ("bf16", "fp32"):
+        path = os.path.join(work, f"kiln_{name}_{prec}.jsonl")
+        try:
+            with open(path) as f:
+                metrics = [json.loads(line) for line in f if line.strip()]
+        except OSError:
+            metrics = []
+        timed = [m["tokens_per_s"] for m in metrics if m["step"] > skip]
+        med = statistics.median(timed) if timed else None
+        tps[f"kiln_{prec}"] = med
+        entry[f"kiln_{prec}"] = {"tokens_per_s": med,
+                                 "step_tokens_per_s": [m["tokens_per_s"] for m in metrics],
+                                 "loss": [m["loss"] for m in metrics]}
+    for mode in ("fp32", "bf16"):
+        tj = load_json(os.path.join(work, f"torch_{name}_{mode}.json"))
+        tps[f"torch_{mode}"] = tj["tokens_per_s"] if tj else None
+        entry[f"torch_{mode}"] = tj
+    best_torch = max([v for k, v in tps.items() if k.startswith("torch") and v], default=None)
+    kb = tps["kiln_bf16"]
+    ratio = kb / best_torch if kb and best_torch else None
+    achieved = kb * flops_tok / 1e9 if kb else None
+    pct = 100 * achieved / ceiling if achieved and ceiling else None
+    entry.update({"kiln_bf16_over_best_torch": ratio, "kiln_bf16_gflops": achieved,
+                  "kiln_bf16_pct_of_ceiling": pct,
+                  "kiln_fp32_gflops": tps["kiln_fp32"] * flops_tok / 1e9 if tps["kiln_fp32"] else None})
+    result["presets"][name] = entry
+    rows.append((name, tps, ratio, achieved, pct))
+
+with open(out, "w") as f:
+    json.dump(result, f, indent=2)
+    f.write("\n")
+
+def fmt(v, spec):
+    return "n/a" if v is None else format(v, spec)
+
+print(f"Training throughput, tokens/s (median of steps {skip + 1}..{steps}, {threads} threads)")
+print()
+print("| preset | kiln bf16 | kiln fp32 | torch fp32 | torch bf16 | kiln bf16 / best torch "
+      "| kiln bf16 GFLOP/s | % of bf16 gemm ceiling |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
+for name, tps, ratio, achieved, pct in rows:
+    print(f"| {name} | {fmt(tps['kiln_bf16'], '.0f')} | {fmt(tps['kiln_fp32'], '.0f')} "
+          f"| {fmt(tps['torch_fp32'], '.0f')} | {fmt(tps['torch_bf16'], '.0f')} "
+          f"| {fmt(ratio, '.2f')}x | {fmt(achieved, '.0f')} | {fmt(pct, '.1f')}% |")
+print()
+print(f"bf16 gemm ceiling (kiln_bf16/square, 2048^3): {fmt(ceiling, '.0f')} GFLOP/s")
+for name, _, _, _, _ in rows:
+    e = result["presets"][name]
+    print(f"{name}: N_matmul {e['n_matmul']:,}, flops/token {e['flops_per_token']:,} "
+          f"(C {e['dim']}, L {e['n_layers']}, F {e['ffn']}, V {e['vocab']}, T {e['seq_len']})")
+print(f"raw results: {out}")
+EOF
+
+if (( failures > 0 )); then
+    log "$failures run(s) failed"
+    exit 1
+fi

@@ -1,0 +1,171 @@
+// The kiln binary end to end: train on a learnable stream, determinism of a rerun, resume equals
+// an uninterrupted run, eval and export agreeing with the independent PyTorch reference, and bad
+// input ending in one clear sentence with nothing overwritten.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+#include <sstream>
+
+#include "core/fs.h"
+#include "data/shard.h"
+#include "fixture.h"
+
+namespace kiln {
+namespace {
+
+using kiln::testing::TempDir;
+
+struct Result {
+    int rc;
+    std::string out;  // stdout and stderr together
+};
+
+Result kiln(const std::string& args) {
+    TempDir tmp;
+    std::string cmd = kiln::testing::kiln_binary() + " " + args + " >" + (tmp / "out") + " 2>&1";
+    int rc = kiln::testing::run(cmd);
+    return {rc, fs::read_file(tmp / "out")};
+}
+
+// A micro model that trains in a second.
+const std::string kMicro =
+    " --set model.dim=64 --set model.n_layers=2 --set model.n_heads=4 --set model.n_kv_heads=2"
+    " --set model.vocab_size=256 --set train.seq_len=32 --set train.micro_batch=8"
+    " --set train.warmup_steps=5 --set train.lr=1e-2 --set train.min_lr=1e-3"
+    " --set train.log_every=5 --set train.peak_gflops=100";
+
+std::vector<nlohmann::json> metrics(const std::string& run) {
+    std::vector<nlohmann::json> out;
+    std::ifstream in(run + "/metrics.jsonl");
+    for (std::string line; std::getline(in, line);) out.push_back(nlohmann::json::parse(line));
+    return out;
+}
+
+TEST(Cli, TrainLowersLossAndIsDeterministic) {
+    TempDir dir;
+    Result a = kiln("train" + kMicro + " --set train.steps=60 --set run.dir=" + (dir / "a"));
+    ASSERT_EQ(a.rc, 0) << a.out;
+    Result b = kiln("train" + kMicro + " --set train.steps=60 --set run.dir=" + (dir / "b"));
+    ASSERT_EQ(b.rc, 0) << b.out;
+    auto ma = metrics(dir / "a"), mb = metrics(dir / "b");
+    ASSERT_EQ(ma.size(), 60u);
+    for (const char* key : {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s"}) {
+        EXPECT_TRUE(ma[0].contains(key)) << key;
+    }
+    EXPECT_LT(ma.back()["loss"].get<double>(), 0.5 * ma.front()["loss"].get<double>());
+    for (size_t i = 0; i < ma.size(); i++) {
+        EXPECT_EQ(ma[i]["loss"].get<double>(), mb[i]["loss"].get<double>()) << "step " << i;
+    }
+    EXPECT_TRUE(fs::exists(dir / "a/checkpoints/step-00000060/manifest.json"));
+    EXPECT_TRUE(fs::exists(dir / "a/config.yaml"));
+    EXPECT_NE(fs::read_file(dir / "a/status.json").find("finished"), std::string::npos);
+}
+
+TEST(Cli, ResumeMatchesUninterruptedRun) {
+    TempDir dir;
+    std::string common = "train" + kMicro + " --set train.checkpoint_every=10";
+    ASSERT_EQ(kiln(common + " --set train.steps=20 --set run.dir=" + (dir / "full")).rc, 0);
+    // Stop after 10 steps, then continue the same run to 20.
+    ASSERT_EQ(kiln(common + " --set train.steps=20 --set run.dir=" + (dir / "cut")).rc, 0);
+    std::filesystem::remove_all(dir / "cut/checkpoints/step-00000020");
+    fs::write_file_atomic(dir / "cut/checkpoints/latest", std::string("step-00000010\n"));
+    Result r = kiln(common + " --set train.steps=20 --set run.dir=" + (dir / "cut"));
+    ASSERT_EQ(r.rc, 0) << r.out;
+    EXPECT_NE(r.out.find("resuming from"), std::string::npos);
+    EXPECT_EQ(fs::read_file(dir / "full/checkpoints/step-00000020/rank-00000.safetensors"),
+              fs::read_file(dir / "cut/checkpoints/step-00000020/rank-00000.safetensors"));
+}
+
+// Writes a shard set of `rows` random rows of T tokens below `vocab`.
+void write_shards(const std::string& dir, int64_t rows, uint32_t T, int64_t vocab) {
+    std::filesystem::create_directories(dir);
+    std::vector<uint32_t> tokens(rows * T);
+    uint64_t x = 88172645463325252ull;
+    for (auto& t : tokens) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        t = static_cast<uint32_t>(x % vocab);
+    }
+    data::Manifest m;
+    m.seq_len = T;
+    m.vocab_size = vocab;
+    m.token_bytes = 2;
+    m.shards.push_back({"shard-00000.bin", uint64_t(rows),
+                        data::write_shard(dir + "/shard-00000.bin", tokens, T, 2)});
+    data::write_manifest(dir, m);
+}
+
+TEST(Cli, EvalAndExportAgreeWithPyTorch) {
+    TempDir dir;
+    write_shards(dir / "data", 6, 32, 256);
+    Result t = kiln("train" + kMicro + " --set train.steps=5 --set data.source=" + (dir / "data") +
+                    " --set run.dir=" + (dir / "run"));
+    ASSERT_EQ(t.rc, 0) << t.out;
+    Result e = kiln("eval --checkpoint " + (dir / "run") + " --data " + (dir / "data"));
+    ASSERT_EQ(e.rc, 0) << e.out;
+    auto ej = nlohmann::json::parse(e.out.substr(e.out.find('{')));
+    EXPECT_EQ(ej["tokens"].get<int64_t>(), 6 * 31);
+    Result x = kiln("export --checkpoint " + (dir / "run") + " --format hf --out " + (dir / "hf"));
+    ASSERT_EQ(x.rc, 0) << x.out;
+    auto config = nlohmann::json::parse(fs::read_file(dir / "hf/config.json"));
+    EXPECT_EQ(config["architectures"][0], "LlamaForCausalLM");
+    EXPECT_EQ(config["intermediate_size"], 192);  // 4*64*2/3 rounded up to 32
+    if (!kiln::testing::have_torch()) GTEST_SKIP() << "python3-torch is not installed";
+    std::string cmd = "/usr/bin/python3 " + kiln::testing::source_dir() +
+                      "/tests/reference/llama_ref.py eval-hf --hf-dir " + (dir / "hf") +
+                      " --shard " + (dir / "data/shard-00000.bin") + " > " + (dir / "py.json");
+    ASSERT_EQ(kiln::testing::run(cmd), 0);
+    auto pj = nlohmann::json::parse(fs::read_file(dir / "py.json"));
+    EXPECT_NEAR(pj["loss"].get<double>(), ej["loss"].get<double>(), 1e-4);
+    EXPECT_EQ(pj["tokens"].get<int64_t>(), ej["tokens"].get<int64_t>());
+    // bf16 export loads too, and is close.
+    ASSERT_EQ(kiln("export --checkpoint " + (dir / "run") + " --out " + (dir / "hf16") +
+                   " --dtype bfloat16").rc, 0);
+    cmd = "/usr/bin/python3 " + kiln::testing::source_dir() +
+          "/tests/reference/llama_ref.py eval-hf --hf-dir " + (dir / "hf16") + " --shard " +
+          (dir / "data/shard-00000.bin") + " > " + (dir / "py16.json");
+    ASSERT_EQ(kiln::testing::run(cmd), 0);
+    auto pj16 = nlohmann::json::parse(fs::read_file(dir / "py16.json"));
+    EXPECT_NEAR(pj16["loss"].get<double>(), ej["loss"].get<double>(), 2e-2);
+}
+
+// Bad input: exit non-zero with one line naming the key or file; nothing overwritten.
+TEST(Cli, BadInputIsOneClearSentence) {
+    TempDir dir;
+    std::ofstream(dir / "bad.yaml") << "train:\n  lr: -1\n";
+    std::ofstream(dir / "unknown.yaml") << "train:\n  learning_rate: 1\n";
+    write_shards(dir / "data", 4, 32, 256);
+    struct Case {
+        std::string args, expect;
+    } cases[] = {
+        {"train --set model.n_heads=5", "model.dim=288 is not divisible by model.n_heads=5"},
+        {"train --config " + (dir / "bad.yaml"), "train.lr=-1 is invalid: must be positive"},
+        {"train --config " + (dir / "unknown.yaml"), "unknown config key 'train.learning_rate'"},
+        {"train --set train.lr=abc", "train.lr=abc is not a finite number"},
+        {"train --set data.source=" + (dir / "missing"), "no such folder"},
+        {"train --set data.source=" + (dir / "data") + " --set train.seq_len=32",
+         "vocab_size 256 but model.vocab_size is 32000"},
+        {"train --set train.precision=fp16", "train.precision=fp16 is invalid"},
+        {"eval --checkpoint " + (dir / "nope") + " --data " + (dir / "data"), "nope"},
+    };
+    for (const auto& c : cases) {
+        Result r = kiln(c.args + " --set run.dir=" + (dir / "run"));
+        if (c.args.rfind("eval", 0) == 0) r = kiln(c.args);
+        EXPECT_NE(r.rc, 0) << c.args;
+        EXPECT_NE(r.out.find(c.expect), std::string::npos) << c.args << "\n" << r.out;
+        EXPECT_EQ(r.out.find("terminate"), std::string::npos) << r.out;
+        EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 1) << r.out;
+    }
+    // A checkpoint of another model in the run folder is refused, and left as it was.
+    ASSERT_EQ(kiln("train" + kMicro + " --set train.steps=2 --set run.dir=" + (dir / "r2")).rc, 0);
+    std::string before = fs::read_file(dir / "r2/checkpoints/step-00000002/rank-00000.safetensors");
+    Result r = kiln("train" + kMicro + " --set model.dim=128 --set train.steps=4 --set run.dir=" +
+                    (dir / "r2"));
+    EXPECT_NE(r.rc, 0);
+    EXPECT_NE(r.out.find("different model"), std::string::npos) << r.out;
+    EXPECT_EQ(before, fs::read_file(dir / "r2/checkpoints/step-00000002/rank-00000.safetensors"));
+}
+
+}  // namespace
+}  // namespace kiln

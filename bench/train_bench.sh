@@ -62,6 +62,7 @@ for p in $PRESETS; do
 done
 
 WORK="$(mktemp -d)"
+LOADAVG_START="$(cut -d" " -f1-3 /proc/loadavg)"
 trap 'rm -rf "$WORK"' EXIT
 failures=0
 log() { echo "[train_bench] $*" >&2; }
@@ -125,7 +126,7 @@ done
 
 # --- report -------------------------------------------------------------------------------------
 mkdir -p "$(dirname "$OUT")"
-WORK="$WORK" OUT="$OUT" PRESETS="$PRESETS" STEPS="$STEPS" SKIP="$SKIP" THREADS="$THREADS" \
+WORK="$WORK" OUT="$OUT" LOADAVG_START="$LOADAVG_START" PRESETS="$PRESETS" STEPS="$STEPS" SKIP="$SKIP" THREADS="$THREADS" \
 "$PYTHON" - <<'EOF'
 import datetime, json, os, statistics, subprocess
 
@@ -167,6 +168,9 @@ if cj:
 result = {
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     "steps": steps, "median_over_steps_after": skip, "threads": threads,
+    # 1/5/15-minute load averages before and after the runs: a busy machine shows up here.
+    "loadavg_start": os.environ["LOADAVG_START"],
+    "loadavg_end": " ".join(open("/proc/loadavg").read().split()[:3]),
     "bf16_gemm_ceiling_gflops": ceiling,
     "bench_gemm_context": cj.get("context") if cj else None,
     "presets": {},
@@ -212,8 +216,8 @@ with open(out, "w") as f:
     json.dump(result, f, indent=2)
     f.write("\n")
 
-def fmt(v, spec):
-    return "n/a" if v is None else format(v, spec)
+def fmt(v, spec, unit=""):
+    return "n/a" if v is None else format(v, spec) + unit
 
 print(f"Training throughput, tokens/s (median of steps {skip + 1}..{steps}, {threads} threads)")
 print()
@@ -223,7 +227,7 @@ print("|---|---:|---:|---:|---:|---:|---:|---:|")
 for name, tps, ratio, achieved, pct in rows:
     print(f"| {name} | {fmt(tps['kiln_bf16'], '.0f')} | {fmt(tps['kiln_fp32'], '.0f')} "
           f"| {fmt(tps['torch_fp32'], '.0f')} | {fmt(tps['torch_bf16'], '.0f')} "
-          f"| {fmt(ratio, '.2f')}x | {fmt(achieved, '.0f')} | {fmt(pct, '.1f')}% |")
+          f"| {fmt(ratio, '.2f', 'x')} | {fmt(achieved, '.0f')} | {fmt(pct, '.1f', '%')} |")
 print()
 print(f"bf16 gemm ceiling (kiln_bf16/square, 2048^3): {fmt(ceiling, '.0f')} GFLOP/s")
 for name, _, _, _, _ in rows:

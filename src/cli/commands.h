@@ -4,13 +4,26 @@
 #include <CLI/CLI.hpp>
 
 #include <functional>
+#include <string>
+#include <vector>
+
+#include "train/config.h"
 
 namespace kiln::cli {
 
 using Action = std::function<int()>;
 
+// Applies --config FILE then every --set to `config` (whose fields hold the defaults), checks
+// it, sets the log level, and returns the resolved YAML for the run folder.
+std::string resolve_config(train::RunConfig& config, const std::string& file,
+                           const std::vector<std::string>& sets);
+// Adds --config and --set, and the list of config keys with `defaults` to the help footer.
+void add_config_options(CLI::App& app, std::string& file, std::vector<std::string>& sets,
+                        train::RunConfig defaults = {});
+
 Action add_train(CLI::App& app);
 Action add_eval(CLI::App& app);
 Action add_export(CLI::App& app);
+Action add_run(CLI::App& app);
 
 }  // namespace kiln::cli

@@ -28,6 +28,8 @@ int main(int argc, char** argv) {
          kiln::cli::add_eval},
         {"export", "checkpoint -> Hugging Face folder (model.safetensors + config.json)",
          kiln::cli::add_export},
+        {"run", "the embedded default job: train tiny on a built-in stream, export it",
+         kiln::cli::add_run},
     };
     for (const auto& e : table) {
         CLI::App* sub = app.add_subcommand(e.name, e.help);

@@ -130,6 +130,20 @@ TEST(Cli, EvalAndExportAgreeWithPyTorch) {
     EXPECT_NEAR(pj16["loss"].get<double>(), ej["loss"].get<double>(), 2e-2);
 }
 
+TEST(Cli, RunTrainsExportsAndReusesWhatIsDone) {
+    TempDir dir;
+    std::string args = "run --out " + (dir / "job") + kMicro + " --set train.steps=12" +
+                       " --set train.checkpoint_every=6";
+    Result r = kiln(args);
+    ASSERT_EQ(r.rc, 0) << r.out;
+    EXPECT_TRUE(fs::exists(dir / "job/hf/model.safetensors"));
+    EXPECT_TRUE(fs::exists(dir / "job/train/checkpoints/step-00000012/manifest.json"));
+    Result again = kiln(args);
+    ASSERT_EQ(again.rc, 0) << again.out;
+    EXPECT_NE(again.out.find("resuming from"), std::string::npos) << again.out;
+    EXPECT_EQ(again.out.find("step     "), std::string::npos) << "trained again:\n" << again.out;
+}
+
 // Bad input: exit non-zero with one line naming the key or file; nothing overwritten.
 TEST(Cli, BadInputIsOneClearSentence) {
     TempDir dir;

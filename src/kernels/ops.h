@@ -53,4 +53,10 @@ struct Attention {
     int64_t ldqkv = 0;  // = (H + 2*Hkv) * D
 };
 
+// One AdamW update (see Kernels::adamw). grad_scale multiplies the gradient first (clipping).
+struct AdamWStep {
+    float lr = 0, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0, grad_scale = 1;
+    int64_t t = 1;  // bias-correction step, >= 1
+};
+
 }  // namespace kiln::kernels

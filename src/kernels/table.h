@@ -51,16 +51,21 @@ struct Kernels {
     // dgu (M, 2F) = gradient w.r.t. gate and up, given dh (M, F)
     void (*swiglu_backward)(float* dgu, const float* dh, const float* gu, int64_t M, int64_t F);
 
-    // For rows with targets[m] >= 0: losses[m] = logsumexp(logits[m]) - logits[m][target]; when
-    // dscale != 0, logits are replaced in place by dscale * (softmax - onehot) (the gradient);
-    // rows with target < 0 get loss 0 and a zero gradient. logits (M, V), targets (M).
-    void (*cross_entropy)(float* logits, float* losses, const int32_t* targets, int64_t M,
-                          int64_t V, float dscale);
+    // For rows with targets[m] >= 0: losses[m] = logsumexp(logits[m]) - logits[m][target]; rows
+    // with target < 0 get loss 0. When dscale != 0, also writes the gradient
+    // dscale * (softmax - onehot) (zero rows for ignored targets) to dlogits (M, V) as
+    // dlogits_type (f32 or bf16); f32 dlogits may alias logits. logits (M, V), targets (M).
+    void (*cross_entropy)(const float* logits, float* losses, const int32_t* targets, int64_t M,
+                          int64_t V, float dscale, void* dlogits, DType dlogits_type);
 
-    // AdamW on n elements, decoupled weight decay, bias correction by step t (>= 1):
-    // m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr (mhat / (sqrt(vhat) + eps) + wd p)
-    void (*adamw)(float* p, float* m, float* v, const float* g, int64_t n, float lr, float beta1,
-                  float beta2, float eps, float weight_decay, int64_t t);
+    // AdamW on n elements with g' = grad_scale * g, decoupled weight decay, bias correction:
+    // m = b1 m + (1-b1) g'; v = b2 v + (1-b2) g'^2; p -= lr (mhat / (sqrt(vhat) + eps) + wd p).
+    // When p_bf16 is not null it receives bf16(p) after the update.
+    void (*adamw)(float* p, uint16_t* p_bf16, float* m, float* v, const float* g, int64_t n,
+                  const AdamWStep& s);
+
+    // dst (n) = bf16(src), round to nearest even
+    void (*to_bf16)(uint16_t* dst, const float* src, int64_t n);
 };
 
 }  // namespace kiln::kernels

@@ -34,12 +34,14 @@ public:
     const Layout& layout() const { return layout_; }
     float* params() { return params_.get<float>(0); }  // (layout().total()) fp32
     float* grads() { return grads_.get<float>(0); }    // (layout().total()) fp32, accumulated
+    // The bf16 copy of params() that bf16 products read (layout().total()); null in fp32.
+    uint16_t* params_bf16() { return bf16_ ? params_bf16_.get<uint16_t>(0) : nullptr; }
     size_t activation_bytes() const { return acts_.bytes(); }
 
     // N(0, std) for matrices and embeddings, 1 for norm weights; deterministic in seed.
     void init_weights(uint64_t seed, double std);
-    // Refreshes the bf16 copy of the weights that the bf16 products read; call after every
-    // change to params(). A no-op in fp32.
+    // Refreshes params_bf16() from params(); call after changing params() other than through
+    // an optimizer that writes both. A no-op in fp32.
     void sync_compute_weights();
     void zero_grads();
 
@@ -52,19 +54,25 @@ public:
 private:
     struct BlockActs {  // one block's saved activations; pointers into acts_
         float *rstd1, *xn1, *qkv, *probs, *att, *x2, *rstd2, *xn2, *gu, *h;
+        // bf16 copies of the product inputs (bf16 precision only; else null)
+        uint16_t *xn1_bf, *att_bf, *xn2_bf, *h_bf;
     };
-    struct Weight {  // a weight matrix as the products read it
+    struct Operand {  // a matrix as the products read it
         const void* ptr;
         DType type;
     };
-    Weight weight(int64_t offset) const;
+    Operand weight(int64_t offset) const;
+    // x itself in fp32; in bf16, x rounded into `copy` (n elements) once, for every product.
+    Operand operand(const float* x, uint16_t* copy, int64_t n) const;
+    // An activation saved by the forward: its bf16 copy in bf16 precision.
+    Operand saved(const float* x, const uint16_t* copy) const;
     void block_forward(int64_t l, const float* x, float* out);
     void block_backward(int64_t l, float* dres);
     void embed(const int32_t* tokens);
     LossSum head(const int32_t* targets, float grad_scale, float* logits_out);
-    void linear_forward(float* y, const float* x, Weight w, int64_t M, int64_t K, int64_t N);
-    void linear_backward(float* dx, float* dw, const float* dy, const float* x, Weight w,
-                         int64_t M, int64_t K, int64_t N);
+    void linear_forward(float* y, Operand x, Operand w, int64_t M, int64_t K, int64_t N);
+    void linear_backward(float* dx, float* dw, Operand dy, Operand x, Operand w, int64_t M,
+                         int64_t K, int64_t N);
 
     LlamaConfig config_;
     Layout layout_;
@@ -83,6 +91,7 @@ private:
     float *rstdf_, *xnf_;            // (M), (M, C) final norm
     float *dres_, *dxn_, *dqkv_, *datt_, *dgu_, *dh_;  // backward scratch
     float *logits_, *losses_;        // (head_rows, V), (M)
+    uint16_t *xnf_bf_, *dy_bf_, *dlogits_bf_;  // bf16 precision: (M, C), dy scratch, (rows, V)
     kernels::Workspace ws_;
 };
 

@@ -19,15 +19,9 @@ double l2_norm(const float* x, int64_t n) {
     return std::sqrt(total);
 }
 
-float clip_to_norm(float* x, int64_t n, double norm, double max_norm) {
+float clip_factor(double norm, double max_norm) {
     if (max_norm <= 0) return 1.0f;
-    float factor = static_cast<float>(std::min(1.0, max_norm / (norm + 1e-6)));
-    if (factor < 1.0f) {
-        parallel_range(n, 1 << 16, [&](int64_t i0, int64_t i1) {
-            for (int64_t i = i0; i < i1; i++) x[i] *= factor;
-        });
-    }
-    return factor;
+    return static_cast<float>(std::min(1.0, max_norm / (norm + 1e-6)));
 }
 
 AdamW::AdamW(const model::Layout& layout, const AdamWConfig& config)
@@ -37,13 +31,20 @@ AdamW::AdamW(const model::Layout& layout, const AdamWConfig& config)
     state_.allocate();
 }
 
-void AdamW::update(float* params, const float* grads, double lr, const kernels::Kernels& k) {
+void AdamW::update(float* params, uint16_t* params_bf16, const float* grads, float grad_scale,
+                   double lr, const kernels::Kernels& k) {
     step_++;
+    kernels::AdamWStep s;
+    s.lr = static_cast<float>(lr);
+    s.beta1 = static_cast<float>(config_.beta1);
+    s.beta2 = static_cast<float>(config_.beta2);
+    s.eps = static_cast<float>(config_.eps);
+    s.grad_scale = grad_scale;
+    s.t = step_;
     for (const auto& p : layout_.params()) {
-        k.adamw(params + p.offset, m() + p.offset, v() + p.offset, grads + p.offset, p.numel,
-                static_cast<float>(lr), static_cast<float>(config_.beta1),
-                static_cast<float>(config_.beta2), static_cast<float>(config_.eps),
-                p.decay ? static_cast<float>(config_.weight_decay) : 0.0f, step_);
+        s.weight_decay = p.decay ? static_cast<float>(config_.weight_decay) : 0.0f;
+        k.adamw(params + p.offset, params_bf16 ? params_bf16 + p.offset : nullptr, m() + p.offset,
+                v() + p.offset, grads + p.offset, p.numel, s);
     }
 }
 

@@ -19,16 +19,18 @@ struct AdamWConfig {
 
 // L2 norm of n floats, accumulated in double; threaded.
 double l2_norm(const float* x, int64_t n);
-// Scales x by min(1, max_norm / (norm + 1e-6)) (PyTorch's clip_grad_norm_ rule); returns the
-// factor used.
-float clip_to_norm(float* x, int64_t n, double norm, double max_norm);
+// The factor clipping multiplies gradients by: min(1, max_norm / (norm + 1e-6)), PyTorch's
+// clip_grad_norm_ rule; 1 when max_norm is 0 (clipping off).
+float clip_factor(double norm, double max_norm);
 
 class AdamW {
 public:
     AdamW(const model::Layout& layout, const AdamWConfig& config);
 
-    // One update of params from grads at learning rate lr; increments step().
-    void update(float* params, const float* grads, double lr, const kernels::Kernels& k);
+    // One update of params from grad_scale * grads at learning rate lr; increments step().
+    // params_bf16 (nullable) receives the bf16 copy of the updated weights in the same pass.
+    void update(float* params, uint16_t* params_bf16, const float* grads, float grad_scale,
+                double lr, const kernels::Kernels& k);
 
     int64_t step() const { return step_; }
     void set_step(int64_t step) { step_ = step; }

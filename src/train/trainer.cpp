@@ -157,9 +157,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
             }
         } else {
             bad_in_a_row = 0;
-            optim::clip_to_norm(model.grads(), model.layout().total(), norm, cfg.adamw.grad_clip);
-            adamw.update(model.params(), model.grads(), lr, k);
-            model.sync_compute_weights();
+            adamw.update(model.params(), model.params_bf16(), model.grads(),
+                         optim::clip_factor(norm, cfg.adamw.grad_clip), lr, k);
         }
         last_loss = loss;
         if (step == start_step) result.first_loss = loss;

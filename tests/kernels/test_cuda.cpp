@@ -63,8 +63,9 @@ TEST(Cuda, OpsMatchReference) {
     auto p = randn(n, 4), g = randn(n, 5), m = randn(n, 6), v = randn(n, 7);
     for (auto& e : v) e = e * e;
     DeviceBuffer dp(p), dm(m), dv(v), dg(g);
-    ref.adamw(p.data(), m.data(), v.data(), g.data(), n, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 2);
-    cuda::adamw(dp.ptr, dm.ptr, dv.ptr, dg.ptr, n, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 2);
+    AdamWStep s{1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f, 2};
+    ref.adamw(p.data(), nullptr, m.data(), v.data(), g.data(), n, s);
+    cuda::adamw(dp.ptr, nullptr, dm.ptr, dv.ptr, dg.ptr, n, s);
     auto pg = dp.to_host(n);
     for (int64_t i = 0; i < n; i++) ASSERT_NEAR(pg[i], p[i], 1e-6 + 1e-5 * std::fabs(p[i]));
 }

@@ -225,15 +225,24 @@ TEST(CrossEntropy, ForwardAndBackward) {
     auto lc = logits, lr = logits;
     std::vector<float> loss_c(M), loss_r(M);
     cpu_kernels(Precision::fp32).cross_entropy(lc.data(), loss_c.data(), targets.data(), M, V,
-                                               0.5f);
-    ref().cross_entropy(lr.data(), loss_r.data(), targets.data(), M, V, 0.5f);
+                                               0.5f, lc.data(), DType::f32);
+    ref().cross_entropy(lr.data(), loss_r.data(), targets.data(), M, V, 0.5f, lr.data(),
+                        DType::f32);
     expect_close(loss_c, loss_r, 1e-5, 1e-5, "xent loss");
     expect_close(lc, lr, 1e-7, 1e-4, "xent grad");
+    // The bf16 gradient is the rounded f32 one.
+    std::vector<uint16_t> lb(M * V);
+    std::vector<float> loss_b(M);
+    cpu_kernels(Precision::fp32).cross_entropy(logits.data(), loss_b.data(), targets.data(), M, V,
+                                               0.5f, lb.data(), DType::bf16);
+    std::vector<float> lbf(M * V);
+    for (int64_t i = 0; i < M * V; i++) lbf[i] = bf16_to_f32(lb[i]);
+    expect_close(lbf, lr, 1e-7, 1e-2, "xent grad bf16");
     EXPECT_EQ(loss_r[2], 0.0f);
     auto loss = [&] {
         auto l = logits;
         std::vector<float> out(M);
-        ref().cross_entropy(l.data(), out.data(), targets.data(), M, V, 0.0f);
+        ref().cross_entropy(l.data(), out.data(), targets.data(), M, V, 0.0f, nullptr, DType::f32);
         double s = 0;
         for (float v : out) s += v;
         return 0.5 * s;
@@ -242,7 +251,8 @@ TEST(CrossEntropy, ForwardAndBackward) {
     // Forward-only leaves the logits alone and gives the same loss.
     auto lf = logits;
     std::vector<float> loss_f(M);
-    cpu_kernels(Precision::fp32).cross_entropy(lf.data(), loss_f.data(), targets.data(), M, V, 0);
+    cpu_kernels(Precision::fp32).cross_entropy(lf.data(), loss_f.data(), targets.data(), M, V, 0,
+                                               nullptr, DType::f32);
     expect_close(loss_f, loss_r, 1e-5, 1e-5, "xent forward-only");
     EXPECT_EQ(lf, logits);
 }
@@ -265,9 +275,11 @@ TEST(AdamW, MatchesReference) {
     auto p = randn(n, 12), g = randn(n, 13), m = randn(n, 14, 0.1f), v = randn(n, 15, 0.1f);
     for (auto& x : v) x = x * x;
     auto pc = p, mc = m, vc = v, pr = p, mr = m, vr = v;
-    cpu_kernels(Precision::fp32).adamw(pc.data(), mc.data(), vc.data(), g.data(), n, 1e-2f, 0.9f,
-                                       0.95f, 1e-8f, 0.1f, 3);
-    ref().adamw(pr.data(), mr.data(), vr.data(), g.data(), n, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 3);
+    AdamWStep s{1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.7f, 3};
+    std::vector<uint16_t> pb(n);
+    cpu_kernels(Precision::fp32).adamw(pc.data(), pb.data(), mc.data(), vc.data(), g.data(), n, s);
+    ref().adamw(pr.data(), nullptr, mr.data(), vr.data(), g.data(), n, s);
+    for (int64_t i = 0; i < n; i++) ASSERT_EQ(pb[i], f32_to_bf16(pc[i]));
     expect_close(pc, pr, 1e-6, 1e-5, "adamw p");
     expect_close(mc, mr, 1e-7, 1e-6, "adamw m");
     expect_close(vc, vr, 1e-7, 1e-6, "adamw v");

@@ -129,65 +129,80 @@ void swiglu_backward(float* dgu, const float* dh, const float* gu, int64_t M, in
     });
 }
 
-void cross_entropy(float* logits, float* losses, const int32_t* targets, int64_t M, int64_t V,
-                   float dscale) {
+// Two passes per row: (1) max and sum of exp in one read, block by block (a 256-wide block is
+// read twice from L1: its max, then its exps); (2) the scaled gradient, written straight in the
+// dtype the next products read. The logits chunk is read from memory only twice.
+void cross_entropy(const float* logits, float* losses, const int32_t* targets, int64_t M,
+                   int64_t V, float dscale, void* dlogits, DType dtype) {
+    constexpr int64_t kBlock = 256;
     parallel_range(M, 1, [&](int64_t m0, int64_t m1) {
         for (int64_t m = m0; m < m1; m++) {
-            float* row = logits + m * V;
+            const float* row = logits + m * V;
             int32_t target = targets[m];
-            if (target < 0) {
-                losses[m] = 0;
-                if (dscale != 0) {
-                    for (int64_t v = 0; v < V; v++) row[v] = 0;
-                }
-                continue;
-            }
-            float mx = row[0];
-            for (int64_t v = 1; v < V; v++) mx = row[v] > mx ? row[v] : mx;
-            float target_logit = row[target];
+            float mx = -INFINITY;
             double sum = 0;
-            if (dscale != 0) {
-                float partial = 0;  // per 4096-wide block, so the f32 sum stays accurate
-                for (int64_t v0 = 0; v0 < V; v0 += 4096) {
-                    partial = 0;
-                    int64_t v1 = std::min(V, v0 + 4096);
-                    for (int64_t v = v0; v < v1; v++) {
-                        row[v] = fast_exp(row[v] - mx);
-                        partial += row[v];
+            if (target >= 0) {
+                for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
+                    int64_t v1 = std::min(V, v0 + kBlock);
+                    float bmax = row[v0];
+                    for (int64_t v = v0; v < v1; v++) bmax = row[v] > bmax ? row[v] : bmax;
+                    if (bmax > mx) {
+                        sum *= std::exp(double(mx) - bmax);
+                        mx = bmax;
                     }
-                    sum += partial;
-                }
-                float k = static_cast<float>(dscale / sum);
-                for (int64_t v = 0; v < V; v++) row[v] *= k;
-                row[target] -= dscale;
-            } else {
-                for (int64_t v0 = 0; v0 < V; v0 += 4096) {
                     float partial = 0;
-                    int64_t v1 = std::min(V, v0 + 4096);
                     for (int64_t v = v0; v < v1; v++) partial += fast_exp(row[v] - mx);
                     sum += partial;
                 }
+                losses[m] = static_cast<float>(std::log(sum) + mx - row[target]);
+            } else {
+                losses[m] = 0;
             }
-            losses[m] = static_cast<float>(std::log(sum) + mx - target_logit);
+            if (dscale == 0) continue;
+            float k = target >= 0 ? static_cast<float>(dscale / sum) : 0.0f;
+            float off = target >= 0 ? mx : 0.0f;
+            if (dtype == DType::bf16) {
+                uint16_t* out = static_cast<uint16_t*>(dlogits) + m * V;
+                for (int64_t v = 0; v < V; v++) out[v] = f32_to_bf16(fast_exp(row[v] - off) * k);
+                if (target >= 0) {
+                    out[target] = f32_to_bf16(fast_exp(row[target] - off) * k - dscale);
+                }
+            } else {
+                float* out = static_cast<float*>(dlogits) + m * V;
+                float at_target = target >= 0 ? fast_exp(row[target] - off) * k - dscale : 0;
+                for (int64_t v = 0; v < V; v++) out[v] = fast_exp(row[v] - off) * k;
+                if (target >= 0) out[target] = at_target;
+            }
         }
     });
 }
 
-void adamw(float* p, float* m, float* v, const float* g, int64_t n, float lr, float beta1,
-           float beta2, float eps, float weight_decay, int64_t t) {
-    float bc1 = static_cast<float>(1.0 - std::pow(double(beta1), double(t)));
-    float bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(double(beta2), double(t))));
-    float step = lr / bc1;
-    float decay = lr * weight_decay;
-    parallel_range(n, 1 << 14, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; i++) {
-            float mi = beta1 * m[i] + (1.0f - beta1) * g[i];
-            float vi = beta2 * v[i] + (1.0f - beta2) * g[i] * g[i];
-            m[i] = mi;
-            v[i] = vi;
-            p[i] -= step * mi / (std::sqrt(vi) / bc2_sqrt + eps) + decay * p[i];
+// One pass over the optimizer state; the bf16 copy of the weights is written in the same pass.
+void adamw(float* p, uint16_t* p_bf16, float* m, float* v, const float* g, int64_t n,
+           const AdamWStep& s) {
+    const float bc1 = static_cast<float>(1.0 - std::pow(double(s.beta1), double(s.t)));
+    const float inv_bc2_sqrt =
+        static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(double(s.beta2), double(s.t))));
+    const float step = s.lr / bc1, decay = s.lr * s.weight_decay, gs = s.grad_scale;
+    const float b1 = s.beta1, b2 = s.beta2, eps = s.eps;
+    parallel_range(n, 1 << 14, [&](int64_t c0, int64_t c1) {
+        for (int64_t b0 = c0; b0 < c1; b0 += 2048) {  // blocks, so p is re-read from L1
+            int64_t b1e = std::min(c1, b0 + 2048);
+            for (int64_t i = b0; i < b1e; i++) {
+                float gi = gs * g[i];
+                float mi = b1 * m[i] + (1.0f - b1) * gi;
+                float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+                m[i] = mi;
+                v[i] = vi;
+                p[i] -= step * mi / (std::sqrt(vi) * inv_bc2_sqrt + eps) + decay * p[i];
+            }
+            if (p_bf16) {
+                for (int64_t i = b0; i < b1e; i++) p_bf16[i] = f32_to_bf16(p[i]);
+            }
         }
     });
 }
+
+void to_bf16(uint16_t* dst, const float* src, int64_t n) { convert_f32_to_bf16(dst, src, n); }
 
 }  // namespace kiln::kernels::cpu

@@ -22,9 +22,9 @@ void rope_backward(float*, int64_t, int64_t, int64_t, int64_t, int64_t, const fl
                    const float*);
 void swiglu_forward(float*, const float*, int64_t, int64_t);
 void swiglu_backward(float*, const float*, const float*, int64_t, int64_t);
-void cross_entropy(float*, float*, const int32_t*, int64_t, int64_t, float);
-void adamw(float*, float*, float*, const float*, int64_t, float, float, float, float, float,
-           int64_t);
+void cross_entropy(const float*, float*, const int32_t*, int64_t, int64_t, float, void*, DType);
+void adamw(float*, uint16_t*, float*, float*, const float*, int64_t, const AdamWStep&);
+void to_bf16(uint16_t*, const float*, int64_t);
 
 namespace {
 
@@ -53,6 +53,7 @@ const Kernels table = {
     swiglu_backward,
     cross_entropy,
     adamw,
+    to_bf16,
 };
 
 }  // namespace

@@ -3,6 +3,8 @@
 // below exist so far; the model does not run on CUDA yet.
 #include <cstdint>
 
+#include "kernels/ops.h"
+
 namespace kiln::kernels::cuda {
 
 int device_count();  // 0 when there is no usable device or driver
@@ -12,7 +14,7 @@ int device_count();  // 0 when there is no usable device or driver
 void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, int64_t M,
                      int64_t C, float eps);
 void swiglu_forward(float* h, const float* gu, int64_t M, int64_t F);
-void adamw(float* p, float* m, float* v, const float* g, int64_t n, float lr, float beta1,
-           float beta2, float eps, float weight_decay, int64_t t);
+void adamw(float* p, uint16_t* p_bf16, float* m, float* v, const float* g, int64_t n,
+           const AdamWStep& s);
 
 }  // namespace kiln::kernels::cuda

@@ -30,16 +30,22 @@ __global__ void swiglu_forward_kernel(float* h, const float* gu, int64_t M, int6
     }
 }
 
-__global__ void adamw_kernel(float* p, float* m, float* v, const float* g, int64_t n, float lr,
-                             float beta1, float beta2, float eps, float weight_decay, float bc1,
-                             float bc2_sqrt) {
+__global__ void adamw_kernel(float* p, uint16_t* p_bf16, float* m, float* v, const float* g,
+                             int64_t n, AdamWStep s, float bc1, float bc2_sqrt) {
     for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
          i += int64_t(gridDim.x) * blockDim.x) {
-        float mi = beta1 * m[i] + (1.0f - beta1) * g[i];
-        float vi = beta2 * v[i] + (1.0f - beta2) * g[i] * g[i];
+        float gi = s.grad_scale * g[i];
+        float mi = s.beta1 * m[i] + (1.0f - s.beta1) * gi;
+        float vi = s.beta2 * v[i] + (1.0f - s.beta2) * gi * gi;
         m[i] = mi;
         v[i] = vi;
-        p[i] -= lr / bc1 * mi / (sqrtf(vi) / bc2_sqrt + eps) + lr * weight_decay * p[i];
+        float pi = p[i] - (s.lr / bc1 * mi / (sqrtf(vi) / bc2_sqrt + s.eps) +
+                           s.lr * s.weight_decay * p[i]);
+        p[i] = pi;
+        if (p_bf16) {
+            uint32_t u = __float_as_uint(pi);
+            p_bf16[i] = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        }
     }
 }
 
@@ -64,12 +70,11 @@ void swiglu_forward(float* h, const float* gu, int64_t M, int64_t F) {
     KILN_CUDA(cudaDeviceSynchronize());
 }
 
-void adamw(float* p, float* m, float* v, const float* g, int64_t n, float lr, float beta1,
-           float beta2, float eps, float weight_decay, int64_t t) {
-    float bc1 = static_cast<float>(1.0 - std::pow(double(beta1), double(t)));
-    float bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(double(beta2), double(t))));
-    adamw_kernel<<<blocks_for(n, 256), 256>>>(p, m, v, g, n, lr, beta1, beta2, eps, weight_decay,
-                                              bc1, bc2_sqrt);
+void adamw(float* p, uint16_t* p_bf16, float* m, float* v, const float* g, int64_t n,
+           const AdamWStep& s) {
+    float bc1 = static_cast<float>(1.0 - std::pow(double(s.beta1), double(s.t)));
+    float bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(double(s.beta2), double(s.t))));
+    adamw_kernel<<<blocks_for(n, 256), 256>>>(p, p_bf16, m, v, g, n, s, bc1, bc2_sqrt);
     KILN_CUDA(cudaGetLastError());
     KILN_CUDA(cudaDeviceSynchronize());
 }

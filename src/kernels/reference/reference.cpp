@@ -196,14 +196,22 @@ void swiglu_backward(float* dgu, const float* dh, const float* gu, int64_t M, in
     }
 }
 
-void cross_entropy(float* logits, float* losses, const int32_t* targets, int64_t M, int64_t V,
-                   float dscale) {
+void store(void* base, DType type, int64_t i, double x) {
+    if (type == DType::bf16) {
+        static_cast<uint16_t*>(base)[i] = f32_to_bf16(static_cast<float>(x));
+    } else {
+        static_cast<float*>(base)[i] = static_cast<float>(x);
+    }
+}
+
+void cross_entropy(const float* logits, float* losses, const int32_t* targets, int64_t M,
+                   int64_t V, float dscale, void* dlogits, DType dtype) {
     for (int64_t m = 0; m < M; m++) {
-        float* row = logits + m * V;
+        const float* row = logits + m * V;
         if (targets[m] < 0) {
             losses[m] = 0;
             if (dscale != 0) {
-                for (int64_t v = 0; v < V; v++) row[v] = 0;
+                for (int64_t v = 0; v < V; v++) store(dlogits, dtype, m * V + v, 0.0);
             }
             continue;
         }
@@ -213,26 +221,33 @@ void cross_entropy(float* logits, float* losses, const int32_t* targets, int64_t
         for (int64_t v = 0; v < V; v++) sum += std::exp(row[v] - mx);
         losses[m] = static_cast<float>(std::log(sum) + mx - row[targets[m]]);
         if (dscale != 0) {
+            std::vector<double> p(V);
+            for (int64_t v = 0; v < V; v++) p[v] = std::exp(row[v] - mx) / sum;
             for (int64_t v = 0; v < V; v++) {
-                double p = std::exp(row[v] - mx) / sum;
-                row[v] = static_cast<float>(dscale * (p - (v == targets[m] ? 1.0 : 0.0)));
+                store(dlogits, dtype, m * V + v, dscale * (p[v] - (v == targets[m] ? 1.0 : 0.0)));
             }
         }
     }
 }
 
-void adamw(float* p, float* m, float* v, const float* g, int64_t n, float lr, float beta1,
-           float beta2, float eps, float weight_decay, int64_t t) {
-    double bc1 = 1 - std::pow(double(beta1), double(t));
-    double bc2 = 1 - std::pow(double(beta2), double(t));
+void adamw(float* p, uint16_t* p_bf16, float* m, float* v, const float* g, int64_t n,
+           const AdamWStep& s) {
+    double bc1 = 1 - std::pow(double(s.beta1), double(s.t));
+    double bc2 = 1 - std::pow(double(s.beta2), double(s.t));
     for (int64_t i = 0; i < n; i++) {
-        double mi = beta1 * double(m[i]) + (1 - double(beta1)) * g[i];
-        double vi = beta2 * double(v[i]) + (1 - double(beta2)) * double(g[i]) * g[i];
+        double gi = double(s.grad_scale) * g[i];
+        double mi = s.beta1 * double(m[i]) + (1 - double(s.beta1)) * gi;
+        double vi = s.beta2 * double(v[i]) + (1 - double(s.beta2)) * gi * gi;
         m[i] = static_cast<float>(mi);
         v[i] = static_cast<float>(vi);
-        double update = (mi / bc1) / (std::sqrt(vi / bc2) + eps) + double(weight_decay) * p[i];
-        p[i] = static_cast<float>(p[i] - double(lr) * update);
+        double update = (mi / bc1) / (std::sqrt(vi / bc2) + s.eps) + double(s.weight_decay) * p[i];
+        p[i] = static_cast<float>(p[i] - double(s.lr) * update);
+        if (p_bf16) p_bf16[i] = f32_to_bf16(p[i]);
     }
+}
+
+void to_bf16(uint16_t* dst, const float* src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i]);
 }
 
 template <Precision P>
@@ -253,6 +268,7 @@ const Kernels table = {
     swiglu_backward,
     cross_entropy,
     adamw,
+    to_bf16,
 };
 
 }  // namespace

@@ -12,6 +12,7 @@ double l2_norm(const float* x, int64_t n) {
     double total = 0;
     parallel_range(n, 1 << 16, [&](int64_t i0, int64_t i1) {
         double s = 0;
+#pragma omp simd reduction(+ : s)
         for (int64_t i = i0; i < i1; i++) s += double(x[i]) * x[i];
         std::lock_guard<std::mutex> lock(mutex);
         total += s;

@@ -130,8 +130,10 @@ void attention_forward(float* out, float* probs, const float* qkv, const Attenti
             int64_t t = r % T;
             float* row = probs + r * T;
             float mx = row[0];
+#pragma omp simd reduction(max : mx)
             for (int64_t u = 1; u <= t; u++) mx = row[u] > mx ? row[u] : mx;
             float sum = 0;
+#pragma omp simd reduction(+ : sum)
             for (int64_t u = 0; u <= t; u++) {
                 row[u] = fast_exp(row[u] - mx);
                 sum += row[u];
@@ -179,6 +181,7 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
             const float* pr = probs + r * T;
             const float* dpr = s.dp + r * T;
             float dot = 0;
+#pragma omp simd reduction(+ : dot)
             for (int64_t u = 0; u <= t; u++) dot += pr[u] * dpr[u];
             for (int64_t u = 0; u < T; u++) {
                 store<P>(s.p, r * T + u, u <= t ? pr[u] * (dpr[u] - dot) : 0.0f);

@@ -37,6 +37,7 @@ void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, in
         for (int64_t m = m0; m < m1; m++) {
             const float* xr = x + m * C;
             float ss = 0;
+#pragma omp simd reduction(+ : ss)
             for (int64_t c = 0; c < C; c++) ss += xr[c] * xr[c];
             float r = 1.0f / std::sqrt(ss / C + eps);
             rstd[m] = r;
@@ -54,6 +55,7 @@ void rmsnorm_backward(float* dx, float* dw, const float* dout, const float* x, c
             const float* dr = dout + m * C;
             float r = rstd[m];
             float dot = 0;
+#pragma omp simd reduction(+ : dot)
             for (int64_t c = 0; c < C; c++) dot += dr[c] * w[c] * xr[c];
             float k = r * r * r * dot / C;
             float* d = dx + m * C;
@@ -145,12 +147,14 @@ void cross_entropy(const float* logits, float* losses, const int32_t* targets, i
                 for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
                     int64_t v1 = std::min(V, v0 + kBlock);
                     float bmax = row[v0];
+#pragma omp simd reduction(max : bmax)
                     for (int64_t v = v0; v < v1; v++) bmax = row[v] > bmax ? row[v] : bmax;
                     if (bmax > mx) {
                         sum *= std::exp(double(mx) - bmax);
                         mx = bmax;
                     }
                     float partial = 0;
+#pragma omp simd reduction(+ : partial)
                     for (int64_t v = v0; v < v1; v++) partial += fast_exp(row[v] - mx);
                     sum += partial;
                 }

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <random>
 
 #include "core/error.h"
@@ -164,13 +165,14 @@ Llama::Operand Llama::saved(const float* x, const uint16_t* copy) const {
     return bf16_ ? Operand{copy, DType::bf16} : Operand{x, DType::f32};
 }
 
-// y (M, N) = x (M, K) · W^T, W (N, K)
-void Llama::linear_forward(float* y, Operand x, Operand w, int64_t M, int64_t K, int64_t N) {
+// y (M, N) = x (M, K) · W^T (+ y when accumulating), W (N, K)
+void Llama::linear_forward(float* y, Operand x, Operand w, int64_t M, int64_t K, int64_t N,
+                           bool accumulate) {
     Gemm g;
     g.M = M, g.N = N, g.K = K;
     g.a = x.ptr, g.a_type = x.type, g.lda = K;
     g.b = w.ptr, g.b_type = w.type, g.ldb = K, g.trans_b = true;
-    g.c = y, g.ldc = N;
+    g.c = y, g.ldc = N, g.accumulate = accumulate;
     k_.gemm(g, ws_);
 }
 
@@ -204,14 +206,14 @@ void Llama::block_forward(int64_t l, const float* x, float* out) {
     linear_forward(a.qkv, operand(a.xn1, a.xn1_bf, M * C), weight(p.wqkv), M, C, QKV);
     k_.rope_forward(a.qkv, QKV, M, T, H + config_.n_kv_heads, D, rope_cos_, rope_sin_);
     k_.attention_forward(a.att, a.probs, a.qkv, attn_, ws_);
-    linear_forward(a.x2, operand(a.att, a.att_bf, M * H * D), weight(p.wo), M, H * D, C);
-    for (int64_t i = 0; i < M * C; i++) a.x2[i] += x[i];
+    std::memcpy(a.x2, x, M * C * sizeof(float));  // residual: the product accumulates onto it
+    linear_forward(a.x2, operand(a.att, a.att_bf, M * H * D), weight(p.wo), M, H * D, C, true);
     // feed-forward
     k_.rmsnorm_forward(a.xn2, a.rstd2, a.x2, w + p.ffn_norm, M, C, eps);
     linear_forward(a.gu, operand(a.xn2, a.xn2_bf, M * C), weight(p.w13), M, C, 2 * F);
     k_.swiglu_forward(a.h, a.gu, M, F);
-    linear_forward(out, operand(a.h, a.h_bf, M * F), weight(p.w2), M, F, C);
-    for (int64_t i = 0; i < M * C; i++) out[i] += a.x2[i];
+    std::memcpy(out, a.x2, M * C * sizeof(float));
+    linear_forward(out, operand(a.h, a.h_bf, M * F), weight(p.w2), M, F, C, true);
 }
 
 // dres (M, C): on entry the gradient w.r.t. the block's output, on exit w.r.t. its input.

@@ -70,7 +70,8 @@ private:
     void block_backward(int64_t l, float* dres);
     void embed(const int32_t* tokens);
     LossSum head(const int32_t* targets, float grad_scale, float* logits_out);
-    void linear_forward(float* y, Operand x, Operand w, int64_t M, int64_t K, int64_t N);
+    void linear_forward(float* y, Operand x, Operand w, int64_t M, int64_t K, int64_t N,
+                        bool accumulate = false);
     void linear_backward(float* dx, float* dw, Operand dy, Operand x, Operand w, int64_t M,
                          int64_t K, int64_t N);
 

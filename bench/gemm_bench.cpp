@@ -42,8 +42,8 @@ struct Shape {
 };
 
 // C model dim, F ffn hidden dim, V vocabulary, M rows of a micro-batch.
-void add_model(std::vector<Shape>& out, const std::string& preset, int64_t C, int64_t F,
-               int64_t V, int64_t M) {
+void add_model(std::vector<Shape>& out, const std::string& preset, int64_t C, int64_t F, int64_t V,
+               int64_t M) {
     out.push_back({preset + "/qkv", M, 3 * C, C});
     out.push_back({preset + "/out_proj", M, C, C});
     out.push_back({preset + "/gate_up", M, 2 * F, C});
@@ -63,20 +63,22 @@ std::vector<float> random_matrix(int64_t n, uint32_t seed) {
     std::mt19937 gen(seed);
     std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
     std::vector<float> v(n);
-    for (auto& x : v) x = dist(gen);
+    for (auto& x : v)
+        x = dist(gen);
     return v;
 }
 
 std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
     std::vector<uint16_t> out(v.size());
-    for (size_t i = 0; i < v.size(); i++) out[i] = kiln::f32_to_bf16(v[i]);
+    for (size_t i = 0; i < v.size(); i++)
+        out[i] = kiln::f32_to_bf16(v[i]);
     return out;
 }
 
 void set_counters(benchmark::State& state, const Shape& s) {
-    state.counters["GFLOP/s"] =
-        benchmark::Counter(2.0 * s.M * s.N * s.K * 1e-9, benchmark::Counter::kIsIterationInvariantRate,
-                           benchmark::Counter::kIs1000);
+    state.counters["GFLOP/s"] = benchmark::Counter(2.0 * s.M * s.N * s.K * 1e-9,
+                                                   benchmark::Counter::kIsIterationInvariantRate,
+                                                   benchmark::Counter::kIs1000);
     state.SetLabel(std::to_string(s.M) + "x" + std::to_string(s.N) + "x" + std::to_string(s.K));
 }
 
@@ -146,14 +148,16 @@ bool self_check() {
         std::vector<float> c(s.M * s.N);
         std::vector<char> ws(k.workspace_bytes(s.M * s.K + s.N * s.K, kiln::kernels::Attention{}));
         bool half = p == Precision::bf16;
-        kiln::kernels::Gemm g = make_gemm(s, a.data(), half ? static_cast<const void*>(b16.data())
-                                                            : static_cast<const void*>(b.data()),
-                                          half ? DType::bf16 : DType::f32, c.data());
+        kiln::kernels::Gemm g = make_gemm(
+            s, a.data(),
+            half ? static_cast<const void*>(b16.data()) : static_cast<const void*>(b.data()),
+            half ? DType::bf16 : DType::f32, c.data());
         k.gemm(g, {ws.data(), ws.size()});
         // bf16 rounding of both operands: relative error ~2^-8 per term, K = 99 terms of
         // magnitude <= 1, so |error| well under 0.5; fp32 should agree to ~1e-4.
         double tol = half ? 0.5 : 1e-3, worst = 0;
-        for (size_t i = 0; i < c.size(); i++) worst = std::max(worst, double(std::fabs(c[i] - ref[i])));
+        for (size_t i = 0; i < c.size(); i++)
+            worst = std::max(worst, double(std::fabs(c[i] - ref[i])));
         if (!(worst <= tol)) {
             std::fprintf(stderr, "self-check failed: %s gemm differs from cblas_sgemm by %g\n",
                          k.name, worst);
@@ -167,8 +171,10 @@ bool self_check() {
 
 int main(int argc, char** argv) {
     benchmark::Initialize(&argc, argv);
-    if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-    if (!self_check()) return 1;
+    if (benchmark::ReportUnrecognizedArguments(argc, argv))
+        return 1;
+    if (!self_check())
+        return 1;
 
     const char* coretype = std::getenv("OPENBLAS_CORETYPE");
     benchmark::AddCustomContext("omp_max_threads", std::to_string(omp_get_max_threads()));

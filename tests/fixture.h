@@ -10,14 +10,19 @@
 namespace kiln::testing {
 
 // Baked in by tests/CMakeLists.txt.
-inline std::string source_dir() { return KILN_SOURCE_DIR; }
-inline std::string kiln_binary() { return KILN_BINARY; }
+inline std::string source_dir() {
+    return KILN_SOURCE_DIR;
+}
+inline std::string kiln_binary() {
+    return KILN_BINARY;
+}
 
 // A fresh folder under the system temp dir, removed at destruction.
 struct TempDir {
     std::string path;
     TempDir() {
-        std::string pattern = (std::filesystem::temp_directory_path() / "kiln-test-XXXXXX").string();
+        std::string pattern =
+            (std::filesystem::temp_directory_path() / "kiln-test-XXXXXX").string();
         path = mkdtemp(pattern.data());
     }
     ~TempDir() { std::filesystem::remove_all(path); }
@@ -37,8 +42,9 @@ inline bool have_torch() {
 
 // Writes a reference fixture with `args` (llama_ref.py fixture flags) to `out`.
 inline void make_fixture(const std::string& out, const std::string& args) {
-    std::string cmd = "/usr/bin/python3 " + source_dir() + "/tests/reference/llama_ref.py fixture --out " +
-                      out + " " + args + " >/dev/null";
+    std::string cmd = "/usr/bin/python3 " + source_dir() +
+                      "/tests/reference/llama_ref.py fixture --out " + out + " " + args +
+                      " >/dev/null";
     ASSERT_EQ(run(cmd), 0) << cmd;
 }
 

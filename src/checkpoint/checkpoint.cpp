@@ -1,10 +1,9 @@
 #include "checkpoint/checkpoint.h"
 
-#include <nlohmann/json.hpp>
-
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "core/fs.h"
@@ -51,16 +50,18 @@ uint64_t file_xxh64(const std::string& path) {
 std::string save(const RunDir& run, const model::LlamaConfig& config, const model::Layout& layout,
                  const RankTensors& tensors, const TrainState& state, int keep) {
     std::string final_dir = run.checkpoint(state.step);
-    std::string tmp_dir = stdfs::path(final_dir).parent_path() / (".tmp-" +
-                          stdfs::path(final_dir).filename().string());
+    std::string tmp_dir = stdfs::path(final_dir).parent_path() /
+                          (".tmp-" + stdfs::path(final_dir).filename().string());
     stdfs::remove_all(tmp_dir);
     fs::make_dirs(tmp_dir);
 
     SafetensorsWriter w;
     for (const auto& p : layout.params()) {
         w.add("param/" + p.name, DType::f32, p.shape, tensors.params + p.offset);
-        if (tensors.m) w.add("adam_m/" + p.name, DType::f32, p.shape, tensors.m + p.offset);
-        if (tensors.v) w.add("adam_v/" + p.name, DType::f32, p.shape, tensors.v + p.offset);
+        if (tensors.m)
+            w.add("adam_m/" + p.name, DType::f32, p.shape, tensors.m + p.offset);
+        if (tensors.v)
+            w.add("adam_v/" + p.name, DType::f32, p.shape, tensors.v + p.offset);
     }
     std::string rank_path = tmp_dir + "/" + kRankFile;
     w.write(rank_path);
@@ -88,7 +89,8 @@ std::string save(const RunDir& run, const model::LlamaConfig& config, const mode
         std::vector<std::string> steps;
         for (const auto& e : stdfs::directory_iterator(run.checkpoints())) {
             std::string name = e.path().filename().string();
-            if (e.is_directory() && name.rfind("step-", 0) == 0) steps.push_back(name);
+            if (e.is_directory() && name.rfind("step-", 0) == 0)
+                steps.push_back(name);
         }
         std::sort(steps.begin(), steps.end());
         for (size_t i = 0; i + keep < steps.size(); i++) {
@@ -99,7 +101,8 @@ std::string save(const RunDir& run, const model::LlamaConfig& config, const mode
 }
 
 std::optional<std::string> latest(const RunDir& run) {
-    if (!fs::exists(run.latest())) return std::nullopt;
+    if (!fs::exists(run.latest()))
+        return std::nullopt;
     std::string name = fs::read_file(run.latest());
     name.erase(name.find_last_not_of(" \n\r\t") + 1);
     std::string dir = run.checkpoints() + "/" + name;
@@ -133,7 +136,8 @@ Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
         const auto& f = j.at("files").at(0);
         std::string file = dir_ + "/" + f.at("file").get<std::string>();
         uint64_t want = std::stoull(f.at("xxh64").get<std::string>(), nullptr, 16);
-        if (!fs::exists(file)) throw error("{}: missing {}", path, file);
+        if (!fs::exists(file))
+            throw error("{}: missing {}", path, file);
         if (stdfs::file_size(file) != f.at("bytes").get<uint64_t>()) {
             throw error("{} is {} bytes, manifest.json says {}", file, stdfs::file_size(file),
                         f.at("bytes").get<uint64_t>());

@@ -16,9 +16,9 @@
 namespace kiln::checkpoint {
 
 struct TrainState {
-    int64_t step = 0;         // optimizer steps completed
-    int64_t adam_step = 0;    // AdamW's bias-correction counter
-    double loss = 0;          // mean loss of the last step
+    int64_t step = 0;       // optimizer steps completed
+    int64_t adam_step = 0;  // AdamW's bias-correction counter
+    double loss = 0;        // mean loss of the last step
 };
 
 // What one rank saves: its parameters and optimizer moments over the layout.

@@ -1,8 +1,7 @@
 // kiln eval --checkpoint DIR --data DIR
-#include <nlohmann/json.hpp>
-
 #include <cmath>
 #include <memory>
+#include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
 #include "train/evaluate.h"

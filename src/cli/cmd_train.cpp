@@ -11,8 +11,10 @@ std::string resolve_config(train::RunConfig& config, const std::string& file,
                            const std::vector<std::string>& sets) {
     ConfigSchema schema;
     train::build_schema(schema, config);
-    if (!file.empty()) schema.load_yaml_file(file);
-    for (const auto& s : sets) schema.add_override(s);
+    if (!file.empty())
+        schema.load_yaml_file(file);
+    for (const auto& s : sets)
+        schema.add_override(s);
     schema.apply();
     config.validate();
     log::init(0, log::parse_level(config.log_level));

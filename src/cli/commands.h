@@ -2,7 +2,6 @@
 // One function per subcommand; each registers its flags on a CLI11 subcommand and returns the
 // action to run when that subcommand is chosen.
 #include <CLI/CLI.hpp>
-
 #include <functional>
 #include <string>
 #include <vector>

@@ -2,7 +2,6 @@
 // subcommand is in cmd_<name>.cpp. Only this file catches kiln::Error: it prints the one
 // sentence and exits non-zero.
 #include <CLI/CLI.hpp>
-
 #include <cstdio>
 #include <map>
 
@@ -11,8 +10,9 @@
 #include "core/log.h"
 
 int main(int argc, char** argv) {
-    CLI::App app{"kiln: pretrain Llama-2-family language models from raw text to a Hugging Face "
-                 "checkpoint, in one C++ program."};
+    CLI::App app{
+        "kiln: pretrain Llama-2-family language models from raw text to a Hugging Face "
+        "checkpoint, in one C++ program."};
     app.require_subcommand(1);
     app.set_version_flag("--version", "kiln 0.1.0");
     std::map<CLI::App*, kiln::cli::Action> actions;
@@ -46,7 +46,8 @@ int main(int argc, char** argv) {
     kiln::log::init(0, kiln::log::Level::info);
     try {
         for (auto& [sub, action] : actions) {
-            if (sub->parsed()) return action();
+            if (sub->parsed())
+                return action();
         }
     } catch (const kiln::Error& e) {
         std::fprintf(stderr, "kiln: %s\n", e.what());

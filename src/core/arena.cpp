@@ -7,7 +7,9 @@
 
 namespace kiln {
 
-void AlignedDeleter::operator()(void* p) const { std::free(p); }
+void AlignedDeleter::operator()(void* p) const {
+    std::free(p);
+}
 
 AlignedBuffer aligned_alloc_zeroed(size_t bytes, const char* what) {
     size_t rounded = (std::max<size_t>(bytes, 1) + 63) / 64 * 64;
@@ -27,6 +29,8 @@ size_t Arena::add(const std::string& region, int64_t count, DType dtype) {
     return offset;
 }
 
-void Arena::allocate() { base_ = aligned_alloc_zeroed(bytes_, name_.c_str()); }
+void Arena::allocate() {
+    base_ = aligned_alloc_zeroed(bytes_, name_.c_str());
+}
 
 }  // namespace kiln

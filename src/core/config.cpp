@@ -34,17 +34,21 @@ std::string format_value(const ConfigSchema::Target& t) {
 void ConfigSchema::add(const std::string& key, Target target, const std::string& help, Check check,
                        std::function<void()> on_set) {
     KILN_CHECK(find(key) == nullptr, "config key {} registered twice", key);
-    entries_.push_back({key, target, help, format_value(target), std::move(check), std::move(on_set)});
+    entries_.push_back(
+        {key, target, help, format_value(target), std::move(check), std::move(on_set)});
 }
 
 const ConfigSchema::Entry* ConfigSchema::find(const std::string& key) const {
     for (const auto& e : entries_) {
-        if (e.key == key) return &e;
+        if (e.key == key)
+            return &e;
     }
     return nullptr;
 }
 
-bool ConfigSchema::has(const std::string& key) const { return find(key) != nullptr; }
+bool ConfigSchema::has(const std::string& key) const {
+    return find(key) != nullptr;
+}
 
 std::string ConfigSchema::value_string(const std::string& key) const {
     const Entry* e = find(key);
@@ -58,7 +62,8 @@ std::string closest_key(const std::string& key, const std::vector<std::string>& 
     // Suggest a registered key sharing the last path component, if any.
     std::string leaf = key.substr(key.rfind('.') + 1);
     for (const auto& k : keys) {
-        if (k.substr(k.rfind('.') + 1) == leaf) return k;
+        if (k.substr(k.rfind('.') + 1) == leaf)
+            return k;
     }
     return "";
 }
@@ -89,13 +94,15 @@ void ConfigSchema::load_yaml_text(const std::string& text, const std::string& so
         throw error("{} is not valid YAML: {} (line {}, column {})", source, e.msg, e.mark.line + 1,
                     e.mark.column + 1);
     }
-    if (root.IsNull()) return;
+    if (root.IsNull())
+        return;
     if (!root.IsMap()) {
         throw error("{} must be a mapping of config keys", source);
     }
     std::vector<std::pair<std::string, std::string>> flat;
     flatten(root, "", source, flat);
-    for (auto& [k, v] : flat) pending_.push_back({k, v, source});
+    for (auto& [k, v] : flat)
+        pending_.push_back({k, v, source});
 }
 
 void ConfigSchema::load_yaml_file(const std::string& path) {
@@ -112,7 +119,8 @@ void ConfigSchema::add_override(const std::string& key_equals_value) {
 
 void ConfigSchema::apply() {
     std::vector<std::string> keys;
-    for (const auto& e : entries_) keys.push_back(e.key);
+    for (const auto& e : entries_)
+        keys.push_back(e.key);
     for (const auto& a : pending_) {
         if (find(a.key) == nullptr) {
             std::string hint = closest_key(a.key, keys);
@@ -124,7 +132,8 @@ void ConfigSchema::apply() {
     std::stable_partition(pending_.begin(), pending_.end(), [&](const Assignment& a) {
         return std::find(first_.begin(), first_.end(), a.key) != first_.end();
     });
-    for (const auto& a : pending_) set(*find(a.key), a.value, a.source);
+    for (const auto& a : pending_)
+        set(*find(a.key), a.value, a.source);
     pending_.clear();
 }
 
@@ -169,7 +178,8 @@ void ConfigSchema::set(const Entry& e, const std::string& value, const std::stri
             throw error("{}: {}={} is invalid: {}", source, e.key, value, why);
         }
     }
-    if (e.on_set) e.on_set();
+    if (e.on_set)
+        e.on_set();
 }
 
 namespace {
@@ -189,7 +199,8 @@ struct Tree {
         }
         std::string head = key.substr(0, dot);
         for (auto& [name, child] : children) {
-            if (name == head) return child.insert(key.substr(dot + 1), value);
+            if (name == head)
+                return child.insert(key.substr(dot + 1), value);
         }
         children.emplace_back(head, Tree{});
         order.push_back("c:" + head);
@@ -203,11 +214,13 @@ struct Tree {
             out << YAML::Key << name << YAML::Value;
             if (o[0] == 'l') {
                 for (const auto& [k, v] : leaves) {
-                    if (k == name) out << v;
+                    if (k == name)
+                        out << v;
                 }
             } else {
                 for (const auto& [k, c] : children) {
-                    if (k == name) c.emit(out);
+                    if (k == name)
+                        c.emit(out);
                 }
             }
         }
@@ -219,7 +232,8 @@ struct Tree {
 
 std::string ConfigSchema::to_yaml() const {
     Tree root;
-    for (const auto& e : entries_) root.insert(e.key, format_value(e.target));
+    for (const auto& e : entries_)
+        root.insert(e.key, format_value(e.target));
     YAML::Emitter out;
     root.emit(out);
     return std::string(out.c_str()) + "\n";
@@ -228,7 +242,8 @@ std::string ConfigSchema::to_yaml() const {
 std::string ConfigSchema::help() const {
     std::string s;
     size_t width = 0;
-    for (const auto& e : entries_) width = std::max(width, e.key.size() + e.default_value.size() + 3);
+    for (const auto& e : entries_)
+        width = std::max(width, e.key.size() + e.default_value.size() + 3);
     for (const auto& e : entries_) {
         std::string left = fmt::format("{} = {}", e.key, e.default_value);
         s += fmt::format("  {:<{}}  {}\n", left, width, e.help);

@@ -26,9 +26,9 @@ Error error(fmt::format_string<Args...> format, Args&&... args) {
 
 }  // namespace kiln
 
-#define KILN_CHECK(cond, ...)                                                         \
-    do {                                                                              \
-        if (!(cond)) {                                                                \
+#define KILN_CHECK(cond, ...)                                                          \
+    do {                                                                               \
+        if (!(cond)) {                                                                 \
             ::kiln::check_failed(__FILE__, __LINE__, #cond, fmt::format(__VA_ARGS__)); \
-        }                                                                             \
+        }                                                                              \
     } while (0)

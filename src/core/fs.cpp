@@ -54,7 +54,8 @@ void AtomicWriter::write(const void* data, size_t bytes) {
     while (bytes > 0) {
         ssize_t n = ::write(fd_, p, bytes);
         if (n < 0) {
-            if (errno == EINTR) continue;
+            if (errno == EINTR)
+                continue;
             throw error("cannot write {}: {}", tmp_, std::strerror(errno));
         }
         p += n;
@@ -91,7 +92,9 @@ void make_dirs(const std::string& path) {
     }
 }
 
-bool exists(const std::string& path) { return std::filesystem::exists(path); }
+bool exists(const std::string& path) {
+    return std::filesystem::exists(path);
+}
 
 MappedFile::MappedFile(const std::string& path) : path_(path) {
     int fd = ::open(path.c_str(), O_RDONLY);
@@ -124,7 +127,8 @@ MappedFile::MappedFile(MappedFile&& other) noexcept
 
 MappedFile& MappedFile::operator=(MappedFile&& other) noexcept {
     if (this != &other) {
-        if (data_) ::munmap(const_cast<uint8_t*>(data_), size_);
+        if (data_)
+            ::munmap(const_cast<uint8_t*>(data_), size_);
         path_ = std::move(other.path_);
         data_ = std::exchange(other.data_, nullptr);
         size_ = std::exchange(other.size_, 0);

@@ -57,10 +57,14 @@ void write(Level level, const char* module, const std::string& message) {
 }
 
 Level parse_level(const std::string& name) {
-    if (name == "debug") return Level::debug;
-    if (name == "info") return Level::info;
-    if (name == "warn") return Level::warn;
-    if (name == "error") return Level::error;
+    if (name == "debug")
+        return Level::debug;
+    if (name == "info")
+        return Level::info;
+    if (name == "warn")
+        return Level::warn;
+    if (name == "error")
+        return Level::error;
     throw error("log level '{}' is not one of debug, info, warn, error", name);
 }
 

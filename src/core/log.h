@@ -9,8 +9,8 @@ namespace kiln::log {
 
 enum class Level { debug, info, warn, error };
 
-void init(int rank, Level level);            // console on rank 0, level for all sinks
-void add_file(const std::string& path);      // append every line to this file too
+void init(int rank, Level level);        // console on rank 0, level for all sinks
+void add_file(const std::string& path);  // append every line to this file too
 void write(Level level, const char* module, const std::string& message);
 Level parse_level(const std::string& name);  // "debug" | "info" | "warn" | "error"; throws
 

@@ -1,9 +1,8 @@
 #include "core/safetensors.h"
 
-#include <nlohmann/json.hpp>
-
 #include <algorithm>
 #include <cstring>
+#include <nlohmann/json.hpp>
 
 #include "core/error.h"
 
@@ -28,7 +27,8 @@ const char* st_dtype(DType t) {
 
 std::optional<DType> parse_dtype(const std::string& s) {
     for (DType t : {DType::f32, DType::bf16, DType::i32, DType::u16, DType::u32}) {
-        if (s == st_dtype(t)) return t;
+        if (s == st_dtype(t))
+            return t;
     }
     return std::nullopt;
 }
@@ -37,13 +37,15 @@ std::optional<DType> parse_dtype(const std::string& s) {
 
 int64_t TensorInfo::numel() const {
     int64_t n = 1;
-    for (int64_t d : shape) n *= d;
+    for (int64_t d : shape)
+        n *= d;
     return n;
 }
 
 std::string shape_string(const std::vector<int64_t>& shape) {
     std::string s = "(";
-    for (size_t i = 0; i < shape.size(); i++) s += (i ? ", " : "") + std::to_string(shape[i]);
+    for (size_t i = 0; i < shape.size(); i++)
+        s += (i ? ", " : "") + std::to_string(shape[i]);
     return s + ")";
 }
 
@@ -75,7 +77,8 @@ void SafetensorsWriter::write(const std::string& path) const {
     fs::AtomicWriter out(path);
     out.write(&n, 8);
     out.write(text.data(), text.size());
-    for (const auto& [t, data] : tensors_) out.write(data, t.bytes);
+    for (const auto& [t, data] : tensors_)
+        out.write(data, t.bytes);
     out.commit();
 }
 
@@ -83,10 +86,12 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : file_(path) {
     auto bad = [&](const std::string& why) {
         return error("{} is not a valid safetensors file: {}", path, why);
     };
-    if (file_.size() < 8) throw bad("shorter than its 8-byte header length");
+    if (file_.size() < 8)
+        throw bad("shorter than its 8-byte header length");
     uint64_t n;
     std::memcpy(&n, file_.data(), 8);
-    if (n > file_.size() - 8 || n > (100u << 20)) throw bad("header length out of range");
+    if (n > file_.size() - 8 || n > (100u << 20))
+        throw bad("header length out of range");
     data_start_ = 8 + n;
     size_t data_bytes = file_.size() - data_start_;
     nlohmann::json header;
@@ -95,17 +100,20 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : file_(path) {
     } catch (const nlohmann::json::exception& e) {
         throw bad(std::string("header is not JSON: ") + e.what());
     }
-    if (!header.is_object()) throw bad("header is not a JSON object");
+    if (!header.is_object())
+        throw bad("header is not a JSON object");
     try {
         for (auto& [name, v] : header.items()) {
             if (name == "__metadata__") {
-                for (auto& [k, s] : v.items()) metadata_[k] = s.get<std::string>();
+                for (auto& [k, s] : v.items())
+                    metadata_[k] = s.get<std::string>();
                 continue;
             }
             TensorInfo t;
             t.name = name;
             auto dt = parse_dtype(v.at("dtype").get<std::string>());
-            if (!dt) throw bad("tensor " + name + " has unsupported dtype " + v.at("dtype").dump());
+            if (!dt)
+                throw bad("tensor " + name + " has unsupported dtype " + v.at("dtype").dump());
             t.dtype = *dt;
             t.shape = v.at("shape").get<std::vector<int64_t>>();
             auto off = v.at("data_offsets").get<std::vector<uint64_t>>();
@@ -113,7 +121,8 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : file_(path) {
                 throw bad("tensor " + name + " has data_offsets outside the file");
             }
             for (int64_t d : t.shape) {
-                if (d < 0) throw bad("tensor " + name + " has a negative dimension");
+                if (d < 0)
+                    throw bad("tensor " + name + " has a negative dimension");
             }
             t.offset = off[0];
             t.bytes = off[1] - off[0];
@@ -127,9 +136,9 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : file_(path) {
         throw bad(std::string("malformed header entry: ") + e.what());
     }
     std::vector<const TensorInfo*> sorted;
-    for (const auto& t : tensors_) sorted.push_back(&t);
-    std::sort(sorted.begin(), sorted.end(),
-              [](auto* a, auto* b) { return a->offset < b->offset; });
+    for (const auto& t : tensors_)
+        sorted.push_back(&t);
+    std::sort(sorted.begin(), sorted.end(), [](auto* a, auto* b) { return a->offset < b->offset; });
     for (size_t i = 1; i < sorted.size(); i++) {
         if (sorted[i]->offset < sorted[i - 1]->offset + sorted[i - 1]->bytes) {
             throw bad("tensors " + sorted[i - 1]->name + " and " + sorted[i]->name + " overlap");
@@ -139,7 +148,8 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : file_(path) {
 
 const TensorInfo* SafetensorsFile::find(const std::string& name) const {
     for (const auto& t : tensors_) {
-        if (t.name == name) return &t;
+        if (t.name == name)
+            return &t;
     }
     return nullptr;
 }
@@ -147,7 +157,8 @@ const TensorInfo* SafetensorsFile::find(const std::string& name) const {
 const void* SafetensorsFile::data(const std::string& name, DType dtype,
                                   const std::vector<int64_t>& shape) const {
     const TensorInfo* t = find(name);
-    if (t == nullptr) throw error("{} has no tensor {}", path(), name);
+    if (t == nullptr)
+        throw error("{} has no tensor {}", path(), name);
     if (t->dtype != dtype || t->shape != shape) {
         throw error("{}: tensor {} is {} {}, expected {} {}", path(), name, dtype_name(t->dtype),
                     shape_string(t->shape), dtype_name(dtype), shape_string(shape));
@@ -157,7 +168,8 @@ const void* SafetensorsFile::data(const std::string& name, DType dtype,
 
 std::optional<std::string> SafetensorsFile::metadata(const std::string& key) const {
     auto it = metadata_.find(key);
-    if (it == metadata_.end()) return std::nullopt;
+    if (it == metadata_.end())
+        return std::nullopt;
     return it->second;
 }
 

@@ -13,13 +13,16 @@ void set_num_threads(int n) {
     omp_set_num_threads(n);
 }
 
-int num_threads() { return omp_get_max_threads(); }
+int num_threads() {
+    return omp_get_max_threads();
+}
 
 void parallel_range(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
     if (n <= 0) {
         return;
     }
-    int64_t chunks = std::min<int64_t>(num_threads(), (n + grain - 1) / std::max<int64_t>(grain, 1));
+    int64_t chunks =
+        std::min<int64_t>(num_threads(), (n + grain - 1) / std::max<int64_t>(grain, 1));
     if (chunks <= 1 || omp_in_parallel()) {
         fn(0, n);
         return;

@@ -24,7 +24,8 @@ std::vector<int64_t> Sampler::micro_batch(int64_t step, int64_t grad_accum, int6
                                           int64_t dp_rank, int64_t dp_size, int64_t B) {
     std::vector<int64_t> rows(B);
     int64_t first = ((step * grad_accum + micro) * dp_size + dp_rank) * B;
-    for (int64_t b = 0; b < B; b++) rows[b] = row(first + b);
+    for (int64_t b = 0; b < B; b++)
+        rows[b] = row(first + b);
     return rows;
 }
 

@@ -2,20 +2,22 @@
 
 #include <xxhash.h>
 
-#include <nlohmann/json.hpp>
-
 #include <cstring>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 
 #include "core/error.h"
 
 namespace kiln::data {
 
-uint64_t xxh64_bytes(const void* data, size_t bytes) { return XXH64(data, bytes, 0); }
+uint64_t xxh64_bytes(const void* data, size_t bytes) {
+    return XXH64(data, bytes, 0);
+}
 
 ShardHeader parse_shard_header(const uint8_t* data, size_t size, const std::string& path) {
     if (size < kShardHeaderBytes) {
-        throw error("{} is not a kiln shard: {} bytes, shorter than the 64-byte header", path, size);
+        throw error("{} is not a kiln shard: {} bytes, shorter than the 64-byte header", path,
+                    size);
     }
     if (std::memcmp(data, kShardMagic, 8) != 0) {
         throw error("{} is not a kiln shard: wrong magic bytes", path);
@@ -34,7 +36,8 @@ ShardHeader parse_shard_header(const uint8_t* data, size_t size, const std::stri
     if (h.token_bytes != 2 && h.token_bytes != 4) {
         throw error("{}: token width {} bytes is not 2 or 4", path, h.token_bytes);
     }
-    if (h.seq_len == 0) throw error("{}: seq_len is 0", path);
+    if (h.seq_len == 0)
+        throw error("{}: seq_len is 0", path);
     uint64_t expect = kShardHeaderBytes + h.n_seqs * h.seq_len * h.token_bytes;
     if (size != expect) {
         throw error("{}: file is {} bytes but its header promises {} ({} rows of {} tokens)", path,
@@ -63,14 +66,15 @@ uint64_t write_shard(const std::string& path, const std::vector<uint32_t>& token
             std::memcpy(out + 4 * i, &tokens[i], 4);
         }
     }
-    fs::write_file_atomic(path, std::span<const char>(reinterpret_cast<const char*>(bytes.data()),
-                                                      bytes.size()));
+    fs::write_file_atomic(
+        path, std::span<const char>(reinterpret_cast<const char*>(bytes.data()), bytes.size()));
     return xxh64_bytes(bytes.data(), bytes.size());
 }
 
 uint64_t Manifest::sequences() const {
     uint64_t n = 0;
-    for (const auto& s : shards) n += s.sequences;
+    for (const auto& s : shards)
+        n += s.sequences;
     return n;
 }
 
@@ -116,8 +120,10 @@ Manifest read_manifest(const std::string& dir) {
     } catch (const std::invalid_argument&) {
         throw error("{}: an xxh64 value is not hexadecimal", path);
     }
-    if (m.seq_len == 0) throw error("{}: seq_len is 0", path);
-    if (m.shards.empty()) throw error("{}: lists no shards", path);
+    if (m.seq_len == 0)
+        throw error("{}: seq_len is 0", path);
+    if (m.shards.empty())
+        throw error("{}: lists no shards", path);
     return m;
 }
 
@@ -162,12 +168,14 @@ ShardSet::ShardSet(const std::string& dir, int64_t vocab_size) : dir_(dir) {
         rows_ += static_cast<int64_t>(s.sequences);
         files_.push_back(std::move(f));
     }
-    if (rows_ == 0) throw error("{}: the data set has no sequences", dir);
+    if (rows_ == 0)
+        throw error("{}: the data set has no sequences", dir);
 }
 
 void ShardSet::read_row(int64_t index, int32_t* out) const {
     KILN_CHECK(index >= 0 && index < rows_, "row {} of {}", index, rows_);
-    size_t s = std::upper_bound(first_row_.begin(), first_row_.end(), index) - first_row_.begin() - 1;
+    size_t s =
+        std::upper_bound(first_row_.begin(), first_row_.end(), index) - first_row_.begin() - 1;
     const uint8_t* base = files_[s].data() + kShardHeaderBytes +
                           (index - first_row_[s]) * manifest_.seq_len * manifest_.token_bytes;
     for (uint32_t t = 0; t < manifest_.seq_len; t++) {
@@ -211,9 +219,10 @@ std::unique_ptr<TokenSource> open_source(const std::string& source, int64_t seq_
         return std::make_unique<SyntheticSource>(seq_len, vocab_size, seed);
     }
     if (!std::filesystem::is_directory(source)) {
-        throw error("data.source={}: no such folder (give a folder made by kiln data, or "
-                    "synthetic)",
-                    source);
+        throw error(
+            "data.source={}: no such folder (give a folder made by kiln data, or "
+            "synthetic)",
+            source);
     }
     auto set = std::make_unique<ShardSet>(source, vocab_size);
     if (set->seq_len() != seq_len) {

@@ -1,7 +1,6 @@
 #include "export/hf.h"
 
 #include <nlohmann/json.hpp>
-
 #include <vector>
 
 #include "checkpoint/checkpoint.h"

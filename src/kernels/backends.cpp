@@ -19,8 +19,10 @@ bool cuda_available() {
 }
 
 const Kernels& select_kernels(const std::string& backend, Precision precision) {
-    if (backend == "cpu") return cpu_kernels(precision);
-    if (backend == "reference") return reference_kernels(precision);
+    if (backend == "cpu")
+        return cpu_kernels(precision);
+    if (backend == "reference")
+        return reference_kernels(precision);
     if (backend == "cuda") {
         throw error("train.backend=cuda: the CUDA training path is not available yet; use cpu");
     }

@@ -43,8 +43,8 @@ struct Kernels {
                               Workspace ws);
     // dqkv (M, ldqkv) = gradient of the attention output dout (M, H*D) w.r.t. the packed qkv
     // (overwritten, all three parts).
-    void (*attention_backward)(float* dqkv, const float* dout, const float* qkv,
-                               const float* probs, const Attention& a, Workspace ws);
+    void (*attention_backward)(float* dqkv, const float* dout, const float* qkv, const float* probs,
+                               const Attention& a, Workspace ws);
 
     // h (M, F) = silu(gate) * up where gu (M, 2F) holds gate in [0, F) and up in [F, 2F)
     void (*swiglu_forward)(float* h, const float* gu, int64_t M, int64_t F);

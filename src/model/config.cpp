@@ -28,7 +28,8 @@ bool LlamaConfig::same_shapes(const LlamaConfig& o) const {
 
 void LlamaConfig::validate() const {
     auto positive = [](const char* key, int64_t v) {
-        if (v <= 0) throw error("model.{}={} must be positive", key, v);
+        if (v <= 0)
+            throw error("model.{}={} must be positive", key, v);
     };
     positive("dim", dim);
     positive("n_layers", n_layers);
@@ -41,10 +42,12 @@ void LlamaConfig::validate() const {
         throw error("model.dim={} is not divisible by model.n_heads={}", dim, n_heads);
     }
     if (n_heads % n_kv_heads != 0) {
-        throw error("model.n_heads={} is not divisible by model.n_kv_heads={}", n_heads, n_kv_heads);
+        throw error("model.n_heads={} is not divisible by model.n_kv_heads={}", n_heads,
+                    n_kv_heads);
     }
     if (head_dim() % 2 != 0) {
-        throw error("model.dim / model.n_heads = {} must be even for rotary embeddings", head_dim());
+        throw error("model.dim / model.n_heads = {} must be even for rotary embeddings",
+                    head_dim());
     }
     if (vocab_size > (int64_t(1) << 31) - 1) {
         throw error("model.vocab_size={} does not fit 32-bit token ids", vocab_size);
@@ -52,8 +55,10 @@ void LlamaConfig::validate() const {
     if (ffn_dim_multiplier < 0) {
         throw error("model.ffn_dim_multiplier={} must be >= 0 (0 means none)", ffn_dim_multiplier);
     }
-    if (!(norm_eps > 0)) throw error("model.norm_eps={} must be positive", norm_eps);
-    if (!(rope_theta > 0)) throw error("model.rope_theta={} must be positive", rope_theta);
+    if (!(norm_eps > 0))
+        throw error("model.norm_eps={} must be positive", norm_eps);
+    if (!(rope_theta > 0))
+        throw error("model.rope_theta={} must be positive", rope_theta);
 }
 
 LlamaConfig preset(const std::string& name) {

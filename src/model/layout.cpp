@@ -7,7 +7,8 @@ namespace kiln::model {
 int64_t Layout::add(std::string name, std::string hf_name, std::vector<int64_t> shape,
                     SplitAxis split, bool decay) {
     ParamInfo p{std::move(name), std::move(hf_name), std::move(shape), total_, 1, split, decay};
-    for (int64_t d : p.shape) p.numel *= d;
+    for (int64_t d : p.shape)
+        p.numel *= d;
     total_ += p.numel;
     params_.push_back(std::move(p));
     return params_.back().offset;
@@ -40,7 +41,8 @@ Layout::Layout(const LlamaConfig& c) {
 
 const ParamInfo* Layout::find(const std::string& name) const {
     for (const auto& p : params_) {
-        if (p.name == name) return &p;
+        if (p.name == name)
+            return &p;
     }
     return nullptr;
 }

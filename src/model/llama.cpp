@@ -19,9 +19,12 @@ namespace kiln::model {
 using kernels::Gemm;
 
 Recompute parse_recompute(const std::string& name) {
-    if (name == "none") return Recompute::none;
-    if (name == "selective") return Recompute::selective;
-    if (name == "full") return Recompute::full;
+    if (name == "none")
+        return Recompute::none;
+    if (name == "selective")
+        return Recompute::selective;
+    if (name == "full")
+        return Recompute::full;
     throw error("train.recompute={} is not one of none, selective, full", name);
 }
 
@@ -60,16 +63,24 @@ Llama::Llama(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t
     const int64_t bf = bf16_ ? 1 : 0;  // bf16 copies of product inputs exist in bf16 only
     std::vector<std::array<size_t, 14>> o_block(sets);
     for (auto& o : o_block) {
-        o = {acts_.add("rstd1", M, DType::f32),          acts_.add("xn1", M * C, DType::f32),
-             acts_.add("qkv", M * QKV, DType::f32),      0,
-             acts_.add("att", M * H * D, DType::f32),    acts_.add("x2", M * C, DType::f32),
-             acts_.add("rstd2", M, DType::f32),          acts_.add("xn2", M * C, DType::f32),
-             acts_.add("gu", M * 2 * F, DType::f32),     acts_.add("h", M * F, DType::f32),
-             acts_.add("xn1_bf", bf * M * C, DType::bf16), acts_.add("att_bf", bf * M * H * D, DType::bf16),
-             acts_.add("xn2_bf", bf * M * C, DType::bf16), acts_.add("h_bf", bf * M * F, DType::bf16)};
+        o = {acts_.add("rstd1", M, DType::f32),
+             acts_.add("xn1", M * C, DType::f32),
+             acts_.add("qkv", M * QKV, DType::f32),
+             0,
+             acts_.add("att", M * H * D, DType::f32),
+             acts_.add("x2", M * C, DType::f32),
+             acts_.add("rstd2", M, DType::f32),
+             acts_.add("xn2", M * C, DType::f32),
+             acts_.add("gu", M * 2 * F, DType::f32),
+             acts_.add("h", M * F, DType::f32),
+             acts_.add("xn1_bf", bf * M * C, DType::bf16),
+             acts_.add("att_bf", bf * M * H * D, DType::bf16),
+             acts_.add("xn2_bf", bf * M * C, DType::bf16),
+             acts_.add("h_bf", bf * M * F, DType::bf16)};
     }
     std::vector<size_t> o_probs(prob_sets);
-    for (auto& o : o_probs) o = acts_.add("probs", B * H * T * T, DType::f32);
+    for (auto& o : o_probs)
+        o = acts_.add("probs", B * H * T * T, DType::f32);
     size_t o_cos = acts_.add("rope_cos", T * D / 2, DType::f32);
     size_t o_sin = acts_.add("rope_sin", T * D / 2, DType::f32);
     size_t o_rstdf = acts_.add("rstdf", M, DType::f32);
@@ -94,12 +105,14 @@ Llama::Llama(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t
     for (int64_t l = 0; l < L; l++) {
         const auto& o = o_block[recompute == Recompute::full ? 0 : l];
         BlockActs b;
-        float** fields[] = {&b.rstd1, &b.xn1, &b.qkv, &b.probs, &b.att,
-                            &b.x2,    &b.rstd2, &b.xn2, &b.gu,  &b.h};
-        for (int i = 0; i < 10; i++) *fields[i] = i == 3 ? nullptr : acts_.get<float>(o[i]);
+        float** fields[] = {&b.rstd1, &b.xn1,   &b.qkv, &b.probs, &b.att,
+                            &b.x2,    &b.rstd2, &b.xn2, &b.gu,    &b.h};
+        for (int i = 0; i < 10; i++)
+            *fields[i] = i == 3 ? nullptr : acts_.get<float>(o[i]);
         b.probs = acts_.get<float>(o_probs[recompute == Recompute::none ? l : 0]);
         uint16_t** copies[] = {&b.xn1_bf, &b.att_bf, &b.xn2_bf, &b.h_bf};
-        for (int i = 0; i < 4; i++) *copies[i] = bf16_ ? acts_.get<uint16_t>(o[10 + i]) : nullptr;
+        for (int i = 0; i < 4; i++)
+            *copies[i] = bf16_ ? acts_.get<uint16_t>(o[10 + i]) : nullptr;
         blocks_.push_back(b);
     }
     rope_cos_ = acts_.get<float>(o_cos);
@@ -138,25 +151,31 @@ void Llama::init_weights(uint64_t seed, double std) {
         if (info.shape.size() == 1) {
             std::fill(w, w + info.numel, 1.0f);
         } else {
-            for (int64_t i = 0; i < info.numel; i++) w[i] = normal(rng);
+            for (int64_t i = 0; i < info.numel; i++)
+                w[i] = normal(rng);
         }
     }
     sync_compute_weights();
 }
 
 void Llama::sync_compute_weights() {
-    if (bf16_) k_.to_bf16(params_bf16(), params(), layout_.total());
+    if (bf16_)
+        k_.to_bf16(params_bf16(), params(), layout_.total());
 }
 
-void Llama::zero_grads() { std::fill(grads(), grads() + layout_.total(), 0.0f); }
+void Llama::zero_grads() {
+    std::fill(grads(), grads() + layout_.total(), 0.0f);
+}
 
 Llama::Operand Llama::weight(int64_t offset) const {
-    if (bf16_) return {params_bf16_.get<uint16_t>(0) + offset, DType::bf16};
+    if (bf16_)
+        return {params_bf16_.get<uint16_t>(0) + offset, DType::bf16};
     return {params_.get<float>(0) + offset, DType::f32};
 }
 
 Llama::Operand Llama::operand(const float* x, uint16_t* copy, int64_t n) const {
-    if (!bf16_) return {x, DType::f32};
+    if (!bf16_)
+        return {x, DType::f32};
     k_.to_bf16(copy, x, n);
     return {copy, DType::bf16};
 }
@@ -232,8 +251,8 @@ void Llama::block_backward(int64_t l, float* dres) {
     const int64_t F = config_.ffn_dim(), QKV = config_.qkv_dim();
 
     // feed-forward: out = x2 + h W2^T, h = swiglu(xn2 W13^T), xn2 = rmsnorm(x2)
-    linear_backward(dh_, g + p.w2, operand(dres, dy_bf_, M * C), saved(a.h, a.h_bf),
-                    weight(p.w2), M, F, C);
+    linear_backward(dh_, g + p.w2, operand(dres, dy_bf_, M * C), saved(a.h, a.h_bf), weight(p.w2),
+                    M, F, C);
     k_.swiglu_backward(dgu_, dh_, a.gu, M, F);
     linear_backward(dxn_, g + p.w13, operand(dgu_, dy_bf_, M * 2 * F), saved(a.xn2, a.xn2_bf),
                     weight(p.w13), M, C, 2 * F);
@@ -273,7 +292,8 @@ LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out)
         float* logits = logits_out ? logits_out + r0 * V : logits_;
         Operand xnf = saved(xnf_ + r0 * C, bf16_ ? xnf_bf_ + r0 * C : nullptr);
         linear_forward(logits, xnf, weight(layout_.output), rows, C, V);
-        if (logits_out) continue;
+        if (logits_out)
+            continue;
         // The gradient goes straight to the dtype the backward products read (f32 in place).
         Operand dlogits = bf16_ ? Operand{dlogits_bf_, DType::bf16} : Operand{logits, DType::f32};
         k_.cross_entropy(logits, losses_ + r0, targets + r0, rows, V, grad_scale,
@@ -283,7 +303,8 @@ LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out)
                             weight(layout_.output), rows, C, V);
         }
     }
-    if (logits_out) return loss;
+    if (logits_out)
+        return loss;
     for (int64_t m = 0; m < M_; m++) {
         if (targets[m] >= 0) {
             loss.sum += losses_[m];
@@ -296,12 +317,14 @@ LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out)
 LossSum Llama::forward_backward(const int32_t* tokens, const int32_t* targets, float grad_scale) {
     embed(tokens);
     LossSum loss = head(targets, grad_scale, nullptr);
-    if (grad_scale == 0) return loss;
+    if (grad_scale == 0)
+        return loss;
     const int64_t C = config_.dim, L = config_.n_layers;
     std::fill(dres_, dres_ + M_ * C, 0.0f);
     k_.rmsnorm_backward(dres_, grads() + layout_.final_norm, dxn_, res_ + L * M_ * C,
                         params() + layout_.final_norm, rstdf_, M_, C);
-    for (int64_t l = L - 1; l >= 0; l--) block_backward(l, dres_);
+    for (int64_t l = L - 1; l >= 0; l--)
+        block_backward(l, dres_);
     k_.embedding_backward(grads() + layout_.embedding, dres_, tokens, M_, C);
     return loss;
 }

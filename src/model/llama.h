@@ -91,7 +91,7 @@ private:
     float *rope_cos_, *rope_sin_;    // (T, D/2)
     float *rstdf_, *xnf_;            // (M), (M, C) final norm
     float *dres_, *dxn_, *dqkv_, *datt_, *dgu_, *dh_;  // backward scratch
-    float *logits_, *losses_;        // (head_rows, V), (M)
+    float *logits_, *losses_;                          // (head_rows, V), (M)
     uint16_t *xnf_bf_, *dy_bf_, *dlogits_bf_;  // bf16 precision: (M, C), dy scratch, (rows, V)
     kernels::Workspace ws_;
 };

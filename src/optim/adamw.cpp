@@ -13,7 +13,8 @@ double l2_norm(const float* x, int64_t n) {
     parallel_range(n, 1 << 16, [&](int64_t i0, int64_t i1) {
         double s = 0;
 #pragma omp simd reduction(+ : s)
-        for (int64_t i = i0; i < i1; i++) s += double(x[i]) * x[i];
+        for (int64_t i = i0; i < i1; i++)
+            s += double(x[i]) * x[i];
         std::lock_guard<std::mutex> lock(mutex);
         total += s;
     });
@@ -21,7 +22,8 @@ double l2_norm(const float* x, int64_t n) {
 }
 
 float clip_factor(double norm, double max_norm) {
-    if (max_norm <= 0) return 1.0f;
+    if (max_norm <= 0)
+        return 1.0f;
     return static_cast<float>(std::min(1.0, max_norm / (norm + 1e-6)));
 }
 

@@ -20,10 +20,12 @@ ConfigSchema::Check non_negative(const double* v) {
 ConfigSchema::Check one_of(const std::string* v, std::vector<std::string> options) {
     return [v, options] {
         for (const auto& o : options) {
-            if (*v == o) return std::string();
+            if (*v == o)
+                return std::string();
         }
         std::string list;
-        for (const auto& o : options) list += (list.empty() ? "" : ", ") + o;
+        for (const auto& o : options)
+            list += (list.empty() ? "" : ", ") + o;
         return "must be one of " + list;
     };
 }
@@ -50,8 +52,8 @@ void build_schema(ConfigSchema& s, RunConfig& c) {
           non_negative(&c.schedule.warmup_steps));
     s.add("train.decay", &c.schedule.decay, "cosine | linear | constant",
           one_of(&c.schedule.decay, {"cosine", "linear", "constant"}));
-    s.add("train.weight_decay", &c.adamw.weight_decay, "AdamW decoupled weight decay (not on norms)",
-          non_negative(&c.adamw.weight_decay));
+    s.add("train.weight_decay", &c.adamw.weight_decay,
+          "AdamW decoupled weight decay (not on norms)", non_negative(&c.adamw.weight_decay));
     s.add("train.beta1", &c.adamw.beta1, "AdamW beta1", unit_interval(&c.adamw.beta1));
     s.add("train.beta2", &c.adamw.beta2, "AdamW beta2", unit_interval(&c.adamw.beta2));
     s.add("train.eps", &c.adamw.eps, "AdamW epsilon", positive(&c.adamw.eps));
@@ -72,8 +74,8 @@ void build_schema(ConfigSchema& s, RunConfig& c) {
           "checkpoint every N steps (0: only at the end)", non_negative(&t.checkpoint_every));
     s.add("train.keep_checkpoints", &t.keep_checkpoints, "newest checkpoints kept (0: all)",
           non_negative(&t.keep_checkpoints));
-    s.add("train.peak_gflops", &t.peak_gflops,
-          "peak matmul GFLOP/s for MFU (0: measure at start)", non_negative(&t.peak_gflops));
+    s.add("train.peak_gflops", &t.peak_gflops, "peak matmul GFLOP/s for MFU (0: measure at start)",
+          non_negative(&t.peak_gflops));
     s.add("parallel.tp", &c.tp, "tensor-parallel ranks (DP = world size / TP)", positive(&c.tp));
     s.add("parallel.zero", &c.zero, "1: shard optimizer state over DP (ZeRO-1), 0: replicate",
           [&c] { return c.zero == 0 || c.zero == 1 ? "" : "must be 0 or 1"; });
@@ -92,9 +94,10 @@ void RunConfig::validate() const {
         throw error("train.min_lr={} is above train.lr={}", schedule.min_lr, schedule.lr);
     }
     if (tp != 1) {
-        throw error("parallel.tp={}: tensor parallelism needs a multi-rank launch, which this "
-                    "build does not have yet; use parallel.tp=1",
-                    tp);
+        throw error(
+            "parallel.tp={}: tensor parallelism needs a multi-rank launch, which this "
+            "build does not have yet; use parallel.tp=1",
+            tp);
     }
 }
 

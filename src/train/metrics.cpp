@@ -1,9 +1,8 @@
 #include "train/metrics.h"
 
-#include <nlohmann/json.hpp>
-
 #include <cerrno>
 #include <cstring>
+#include <nlohmann/json.hpp>
 
 #include "core/error.h"
 
@@ -11,11 +10,13 @@ namespace kiln::train {
 
 MetricsFile::MetricsFile(const std::string& path) {
     f_ = std::fopen(path.c_str(), "a");
-    if (f_ == nullptr) throw error("cannot append to {}: {}", path, std::strerror(errno));
+    if (f_ == nullptr)
+        throw error("cannot append to {}: {}", path, std::strerror(errno));
 }
 
 MetricsFile::~MetricsFile() {
-    if (f_) std::fclose(f_);
+    if (f_)
+        std::fclose(f_);
 }
 
 void MetricsFile::write(const StepMetrics& m) {
@@ -35,8 +36,8 @@ void MetricsFile::write(const StepMetrics& m) {
 }
 
 double flops_per_token(const model::LlamaConfig& c, int64_t seq_len) {
-    double n_matmul = double(c.n_params()) - double(c.vocab_size) * c.dim -
-                      double(c.dim) * (2 * c.n_layers + 1);
+    double n_matmul =
+        double(c.n_params()) - double(c.vocab_size) * c.dim - double(c.dim) * (2 * c.n_layers + 1);
     return 6.0 * n_matmul + 12.0 * c.n_layers * c.dim * seq_len;
 }
 

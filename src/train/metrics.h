@@ -12,7 +12,7 @@ namespace kiln::train {
 struct StepMetrics {
     int64_t step = 0;  // optimizer steps completed
     double loss = 0, lr = 0, grad_norm = 0, tokens_per_s = 0, mfu = 0, elapsed_s = 0;
-    int64_t tokens = 0;  // tokens trained on so far
+    int64_t tokens = 0;   // tokens trained on so far
     int64_t skipped = 0;  // steps skipped for non-finite gradients so far
 };
 

@@ -1,9 +1,8 @@
 #include "train/trainer.h"
 
-#include <nlohmann/json.hpp>
-
 #include <chrono>
 #include <cmath>
+#include <nlohmann/json.hpp>
 #include <vector>
 
 #include "checkpoint/checkpoint.h"
@@ -39,10 +38,10 @@ void write_status(const checkpoint::RunDir& run, const std::string& state, int64
     j["steps"] = steps;
     j["loss"] = loss;
     j["pid"] = static_cast<int64_t>(::getpid());
-    j["updated"] = std::chrono::duration<double>(
-                       std::chrono::system_clock::now().time_since_epoch())
-                       .count();
-    if (!message.empty()) j["message"] = message;
+    j["updated"] =
+        std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+    if (!message.empty())
+        j["message"] = message;
     fs::write_file_atomic(run.status(), j.dump(2) + "\n");
 }
 
@@ -74,8 +73,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     const kernels::Kernels& k = kernels::select_kernels(t.backend, precision_of(t.precision));
     auto source = data::open_source(cfg.data_source, t.seq_len, cfg.model.vocab_size,
                                     static_cast<uint64_t>(t.seed));
-    model::Llama model(cfg.model, k, t.micro_batch, t.seq_len,
-                       model::parse_recompute(t.recompute));
+    model::Llama model(cfg.model, k, t.micro_batch, t.seq_len, model::parse_recompute(t.recompute));
     optim::AdamW adamw(model.layout(), cfg.adamw);
     optim::Schedule schedule = cfg.schedule;
     schedule.total_steps = t.steps;
@@ -84,9 +82,10 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     if (auto latest = checkpoint::latest(run)) {
         checkpoint::Checkpoint ck(*latest);
         if (!ck.config().same_shapes(cfg.model)) {
-            throw error("{}: checkpoint holds a different model than the config (dim {}, {} "
-                        "layers, vocab {}); use another run.dir",
-                        ck.dir(), ck.config().dim, ck.config().n_layers, ck.config().vocab_size);
+            throw error(
+                "{}: checkpoint holds a different model than the config (dim {}, {} "
+                "layers, vocab {}); use another run.dir",
+                ck.dir(), ck.config().dim, ck.config().n_layers, ck.config().vocab_size);
         }
         ck.load(model.layout(), model.params(), adamw.m(), adamw.v());
         adamw.set_step(ck.state().adam_step);
@@ -133,7 +132,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
         int64_t loss_tokens = 0;
         for (int64_t micro = 0; micro < t.grad_accum; micro++) {
             auto rows = sampler.micro_batch(step, t.grad_accum, micro, 0, 1, B);
-            for (int64_t b = 0; b < B; b++) source->read_row(rows[b], tokens.data() + b * T);
+            for (int64_t b = 0; b < B; b++)
+                source->read_row(rows[b], tokens.data() + b * T);
             for (int64_t i = 0; i < B * T; i++) {
                 targets[i] = (i % T) + 1 < T ? tokens[i + 1] : -1;
             }
@@ -146,14 +146,17 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
         double lr = schedule.at(step);
         if (!std::isfinite(norm) || !std::isfinite(loss)) {
             skipped++;
-            log::warn("train", "step {}: non-finite loss or gradient (loss {}, grad norm {}); "
-                      "step skipped", step + 1, loss, norm);
+            log::warn("train",
+                      "step {}: non-finite loss or gradient (loss {}, grad norm {}); "
+                      "step skipped",
+                      step + 1, loss, norm);
             if (++bad_in_a_row >= 5) {
                 write_status(run, "failed", step, t.steps, loss, "5 non-finite steps in a row");
-                throw error("training diverged: 5 steps in a row had a non-finite loss or "
-                            "gradient (lower train.lr or raise train.warmup_steps); the last good "
-                            "checkpoint is in {}",
-                            run.checkpoints());
+                throw error(
+                    "training diverged: 5 steps in a row had a non-finite loss or "
+                    "gradient (lower train.lr or raise train.warmup_steps); the last good "
+                    "checkpoint is in {}",
+                    run.checkpoints());
             }
         } else {
             bad_in_a_row = 0;
@@ -161,7 +164,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
                          optim::clip_factor(norm, cfg.adamw.grad_clip), lr, k);
         }
         last_loss = loss;
-        if (step == start_step) result.first_loss = loss;
+        if (step == start_step)
+            result.first_loss = loss;
 
         double dt = seconds_since(step_start);
         StepMetrics m;
@@ -176,24 +180,26 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
         m.skipped = skipped;
         metrics.write(m);
         if ((step + 1) % t.log_every == 0 || step + 1 == t.steps || step == start_step) {
-            std::printf("step %6lld/%lld | loss %.4f | lr %.2e | grad %.3f | %8.0f tok/s | "
-                        "mfu %5.1f%% | %.1fs\n",
-                        static_cast<long long>(m.step), static_cast<long long>(t.steps), loss, lr,
-                        norm, m.tokens_per_s, 100 * m.mfu, m.elapsed_s);
+            std::printf(
+                "step %6lld/%lld | loss %.4f | lr %.2e | grad %.3f | %8.0f tok/s | "
+                "mfu %5.1f%% | %.1fs\n",
+                static_cast<long long>(m.step), static_cast<long long>(t.steps), loss, lr, norm,
+                m.tokens_per_s, 100 * m.mfu, m.elapsed_s);
             std::fflush(stdout);
             write_status(run, "running", step + 1, t.steps, loss);
         }
         bool last = step + 1 == t.steps;
         if (last || (t.checkpoint_every > 0 && (step + 1) % t.checkpoint_every == 0)) {
             checkpoint::TrainState state{step + 1, adamw.step(), loss};
-            result.checkpoint = checkpoint::save(
-                run, cfg.model, model.layout(), {model.params(), adamw.m(), adamw.v()}, state,
-                static_cast<int>(t.keep_checkpoints));
+            result.checkpoint = checkpoint::save(run, cfg.model, model.layout(),
+                                                 {model.params(), adamw.m(), adamw.v()}, state,
+                                                 static_cast<int>(t.keep_checkpoints));
             log::info("train", "checkpoint {}", result.checkpoint);
         }
     }
     if (result.checkpoint.empty()) {
-        if (auto l = checkpoint::latest(run)) result.checkpoint = *l;
+        if (auto l = checkpoint::latest(run))
+            result.checkpoint = *l;
     }
     result.steps = t.steps;
     result.last_loss = last_loss;

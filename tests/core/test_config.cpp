@@ -2,8 +2,8 @@
 
 #include "core/config.h"
 #include "core/error.h"
-#include "fixture.h"
 #include "core/fs.h"
+#include "fixture.h"
 
 namespace kiln {
 namespace {

@@ -30,7 +30,8 @@ TEST(Bf16, SpecialValues) {
 
 TEST(Bf16, BulkConversionMatchesScalar) {
     std::vector<float> x(100000);
-    for (size_t i = 0; i < x.size(); i++) x[i] = std::sin(float(i)) * 1000.0f;
+    for (size_t i = 0; i < x.size(); i++)
+        x[i] = std::sin(float(i)) * 1000.0f;
     std::vector<uint16_t> h(x.size());
     convert_f32_to_bf16(h.data(), x.data(), int64_t(x.size()));
     std::vector<float> back(x.size());

@@ -38,9 +38,9 @@ void write_raw(const std::string& path, const std::string& header, size_t data_b
 TEST(Safetensors, RejectsLyingHeaders) {
     kiln::testing::TempDir dir;
     const char* bad[] = {
-        R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,8]}})",       // size mismatch
-        R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,1600]}})",    // past the end
-        R"({"a":{"dtype":"F64","shape":[1],"data_offsets":[0,8]}})",       // unknown dtype
+        R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,8]}})",     // size mismatch
+        R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,1600]}})",  // past the end
+        R"({"a":{"dtype":"F64","shape":[1],"data_offsets":[0,8]}})",     // unknown dtype
         R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
         R"([1,2,3])",
         R"({"a":)",

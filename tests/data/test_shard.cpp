@@ -19,9 +19,12 @@ std::string make_set(const kiln::testing::TempDir& dir, uint32_t token_bytes, in
     m.vocab_size = vocab;
     m.token_bytes = token_bytes;
     std::vector<uint32_t> a = {1, 2, 3, 4, 5, 6, 7, 8}, b = {9, 10, 11, 12};
-    if (token_bytes == 4) b[0] = 70000;
-    m.shards.push_back({"shard-00000.bin", 2, write_shard(d + "/shard-00000.bin", a, 4, token_bytes)});
-    m.shards.push_back({"shard-00001.bin", 1, write_shard(d + "/shard-00001.bin", b, 4, token_bytes)});
+    if (token_bytes == 4)
+        b[0] = 70000;
+    m.shards.push_back(
+        {"shard-00000.bin", 2, write_shard(d + "/shard-00000.bin", a, 4, token_bytes)});
+    m.shards.push_back(
+        {"shard-00001.bin", 1, write_shard(d + "/shard-00001.bin", b, 4, token_bytes)});
     write_manifest(d, m);
     return d;
 }
@@ -105,7 +108,8 @@ TEST(Synthetic, DeterministicAndInRange) {
     a.read_row(12345, x.data());
     b.read_row(12345, y.data());
     EXPECT_EQ(x, y);
-    for (int32_t t : x) EXPECT_TRUE(t >= 0 && t < 500);
+    for (int32_t t : x)
+        EXPECT_TRUE(t >= 0 && t < 500);
 }
 
 }  // namespace

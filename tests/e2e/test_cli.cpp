@@ -3,9 +3,8 @@
 // input ending in one clear sentence with nothing overwritten.
 #include <gtest/gtest.h>
 
-#include <nlohmann/json.hpp>
-
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "core/fs.h"
@@ -39,7 +38,8 @@ const std::string kMicro =
 std::vector<nlohmann::json> metrics(const std::string& run) {
     std::vector<nlohmann::json> out;
     std::ifstream in(run + "/metrics.jsonl");
-    for (std::string line; std::getline(in, line);) out.push_back(nlohmann::json::parse(line));
+    for (std::string line; std::getline(in, line);)
+        out.push_back(nlohmann::json::parse(line));
     return out;
 }
 
@@ -51,7 +51,8 @@ TEST(Cli, TrainLowersLossAndIsDeterministic) {
     ASSERT_EQ(b.rc, 0) << b.out;
     auto ma = metrics(dir / "a"), mb = metrics(dir / "b");
     ASSERT_EQ(ma.size(), 60u);
-    for (const char* key : {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s"}) {
+    for (const char* key :
+         {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s"}) {
         EXPECT_TRUE(ma[0].contains(key)) << key;
     }
     EXPECT_LT(ma.back()["loss"].get<double>(), 0.5 * ma.front()["loss"].get<double>());
@@ -111,7 +112,8 @@ TEST(Cli, EvalAndExportAgreeWithPyTorch) {
     auto config = nlohmann::json::parse(fs::read_file(dir / "hf/config.json"));
     EXPECT_EQ(config["architectures"][0], "LlamaForCausalLM");
     EXPECT_EQ(config["intermediate_size"], 192);  // 4*64*2/3 rounded up to 32
-    if (!kiln::testing::have_torch()) GTEST_SKIP() << "python3-torch is not installed";
+    if (!kiln::testing::have_torch())
+        GTEST_SKIP() << "python3-torch is not installed";
     std::string cmd = "/usr/bin/python3 " + kiln::testing::source_dir() +
                       "/tests/reference/llama_ref.py eval-hf --hf-dir " + (dir / "hf") +
                       " --shard " + (dir / "data/shard-00000.bin") + " > " + (dir / "py.json");
@@ -121,7 +123,9 @@ TEST(Cli, EvalAndExportAgreeWithPyTorch) {
     EXPECT_EQ(pj["tokens"].get<int64_t>(), ej["tokens"].get<int64_t>());
     // bf16 export loads too, and is close.
     ASSERT_EQ(kiln("export --checkpoint " + (dir / "run") + " --out " + (dir / "hf16") +
-                   " --dtype bfloat16").rc, 0);
+                   " --dtype bfloat16")
+                  .rc,
+              0);
     cmd = "/usr/bin/python3 " + kiln::testing::source_dir() +
           "/tests/reference/llama_ref.py eval-hf --hf-dir " + (dir / "hf16") + " --shard " +
           (dir / "data/shard-00000.bin") + " > " + (dir / "py16.json");
@@ -165,7 +169,8 @@ TEST(Cli, BadInputIsOneClearSentence) {
     };
     for (const auto& c : cases) {
         Result r = kiln(c.args + " --set run.dir=" + (dir / "run"));
-        if (c.args.rfind("eval", 0) == 0) r = kiln(c.args);
+        if (c.args.rfind("eval", 0) == 0)
+            r = kiln(c.args);
         EXPECT_NE(r.rc, 0) << c.args;
         EXPECT_NE(r.out.find(c.expect), std::string::npos) << c.args << "\n" << r.out;
         EXPECT_EQ(r.out.find("terminate"), std::string::npos) << r.out;
@@ -174,8 +179,8 @@ TEST(Cli, BadInputIsOneClearSentence) {
     // A checkpoint of another model in the run folder is refused, and left as it was.
     ASSERT_EQ(kiln("train" + kMicro + " --set train.steps=2 --set run.dir=" + (dir / "r2")).rc, 0);
     std::string before = fs::read_file(dir / "r2/checkpoints/step-00000002/rank-00000.safetensors");
-    Result r = kiln("train" + kMicro + " --set model.dim=128 --set train.steps=4 --set run.dir=" +
-                    (dir / "r2"));
+    Result r = kiln("train" + kMicro +
+                    " --set model.dim=128 --set train.steps=4 --set run.dir=" + (dir / "r2"));
     EXPECT_NE(r.rc, 0);
     EXPECT_NE(r.out.find("different model"), std::string::npos) << r.out;
     EXPECT_EQ(before, fs::read_file(dir / "r2/checkpoints/step-00000002/rank-00000.safetensors"));

@@ -17,7 +17,8 @@ std::vector<float> randn(size_t n, uint64_t seed, float scale = 1.0f) {
     std::mt19937_64 rng(seed);
     std::normal_distribution<float> d(0.0f, scale);
     std::vector<float> v(n);
-    for (auto& x : v) x = d(rng);
+    for (auto& x : v)
+        x = d(rng);
     return v;
 }
 
@@ -65,11 +66,14 @@ void expect_fd(std::vector<float>& x, const std::vector<float>& analytic,
 // Weighted sum of outputs: a loss whose gradient w.r.t. the output is `weights`.
 double dot(const std::vector<float>& a, const std::vector<float>& b) {
     double s = 0;
-    for (size_t i = 0; i < a.size(); i++) s += double(a[i]) * b[i];
+    for (size_t i = 0; i < a.size(); i++)
+        s += double(a[i]) * b[i];
     return s;
 }
 
-const Kernels& ref() { return reference_kernels(Precision::fp32); }
+const Kernels& ref() {
+    return reference_kernels(Precision::fp32);
+}
 
 TEST(Gemm, CpuMatchesReferenceAllTranspositions) {
     const int64_t M = 37, N = 29, K = 53;
@@ -127,7 +131,8 @@ TEST(Gemm, Bf16WeightsOperand) {
     const int64_t M = 16, N = 24, K = 40;
     auto a = randn(M * K, 1), bf = randn(N * K, 2);
     std::vector<uint16_t> b(N * K);
-    for (size_t i = 0; i < b.size(); i++) b[i] = f32_to_bf16(bf[i]);
+    for (size_t i = 0; i < b.size(); i++)
+        b[i] = f32_to_bf16(bf[i]);
     Gemm g;
     g.M = M, g.N = N, g.K = K, g.a = a.data(), g.lda = K;
     g.b = b.data(), g.b_type = DType::bf16, g.ldb = K, g.trans_b = true, g.ldc = N;
@@ -143,22 +148,26 @@ TEST(Gemm, Bf16WeightsOperand) {
 TEST(RmsNorm, ForwardAndBackward) {
     const int64_t M = 7, C = 48;
     auto x = randn(M * C, 1), w = randn(C, 2), dout = randn(M * C, 3);
-    for (auto& v : w) v += 1.0f;
+    for (auto& v : w)
+        v += 1.0f;
     std::vector<float> out_c(M * C), out_r(M * C), rstd_c(M), rstd_r(M);
-    cpu_kernels(Precision::fp32).rmsnorm_forward(out_c.data(), rstd_c.data(), x.data(), w.data(),
-                                                 M, C, 1e-5f);
+    cpu_kernels(Precision::fp32)
+        .rmsnorm_forward(out_c.data(), rstd_c.data(), x.data(), w.data(), M, C, 1e-5f);
     ref().rmsnorm_forward(out_r.data(), rstd_r.data(), x.data(), w.data(), M, C, 1e-5f);
     expect_close(out_c, out_r, 1e-5, 1e-5, "rmsnorm out");
     std::vector<float> dx_c(M * C, 0.5f), dx_r(M * C, 0.5f), dw_c(C, 0.25f), dw_r(C, 0.25f);
-    cpu_kernels(Precision::fp32).rmsnorm_backward(dx_c.data(), dw_c.data(), dout.data(), x.data(),
-                                                  w.data(), rstd_c.data(), M, C);
+    cpu_kernels(Precision::fp32)
+        .rmsnorm_backward(dx_c.data(), dw_c.data(), dout.data(), x.data(), w.data(), rstd_c.data(),
+                          M, C);
     ref().rmsnorm_backward(dx_r.data(), dw_r.data(), dout.data(), x.data(), w.data(), rstd_r.data(),
                            M, C);
     expect_close(dx_c, dx_r, 1e-5, 1e-4, "rmsnorm dx");
     expect_close(dw_c, dw_r, 1e-5, 1e-4, "rmsnorm dw");
     // Finite differences of sum(out * dout) (the accumulate base 0.5/0.25 subtracted).
-    for (auto& v : dx_r) v -= 0.5f;
-    for (auto& v : dw_r) v -= 0.25f;
+    for (auto& v : dx_r)
+        v -= 0.5f;
+    for (auto& v : dw_r)
+        v -= 0.25f;
     auto loss = [&] {
         std::vector<float> o(M * C), r(M);
         ref().rmsnorm_forward(o.data(), r.data(), x.data(), w.data(), M, C, 1e-5f);
@@ -180,15 +189,16 @@ TEST(Rope, ForwardInverseAndCpu) {
     }
     auto x = randn(M * ld, 4);
     auto xc = x, xr = x;
-    cpu_kernels(Precision::fp32).rope_forward(xc.data(), ld, M, T, heads, D, cos.data(), sin.data());
+    cpu_kernels(Precision::fp32)
+        .rope_forward(xc.data(), ld, M, T, heads, D, cos.data(), sin.data());
     ref().rope_forward(xr.data(), ld, M, T, heads, D, cos.data(), sin.data());
     expect_close(xc, xr, 1e-6, 1e-5, "rope");
     // HF convention: out[i] = x[i] cos - x[i + D/2] sin for i < D/2 (row 1 = position 1).
     const int64_t m = 1;
     EXPECT_NEAR(xr[m * ld + 0], x[m * ld] * cos[D / 2] - x[m * ld + D / 2] * sin[D / 2], 1e-6);
     // Rotation is orthogonal: backward is the inverse rotation, so it undoes the forward.
-    cpu_kernels(Precision::fp32).rope_backward(xc.data(), ld, M, T, heads, D, cos.data(),
-                                               sin.data());
+    cpu_kernels(Precision::fp32)
+        .rope_backward(xc.data(), ld, M, T, heads, D, cos.data(), sin.data());
     expect_close(xc, x, 1e-5, 1e-5, "rope inverse");
     // The columns past the heads are untouched.
     EXPECT_EQ(xr[ld - 1], x[ld - 1]);
@@ -221,9 +231,15 @@ void check_attention(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, Pr
     }
 }
 
-TEST(Attention, MultiHead) { check_attention(2, 9, 4, 4, 8, Precision::fp32); }
-TEST(Attention, GroupedQuery) { check_attention(2, 7, 6, 2, 8, Precision::fp32); }
-TEST(Attention, GroupedQueryBf16) { check_attention(2, 16, 4, 2, 16, Precision::bf16); }
+TEST(Attention, MultiHead) {
+    check_attention(2, 9, 4, 4, 8, Precision::fp32);
+}
+TEST(Attention, GroupedQuery) {
+    check_attention(2, 7, 6, 2, 8, Precision::fp32);
+}
+TEST(Attention, GroupedQueryBf16) {
+    check_attention(2, 16, 4, 2, 16, Precision::bf16);
+}
 
 TEST(SwiGlu, ForwardAndBackward) {
     const int64_t M = 6, F = 37;
@@ -249,8 +265,8 @@ TEST(CrossEntropy, ForwardAndBackward) {
     std::vector<int32_t> targets = {3, 4999, -1, 0, 1234};
     auto lc = logits, lr = logits;
     std::vector<float> loss_c(M), loss_r(M);
-    cpu_kernels(Precision::fp32).cross_entropy(lc.data(), loss_c.data(), targets.data(), M, V,
-                                               0.5f, lc.data(), DType::f32);
+    cpu_kernels(Precision::fp32)
+        .cross_entropy(lc.data(), loss_c.data(), targets.data(), M, V, 0.5f, lc.data(), DType::f32);
     ref().cross_entropy(lr.data(), loss_r.data(), targets.data(), M, V, 0.5f, lr.data(),
                         DType::f32);
     expect_close(loss_c, loss_r, 1e-5, 1e-5, "xent loss");
@@ -258,10 +274,12 @@ TEST(CrossEntropy, ForwardAndBackward) {
     // The bf16 gradient is the rounded f32 one.
     std::vector<uint16_t> lb(M * V);
     std::vector<float> loss_b(M);
-    cpu_kernels(Precision::fp32).cross_entropy(logits.data(), loss_b.data(), targets.data(), M, V,
-                                               0.5f, lb.data(), DType::bf16);
+    cpu_kernels(Precision::fp32)
+        .cross_entropy(logits.data(), loss_b.data(), targets.data(), M, V, 0.5f, lb.data(),
+                       DType::bf16);
     std::vector<float> lbf(M * V);
-    for (int64_t i = 0; i < M * V; i++) lbf[i] = bf16_to_f32(lb[i]);
+    for (int64_t i = 0; i < M * V; i++)
+        lbf[i] = bf16_to_f32(lb[i]);
     expect_close(lbf, lr, 1e-7, 1e-2, "xent grad bf16");
     EXPECT_EQ(loss_r[2], 0.0f);
     auto loss = [&] {
@@ -269,15 +287,16 @@ TEST(CrossEntropy, ForwardAndBackward) {
         std::vector<float> out(M);
         ref().cross_entropy(l.data(), out.data(), targets.data(), M, V, 0.0f, nullptr, DType::f32);
         double s = 0;
-        for (float v : out) s += v;
+        for (float v : out)
+            s += v;
         return 0.5 * s;
     };
     expect_fd(logits, lr, loss, "xent fd");
     // Forward-only leaves the logits alone and gives the same loss.
     auto lf = logits;
     std::vector<float> loss_f(M);
-    cpu_kernels(Precision::fp32).cross_entropy(lf.data(), loss_f.data(), targets.data(), M, V, 0,
-                                               nullptr, DType::f32);
+    cpu_kernels(Precision::fp32)
+        .cross_entropy(lf.data(), loss_f.data(), targets.data(), M, V, 0, nullptr, DType::f32);
     expect_close(loss_f, loss_r, 1e-5, 1e-5, "xent forward-only");
     EXPECT_EQ(lf, logits);
 }
@@ -298,13 +317,15 @@ TEST(Embedding, ForwardAndBackwardWithRepeats) {
 TEST(AdamW, MatchesReference) {
     const int64_t n = 1000;
     auto p = randn(n, 12), g = randn(n, 13), m = randn(n, 14, 0.1f), v = randn(n, 15, 0.1f);
-    for (auto& x : v) x = x * x;
+    for (auto& x : v)
+        x = x * x;
     auto pc = p, mc = m, vc = v, pr = p, mr = m, vr = v;
     AdamWStep s{1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.7f, 3};
     std::vector<uint16_t> pb(n);
     cpu_kernels(Precision::fp32).adamw(pc.data(), pb.data(), mc.data(), vc.data(), g.data(), n, s);
     ref().adamw(pr.data(), nullptr, mr.data(), vr.data(), g.data(), n, s);
-    for (int64_t i = 0; i < n; i++) ASSERT_EQ(pb[i], f32_to_bf16(pc[i]));
+    for (int64_t i = 0; i < n; i++)
+        ASSERT_EQ(pb[i], f32_to_bf16(pc[i]));
     expect_close(pc, pr, 1e-6, 1e-5, "adamw p");
     expect_close(mc, mr, 1e-7, 1e-6, "adamw m");
     expect_close(vc, vr, 1e-7, 1e-6, "adamw v");

@@ -38,7 +38,8 @@ Batch shifted(std::vector<int32_t> tokens, int64_t B, int64_t T) {
 Batch random_batch(int64_t B, int64_t T, int64_t V, uint64_t seed) {
     std::mt19937_64 rng(seed);
     std::vector<int32_t> tokens(B * T);
-    for (auto& t : tokens) t = static_cast<int32_t>(rng() % V);
+    for (auto& t : tokens)
+        t = static_cast<int32_t>(rng() % V);
     return shifted(tokens, B, T);
 }
 
@@ -60,7 +61,8 @@ double max_rel_diff(const float* a, const float* b, int64_t n, double floor) {
 class ReferenceFixture : public ::testing::Test {
 protected:
     void SetUp() override {
-        if (!kiln::testing::have_torch()) GTEST_SKIP() << "python3-torch is not installed";
+        if (!kiln::testing::have_torch())
+            GTEST_SKIP() << "python3-torch is not installed";
         kiln::testing::make_fixture(dir_ / "fixture.safetensors", "");
         file_ = std::make_unique<SafetensorsFile>(dir_ / "fixture.safetensors");
         auto meta = [&](const char* k) { return std::stod(*file_->metadata(k)); };
@@ -102,8 +104,8 @@ TEST_F(ReferenceFixture, LogitsLossAndGradientsMatchPyTorch) {
             EXPECT_LT(max_rel_diff(logits.data(), want, B_ * T_ * V, 0.1), bf16 ? 3e-2 : 1e-4);
 
             int64_t n = B_ * (T_ - 1);
-            LossSum loss = model.forward_backward(batch_.tokens.data(), batch_.targets.data(),
-                                                  1.0f / n);
+            LossSum loss =
+                model.forward_backward(batch_.tokens.data(), batch_.targets.data(), 1.0f / n);
             EXPECT_EQ(loss.tokens, n);
             float want_loss = *static_cast<const float*>(file_->data("loss", DType::f32, {1}));
             EXPECT_NEAR(loss.sum / n, want_loss, bf16 ? 1e-2 : 1e-5);
@@ -111,7 +113,8 @@ TEST_F(ReferenceFixture, LogitsLossAndGradientsMatchPyTorch) {
                 const float* g = static_cast<const float*>(
                     file_->data("grad." + p.hf_name, DType::f32, p.shape));
                 double scale = 0;
-                for (int64_t i = 0; i < p.numel; i++) scale = std::max(scale, double(std::fabs(g[i])));
+                for (int64_t i = 0; i < p.numel; i++)
+                    scale = std::max(scale, double(std::fabs(g[i])));
                 EXPECT_LT(max_rel_diff(model.grads() + p.offset, g, p.numel, scale),
                           bf16 ? 6e-2 : 1e-4)
                     << p.name;

@@ -20,7 +20,7 @@ TEST(Schedule, WarmupThenCosineToMin) {
     EXPECT_DOUBLE_EQ(s.at(0), 1e-4);
     EXPECT_DOUBLE_EQ(s.at(9), 1e-3);
     EXPECT_DOUBLE_EQ(s.at(10), 1e-3);
-    EXPECT_NEAR(s.at(59) , 1e-4 + 0.5 * 9e-4 * (1 + std::cos(M_PI * 49 / 99.0)), 1e-12);
+    EXPECT_NEAR(s.at(59), 1e-4 + 0.5 * 9e-4 * (1 + std::cos(M_PI * 49 / 99.0)), 1e-12);
     EXPECT_DOUBLE_EQ(s.at(109), 1e-4);
     s.decay = "linear";
     EXPECT_NEAR(s.at(59), 1e-3 - 9e-4 * 49 / 99.0, 1e-12);
@@ -37,7 +37,8 @@ TEST(Clip, ScalesOnlyAboveTheLimit) {
 }
 
 TEST(AdamW, StepAndTrajectoryMatchPyTorch) {
-    if (!kiln::testing::have_torch()) GTEST_SKIP() << "python3-torch is not installed";
+    if (!kiln::testing::have_torch())
+        GTEST_SKIP() << "python3-torch is not installed";
     kiln::testing::TempDir dir;
     kiln::testing::make_fixture(dir / "f.safetensors", "");
     SafetensorsFile f(dir / "f.safetensors");
@@ -58,7 +59,8 @@ TEST(AdamW, StepAndTrajectoryMatchPyTorch) {
     m.sync_compute_weights();
     const int32_t* tok = static_cast<const int32_t*>(f.data("tokens", DType::i32, {B, T}));
     std::vector<int32_t> tokens(tok, tok + B * T), targets(B * T);
-    for (int64_t i = 0; i < B * T; i++) targets[i] = (i % T) + 1 < T ? tokens[i + 1] : -1;
+    for (int64_t i = 0; i < B * T; i++)
+        targets[i] = (i % T) + 1 < T ? tokens[i + 1] : -1;
     const float* traj = static_cast<const float*>(f.data("traj_loss", DType::f32, {steps}));
 
     AdamW opt(m.layout(), ac);

@@ -18,19 +18,21 @@ constexpr DType compute_type = P == Precision::bf16 ? DType::bf16 : DType::f32;
 template <Precision P>
 constexpr size_t compute_size = P == Precision::bf16 ? 2 : 4;
 
-size_t round64(size_t n) { return (n + 63) / 64 * 64; }
+size_t round64(size_t n) {
+    return (n + 63) / 64 * 64;
+}
 
 // Carves the workspace into the packed operands.
 template <Precision P>
 struct Scratch {
-    char* q;   // (B, H, T, D) compute dtype
-    char* k;   // (B, H, T, D) compute dtype, kv heads repeated per group
-    char* v;   // (B, H, T, D) compute dtype
-    char* do_; // (B, H, T, D) compute dtype: the output gradient
-    char* p;   // (B, H, T, T) compute dtype: probabilities, then dS
-    float* dp; // (B, H, T, T)
-    float* dk; // (B, H, T, D)
-    float* dv; // (B, H, T, D)
+    char* q;    // (B, H, T, D) compute dtype
+    char* k;    // (B, H, T, D) compute dtype, kv heads repeated per group
+    char* v;    // (B, H, T, D) compute dtype
+    char* do_;  // (B, H, T, D) compute dtype: the output gradient
+    char* p;    // (B, H, T, T) compute dtype: probabilities, then dS
+    float* dp;  // (B, H, T, T)
+    float* dk;  // (B, H, T, D)
+    float* dv;  // (B, H, T, D)
 
     static size_t bytes(const Attention& a) {
         size_t bhtd = size_t(a.B * a.H * a.T * a.D), bhtt = size_t(a.B * a.H * a.T * a.T);
@@ -77,7 +79,8 @@ void pack_heads(char* dst, const float* src, int64_t ld, int64_t col0, int64_t r
             for (int64_t h = 0; h < a.H; h++) {
                 const float* s = src + r * ld + col0 + (h / repeat) * a.D;
                 int64_t d0 = ((b * a.H + h) * a.T + t) * a.D;
-                for (int64_t i = 0; i < a.D; i++) store<P>(dst, d0 + i, s[i]);
+                for (int64_t i = 0; i < a.D; i++)
+                    store<P>(dst, d0 + i, s[i]);
             }
         }
     });
@@ -131,7 +134,8 @@ void attention_forward(float* out, float* probs, const float* qkv, const Attenti
             float* row = probs + r * T;
             float mx = row[0];
 #pragma omp simd reduction(max : mx)
-            for (int64_t u = 1; u <= t; u++) mx = row[u] > mx ? row[u] : mx;
+            for (int64_t u = 1; u <= t; u++)
+                mx = row[u] > mx ? row[u] : mx;
             float sum = 0;
 #pragma omp simd reduction(+ : sum)
             for (int64_t u = 0; u <= t; u++) {
@@ -139,11 +143,14 @@ void attention_forward(float* out, float* probs, const float* qkv, const Attenti
                 sum += row[u];
             }
             float inv = 1.0f / sum;
-            for (int64_t u = 0; u <= t; u++) row[u] *= inv;
-            for (int64_t u = t + 1; u < T; u++) row[u] = 0;
+            for (int64_t u = 0; u <= t; u++)
+                row[u] *= inv;
+            for (int64_t u = t + 1; u < T; u++)
+                row[u] = 0;
             if constexpr (P == Precision::bf16) {
                 uint16_t* pr = reinterpret_cast<uint16_t*>(s.p) + r * T;
-                for (int64_t u = 0; u < T; u++) pr[u] = f32_to_bf16(row[u]);
+                for (int64_t u = 0; u < T; u++)
+                    pr[u] = f32_to_bf16(row[u]);
             }
         }
     });
@@ -182,7 +189,8 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
             const float* dpr = s.dp + r * T;
             float dot = 0;
 #pragma omp simd reduction(+ : dot)
-            for (int64_t u = 0; u <= t; u++) dot += pr[u] * dpr[u];
+            for (int64_t u = 0; u <= t; u++)
+                dot += pr[u] * dpr[u];
             for (int64_t u = 0; u < T; u++) {
                 store<P>(s.p, r * T + u, u <= t ? pr[u] * (dpr[u] - dot) : 0.0f);
             }

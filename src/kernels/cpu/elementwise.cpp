@@ -14,7 +14,8 @@ void embedding_forward(float* out, const int32_t* tokens, const float* wte, int6
         for (int64_t m = m0; m < m1; m++) {
             const float* src = wte + int64_t(tokens[m]) * C;
             float* dst = out + m * C;
-            for (int64_t c = 0; c < C; c++) dst[c] = src[c];
+            for (int64_t c = 0; c < C; c++)
+                dst[c] = src[c];
         }
     });
 }
@@ -26,7 +27,8 @@ void embedding_backward(float* dwte, const float* dout, const int32_t* tokens, i
         for (int64_t m = 0; m < M; m++) {
             float* dst = dwte + int64_t(tokens[m]) * C;
             const float* src = dout + m * C;
-            for (int64_t c = c0; c < c1; c++) dst[c] += src[c];
+            for (int64_t c = c0; c < c1; c++)
+                dst[c] += src[c];
         }
     });
 }
@@ -38,11 +40,13 @@ void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, in
             const float* xr = x + m * C;
             float ss = 0;
 #pragma omp simd reduction(+ : ss)
-            for (int64_t c = 0; c < C; c++) ss += xr[c] * xr[c];
+            for (int64_t c = 0; c < C; c++)
+                ss += xr[c] * xr[c];
             float r = 1.0f / std::sqrt(ss / C + eps);
             rstd[m] = r;
             float* o = out + m * C;
-            for (int64_t c = 0; c < C; c++) o[c] = xr[c] * r * w[c];
+            for (int64_t c = 0; c < C; c++)
+                o[c] = xr[c] * r * w[c];
         }
     });
 }
@@ -56,10 +60,12 @@ void rmsnorm_backward(float* dx, float* dw, const float* dout, const float* x, c
             float r = rstd[m];
             float dot = 0;
 #pragma omp simd reduction(+ : dot)
-            for (int64_t c = 0; c < C; c++) dot += dr[c] * w[c] * xr[c];
+            for (int64_t c = 0; c < C; c++)
+                dot += dr[c] * w[c] * xr[c];
             float k = r * r * r * dot / C;
             float* d = dx + m * C;
-            for (int64_t c = 0; c < C; c++) d[c] += r * dr[c] * w[c] - k * xr[c];
+            for (int64_t c = 0; c < C; c++)
+                d[c] += r * dr[c] * w[c] - k * xr[c];
         }
     });
     parallel_range(C, 16, [&](int64_t c0, int64_t c1) {
@@ -67,7 +73,8 @@ void rmsnorm_backward(float* dx, float* dw, const float* dout, const float* x, c
             const float* xr = x + m * C;
             const float* dr = dout + m * C;
             float r = rstd[m];
-            for (int64_t c = c0; c < c1; c++) dw[c] += dr[c] * xr[c] * r;
+            for (int64_t c = c0; c < c1; c++)
+                dw[c] += dr[c] * xr[c] * r;
         }
     });
 }
@@ -109,7 +116,8 @@ void swiglu_forward(float* h, const float* gu, int64_t M, int64_t F) {
             const float* g = gu + m * 2 * F;
             const float* u = g + F;
             float* o = h + m * F;
-            for (int64_t f = 0; f < F; f++) o[f] = g[f] * sigmoid(g[f]) * u[f];
+            for (int64_t f = 0; f < F; f++)
+                o[f] = g[f] * sigmoid(g[f]) * u[f];
         }
     });
 }
@@ -134,8 +142,8 @@ void swiglu_backward(float* dgu, const float* dh, const float* gu, int64_t M, in
 // Two passes per row: (1) max and sum of exp in one read, block by block (a 256-wide block is
 // read twice from L1: its max, then its exps); (2) the scaled gradient, written straight in the
 // dtype the next products read. The logits chunk is read from memory only twice.
-void cross_entropy(const float* logits, float* losses, const int32_t* targets, int64_t M,
-                   int64_t V, float dscale, void* dlogits, DType dtype) {
+void cross_entropy(const float* logits, float* losses, const int32_t* targets, int64_t M, int64_t V,
+                   float dscale, void* dlogits, DType dtype) {
     constexpr int64_t kBlock = 256;
     parallel_range(M, 1, [&](int64_t m0, int64_t m1) {
         for (int64_t m = m0; m < m1; m++) {
@@ -148,34 +156,40 @@ void cross_entropy(const float* logits, float* losses, const int32_t* targets, i
                     int64_t v1 = std::min(V, v0 + kBlock);
                     float bmax = row[v0];
 #pragma omp simd reduction(max : bmax)
-                    for (int64_t v = v0; v < v1; v++) bmax = row[v] > bmax ? row[v] : bmax;
+                    for (int64_t v = v0; v < v1; v++)
+                        bmax = row[v] > bmax ? row[v] : bmax;
                     if (bmax > mx) {
                         sum *= std::exp(double(mx) - bmax);
                         mx = bmax;
                     }
                     float partial = 0;
 #pragma omp simd reduction(+ : partial)
-                    for (int64_t v = v0; v < v1; v++) partial += fast_exp(row[v] - mx);
+                    for (int64_t v = v0; v < v1; v++)
+                        partial += fast_exp(row[v] - mx);
                     sum += partial;
                 }
                 losses[m] = static_cast<float>(std::log(sum) + mx - row[target]);
             } else {
                 losses[m] = 0;
             }
-            if (dscale == 0) continue;
+            if (dscale == 0)
+                continue;
             float k = target >= 0 ? static_cast<float>(dscale / sum) : 0.0f;
             float off = target >= 0 ? mx : 0.0f;
             if (dtype == DType::bf16) {
                 uint16_t* out = static_cast<uint16_t*>(dlogits) + m * V;
-                for (int64_t v = 0; v < V; v++) out[v] = f32_to_bf16(fast_exp(row[v] - off) * k);
+                for (int64_t v = 0; v < V; v++)
+                    out[v] = f32_to_bf16(fast_exp(row[v] - off) * k);
                 if (target >= 0) {
                     out[target] = f32_to_bf16(fast_exp(row[target] - off) * k - dscale);
                 }
             } else {
                 float* out = static_cast<float*>(dlogits) + m * V;
                 float at_target = target >= 0 ? fast_exp(row[target] - off) * k - dscale : 0;
-                for (int64_t v = 0; v < V; v++) out[v] = fast_exp(row[v] - off) * k;
-                if (target >= 0) out[target] = at_target;
+                for (int64_t v = 0; v < V; v++)
+                    out[v] = fast_exp(row[v] - off) * k;
+                if (target >= 0)
+                    out[target] = at_target;
             }
         }
     });
@@ -201,12 +215,15 @@ void adamw(float* p, uint16_t* p_bf16, float* m, float* v, const float* g, int64
                 p[i] -= step * mi / (std::sqrt(vi) * inv_bc2_sqrt + eps) + decay * p[i];
             }
             if (p_bf16) {
-                for (int64_t i = b0; i < b1e; i++) p_bf16[i] = f32_to_bf16(p[i]);
+                for (int64_t i = b0; i < b1e; i++)
+                    p_bf16[i] = f32_to_bf16(p[i]);
             }
         }
     });
 }
 
-void to_bf16(uint16_t* dst, const float* src, int64_t n) { convert_f32_to_bf16(dst, src, n); }
+void to_bf16(uint16_t* dst, const float* src, int64_t n) {
+    convert_f32_to_bf16(dst, src, n);
+}
 
 }  // namespace kiln::kernels::cpu

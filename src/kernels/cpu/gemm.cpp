@@ -13,7 +13,8 @@ void pack_bf16(uint16_t* dst, const float* src, int64_t rows, int64_t cols, int6
                        for (int64_t r = r0; r < r1; r++) {
                            const float* s = src + r * ld;
                            uint16_t* d = dst + r * cols;
-                           for (int64_t c = 0; c < cols; c++) d[c] = f32_to_bf16(s[c]);
+                           for (int64_t c = 0; c < cols; c++)
+                               d[c] = f32_to_bf16(s[c]);
                        }
                    });
 }
@@ -55,9 +56,9 @@ void gemm(const Gemm& g, Workspace ws) {
             scratch += (a_rows * a_cols + 31) / 32 * 32;
         }
         if (bt == DType::f32) {
-            KILN_CHECK(size_t(scratch - static_cast<uint16_t*>(ws.ptr) + b_rows * b_cols) * 2 <=
-                           ws.bytes,
-                       "gemm workspace too small");
+            KILN_CHECK(
+                size_t(scratch - static_cast<uint16_t*>(ws.ptr) + b_rows * b_cols) * 2 <= ws.bytes,
+                "gemm workspace too small");
             pack_bf16(scratch, static_cast<const float*>(b), b_rows, b_cols, ldb);
             b = scratch;
             bt = DType::bf16;

@@ -1,12 +1,12 @@
 #include "kernels/cpu/matmul.h"
 
 #include <omp.h>
-#include <oneapi/dnnl/dnnl.hpp>
 
 #include <array>
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <oneapi/dnnl/dnnl.hpp>
 
 #include "core/error.h"
 
@@ -68,7 +68,8 @@ void matmul(const MatOperand& a, const MatOperand& b, float* c, const int64_t c_
     // split when the primitive is made) and run on one thread.
     const bool serial = a.dims[2] < 64;
     const int threads = omp_get_max_threads();
-    if (serial) omp_set_num_threads(1);
+    if (serial)
+        omp_set_num_threads(1);
     key[24] = serial ? 1 : threads;
 
     static std::mutex mutex;
@@ -109,7 +110,8 @@ void matmul(const MatOperand& a, const MatOperand& b, float* c, const int64_t c_
     entry->primitive.execute(stream(),
                              {{DNNL_ARG_SRC, ma}, {DNNL_ARG_WEIGHTS, mb}, {DNNL_ARG_DST, mc}});
     stream().wait();
-    if (serial) omp_set_num_threads(threads);
+    if (serial)
+        omp_set_num_threads(threads);
 }
 
 }  // namespace kiln::kernels::cpu

@@ -18,8 +18,7 @@ void rmsnorm_forward(float*, float*, const float*, const float*, int64_t, int64_
 void rmsnorm_backward(float*, float*, const float*, const float*, const float*, const float*,
                       int64_t, int64_t);
 void rope_forward(float*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, const float*);
-void rope_backward(float*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*,
-                   const float*);
+void rope_backward(float*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, const float*);
 void swiglu_forward(float*, const float*, int64_t, int64_t);
 void swiglu_backward(float*, const float*, const float*, int64_t, int64_t);
 void cross_entropy(const float*, float*, const int32_t*, int64_t, int64_t, float, void*, DType);

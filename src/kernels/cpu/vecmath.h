@@ -25,6 +25,8 @@ inline float fast_exp(float x) {
     return p * scale;
 }
 
-inline float sigmoid(float x) { return 1.0f / (1.0f + fast_exp(-x)); }
+inline float sigmoid(float x) {
+    return 1.0f / (1.0f + fast_exp(-x));
+}
 
 }  // namespace kiln::kernels::cpu

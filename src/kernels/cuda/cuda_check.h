@@ -4,9 +4,8 @@
 
 #include "core/error.h"
 
-#define KILN_CUDA(call)                                                                   \
-    do {                                                                                  \
-        cudaError_t status_ = (call);                                                     \
-        KILN_CHECK(status_ == cudaSuccess, "{} failed: {}", #call,                        \
-                   cudaGetErrorString(status_));                                          \
+#define KILN_CUDA(call)                                                                          \
+    do {                                                                                         \
+        cudaError_t status_ = (call);                                                            \
+        KILN_CHECK(status_ == cudaSuccess, "{} failed: {}", #call, cudaGetErrorString(status_)); \
     } while (0)

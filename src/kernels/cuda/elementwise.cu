@@ -11,14 +11,19 @@ __global__ void rmsnorm_forward_kernel(float* out, float* rstd, const float* x, 
                                        int64_t M, int64_t C, float eps) {
     int64_t row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
-    if (row >= M) return;
+    if (row >= M)
+        return;
     const float* xr = x + row * C;
     float ss = 0;
-    for (int64_t c = lane; c < C; c += 32) ss += xr[c] * xr[c];
-    for (int offset = 16; offset > 0; offset /= 2) ss += __shfl_xor_sync(0xffffffff, ss, offset);
+    for (int64_t c = lane; c < C; c += 32)
+        ss += xr[c] * xr[c];
+    for (int offset = 16; offset > 0; offset /= 2)
+        ss += __shfl_xor_sync(0xffffffff, ss, offset);
     float r = rsqrtf(ss / C + eps);
-    if (lane == 0) rstd[row] = r;
-    for (int64_t c = lane; c < C; c += 32) out[row * C + c] = xr[c] * r * w[c];
+    if (lane == 0)
+        rstd[row] = r;
+    for (int64_t c = lane; c < C; c += 32)
+        out[row * C + c] = xr[c] * r * w[c];
 }
 
 __global__ void swiglu_forward_kernel(float* h, const float* gu, int64_t M, int64_t F) {
@@ -55,8 +60,8 @@ int blocks_for(int64_t n, int threads) {
 
 }  // namespace
 
-void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, int64_t M,
-                     int64_t C, float eps) {
+void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, int64_t M, int64_t C,
+                     float eps) {
     const int warps = 8;
     rmsnorm_forward_kernel<<<static_cast<unsigned>((M + warps - 1) / warps), warps * 32>>>(
         out, rstd, x, w, M, C, eps);

@@ -18,7 +18,9 @@ double operand(const void* base, DType type, int64_t index) {
     return f;
 }
 
-size_t workspace_bytes(int64_t, const Attention&) { return 0; }
+size_t workspace_bytes(int64_t, const Attention&) {
+    return 0;
+}
 
 template <Precision P>
 void gemm(const Gemm& g, Workspace) {
@@ -38,14 +40,16 @@ void gemm(const Gemm& g, Workspace) {
 
 void embedding_forward(float* out, const int32_t* tokens, const float* wte, int64_t M, int64_t C) {
     for (int64_t m = 0; m < M; m++) {
-        for (int64_t c = 0; c < C; c++) out[m * C + c] = wte[tokens[m] * C + c];
+        for (int64_t c = 0; c < C; c++)
+            out[m * C + c] = wte[tokens[m] * C + c];
     }
 }
 
 void embedding_backward(float* dwte, const float* dout, const int32_t* tokens, int64_t M,
                         int64_t C) {
     for (int64_t m = 0; m < M; m++) {
-        for (int64_t c = 0; c < C; c++) dwte[tokens[m] * C + c] += dout[m * C + c];
+        for (int64_t c = 0; c < C; c++)
+            dwte[tokens[m] * C + c] += dout[m * C + c];
     }
 }
 
@@ -53,10 +57,12 @@ void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, in
                      float eps) {
     for (int64_t m = 0; m < M; m++) {
         double ss = 0;
-        for (int64_t c = 0; c < C; c++) ss += double(x[m * C + c]) * x[m * C + c];
+        for (int64_t c = 0; c < C; c++)
+            ss += double(x[m * C + c]) * x[m * C + c];
         double r = 1.0 / std::sqrt(ss / C + eps);
         rstd[m] = static_cast<float>(r);
-        for (int64_t c = 0; c < C; c++) out[m * C + c] = static_cast<float>(x[m * C + c] * r * w[c]);
+        for (int64_t c = 0; c < C; c++)
+            out[m * C + c] = static_cast<float>(x[m * C + c] * r * w[c]);
     }
 }
 
@@ -67,7 +73,8 @@ void rmsnorm_backward(float* dx, float* dw, const float* dout, const float* x, c
         const float* dr = dout + m * C;
         double r = rstd[m];
         double dot = 0;  // sum_c dout_c w_c x_c
-        for (int64_t c = 0; c < C; c++) dot += double(dr[c]) * w[c] * xr[c];
+        for (int64_t c = 0; c < C; c++)
+            dot += double(dr[c]) * w[c] * xr[c];
         for (int64_t c = 0; c < C; c++) {
             dx[m * C + c] += static_cast<float>(r * dr[c] * w[c] - r * r * r * xr[c] * dot / C);
             dw[c] += static_cast<float>(dr[c] * xr[c] * r);
@@ -131,12 +138,15 @@ void attention_forward(float* out, float* probs, const float* qkv, const Attenti
                     mx = std::max(mx, s[u]);
                 }
                 double sum = 0;
-                for (int64_t u = 0; u <= t; u++) sum += (s[u] = std::exp(s[u] - mx));
+                for (int64_t u = 0; u <= t; u++)
+                    sum += (s[u] = std::exp(s[u] - mx));
                 float* p = probs + ((b * a.H + h) * a.T + t) * a.T;
-                for (int64_t u = 0; u < a.T; u++) p[u] = u <= t ? static_cast<float>(s[u] / sum) : 0;
+                for (int64_t u = 0; u < a.T; u++)
+                    p[u] = u <= t ? static_cast<float>(s[u] / sum) : 0;
                 for (int64_t i = 0; i < a.D; i++) {
                     double o = 0;
-                    for (int64_t u = 0; u <= t; u++) o += s[u] / sum * qkv[ix.v(b, u, h) + i];
+                    for (int64_t u = 0; u <= t; u++)
+                        o += s[u] / sum * qkv[ix.v(b, u, h) + i];
                     out[(b * a.T + t) * a.H * a.D + h * a.D + i] = static_cast<float>(o);
                 }
             }
@@ -148,7 +158,8 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                         const Attention& a, Workspace) {
     QKV ix{a};
     double scale = 1.0 / std::sqrt(double(a.D));
-    for (int64_t i = 0; i < a.B * a.T * a.ldqkv; i++) dqkv[i] = 0;
+    for (int64_t i = 0; i < a.B * a.T * a.ldqkv; i++)
+        dqkv[i] = 0;
     std::vector<double> dp(a.T);
     for (int64_t b = 0; b < a.B; b++) {
         for (int64_t h = 0; h < a.H; h++) {
@@ -158,10 +169,12 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                 double rowdot = 0;
                 for (int64_t u = 0; u <= t; u++) {
                     double d = 0;
-                    for (int64_t i = 0; i < a.D; i++) d += double(dO[i]) * qkv[ix.v(b, u, h) + i];
+                    for (int64_t i = 0; i < a.D; i++)
+                        d += double(dO[i]) * qkv[ix.v(b, u, h) + i];
                     dp[u] = d;
                     rowdot += d * p[u];
-                    for (int64_t i = 0; i < a.D; i++) dqkv[ix.v(b, u, h) + i] += p[u] * dO[i];
+                    for (int64_t i = 0; i < a.D; i++)
+                        dqkv[ix.v(b, u, h) + i] += p[u] * dO[i];
                 }
                 for (int64_t u = 0; u <= t; u++) {
                     double ds = p[u] * (dp[u] - rowdot) * scale;
@@ -175,7 +188,9 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
     }
 }
 
-double silu(double x) { return x / (1 + std::exp(-x)); }
+double silu(double x) {
+    return x / (1 + std::exp(-x));
+}
 
 void swiglu_forward(float* h, const float* gu, int64_t M, int64_t F) {
     for (int64_t m = 0; m < M; m++) {
@@ -204,25 +219,29 @@ void store(void* base, DType type, int64_t i, double x) {
     }
 }
 
-void cross_entropy(const float* logits, float* losses, const int32_t* targets, int64_t M,
-                   int64_t V, float dscale, void* dlogits, DType dtype) {
+void cross_entropy(const float* logits, float* losses, const int32_t* targets, int64_t M, int64_t V,
+                   float dscale, void* dlogits, DType dtype) {
     for (int64_t m = 0; m < M; m++) {
         const float* row = logits + m * V;
         if (targets[m] < 0) {
             losses[m] = 0;
             if (dscale != 0) {
-                for (int64_t v = 0; v < V; v++) store(dlogits, dtype, m * V + v, 0.0);
+                for (int64_t v = 0; v < V; v++)
+                    store(dlogits, dtype, m * V + v, 0.0);
             }
             continue;
         }
         double mx = -INFINITY;
-        for (int64_t v = 0; v < V; v++) mx = std::max(mx, double(row[v]));
+        for (int64_t v = 0; v < V; v++)
+            mx = std::max(mx, double(row[v]));
         double sum = 0;
-        for (int64_t v = 0; v < V; v++) sum += std::exp(row[v] - mx);
+        for (int64_t v = 0; v < V; v++)
+            sum += std::exp(row[v] - mx);
         losses[m] = static_cast<float>(std::log(sum) + mx - row[targets[m]]);
         if (dscale != 0) {
             std::vector<double> p(V);
-            for (int64_t v = 0; v < V; v++) p[v] = std::exp(row[v] - mx) / sum;
+            for (int64_t v = 0; v < V; v++)
+                p[v] = std::exp(row[v] - mx) / sum;
             for (int64_t v = 0; v < V; v++) {
                 store(dlogits, dtype, m * V + v, dscale * (p[v] - (v == targets[m] ? 1.0 : 0.0)));
             }
@@ -242,12 +261,14 @@ void adamw(float* p, uint16_t* p_bf16, float* m, float* v, const float* g, int64
         v[i] = static_cast<float>(vi);
         double update = (mi / bc1) / (std::sqrt(vi / bc2) + s.eps) + double(s.weight_decay) * p[i];
         p[i] = static_cast<float>(p[i] - double(s.lr) * update);
-        if (p_bf16) p_bf16[i] = f32_to_bf16(p[i]);
+        if (p_bf16)
+            p_bf16[i] = f32_to_bf16(p[i]);
     }
 }
 
 void to_bf16(uint16_t* dst, const float* src, int64_t n) {
-    for (int64_t i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i]);
+    for (int64_t i = 0; i < n; i++)
+        dst[i] = f32_to_bf16(src[i]);
 }
 
 template <Precision P>

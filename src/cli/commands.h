@@ -24,5 +24,7 @@ Action add_train(CLI::App& app);
 Action add_eval(CLI::App& app);
 Action add_export(CLI::App& app);
 Action add_run(CLI::App& app);
+Action add_data(CLI::App& app);
+Action add_tokenizer(CLI::App& app);
 
 }  // namespace kiln::cli

@@ -22,6 +22,10 @@ int main(int argc, char** argv) {
         kiln::cli::Action (*add)(CLI::App&);
     };
     const Entry table[] = {
+        {"data", "corpus -> tokenizer -> packed, verified token shards (+ `data verify DIR`)",
+         kiln::cli::add_data},
+        {"tokenizer", "train a SentencePiece tokenizer, or encode/decode with one",
+         kiln::cli::add_tokenizer},
         {"train", "pretrain a model (single process) on a shard folder or a synthetic stream",
          kiln::cli::add_train},
         {"eval", "mean loss and perplexity of a checkpoint on a shard folder, as JSON",

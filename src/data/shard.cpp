@@ -104,6 +104,8 @@ Manifest read_manifest(const std::string& dir) {
         m.tokenizer = j.value("tokenizer", "");
         m.dropped_tokens = j.value("dropped_tokens", uint64_t(0));
         m.sources = j.value("sources", std::vector<std::string>{});
+        m.add_eos = j.value("add_eos", true);
+        m.tail = j.value("tail", std::string("drop"));
         for (const auto& s : j.at("shards")) {
             ShardEntry e;
             e.file = s.at("file").get<std::string>();
@@ -139,6 +141,8 @@ void write_manifest(const std::string& dir, const Manifest& m) {
     j["tokens"] = m.sequences() * m.seq_len;
     j["dropped_tokens"] = m.dropped_tokens;
     j["sources"] = m.sources;
+    j["add_eos"] = m.add_eos;
+    j["tail"] = m.tail;
     j["shards"] = nlohmann::json::array();
     for (const auto& s : m.shards) {
         j["shards"].push_back({{"file", s.file},

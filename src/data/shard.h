@@ -42,6 +42,8 @@ struct Manifest {
     std::string tokenizer;  // identity of the tokenizer (e.g. "sha256:...")
     std::vector<ShardEntry> shards;
     std::vector<std::string> sources;
+    bool add_eos = true;        // packing recipe: BOS + tokens (+ EOS) per document
+    std::string tail = "drop";  // packing recipe: the short last row dropped or padded
     uint64_t dropped_tokens = 0;
     uint64_t sequences() const;
 };

@@ -12,7 +12,7 @@
 namespace kiln::exporter {
 
 void export_hf(const std::string& checkpoint_dir, const std::string& out_dir,
-               const std::string& dtype) {
+               const std::string& dtype, const std::string& tokenizer) {
     if (dtype != "float32" && dtype != "bfloat16") {
         throw error("--dtype {} is not float32 or bfloat16", dtype);
     }
@@ -64,6 +64,24 @@ void export_hf(const std::string& checkpoint_dir, const std::string& out_dir,
     j["torch_dtype"] = dtype;
     j["kiln_checkpoint_step"] = ck.state().step;
     fs::write_file_atomic(out_dir + "/config.json", j.dump(2) + "\n");
+
+    if (!tokenizer.empty()) {
+        fs::write_file_atomic(out_dir + "/tokenizer.model", fs::read_file(tokenizer));
+        nlohmann::ordered_json t;
+        t["tokenizer_class"] = "LlamaTokenizer";
+        t["bos_token"] = "<s>";
+        t["eos_token"] = "</s>";
+        t["unk_token"] = "<unk>";
+        t["add_bos_token"] = true;
+        t["add_eos_token"] = false;
+        t["model_max_length"] = c.max_seq_len;
+        fs::write_file_atomic(out_dir + "/tokenizer_config.json", t.dump(2) + "\n");
+        nlohmann::ordered_json sp;
+        sp["bos_token"] = "<s>";
+        sp["eos_token"] = "</s>";
+        sp["unk_token"] = "<unk>";
+        fs::write_file_atomic(out_dir + "/special_tokens_map.json", sp.dump(2) + "\n");
+    }
 }
 
 }  // namespace kiln::exporter

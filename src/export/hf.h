@@ -7,8 +7,8 @@
 namespace kiln::exporter {
 
 // dtype: "float32" or "bfloat16". Writes into out_dir (created); existing files there are
-// replaced atomically.
+// replaced atomically. A tokenizer.model, when given, is copied with the LlamaTokenizer config.
 void export_hf(const std::string& checkpoint_dir, const std::string& out_dir,
-               const std::string& dtype);
+               const std::string& dtype, const std::string& tokenizer = "");
 
 }  // namespace kiln::exporter

@@ -37,7 +37,7 @@ ConfigSchema::Check unit_interval(const double* v) {
 
 void build_schema(ConfigSchema& s, RunConfig& c) {
     model::register_keys(s, c.model);
-    s.add("data.source", &c.data_source, "shard folder made by `kiln data`, or synthetic");
+    data::register_keys(s, c.data);
     TrainConfig& t = c.train;
     s.add("train.seq_len", &t.seq_len, "tokens per sequence T", positive(&t.seq_len));
     s.add("train.micro_batch", &t.micro_batch, "sequences per micro-batch per DP rank",

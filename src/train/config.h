@@ -5,6 +5,7 @@
 #include <string>
 
 #include "core/config.h"
+#include "data/build.h"
 #include "model/config.h"
 #include "optim/adamw.h"
 #include "optim/schedule.h"
@@ -30,7 +31,7 @@ struct TrainConfig {
 
 struct RunConfig {
     model::LlamaConfig model;
-    std::string data_source = "synthetic";
+    data::DataConfig data;
     TrainConfig train;
     optim::Schedule schedule;
     optim::AdamWConfig adamw;

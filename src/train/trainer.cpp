@@ -12,6 +12,7 @@
 #include "core/threads.h"
 #include "data/sampler.h"
 #include "data/shard.h"
+#include "data/tokenizer.h"
 #include "kernels/backends.h"
 #include "model/llama.h"
 #include "optim/adamw.h"
@@ -71,8 +72,17 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
 
     checkpoint::RunDir run{cfg.run_dir.empty() ? checkpoint::new_run_path("runs") : cfg.run_dir};
     const kernels::Kernels& k = kernels::select_kernels(t.backend, precision_of(t.precision));
-    auto source = data::open_source(cfg.data_source, t.seq_len, cfg.model.vocab_size,
+    auto source = data::open_source(cfg.data.source, t.seq_len, cfg.model.vocab_size,
                                     static_cast<uint64_t>(t.seed));
+    if (auto* shards = dynamic_cast<data::ShardSet*>(source.get());
+        shards && !cfg.data.tokenizer.empty()) {
+        std::string want = data::tokenizer_identity(cfg.data.tokenizer);
+        if (shards->manifest().tokenizer != want) {
+            throw error("{}/manifest.json: the data set was made with tokenizer {}, not with "
+                        "data.tokenizer={} ({})",
+                        cfg.data.source, shards->manifest().tokenizer, cfg.data.tokenizer, want);
+        }
+    }
     model::Llama model(cfg.model, k, t.micro_batch, t.seq_len, model::parse_recompute(t.recompute));
     optim::AdamW adamw(model.layout(), cfg.adamw);
     optim::Schedule schedule = cfg.schedule;

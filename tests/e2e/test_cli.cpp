@@ -136,11 +136,14 @@ TEST(Cli, EvalAndExportAgreeWithPyTorch) {
 
 TEST(Cli, RunTrainsExportsAndReusesWhatIsDone) {
     TempDir dir;
-    std::string args = "run --out " + (dir / "job") + kMicro + " --set train.steps=12" +
-                       " --set train.checkpoint_every=6";
+    std::string args = "run --out " + (dir / "job") + kMicro + " --set model.vocab_size=400" +
+                       " --set train.steps=12 --set train.checkpoint_every=6" +
+                       " --corpus builtin:stories:3000 --set data.seq_len=32";
     Result r = kiln(args);
     ASSERT_EQ(r.rc, 0) << r.out;
     EXPECT_TRUE(fs::exists(dir / "job/hf/model.safetensors"));
+    EXPECT_TRUE(fs::exists(dir / "job/hf/tokenizer.model"));
+    EXPECT_TRUE(fs::exists(dir / "job/data/manifest.json"));
     EXPECT_TRUE(fs::exists(dir / "job/train/checkpoints/step-00000012/manifest.json"));
     Result again = kiln(args);
     ASSERT_EQ(again.rc, 0) << again.out;

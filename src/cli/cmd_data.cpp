@@ -1,0 +1,97 @@
+// kiln data --corpus PATH... --tokenizer MODEL|--train-tokenizer N --out DIR [--threads N]
+//           [--force] [--config F] [--set data.seq_len=4096 ...]
+// kiln data verify DIR
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+#include <memory>
+
+#include "cli/commands.h"
+#include "core/error.h"
+#include "core/log.h"
+#include "core/threads.h"
+#include "data/build.h"
+#include "data/tokenizer.h"
+
+namespace kiln::cli {
+
+// Trains a tokenizer on the corpus into `out` (a .model path); shared with kiln tokenizer train.
+void train_tokenizer_on(const std::vector<std::string>& corpus, const data::DataConfig& config,
+                        int vocab_size, int threads, const std::string& out) {
+    std::string lines = out + ".lines.tmp";
+    int64_t bytes = data::write_training_lines(corpus, config, lines, int64_t(1) << 30);
+    log::info("tokenizer", "training a {}-piece BPE tokenizer on {:.1f} MB of text", vocab_size,
+              bytes / 1e6);
+    try {
+        data::train_tokenizer(lines, out, {vocab_size, threads});
+    } catch (...) {
+        std::filesystem::remove(lines);
+        throw;
+    }
+    std::filesystem::remove(lines);
+    log::info("tokenizer", "wrote {}", out);
+}
+
+Action add_data(CLI::App& app) {
+    struct Options {
+        std::vector<std::string> corpus;
+        std::string tokenizer, out, config_file, verify_dir;
+        int train_tokenizer = 0;
+        int threads = 0;
+        bool force = false;
+        std::vector<std::string> sets;
+    };
+    auto o = std::make_shared<Options>();
+    app.add_option("--corpus", o->corpus,
+                   "files, folders or globs of .txt/.jsonl (.gz/.zst), or builtin:stories[:N]");
+    app.add_option("--tokenizer", o->tokenizer, "SentencePiece tokenizer.model to encode with");
+    app.add_option("--train-tokenizer", o->train_tokenizer,
+                   "train a Llama-2-style tokenizer of this vocabulary size on the corpus first "
+                   "(written to OUT/tokenizer.model)");
+    app.add_option("--out", o->out, "output folder for shards and manifest.json");
+    app.add_option("--threads", o->threads, "tokenizer threads (0: all cores)");
+    app.add_flag("--force", o->force, "replace a data set already in --out");
+    add_config_options(app, o->config_file, o->sets);
+    CLI::App* verify = app.add_subcommand("verify", "check a data set: headers, sizes, checksums, "
+                                                    "token range");
+    verify->add_option("dir", o->verify_dir, "data set folder")->required();
+    return [o, verify] {
+        train::RunConfig config;
+        resolve_config(config, o->config_file, o->sets);
+        if (verify->parsed()) {
+            data::Manifest m = data::verify_dataset(o->verify_dir);
+            std::printf("%s: ok: %llu sequences of %u tokens in %zu shards, vocab %lld, %s\n",
+                        o->verify_dir.c_str(), static_cast<unsigned long long>(m.sequences()),
+                        m.seq_len, m.shards.size(), static_cast<long long>(m.vocab_size),
+                        m.tokenizer.c_str());
+            return 0;
+        }
+        if (o->corpus.empty() || o->out.empty()) {
+            throw error("kiln data needs --corpus and --out (or: kiln data verify DIR)");
+        }
+        if (o->tokenizer.empty() == (o->train_tokenizer == 0)) {
+            throw error("kiln data needs exactly one of --tokenizer MODEL or --train-tokenizer N");
+        }
+        set_num_threads(o->threads);
+        std::string model = o->tokenizer;
+        if (o->train_tokenizer > 0) {
+            model = o->out + "/tokenizer.model";
+            if (std::filesystem::exists(model) && !o->force) {
+                log::info("tokenizer", "reusing {} (--force retrains it)", model);
+            } else {
+                std::filesystem::create_directories(o->out);
+                train_tokenizer_on(o->corpus, config.data, o->train_tokenizer, o->threads, model);
+            }
+        }
+        data::Tokenizer tokenizer(model);
+        data::BuildResult r =
+            data::build_dataset(o->corpus, tokenizer, o->out, config.data, o->force);
+        if (r.reused) {
+            std::printf("%s already holds this data set (%llu sequences); nothing to do\n",
+                        o->out.c_str(), static_cast<unsigned long long>(r.manifest.sequences()));
+        }
+        return 0;
+    };
+}
+
+}  // namespace kiln::cli

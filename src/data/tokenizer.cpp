@@ -1,0 +1,83 @@
+#include "data/tokenizer.h"
+
+#include <sentencepiece_processor.h>
+#include <sentencepiece_trainer.h>
+
+#include <filesystem>
+#include <thread>
+
+#include "core/error.h"
+#include "core/fs.h"
+#include "data/shard.h"
+
+namespace kiln::data {
+
+std::string tokenizer_identity(const std::string& model_path) {
+    fs::MappedFile f(model_path);
+    return fmt::format("xxh64:{:016x}", xxh64_bytes(f.data(), f.size()));
+}
+
+Tokenizer::Tokenizer(const std::string& model_path)
+    : sp_(std::make_unique<sentencepiece::SentencePieceProcessor>()) {
+    if (!fs::exists(model_path)) throw error("tokenizer {} does not exist", model_path);
+    auto status = sp_->Load(model_path);
+    if (!status.ok()) {
+        throw error("{} is not a SentencePiece model: {}", model_path, status.ToString());
+    }
+    identity_ = tokenizer_identity(model_path);
+}
+
+Tokenizer::~Tokenizer() = default;
+
+std::vector<int> Tokenizer::encode(std::string_view text) const {
+    std::vector<int> ids;
+    auto status = sp_->Encode(text, &ids);
+    KILN_CHECK(status.ok(), "SentencePiece encode failed: {}", status.ToString());
+    return ids;
+}
+
+std::string Tokenizer::decode(const std::vector<int>& ids) const {
+    for (int id : ids) {
+        if (id < 0 || id >= vocab_size()) {
+            throw error("token id {} is outside the vocabulary of {}", id, vocab_size());
+        }
+    }
+    std::string text;
+    auto status = sp_->Decode(ids, &text);
+    if (!status.ok()) throw error("cannot decode: {}", status.ToString());
+    return text;
+}
+
+int Tokenizer::vocab_size() const { return sp_->GetPieceSize(); }
+int Tokenizer::bos_id() const { return sp_->bos_id(); }
+int Tokenizer::eos_id() const { return sp_->eos_id(); }
+
+void train_tokenizer(const std::string& lines_file, const std::string& out_path,
+                     const TokenizerTraining& o) {
+    std::string prefix = out_path;
+    if (prefix.size() > 6 && prefix.substr(prefix.size() - 6) == ".model") {
+        prefix.resize(prefix.size() - 6);
+    }
+    std::string tmp_prefix = prefix + ".training";
+    int threads = o.threads > 0 ? o.threads : int(std::max(1u, std::thread::hardware_concurrency()));
+    // Llama-2's own settings, as its tokenizer.model records them.
+    std::string args = fmt::format(
+        "--input={} --model_prefix={} --model_type=bpe --vocab_size={} "
+        "--byte_fallback=true --split_digits=true --allow_whitespace_only_pieces=true "
+        "--normalization_rule_name=identity --remove_extra_whitespaces=false "
+        "--add_dummy_prefix=true --character_coverage=0.99995 --max_sentence_length=16384 "
+        "--unk_id=0 --bos_id=1 --eos_id=2 --pad_id=-1 --input_sentence_size={} "
+        "--shuffle_input_sentence=true --num_threads={} --minloglevel=2",
+        lines_file, tmp_prefix, o.vocab_size, o.max_sentences, threads);
+    auto status = sentencepiece::SentencePieceTrainer::Train(args);
+    if (!status.ok()) {
+        std::filesystem::remove(tmp_prefix + ".model");
+        std::filesystem::remove(tmp_prefix + ".vocab");
+        throw error("tokenizer training failed: {}", status.ToString());
+    }
+    std::filesystem::remove(tmp_prefix + ".vocab");
+    fs::fsync_path(tmp_prefix + ".model");
+    std::filesystem::rename(tmp_prefix + ".model", out_path);
+}
+
+}  // namespace kiln::data

@@ -1,0 +1,49 @@
+#pragma once
+// The tokenizer: SentencePiece. Loads any tokenizer.model (the real Llama-2 one gives exactly
+// the ids spm_encode gives) and trains Llama-2-style models (BPE, byte fallback, digits split,
+// <unk>=0 <s>=1 </s>=2, no normalization).
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace sentencepiece {
+class SentencePieceProcessor;
+}
+
+namespace kiln::data {
+
+class Tokenizer {
+public:
+    explicit Tokenizer(const std::string& model_path);  // throws Error naming the file
+    ~Tokenizer();
+    // Thread-safe: several threads may encode at once.
+    std::vector<int> encode(std::string_view text) const;
+    std::string decode(const std::vector<int>& ids) const;  // throws Error on an id out of range
+    int vocab_size() const;
+    int bos_id() const;
+    int eos_id() const;
+    // "xxh64:<16 hex>" of the model file: what a data set records and a run checks.
+    const std::string& identity() const { return identity_; }
+
+private:
+    std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;
+    std::string identity_;
+};
+
+// The identity (as Tokenizer::identity) of a model file without loading it.
+std::string tokenizer_identity(const std::string& model_path);
+
+struct TokenizerTraining {
+    int vocab_size = 32000;
+    int threads = 0;                      // 0: all cores
+    int64_t max_sentences = 2'000'000;    // lines sampled from the corpus for training
+};
+
+// Trains a Llama-2-style BPE model on the text in `lines_file` (one sentence a line) and
+// writes it atomically to out_path (a .model file). Throws Error with SentencePiece's reason.
+void train_tokenizer(const std::string& lines_file, const std::string& out_path,
+                     const TokenizerTraining& options);
+
+}  // namespace kiln::data

@@ -1,10 +1,9 @@
 // kiln data --corpus PATH... --tokenizer MODEL|--train-tokenizer N --out DIR [--threads N]
 //           [--force] [--config F] [--set data.seq_len=4096 ...]
 // kiln data verify DIR
-#include <nlohmann/json.hpp>
-
 #include <filesystem>
 #include <memory>
+#include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
 #include "core/error.h"
@@ -52,8 +51,9 @@ Action add_data(CLI::App& app) {
     app.add_option("--threads", o->threads, "tokenizer threads (0: all cores)");
     app.add_flag("--force", o->force, "replace a data set already in --out");
     add_config_options(app, o->config_file, o->sets);
-    CLI::App* verify = app.add_subcommand("verify", "check a data set: headers, sizes, checksums, "
-                                                    "token range");
+    CLI::App* verify = app.add_subcommand("verify",
+                                          "check a data set: headers, sizes, checksums, "
+                                          "token range");
     verify->add_option("dir", o->verify_dir, "data set folder")->required();
     return [o, verify] {
         train::RunConfig config;

@@ -66,7 +66,8 @@ Action add_run(CLI::App& app) {
         data::Tokenizer tokenizer(model);
         data::BuildResult built =
             data::build_dataset(o->corpus, tokenizer, config.data.source, config.data, false);
-        if (built.reused) log::info("run", "reusing the data set in {}", config.data.source);
+        if (built.reused)
+            log::info("run", "reusing the data set in {}", config.data.source);
 
         log::info("run", "stage 2/3: train {} for {} steps in {}", config.model.preset,
                   config.train.steps, config.run_dir);

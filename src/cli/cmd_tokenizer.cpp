@@ -22,7 +22,8 @@ Action add_tokenizer(CLI::App& app) {
     };
     auto o = std::make_shared<Options>();
     app.require_subcommand(1);
-    CLI::App* train = app.add_subcommand("train", "train a Llama-2-style BPE tokenizer on a corpus");
+    CLI::App* train =
+        app.add_subcommand("train", "train a Llama-2-style BPE tokenizer on a corpus");
     train->add_option("--corpus", o->corpus, "files, folders, globs or builtin:stories[:N]")
         ->required();
     train->add_option("--vocab-size", o->vocab_size, "pieces in the vocabulary")
@@ -46,7 +47,8 @@ Action add_tokenizer(CLI::App& app) {
             line_no++;
             if (encode->parsed()) {
                 auto ids = tok.encode(line);
-                for (size_t i = 0; i < ids.size(); i++) std::cout << (i ? " " : "") << ids[i];
+                for (size_t i = 0; i < ids.size(); i++)
+                    std::cout << (i ? " " : "") << ids[i];
                 std::cout << '\n';
             } else {
                 std::vector<int> ids;
@@ -56,7 +58,8 @@ Action add_tokenizer(CLI::App& app) {
                     try {
                         size_t used = 0;
                         ids.push_back(std::stoi(word, &used));
-                        if (used != word.size()) throw std::invalid_argument(word);
+                        if (used != word.size())
+                            throw std::invalid_argument(word);
                     } catch (const std::exception&) {
                         throw error("stdin line {}: '{}' is not a token id", line_no, word);
                     }

@@ -1,17 +1,19 @@
 #include "core/progress.h"
 
-#include <unistd.h>
-
 #include <fmt/format.h>
+#include <unistd.h>
 
 #include <cstdio>
 
 namespace kiln {
 
 std::string human_count(double n) {
-    if (n >= 1e9) return fmt::format("{:.2f}G", n / 1e9);
-    if (n >= 1e6) return fmt::format("{:.2f}M", n / 1e6);
-    if (n >= 1e3) return fmt::format("{:.1f}k", n / 1e3);
+    if (n >= 1e9)
+        return fmt::format("{:.2f}G", n / 1e9);
+    if (n >= 1e6)
+        return fmt::format("{:.2f}M", n / 1e6);
+    if (n >= 1e3)
+        return fmt::format("{:.1f}k", n / 1e3);
     return fmt::format("{:.0f}", n);
 }
 
@@ -26,7 +28,8 @@ Progress::Progress(std::string label, int64_t total_bytes, double log_interval_s
 void Progress::update(int64_t done_bytes, const std::string& detail) {
     auto now = Clock::now();
     double since_last = std::chrono::duration<double>(now - last_).count();
-    if (since_last < (tty_ ? 0.25 : interval_)) return;
+    if (since_last < (tty_ ? 0.25 : interval_))
+        return;
     last_ = now;
     double elapsed = std::chrono::duration<double>(now - start_).count();
     double mbps = done_bytes / 1e6 / std::max(elapsed, 1e-9);

@@ -22,7 +22,8 @@ CorpusOptions DataConfig::corpus_options() const {
 }
 
 void register_keys(ConfigSchema& s, DataConfig& c) {
-    s.add("data.source", &c.source, "training input: a shard folder made by `kiln data`, or synthetic");
+    s.add("data.source", &c.source,
+          "training input: a shard folder made by `kiln data`, or synthetic");
     s.add("data.tokenizer", &c.tokenizer,
           "the run's tokenizer.model; when set, a shard folder made with another is refused");
     s.add("data.seq_len", &c.seq_len, "tokens per stored sequence (kiln data)",
@@ -56,7 +57,8 @@ public:
     void add(const std::vector<int>& ids) {
         for (int id : ids) {
             buffer_.push_back(static_cast<uint32_t>(id));
-            if (int64_t(buffer_.size()) == rows_per_shard_ * seq_len_) flush();
+            if (int64_t(buffer_.size()) == rows_per_shard_ * seq_len_)
+                flush();
         }
     }
     // Pads or drops the short tail, writes the last shard; returns the manifest's shard list.
@@ -70,7 +72,8 @@ public:
                 buffer_.resize(buffer_.size() - partial);
             }
         }
-        if (!buffer_.empty()) flush();
+        if (!buffer_.empty())
+            flush();
         return std::move(shards_);
     }
 
@@ -113,9 +116,10 @@ BuildResult build_dataset(const std::vector<std::string>& corpus, const Tokenize
     if (fs::exists(manifest_path) && !force) {
         Manifest old = read_manifest(out_dir);
         if (!same_recipe(old, recipe)) {
-            throw error("{} already holds a data set made from other inputs or settings; use "
-                        "another --out, or --force to replace it",
-                        out_dir);
+            throw error(
+                "{} already holds a data set made from other inputs or settings; use "
+                "another --out, or --force to replace it",
+                out_dir);
         }
         verify_dataset(out_dir);
         result.manifest = old;
@@ -127,7 +131,8 @@ BuildResult build_dataset(const std::vector<std::string>& corpus, const Tokenize
     stdfs::remove(manifest_path);
     for (const auto& e : stdfs::directory_iterator(out_dir)) {
         std::string name = e.path().filename().string();
-        if (name.rfind("shard-", 0) == 0) stdfs::remove(e.path());
+        if (name.rfind("shard-", 0) == 0)
+            stdfs::remove(e.path());
     }
 
     Corpus reader(files, config.corpus_options());
@@ -153,7 +158,8 @@ BuildResult build_dataset(const std::vector<std::string>& corpus, const Tokenize
         for (size_t i = 0; i < batch.size(); i++) {
             std::vector<int> ids = tokenizer.encode(batch[i]);
             ids.insert(ids.begin(), bos);
-            if (config.add_eos) ids.push_back(eos);
+            if (config.add_eos)
+                ids.push_back(eos);
             encoded[i] = std::move(ids);
         }
         for (const auto& ids : encoded) {
@@ -164,8 +170,8 @@ BuildResult build_dataset(const std::vector<std::string>& corpus, const Tokenize
                         fmt::format("{} docs, {} tokens", human_count(reader.stats().documents),
                                     human_count(double(result.tokens))));
     }
-    recipe.shards = packer.finish(config.tail == "pad", static_cast<uint32_t>(eos),
-                                  recipe.dropped_tokens);
+    recipe.shards =
+        packer.finish(config.tail == "pad", static_cast<uint32_t>(eos), recipe.dropped_tokens);
     result.stats = reader.stats();
     if (recipe.shards.empty()) {
         throw error("the corpus yields {} tokens, fewer than one sequence of data.seq_len={}",
@@ -186,7 +192,8 @@ int64_t write_training_lines(const std::vector<std::string>& corpus, const DataC
                              const std::string& path, int64_t max_bytes) {
     Corpus reader(expand_corpus(corpus), config.corpus_options());
     std::ofstream out(path, std::ios::binary);
-    if (!out) throw error("cannot write {}", path);
+    if (!out)
+        throw error("cannot write {}", path);
     int64_t written = 0;
     std::string text;
     while (written < max_bytes && reader.next(text)) {
@@ -202,7 +209,8 @@ int64_t write_training_lines(const std::vector<std::string>& corpus, const DataC
             start = end + 1;
         }
     }
-    if (written == 0) throw error("the corpus has no text to train a tokenizer on");
+    if (written == 0)
+        throw error("the corpus has no text to train a tokenizer on");
     return written;
 }
 
@@ -211,7 +219,8 @@ Manifest verify_dataset(const std::string& dir) {
     ShardSet set(dir, m.vocab_size);
     set.verify();
     std::vector<int32_t> row(set.seq_len());
-    for (int64_t r = 0; r < set.rows(); r++) set.read_row(r, row.data());  // token range
+    for (int64_t r = 0; r < set.rows(); r++)
+        set.read_row(r, row.data());  // token range
     return m;
 }
 

@@ -23,13 +23,13 @@ struct DataConfig {
     std::string tokenizer;             // the run's tokenizer; when set, shards must match it
     int64_t seq_len = 4096;            // tokens per stored sequence (kiln data)
     bool add_eos = true;
-    std::string tail = "drop";         // drop | pad
-    int64_t shard_tokens = 1 << 25;    // target tokens per shard (rounded down to whole rows)
+    std::string tail = "drop";       // drop | pad
+    int64_t shard_tokens = 1 << 25;  // target tokens per shard (rounded down to whole rows)
     std::string text_field = "text";
     bool skip_bad_lines = false;
     int64_t max_line_bytes = 64 << 20;
-    int64_t seed = 1;                  // builtin corpora
-    int64_t batch_bytes = 4 << 20;     // text tokenized per parallel batch
+    int64_t seed = 1;               // builtin corpora
+    int64_t batch_bytes = 4 << 20;  // text tokenized per parallel batch
 
     CorpusOptions corpus_options() const;
 };
@@ -41,8 +41,8 @@ class Tokenizer;
 struct BuildResult {
     Manifest manifest;
     CorpusStats stats;
-    int64_t tokens = 0;  // tokens produced (before cutting into rows)
-    bool reused = false; // the folder already held this data set
+    int64_t tokens = 0;   // tokens produced (before cutting into rows)
+    bool reused = false;  // the folder already held this data set
 };
 
 // Builds the data set in out_dir. With `force` false, a complete data set of the same recipe

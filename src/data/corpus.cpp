@@ -4,13 +4,12 @@
 #include <zlib.h>
 #include <zstd.h>
 
-#include <nlohmann/json.hpp>
-
 #include <algorithm>
 #include <array>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <random>
 
 #include "core/error.h"
@@ -21,7 +20,8 @@ namespace {
 namespace stdfs = std::filesystem;
 
 bool ends_with(const std::string& s, const std::string& suffix) {
-    return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+    return s.size() >= suffix.size() &&
+           s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 // A byte stream over a plain, gzip or zstd file.
@@ -34,13 +34,16 @@ public:
 
 class PlainStream : public ByteStream {
 public:
-    explicit PlainStream(const std::string& path) : path_(path), f_(std::fopen(path.c_str(), "rb")) {
-        if (!f_) throw error("cannot open {}: {}", path, std::strerror(errno));
+    explicit PlainStream(const std::string& path)
+        : path_(path), f_(std::fopen(path.c_str(), "rb")) {
+        if (!f_)
+            throw error("cannot open {}: {}", path, std::strerror(errno));
     }
     ~PlainStream() override { std::fclose(f_); }
     size_t read(char* buf, size_t n) override {
         size_t got = std::fread(buf, 1, n, f_);
-        if (got == 0 && std::ferror(f_)) throw error("cannot read {}", path_);
+        if (got == 0 && std::ferror(f_))
+            throw error("cannot read {}", path_);
         consumed_ += int64_t(got);
         return got;
     }
@@ -55,7 +58,8 @@ private:
 class GzipStream : public ByteStream {
 public:
     explicit GzipStream(const std::string& path) : path_(path), f_(gzopen(path.c_str(), "rb")) {
-        if (!f_) throw error("cannot open {}", path);
+        if (!f_)
+            throw error("cannot open {}", path);
         gzbuffer(f_, 1 << 17);
     }
     ~GzipStream() override { gzclose(f_); }
@@ -87,7 +91,8 @@ public:
             if (in_.pos == in_.size) {
                 size_t got = file_.read(in_buf_.data(), in_buf_.size());
                 if (got == 0) {
-                    if (last_ret_ != 0) throw error("{} is truncated zstd data", path());
+                    if (last_ret_ != 0)
+                        throw error("{} is truncated zstd data", path());
                     return 0;
                 }
                 in_ = {in_buf_.data(), got, 0};
@@ -112,8 +117,10 @@ private:
 };
 
 std::unique_ptr<ByteStream> open_stream(const std::string& path) {
-    if (ends_with(path, ".gz")) return std::make_unique<GzipStream>(path);
-    if (ends_with(path, ".zst")) return std::make_unique<ZstdStream>(path);
+    if (ends_with(path, ".gz"))
+        return std::make_unique<GzipStream>(path);
+    if (ends_with(path, ".zst"))
+        return std::make_unique<ZstdStream>(path);
     return std::make_unique<PlainStream>(path);
 }
 
@@ -144,24 +151,24 @@ struct Corpus::Source {
         out.clear();
         while (true) {
             size_t nl = buffer.find('\n', pos);
-            if (nl != std::string::npos) {
-                out.append(buffer, pos, nl - pos);
-                pos = nl + 1;
-                line++;
-                return true;
-            }
-            out.append(buffer, pos, std::string::npos);
-            buffer.clear();
-            pos = 0;
+            out.append(buffer, pos, nl == std::string::npos ? std::string::npos : nl - pos);
             if (int64_t(out.size()) > max_bytes) {
                 throw error("{}:{}: line is longer than data.max_line_bytes={}", path, line + 1,
                             max_bytes);
             }
+            if (nl != std::string::npos) {
+                pos = nl + 1;
+                line++;
+                return true;
+            }
+            buffer.clear();
+            pos = 0;
             buffer.resize(1 << 20);
             size_t got = stream->read(buffer.data(), buffer.size());
             buffer.resize(got);
             if (got == 0) {
-                if (out.empty()) return false;
+                if (out.empty())
+                    return false;
                 line++;
                 return true;
             }
@@ -180,14 +187,16 @@ std::vector<std::string> expand_corpus(const std::vector<std::string>& paths) {
         if (stdfs::is_directory(p)) {
             for (const auto& e : stdfs::recursive_directory_iterator(p)) {
                 std::string f = e.path().string();
-                if (e.is_regular_file() && (is_jsonl(f) || is_text(f))) found.push_back(f);
+                if (e.is_regular_file() && (is_jsonl(f) || is_text(f)))
+                    found.push_back(f);
             }
         } else if (stdfs::is_regular_file(p)) {
             found.push_back(p);
         } else if (p.find_first_of("*?[") != std::string::npos) {
             glob_t g;
             if (::glob(p.c_str(), 0, nullptr, &g) == 0) {
-                for (size_t i = 0; i < g.gl_pathc; i++) found.push_back(g.gl_pathv[i]);
+                for (size_t i = 0; i < g.gl_pathc; i++)
+                    found.push_back(g.gl_pathv[i]);
             }
             globfree(&g);
         }
@@ -197,9 +206,10 @@ std::vector<std::string> expand_corpus(const std::vector<std::string>& paths) {
         std::sort(found.begin(), found.end());
         for (auto& f : found) {
             if (!is_jsonl(f) && !is_text(f)) {
-                throw error("corpus file {}: unknown format (expected .txt or .jsonl, optionally "
-                            ".gz or .zst)",
-                            f);
+                throw error(
+                    "corpus file {}: unknown format (expected .txt or .jsonl, optionally "
+                    ".gz or .zst)",
+                    f);
             }
             files.push_back(std::move(f));
         }
@@ -211,13 +221,15 @@ namespace {
 // "builtin:stories" or "builtin:stories:N" (N documents).
 int64_t builtin_documents(const std::string& name) {
     const std::string base = "builtin:stories";
-    if (name == base) return 20000;
+    if (name == base)
+        return 20000;
     if (name.rfind(base + ":", 0) == 0) {
         try {
             size_t used = 0;
             std::string n = name.substr(base.size() + 1);
             int64_t v = std::stoll(n, &used);
-            if (used == n.size() && v > 0) return v;
+            if (used == n.size() && v > 0)
+                return v;
         } catch (const std::exception&) {
         }
     }
@@ -229,8 +241,8 @@ int64_t builtin_documents(const std::string& name) {
 int64_t corpus_bytes(const std::vector<std::string>& files) {
     int64_t total = 0;
     for (const auto& f : files) {
-        total += f.rfind("builtin:", 0) == 0 ? builtin_documents(f) * 600
-                                             : int64_t(stdfs::file_size(f));
+        total +=
+            f.rfind("builtin:", 0) == 0 ? builtin_documents(f) * 600 : int64_t(stdfs::file_size(f));
     }
     return total;
 }
@@ -246,10 +258,12 @@ int64_t Corpus::bytes_read() const {
 
 bool Corpus::open_next_file() {
     if (source_) {
-        finished_bytes_ += source_->stream ? source_->stream->consumed() : source_->builtin_count * 600;
+        finished_bytes_ +=
+            source_->stream ? source_->stream->consumed() : source_->builtin_count * 600;
         source_.reset();
     }
-    if (next_file_ >= files_.size()) return false;
+    if (next_file_ >= files_.size())
+        return false;
     auto s = std::make_unique<Source>();
     s->path = files_[next_file_++];
     if (s->path.rfind("builtin:", 0) == 0) {
@@ -265,7 +279,8 @@ bool Corpus::open_next_file() {
 bool Corpus::next(std::string& text) {
     while (true) {
         if (!source_ || source_->done) {
-            if (!open_next_file()) return false;
+            if (!open_next_file())
+                return false;
         }
         Source& s = *source_;
         if (!s.stream) {  // builtin
@@ -280,7 +295,8 @@ bool Corpus::next(std::string& text) {
                 s.done = true;
                 continue;
             }
-            if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+            if (line.find_first_not_of(" \t\r") == std::string::npos)
+                continue;
             std::string why;
             try {
                 auto j = nlohmann::json::parse(line);
@@ -339,23 +355,29 @@ int64_t repair_utf8(std::string& text) {
     // Fast path: valid text is left untouched.
     auto valid_at = [&](size_t i, size_t& len) {
         unsigned char c = text[i];
-        if (c < 0x80) return len = 1, true;
+        if (c < 0x80)
+            return len = 1, true;
         int n = (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
-        if (n == 0 || i + n > text.size()) return false;
+        if (n == 0 || i + n > text.size())
+            return false;
         uint32_t cp = c & (0xFF >> (n + 1));
         for (int k = 1; k < n; k++) {
             unsigned char d = text[i + k];
-            if ((d & 0xC0) != 0x80) return false;
+            if ((d & 0xC0) != 0x80)
+                return false;
             cp = (cp << 6) | (d & 0x3F);
         }
         static const uint32_t min_cp[5] = {0, 0, 0x80, 0x800, 0x10000};
-        if (cp < min_cp[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+        if (cp < min_cp[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+            return false;
         len = size_t(n);
         return true;
     };
     size_t i = 0, len = 0;
-    while (i < text.size() && valid_at(i, len)) i += len;
-    if (i == text.size()) return 0;
+    while (i < text.size() && valid_at(i, len))
+        i += len;
+    if (i == text.size())
+        return 0;
     std::string out(text, 0, i);
     int64_t replaced = 0;
     while (i < text.size()) {
@@ -366,7 +388,8 @@ int64_t repair_utf8(std::string& text) {
             out.append("\xEF\xBF\xBD");
             replaced++;
             i++;
-            while (i < text.size() && (static_cast<unsigned char>(text[i]) & 0xC0) == 0x80) i++;
+            while (i < text.size() && (static_cast<unsigned char>(text[i]) & 0xC0) == 0x80)
+                i++;
         }
     }
     text = std::move(out);
@@ -374,23 +397,23 @@ int64_t repair_utf8(std::string& text) {
 }
 
 std::string builtin_story(uint64_t seed, int64_t index) {
-    static const std::array<const char*, 16> names = {
-        "Lily", "Tom", "Mia", "Ben", "Sara", "Max", "Anna", "Leo",
-        "Emma", "Sam", "Zoe", "Jack", "Nora", "Finn", "Ruby", "Owen"};
-    static const std::array<const char*, 12> animals = {"dog", "cat", "bird", "fox", "rabbit",
-                                                         "duck", "bear", "frog", "mouse", "owl",
-                                                         "horse", "fish"};
+    static const std::array<const char*, 16> names = {"Lily", "Tom",  "Mia",  "Ben", "Sara", "Max",
+                                                      "Anna", "Leo",  "Emma", "Sam", "Zoe",  "Jack",
+                                                      "Nora", "Finn", "Ruby", "Owen"};
+    static const std::array<const char*, 12> animals = {"dog",    "cat",  "bird",  "fox",
+                                                        "rabbit", "duck", "bear",  "frog",
+                                                        "mouse",  "owl",  "horse", "fish"};
     static const std::array<const char*, 12> places = {
-        "the park", "the garden", "the forest", "the beach", "the river", "the farm",
-        "the hill", "the school", "the old house", "the market", "the lake", "the meadow"};
-    static const std::array<const char*, 12> adjectives = {
-        "little", "big", "happy", "sleepy", "brave", "shy", "red", "tiny", "kind", "funny",
-        "quiet", "clever"};
-    static const std::array<const char*, 12> things = {"ball", "kite", "box", "hat", "cake",
-                                                        "book", "boat", "flower", "stone",
-                                                        "apple", "key", "drum"};
-    static const std::array<const char*, 8> feelings = {"happy", "sad", "excited", "scared",
-                                                         "proud", "tired", "curious", "surprised"};
+        "the park", "the garden", "the forest",    "the beach",  "the river", "the farm",
+        "the hill", "the school", "the old house", "the market", "the lake",  "the meadow"};
+    static const std::array<const char*, 12> adjectives = {"little", "big",   "happy", "sleepy",
+                                                           "brave",  "shy",   "red",   "tiny",
+                                                           "kind",   "funny", "quiet", "clever"};
+    static const std::array<const char*, 12> things = {"ball",  "kite",  "box",  "hat",
+                                                       "cake",  "book",  "boat", "flower",
+                                                       "stone", "apple", "key",  "drum"};
+    static const std::array<const char*, 8> feelings = {"happy", "sad",   "excited", "scared",
+                                                        "proud", "tired", "curious", "surprised"};
     std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(index));
     auto pick = [&](const auto& list) { return list[rng() % list.size()]; };
     const char* hero = pick(names);
@@ -399,8 +422,8 @@ std::string builtin_story(uint64_t seed, int64_t index) {
     const char* adjective = pick(adjectives);
     const char* thing = pick(things);
     const char* place = pick(places);
-    std::string s = fmt::format("Once upon a time, there was a {} {} named {}. ", adjective,
-                                animal, hero);
+    std::string s =
+        fmt::format("Once upon a time, there was a {} {} named {}. ", adjective, animal, hero);
     s += fmt::format("{} liked to play in {} with a {}. ", hero, place, thing);
     int events = 3 + int(rng() % 5);
     for (int e = 0; e < events; e++) {
@@ -430,8 +453,7 @@ std::string builtin_story(uint64_t seed, int64_t index) {
                 break;
         }
     }
-    s += fmt::format("At last, {} found the {} and felt {}. The end.", hero, thing,
-                     pick(feelings));
+    s += fmt::format("At last, {} found the {} and felt {}. The end.", hero, thing, pick(feelings));
     return s;
 }
 

@@ -19,10 +19,10 @@ struct CorpusOptions {
 
 struct CorpusStats {
     int64_t documents = 0;
-    int64_t bytes = 0;           // text bytes of the documents returned
-    int64_t bad_lines = 0;       // skipped (skip_bad_lines)
-    int64_t replaced_utf8 = 0;   // invalid UTF-8 sequences replaced by U+FFFD
-    int64_t empty_documents = 0; // skipped: nothing to tokenize
+    int64_t bytes = 0;            // text bytes of the documents returned
+    int64_t bad_lines = 0;        // skipped (skip_bad_lines)
+    int64_t replaced_utf8 = 0;    // invalid UTF-8 sequences replaced by U+FFFD
+    int64_t empty_documents = 0;  // skipped: nothing to tokenize
 };
 
 // Files (and builtin: entries) that `paths` name, in the order they will be read: each argument

@@ -19,7 +19,8 @@ std::string tokenizer_identity(const std::string& model_path) {
 
 Tokenizer::Tokenizer(const std::string& model_path)
     : sp_(std::make_unique<sentencepiece::SentencePieceProcessor>()) {
-    if (!fs::exists(model_path)) throw error("tokenizer {} does not exist", model_path);
+    if (!fs::exists(model_path))
+        throw error("tokenizer {} does not exist", model_path);
     auto status = sp_->Load(model_path);
     if (!status.ok()) {
         throw error("{} is not a SentencePiece model: {}", model_path, status.ToString());
@@ -44,13 +45,20 @@ std::string Tokenizer::decode(const std::vector<int>& ids) const {
     }
     std::string text;
     auto status = sp_->Decode(ids, &text);
-    if (!status.ok()) throw error("cannot decode: {}", status.ToString());
+    if (!status.ok())
+        throw error("cannot decode: {}", status.ToString());
     return text;
 }
 
-int Tokenizer::vocab_size() const { return sp_->GetPieceSize(); }
-int Tokenizer::bos_id() const { return sp_->bos_id(); }
-int Tokenizer::eos_id() const { return sp_->eos_id(); }
+int Tokenizer::vocab_size() const {
+    return sp_->GetPieceSize();
+}
+int Tokenizer::bos_id() const {
+    return sp_->bos_id();
+}
+int Tokenizer::eos_id() const {
+    return sp_->eos_id();
+}
 
 void train_tokenizer(const std::string& lines_file, const std::string& out_path,
                      const TokenizerTraining& o) {
@@ -59,7 +67,8 @@ void train_tokenizer(const std::string& lines_file, const std::string& out_path,
         prefix.resize(prefix.size() - 6);
     }
     std::string tmp_prefix = prefix + ".training";
-    int threads = o.threads > 0 ? o.threads : int(std::max(1u, std::thread::hardware_concurrency()));
+    int threads =
+        o.threads > 0 ? o.threads : int(std::max(1u, std::thread::hardware_concurrency()));
     // Llama-2's own settings, as its tokenizer.model records them.
     std::string args = fmt::format(
         "--input={} --model_prefix={} --model_type=bpe --vocab_size={} "

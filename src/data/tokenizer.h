@@ -37,8 +37,8 @@ std::string tokenizer_identity(const std::string& model_path);
 
 struct TokenizerTraining {
     int vocab_size = 32000;
-    int threads = 0;                      // 0: all cores
-    int64_t max_sentences = 2'000'000;    // lines sampled from the corpus for training
+    int threads = 0;                    // 0: all cores
+    int64_t max_sentences = 2'000'000;  // lines sampled from the corpus for training
 };
 
 // Trains a Llama-2-style BPE model on the text in `lines_file` (one sentence a line) and

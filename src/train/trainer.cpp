@@ -78,9 +78,10 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
         shards && !cfg.data.tokenizer.empty()) {
         std::string want = data::tokenizer_identity(cfg.data.tokenizer);
         if (shards->manifest().tokenizer != want) {
-            throw error("{}/manifest.json: the data set was made with tokenizer {}, not with "
-                        "data.tokenizer={} ({})",
-                        cfg.data.source, shards->manifest().tokenizer, cfg.data.tokenizer, want);
+            throw error(
+                "{}/manifest.json: the data set was made with tokenizer {}, not with "
+                "data.tokenizer={} ({})",
+                cfg.data.source, shards->manifest().tokenizer, cfg.data.tokenizer, want);
         }
     }
     model::Llama model(cfg.model, k, t.micro_batch, t.seq_len, model::parse_recompute(t.recompute));

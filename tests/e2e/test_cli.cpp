@@ -151,6 +151,42 @@ TEST(Cli, RunTrainsExportsAndReusesWhatIsDone) {
     EXPECT_EQ(again.out.find("step     "), std::string::npos) << "trained again:\n" << again.out;
 }
 
+TEST(Cli, DataPipelineAndItsGuards) {
+    TempDir dir;
+    std::string base = "data --corpus builtin:stories:1500 --set data.seq_len=32 --out ";
+    Result a = kiln(base + (dir / "a") + " --train-tokenizer 400");
+    ASSERT_EQ(a.rc, 0) << a.out;
+    Result b = kiln(base + (dir / "b") + " --train-tokenizer 420");
+    ASSERT_EQ(b.rc, 0) << b.out;
+    Result v = kiln("data verify " + (dir / "a"));
+    EXPECT_EQ(v.rc, 0) << v.out;
+    EXPECT_NE(v.out.find("ok:"), std::string::npos);
+    // Training on a's shards while declaring b's tokenizer is refused, naming both.
+    std::string train = "train" + kMicro + " --set model.vocab_size=400 --set train.steps=2" +
+                        " --set data.source=" + (dir / "a") + " --set run.dir=" + (dir / "run");
+    Result mismatch = kiln(train + " --set data.tokenizer=" + (dir / "b/tokenizer.model"));
+    EXPECT_NE(mismatch.rc, 0);
+    EXPECT_NE(mismatch.out.find("was made with tokenizer"), std::string::npos) << mismatch.out;
+    Result ok = kiln(train + " --set data.tokenizer=" + (dir / "a/tokenizer.model"));
+    EXPECT_EQ(ok.rc, 0) << ok.out;
+    // A truncated shard: verify names it and training refuses it.
+    std::filesystem::resize_file(dir / "a/shard-00000.bin", 1000);
+    Result bad = kiln("data verify " + (dir / "a"));
+    EXPECT_NE(bad.rc, 0);
+    EXPECT_NE(bad.out.find("shard-00000.bin: file is 1000 bytes"), std::string::npos) << bad.out;
+    Result refused = kiln(train + " --set run.dir=" + (dir / "run2"));
+    EXPECT_NE(refused.rc, 0);
+    EXPECT_NE(refused.out.find("shard-00000.bin"), std::string::npos) << refused.out;
+    // Missing arguments and a malformed corpus line are one sentence each.
+    Result none = kiln("data --out " + (dir / "c"));
+    EXPECT_NE(none.out.find("needs --corpus and --out"), std::string::npos) << none.out;
+    std::ofstream(dir / "bad.jsonl") << "{\"text\": \"fine\"}\nnot json\n";
+    Result line = kiln("data --corpus " + (dir / "bad.jsonl") + " --tokenizer " +
+                       (dir / "b/tokenizer.model") + " --out " + (dir / "c"));
+    EXPECT_NE(line.rc, 0);
+    EXPECT_NE(line.out.find("bad.jsonl:2: line is not valid JSON"), std::string::npos) << line.out;
+}
+
 // Bad input: exit non-zero with one line naming the key or file; nothing overwritten.
 TEST(Cli, BadInputIsOneClearSentence) {
     TempDir dir;

@@ -1,0 +1,271 @@
+// Corpus readers, the tokenizer, packing and the loader, on data the tests make; plus the real
+// Llama-2 tokenizer against spm_encode when ../shared/data is present.
+#include <gtest/gtest.h>
+#include <zlib.h>
+#include <zstd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <omp.h>
+
+#include <set>
+
+#include "core/error.h"
+#include "core/fs.h"
+#include "data/build.h"
+#include "data/corpus.h"
+#include "data/sampler.h"
+#include "data/tokenizer.h"
+#include "fixture.h"
+
+namespace kiln::data {
+namespace {
+
+using kiln::testing::TempDir;
+
+void write(const std::string& path, const std::string& bytes) {
+    std::ofstream(path, std::ios::binary) << bytes;
+}
+
+void write_gz(const std::string& path, const std::string& bytes) {
+    gzFile f = gzopen(path.c_str(), "wb");
+    gzwrite(f, bytes.data(), unsigned(bytes.size()));
+    gzclose(f);
+}
+
+void write_zst(const std::string& path, const std::string& bytes) {
+    std::string out(ZSTD_compressBound(bytes.size()), '\0');
+    out.resize(ZSTD_compress(out.data(), out.size(), bytes.data(), bytes.size(), 3));
+    write(path, out);
+}
+
+std::vector<std::string> read_all(const std::vector<std::string>& paths, CorpusOptions o = {},
+                                  CorpusStats* stats = nullptr) {
+    Corpus c(expand_corpus(paths), o);
+    std::vector<std::string> docs;
+    std::string t;
+    while (c.next(t)) docs.push_back(t);
+    if (stats) *stats = c.stats();
+    return docs;
+}
+
+std::string message_of(const std::function<void()>& f) {
+    try {
+        f();
+    } catch (const Error& e) {
+        return e.what();
+    }
+    return "";
+}
+
+TEST(Corpus, FormatsFoldersAndOrder) {
+    TempDir dir;
+    std::filesystem::create_directories(dir / "c/sub");
+    write(dir / "c/b.txt", "second file\nstill the same document");
+    write(dir / "c/a.jsonl", "{\"text\": \"one\"}\n\n{\"text\": \"two\", \"id\": 3}\n");
+    write_gz(dir / "c/sub/c.jsonl.gz", "{\"text\": \"three\"}\n{\"text\": \"four\"}");
+    write_zst(dir / "c/sub/d.txt.zst", "five");
+    write(dir / "c/ignored.csv", "x");
+    auto docs = read_all({dir / "c"});
+    EXPECT_EQ(docs, (std::vector<std::string>{"one", "two", "second file\nstill the same document",
+                                              "three", "four", "five"}));
+    EXPECT_EQ(read_all({dir / "c/sub/*.jsonl.gz"}), (std::vector<std::string>{"three", "four"}));
+    CorpusOptions o;
+    o.text_field = "content";
+    write(dir / "x.jsonl", "{\"content\": \"six\"}\n");
+    EXPECT_EQ(read_all({dir / "x.jsonl"}, o), std::vector<std::string>{"six"});
+    EXPECT_NE(message_of([&] { expand_corpus({dir / "nothing*.txt"}); }).find("matches no"),
+              std::string::npos);
+}
+
+TEST(Corpus, BadInputIsNamedOrCounted) {
+    TempDir dir;
+    write(dir / "bad.jsonl", "{\"text\": \"ok\"}\n{\"text\": broken\n{\"other\": 1}\n{\"text\": \"end\"}\n");
+    std::string m = message_of([&] { read_all({dir / "bad.jsonl"}); });
+    EXPECT_NE(m.find("bad.jsonl:2: line is not valid JSON"), std::string::npos) << m;
+    CorpusOptions skip;
+    skip.skip_bad_lines = true;
+    CorpusStats stats;
+    EXPECT_EQ(read_all({dir / "bad.jsonl"}, skip, &stats), (std::vector<std::string>{"ok", "end"}));
+    EXPECT_EQ(stats.bad_lines, 2);
+    write(dir / "field.jsonl", "{\"body\": \"x\"}\n");
+    m = message_of([&] { read_all({dir / "field.jsonl"}); });
+    EXPECT_NE(m.find("field.jsonl:1: line has no string field 'text'"), std::string::npos) << m;
+    // Invalid UTF-8 is replaced and counted, in .txt and inside JSON strings.
+    write(dir / "u.txt", std::string("caf\xC3\xA9 \xFF\xFE ok \xE2\x82", 14));
+    write(dir / "u.jsonl", std::string("{\"text\": \"a\xC0\xAF b\"}\n"));
+    auto docs = read_all({dir / "u.txt", dir / "u.jsonl"}, {}, &stats);
+    EXPECT_EQ(docs[0], "caf\xC3\xA9 \xEF\xBF\xBD\xEF\xBF\xBD ok \xEF\xBF\xBD");
+    EXPECT_EQ(docs[1], "a\xEF\xBF\xBD b");  // a bad lead byte and its continuation: one
+    EXPECT_EQ(stats.replaced_utf8, 4);
+    // Empty files are skipped and counted; an over-long line names its file and line.
+    write(dir / "empty.txt", "");
+    EXPECT_TRUE(read_all({dir / "empty.txt"}, {}, &stats).empty());
+    EXPECT_EQ(stats.empty_documents, 1);
+    write(dir / "long.jsonl", "{\"text\": \"a\"}\n{\"text\": \"" + std::string(5000, 'x') + "\"}\n");
+    CorpusOptions small;
+    small.max_line_bytes = 1000;
+    m = message_of([&] { read_all({dir / "long.jsonl"}, small); });
+    EXPECT_NE(m.find("long.jsonl:2: line is longer than data.max_line_bytes=1000"),
+              std::string::npos) << m;
+    write(dir / "trunc.jsonl.zst", "not zstd at all");
+    EXPECT_NE(message_of([&] { read_all({dir / "trunc.jsonl.zst"}); }).find("not valid zstd"),
+              std::string::npos);
+}
+
+TEST(Corpus, BuiltinStoriesAreDeterministic) {
+    EXPECT_EQ(builtin_story(1, 42), builtin_story(1, 42));
+    EXPECT_NE(builtin_story(1, 42), builtin_story(2, 42));
+    auto docs = read_all({"builtin:stories:10"});
+    EXPECT_EQ(docs.size(), 10u);
+    EXPECT_EQ(docs[3], builtin_story(1, 3));
+    EXPECT_THROW(read_all({"builtin:novels"}), Error);
+}
+
+// A tokenizer trained once for the tests below.
+class Trained : public ::testing::Test {
+protected:
+    static void SetUpTestSuite() {
+        dir_ = new TempDir;
+        DataConfig c;
+        std::string lines = *dir_ / "lines.txt";
+        write_training_lines({"builtin:stories:3000"}, c, lines, 1 << 30);
+        train_tokenizer(lines, *dir_ / "t.model", {400, 2});
+    }
+    static void TearDownTestSuite() { delete dir_; }
+    static std::string model() { return *dir_ / "t.model"; }
+    static TempDir* dir_;
+};
+TempDir* Trained::dir_ = nullptr;
+
+TEST_F(Trained, Llama2StyleTokenizer) {
+    Tokenizer t(model());
+    EXPECT_EQ(t.vocab_size(), 400);
+    EXPECT_EQ(t.bos_id(), 1);
+    EXPECT_EQ(t.eos_id(), 2);
+    // Byte fallback: text never seen in training round-trips; digits are split.
+    std::string text = "Lily found 2024 apples, ünïcode ✓.";
+    EXPECT_EQ(t.decode(t.encode(text)), text);
+    auto ids = t.encode("12");
+    EXPECT_EQ(ids.size(), 3u);  // "▁", "1", "2"
+    EXPECT_THROW(t.decode({400}), Error);
+    EXPECT_THROW(Tokenizer("/nonexistent.model"), Error);
+}
+
+TEST_F(Trained, PackingSemanticsAndThreadIndependence) {
+    Tokenizer t(model());
+    TempDir out;
+    DataConfig c;
+    c.seq_len = 64;
+    c.shard_tokens = 64 * 50;  // several shards
+    std::vector<std::string> corpus = {"builtin:stories:400"};
+    BuildResult a = build_dataset(corpus, t, out / "a", c, false);
+    // Expected stream: per document BOS + ids + EOS, concatenated, cut into rows of 64.
+    std::vector<uint32_t> stream;
+    Corpus reader(expand_corpus(corpus), c.corpus_options());
+    std::string doc;
+    while (reader.next(doc)) {
+        stream.push_back(1);
+        for (int id : t.encode(doc)) stream.push_back(uint32_t(id));
+        stream.push_back(2);
+    }
+    ASSERT_EQ(a.manifest.sequences(), stream.size() / 64);
+    EXPECT_EQ(a.manifest.dropped_tokens, stream.size() % 64);
+    EXPECT_GT(a.manifest.shards.size(), 2u);
+    ShardSet set(out / "a", 400);
+    std::vector<int32_t> row(64);
+    for (int64_t r = 0; r < set.rows(); r += 17) {
+        set.read_row(r, row.data());
+        for (int i = 0; i < 64; i++) ASSERT_EQ(uint32_t(row[i]), stream[r * 64 + i]) << r;
+    }
+    // Same bytes with one thread as with two; pad keeps the tail.
+    omp_set_num_threads(1);
+    BuildResult b = build_dataset(corpus, t, out / "b", c, false);
+    omp_set_num_threads(2);
+    for (size_t s = 0; s < a.manifest.shards.size(); s++) {
+        EXPECT_EQ(a.manifest.shards[s].xxh64, b.manifest.shards[s].xxh64);
+    }
+    c.tail = "pad";
+    BuildResult p = build_dataset(corpus, t, out / "p", c, false);
+    EXPECT_EQ(p.manifest.sequences(), (stream.size() + 63) / 64);
+    EXPECT_EQ(p.manifest.dropped_tokens, 0u);
+}
+
+TEST_F(Trained, RebuildReusesRefusesAndNeverLies) {
+    Tokenizer t(model());
+    TempDir out;
+    DataConfig c;
+    c.seq_len = 32;
+    std::vector<std::string> corpus = {"builtin:stories:200"};
+    build_dataset(corpus, t, out / "d", c, false);
+    EXPECT_TRUE(build_dataset(corpus, t, out / "d", c, false).reused);
+    c.seq_len = 48;
+    EXPECT_NE(message_of([&] { build_dataset(corpus, t, out / "d", c, false); })
+                  .find("already holds a data set made from other inputs"),
+              std::string::npos);
+    EXPECT_EQ(read_manifest(out / "d").seq_len, 32u);  // untouched
+    BuildResult forced = build_dataset(corpus, t, out / "d", c, true);
+    EXPECT_EQ(read_manifest(out / "d").seq_len, 48u);
+    EXPECT_FALSE(forced.reused);
+    // A tampered shard is named by verify.
+    {
+        std::fstream f(out / "d/shard-00000.bin", std::ios::in | std::ios::out | std::ios::binary);
+        f.seekp(100);
+        f.put(char(7));
+    }
+    EXPECT_NE(message_of([&] { verify_dataset(out / "d"); }).find("shard-00000.bin: checksum"),
+              std::string::npos);
+    // A corpus too small for one sequence is an error, and leaves no manifest.
+    c.seq_len = 100000;
+    EXPECT_THROW(build_dataset(corpus, t, out / "e", c, false), Error);
+    EXPECT_FALSE(fs::exists(out / "e/manifest.json"));
+}
+
+// The real Llama-2 tokenizer gives exactly spm_encode's ids on real English text.
+TEST(RealData, Llama2TokenizerMatchesSpmEncode) {
+    std::string shared = kiln::testing::source_dir() + "/../shared/data";
+    std::string model = shared + "/llama2-tokenizer.model";
+    if (!fs::exists(model)) GTEST_SKIP() << "shared data not present";
+    if (kiln::testing::run("command -v spm_encode >/dev/null") != 0) GTEST_SKIP() << "no spm_encode";
+    TempDir dir;
+    // 400 lines of Shakespeare and of WikiText.
+    std::string cmd = "(head -n 200 " + shared + "/tinyshakespeare.txt; head -n 200 " + shared +
+                      "/wikitext-2/test.txt) > " + (dir / "in.txt") + " && spm_encode --model " +
+                      model + " --output_format=id < " + (dir / "in.txt") + " > " + (dir / "ids.txt");
+    ASSERT_EQ(kiln::testing::run(cmd), 0);
+    Tokenizer t(model);
+    EXPECT_EQ(t.vocab_size(), 32000);
+    std::ifstream text(dir / "in.txt"), ids(dir / "ids.txt");
+    std::string line, want;
+    int lines = 0;
+    while (std::getline(text, line) && std::getline(ids, want)) {
+        std::string got;
+        for (int id : t.encode(line)) got += (got.empty() ? "" : " ") + std::to_string(id);
+        ASSERT_EQ(got, want) << "line " << lines << ": " << line;
+        lines++;
+    }
+    EXPECT_EQ(lines, 400);
+}
+
+TEST(Sampler, EverySequenceOncePerEpochForOneTwoThreeRanks) {
+    const int64_t rows = 97, B = 4;  // rows not a multiple of anything
+    for (int64_t dp : {1, 2, 3}) {
+        Sampler s(rows, 11);
+        std::vector<int> seen(rows, 0);
+        int64_t consumed = 0;
+        for (int64_t step = 0; consumed < 3 * rows; step++) {
+            for (int64_t r = 0; r < dp; r++) {
+                for (int64_t row : s.micro_batch(step, 1, 0, r, dp, B)) {
+                    if (consumed++ < 3 * rows) seen[row]++;
+                }
+            }
+        }
+        for (int64_t r = 0; r < rows; r++) EXPECT_EQ(seen[r], 3) << "dp " << dp << " row " << r;
+        // Resuming mid-epoch (a fresh sampler at step 20) gives the same rows.
+        Sampler resumed(rows, 11);
+        EXPECT_EQ(resumed.micro_batch(20, 1, 0, dp - 1, dp, B), s.micro_batch(20, 1, 0, dp - 1, dp, B));
+    }
+}
+
+}  // namespace
+}  // namespace kiln::data

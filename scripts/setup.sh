@@ -8,7 +8,7 @@ packages=(
     libdnnl-dev libopenblas-dev
     libyaml-cpp-dev libcli11-dev libspdlog-dev libfmt-dev nlohmann-json3-dev
     libxxhash-dev libzstd-dev zlib1g-dev
-    libsentencepiece-dev
+    libsentencepiece-dev sentencepiece libgloo-dev
     libgtest-dev libgmock-dev libbenchmark-dev
     python3 python3-numpy python3-torch
     clang-format-14

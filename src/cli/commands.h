@@ -26,5 +26,6 @@ Action add_export(CLI::App& app);
 Action add_run(CLI::App& app);
 Action add_data(CLI::App& app);
 Action add_tokenizer(CLI::App& app);
+Action add_launch(CLI::App& app);
 
 }  // namespace kiln::cli

@@ -28,6 +28,8 @@ int main(int argc, char** argv) {
          kiln::cli::add_tokenizer},
         {"train", "pretrain a model (single process) on a shard folder or a synthetic stream",
          kiln::cli::add_train},
+        {"launch", "start N local ranks of a command as one gang (data-parallel training)",
+         kiln::cli::add_launch},
         {"eval", "mean loss and perplexity of a checkpoint on a shard folder, as JSON",
          kiln::cli::add_eval},
         {"export", "checkpoint -> Hugging Face folder (model.safetensors + config.json)",
@@ -55,6 +57,10 @@ int main(int argc, char** argv) {
         }
     } catch (const kiln::Error& e) {
         std::fprintf(stderr, "kiln: %s\n", e.what());
+        return 1;
+    } catch (const std::exception& e) {
+        // A library's own exception (a peer rank's connection dropping, say).
+        std::fprintf(stderr, "kiln: stopped: %s\n", e.what());
         return 1;
     }
     return 1;

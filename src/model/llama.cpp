@@ -29,7 +29,7 @@ Recompute parse_recompute(const std::string& name) {
 }
 
 Llama::Llama(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t B, int64_t T,
-             Recompute recompute)
+             Recompute recompute, int64_t capacity)
     : config_(config),
       layout_(config),
       k_(kernels),
@@ -46,12 +46,13 @@ Llama::Llama(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t
     head_rows_ = std::clamp<int64_t>((int64_t(1) << 22) / V, 1, M_);
     attn_ = {B, T, H, config.n_kv_heads, D, QKV};
 
-    params_.add("params", layout_.total(), DType::f32);
+    capacity = std::max(capacity, layout_.total());
+    params_.add("params", capacity, DType::f32);
     params_.allocate();
-    grads_.add("grads", layout_.total(), DType::f32);
+    grads_.add("grads", capacity, DType::f32);
     grads_.allocate();
     if (bf16_) {
-        params_bf16_.add("params", layout_.total(), DType::bf16);
+        params_bf16_.add("params", capacity, DType::bf16);
         params_bf16_.allocate();
     }
 

@@ -27,8 +27,10 @@ struct LossSum {
 
 class Llama {
 public:
+    // `capacity` >= layout().total(): the flat buffers' length (padding lets data parallelism
+    // split them into equal shards; the padding stays zero).
     Llama(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t B, int64_t T,
-          Recompute recompute);
+          Recompute recompute, int64_t capacity = 0);
 
     const LlamaConfig& config() const { return config_; }
     const Layout& layout() const { return layout_; }

@@ -1,5 +1,6 @@
 #include "optim/adamw.h"
 
+#include <algorithm>
 #include <cmath>
 #include <mutex>
 
@@ -7,7 +8,7 @@
 
 namespace kiln::optim {
 
-double l2_norm(const float* x, int64_t n) {
+double sum_squares(const float* x, int64_t n) {
     std::mutex mutex;
     double total = 0;
     parallel_range(n, 1 << 16, [&](int64_t i0, int64_t i1) {
@@ -18,7 +19,7 @@ double l2_norm(const float* x, int64_t n) {
         std::lock_guard<std::mutex> lock(mutex);
         total += s;
     });
-    return std::sqrt(total);
+    return total;
 }
 
 float clip_factor(double norm, double max_norm) {
@@ -27,10 +28,11 @@ float clip_factor(double norm, double max_norm) {
     return static_cast<float>(std::min(1.0, max_norm / (norm + 1e-6)));
 }
 
-AdamW::AdamW(const model::Layout& layout, const AdamWConfig& config)
-    : layout_(layout), config_(config) {
-    m_bytes_ = state_.add("m", layout.total(), DType::f32);
-    m_bytes_ = state_.add("v", layout.total(), DType::f32);
+AdamW::AdamW(const model::Layout& layout, const AdamWConfig& config, int64_t begin, int64_t end)
+    : layout_(layout), config_(config), begin_(begin), end_(std::min(end, layout.total())) {
+    int64_t n = std::max<int64_t>(0, end_ - begin_);
+    state_.add("m", n, DType::f32);
+    m_bytes_ = state_.add("v", n, DType::f32);
     state_.allocate();
 }
 
@@ -45,9 +47,12 @@ void AdamW::update(float* params, uint16_t* params_bf16, const float* grads, flo
     s.grad_scale = grad_scale;
     s.t = step_;
     for (const auto& p : layout_.params()) {
+        int64_t lo = std::max(begin_, p.offset), hi = std::min(end_, p.offset + p.numel);
+        if (lo >= hi)
+            continue;  // the tensor is outside this rank's range
         s.weight_decay = p.decay ? static_cast<float>(config_.weight_decay) : 0.0f;
-        k.adamw(params + p.offset, params_bf16 ? params_bf16 + p.offset : nullptr, m() + p.offset,
-                v() + p.offset, grads + p.offset, p.numel, s);
+        k.adamw(params + lo, params_bf16 ? params_bf16 + lo : nullptr, m() + (lo - begin_),
+                v() + (lo - begin_), grads + lo, hi - lo, s);
     }
 }
 

@@ -79,6 +79,9 @@ void build_schema(ConfigSchema& s, RunConfig& c) {
     s.add("parallel.tp", &c.tp, "tensor-parallel ranks (DP = world size / TP)", positive(&c.tp));
     s.add("parallel.zero", &c.zero, "1: shard optimizer state over DP (ZeRO-1), 0: replicate",
           [&c] { return c.zero == 0 || c.zero == 1 ? "" : "must be 0 or 1"; });
+    s.add("parallel.timeout_s", &c.timeout_s,
+          "seconds to wait for every rank at rendezvous and in a collective",
+          positive(&c.timeout_s));
     s.add("run.dir", &c.run_dir, "run folder (empty: runs/<generated id>)");
     s.add("run.log_level", &c.log_level, "debug | info | warn | error",
           one_of(&c.log_level, {"debug", "info", "warn", "error"}));
@@ -95,8 +98,8 @@ void RunConfig::validate() const {
     }
     if (tp != 1) {
         throw error(
-            "parallel.tp={}: tensor parallelism needs a multi-rank launch, which this "
-            "build does not have yet; use parallel.tp=1",
+            "parallel.tp={}: tensor parallelism is not implemented yet; use parallel.tp=1 "
+            "(data parallelism: kiln launch -n N)",
             tp);
     }
 }

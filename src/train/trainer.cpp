@@ -13,6 +13,8 @@
 #include "data/sampler.h"
 #include "data/shard.h"
 #include "data/tokenizer.h"
+#include "dist/communicator.h"
+#include "dist/env.h"
 #include "kernels/backends.h"
 #include "model/llama.h"
 #include "optim/adamw.h"
@@ -65,12 +67,48 @@ double measure_peak_gflops(const std::string& backend, const std::string& precis
     return best;
 }
 
+namespace {
+
+// The flat buffers split into dp equal chunks (ZeRO-1 shards); the last may hold padding.
+struct Shards {
+    int64_t chunk = 0, padded = 0, begin = 0, end = 0;
+};
+
+Shards shard_layout(int64_t total, const dist::Grid& g, bool zero) {
+    Shards s;
+    s.chunk = (total + g.dp - 1) / g.dp;
+    s.padded = s.chunk * g.dp;
+    s.begin = zero ? g.dp_rank * s.chunk : 0;
+    s.end = zero ? std::min(total, (g.dp_rank + 1) * s.chunk) : total;
+    return s;
+}
+
+// Rank 0 chooses the run folder (a generated one when run.dir is empty) and tells the others.
+std::string agree_on_run_dir(const RunConfig& cfg, dist::Job& job) {
+    std::string dir = cfg.run_dir;
+    if (job.grid().rank == 0 && dir.empty())
+        dir = checkpoint::new_run_path("runs");
+    std::vector<char> buf(4096, '\0');
+    std::copy(dir.begin(), dir.end(), buf.begin());
+    job.world().broadcast(buf.data(), buf.size(), 0);
+    return std::string(buf.data());
+}
+
+}  // namespace
+
 TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     cfg.validate();
     const TrainConfig& t = cfg.train;
     set_num_threads(static_cast<int>(t.threads));
 
-    checkpoint::RunDir run{cfg.run_dir.empty() ? checkpoint::new_run_path("runs") : cfg.run_dir};
+    dist::Placement place = dist::discover();
+    dist::Job job(place, static_cast<int>(cfg.tp),
+                  std::chrono::milliseconds(int64_t(cfg.timeout_s * 1000)));
+    const dist::Grid& g = job.grid();
+    const bool lead = g.rank == 0;
+    log::init(g.rank, log::parse_level(cfg.log_level));
+    checkpoint::RunDir run{agree_on_run_dir(cfg, job)};
+
     const kernels::Kernels& k = kernels::select_kernels(t.backend, precision_of(t.precision));
     auto source = data::open_source(cfg.data.source, t.seq_len, cfg.model.vocab_size,
                                     static_cast<uint64_t>(t.seed));
@@ -84,8 +122,12 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
                 cfg.data.source, shards->manifest().tokenizer, cfg.data.tokenizer, want);
         }
     }
-    model::Llama model(cfg.model, k, t.micro_batch, t.seq_len, model::parse_recompute(t.recompute));
-    optim::AdamW adamw(model.layout(), cfg.adamw);
+    const bool zero = cfg.zero == 1 && g.dp > 1;
+    const Shards sh = shard_layout(model::Layout(cfg.model).total(), g, zero);
+    model::Llama model(cfg.model, k, t.micro_batch, t.seq_len, model::parse_recompute(t.recompute),
+                       sh.padded);
+    const int64_t total = model.layout().total();
+    optim::AdamW adamw(model.layout(), cfg.adamw, sh.begin, sh.end);
     optim::Schedule schedule = cfg.schedule;
     schedule.total_steps = t.steps;
 
@@ -98,62 +140,88 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
                 "layers, vocab {}); use another run.dir",
                 ck.dir(), ck.config().dim, ck.config().n_layers, ck.config().vocab_size);
         }
-        ck.load(model.layout(), model.params(), adamw.m(), adamw.v());
+        // A checkpoint holds the whole optimizer state: each rank takes its shard of it, so a
+        // run may resume with another DP size.
+        std::vector<float> m(total), v(total);
+        ck.load(model.layout(), model.params(), m.data(), v.data());
+        std::copy(m.begin() + sh.begin, m.begin() + sh.end, adamw.m());
+        std::copy(v.begin() + sh.begin, v.begin() + sh.end, adamw.v());
         adamw.set_step(ck.state().adam_step);
         start_step = ck.state().step;
         model.sync_compute_weights();
         log::info("train", "resuming from {} (step {})", ck.dir(), start_step);
     } else {
-        model.init_weights(static_cast<uint64_t>(t.seed), t.init_std);
+        model.init_weights(static_cast<uint64_t>(t.seed), t.init_std);  // same on every rank
     }
 
     // Only now that config, data and any checkpoint are known good is the run folder written.
     fs::make_dirs(run.checkpoints());
-    log::add_file(run.rank_log(0));
-    fs::write_file_atomic(run.config(), resolved_yaml);
+    log::add_file(run.rank_log(g.rank));
+    if (lead)
+        fs::write_file_atomic(run.config(), resolved_yaml);
     log::info("train", "run folder {}", run.root);
     log::info("train",
               "model {}: {:.1f}M parameters, {} layers, dim {}; {} kernels, {} threads; "
               "activations {:.0f} MiB",
               cfg.model.preset, cfg.model.n_params() / 1e6, cfg.model.n_layers, cfg.model.dim,
               k.name, num_threads(), model.activation_bytes() / 1048576.0);
+    const double mib = 1048576.0;
+    log::info("train",
+              "per rank: parameters {:.1f} MiB, gradients {:.1f} MiB, optimizer state {:.1f} MiB "
+              "({}; dp {} x tp {})",
+              total * 4 / mib, sh.padded * 4 / mib, (sh.end - sh.begin) * 8 / mib,
+              zero ? "ZeRO-1 shard" : "replicated", g.dp, g.tp);
     double peak = t.peak_gflops > 0 ? t.peak_gflops : measure_peak_gflops(t.backend, t.precision);
     const double flops_tok = flops_per_token(cfg.model, t.seq_len);
     const int64_t B = t.micro_batch, T = t.seq_len;
-    const int64_t tokens_per_step = t.grad_accum * B * T;
-    const float grad_scale = 1.0f / float(t.grad_accum * B * (T - 1));
+    const int64_t tokens_per_step = t.grad_accum * B * T * g.dp;
+    // Each rank's gradient is its share of the mean over the global batch; the DP sum is the mean.
+    const float grad_scale = 1.0f / float(t.grad_accum * B * (T - 1) * g.dp);
     log::info("train",
               "{} steps of {} sequences x {} tokens ({} tokens/step); matmul peak {:.0f} GFLOP/s",
-              t.steps, t.grad_accum * B, T, tokens_per_step, peak);
+              t.steps, t.grad_accum * B * g.dp, T, tokens_per_step, peak);
 
     data::Sampler sampler(source->rows(), static_cast<uint64_t>(t.seed));
-    MetricsFile metrics(run.metrics());
+    std::unique_ptr<MetricsFile> metrics;
+    if (lead)
+        metrics = std::make_unique<MetricsFile>(run.metrics());
     std::vector<int32_t> tokens(B * T), targets(B * T);
     TrainResult result;
     result.run_dir = run.root;
     int64_t skipped = 0, bad_in_a_row = 0;
     double last_loss = 0;
     auto run_start = Clock::now();
-    write_status(run, "running", start_step, t.steps, 0);
+    if (lead)
+        write_status(run, "running", start_step, t.steps, 0);
 
     for (int64_t step = start_step; step < t.steps; step++) {
         auto step_start = Clock::now();
         model.zero_grads();
-        double loss_sum = 0;
-        int64_t loss_tokens = 0;
+        double loss_sum[2] = {0, 0};  // summed loss, tokens
         for (int64_t micro = 0; micro < t.grad_accum; micro++) {
-            auto rows = sampler.micro_batch(step, t.grad_accum, micro, 0, 1, B);
-            for (int64_t b = 0; b < B; b++)
+            auto rows = sampler.micro_batch(step, t.grad_accum, micro, g.dp_rank, g.dp, B);
+            for (int64_t b = 0; b < B; b++) {
                 source->read_row(rows[b], tokens.data() + b * T);
+            }
             for (int64_t i = 0; i < B * T; i++) {
                 targets[i] = (i % T) + 1 < T ? tokens[i + 1] : -1;
             }
             model::LossSum l = model.forward_backward(tokens.data(), targets.data(), grad_scale);
-            loss_sum += l.sum;
-            loss_tokens += l.tokens;
+            loss_sum[0] += l.sum;
+            loss_sum[1] += double(l.tokens);
         }
-        double loss = loss_sum / double(loss_tokens);
-        double norm = optim::l2_norm(model.grads(), model.layout().total());
+        // Data parallel: sum gradients (each rank keeps its shard under ZeRO-1) and losses.
+        job.dp().all_reduce_sum(loss_sum, 2);
+        if (zero) {
+            job.dp().reduce_scatter_sum(model.grads(), sh.chunk);
+        } else {
+            job.dp().all_reduce_sum(model.grads(), sh.padded);
+        }
+        double sq = optim::sum_squares(model.grads() + sh.begin, sh.end - sh.begin);
+        if (zero)
+            job.dp().all_reduce_sum(&sq, 1);
+        double loss = loss_sum[0] / loss_sum[1];
+        double norm = std::sqrt(sq);
         double lr = schedule.at(step);
         if (!std::isfinite(norm) || !std::isfinite(loss)) {
             skipped++;
@@ -162,7 +230,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
                       "step skipped",
                       step + 1, loss, norm);
             if (++bad_in_a_row >= 5) {
-                write_status(run, "failed", step, t.steps, loss, "5 non-finite steps in a row");
+                if (lead)
+                    write_status(run, "failed", step, t.steps, loss, "diverged");
                 throw error(
                     "training diverged: 5 steps in a row had a non-finite loss or "
                     "gradient (lower train.lr or raise train.warmup_steps); the last good "
@@ -171,8 +240,12 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
             }
         } else {
             bad_in_a_row = 0;
-            adamw.update(model.params(), model.params_bf16(), model.grads(),
+            adamw.update(model.params(), zero ? nullptr : model.params_bf16(), model.grads(),
                          optim::clip_factor(norm, cfg.adamw.grad_clip), lr, k);
+            if (zero) {
+                job.dp().all_gather(model.params(), sh.chunk);
+                model.sync_compute_weights();
+            }
         }
         last_loss = loss;
         if (step == start_step)
@@ -185,12 +258,13 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
         m.lr = lr;
         m.grad_norm = norm;
         m.tokens_per_s = tokens_per_step / dt;
-        m.mfu = m.tokens_per_s * flops_tok / (peak * 1e9);
+        m.mfu = m.tokens_per_s * flops_tok / (peak * 1e9 * g.world);
         m.elapsed_s = seconds_since(run_start);
         m.tokens = (step + 1) * tokens_per_step;
         m.skipped = skipped;
-        metrics.write(m);
-        if ((step + 1) % t.log_every == 0 || step + 1 == t.steps || step == start_step) {
+        if (lead)
+            metrics->write(m);
+        if (lead && ((step + 1) % t.log_every == 0 || step + 1 == t.steps || step == start_step)) {
             std::printf(
                 "step %6lld/%lld | loss %.4f | lr %.2e | grad %.3f | %8.0f tok/s | "
                 "mfu %5.1f%% | %.1fs\n",
@@ -201,11 +275,27 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
         }
         bool last = step + 1 == t.steps;
         if (last || (t.checkpoint_every > 0 && (step + 1) % t.checkpoint_every == 0)) {
+            // The whole optimizer state goes into the checkpoint: gather the shards to rank 0.
+            std::vector<float> m_full, v_full;
+            const float *m_all = adamw.m(), *v_all = adamw.v();
+            if (zero) {
+                m_full.assign(sh.padded, 0.0f);
+                v_full.assign(sh.padded, 0.0f);
+                std::copy(adamw.m(), adamw.m() + (sh.end - sh.begin), m_full.begin() + sh.begin);
+                std::copy(adamw.v(), adamw.v() + (sh.end - sh.begin), v_full.begin() + sh.begin);
+                job.dp().all_gather(m_full.data(), sh.chunk);
+                job.dp().all_gather(v_full.data(), sh.chunk);
+                m_all = m_full.data();
+                v_all = v_full.data();
+            }
             checkpoint::TrainState state{step + 1, adamw.step(), loss};
-            result.checkpoint = checkpoint::save(run, cfg.model, model.layout(),
-                                                 {model.params(), adamw.m(), adamw.v()}, state,
-                                                 static_cast<int>(t.keep_checkpoints));
-            log::info("train", "checkpoint {}", result.checkpoint);
+            if (lead) {
+                result.checkpoint =
+                    checkpoint::save(run, cfg.model, model.layout(), {model.params(), m_all, v_all},
+                                     state, static_cast<int>(t.keep_checkpoints));
+                log::info("train", "checkpoint {}", result.checkpoint);
+            }
+            job.world().barrier();  // no rank runs ahead of a checkpoint being written
         }
     }
     if (result.checkpoint.empty()) {
@@ -214,7 +304,9 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     }
     result.steps = t.steps;
     result.last_loss = last_loss;
-    write_status(run, "finished", t.steps, t.steps, last_loss);
+    if (lead)
+        write_status(run, "finished", t.steps, t.steps, last_loss);
+    job.finish();
     return result;
 }
 

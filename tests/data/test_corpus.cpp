@@ -1,13 +1,12 @@
 // Corpus readers, the tokenizer, packing and the loader, on data the tests make; plus the real
 // Llama-2 tokenizer against spm_encode when ../shared/data is present.
 #include <gtest/gtest.h>
+#include <omp.h>
 #include <zlib.h>
 #include <zstd.h>
 
 #include <filesystem>
 #include <fstream>
-#include <omp.h>
-
 #include <set>
 
 #include "core/error.h"
@@ -44,8 +43,10 @@ std::vector<std::string> read_all(const std::vector<std::string>& paths, CorpusO
     Corpus c(expand_corpus(paths), o);
     std::vector<std::string> docs;
     std::string t;
-    while (c.next(t)) docs.push_back(t);
-    if (stats) *stats = c.stats();
+    while (c.next(t))
+        docs.push_back(t);
+    if (stats)
+        *stats = c.stats();
     return docs;
 }
 
@@ -80,7 +81,8 @@ TEST(Corpus, FormatsFoldersAndOrder) {
 
 TEST(Corpus, BadInputIsNamedOrCounted) {
     TempDir dir;
-    write(dir / "bad.jsonl", "{\"text\": \"ok\"}\n{\"text\": broken\n{\"other\": 1}\n{\"text\": \"end\"}\n");
+    write(dir / "bad.jsonl",
+          "{\"text\": \"ok\"}\n{\"text\": broken\n{\"other\": 1}\n{\"text\": \"end\"}\n");
     std::string m = message_of([&] { read_all({dir / "bad.jsonl"}); });
     EXPECT_NE(m.find("bad.jsonl:2: line is not valid JSON"), std::string::npos) << m;
     CorpusOptions skip;
@@ -102,12 +104,14 @@ TEST(Corpus, BadInputIsNamedOrCounted) {
     write(dir / "empty.txt", "");
     EXPECT_TRUE(read_all({dir / "empty.txt"}, {}, &stats).empty());
     EXPECT_EQ(stats.empty_documents, 1);
-    write(dir / "long.jsonl", "{\"text\": \"a\"}\n{\"text\": \"" + std::string(5000, 'x') + "\"}\n");
+    write(dir / "long.jsonl",
+          "{\"text\": \"a\"}\n{\"text\": \"" + std::string(5000, 'x') + "\"}\n");
     CorpusOptions small;
     small.max_line_bytes = 1000;
     m = message_of([&] { read_all({dir / "long.jsonl"}, small); });
     EXPECT_NE(m.find("long.jsonl:2: line is longer than data.max_line_bytes=1000"),
-              std::string::npos) << m;
+              std::string::npos)
+        << m;
     write(dir / "trunc.jsonl.zst", "not zstd at all");
     EXPECT_NE(message_of([&] { read_all({dir / "trunc.jsonl.zst"}); }).find("not valid zstd"),
               std::string::npos);
@@ -166,7 +170,8 @@ TEST_F(Trained, PackingSemanticsAndThreadIndependence) {
     std::string doc;
     while (reader.next(doc)) {
         stream.push_back(1);
-        for (int id : t.encode(doc)) stream.push_back(uint32_t(id));
+        for (int id : t.encode(doc))
+            stream.push_back(uint32_t(id));
         stream.push_back(2);
     }
     ASSERT_EQ(a.manifest.sequences(), stream.size() / 64);
@@ -176,7 +181,8 @@ TEST_F(Trained, PackingSemanticsAndThreadIndependence) {
     std::vector<int32_t> row(64);
     for (int64_t r = 0; r < set.rows(); r += 17) {
         set.read_row(r, row.data());
-        for (int i = 0; i < 64; i++) ASSERT_EQ(uint32_t(row[i]), stream[r * 64 + i]) << r;
+        for (int i = 0; i < 64; i++)
+            ASSERT_EQ(uint32_t(row[i]), stream[r * 64 + i]) << r;
     }
     // Same bytes with one thread as with two; pad keeps the tail.
     omp_set_num_threads(1);
@@ -200,8 +206,9 @@ TEST_F(Trained, RebuildReusesRefusesAndNeverLies) {
     build_dataset(corpus, t, out / "d", c, false);
     EXPECT_TRUE(build_dataset(corpus, t, out / "d", c, false).reused);
     c.seq_len = 48;
-    EXPECT_NE(message_of([&] { build_dataset(corpus, t, out / "d", c, false); })
-                  .find("already holds a data set made from other inputs"),
+    EXPECT_NE(message_of([&] {
+                  build_dataset(corpus, t, out / "d", c, false);
+              }).find("already holds a data set made from other inputs"),
               std::string::npos);
     EXPECT_EQ(read_manifest(out / "d").seq_len, 32u);  // untouched
     BuildResult forced = build_dataset(corpus, t, out / "d", c, true);
@@ -225,13 +232,16 @@ TEST_F(Trained, RebuildReusesRefusesAndNeverLies) {
 TEST(RealData, Llama2TokenizerMatchesSpmEncode) {
     std::string shared = kiln::testing::source_dir() + "/../shared/data";
     std::string model = shared + "/llama2-tokenizer.model";
-    if (!fs::exists(model)) GTEST_SKIP() << "shared data not present";
-    if (kiln::testing::run("command -v spm_encode >/dev/null") != 0) GTEST_SKIP() << "no spm_encode";
+    if (!fs::exists(model))
+        GTEST_SKIP() << "shared data not present";
+    if (kiln::testing::run("command -v spm_encode >/dev/null") != 0)
+        GTEST_SKIP() << "no spm_encode";
     TempDir dir;
     // 400 lines of Shakespeare and of WikiText.
     std::string cmd = "(head -n 200 " + shared + "/tinyshakespeare.txt; head -n 200 " + shared +
                       "/wikitext-2/test.txt) > " + (dir / "in.txt") + " && spm_encode --model " +
-                      model + " --output_format=id < " + (dir / "in.txt") + " > " + (dir / "ids.txt");
+                      model + " --output_format=id < " + (dir / "in.txt") + " > " +
+                      (dir / "ids.txt");
     ASSERT_EQ(kiln::testing::run(cmd), 0);
     Tokenizer t(model);
     EXPECT_EQ(t.vocab_size(), 32000);
@@ -240,7 +250,8 @@ TEST(RealData, Llama2TokenizerMatchesSpmEncode) {
     int lines = 0;
     while (std::getline(text, line) && std::getline(ids, want)) {
         std::string got;
-        for (int id : t.encode(line)) got += (got.empty() ? "" : " ") + std::to_string(id);
+        for (int id : t.encode(line))
+            got += (got.empty() ? "" : " ") + std::to_string(id);
         ASSERT_EQ(got, want) << "line " << lines << ": " << line;
         lines++;
     }
@@ -256,14 +267,17 @@ TEST(Sampler, EverySequenceOncePerEpochForOneTwoThreeRanks) {
         for (int64_t step = 0; consumed < 3 * rows; step++) {
             for (int64_t r = 0; r < dp; r++) {
                 for (int64_t row : s.micro_batch(step, 1, 0, r, dp, B)) {
-                    if (consumed++ < 3 * rows) seen[row]++;
+                    if (consumed++ < 3 * rows)
+                        seen[row]++;
                 }
             }
         }
-        for (int64_t r = 0; r < rows; r++) EXPECT_EQ(seen[r], 3) << "dp " << dp << " row " << r;
+        for (int64_t r = 0; r < rows; r++)
+            EXPECT_EQ(seen[r], 3) << "dp " << dp << " row " << r;
         // Resuming mid-epoch (a fresh sampler at step 20) gives the same rows.
         Sampler resumed(rows, 11);
-        EXPECT_EQ(resumed.micro_batch(20, 1, 0, dp - 1, dp, B), s.micro_batch(20, 1, 0, dp - 1, dp, B));
+        EXPECT_EQ(resumed.micro_batch(20, 1, 0, dp - 1, dp, B),
+                  s.micro_batch(20, 1, 0, dp - 1, dp, B));
     }
 }
 

@@ -63,7 +63,7 @@ TEST(AdamW, StepAndTrajectoryMatchPyTorch) {
         targets[i] = (i % T) + 1 < T ? tokens[i + 1] : -1;
     const float* traj = static_cast<const float*>(f.data("traj_loss", DType::f32, {steps}));
 
-    AdamW opt(m.layout(), ac);
+    AdamW opt(m.layout(), ac, 0, m.layout().total());
     const int64_t n = B * (T - 1);
     for (int64_t s = 0; s < steps; s++) {
         m.zero_grads();

@@ -1,0 +1,31 @@
+#pragma once
+// The collectives the training step needs, on one group of ranks, in training verbs. Implemented
+// by dist/ (gloo over TCP for CPU tensors); model/ and optim/ call it without linking dist/, so a
+// reader sees where communication happens. Every rank of the group must make the same calls in
+// the same order with the same sizes. Buffers are host memory, float32 unless stated.
+#include <cstddef>
+#include <cstdint>
+
+namespace kiln {
+
+class Collective {
+public:
+    virtual ~Collective() = default;
+    virtual int rank() const = 0;  // within this group
+    virtual int size() const = 0;
+
+    // data (n) = elementwise sum over the group, in place.
+    virtual void all_reduce_sum(float* data, size_t n) = 0;
+    virtual void all_reduce_sum(double* data, size_t n) = 0;
+    // data (size() * chunk): on return, chunk r (data + r*chunk .. +chunk) of rank r holds the sum
+    // over the group of everyone's chunk r; the other chunks hold unspecified values.
+    virtual void reduce_scatter_sum(float* data, size_t chunk) = 0;
+    // data (size() * chunk): rank r's chunk r is sent to all; on return every chunk holds its
+    // owner's values. In place.
+    virtual void all_gather(float* data, size_t chunk) = 0;
+    // bytes (n) of `root` copied to every rank.
+    virtual void broadcast(void* bytes, size_t n, int root) = 0;
+    virtual void barrier() = 0;
+};
+
+}  // namespace kiln

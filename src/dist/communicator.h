@@ -1,0 +1,45 @@
+#pragma once
+// The process grid of a distributed run and its communicators (gloo over TCP).
+// World = DP x TP; the ranks of one TP group are consecutive: rank = dp_rank * tp + tp_rank.
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/collective.h"
+#include "dist/env.h"
+
+namespace kiln::dist {
+
+class TcpStore;
+
+struct Grid {
+    int world = 1, rank = 0;
+    int tp = 1, tp_rank = 0;
+    int dp = 1, dp_rank = 0;
+};
+
+// Derives the grid; throws Error when world_size is not divisible by tp.
+Grid make_grid(int world_size, int rank, int tp);
+
+// A connected job: the store, the world and the DP and TP groups this rank belongs to.
+class Job {
+public:
+    // Rendezvous: every rank announces itself; after `timeout` the ranks that never arrived are
+    // named in the Error. Then gloo connects each group over TCP.
+    Job(const Placement& placement, int tp, std::chrono::milliseconds timeout);
+    ~Job();
+    // Waits for every rank at the end of a run, so rank 0's store outlives everyone's use of it.
+    void finish() { world_->barrier(); }
+    const Grid& grid() const { return grid_; }
+    Collective& world() { return *world_; }
+    Collective& dp() { return *dp_; }
+    Collective& tp() { return *tp_; }
+
+private:
+    Grid grid_;
+    std::unique_ptr<TcpStore> store_;
+    std::unique_ptr<Collective> world_, dp_, tp_;
+};
+
+}  // namespace kiln::dist

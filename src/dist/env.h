@@ -1,0 +1,24 @@
+#pragma once
+// Where this process sits in the job, from the environment of whatever started it: torchrun's
+// convention (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK; also what `kiln launch`
+// sets), Slurm (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), Open MPI (OMPI_COMM_WORLD_RANK,
+// OMPI_COMM_WORLD_SIZE, OMPI_COMM_WORLD_LOCAL_RANK) or a Volcano job (VC_TASK_INDEX with the
+// svc plugin's host lists). Explicit torchrun variables win over the others.
+#include <map>
+#include <string>
+
+namespace kiln::dist {
+
+struct Placement {
+    int rank = 0;
+    int world_size = 1;
+    int local_rank = 0;
+    std::string master_addr = "127.0.0.1";
+    int master_port = 29500;
+    std::string source = "default";  // which convention supplied it
+};
+
+// Reads `env` (the process environment when empty). Throws Error naming the variable at fault.
+Placement discover(const std::map<std::string, std::string>& env = {});
+
+}  // namespace kiln::dist

@@ -1,0 +1,169 @@
+// The gloo backend of Collective, and the Job that builds the groups.
+#include <unistd.h>
+
+#include <gloo/allgather.h>
+#include <gloo/allreduce.h>
+#include <gloo/barrier.h>
+#include <gloo/broadcast.h>
+#include <gloo/math.h>
+#include <gloo/rendezvous/context.h>
+#include <gloo/rendezvous/prefix_store.h>
+#include <gloo/transport/tcp/device.h>
+
+#include <cstring>
+
+#include "core/error.h"
+#include "core/log.h"
+#include "dist/communicator.h"
+#include "dist/store.h"
+
+namespace kiln::dist {
+namespace {
+
+class GlooCollective : public Collective {
+public:
+    explicit GlooCollective(std::shared_ptr<gloo::Context> ctx) : ctx_(std::move(ctx)) {}
+    int rank() const override { return ctx_->rank; }
+    int size() const override { return ctx_->size; }
+
+    void all_reduce_sum(float* data, size_t n) override { all_reduce(data, n); }
+    void all_reduce_sum(double* data, size_t n) override { all_reduce(data, n); }
+
+    // gloo has no in-place reduce-scatter in this version's options API: an all-reduce leaves
+    // every chunk summed, which satisfies the contract (other chunks unspecified).
+    void reduce_scatter_sum(float* data, size_t chunk) override {
+        all_reduce(data, chunk * size_t(size()));
+    }
+
+    void all_gather(float* data, size_t chunk) override {
+        if (size() == 1) return;
+        std::vector<float> mine(data + size_t(rank()) * chunk, data + size_t(rank() + 1) * chunk);
+        gloo::AllgatherOptions opts(ctx_);
+        opts.setInput(mine.data(), chunk);
+        opts.setOutput(data, chunk * size_t(size()));
+        opts.setTag(next_tag());
+        gloo::allgather(opts);
+    }
+
+    void broadcast(void* bytes, size_t n, int root) override {
+        if (size() == 1) return;
+        gloo::BroadcastOptions opts(ctx_);
+        opts.setOutput(static_cast<char*>(bytes), n);
+        opts.setRoot(root);
+        opts.setTag(next_tag());
+        gloo::broadcast(opts);
+    }
+
+    void barrier() override {
+        if (size() == 1) return;
+        gloo::BarrierOptions opts(ctx_);
+        opts.setTag(next_tag());
+        gloo::barrier(opts);
+    }
+
+private:
+    template <typename T>
+    void all_reduce(T* data, size_t n) {
+        if (size() == 1 || n == 0) return;
+        gloo::AllreduceOptions opts(ctx_);
+        opts.setOutput(data, n);
+        opts.setReduceFunction(
+            static_cast<void (*)(void*, const void*, const void*, size_t)>(&gloo::sum<T>));
+        opts.setTag(next_tag());
+        gloo::allreduce(opts);
+    }
+    uint32_t next_tag() { return tag_++; }
+    std::shared_ptr<gloo::Context> ctx_;
+    uint32_t tag_ = 0;
+};
+
+// A group of one rank: every collective is the identity.
+class SoloCollective : public Collective {
+public:
+    int rank() const override { return 0; }
+    int size() const override { return 1; }
+    void all_reduce_sum(float*, size_t) override {}
+    void all_reduce_sum(double*, size_t) override {}
+    void reduce_scatter_sum(float*, size_t) override {}
+    void all_gather(float*, size_t) override {}
+    void broadcast(void*, size_t, int) override {}
+    void barrier() override {}
+};
+
+std::unique_ptr<Collective> connect(TcpStore& store,
+                                    std::shared_ptr<gloo::transport::Device>& device,
+                                    const std::string& name, int rank, int size,
+                                    std::chrono::milliseconds timeout) {
+    if (size == 1) return std::make_unique<SoloCollective>();
+    auto ctx = std::make_shared<gloo::rendezvous::Context>(rank, size);
+    ctx->setTimeout(timeout);
+    gloo::rendezvous::PrefixStore prefixed(name, store);
+    try {
+        ctx->connectFullMesh(prefixed, device);
+    } catch (const std::exception& e) {
+        throw error("cannot connect the {} group: {}", name, e.what());
+    }
+    return std::make_unique<GlooCollective>(ctx);
+}
+
+}  // namespace
+
+Grid make_grid(int world_size, int rank, int tp) {
+    if (tp < 1 || world_size % tp != 0) {
+        throw error("world size {} is not divisible by parallel.tp={}", world_size, tp);
+    }
+    Grid g;
+    g.world = world_size;
+    g.rank = rank;
+    g.tp = tp;
+    g.tp_rank = rank % tp;
+    g.dp = world_size / tp;
+    g.dp_rank = rank / tp;
+    return g;
+}
+
+Job::Job(const Placement& p, int tp, std::chrono::milliseconds timeout)
+    : grid_(make_grid(p.world_size, p.rank, tp)) {
+    if (p.world_size == 1) {
+        world_ = std::make_unique<SoloCollective>();
+        dp_ = std::make_unique<SoloCollective>();
+        tp_ = std::make_unique<SoloCollective>();
+        return;
+    }
+    store_ = std::make_unique<TcpStore>(p.master_addr, p.master_port, p.rank == 0, timeout);
+    // Arrival: each rank checks in, then waits for all; a timeout names who is missing.
+    store_->set("arrived/" + std::to_string(p.rank), {'1'});
+    std::vector<std::string> keys;
+    for (int r = 0; r < p.world_size; r++) keys.push_back("arrived/" + std::to_string(r));
+    auto deadline = std::chrono::steady_clock::now() + timeout;
+    std::vector<std::string> missing;
+    while (!(missing = store_->missing(keys)).empty()) {
+        if (std::chrono::steady_clock::now() > deadline) {
+            std::string ranks;
+            for (const auto& k : missing) ranks += (ranks.empty() ? "" : ", ") + k.substr(8);
+            throw error("rendezvous at {}:{} timed out after {} s: rank(s) {} of {} never arrived",
+                        p.master_addr, p.master_port, timeout.count() / 1000, ranks,
+                        p.world_size);
+        }
+        usleep(20000);
+    }
+    gloo::transport::tcp::attr attr;
+    attr.hostname = p.master_addr == "127.0.0.1" || p.master_addr == "localhost"
+                        ? "127.0.0.1"
+                        : [] {
+                              char name[256] = {0};
+                              gethostname(name, sizeof name - 1);
+                              return std::string(name);
+                          }();
+    auto device = gloo::transport::tcp::CreateDevice(attr);
+    const Grid& g = grid_;
+    world_ = connect(*store_, device, "world", g.rank, g.world, timeout);
+    dp_ = connect(*store_, device, "dp" + std::to_string(g.tp_rank), g.dp_rank, g.dp, timeout);
+    tp_ = connect(*store_, device, "tp" + std::to_string(g.dp_rank), g.tp_rank, g.tp, timeout);
+    log::info("dist", "rank {} of {} connected ({}): dp {}/{}, tp {}/{}", g.rank, g.world,
+              p.source, g.dp_rank, g.dp, g.tp_rank, g.tp);
+}
+
+Job::~Job() = default;
+
+}  // namespace kiln::dist

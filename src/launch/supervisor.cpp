@@ -1,0 +1,176 @@
+#include "launch/supervisor.h"
+
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <fmt/format.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+
+#include "core/error.h"
+
+namespace kiln::launch {
+namespace {
+
+std::atomic<int> g_signal{0};
+void on_signal(int sig) { g_signal = sig; }
+
+struct Rank {
+    pid_t pid = -1;
+    int out = -1;         // read end of the rank's stdout+stderr
+    std::string partial;  // an unfinished line
+    bool running = true;
+    int status = 0;
+};
+
+void emit(int rank, const std::string& line) {
+    std::string s = fmt::format("[rank {}] {}\n", rank, line);
+    std::fwrite(s.data(), 1, s.size(), stdout);
+    std::fflush(stdout);
+}
+
+void drain(int rank, Rank& r, bool final) {
+    char buf[65536];
+    while (true) {
+        ssize_t n = ::read(r.out, buf, sizeof buf);
+        if (n <= 0) break;
+        r.partial.append(buf, size_t(n));
+        size_t nl;
+        while ((nl = r.partial.find('\n')) != std::string::npos) {
+            emit(rank, r.partial.substr(0, nl));
+            r.partial.erase(0, nl + 1);
+        }
+    }
+    if (final && !r.partial.empty()) {
+        emit(rank, r.partial);
+        r.partial.clear();
+    }
+}
+
+std::string describe(int status) {
+    if (WIFEXITED(status)) return fmt::format("exited with status {}", WEXITSTATUS(status));
+    if (WIFSIGNALED(status)) return fmt::format("was killed by signal {}", WTERMSIG(status));
+    return "stopped";
+}
+
+}  // namespace
+
+int free_port() {
+    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = 0;
+    socklen_t len = sizeof addr;
+    if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), len) != 0 ||
+        ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+        ::close(fd);
+        throw error("cannot find a free TCP port: {}", std::strerror(errno));
+    }
+    ::close(fd);
+    return ntohs(addr.sin_port);
+}
+
+int run_gang(const LaunchOptions& o) {
+    if (o.ranks < 1) throw error("-n {}: the gang needs at least one rank", o.ranks);
+    if (o.command.empty()) throw error("kiln launch needs a command after --, e.g. -- kiln train");
+    std::vector<std::string> argv = o.command;
+    if (argv[0] == "kiln") argv[0] = "/proc/self/exe";
+    const int port = o.master_port > 0 ? o.master_port : free_port();
+
+    struct sigaction sa {};
+    sa.sa_handler = on_signal;
+    sigaction(SIGINT, &sa, nullptr);
+    sigaction(SIGTERM, &sa, nullptr);
+
+    std::vector<Rank> ranks(o.ranks);
+    for (int i = 0; i < o.ranks; i++) {
+        int fds[2];
+        if (::pipe(fds) != 0) throw error("cannot create a pipe: {}", std::strerror(errno));
+        pid_t pid = ::fork();
+        if (pid == 0) {
+            ::dup2(fds[1], STDOUT_FILENO);
+            ::dup2(fds[1], STDERR_FILENO);
+            ::close(fds[0]);
+            ::close(fds[1]);
+            ::setenv("MASTER_ADDR", o.master_addr.c_str(), 1);
+            ::setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
+            ::setenv("WORLD_SIZE", std::to_string(o.ranks).c_str(), 1);
+            ::setenv("RANK", std::to_string(i).c_str(), 1);
+            ::setenv("LOCAL_RANK", std::to_string(i).c_str(), 1);
+            std::vector<char*> args;
+            for (auto& a : argv) args.push_back(a.data());
+            args.push_back(nullptr);
+            ::execvp(args[0], args.data());
+            std::fprintf(stderr, "kiln launch: cannot run %s: %s\n", argv[0].c_str(),
+                         std::strerror(errno));
+            ::_exit(127);
+        }
+        ::close(fds[1]);
+        ::fcntl(fds[0], F_SETFL, O_NONBLOCK);
+        ranks[i].pid = pid;
+        ranks[i].out = fds[0];
+    }
+
+    std::string failure;  // the first rank failure, in one line
+    bool stopping = false;
+    auto stop_deadline = std::chrono::steady_clock::time_point::max();
+    auto stop_all = [&](int sig) {
+        for (auto& r : ranks) {
+            if (r.running) ::kill(r.pid, sig);
+        }
+    };
+    int running = o.ranks;
+    while (running > 0) {
+        std::vector<pollfd> fds;
+        for (auto& r : ranks) fds.push_back({r.out, POLLIN, 0});
+        ::poll(fds.data(), fds.size(), 100);
+        for (int i = 0; i < o.ranks; i++) drain(i, ranks[i], false);
+        if (int sig = g_signal.exchange(0); sig != 0 && !stopping) {
+            failure = fmt::format("interrupted by signal {}; stopped all {} ranks", sig, o.ranks);
+            stopping = true;
+            stop_all(SIGTERM);
+            stop_deadline = std::chrono::steady_clock::now() +
+                            std::chrono::milliseconds(int64_t(o.grace_s * 1000));
+        }
+        for (int i = 0; i < o.ranks; i++) {
+            Rank& r = ranks[i];
+            if (!r.running) continue;
+            int status;
+            if (::waitpid(r.pid, &status, WNOHANG) != r.pid) continue;
+            r.running = false;
+            r.status = status;
+            running--;
+            drain(i, r, true);
+            bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+            if (!ok && !stopping) {
+                failure = fmt::format("rank {} {}; stopped the other {} rank(s)", i,
+                                      describe(status), o.ranks - 1);
+                stopping = true;
+                stop_all(SIGTERM);
+                stop_deadline = std::chrono::steady_clock::now() +
+                                std::chrono::milliseconds(int64_t(o.grace_s * 1000));
+            }
+        }
+        if (stopping && std::chrono::steady_clock::now() > stop_deadline) {
+            stop_all(SIGKILL);
+            stop_deadline = std::chrono::steady_clock::time_point::max();
+        }
+    }
+    for (auto& r : ranks) ::close(r.out);
+    if (!failure.empty()) {
+        std::fprintf(stderr, "kiln launch: %s\n", failure.c_str());
+        return 1;
+    }
+    return 0;
+}
+
+}  // namespace kiln::launch

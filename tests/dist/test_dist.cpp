@@ -1,0 +1,184 @@
+// Distributed training over real processes and real sockets on loopback: data-parallel layouts
+// (with and without ZeRO-1) against one process, the gang launcher's failure handling, and rank
+// discovery from every launcher's environment.
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cmath>
+#include <fstream>
+
+#include "core/error.h"
+#include "core/fs.h"
+#include "core/safetensors.h"
+#include "dist/env.h"
+#include "fixture.h"
+
+namespace kiln {
+namespace {
+
+using kiln::testing::TempDir;
+
+struct Result {
+    int rc;
+    std::string out;
+    double seconds;
+};
+
+Result sh(const std::string& cmd) {
+    TempDir tmp;
+    auto t0 = std::chrono::steady_clock::now();
+    int rc = kiln::testing::run(cmd + " >" + (tmp / "out") + " 2>&1");
+    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return {rc, fs::read_file(tmp / "out"), s};
+}
+
+const std::string kModel =
+    " --set model.dim=64 --set model.n_layers=2 --set model.n_heads=4 --set model.n_kv_heads=2"
+    " --set model.vocab_size=256 --set train.seq_len=32 --set train.micro_batch=4"
+    " --set train.warmup_steps=5 --set train.lr=1e-2 --set train.min_lr=1e-3"
+    " --set train.peak_gflops=100 --set train.steps=20 --set parallel.timeout_s=20"
+    " --set train.precision=fp32";
+
+std::vector<double> losses(const std::string& run) {
+    std::vector<double> out;
+    std::ifstream in(run + "/metrics.jsonl");
+    for (std::string line; std::getline(in, line);) {
+        out.push_back(nlohmann::json::parse(line)["loss"].get<double>());
+    }
+    return out;
+}
+
+// Largest over tensors of max|a - b| / max|b|, between the parameters of two checkpoints.
+double weight_difference(const std::string& run_a, const std::string& run_b) {
+    SafetensorsFile a(run_a + "/checkpoints/step-00000020/rank-00000.safetensors");
+    SafetensorsFile b(run_b + "/checkpoints/step-00000020/rank-00000.safetensors");
+    double worst = 0;
+    for (const auto& t : a.tensors()) {
+        if (t.name.rfind("param/", 0) != 0) continue;
+        const float* x = static_cast<const float*>(a.data(t.name, t.dtype, t.shape));
+        const float* y = static_cast<const float*>(b.data(t.name, t.dtype, t.shape));
+        double diff = 0, scale = 0;
+        for (int64_t i = 0; i < t.numel(); i++) {
+            diff = std::max(diff, double(std::fabs(x[i] - y[i])));
+            scale = std::max(scale, double(std::fabs(y[i])));
+        }
+        worst = std::max(worst, diff / scale);
+    }
+    return worst;
+}
+
+// The same global batch (8 sequences) and seed as 1 process x 2 micro-batches, 2 ranks x 1,
+// ZeRO-1 on and off, fp32 products. Sums over ranks happen in another order than over
+// micro-batches, so results agree to float rounding, not bit for bit: losses within 1e-4
+// relative; after 20 AdamW steps each weight tensor within 1e-4 of its largest magnitude (seen:
+// 9e-6; Adam divides by sqrt(v), which amplifies rounding in near-zero gradients).
+TEST(DataParallel, LayoutsMatchOneProcess) {
+    TempDir dir;
+    std::string kiln = kiln::testing::kiln_binary();
+    Result one = sh(kiln + " train" + kModel + " --set train.grad_accum=2 --set run.dir=" +
+                    (dir / "one"));
+    ASSERT_EQ(one.rc, 0) << one.out;
+    for (int zero : {1, 0}) {
+        std::string run = dir / ("dp2-zero" + std::to_string(zero));
+        Result r = sh(kiln + " launch -n 2 -- kiln train" + kModel +
+                      " --set parallel.zero=" + std::to_string(zero) + " --set run.dir=" + run);
+        ASSERT_EQ(r.rc, 0) << r.out;
+        auto a = losses(dir / "one"), b = losses(run);
+        ASSERT_EQ(a.size(), 20u);
+        ASSERT_EQ(b.size(), 20u);
+        for (size_t i = 0; i < a.size(); i++) {
+            EXPECT_NEAR(b[i], a[i], 1e-4 * a[i]) << "zero " << zero << " step " << i + 1;
+        }
+        EXPECT_LT(weight_difference(run, dir / "one"), 1e-4) << "zero " << zero;
+        // Each rank holds half the optimizer state under ZeRO-1.
+        EXPECT_NE(r.out.find(zero ? "(ZeRO-1 shard; dp 2 x tp 1)" : "(replicated; dp 2 x tp 1)"),
+                  std::string::npos)
+            << r.out;
+    }
+    // Resuming a DP=2 run's checkpoint with DP=1 continues the same curve.
+    Result more = sh(kiln + " train" + kModel + " --set train.steps=24 --set train.grad_accum=2" +
+                     " --set run.dir=" + (dir / "dp2-zero1"));
+    ASSERT_EQ(more.rc, 0) << more.out;
+    EXPECT_NE(more.out.find("resuming from"), std::string::npos);
+}
+
+int listening_socket(int& port) {
+    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof addr;
+    ::bind(fd, reinterpret_cast<sockaddr*>(&addr), len);
+    ::listen(fd, 1);
+    ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+    port = ntohs(addr.sin_port);
+    return fd;
+}
+
+TEST(DataParallel, FailuresAreOneSentenceAndNeverHang) {
+    TempDir dir;
+    std::string kiln = kiln::testing::kiln_binary();
+    std::string quick = kModel + " --set parallel.timeout_s=3 --set run.dir=" + (dir / "r");
+    // A rank that never arrives: rank 0 of 2 alone names rank 1.
+    Result alone = sh("WORLD_SIZE=2 RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=" +
+                      std::to_string(29000 + getpid() % 1000) + " " + kiln + " train" + quick);
+    EXPECT_NE(alone.rc, 0);
+    EXPECT_NE(alone.out.find("rank(s) 1 of 2 never arrived"), std::string::npos) << alone.out;
+    EXPECT_LT(alone.seconds, 15);
+    // The rendezvous port in use: rank 0 says so; the launcher stops rank 1 and says why.
+    int port = 0;
+    int fd = listening_socket(port);
+    Result busy = sh(kiln + " launch -n 2 --grace 2 --master-port " + std::to_string(port) +
+                     " -- kiln train" + quick);
+    ::close(fd);
+    EXPECT_NE(busy.rc, 0);
+    EXPECT_NE(busy.out.find("the port is in use"), std::string::npos) << busy.out;
+    EXPECT_NE(busy.out.find("kiln launch: rank 0 exited with status 1; stopped the other 1"),
+              std::string::npos)
+        << busy.out;
+    EXPECT_LT(busy.seconds, 15);
+    // One rank failing while the other works: stopped, one line, non-zero.
+    Result fail = sh(kiln + " launch -n 2 --grace 2 -- sh -c 'if [ \"$RANK\" = 1 ]; then echo "
+                            "oops; exit 3; fi; sleep 60'");
+    EXPECT_NE(fail.rc, 0);
+    EXPECT_NE(fail.out.find("[rank 1] oops"), std::string::npos) << fail.out;
+    EXPECT_NE(fail.out.find("kiln launch: rank 1 exited with status 3"), std::string::npos)
+        << fail.out;
+    EXPECT_LT(fail.seconds, 20);
+}
+
+TEST(Env, EveryLauncherConvention) {
+    auto p = dist::discover({{"WORLD_SIZE", "4"}, {"RANK", "2"}, {"LOCAL_RANK", "0"},
+                             {"MASTER_ADDR", "10.0.0.1"}, {"MASTER_PORT", "1234"}});
+    EXPECT_EQ(p.source, "torchrun");
+    EXPECT_EQ(p.rank, 2);
+    EXPECT_EQ(p.world_size, 4);
+    EXPECT_EQ(p.master_addr, "10.0.0.1");
+    EXPECT_EQ(p.master_port, 1234);
+    p = dist::discover({{"SLURM_NTASKS", "8"}, {"SLURM_PROCID", "5"}, {"SLURM_LOCALID", "1"},
+                        {"MASTER_ADDR", "node1"}});
+    EXPECT_EQ(p.source, "slurm");
+    EXPECT_EQ(p.rank, 5);
+    EXPECT_EQ(p.local_rank, 1);
+    p = dist::discover({{"OMPI_COMM_WORLD_SIZE", "3"}, {"OMPI_COMM_WORLD_RANK", "2"}});
+    EXPECT_EQ(p.source, "openmpi");
+    EXPECT_EQ(p.world_size, 3);
+    p = dist::discover({{"VC_TASK_INDEX", "1"},
+                        {"VC_WORKER_HOSTS", "job-worker-0.job,job-worker-1.job"},
+                        {"MASTER_PORT", "23456"}});
+    EXPECT_EQ(p.source, "volcano");
+    EXPECT_EQ(p.rank, 1);
+    EXPECT_EQ(p.world_size, 2);
+    EXPECT_EQ(p.master_addr, "job-worker-0.job");
+    EXPECT_THROW(dist::discover({{"WORLD_SIZE", "2"}, {"RANK", "2"}}), Error);
+    EXPECT_THROW(dist::discover({{"WORLD_SIZE", "two"}}), Error);
+    EXPECT_THROW(dist::discover({{"RANK", "0"}, {"MASTER_PORT", "70000"}}), Error);
+}
+
+}  // namespace
+}  // namespace kiln

@@ -17,6 +17,8 @@ public:
     // data (n) = elementwise sum over the group, in place.
     virtual void all_reduce_sum(float* data, size_t n) = 0;
     virtual void all_reduce_sum(double* data, size_t n) = 0;
+    // data (n) = elementwise maximum over the group, in place.
+    virtual void all_reduce_max(float* data, size_t n) = 0;
     // data (size() * chunk): on return, chunk r (data + r*chunk .. +chunk) of rank r holds the sum
     // over the group of everyone's chunk r; the other chunks hold unspecified values.
     virtual void reduce_scatter_sum(float* data, size_t chunk) = 0;

@@ -28,6 +28,9 @@ public:
 
     void all_reduce_sum(float* data, size_t n) override { all_reduce(data, n); }
     void all_reduce_sum(double* data, size_t n) override { all_reduce(data, n); }
+    void all_reduce_max(float* data, size_t n) override {
+        all_reduce(data, n, static_cast<Reduce>(&gloo::max<float>));
+    }
 
     // gloo has no in-place reduce-scatter in this version's options API: an all-reduce leaves
     // every chunk summed, which satisfies the contract (other chunks unspecified).
@@ -62,13 +65,13 @@ public:
     }
 
 private:
+    using Reduce = void (*)(void*, const void*, const void*, size_t);
     template <typename T>
-    void all_reduce(T* data, size_t n) {
+    void all_reduce(T* data, size_t n, Reduce reduce = static_cast<Reduce>(&gloo::sum<T>)) {
         if (size() == 1 || n == 0) return;
         gloo::AllreduceOptions opts(ctx_);
         opts.setOutput(data, n);
-        opts.setReduceFunction(
-            static_cast<void (*)(void*, const void*, const void*, size_t)>(&gloo::sum<T>));
+        opts.setReduceFunction(reduce);
         opts.setTag(next_tag());
         gloo::allreduce(opts);
     }
@@ -84,6 +87,7 @@ public:
     int size() const override { return 1; }
     void all_reduce_sum(float*, size_t) override {}
     void all_reduce_sum(double*, size_t) override {}
+    void all_reduce_max(float*, size_t) override {}
     void reduce_scatter_sum(float*, size_t) override {}
     void all_gather(float*, size_t) override {}
     void broadcast(void*, size_t, int) override {}

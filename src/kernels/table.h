@@ -15,10 +15,11 @@ struct Kernels {
 
     void (*gemm)(const Gemm& g, Workspace ws);
 
-    // out (M, C) = wte[tokens[m]]                          tokens (M), wte (V, C)
+    // out (M, C) = wte[tokens[m]], a zero row where tokens[m] < 0 (a token another tensor-
+    // parallel rank holds)                                  tokens (M), wte (V, C)
     void (*embedding_forward)(float* out, const int32_t* tokens, const float* wte, int64_t M,
                               int64_t C);
-    // dwte (V, C) += scatter of dout (M, C) by tokens
+    // dwte (V, C) += scatter of dout (M, C) by tokens; rows with tokens[m] < 0 are skipped
     void (*embedding_backward)(float* dwte, const float* dout, const int32_t* tokens, int64_t M,
                                int64_t C);
 
@@ -51,12 +52,18 @@ struct Kernels {
     // dgu (M, 2F) = gradient w.r.t. gate and up, given dh (M, F)
     void (*swiglu_backward)(float* dgu, const float* dh, const float* gu, int64_t M, int64_t F);
 
-    // For rows with targets[m] >= 0: losses[m] = logsumexp(logits[m]) - logits[m][target]; rows
-    // with target < 0 get loss 0. When dscale != 0, also writes the gradient
-    // dscale * (softmax - onehot) (zero rows for ignored targets) to dlogits (M, V) as
-    // dlogits_type (f32 or bf16); f32 dlogits may alias logits. logits (M, V), targets (M).
-    void (*cross_entropy)(const float* logits, float* losses, const int32_t* targets, int64_t M,
-                          int64_t V, float dscale, void* dlogits, DType dlogits_type);
+    // Cross-entropy in two halves, so that a vocabulary split over tensor-parallel ranks can
+    // combine the row statistics in between. logits (M, V); targets (M) index this V, or are
+    // < 0 (ignored, or held by another rank).
+    // Per row: max[m] = max_v logits; sumexp[m] = sum_v exp(logits - max[m]);
+    // target_logit[m] = logits[m][targets[m]] (0 when targets[m] < 0).
+    void (*logit_stats)(const float* logits, const int32_t* targets, int64_t M, int64_t V,
+                        float* max, float* sumexp, float* target_logit);
+    // dlogits (M, V) = row_scale[m] * (exp(logits - max[m]) / sumexp[m] - onehot(targets[m])),
+    // written as dlogits_type (f32 or bf16); f32 dlogits may alias logits.
+    void (*cross_entropy_backward)(const float* logits, const int32_t* targets, const float* max,
+                                   const float* sumexp, const float* row_scale, int64_t M,
+                                   int64_t V, void* dlogits, DType dlogits_type);
 
     // AdamW on n elements with g' = grad_scale * g, decoupled weight decay, bias correction:
     // m = b1 m + (1-b1) g'; v = b2 v + (1-b2) g'^2; p -= lr (mhat / (sqrt(vhat) + eps) + wd p).

@@ -26,7 +26,7 @@ bool LlamaConfig::same_shapes(const LlamaConfig& o) const {
            norm_eps == o.norm_eps && rope_theta == o.rope_theta;
 }
 
-void LlamaConfig::validate() const {
+void LlamaConfig::validate(int tp) const {
     auto positive = [](const char* key, int64_t v) {
         if (v <= 0)
             throw error("model.{}={} must be positive", key, v);
@@ -55,8 +55,18 @@ void LlamaConfig::validate() const {
     if (ffn_dim_multiplier < 0) {
         throw error("model.ffn_dim_multiplier={} must be >= 0 (0 means none)", ffn_dim_multiplier);
     }
-    if (!(norm_eps > 0))
+    if (!(norm_eps > 0)) {
         throw error("model.norm_eps={} must be positive", norm_eps);
+    }
+    auto splits = [tp](const char* what, int64_t n) {
+        if (n % tp != 0) {
+            throw error("{}={} is not divisible by parallel.tp={}", what, n, tp);
+        }
+    };
+    splits("model.n_heads", n_heads);
+    splits("model.n_kv_heads", n_kv_heads);
+    splits("model.vocab_size", vocab_size);
+    splits("the FFN width (from model.dim and model.multiple_of)", ffn_dim());
     if (!(rope_theta > 0))
         throw error("model.rope_theta={} must be positive", rope_theta);
 }

@@ -30,8 +30,9 @@ struct LlamaConfig {
     int64_t n_params() const;
     // Same parameter shapes and numerics (the preset name and max_seq_len may differ).
     bool same_shapes(const LlamaConfig& o) const;
-    // Throws Error naming the key when the shapes contradict each other.
-    void validate() const;
+    // Throws Error naming the key when the shapes contradict each other, or do not split over
+    // `tp` tensor-parallel ranks.
+    void validate(int tp = 1) const;
 };
 
 // Returns the preset of that name; throws Error listing the presets when unknown.

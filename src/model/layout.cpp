@@ -2,21 +2,27 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+
 namespace kiln::model {
 
-int64_t Layout::add(std::string name, std::string hf_name, std::vector<int64_t> shape,
+int64_t Layout::add(std::string name, std::string hf_name, std::vector<int64_t> full_shape,
                     SplitAxis split, bool decay) {
-    ParamInfo p{std::move(name), std::move(hf_name), std::move(shape), total_, 1, split, decay};
-    for (int64_t d : p.shape)
-        p.numel *= d;
+    std::vector<int64_t> shape = full_shape;
+    if (split == SplitAxis::rows) shape[0] /= tp;
+    if (split == SplitAxis::cols) shape[1] /= tp;
+    ParamInfo p{std::move(name), std::move(hf_name), shape, std::move(full_shape), total_, 1,
+                split, decay};
+    for (int64_t d : p.shape) p.numel *= d;
     total_ += p.numel;
     params_.push_back(std::move(p));
     return params_.back().offset;
 }
 
-Layout::Layout(const LlamaConfig& c) {
+Layout::Layout(const LlamaConfig& c, int tp_size, int rank) : tp(tp_size), tp_rank(rank) {
     const int64_t C = c.dim, D = c.head_dim(), F = c.ffn_dim();
     const int64_t H = c.n_heads, Hkv = c.n_kv_heads, V = c.vocab_size;
+    vocab_begin = rank * (V / tp);
     embedding = add("tok_embeddings", "model.embed_tokens.weight", {V, C}, SplitAxis::rows, true);
     for (int64_t l = 0; l < c.n_layers; l++) {
         auto n = [l](const char* s) { return fmt::format("layers.{}.{}", l, s); };
@@ -37,6 +43,32 @@ Layout::Layout(const LlamaConfig& c) {
     }
     final_norm = add("norm", "model.norm.weight", {C}, SplitAxis::none, false);
     output = add("output", "lm_head.weight", {V, C}, SplitAxis::rows, true);
+}
+
+void Layout::shard_from_full(const ParamInfo& p, const float* full, float* shard) const {
+    if (p.tp_split == SplitAxis::cols) {
+        const int64_t rows = p.shape[0], cols = p.shape[1], full_cols = p.full_shape[1];
+        for (int64_t r = 0; r < rows; r++) {
+            std::copy(full + r * full_cols + tp_rank * cols,
+                      full + r * full_cols + (tp_rank + 1) * cols, shard + r * cols);
+        }
+    } else {
+        const int64_t skip = p.tp_split == SplitAxis::rows ? tp_rank * p.numel : 0;
+        std::copy(full + skip, full + skip + p.numel, shard);
+    }
+}
+
+void Layout::full_from_shard(const ParamInfo& p, const float* shard, int rank, float* full) const {
+    if (p.tp_split == SplitAxis::cols) {
+        const int64_t rows = p.shape[0], cols = p.shape[1], full_cols = p.full_shape[1];
+        for (int64_t r = 0; r < rows; r++) {
+            std::copy(shard + r * cols, shard + (r + 1) * cols,
+                      full + r * full_cols + rank * cols);
+        }
+    } else {
+        const int64_t skip = p.tp_split == SplitAxis::rows ? rank * p.numel : 0;
+        std::copy(shard, shard + p.numel, full + skip);
+    }
 }
 
 const ParamInfo* Layout::find(const std::string& name) const {

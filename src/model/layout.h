@@ -20,7 +20,8 @@ enum class SplitAxis { none, rows, cols };
 struct ParamInfo {
     std::string name;     // kiln name, e.g. "layers.0.attention.wq"
     std::string hf_name;  // e.g. "model.layers.0.self_attn.q_proj.weight"
-    std::vector<int64_t> shape;
+    std::vector<int64_t> shape;       // this tensor-parallel rank's shard
+    std::vector<int64_t> full_shape;  // the whole tensor (checkpoints and exports hold this)
     int64_t offset = 0;  // in elements, into the flat parameter/gradient buffers
     int64_t numel = 0;
     SplitAxis tp_split = SplitAxis::none;
@@ -32,9 +33,13 @@ struct BlockParams {
     int64_t attention_norm, wqkv, wo, ffn_norm, w13, w2;
 };
 
+// The layout of one tensor-parallel rank's shard of the model (tp = 1: the whole model).
+// Column-parallel tensors (wq, wk, wv, w1, w3, embedding and output by vocabulary) keep rows
+// [r*n/tp, (r+1)*n/tp); row-parallel ones (wo, w2) keep those columns; norms are whole on every
+// rank.
 class Layout {
 public:
-    explicit Layout(const LlamaConfig& config);
+    explicit Layout(const LlamaConfig& config, int tp = 1, int tp_rank = 0);
 
     const std::vector<ParamInfo>& params() const { return params_; }
     int64_t total() const { return total_; }
@@ -42,6 +47,12 @@ public:
 
     int64_t embedding = 0, final_norm = 0, output = 0;  // element offsets
     std::vector<BlockParams> blocks;                    // [layer]
+    int tp = 1, tp_rank = 0;
+    int64_t vocab_begin = 0;  // first token id of this rank's vocabulary slice
+
+    // Copies between a whole tensor (full_shape) and this rank's shard of it (shape).
+    void shard_from_full(const ParamInfo& p, const float* full, float* shard) const;
+    void full_from_shard(const ParamInfo& p, const float* shard, int rank, float* full) const;
 
 private:
     int64_t add(std::string name, std::string hf_name, std::vector<int64_t> shape, SplitAxis split,

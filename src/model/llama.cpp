@@ -29,22 +29,28 @@ Recompute parse_recompute(const std::string& name) {
 }
 
 Llama::Llama(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t B, int64_t T,
-             Recompute recompute, int64_t capacity)
+             Recompute recompute, int64_t capacity, Collective* tp)
     : config_(config),
-      layout_(config),
+      tp_(tp),
+      tp_size_(tp ? tp->size() : 1),
+      tp_rank_(tp ? tp->rank() : 0),
+      layout_(config, tp_size_, tp_rank_),
       k_(kernels),
       B_(B),
       T_(T),
       M_(B * T),
       recompute_(recompute),
       bf16_(kernels.precision == kernels::Precision::bf16) {
-    config_.validate();
+    config_.validate(tp_size_);
     KILN_CHECK(B > 0 && T > 0, "micro-batch {}x{}", B, T);
-    const int64_t C = config.dim, L = config.n_layers, H = config.n_heads, D = config.head_dim();
-    const int64_t F = config.ffn_dim(), V = config.vocab_size, QKV = config.qkv_dim();
+    C_ = config.dim, D_ = config.head_dim();
+    H_ = config.n_heads / tp_size_, Hkv_ = config.n_kv_heads / tp_size_;
+    F_ = config.ffn_dim() / tp_size_, V_ = config.vocab_size / tp_size_;
+    QKV_ = (H_ + 2 * Hkv_) * D_;
+    const int64_t C = C_, L = config.n_layers, H = H_, D = D_, F = F_, V = V_, QKV = QKV_;
     // LM head in row chunks of ~4M logits, so the full (M, V) logits never exist at once.
     head_rows_ = std::clamp<int64_t>((int64_t(1) << 22) / V, 1, M_);
-    attn_ = {B, T, H, config.n_kv_heads, D, QKV};
+    attn_ = {B, T, H, Hkv_, D, QKV};
 
     capacity = std::max(capacity, layout_.total());
     params_.add("params", capacity, DType::f32);
@@ -94,6 +100,8 @@ Llama::Llama(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t
     size_t o_dh = acts_.add("dh", M * F, DType::f32);
     size_t o_logits = acts_.add("logits", head_rows_ * V, DType::f32);
     size_t o_losses = acts_.add("losses", M, DType::f32);
+    size_t o_rows = acts_.add("row_stats", 4 * M, DType::f32);
+    size_t o_local = acts_.add("local_ids", 2 * M, DType::i32);
     size_t o_xnf_bf = acts_.add("xnf_bf", bf * M * C, DType::bf16);
     size_t o_dy_bf = acts_.add("dy_bf", bf * M * std::max({C, QKV, 2 * F, H * D}), DType::bf16);
     size_t o_dlogits_bf = acts_.add("dlogits_bf", bf * head_rows_ * V, DType::bf16);
@@ -128,6 +136,10 @@ Llama::Llama(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t
     dh_ = acts_.get<float>(o_dh);
     logits_ = acts_.get<float>(o_logits);
     losses_ = acts_.get<float>(o_losses);
+    row_max_ = acts_.get<float>(o_rows);
+    row_sum_ = row_max_ + M, row_target_ = row_sum_ + M, row_scale_ = row_target_ + M;
+    local_tokens_ = acts_.get<int32_t>(o_local);
+    local_targets_ = local_tokens_ + M;
     ws_.ptr = acts_.get<void>(o_ws);
     xnf_bf_ = bf16_ ? acts_.get<uint16_t>(o_xnf_bf) : nullptr;
     dy_bf_ = bf16_ ? acts_.get<uint16_t>(o_dy_bf) : nullptr;
@@ -144,17 +156,19 @@ Llama::Llama(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t
 }
 
 void Llama::init_weights(uint64_t seed, double std) {
+    // Every rank draws every whole tensor in the same order and keeps its shard.
     std::mt19937_64 rng(seed);
     std::normal_distribution<float> normal(0.0f, static_cast<float>(std));
-    float* p = params();
+    std::vector<float> full;
     for (const auto& info : layout_.params()) {
-        float* w = p + info.offset;
+        float* w = params() + info.offset;
         if (info.shape.size() == 1) {
             std::fill(w, w + info.numel, 1.0f);
-        } else {
-            for (int64_t i = 0; i < info.numel; i++)
-                w[i] = normal(rng);
+            continue;
         }
+        full.resize(size_t(info.full_shape[0] * info.full_shape[1]));
+        for (float& x : full) x = normal(rng);
+        layout_.shard_from_full(info, full.data(), w);
     }
     sync_compute_weights();
 }
@@ -213,43 +227,53 @@ void Llama::linear_backward(float* dx, float* dw, Operand dy, Operand x, Operand
     k_.gemm(gw, ws_);
 }
 
+void Llama::tp_all_reduce(float* data, int64_t n) {
+    if (tp_size_ > 1) tp_->all_reduce_sum(data, size_t(n));
+}
+
+// Rank 0 of the group adds the residual and every rank its partial product; the all-reduce sums
+// them. With one rank the residual rides on the product's accumulate.
+void Llama::row_parallel(float* y, const float* residual, Operand x, Operand w, int64_t M,
+                         int64_t K, int64_t N) {
+    bool with_residual = tp_rank_ == 0;
+    if (with_residual) std::memcpy(y, residual, size_t(M * N) * sizeof(float));
+    linear_forward(y, x, w, M, K, N, with_residual);
+    tp_all_reduce(y, M * N);
+}
+
 void Llama::block_forward(int64_t l, const float* x, float* out) {
     const BlockParams& p = layout_.blocks[l];
     const BlockActs& a = blocks_[l];
     const float* w = params();
-    const int64_t M = M_, T = T_, C = config_.dim, H = config_.n_heads, D = config_.head_dim();
-    const int64_t F = config_.ffn_dim(), QKV = config_.qkv_dim();
+    const int64_t M = M_, T = T_, C = C_, H = H_, D = D_, F = F_, QKV = QKV_;
     const float eps = static_cast<float>(config_.norm_eps);
 
-    // attention
+    // attention (this rank's heads)
     k_.rmsnorm_forward(a.xn1, a.rstd1, x, w + p.attention_norm, M, C, eps);
     linear_forward(a.qkv, operand(a.xn1, a.xn1_bf, M * C), weight(p.wqkv), M, C, QKV);
-    k_.rope_forward(a.qkv, QKV, M, T, H + config_.n_kv_heads, D, rope_cos_, rope_sin_);
+    k_.rope_forward(a.qkv, QKV, M, T, H + Hkv_, D, rope_cos_, rope_sin_);
     k_.attention_forward(a.att, a.probs, a.qkv, attn_, ws_);
-    std::memcpy(a.x2, x, M * C * sizeof(float));  // residual: the product accumulates onto it
-    linear_forward(a.x2, operand(a.att, a.att_bf, M * H * D), weight(p.wo), M, H * D, C, true);
-    // feed-forward
+    row_parallel(a.x2, x, operand(a.att, a.att_bf, M * H * D), weight(p.wo), M, H * D, C);
+    // feed-forward (this rank's slice of the hidden width)
     k_.rmsnorm_forward(a.xn2, a.rstd2, a.x2, w + p.ffn_norm, M, C, eps);
     linear_forward(a.gu, operand(a.xn2, a.xn2_bf, M * C), weight(p.w13), M, C, 2 * F);
     k_.swiglu_forward(a.h, a.gu, M, F);
-    std::memcpy(out, a.x2, M * C * sizeof(float));
-    linear_forward(out, operand(a.h, a.h_bf, M * F), weight(p.w2), M, F, C, true);
+    row_parallel(out, a.x2, operand(a.h, a.h_bf, M * F), weight(p.w2), M, F, C);
 }
 
 // dres (M, C): on entry the gradient w.r.t. the block's output, on exit w.r.t. its input.
 void Llama::block_backward(int64_t l, float* dres) {
     const BlockParams& p = layout_.blocks[l];
     const BlockActs& a = blocks_[l];
-    const float* x = res_ + l * M_ * config_.dim;
+    const float* x = res_ + l * M_ * C_;
     if (recompute_ == Recompute::full) {
-        block_forward(l, x, res_ + (l + 1) * M_ * config_.dim);  // same values as before
+        block_forward(l, x, res_ + (l + 1) * M_ * C_);  // same values as before
     } else if (recompute_ == Recompute::selective) {
         k_.attention_forward(a.att, a.probs, a.qkv, attn_, ws_);  // refills the shared probs
     }
     const float* w = params();
     float* g = grads();
-    const int64_t M = M_, T = T_, C = config_.dim, H = config_.n_heads, D = config_.head_dim();
-    const int64_t F = config_.ffn_dim(), QKV = config_.qkv_dim();
+    const int64_t M = M_, T = T_, C = C_, H = H_, D = D_, F = F_, QKV = QKV_;
 
     // feed-forward: out = x2 + h W2^T, h = swiglu(xn2 W13^T), xn2 = rmsnorm(x2)
     linear_backward(dh_, g + p.w2, operand(dres, dy_bf_, M * C), saved(a.h, a.h_bf), weight(p.w2),
@@ -257,55 +281,86 @@ void Llama::block_backward(int64_t l, float* dres) {
     k_.swiglu_backward(dgu_, dh_, a.gu, M, F);
     linear_backward(dxn_, g + p.w13, operand(dgu_, dy_bf_, M * 2 * F), saved(a.xn2, a.xn2_bf),
                     weight(p.w13), M, C, 2 * F);
+    tp_all_reduce(dxn_, M * C);  // xn2 fed every rank's slice
     k_.rmsnorm_backward(dres, g + p.ffn_norm, dxn_, a.x2, w + p.ffn_norm, a.rstd2, M, C);
     // attention: x2 = x + att Wo^T, att = attention(rope(xn1 Wqkv^T)), xn1 = rmsnorm(x)
     linear_backward(datt_, g + p.wo, operand(dres, dy_bf_, M * C), saved(a.att, a.att_bf),
                     weight(p.wo), M, H * D, C);
     k_.attention_backward(dqkv_, datt_, a.qkv, a.probs, attn_, ws_);
-    k_.rope_backward(dqkv_, QKV, M, T, H + config_.n_kv_heads, D, rope_cos_, rope_sin_);
+    k_.rope_backward(dqkv_, QKV, M, T, H + Hkv_, D, rope_cos_, rope_sin_);
     linear_backward(dxn_, g + p.wqkv, operand(dqkv_, dy_bf_, M * QKV), saved(a.xn1, a.xn1_bf),
                     weight(p.wqkv), M, C, QKV);
+    tp_all_reduce(dxn_, M * C);  // xn1 fed every rank's heads
     k_.rmsnorm_backward(dres, g + p.attention_norm, dxn_, x, w + p.attention_norm, a.rstd1, M, C);
 }
 
 void Llama::embed(const int32_t* tokens) {
+    // Vocabulary-parallel: each rank looks up the tokens of its slice; the sum is the lookup.
+    const int64_t vb = layout_.vocab_begin;
     for (int64_t m = 0; m < M_; m++) {
         KILN_CHECK(tokens[m] >= 0 && tokens[m] < config_.vocab_size, "token {} out of range",
                    tokens[m]);
+        local_tokens_[m] = tokens[m] >= vb && tokens[m] < vb + V_ ? int32_t(tokens[m] - vb) : -1;
     }
-    k_.embedding_forward(res_, tokens, params() + layout_.embedding, M_, config_.dim);
+    k_.embedding_forward(res_, local_tokens_, params() + layout_.embedding, M_, C_);
+    tp_all_reduce(res_, M_ * C_);
     for (int64_t l = 0; l < config_.n_layers; l++) {
-        block_forward(l, res_ + l * M_ * config_.dim, res_ + (l + 1) * M_ * config_.dim);
+        block_forward(l, res_ + l * M_ * C_, res_ + (l + 1) * M_ * C_);
     }
-    k_.rmsnorm_forward(xnf_, rstdf_, res_ + config_.n_layers * M_ * config_.dim,
-                       params() + layout_.final_norm, M_, config_.dim,
+    k_.rmsnorm_forward(xnf_, rstdf_, res_ + config_.n_layers * M_ * C_,
+                       params() + layout_.final_norm, M_, C_,
                        static_cast<float>(config_.norm_eps));
-    operand(xnf_, xnf_bf_, M_ * config_.dim);  // the head's products read this copy
+    operand(xnf_, xnf_bf_, M_ * C_);  // the head's products read this copy
 }
 
-// LM head and cross-entropy in row chunks; with grad_scale != 0 also the head's backward into
+// LM head and cross-entropy in row chunks, over this rank's slice of the vocabulary: the row
+// statistics (max, sum of exp, target logit) are combined over the tensor-parallel group, so no
+// rank ever holds full-vocabulary logits. With grad_scale != 0 also the head's backward into
 // dxn_ (d xnf) and the output weight's gradient.
 LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out) {
-    const int64_t C = config_.dim, V = config_.vocab_size;
-    LossSum loss;
+    const int64_t C = C_, V = V_, vb = layout_.vocab_begin;
+    if (logits_out) {
+        KILN_CHECK(tp_size_ == 1, "full logits need the whole vocabulary on one rank");
+        for (int64_t r0 = 0; r0 < M_; r0 += head_rows_) {
+            int64_t rows = std::min(head_rows_, M_ - r0);
+            Operand xnf = saved(xnf_ + r0 * C, bf16_ ? xnf_bf_ + r0 * C : nullptr);
+            linear_forward(logits_out + r0 * V, xnf, weight(layout_.output), rows, C, V);
+        }
+        return {};
+    }
+    for (int64_t m = 0; m < M_; m++) {
+        int32_t t = targets[m];
+        local_targets_[m] = t >= vb && t < vb + V ? int32_t(t - vb) : -1;
+        row_scale_[m] = t >= 0 ? grad_scale : 0.0f;
+    }
     for (int64_t r0 = 0; r0 < M_; r0 += head_rows_) {
         int64_t rows = std::min(head_rows_, M_ - r0);
-        float* logits = logits_out ? logits_out + r0 * V : logits_;
         Operand xnf = saved(xnf_ + r0 * C, bf16_ ? xnf_bf_ + r0 * C : nullptr);
-        linear_forward(logits, xnf, weight(layout_.output), rows, C, V);
-        if (logits_out)
-            continue;
-        // The gradient goes straight to the dtype the backward products read (f32 in place).
-        Operand dlogits = bf16_ ? Operand{dlogits_bf_, DType::bf16} : Operand{logits, DType::f32};
-        k_.cross_entropy(logits, losses_ + r0, targets + r0, rows, V, grad_scale,
-                         const_cast<void*>(dlogits.ptr), dlogits.type);
+        linear_forward(logits_, xnf, weight(layout_.output), rows, C, V);
+        float *mx = row_max_ + r0, *se = row_sum_ + r0, *tl = row_target_ + r0;
+        k_.logit_stats(logits_, local_targets_ + r0, rows, V, mx, se, tl);
+        if (tp_size_ > 1) {
+            std::vector<float> local_max(mx, mx + rows);
+            tp_->all_reduce_max(mx, size_t(rows));
+            for (int64_t i = 0; i < rows; i++) se[i] *= std::exp(local_max[i] - mx[i]);
+            tp_->all_reduce_sum(se, size_t(rows));
+            tp_->all_reduce_sum(tl, size_t(rows));
+        }
+        for (int64_t i = 0; i < rows; i++) {
+            losses_[r0 + i] = targets[r0 + i] >= 0 ? std::log(se[i]) + mx[i] - tl[i] : 0.0f;
+        }
         if (grad_scale != 0) {
+            // The gradient goes straight to the dtype the backward products read (f32 in place).
+            Operand dlogits =
+                bf16_ ? Operand{dlogits_bf_, DType::bf16} : Operand{logits_, DType::f32};
+            k_.cross_entropy_backward(logits_, local_targets_ + r0, mx, se, row_scale_ + r0, rows,
+                                      V, const_cast<void*>(dlogits.ptr), dlogits.type);
             linear_backward(dxn_ + r0 * C, grads() + layout_.output, dlogits, xnf,
                             weight(layout_.output), rows, C, V);
         }
     }
-    if (logits_out)
-        return loss;
+    if (grad_scale != 0) tp_all_reduce(dxn_, M_ * C);  // xnf fed every rank's vocabulary
+    LossSum loss;
     for (int64_t m = 0; m < M_; m++) {
         if (targets[m] >= 0) {
             loss.sum += losses_[m];
@@ -318,15 +373,13 @@ LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out)
 LossSum Llama::forward_backward(const int32_t* tokens, const int32_t* targets, float grad_scale) {
     embed(tokens);
     LossSum loss = head(targets, grad_scale, nullptr);
-    if (grad_scale == 0)
-        return loss;
-    const int64_t C = config_.dim, L = config_.n_layers;
+    if (grad_scale == 0) return loss;
+    const int64_t C = C_, L = config_.n_layers;
     std::fill(dres_, dres_ + M_ * C, 0.0f);
     k_.rmsnorm_backward(dres_, grads() + layout_.final_norm, dxn_, res_ + L * M_ * C,
                         params() + layout_.final_norm, rstdf_, M_, C);
-    for (int64_t l = L - 1; l >= 0; l--)
-        block_backward(l, dres_);
-    k_.embedding_backward(grads() + layout_.embedding, dres_, tokens, M_, C);
+    for (int64_t l = L - 1; l >= 0; l--) block_backward(l, dres_);
+    k_.embedding_backward(grads() + layout_.embedding, dres_, local_tokens_, M_, C);
     return loss;
 }
 

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "core/arena.h"
+#include "core/collective.h"
 #include "kernels/table.h"
 #include "model/config.h"
 #include "model/layout.h"
@@ -28,9 +29,12 @@ struct LossSum {
 class Llama {
 public:
     // `capacity` >= layout().total(): the flat buffers' length (padding lets data parallelism
-    // split them into equal shards; the padding stays zero).
+    // split them into equal shards; the padding stays zero). With a tensor-parallel group `tp`
+    // of more than one rank, this model holds its rank's shard (Megatron layout: column-parallel
+    // QKV and gate/up, row-parallel O and down, vocabulary-parallel embedding and LM head) and
+    // calls tp's all-reduces in forward and backward.
     Llama(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t B, int64_t T,
-          Recompute recompute, int64_t capacity = 0);
+          Recompute recompute, int64_t capacity = 0, Collective* tp = nullptr);
 
     const LlamaConfig& config() const { return config_; }
     const Layout& layout() const { return layout_; }
@@ -40,7 +44,8 @@ public:
     uint16_t* params_bf16() { return bf16_ ? params_bf16_.get<uint16_t>(0) : nullptr; }
     size_t activation_bytes() const { return acts_.bytes(); }
 
-    // N(0, std) for matrices and embeddings, 1 for norm weights; deterministic in seed.
+    // N(0, std) for matrices and embeddings, 1 for norm weights; deterministic in seed, and the
+    // same model whatever the tensor-parallel split.
     void init_weights(uint64_t seed, double std);
     // Refreshes params_bf16() from params(); call after changing params() other than through
     // an optimizer that writes both. A no-op in fp32.
@@ -50,7 +55,8 @@ public:
     // One micro-batch. tokens, targets (B, T); a target < 0 is ignored. grads() += the
     // gradient of grad_scale * (summed loss). grad_scale 0: forward only, grads untouched.
     LossSum forward_backward(const int32_t* tokens, const int32_t* targets, float grad_scale);
-    // Forward only, writing the full logits (B, T, V) to `logits` (tests and sampling).
+    // Forward only, writing the full logits (B, T, V) to `logits` (tests and sampling; one
+    // tensor-parallel rank only).
     void forward_logits(const int32_t* tokens, float* logits);
 
 private:
@@ -76,11 +82,19 @@ private:
                         bool accumulate = false);
     void linear_backward(float* dx, float* dw, Operand dy, Operand x, Operand w, int64_t M,
                          int64_t K, int64_t N);
+    // y (M, N) = residual + sum over tensor-parallel ranks of x · W^T (a row-parallel product).
+    void row_parallel(float* y, const float* residual, Operand x, Operand w, int64_t M, int64_t K,
+                      int64_t N);
+    void tp_all_reduce(float* data, int64_t n);  // sum over the tensor-parallel group
 
     LlamaConfig config_;
+    Collective* tp_;  // [nullable] the tensor-parallel group
+    int tp_size_, tp_rank_;
     Layout layout_;
     const kernels::Kernels& k_;
     int64_t B_, T_, M_, head_rows_;
+    // This rank's dims: C, D whole; heads, kv heads, FFN width and vocabulary divided by tp.
+    int64_t C_, D_, H_, Hkv_, F_, V_, QKV_;
     Recompute recompute_;
     kernels::Attention attn_;
 
@@ -94,6 +108,8 @@ private:
     float *rstdf_, *xnf_;            // (M), (M, C) final norm
     float *dres_, *dxn_, *dqkv_, *datt_, *dgu_, *dh_;  // backward scratch
     float *logits_, *losses_;                          // (head_rows, V), (M)
+    float *row_max_, *row_sum_, *row_target_, *row_scale_;  // (M) cross-entropy statistics
+    int32_t *local_tokens_, *local_targets_;  // (M) ids in this rank's vocabulary slice, or -1
     uint16_t *xnf_bf_, *dy_bf_, *dlogits_bf_;  // bf16 precision: (M, C), dy scratch, (rows, V)
     kernels::Workspace ws_;
 };

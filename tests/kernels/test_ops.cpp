@@ -259,52 +259,90 @@ TEST(SwiGlu, ForwardAndBackward) {
     expect_fd(gu, d_r, loss, "swiglu fd");
 }
 
-TEST(CrossEntropy, ForwardAndBackward) {
+// Loss from the row statistics: log(sumexp) + max - target logit.
+std::vector<double> losses_from_stats(const Kernels& k, const std::vector<float>& logits,
+                                      const std::vector<int32_t>& targets, int64_t M, int64_t V) {
+    std::vector<float> mx(M), se(M), tl(M);
+    k.logit_stats(logits.data(), targets.data(), M, V, mx.data(), se.data(), tl.data());
+    std::vector<double> out(M);
+    for (int64_t m = 0; m < M; m++) {
+        out[m] = targets[m] < 0 ? 0 : std::log(double(se[m])) + mx[m] - tl[m];
+    }
+    return out;
+}
+
+TEST(CrossEntropy, StatsAndBackward) {
     const int64_t M = 5, V = 5000;
     auto logits = randn(M * V, 9, 3.0f);
     std::vector<int32_t> targets = {3, 4999, -1, 0, 1234};
-    auto lc = logits, lr = logits;
-    std::vector<float> loss_c(M), loss_r(M);
-    cpu_kernels(Precision::fp32)
-        .cross_entropy(lc.data(), loss_c.data(), targets.data(), M, V, 0.5f, lc.data(), DType::f32);
-    ref().cross_entropy(lr.data(), loss_r.data(), targets.data(), M, V, 0.5f, lr.data(),
-                        DType::f32);
-    expect_close(loss_c, loss_r, 1e-5, 1e-5, "xent loss");
-    expect_close(lc, lr, 1e-7, 1e-4, "xent grad");
-    // The bf16 gradient is the rounded f32 one.
-    std::vector<uint16_t> lb(M * V);
-    std::vector<float> loss_b(M);
-    cpu_kernels(Precision::fp32)
-        .cross_entropy(logits.data(), loss_b.data(), targets.data(), M, V, 0.5f, lb.data(),
-                       DType::bf16);
-    std::vector<float> lbf(M * V);
-    for (int64_t i = 0; i < M * V; i++)
-        lbf[i] = bf16_to_f32(lb[i]);
-    expect_close(lbf, lr, 1e-7, 1e-2, "xent grad bf16");
-    EXPECT_EQ(loss_r[2], 0.0f);
+    const Kernels& cpu = cpu_kernels(Precision::fp32);
+    auto lc = losses_from_stats(cpu, logits, targets, M, V);
+    auto lr = losses_from_stats(ref(), logits, targets, M, V);
+    for (int64_t m = 0; m < M; m++) EXPECT_NEAR(lc[m], lr[m], 1e-5 * (1 + std::fabs(lr[m])));
+    EXPECT_EQ(lr[2], 0.0);
+    // Backward, with a per-row scale (0 ignores a row).
+    std::vector<float> mx(M), se(M), tl(M), scale = {0.5f, 0.5f, 0.0f, 0.25f, 0.5f};
+    ref().logit_stats(logits.data(), targets.data(), M, V, mx.data(), se.data(), tl.data());
+    std::vector<float> gc(M * V), gr(M * V);
+    cpu.cross_entropy_backward(logits.data(), targets.data(), mx.data(), se.data(), scale.data(), M,
+                               V, gc.data(), DType::f32);
+    ref().cross_entropy_backward(logits.data(), targets.data(), mx.data(), se.data(), scale.data(),
+                                 M, V, gr.data(), DType::f32);
+    expect_close(gc, gr, 1e-7, 1e-4, "xent grad");
+    for (int64_t v = 0; v < V; v++) ASSERT_EQ(gr[2 * V + v], 0.0f);
+    // The bf16 gradient is the rounded f32 one; in place over the logits works too.
+    std::vector<uint16_t> gb(M * V);
+    cpu.cross_entropy_backward(logits.data(), targets.data(), mx.data(), se.data(), scale.data(), M,
+                               V, gb.data(), DType::bf16);
+    std::vector<float> gbf(M * V);
+    for (int64_t i = 0; i < M * V; i++) gbf[i] = bf16_to_f32(gb[i]);
+    expect_close(gbf, gr, 1e-7, 1e-2, "xent grad bf16");
+    auto inplace = logits;
+    cpu.cross_entropy_backward(inplace.data(), targets.data(), mx.data(), se.data(), scale.data(),
+                               M, V, inplace.data(), DType::f32);
+    expect_close(inplace, gr, 1e-7, 1e-4, "xent grad in place");
+    // Finite differences of sum_m scale[m] * loss[m].
+    std::vector<double> sc(scale.begin(), scale.end());
     auto loss = [&] {
-        auto l = logits;
-        std::vector<float> out(M);
-        ref().cross_entropy(l.data(), out.data(), targets.data(), M, V, 0.0f, nullptr, DType::f32);
+        auto l = losses_from_stats(ref(), logits, targets, M, V);
         double s = 0;
-        for (float v : out)
-            s += v;
-        return 0.5 * s;
+        for (int64_t m = 0; m < M; m++) s += sc[m] * l[m];
+        return s;
     };
-    expect_fd(logits, lr, loss, "xent fd");
-    // Forward-only leaves the logits alone and gives the same loss.
-    auto lf = logits;
-    std::vector<float> loss_f(M);
-    cpu_kernels(Precision::fp32)
-        .cross_entropy(lf.data(), loss_f.data(), targets.data(), M, V, 0, nullptr, DType::f32);
-    expect_close(loss_f, loss_r, 1e-5, 1e-5, "xent forward-only");
-    EXPECT_EQ(lf, logits);
+    expect_fd(logits, gr, loss, "xent fd");
+}
+
+// A vocabulary split in two halves: combining the halves' statistics gives the full loss.
+TEST(CrossEntropy, SplitVocabularyCombines) {
+    const int64_t M = 3, V = 100, half = V / 2;
+    auto logits = randn(M * V, 10, 2.0f);
+    std::vector<int32_t> targets = {7, 77, 50};
+    auto full = losses_from_stats(ref(), logits, targets, M, V);
+    std::vector<float> mx[2], se[2], tl[2];
+    for (int r = 0; r < 2; r++) {
+        std::vector<float> part(M * half);
+        std::vector<int32_t> local(M);
+        for (int64_t m = 0; m < M; m++) {
+            for (int64_t v = 0; v < half; v++) part[m * half + v] = logits[m * V + r * half + v];
+            int32_t t = targets[m] - int32_t(r * half);
+            local[m] = t >= 0 && t < half ? t : -1;
+        }
+        mx[r].resize(M), se[r].resize(M), tl[r].resize(M);
+        cpu_kernels(Precision::fp32)
+            .logit_stats(part.data(), local.data(), M, half, mx[r].data(), se[r].data(),
+                         tl[r].data());
+    }
+    for (int64_t m = 0; m < M; m++) {
+        double g = std::max(mx[0][m], mx[1][m]);
+        double s = se[0][m] * std::exp(mx[0][m] - g) + se[1][m] * std::exp(mx[1][m] - g);
+        EXPECT_NEAR(std::log(s) + g - (tl[0][m] + tl[1][m]), full[m], 1e-5);
+    }
 }
 
 TEST(Embedding, ForwardAndBackwardWithRepeats) {
     const int64_t M = 6, C = 20, V = 4;
     auto wte = randn(V * C, 10), dout = randn(M * C, 11);
-    std::vector<int32_t> tokens = {1, 3, 1, 0, 1, 2};
+    std::vector<int32_t> tokens = {1, 3, 1, 0, -1, 2};  // -1: a zero row, no gradient
     std::vector<float> o_c(M * C), o_r(M * C), d_c(V * C, 1.0f), d_r(V * C, 1.0f);
     cpu_kernels(Precision::fp32).embedding_forward(o_c.data(), tokens.data(), wte.data(), M, C);
     ref().embedding_forward(o_r.data(), tokens.data(), wte.data(), M, C);

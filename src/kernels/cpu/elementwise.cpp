@@ -12,10 +12,13 @@ namespace kiln::kernels::cpu {
 void embedding_forward(float* out, const int32_t* tokens, const float* wte, int64_t M, int64_t C) {
     parallel_range(M, 16, [&](int64_t m0, int64_t m1) {
         for (int64_t m = m0; m < m1; m++) {
-            const float* src = wte + int64_t(tokens[m]) * C;
             float* dst = out + m * C;
-            for (int64_t c = 0; c < C; c++)
-                dst[c] = src[c];
+            if (tokens[m] < 0) {
+                std::fill(dst, dst + C, 0.0f);
+                continue;
+            }
+            const float* src = wte + int64_t(tokens[m]) * C;
+            for (int64_t c = 0; c < C; c++) dst[c] = src[c];
         }
     });
 }
@@ -25,10 +28,10 @@ void embedding_backward(float* dwte, const float* dout, const int32_t* tokens, i
                         int64_t C) {
     parallel_range(C, 16, [&](int64_t c0, int64_t c1) {
         for (int64_t m = 0; m < M; m++) {
+            if (tokens[m] < 0) continue;
             float* dst = dwte + int64_t(tokens[m]) * C;
             const float* src = dout + m * C;
-            for (int64_t c = c0; c < c1; c++)
-                dst[c] += src[c];
+            for (int64_t c = c0; c < c1; c++) dst[c] += src[c];
         }
     });
 }
@@ -139,57 +142,55 @@ void swiglu_backward(float* dgu, const float* dh, const float* gu, int64_t M, in
     });
 }
 
-// Two passes per row: (1) max and sum of exp in one read, block by block (a 256-wide block is
-// read twice from L1: its max, then its exps); (2) the scaled gradient, written straight in the
-// dtype the next products read. The logits chunk is read from memory only twice.
-void cross_entropy(const float* logits, float* losses, const int32_t* targets, int64_t M, int64_t V,
-                   float dscale, void* dlogits, DType dtype) {
+// One read of each row: max and sum of exp together, block by block (a 256-wide block is read
+// twice from L1: its max, then its exps).
+void logit_stats(const float* logits, const int32_t* targets, int64_t M, int64_t V, float* max,
+                 float* sumexp, float* target_logit) {
     constexpr int64_t kBlock = 256;
     parallel_range(M, 1, [&](int64_t m0, int64_t m1) {
         for (int64_t m = m0; m < m1; m++) {
             const float* row = logits + m * V;
-            int32_t target = targets[m];
             float mx = -INFINITY;
             double sum = 0;
-            if (target >= 0) {
-                for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
-                    int64_t v1 = std::min(V, v0 + kBlock);
-                    float bmax = row[v0];
+            for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
+                int64_t v1 = std::min(V, v0 + kBlock);
+                float bmax = row[v0];
 #pragma omp simd reduction(max : bmax)
-                    for (int64_t v = v0; v < v1; v++)
-                        bmax = row[v] > bmax ? row[v] : bmax;
-                    if (bmax > mx) {
-                        sum *= std::exp(double(mx) - bmax);
-                        mx = bmax;
-                    }
-                    float partial = 0;
-#pragma omp simd reduction(+ : partial)
-                    for (int64_t v = v0; v < v1; v++)
-                        partial += fast_exp(row[v] - mx);
-                    sum += partial;
+                for (int64_t v = v0; v < v1; v++) bmax = row[v] > bmax ? row[v] : bmax;
+                if (bmax > mx) {
+                    sum *= std::exp(double(mx) - bmax);
+                    mx = bmax;
                 }
-                losses[m] = static_cast<float>(std::log(sum) + mx - row[target]);
-            } else {
-                losses[m] = 0;
+                float partial = 0;
+#pragma omp simd reduction(+ : partial)
+                for (int64_t v = v0; v < v1; v++) partial += fast_exp(row[v] - mx);
+                sum += partial;
             }
-            if (dscale == 0)
-                continue;
-            float k = target >= 0 ? static_cast<float>(dscale / sum) : 0.0f;
-            float off = target >= 0 ? mx : 0.0f;
+            max[m] = mx;
+            sumexp[m] = static_cast<float>(sum);
+            target_logit[m] = targets[m] >= 0 ? row[targets[m]] : 0.0f;
+        }
+    });
+}
+
+// The gradient, written straight in the dtype the next products read.
+void cross_entropy_backward(const float* logits, const int32_t* targets, const float* max,
+                            const float* sumexp, const float* row_scale, int64_t M, int64_t V,
+                            void* dlogits, DType dtype) {
+    parallel_range(M, 1, [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; m++) {
+            const float* row = logits + m * V;
+            const float k = row_scale[m] / sumexp[m], off = max[m];
+            const int32_t target = targets[m];
+            float at_target = target >= 0 ? fast_exp(row[target] - off) * k - row_scale[m] : 0;
             if (dtype == DType::bf16) {
                 uint16_t* out = static_cast<uint16_t*>(dlogits) + m * V;
-                for (int64_t v = 0; v < V; v++)
-                    out[v] = f32_to_bf16(fast_exp(row[v] - off) * k);
-                if (target >= 0) {
-                    out[target] = f32_to_bf16(fast_exp(row[target] - off) * k - dscale);
-                }
+                for (int64_t v = 0; v < V; v++) out[v] = f32_to_bf16(fast_exp(row[v] - off) * k);
+                if (target >= 0) out[target] = f32_to_bf16(at_target);
             } else {
                 float* out = static_cast<float*>(dlogits) + m * V;
-                float at_target = target >= 0 ? fast_exp(row[target] - off) * k - dscale : 0;
-                for (int64_t v = 0; v < V; v++)
-                    out[v] = fast_exp(row[v] - off) * k;
-                if (target >= 0)
-                    out[target] = at_target;
+                for (int64_t v = 0; v < V; v++) out[v] = fast_exp(row[v] - off) * k;
+                if (target >= 0) out[target] = at_target;
             }
         }
     });

@@ -21,7 +21,9 @@ void rope_forward(float*, int64_t, int64_t, int64_t, int64_t, int64_t, const flo
 void rope_backward(float*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, const float*);
 void swiglu_forward(float*, const float*, int64_t, int64_t);
 void swiglu_backward(float*, const float*, const float*, int64_t, int64_t);
-void cross_entropy(const float*, float*, const int32_t*, int64_t, int64_t, float, void*, DType);
+void logit_stats(const float*, const int32_t*, int64_t, int64_t, float*, float*, float*);
+void cross_entropy_backward(const float*, const int32_t*, const float*, const float*, const float*,
+                            int64_t, int64_t, void*, DType);
 void adamw(float*, uint16_t*, float*, float*, const float*, int64_t, const AdamWStep&);
 void to_bf16(uint16_t*, const float*, int64_t);
 
@@ -50,7 +52,8 @@ const Kernels table = {
     attention_backward<P>,
     swiglu_forward,
     swiglu_backward,
-    cross_entropy,
+    logit_stats,
+    cross_entropy_backward,
     adamw,
     to_bf16,
 };

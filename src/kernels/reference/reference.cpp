@@ -40,16 +40,19 @@ void gemm(const Gemm& g, Workspace) {
 
 void embedding_forward(float* out, const int32_t* tokens, const float* wte, int64_t M, int64_t C) {
     for (int64_t m = 0; m < M; m++) {
-        for (int64_t c = 0; c < C; c++)
-            out[m * C + c] = wte[tokens[m] * C + c];
+        for (int64_t c = 0; c < C; c++) {
+            out[m * C + c] = tokens[m] < 0 ? 0.0f : wte[tokens[m] * C + c];
+        }
     }
 }
 
 void embedding_backward(float* dwte, const float* dout, const int32_t* tokens, int64_t M,
                         int64_t C) {
     for (int64_t m = 0; m < M; m++) {
-        for (int64_t c = 0; c < C; c++)
+        if (tokens[m] < 0) continue;
+        for (int64_t c = 0; c < C; c++) {
             dwte[tokens[m] * C + c] += dout[m * C + c];
+        }
     }
 }
 
@@ -219,32 +222,27 @@ void store(void* base, DType type, int64_t i, double x) {
     }
 }
 
-void cross_entropy(const float* logits, float* losses, const int32_t* targets, int64_t M, int64_t V,
-                   float dscale, void* dlogits, DType dtype) {
+void logit_stats(const float* logits, const int32_t* targets, int64_t M, int64_t V, float* max,
+                 float* sumexp, float* target_logit) {
     for (int64_t m = 0; m < M; m++) {
         const float* row = logits + m * V;
-        if (targets[m] < 0) {
-            losses[m] = 0;
-            if (dscale != 0) {
-                for (int64_t v = 0; v < V; v++)
-                    store(dlogits, dtype, m * V + v, 0.0);
-            }
-            continue;
-        }
         double mx = -INFINITY;
-        for (int64_t v = 0; v < V; v++)
-            mx = std::max(mx, double(row[v]));
+        for (int64_t v = 0; v < V; v++) mx = std::max(mx, double(row[v]));
         double sum = 0;
-        for (int64_t v = 0; v < V; v++)
-            sum += std::exp(row[v] - mx);
-        losses[m] = static_cast<float>(std::log(sum) + mx - row[targets[m]]);
-        if (dscale != 0) {
-            std::vector<double> p(V);
-            for (int64_t v = 0; v < V; v++)
-                p[v] = std::exp(row[v] - mx) / sum;
-            for (int64_t v = 0; v < V; v++) {
-                store(dlogits, dtype, m * V + v, dscale * (p[v] - (v == targets[m] ? 1.0 : 0.0)));
-            }
+        for (int64_t v = 0; v < V; v++) sum += std::exp(row[v] - mx);
+        max[m] = static_cast<float>(mx);
+        sumexp[m] = static_cast<float>(sum);
+        target_logit[m] = targets[m] >= 0 ? row[targets[m]] : 0.0f;
+    }
+}
+
+void cross_entropy_backward(const float* logits, const int32_t* targets, const float* max,
+                            const float* sumexp, const float* row_scale, int64_t M, int64_t V,
+                            void* dlogits, DType dtype) {
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t v = 0; v < V; v++) {
+            double p = std::exp(double(logits[m * V + v]) - max[m]) / sumexp[m];
+            store(dlogits, dtype, m * V + v, row_scale[m] * (p - (v == targets[m] ? 1.0 : 0.0)));
         }
     }
 }
@@ -287,7 +285,8 @@ const Kernels table = {
     attention_backward,
     swiglu_forward,
     swiglu_backward,
-    cross_entropy,
+    logit_stats,
+    cross_entropy_backward,
     adamw,
     to_bf16,
 };

@@ -153,16 +153,16 @@ Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
 }
 
 void Checkpoint::load(const model::Layout& layout, float* params, float* m, float* v) const {
+    // The file holds whole tensors; a tensor-parallel layout takes its shard of each.
     for (const auto& p : layout.params()) {
-        std::memcpy(params + p.offset, file_->data("param/" + p.name, DType::f32, p.shape),
-                    p.numel * 4);
-        if (m) {
-            std::memcpy(m + p.offset, file_->data("adam_m/" + p.name, DType::f32, p.shape),
-                        p.numel * 4);
-        }
-        if (v) {
-            std::memcpy(v + p.offset, file_->data("adam_v/" + p.name, DType::f32, p.shape),
-                        p.numel * 4);
+        const std::pair<const char*, float*> parts[] = {
+            {"param/", params}, {"adam_m/", m}, {"adam_v/", v}};
+        for (const auto& [prefix, dst] : parts) {
+            if (dst == nullptr)
+                continue;
+            const float* src =
+                static_cast<const float*>(file_->data(prefix + p.name, DType::f32, p.full_shape));
+            layout.shard_from_full(p, src, dst + p.offset);
         }
     }
 }

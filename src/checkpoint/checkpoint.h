@@ -28,8 +28,9 @@ struct RankTensors {
     const float* v = nullptr;
 };
 
-// Writes checkpoint `state.step` of a single-rank run, updates `latest`, keeps the newest
-// `keep` checkpoints (0 keeps all). Returns the checkpoint folder.
+// Writes checkpoint `state.step`, updates `latest`, keeps the newest `keep` checkpoints (0 keeps
+// all). `layout` is the whole model's (tp = 1) and the tensors whole: a checkpoint does not
+// depend on the layout that wrote it. Returns the checkpoint folder.
 std::string save(const RunDir& run, const model::LlamaConfig& config, const model::Layout& layout,
                  const RankTensors& tensors, const TrainState& state, int keep);
 
@@ -43,7 +44,8 @@ public:
     const model::LlamaConfig& config() const { return config_; }
     const TrainState& state() const { return state_; }
     const std::string& dir() const { return dir_; }
-    // Copies the named tensors into the flat buffers (any of m/v may be null).
+    // Copies the named tensors (this layout's tensor-parallel shard of each) into the flat
+    // buffers (any of m/v may be null).
     void load(const model::Layout& layout, float* params, float* m, float* v) const;
 
 private:

@@ -3,11 +3,16 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 namespace kiln {
 
 void set_num_threads(int n) {
     if (n <= 0) {
+        // All cores, unless the environment (e.g. kiln launch sharing a machine between ranks)
+        // says otherwise.
+        if (std::getenv("OMP_NUM_THREADS") != nullptr)
+            return;
         n = omp_get_num_procs();
     }
     omp_set_num_threads(n);

@@ -6,7 +6,7 @@
 
 namespace kiln {
 
-void set_num_threads(int n);  // n <= 0: all cores
+void set_num_threads(int n);  // n <= 0: OMP_NUM_THREADS if set, else all cores
 int num_threads();
 
 // Splits [0, n) into contiguous chunks of at least `grain` items and calls fn(begin, end) for

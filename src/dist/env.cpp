@@ -15,7 +15,8 @@ std::map<std::string, std::string> process_env() {
     for (char** e = environ; *e; e++) {
         std::string kv = *e;
         auto eq = kv.find('=');
-        if (eq != std::string::npos) env[kv.substr(0, eq)] = kv.substr(eq + 1);
+        if (eq != std::string::npos)
+            env[kv.substr(0, eq)] = kv.substr(eq + 1);
     }
     return env;
 }
@@ -59,7 +60,8 @@ Placement discover(const std::map<std::string, std::string>& given) {
         p.world_size = parse_int(env, "SLURM_NTASKS", 1);
         p.rank = parse_int(env, "SLURM_PROCID", 0);
         p.local_rank = has("SLURM_LOCALID") ? parse_int(env, "SLURM_LOCALID", 0) : 0;
-        if (has("SLURM_LAUNCH_NODE_IPADDR")) p.master_addr = env.at("SLURM_LAUNCH_NODE_IPADDR");
+        if (has("SLURM_LAUNCH_NODE_IPADDR"))
+            p.master_addr = env.at("SLURM_LAUNCH_NODE_IPADDR");
     } else if (has("VC_TASK_INDEX")) {
         // Volcano's svc plugin: VC_<TASK>_HOSTS lists the pods of a task; one rank per pod.
         p.source = "volcano";
@@ -68,14 +70,18 @@ Placement discover(const std::map<std::string, std::string>& given) {
             if (k.rfind("VC_", 0) == 0 && k.size() > 9 && k.substr(k.size() - 6) == "_HOSTS") {
                 p.master_addr = first_host(v);
                 int n = 1;
-                for (char c : v) n += c == ',';
+                for (char c : v)
+                    n += c == ',';
                 p.world_size = n;
             }
         }
-        if (has("VC_WORLD_SIZE")) p.world_size = parse_int(env, "VC_WORLD_SIZE", 1);
+        if (has("VC_WORLD_SIZE"))
+            p.world_size = parse_int(env, "VC_WORLD_SIZE", 1);
     }
-    if (has("MASTER_ADDR")) p.master_addr = env.at("MASTER_ADDR");
-    if (has("MASTER_PORT")) p.master_port = parse_int(env, "MASTER_PORT", 1);
+    if (has("MASTER_ADDR"))
+        p.master_addr = env.at("MASTER_ADDR");
+    if (has("MASTER_PORT"))
+        p.master_port = parse_int(env, "MASTER_PORT", 1);
     if (p.master_port > 65535) {
         throw error("environment variable MASTER_PORT={} is not a TCP port", p.master_port);
     }

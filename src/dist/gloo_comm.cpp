@@ -1,6 +1,4 @@
 // The gloo backend of Collective, and the Job that builds the groups.
-#include <unistd.h>
-
 #include <gloo/allgather.h>
 #include <gloo/allreduce.h>
 #include <gloo/barrier.h>
@@ -9,6 +7,7 @@
 #include <gloo/rendezvous/context.h>
 #include <gloo/rendezvous/prefix_store.h>
 #include <gloo/transport/tcp/device.h>
+#include <unistd.h>
 
 #include <cstring>
 
@@ -39,7 +38,8 @@ public:
     }
 
     void all_gather(float* data, size_t chunk) override {
-        if (size() == 1) return;
+        if (size() == 1)
+            return;
         std::vector<float> mine(data + size_t(rank()) * chunk, data + size_t(rank() + 1) * chunk);
         gloo::AllgatherOptions opts(ctx_);
         opts.setInput(mine.data(), chunk);
@@ -49,7 +49,8 @@ public:
     }
 
     void broadcast(void* bytes, size_t n, int root) override {
-        if (size() == 1) return;
+        if (size() == 1)
+            return;
         gloo::BroadcastOptions opts(ctx_);
         opts.setOutput(static_cast<char*>(bytes), n);
         opts.setRoot(root);
@@ -58,7 +59,8 @@ public:
     }
 
     void barrier() override {
-        if (size() == 1) return;
+        if (size() == 1)
+            return;
         gloo::BarrierOptions opts(ctx_);
         opts.setTag(next_tag());
         gloo::barrier(opts);
@@ -68,7 +70,8 @@ private:
     using Reduce = void (*)(void*, const void*, const void*, size_t);
     template <typename T>
     void all_reduce(T* data, size_t n, Reduce reduce = static_cast<Reduce>(&gloo::sum<T>)) {
-        if (size() == 1 || n == 0) return;
+        if (size() == 1 || n == 0)
+            return;
         gloo::AllreduceOptions opts(ctx_);
         opts.setOutput(data, n);
         opts.setReduceFunction(reduce);
@@ -98,7 +101,8 @@ std::unique_ptr<Collective> connect(TcpStore& store,
                                     std::shared_ptr<gloo::transport::Device>& device,
                                     const std::string& name, int rank, int size,
                                     std::chrono::milliseconds timeout) {
-    if (size == 1) return std::make_unique<SoloCollective>();
+    if (size == 1)
+        return std::make_unique<SoloCollective>();
     auto ctx = std::make_shared<gloo::rendezvous::Context>(rank, size);
     ctx->setTimeout(timeout);
     gloo::rendezvous::PrefixStore prefixed(name, store);
@@ -138,34 +142,34 @@ Job::Job(const Placement& p, int tp, std::chrono::milliseconds timeout)
     // Arrival: each rank checks in, then waits for all; a timeout names who is missing.
     store_->set("arrived/" + std::to_string(p.rank), {'1'});
     std::vector<std::string> keys;
-    for (int r = 0; r < p.world_size; r++) keys.push_back("arrived/" + std::to_string(r));
+    for (int r = 0; r < p.world_size; r++)
+        keys.push_back("arrived/" + std::to_string(r));
     auto deadline = std::chrono::steady_clock::now() + timeout;
     std::vector<std::string> missing;
     while (!(missing = store_->missing(keys)).empty()) {
         if (std::chrono::steady_clock::now() > deadline) {
             std::string ranks;
-            for (const auto& k : missing) ranks += (ranks.empty() ? "" : ", ") + k.substr(8);
+            for (const auto& k : missing)
+                ranks += (ranks.empty() ? "" : ", ") + k.substr(8);
             throw error("rendezvous at {}:{} timed out after {} s: rank(s) {} of {} never arrived",
-                        p.master_addr, p.master_port, timeout.count() / 1000, ranks,
-                        p.world_size);
+                        p.master_addr, p.master_port, timeout.count() / 1000, ranks, p.world_size);
         }
         usleep(20000);
     }
     gloo::transport::tcp::attr attr;
-    attr.hostname = p.master_addr == "127.0.0.1" || p.master_addr == "localhost"
-                        ? "127.0.0.1"
-                        : [] {
-                              char name[256] = {0};
-                              gethostname(name, sizeof name - 1);
-                              return std::string(name);
-                          }();
+    attr.hostname =
+        p.master_addr == "127.0.0.1" || p.master_addr == "localhost" ? "127.0.0.1" : [] {
+            char name[256] = {0};
+            gethostname(name, sizeof name - 1);
+            return std::string(name);
+        }();
     auto device = gloo::transport::tcp::CreateDevice(attr);
     const Grid& g = grid_;
     world_ = connect(*store_, device, "world", g.rank, g.world, timeout);
     dp_ = connect(*store_, device, "dp" + std::to_string(g.tp_rank), g.dp_rank, g.dp, timeout);
     tp_ = connect(*store_, device, "tp" + std::to_string(g.dp_rank), g.tp_rank, g.tp, timeout);
-    log::info("dist", "rank {} of {} connected ({}): dp {}/{}, tp {}/{}", g.rank, g.world,
-              p.source, g.dp_rank, g.dp, g.tp_rank, g.tp);
+    log::info("dist", "rank {} of {} connected ({}): dp {}/{}, tp {}/{}", g.rank, g.world, p.source,
+              g.dp_rank, g.dp, g.tp_rank, g.tp);
 }
 
 Job::~Job() = default;

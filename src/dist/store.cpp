@@ -28,7 +28,8 @@ bool read_all(int fd, void* buf, size_t n) {
     while (n > 0) {
         ssize_t got = ::recv(fd, p, n, 0);
         if (got <= 0) {
-            if (got < 0 && errno == EINTR) continue;
+            if (got < 0 && errno == EINTR)
+                continue;
             return false;
         }
         p += got;
@@ -42,7 +43,8 @@ bool write_all(int fd, const void* buf, size_t n) {
     while (n > 0) {
         ssize_t sent = ::send(fd, p, n, MSG_NOSIGNAL);
         if (sent <= 0) {
-            if (sent < 0 && errno == EINTR) continue;
+            if (sent < 0 && errno == EINTR)
+                continue;
             return false;
         }
         p += sent;
@@ -59,9 +61,11 @@ bool write_message(int fd, char op, const std::string& key, const std::vector<ch
 
 bool read_message(int fd, char& op, std::string& key, std::vector<char>& value) {
     uint32_t kl, vl;
-    if (!read_all(fd, &op, 1) || !read_all(fd, &kl, 4) || kl > (1u << 20)) return false;
+    if (!read_all(fd, &op, 1) || !read_all(fd, &kl, 4) || kl > (1u << 20))
+        return false;
     key.resize(kl);
-    if (!read_all(fd, key.data(), kl) || !read_all(fd, &vl, 4) || vl > (64u << 20)) return false;
+    if (!read_all(fd, key.data(), kl) || !read_all(fd, &vl, 4) || vl > (64u << 20))
+        return false;
     value.resize(vl);
     return read_all(fd, value.data(), vl);
 }
@@ -104,7 +108,8 @@ public:
     ~StoreServer() {
         stop_ = true;
         thread_.join();
-        for (int fd : clients_) ::close(fd);
+        for (int fd : clients_)
+            ::close(fd);
         ::close(listen_fd_);
     }
 
@@ -112,14 +117,18 @@ private:
     void loop() {
         while (!stop_) {
             std::vector<pollfd> fds{{listen_fd_, POLLIN, 0}};
-            for (int fd : clients_) fds.push_back({fd, POLLIN, 0});
-            if (::poll(fds.data(), fds.size(), 50) <= 0) continue;
+            for (int fd : clients_)
+                fds.push_back({fd, POLLIN, 0});
+            if (::poll(fds.data(), fds.size(), 50) <= 0)
+                continue;
             if (fds[0].revents & POLLIN) {
                 int fd = ::accept(listen_fd_, nullptr, nullptr);
-                if (fd >= 0) clients_.push_back(fd);
+                if (fd >= 0)
+                    clients_.push_back(fd);
             }
             for (size_t i = 1; i < fds.size(); i++) {
-                if (!(fds[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+                if (!(fds[i].revents & (POLLIN | POLLHUP | POLLERR)))
+                    continue;
                 if (!serve_one(fds[i].fd)) {
                     ::close(fds[i].fd);
                     clients_.erase(std::find(clients_.begin(), clients_.end(), fds[i].fd));
@@ -131,7 +140,8 @@ private:
         char op;
         std::string key;
         std::vector<char> value;
-        if (!read_message(fd, op, key, value)) return false;
+        if (!read_message(fd, op, key, value))
+            return false;
         if (op == 's') {
             data_[key] = value;
             return write_message(fd, 'k', "", {});
@@ -150,22 +160,24 @@ private:
     std::thread thread_;
 };
 
-TcpStore::TcpStore(const std::string& host, int port, bool serve,
-                   std::chrono::milliseconds timeout)
+TcpStore::TcpStore(const std::string& host, int port, bool serve, std::chrono::milliseconds timeout)
     : timeout_(timeout) {
-    if (serve) server_ = std::make_unique<StoreServer>(host, port);
+    if (serve)
+        server_ = std::make_unique<StoreServer>(host, port);
     socklen_t len;
     sockaddr_storage addr = resolve(host, port, len);
     auto deadline = std::chrono::steady_clock::now() + timeout;
     while (true) {
         fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
-        if (::connect(fd_, reinterpret_cast<sockaddr*>(&addr), len) == 0) break;
+        if (::connect(fd_, reinterpret_cast<sockaddr*>(&addr), len) == 0)
+            break;
         ::close(fd_);
         fd_ = -1;
         if (std::chrono::steady_clock::now() > deadline) {
-            throw error("no rendezvous at {}:{} (MASTER_ADDR:MASTER_PORT) after {} s: rank 0 "
-                        "never started serving it",
-                        host, port, timeout.count() / 1000);
+            throw error(
+                "no rendezvous at {}:{} (MASTER_ADDR:MASTER_PORT) after {} s: rank 0 "
+                "never started serving it",
+                host, port, timeout.count() / 1000);
         }
         std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
@@ -174,7 +186,8 @@ TcpStore::TcpStore(const std::string& host, int port, bool serve,
 }
 
 TcpStore::~TcpStore() {
-    if (fd_ >= 0) ::close(fd_);
+    if (fd_ >= 0)
+        ::close(fd_);
 }
 
 std::vector<char> TcpStore::request(char op, const std::string& key,
@@ -185,7 +198,8 @@ std::vector<char> TcpStore::request(char op, const std::string& key,
     if (!write_message(fd_, op, key, value) || !read_message(fd_, reply, unused, out)) {
         throw error("lost the connection to the rendezvous store (rank 0 exited?)");
     }
-    if (reply == 'n') return {'\0'};
+    if (reply == 'n')
+        return {'\0'};
     out.insert(out.begin(), '\1');  // found marker
     return out;
 }
@@ -204,12 +218,15 @@ std::vector<char> TcpStore::get(const std::string& key) {
 std::vector<std::string> TcpStore::missing(const std::vector<std::string>& keys) {
     std::vector<std::string> out;
     for (const auto& k : keys) {
-        if (request('c', k, {}).front() == '\0') out.push_back(k);
+        if (request('c', k, {}).front() == '\0')
+            out.push_back(k);
     }
     return out;
 }
 
-void TcpStore::wait(const std::vector<std::string>& keys) { wait(keys, timeout_); }
+void TcpStore::wait(const std::vector<std::string>& keys) {
+    wait(keys, timeout_);
+}
 
 void TcpStore::wait(const std::vector<std::string>& keys,
                     const std::chrono::milliseconds& timeout) {

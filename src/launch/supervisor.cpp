@@ -1,14 +1,13 @@
 #include "launch/supervisor.h"
 
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
-
-#include <fmt/format.h>
 
 #include <atomic>
 #include <chrono>
@@ -21,7 +20,9 @@ namespace kiln::launch {
 namespace {
 
 std::atomic<int> g_signal{0};
-void on_signal(int sig) { g_signal = sig; }
+void on_signal(int sig) {
+    g_signal = sig;
+}
 
 struct Rank {
     pid_t pid = -1;
@@ -41,7 +42,8 @@ void drain(int rank, Rank& r, bool final) {
     char buf[65536];
     while (true) {
         ssize_t n = ::read(r.out, buf, sizeof buf);
-        if (n <= 0) break;
+        if (n <= 0)
+            break;
         r.partial.append(buf, size_t(n));
         size_t nl;
         while ((nl = r.partial.find('\n')) != std::string::npos) {
@@ -56,8 +58,10 @@ void drain(int rank, Rank& r, bool final) {
 }
 
 std::string describe(int status) {
-    if (WIFEXITED(status)) return fmt::format("exited with status {}", WEXITSTATUS(status));
-    if (WIFSIGNALED(status)) return fmt::format("was killed by signal {}", WTERMSIG(status));
+    if (WIFEXITED(status))
+        return fmt::format("exited with status {}", WEXITSTATUS(status));
+    if (WIFSIGNALED(status))
+        return fmt::format("was killed by signal {}", WTERMSIG(status));
     return "stopped";
 }
 
@@ -80,10 +84,13 @@ int free_port() {
 }
 
 int run_gang(const LaunchOptions& o) {
-    if (o.ranks < 1) throw error("-n {}: the gang needs at least one rank", o.ranks);
-    if (o.command.empty()) throw error("kiln launch needs a command after --, e.g. -- kiln train");
+    if (o.ranks < 1)
+        throw error("-n {}: the gang needs at least one rank", o.ranks);
+    if (o.command.empty())
+        throw error("kiln launch needs a command after --, e.g. -- kiln train");
     std::vector<std::string> argv = o.command;
-    if (argv[0] == "kiln") argv[0] = "/proc/self/exe";
+    if (argv[0] == "kiln")
+        argv[0] = "/proc/self/exe";
     const int port = o.master_port > 0 ? o.master_port : free_port();
 
     struct sigaction sa {};
@@ -94,7 +101,8 @@ int run_gang(const LaunchOptions& o) {
     std::vector<Rank> ranks(o.ranks);
     for (int i = 0; i < o.ranks; i++) {
         int fds[2];
-        if (::pipe(fds) != 0) throw error("cannot create a pipe: {}", std::strerror(errno));
+        if (::pipe(fds) != 0)
+            throw error("cannot create a pipe: {}", std::strerror(errno));
         pid_t pid = ::fork();
         if (pid == 0) {
             ::dup2(fds[1], STDOUT_FILENO);
@@ -106,8 +114,13 @@ int run_gang(const LaunchOptions& o) {
             ::setenv("WORLD_SIZE", std::to_string(o.ranks).c_str(), 1);
             ::setenv("RANK", std::to_string(i).c_str(), 1);
             ::setenv("LOCAL_RANK", std::to_string(i).c_str(), 1);
+            // The ranks share this machine's cores (unless the user decided otherwise).
+            std::string threads =
+                std::to_string(std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN) / o.ranks));
+            ::setenv("OMP_NUM_THREADS", threads.c_str(), 0);
             std::vector<char*> args;
-            for (auto& a : argv) args.push_back(a.data());
+            for (auto& a : argv)
+                args.push_back(a.data());
             args.push_back(nullptr);
             ::execvp(args[0], args.data());
             std::fprintf(stderr, "kiln launch: cannot run %s: %s\n", argv[0].c_str(),
@@ -125,15 +138,18 @@ int run_gang(const LaunchOptions& o) {
     auto stop_deadline = std::chrono::steady_clock::time_point::max();
     auto stop_all = [&](int sig) {
         for (auto& r : ranks) {
-            if (r.running) ::kill(r.pid, sig);
+            if (r.running)
+                ::kill(r.pid, sig);
         }
     };
     int running = o.ranks;
     while (running > 0) {
         std::vector<pollfd> fds;
-        for (auto& r : ranks) fds.push_back({r.out, POLLIN, 0});
+        for (auto& r : ranks)
+            fds.push_back({r.out, POLLIN, 0});
         ::poll(fds.data(), fds.size(), 100);
-        for (int i = 0; i < o.ranks; i++) drain(i, ranks[i], false);
+        for (int i = 0; i < o.ranks; i++)
+            drain(i, ranks[i], false);
         if (int sig = g_signal.exchange(0); sig != 0 && !stopping) {
             failure = fmt::format("interrupted by signal {}; stopped all {} ranks", sig, o.ranks);
             stopping = true;
@@ -143,9 +159,11 @@ int run_gang(const LaunchOptions& o) {
         }
         for (int i = 0; i < o.ranks; i++) {
             Rank& r = ranks[i];
-            if (!r.running) continue;
+            if (!r.running)
+                continue;
             int status;
-            if (::waitpid(r.pid, &status, WNOHANG) != r.pid) continue;
+            if (::waitpid(r.pid, &status, WNOHANG) != r.pid)
+                continue;
             r.running = false;
             r.status = status;
             running--;
@@ -165,7 +183,8 @@ int run_gang(const LaunchOptions& o) {
             stop_deadline = std::chrono::steady_clock::time_point::max();
         }
     }
-    for (auto& r : ranks) ::close(r.out);
+    for (auto& r : ranks)
+        ::close(r.out);
     if (!failure.empty()) {
         std::fprintf(stderr, "kiln launch: %s\n", failure.c_str());
         return 1;

@@ -1,6 +1,7 @@
 #pragma once
 // `kiln launch`: N local ranks of one command as a gang. Each rank gets the torchrun-style
-// environment (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK); every output line is
+// environment (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK) and a share of the cores
+// (OMP_NUM_THREADS = cores / N unless already set); every output line is
 // prefixed with its rank; Ctrl-C/SIGTERM go to all ranks; when one rank fails, the others are
 // stopped and the launch exits non-zero with a one-line reason.
 #include <string>
@@ -12,8 +13,8 @@ struct LaunchOptions {
     int ranks = 1;
     std::vector<std::string> command;  // "kiln train ..." (kiln is this binary) or a program
     std::string master_addr = "127.0.0.1";
-    int master_port = 0;          // 0: a free port
-    double grace_s = 10;          // after a failure, seconds before SIGKILL
+    int master_port = 0;  // 0: a free port
+    double grace_s = 10;  // after a failure, seconds before SIGKILL
 };
 
 // Runs the gang to completion; returns the exit status for the launcher (0: every rank

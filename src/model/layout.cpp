@@ -9,11 +9,14 @@ namespace kiln::model {
 int64_t Layout::add(std::string name, std::string hf_name, std::vector<int64_t> full_shape,
                     SplitAxis split, bool decay) {
     std::vector<int64_t> shape = full_shape;
-    if (split == SplitAxis::rows) shape[0] /= tp;
-    if (split == SplitAxis::cols) shape[1] /= tp;
-    ParamInfo p{std::move(name), std::move(hf_name), shape, std::move(full_shape), total_, 1,
-                split, decay};
-    for (int64_t d : p.shape) p.numel *= d;
+    if (split == SplitAxis::rows)
+        shape[0] /= tp;
+    if (split == SplitAxis::cols)
+        shape[1] /= tp;
+    ParamInfo p{
+        std::move(name), std::move(hf_name), shape, std::move(full_shape), total_, 1, split, decay};
+    for (int64_t d : p.shape)
+        p.numel *= d;
     total_ += p.numel;
     params_.push_back(std::move(p));
     return params_.back().offset;
@@ -62,8 +65,7 @@ void Layout::full_from_shard(const ParamInfo& p, const float* shard, int rank, f
     if (p.tp_split == SplitAxis::cols) {
         const int64_t rows = p.shape[0], cols = p.shape[1], full_cols = p.full_shape[1];
         for (int64_t r = 0; r < rows; r++) {
-            std::copy(shard + r * cols, shard + (r + 1) * cols,
-                      full + r * full_cols + rank * cols);
+            std::copy(shard + r * cols, shard + (r + 1) * cols, full + r * full_cols + rank * cols);
         }
     } else {
         const int64_t skip = p.tp_split == SplitAxis::rows ? rank * p.numel : 0;

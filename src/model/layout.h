@@ -18,11 +18,11 @@ namespace kiln::model {
 enum class SplitAxis { none, rows, cols };
 
 struct ParamInfo {
-    std::string name;     // kiln name, e.g. "layers.0.attention.wq"
-    std::string hf_name;  // e.g. "model.layers.0.self_attn.q_proj.weight"
+    std::string name;                 // kiln name, e.g. "layers.0.attention.wq"
+    std::string hf_name;              // e.g. "model.layers.0.self_attn.q_proj.weight"
     std::vector<int64_t> shape;       // this tensor-parallel rank's shard
     std::vector<int64_t> full_shape;  // the whole tensor (checkpoints and exports hold this)
-    int64_t offset = 0;  // in elements, into the flat parameter/gradient buffers
+    int64_t offset = 0;               // in elements, into the flat parameter/gradient buffers
     int64_t numel = 0;
     SplitAxis tp_split = SplitAxis::none;
     bool decay = true;  // AdamW weight decay applies (not to norm weights)

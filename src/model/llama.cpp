@@ -167,7 +167,8 @@ void Llama::init_weights(uint64_t seed, double std) {
             continue;
         }
         full.resize(size_t(info.full_shape[0] * info.full_shape[1]));
-        for (float& x : full) x = normal(rng);
+        for (float& x : full)
+            x = normal(rng);
         layout_.shard_from_full(info, full.data(), w);
     }
     sync_compute_weights();
@@ -228,7 +229,8 @@ void Llama::linear_backward(float* dx, float* dw, Operand dy, Operand x, Operand
 }
 
 void Llama::tp_all_reduce(float* data, int64_t n) {
-    if (tp_size_ > 1) tp_->all_reduce_sum(data, size_t(n));
+    if (tp_size_ > 1)
+        tp_->all_reduce_sum(data, size_t(n));
 }
 
 // Rank 0 of the group adds the residual and every rank its partial product; the all-reduce sums
@@ -236,7 +238,8 @@ void Llama::tp_all_reduce(float* data, int64_t n) {
 void Llama::row_parallel(float* y, const float* residual, Operand x, Operand w, int64_t M,
                          int64_t K, int64_t N) {
     bool with_residual = tp_rank_ == 0;
-    if (with_residual) std::memcpy(y, residual, size_t(M * N) * sizeof(float));
+    if (with_residual)
+        std::memcpy(y, residual, size_t(M * N) * sizeof(float));
     linear_forward(y, x, w, M, K, N, with_residual);
     tp_all_reduce(y, M * N);
 }
@@ -308,8 +311,7 @@ void Llama::embed(const int32_t* tokens) {
         block_forward(l, res_ + l * M_ * C_, res_ + (l + 1) * M_ * C_);
     }
     k_.rmsnorm_forward(xnf_, rstdf_, res_ + config_.n_layers * M_ * C_,
-                       params() + layout_.final_norm, M_, C_,
-                       static_cast<float>(config_.norm_eps));
+                       params() + layout_.final_norm, M_, C_, static_cast<float>(config_.norm_eps));
     operand(xnf_, xnf_bf_, M_ * C_);  // the head's products read this copy
 }
 
@@ -342,7 +344,8 @@ LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out)
         if (tp_size_ > 1) {
             std::vector<float> local_max(mx, mx + rows);
             tp_->all_reduce_max(mx, size_t(rows));
-            for (int64_t i = 0; i < rows; i++) se[i] *= std::exp(local_max[i] - mx[i]);
+            for (int64_t i = 0; i < rows; i++)
+                se[i] *= std::exp(local_max[i] - mx[i]);
             tp_->all_reduce_sum(se, size_t(rows));
             tp_->all_reduce_sum(tl, size_t(rows));
         }
@@ -359,7 +362,8 @@ LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out)
                             weight(layout_.output), rows, C, V);
         }
     }
-    if (grad_scale != 0) tp_all_reduce(dxn_, M_ * C);  // xnf fed every rank's vocabulary
+    if (grad_scale != 0)
+        tp_all_reduce(dxn_, M_ * C);  // xnf fed every rank's vocabulary
     LossSum loss;
     for (int64_t m = 0; m < M_; m++) {
         if (targets[m] >= 0) {
@@ -373,12 +377,14 @@ LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out)
 LossSum Llama::forward_backward(const int32_t* tokens, const int32_t* targets, float grad_scale) {
     embed(tokens);
     LossSum loss = head(targets, grad_scale, nullptr);
-    if (grad_scale == 0) return loss;
+    if (grad_scale == 0)
+        return loss;
     const int64_t C = C_, L = config_.n_layers;
     std::fill(dres_, dres_ + M_ * C, 0.0f);
     k_.rmsnorm_backward(dres_, grads() + layout_.final_norm, dxn_, res_ + L * M_ * C,
                         params() + layout_.final_norm, rstdf_, M_, C);
-    for (int64_t l = L - 1; l >= 0; l--) block_backward(l, dres_);
+    for (int64_t l = L - 1; l >= 0; l--)
+        block_backward(l, dres_);
     k_.embedding_backward(grads() + layout_.embedding, dres_, local_tokens_, M_, C);
     return loss;
 }

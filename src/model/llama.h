@@ -106,10 +106,10 @@ private:
     std::vector<BlockActs> blocks_;  // [layer] (aliases one set when recomputing everything)
     float *rope_cos_, *rope_sin_;    // (T, D/2)
     float *rstdf_, *xnf_;            // (M), (M, C) final norm
-    float *dres_, *dxn_, *dqkv_, *datt_, *dgu_, *dh_;  // backward scratch
-    float *logits_, *losses_;                          // (head_rows, V), (M)
+    float *dres_, *dxn_, *dqkv_, *datt_, *dgu_, *dh_;       // backward scratch
+    float *logits_, *losses_;                               // (head_rows, V), (M)
     float *row_max_, *row_sum_, *row_target_, *row_scale_;  // (M) cross-entropy statistics
-    int32_t *local_tokens_, *local_targets_;  // (M) ids in this rank's vocabulary slice, or -1
+    int32_t *local_tokens_, *local_targets_;   // (M) ids in this rank's vocabulary slice, or -1
     uint16_t *xnf_bf_, *dy_bf_, *dlogits_bf_;  // bf16 precision: (M, C), dy scratch, (rows, V)
     kernels::Workspace ws_;
 };

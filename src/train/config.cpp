@@ -88,19 +88,13 @@ void build_schema(ConfigSchema& s, RunConfig& c) {
 }
 
 void RunConfig::validate() const {
-    model.validate();
+    model.validate(static_cast<int>(tp));
     if (train.seq_len > model.max_seq_len) {
         throw error("train.seq_len={} exceeds model.max_seq_len={}", train.seq_len,
                     model.max_seq_len);
     }
     if (schedule.min_lr > schedule.lr) {
         throw error("train.min_lr={} is above train.lr={}", schedule.min_lr, schedule.lr);
-    }
-    if (tp != 1) {
-        throw error(
-            "parallel.tp={}: tensor parallelism is not implemented yet; use parallel.tp=1 "
-            "(data parallelism: kiln launch -n N)",
-            tp);
     }
 }
 

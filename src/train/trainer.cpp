@@ -83,6 +83,57 @@ Shards shard_layout(int64_t total, const dist::Grid& g, bool zero) {
     return s;
 }
 
+// Sum of squares of the gradients in [begin, end), counting a tensor that every tensor-parallel
+// rank holds whole (the norms) on tp rank 0 only, so that the sums over ranks add up to the
+// model's.
+double grad_sum_squares(const model::Layout& layout, const float* grads, int64_t begin,
+                        int64_t end) {
+    double sq = 0;
+    for (const auto& p : layout.params()) {
+        int64_t lo = std::max(begin, p.offset), hi = std::min(end, p.offset + p.numel);
+        if (lo >= hi || (p.tp_split == model::SplitAxis::none && layout.tp_rank != 0))
+            continue;
+        sq += optim::sum_squares(grads + lo, hi - lo);
+    }
+    return sq;
+}
+
+// The whole model's parameters and moments, assembled from the tensor-parallel shards (with one
+// rank: the buffers themselves). Collective over the TP group; the result is meant for rank 0.
+struct WholeModel {
+    model::Layout layout;
+    std::vector<float> storage;
+    const float *params, *m, *v;
+};
+
+WholeModel gather_whole(const model::Layout& local, const model::LlamaConfig& config,
+                        dist::Job& job, checkpoint::RankTensors shards) {
+    WholeModel w{model::Layout(config), {}, shards.params, shards.m, shards.v};
+    const int tp = local.tp;
+    if (tp == 1)
+        return w;
+    const int64_t n = local.total(), whole = w.layout.total();
+    w.storage.assign(3 * whole, 0.0f);
+    std::vector<float> gathered(size_t(n) * tp);
+    const float* parts[] = {shards.params, shards.m, shards.v};
+    for (int k = 0; k < 3; k++) {
+        std::copy(parts[k], parts[k] + n, gathered.begin() + local.tp_rank * n);
+        job.tp().all_gather(gathered.data(), size_t(n));
+        float* out = w.storage.data() + k * whole;
+        for (size_t i = 0; i < local.params().size(); i++) {
+            const auto& p = local.params()[i];
+            for (int r = 0; r < tp; r++) {
+                local.full_from_shard(p, gathered.data() + r * n + p.offset, r,
+                                      out + w.layout.params()[i].offset);
+            }
+        }
+    }
+    w.params = w.storage.data();
+    w.m = w.params + whole;
+    w.v = w.m + whole;
+    return w;
+}
+
 // Rank 0 chooses the run folder (a generated one when run.dir is empty) and tells the others.
 std::string agree_on_run_dir(const RunConfig& cfg, dist::Job& job) {
     std::string dir = cfg.run_dir;
@@ -123,9 +174,9 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
         }
     }
     const bool zero = cfg.zero == 1 && g.dp > 1;
-    const Shards sh = shard_layout(model::Layout(cfg.model).total(), g, zero);
+    const Shards sh = shard_layout(model::Layout(cfg.model, g.tp, g.tp_rank).total(), g, zero);
     model::Llama model(cfg.model, k, t.micro_batch, t.seq_len, model::parse_recompute(t.recompute),
-                       sh.padded);
+                       sh.padded, &job.tp());
     const int64_t total = model.layout().total();
     optim::AdamW adamw(model.layout(), cfg.adamw, sh.begin, sh.end);
     optim::Schedule schedule = cfg.schedule;
@@ -217,9 +268,11 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
         } else {
             job.dp().all_reduce_sum(model.grads(), sh.padded);
         }
-        double sq = optim::sum_squares(model.grads() + sh.begin, sh.end - sh.begin);
+        double sq = grad_sum_squares(model.layout(), model.grads(), sh.begin, sh.end);
         if (zero)
             job.dp().all_reduce_sum(&sq, 1);
+        if (g.tp > 1)
+            job.tp().all_reduce_sum(&sq, 1);
         double loss = loss_sum[0] / loss_sum[1];
         double norm = std::sqrt(sq);
         double lr = schedule.at(step);
@@ -288,10 +341,13 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
                 m_all = m_full.data();
                 v_all = v_full.data();
             }
+            // Then the whole tensors: gather the tensor-parallel shards.
+            WholeModel whole =
+                gather_whole(model.layout(), cfg.model, job, {model.params(), m_all, v_all});
             checkpoint::TrainState state{step + 1, adamw.step(), loss};
             if (lead) {
                 result.checkpoint =
-                    checkpoint::save(run, cfg.model, model.layout(), {model.params(), m_all, v_all},
+                    checkpoint::save(run, cfg.model, whole.layout, {whole.params, whole.m, whole.v},
                                      state, static_cast<int>(t.keep_checkpoints));
                 log::info("train", "checkpoint {}", result.checkpoint);
             }

@@ -6,11 +6,10 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include <nlohmann/json.hpp>
-
 #include <chrono>
 #include <cmath>
 #include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "core/fs.h"
@@ -59,7 +58,8 @@ double weight_difference(const std::string& run_a, const std::string& run_b) {
     SafetensorsFile b(run_b + "/checkpoints/step-00000020/rank-00000.safetensors");
     double worst = 0;
     for (const auto& t : a.tensors()) {
-        if (t.name.rfind("param/", 0) != 0) continue;
+        if (t.name.rfind("param/", 0) != 0)
+            continue;
         const float* x = static_cast<const float*>(a.data(t.name, t.dtype, t.shape));
         const float* y = static_cast<const float*>(b.data(t.name, t.dtype, t.shape));
         double diff = 0, scale = 0;
@@ -77,28 +77,36 @@ double weight_difference(const std::string& run_a, const std::string& run_b) {
 // micro-batches, so results agree to float rounding, not bit for bit: losses within 1e-4
 // relative; after 20 AdamW steps each weight tensor within 1e-4 of its largest magnitude (seen:
 // 9e-6; Adam divides by sqrt(v), which amplifies rounding in near-zero gradients).
-TEST(DataParallel, LayoutsMatchOneProcess) {
+TEST(Parallel, LayoutsMatchOneProcess) {
     TempDir dir;
     std::string kiln = kiln::testing::kiln_binary();
-    Result one = sh(kiln + " train" + kModel + " --set train.grad_accum=2 --set run.dir=" +
-                    (dir / "one"));
+    Result one =
+        sh(kiln + " train" + kModel + " --set train.grad_accum=2 --set run.dir=" + (dir / "one"));
     ASSERT_EQ(one.rc, 0) << one.out;
-    for (int zero : {1, 0}) {
-        std::string run = dir / ("dp2-zero" + std::to_string(zero));
-        Result r = sh(kiln + " launch -n 2 -- kiln train" + kModel +
-                      " --set parallel.zero=" + std::to_string(zero) + " --set run.dir=" + run);
+    struct Layout {
+        const char* name;
+        int ranks;
+        std::string args;
+        const char* memory;  // the per-rank memory line's ending
+    } layouts[] = {
+        {"dp2-zero1", 2, " --set parallel.zero=1", "(ZeRO-1 shard; dp 2 x tp 1)"},
+        {"dp2-zero0", 2, " --set parallel.zero=0", "(replicated; dp 2 x tp 1)"},
+        {"tp2", 2, " --set parallel.tp=2 --set train.grad_accum=2", "(replicated; dp 1 x tp 2)"},
+        {"dp2-tp2", 4, " --set parallel.tp=2", "(ZeRO-1 shard; dp 2 x tp 2)"},
+    };
+    for (const auto& l : layouts) {
+        std::string run = dir / l.name;
+        Result r = sh(kiln + " launch -n " + std::to_string(l.ranks) + " -- kiln train" + kModel +
+                      l.args + " --set run.dir=" + run);
         ASSERT_EQ(r.rc, 0) << r.out;
         auto a = losses(dir / "one"), b = losses(run);
         ASSERT_EQ(a.size(), 20u);
-        ASSERT_EQ(b.size(), 20u);
+        ASSERT_EQ(b.size(), 20u) << l.name;
         for (size_t i = 0; i < a.size(); i++) {
-            EXPECT_NEAR(b[i], a[i], 1e-4 * a[i]) << "zero " << zero << " step " << i + 1;
+            EXPECT_NEAR(b[i], a[i], 1e-4 * a[i]) << l.name << " step " << i + 1;
         }
-        EXPECT_LT(weight_difference(run, dir / "one"), 1e-4) << "zero " << zero;
-        // Each rank holds half the optimizer state under ZeRO-1.
-        EXPECT_NE(r.out.find(zero ? "(ZeRO-1 shard; dp 2 x tp 1)" : "(replicated; dp 2 x tp 1)"),
-                  std::string::npos)
-            << r.out;
+        EXPECT_LT(weight_difference(run, dir / "one"), 1e-4) << l.name;
+        EXPECT_NE(r.out.find(l.memory), std::string::npos) << r.out;
     }
     // Resuming a DP=2 run's checkpoint with DP=1 continues the same curve.
     Result more = sh(kiln + " train" + kModel + " --set train.steps=24 --set train.grad_accum=2" +
@@ -120,7 +128,7 @@ int listening_socket(int& port) {
     return fd;
 }
 
-TEST(DataParallel, FailuresAreOneSentenceAndNeverHang) {
+TEST(Parallel, FailuresAreOneSentenceAndNeverHang) {
     TempDir dir;
     std::string kiln = kiln::testing::kiln_binary();
     std::string quick = kModel + " --set parallel.timeout_s=3 --set run.dir=" + (dir / "r");
@@ -142,9 +150,21 @@ TEST(DataParallel, FailuresAreOneSentenceAndNeverHang) {
               std::string::npos)
         << busy.out;
     EXPECT_LT(busy.seconds, 15);
+    // Layouts that cannot split: one sentence from every rank, non-zero.
+    Result heads = sh(kiln + " launch -n 2 -- kiln train" + quick + " --set model.n_kv_heads=1" +
+                      " --set parallel.tp=2");
+    EXPECT_NE(heads.rc, 0);
+    EXPECT_NE(heads.out.find("[rank 1] kiln: model.n_kv_heads=1 is not divisible by parallel.tp=2"),
+              std::string::npos)
+        << heads.out;
+    Result world = sh(kiln + " launch -n 3 -- kiln train" + quick + " --set parallel.tp=2");
+    EXPECT_NE(world.rc, 0);
+    EXPECT_NE(world.out.find("world size 3 is not divisible by parallel.tp=2"), std::string::npos)
+        << world.out;
     // One rank failing while the other works: stopped, one line, non-zero.
-    Result fail = sh(kiln + " launch -n 2 --grace 2 -- sh -c 'if [ \"$RANK\" = 1 ]; then echo "
-                            "oops; exit 3; fi; sleep 60'");
+    Result fail = sh(kiln +
+                     " launch -n 2 --grace 2 -- sh -c 'if [ \"$RANK\" = 1 ]; then echo "
+                     "oops; exit 3; fi; sleep 60'");
     EXPECT_NE(fail.rc, 0);
     EXPECT_NE(fail.out.find("[rank 1] oops"), std::string::npos) << fail.out;
     EXPECT_NE(fail.out.find("kiln launch: rank 1 exited with status 3"), std::string::npos)
@@ -153,14 +173,19 @@ TEST(DataParallel, FailuresAreOneSentenceAndNeverHang) {
 }
 
 TEST(Env, EveryLauncherConvention) {
-    auto p = dist::discover({{"WORLD_SIZE", "4"}, {"RANK", "2"}, {"LOCAL_RANK", "0"},
-                             {"MASTER_ADDR", "10.0.0.1"}, {"MASTER_PORT", "1234"}});
+    auto p = dist::discover({{"WORLD_SIZE", "4"},
+                             {"RANK", "2"},
+                             {"LOCAL_RANK", "0"},
+                             {"MASTER_ADDR", "10.0.0.1"},
+                             {"MASTER_PORT", "1234"}});
     EXPECT_EQ(p.source, "torchrun");
     EXPECT_EQ(p.rank, 2);
     EXPECT_EQ(p.world_size, 4);
     EXPECT_EQ(p.master_addr, "10.0.0.1");
     EXPECT_EQ(p.master_port, 1234);
-    p = dist::discover({{"SLURM_NTASKS", "8"}, {"SLURM_PROCID", "5"}, {"SLURM_LOCALID", "1"},
+    p = dist::discover({{"SLURM_NTASKS", "8"},
+                        {"SLURM_PROCID", "5"},
+                        {"SLURM_LOCALID", "1"},
                         {"MASTER_ADDR", "node1"}});
     EXPECT_EQ(p.source, "slurm");
     EXPECT_EQ(p.rank, 5);

@@ -278,7 +278,8 @@ TEST(CrossEntropy, StatsAndBackward) {
     const Kernels& cpu = cpu_kernels(Precision::fp32);
     auto lc = losses_from_stats(cpu, logits, targets, M, V);
     auto lr = losses_from_stats(ref(), logits, targets, M, V);
-    for (int64_t m = 0; m < M; m++) EXPECT_NEAR(lc[m], lr[m], 1e-5 * (1 + std::fabs(lr[m])));
+    for (int64_t m = 0; m < M; m++)
+        EXPECT_NEAR(lc[m], lr[m], 1e-5 * (1 + std::fabs(lr[m])));
     EXPECT_EQ(lr[2], 0.0);
     // Backward, with a per-row scale (0 ignores a row).
     std::vector<float> mx(M), se(M), tl(M), scale = {0.5f, 0.5f, 0.0f, 0.25f, 0.5f};
@@ -289,13 +290,15 @@ TEST(CrossEntropy, StatsAndBackward) {
     ref().cross_entropy_backward(logits.data(), targets.data(), mx.data(), se.data(), scale.data(),
                                  M, V, gr.data(), DType::f32);
     expect_close(gc, gr, 1e-7, 1e-4, "xent grad");
-    for (int64_t v = 0; v < V; v++) ASSERT_EQ(gr[2 * V + v], 0.0f);
+    for (int64_t v = 0; v < V; v++)
+        ASSERT_EQ(gr[2 * V + v], 0.0f);
     // The bf16 gradient is the rounded f32 one; in place over the logits works too.
     std::vector<uint16_t> gb(M * V);
     cpu.cross_entropy_backward(logits.data(), targets.data(), mx.data(), se.data(), scale.data(), M,
                                V, gb.data(), DType::bf16);
     std::vector<float> gbf(M * V);
-    for (int64_t i = 0; i < M * V; i++) gbf[i] = bf16_to_f32(gb[i]);
+    for (int64_t i = 0; i < M * V; i++)
+        gbf[i] = bf16_to_f32(gb[i]);
     expect_close(gbf, gr, 1e-7, 1e-2, "xent grad bf16");
     auto inplace = logits;
     cpu.cross_entropy_backward(inplace.data(), targets.data(), mx.data(), se.data(), scale.data(),
@@ -306,7 +309,8 @@ TEST(CrossEntropy, StatsAndBackward) {
     auto loss = [&] {
         auto l = losses_from_stats(ref(), logits, targets, M, V);
         double s = 0;
-        for (int64_t m = 0; m < M; m++) s += sc[m] * l[m];
+        for (int64_t m = 0; m < M; m++)
+            s += sc[m] * l[m];
         return s;
     };
     expect_fd(logits, gr, loss, "xent fd");
@@ -323,7 +327,8 @@ TEST(CrossEntropy, SplitVocabularyCombines) {
         std::vector<float> part(M * half);
         std::vector<int32_t> local(M);
         for (int64_t m = 0; m < M; m++) {
-            for (int64_t v = 0; v < half; v++) part[m * half + v] = logits[m * V + r * half + v];
+            for (int64_t v = 0; v < half; v++)
+                part[m * half + v] = logits[m * V + r * half + v];
             int32_t t = targets[m] - int32_t(r * half);
             local[m] = t >= 0 && t < half ? t : -1;
         }

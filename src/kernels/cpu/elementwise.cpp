@@ -18,7 +18,8 @@ void embedding_forward(float* out, const int32_t* tokens, const float* wte, int6
                 continue;
             }
             const float* src = wte + int64_t(tokens[m]) * C;
-            for (int64_t c = 0; c < C; c++) dst[c] = src[c];
+            for (int64_t c = 0; c < C; c++)
+                dst[c] = src[c];
         }
     });
 }
@@ -28,10 +29,12 @@ void embedding_backward(float* dwte, const float* dout, const int32_t* tokens, i
                         int64_t C) {
     parallel_range(C, 16, [&](int64_t c0, int64_t c1) {
         for (int64_t m = 0; m < M; m++) {
-            if (tokens[m] < 0) continue;
+            if (tokens[m] < 0)
+                continue;
             float* dst = dwte + int64_t(tokens[m]) * C;
             const float* src = dout + m * C;
-            for (int64_t c = c0; c < c1; c++) dst[c] += src[c];
+            for (int64_t c = c0; c < c1; c++)
+                dst[c] += src[c];
         }
     });
 }
@@ -156,14 +159,16 @@ void logit_stats(const float* logits, const int32_t* targets, int64_t M, int64_t
                 int64_t v1 = std::min(V, v0 + kBlock);
                 float bmax = row[v0];
 #pragma omp simd reduction(max : bmax)
-                for (int64_t v = v0; v < v1; v++) bmax = row[v] > bmax ? row[v] : bmax;
+                for (int64_t v = v0; v < v1; v++)
+                    bmax = row[v] > bmax ? row[v] : bmax;
                 if (bmax > mx) {
                     sum *= std::exp(double(mx) - bmax);
                     mx = bmax;
                 }
                 float partial = 0;
 #pragma omp simd reduction(+ : partial)
-                for (int64_t v = v0; v < v1; v++) partial += fast_exp(row[v] - mx);
+                for (int64_t v = v0; v < v1; v++)
+                    partial += fast_exp(row[v] - mx);
                 sum += partial;
             }
             max[m] = mx;
@@ -185,12 +190,16 @@ void cross_entropy_backward(const float* logits, const int32_t* targets, const f
             float at_target = target >= 0 ? fast_exp(row[target] - off) * k - row_scale[m] : 0;
             if (dtype == DType::bf16) {
                 uint16_t* out = static_cast<uint16_t*>(dlogits) + m * V;
-                for (int64_t v = 0; v < V; v++) out[v] = f32_to_bf16(fast_exp(row[v] - off) * k);
-                if (target >= 0) out[target] = f32_to_bf16(at_target);
+                for (int64_t v = 0; v < V; v++)
+                    out[v] = f32_to_bf16(fast_exp(row[v] - off) * k);
+                if (target >= 0)
+                    out[target] = f32_to_bf16(at_target);
             } else {
                 float* out = static_cast<float*>(dlogits) + m * V;
-                for (int64_t v = 0; v < V; v++) out[v] = fast_exp(row[v] - off) * k;
-                if (target >= 0) out[target] = at_target;
+                for (int64_t v = 0; v < V; v++)
+                    out[v] = fast_exp(row[v] - off) * k;
+                if (target >= 0)
+                    out[target] = at_target;
             }
         }
     });

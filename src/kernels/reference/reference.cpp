@@ -49,7 +49,8 @@ void embedding_forward(float* out, const int32_t* tokens, const float* wte, int6
 void embedding_backward(float* dwte, const float* dout, const int32_t* tokens, int64_t M,
                         int64_t C) {
     for (int64_t m = 0; m < M; m++) {
-        if (tokens[m] < 0) continue;
+        if (tokens[m] < 0)
+            continue;
         for (int64_t c = 0; c < C; c++) {
             dwte[tokens[m] * C + c] += dout[m * C + c];
         }
@@ -227,9 +228,11 @@ void logit_stats(const float* logits, const int32_t* targets, int64_t M, int64_t
     for (int64_t m = 0; m < M; m++) {
         const float* row = logits + m * V;
         double mx = -INFINITY;
-        for (int64_t v = 0; v < V; v++) mx = std::max(mx, double(row[v]));
+        for (int64_t v = 0; v < V; v++)
+            mx = std::max(mx, double(row[v]));
         double sum = 0;
-        for (int64_t v = 0; v < V; v++) sum += std::exp(row[v] - mx);
+        for (int64_t v = 0; v < V; v++)
+            sum += std::exp(row[v] - mx);
         max[m] = static_cast<float>(mx);
         sumexp[m] = static_cast<float>(sum);
         target_logit[m] = targets[m] >= 0 ? row[targets[m]] : 0.0f;

@@ -20,14 +20,22 @@ public:
     // data (n) = elementwise maximum over the group, in place.
     virtual void all_reduce_max(float* data, size_t n) = 0;
     // data (size() * chunk): on return, chunk r (data + r*chunk .. +chunk) of rank r holds the sum
-    // over the group of everyone's chunk r; the other chunks hold unspecified values.
+    // over the group of everyone's chunk r; the other chunks hold unspecified values. Callers
+    // reduce the same buffer again and again; an implementation may keep state per buffer.
     virtual void reduce_scatter_sum(float* data, size_t chunk) = 0;
-    // data (size() * chunk): rank r's chunk r is sent to all; on return every chunk holds its
-    // owner's values. In place.
-    virtual void all_gather(float* data, size_t chunk) = 0;
+    // data (size() * chunk_bytes): rank r's chunk r is sent to all; on return every chunk holds
+    // its owner's bytes. In place.
+    virtual void all_gather_bytes(void* data, size_t chunk_bytes) = 0;
+    void all_gather(float* data, size_t chunk) { all_gather_bytes(data, chunk * sizeof(float)); }
     // bytes (n) of `root` copied to every rank.
     virtual void broadcast(void* bytes, size_t n, int root) = 0;
     virtual void barrier() = 0;
+
+    // Bytes handed to collectives so far (the payload; what travels depends on the algorithm).
+    uint64_t payload_bytes() const { return payload_bytes_; }
+
+protected:
+    uint64_t payload_bytes_ = 0;
 };
 
 }  // namespace kiln

@@ -293,9 +293,11 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
             }
         } else {
             bad_in_a_row = 0;
-            adamw.update(model.params(), zero ? nullptr : model.params_bf16(), model.grads(),
+            adamw.update(model.params(), model.params_bf16(), model.grads(),
                          optim::clip_factor(norm, cfg.adamw.grad_clip), lr, k);
             if (zero) {
+                // Every rank needs every updated weight: the products read the bf16 copy, but
+                // the norms and the embedding read the fp32 weights themselves.
                 job.dp().all_gather(model.params(), sh.chunk);
                 model.sync_compute_weights();
             }
@@ -360,6 +362,12 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     }
     result.steps = t.steps;
     result.last_loss = last_loss;
+    if (g.world > 1) {
+        double steps_run = double(std::max<int64_t>(1, t.steps - start_step));
+        log::info("train", "collective payload per step on this rank: dp {:.2f} MiB, tp {:.2f} MiB",
+                  job.dp().payload_bytes() / steps_run / 1048576.0,
+                  job.tp().payload_bytes() / steps_run / 1048576.0);
+    }
     if (lead)
         write_status(run, "finished", t.steps, t.steps, last_loss);
     job.finish();

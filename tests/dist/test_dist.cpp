@@ -108,6 +108,32 @@ TEST(Parallel, LayoutsMatchOneProcess) {
         EXPECT_LT(weight_difference(run, dir / "one"), 1e-4) << l.name;
         EXPECT_NE(r.out.find(l.memory), std::string::npos) << r.out;
     }
+    // bf16 products: ZeRO-1 ranks exchange the bf16 weights, and a checkpoint gathers the fp32
+    // master weights. bf16 rounding differs with the summation order, hence 1e-2.
+    Result one16 = sh(kiln + " train" + kModel + " --set train.precision=bf16" +
+                      " --set train.grad_accum=2 --set run.dir=" + (dir / "one16"));
+    ASSERT_EQ(one16.rc, 0) << one16.out;
+    Result dp16 = sh(kiln + " launch -n 2 -- kiln train" + kModel + " --set train.precision=bf16" +
+                     " --set run.dir=" + (dir / "dp16"));
+    ASSERT_EQ(dp16.rc, 0) << dp16.out;
+    auto a16 = losses(dir / "one16"), b16 = losses(dir / "dp16");
+    ASSERT_EQ(b16.size(), a16.size());
+    for (size_t i = 0; i < a16.size(); i++)
+        EXPECT_NEAR(b16[i], a16[i], 1e-2 * a16[i]) << i;
+    EXPECT_LT(weight_difference(dir / "dp16", dir / "one16"), 1e-2);
+    // DP=3 (not a power of two) against one process with the same global batch of 6.
+    Result one6 =
+        sh(kiln + " train" + kModel + " --set train.micro_batch=2 --set train.grad_accum=3" +
+           " --set run.dir=" + (dir / "one6"));
+    ASSERT_EQ(one6.rc, 0) << one6.out;
+    Result dp3 = sh(kiln + " launch -n 3 -- kiln train" + kModel + " --set train.micro_batch=2" +
+                    " --set run.dir=" + (dir / "dp3"));
+    ASSERT_EQ(dp3.rc, 0) << dp3.out;
+    auto a6 = losses(dir / "one6"), b6 = losses(dir / "dp3");
+    ASSERT_EQ(b6.size(), a6.size());
+    for (size_t i = 0; i < a6.size(); i++)
+        EXPECT_NEAR(b6[i], a6[i], 1e-4 * a6[i]) << "dp3 " << i;
+    EXPECT_LT(weight_difference(dir / "dp3", dir / "one6"), 1e-4);
     // Resuming a DP=2 run's checkpoint with DP=1 continues the same curve.
     Result more = sh(kiln + " train" + kModel + " --set train.steps=24 --set train.grad_accum=2" +
                      " --set run.dir=" + (dir / "dp2-zero1"));

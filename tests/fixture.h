@@ -5,7 +5,10 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <string>
+
+#include "core/error.h"
 
 namespace kiln::testing {
 
@@ -33,6 +36,16 @@ struct TempDir {
 inline int run(const std::string& command) {
     int rc = std::system(command.c_str());
     return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+}
+
+// The message of the kiln::Error that f throws ("" when it throws none).
+inline std::string message_of(const std::function<void()>& f) {
+    try {
+        f();
+    } catch (const Error& e) {
+        return e.what();
+    }
+    return "";
 }
 
 inline bool have_torch() {

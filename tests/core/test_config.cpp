@@ -25,14 +25,7 @@ void build(ConfigSchema& s, Sample& c) {
     s.set_first("model.preset");
 }
 
-std::string message_of(const std::function<void()>& f) {
-    try {
-        f();
-    } catch (const Error& e) {
-        return e.what();
-    }
-    return "";
-}
+using kiln::testing::message_of;
 
 TEST(Config, DefaultsYamlAndOverridesInOrder) {
     Sample c;

@@ -50,14 +50,7 @@ std::vector<std::string> read_all(const std::vector<std::string>& paths, CorpusO
     return docs;
 }
 
-std::string message_of(const std::function<void()>& f) {
-    try {
-        f();
-    } catch (const Error& e) {
-        return e.what();
-    }
-    return "";
-}
+using kiln::testing::message_of;
 
 TEST(Corpus, FormatsFoldersAndOrder) {
     TempDir dir;

@@ -29,14 +29,7 @@ std::string make_set(const kiln::testing::TempDir& dir, uint32_t token_bytes, in
     return d;
 }
 
-std::string message_of(const std::function<void()>& f) {
-    try {
-        f();
-    } catch (const Error& e) {
-        return e.what();
-    }
-    return "";
-}
+using kiln::testing::message_of;
 
 TEST(Shards, WriteReadVerify) {
     kiln::testing::TempDir dir;

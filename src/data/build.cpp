@@ -26,6 +26,8 @@ void register_keys(ConfigSchema& s, DataConfig& c) {
           "training input: a shard folder made by `kiln data`, or synthetic");
     s.add("data.tokenizer", &c.tokenizer,
           "the run's tokenizer.model; when set, a shard folder made with another is refused");
+    s.add("data.verify", &c.verify,
+          "check every shard's checksum before training (reads the data set once)");
     s.add("data.seq_len", &c.seq_len, "tokens per stored sequence (kiln data)",
           [&c] { return c.seq_len > 1 ? "" : "must be at least 2"; });
     s.add("data.add_eos", &c.add_eos, "end every document with EOS (BOS always starts one)");

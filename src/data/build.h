@@ -21,6 +21,7 @@ namespace kiln::data {
 struct DataConfig {
     std::string source = "synthetic";  // training input: a shard folder or `synthetic`
     std::string tokenizer;             // the run's tokenizer; when set, shards must match it
+    bool verify = true;                // check shard checksums before training
     int64_t seq_len = 4096;            // tokens per stored sequence (kiln data)
     bool add_eos = true;
     std::string tail = "drop";       // drop | pad

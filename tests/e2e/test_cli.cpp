@@ -169,6 +169,19 @@ TEST(Cli, DataPipelineAndItsGuards) {
     EXPECT_NE(mismatch.out.find("was made with tokenizer"), std::string::npos) << mismatch.out;
     Result ok = kiln(train + " --set data.tokenizer=" + (dir / "a/tokenizer.model"));
     EXPECT_EQ(ok.rc, 0) << ok.out;
+    // A tampered shard (same size): verify names it and training refuses it.
+    {
+        std::fstream f(dir / "a/shard-00000.bin", std::ios::in | std::ios::out | std::ios::binary);
+        f.seekp(200);
+        f.put(char(1));
+    }
+    Result tampered = kiln("data verify " + (dir / "a"));
+    EXPECT_NE(tampered.rc, 0);
+    EXPECT_NE(tampered.out.find("shard-00000.bin: checksum"), std::string::npos) << tampered.out;
+    Result refused_sum = kiln(train + " --set run.dir=" + (dir / "run3"));
+    EXPECT_NE(refused_sum.rc, 0);
+    EXPECT_NE(refused_sum.out.find("shard-00000.bin: checksum"), std::string::npos)
+        << refused_sum.out;
     // A truncated shard: verify names it and training refuses it.
     std::filesystem::resize_file(dir / "a/shard-00000.bin", 1000);
     Result bad = kiln("data verify " + (dir / "a"));

@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "core/fs.h"
+#include "core/log.h"
 #include "data/shard.h"
 
 namespace kiln::checkpoint {
@@ -110,6 +111,34 @@ std::optional<std::string> latest(const RunDir& run) {
         throw error("{} names '{}', which is not a checkpoint folder", run.latest(), name);
     }
     return dir;
+}
+
+std::unique_ptr<Checkpoint> newest_valid(const RunDir& run) {
+    std::vector<std::string> candidates;
+    try {
+        if (auto l = latest(run))
+            candidates.push_back(*l);
+    } catch (const Error& e) {
+        log::warn("checkpoint", "{}", e.what());
+    }
+    std::vector<std::string> steps;
+    if (stdfs::is_directory(run.checkpoints())) {
+        for (const auto& e : stdfs::directory_iterator(run.checkpoints())) {
+            std::string name = e.path().filename().string();
+            if (e.is_directory() && name.rfind("step-", 0) == 0)
+                steps.push_back(e.path().string());
+        }
+    }
+    std::sort(steps.rbegin(), steps.rend());
+    candidates.insert(candidates.end(), steps.begin(), steps.end());
+    for (const auto& dir : candidates) {
+        try {
+            return std::make_unique<Checkpoint>(dir);
+        } catch (const Error& e) {
+            log::warn("checkpoint", "skipping a damaged checkpoint: {}", e.what());
+        }
+    }
+    return nullptr;
 }
 
 Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {

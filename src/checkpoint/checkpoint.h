@@ -34,8 +34,14 @@ struct RankTensors {
 std::string save(const RunDir& run, const model::LlamaConfig& config, const model::Layout& layout,
                  const RankTensors& tensors, const TrainState& state, int keep);
 
-// The newest complete checkpoint of a run, if any.
+// The newest complete checkpoint of a run, if any (what `latest` names; not verified).
 std::optional<std::string> latest(const RunDir& run);
+
+class Checkpoint;
+// The newest checkpoint of a run that opens and verifies: the one `latest` names, else the
+// step-* folders newest first. Each damaged one is reported (log warning) and skipped; a bad
+// file is never loaded. Empty when the run has none that is good.
+std::unique_ptr<Checkpoint> newest_valid(const RunDir& run);
 
 // A checkpoint opened for reading; the rank file's checksum is verified on open.
 class Checkpoint {

@@ -6,6 +6,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -13,6 +14,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 
 #include "core/error.h"
 
@@ -83,21 +85,31 @@ int free_port() {
     return ntohs(addr.sin_port);
 }
 
-int run_gang(const LaunchOptions& o) {
-    if (o.ranks < 1)
-        throw error("-n {}: the gang needs at least one rank", o.ranks);
-    if (o.command.empty())
-        throw error("kiln launch needs a command after --, e.g. -- kiln train");
-    std::vector<std::string> argv = o.command;
-    if (argv[0] == "kiln")
-        argv[0] = "/proc/self/exe";
+namespace {
+
+struct Attempt {
+    bool ok = false;
+    bool interrupted = false;
+    std::string reason;  // one line: what failed
+};
+
+// Seconds since the heartbeat file was last written, or since `start` when there is none yet.
+double quiet_for(const std::string& path, std::chrono::steady_clock::time_point start) {
+    struct stat st;
+    if (::stat(path.c_str(), &st) != 0) {
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    }
+    timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    return double(now.tv_sec - st.st_mtim.tv_sec) + 1e-9 * double(now.tv_nsec - st.st_mtim.tv_nsec);
+}
+
+Attempt run_once(const LaunchOptions& o, const std::vector<std::string>& command, int attempt,
+                 const std::string& heartbeat_dir) {
     const int port = o.master_port > 0 ? o.master_port : free_port();
-
-    struct sigaction sa {};
-    sa.sa_handler = on_signal;
-    sigaction(SIGINT, &sa, nullptr);
-    sigaction(SIGTERM, &sa, nullptr);
-
+    for (int i = 0; i < o.ranks; i++) {
+        ::unlink((heartbeat_dir + "/rank-" + std::to_string(i)).c_str());
+    }
     std::vector<Rank> ranks(o.ranks);
     for (int i = 0; i < o.ranks; i++) {
         int fds[2];
@@ -114,10 +126,13 @@ int run_gang(const LaunchOptions& o) {
             ::setenv("WORLD_SIZE", std::to_string(o.ranks).c_str(), 1);
             ::setenv("RANK", std::to_string(i).c_str(), 1);
             ::setenv("LOCAL_RANK", std::to_string(i).c_str(), 1);
+            ::setenv("KILN_HEARTBEAT_DIR", heartbeat_dir.c_str(), 1);
+            ::setenv("KILN_RESTARTS", std::to_string(attempt).c_str(), 1);
             // The ranks share this machine's cores (unless the user decided otherwise).
             std::string threads =
                 std::to_string(std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN) / o.ranks));
             ::setenv("OMP_NUM_THREADS", threads.c_str(), 0);
+            std::vector<std::string> argv = command;
             std::vector<char*> args;
             for (auto& a : argv)
                 args.push_back(a.data());
@@ -133,14 +148,21 @@ int run_gang(const LaunchOptions& o) {
         ranks[i].out = fds[0];
     }
 
-    std::string failure;  // the first rank failure, in one line
+    Attempt result;
     bool stopping = false;
+    auto start = std::chrono::steady_clock::now();
     auto stop_deadline = std::chrono::steady_clock::time_point::max();
-    auto stop_all = [&](int sig) {
+    auto stop_all = [&](const std::string& reason) {
+        if (stopping)
+            return;
+        stopping = true;
+        result.reason = reason;
         for (auto& r : ranks) {
             if (r.running)
-                ::kill(r.pid, sig);
+                ::kill(r.pid, SIGTERM);
         }
+        stop_deadline =
+            std::chrono::steady_clock::now() + std::chrono::milliseconds(int64_t(o.grace_s * 1000));
     };
     int running = o.ranks;
     while (running > 0) {
@@ -150,43 +172,81 @@ int run_gang(const LaunchOptions& o) {
         ::poll(fds.data(), fds.size(), 100);
         for (int i = 0; i < o.ranks; i++)
             drain(i, ranks[i], false);
-        if (int sig = g_signal.exchange(0); sig != 0 && !stopping) {
-            failure = fmt::format("interrupted by signal {}; stopped all {} ranks", sig, o.ranks);
-            stopping = true;
-            stop_all(SIGTERM);
-            stop_deadline = std::chrono::steady_clock::now() +
-                            std::chrono::milliseconds(int64_t(o.grace_s * 1000));
+        if (int sig = g_signal.exchange(0); sig != 0) {
+            result.interrupted = true;
+            stop_all(fmt::format("interrupted by signal {}; stopped all {} ranks", sig, o.ranks));
         }
         for (int i = 0; i < o.ranks; i++) {
             Rank& r = ranks[i];
             if (!r.running)
                 continue;
             int status;
-            if (::waitpid(r.pid, &status, WNOHANG) != r.pid)
-                continue;
-            r.running = false;
-            r.status = status;
-            running--;
-            drain(i, r, true);
-            bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
-            if (!ok && !stopping) {
-                failure = fmt::format("rank {} {}; stopped the other {} rank(s)", i,
-                                      describe(status), o.ranks - 1);
-                stopping = true;
-                stop_all(SIGTERM);
-                stop_deadline = std::chrono::steady_clock::now() +
-                                std::chrono::milliseconds(int64_t(o.grace_s * 1000));
+            if (::waitpid(r.pid, &status, WNOHANG) == r.pid) {
+                r.running = false;
+                r.status = status;
+                running--;
+                drain(i, r, true);
+                if (!(WIFEXITED(status) && WEXITSTATUS(status) == 0)) {
+                    stop_all(fmt::format("rank {} {}; stopped the other {} rank(s)", i,
+                                         describe(status), o.ranks - 1));
+                }
+            } else if (o.hang_timeout_s > 0 && !stopping) {
+                double quiet = quiet_for(heartbeat_dir + "/rank-" + std::to_string(i), start);
+                if (quiet > o.hang_timeout_s) {
+                    stop_all(
+                        fmt::format("rank {} made no progress for {:.0f} s; stopped all {} "
+                                    "ranks",
+                                    i, quiet, o.ranks));
+                }
             }
         }
         if (stopping && std::chrono::steady_clock::now() > stop_deadline) {
-            stop_all(SIGKILL);
+            for (auto& r : ranks) {
+                if (r.running)
+                    ::kill(r.pid, SIGKILL);
+            }
             stop_deadline = std::chrono::steady_clock::time_point::max();
         }
     }
     for (auto& r : ranks)
         ::close(r.out);
-    if (!failure.empty()) {
-        std::fprintf(stderr, "kiln launch: %s\n", failure.c_str());
+    result.ok = result.reason.empty();
+    return result;
+}
+
+}  // namespace
+
+int run_gang(const LaunchOptions& o) {
+    if (o.ranks < 1)
+        throw error("-n {}: the gang needs at least one rank", o.ranks);
+    if (o.command.empty())
+        throw error("kiln launch needs a command after --, e.g. -- kiln train");
+    std::vector<std::string> command = o.command;
+    if (command[0] == "kiln")
+        command[0] = "/proc/self/exe";
+
+    struct sigaction sa {};
+    sa.sa_handler = on_signal;
+    sigaction(SIGINT, &sa, nullptr);
+    sigaction(SIGTERM, &sa, nullptr);
+
+    char pattern[] = "/tmp/kiln-launch-XXXXXX";
+    if (::mkdtemp(pattern) == nullptr) {
+        throw error("cannot create a heartbeat folder in /tmp: {}", std::strerror(errno));
+    }
+    const std::string heartbeat_dir = pattern;
+    Attempt a;
+    for (int attempt = 0;; attempt++) {
+        a = run_once(o, command, attempt, heartbeat_dir);
+        if (a.ok || a.interrupted || attempt >= o.max_failures)
+            break;
+        std::fprintf(stderr, "kiln launch: %s; restarting the gang (restart %d of %d)\n",
+                     a.reason.c_str(), attempt + 1, o.max_failures);
+        std::fflush(stderr);
+    }
+    std::filesystem::remove_all(heartbeat_dir);
+    if (!a.ok) {
+        std::fprintf(stderr, "kiln launch: %s\n", a.reason.c_str());
         return 1;
     }
     return 0;

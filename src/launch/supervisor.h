@@ -3,7 +3,11 @@
 // environment (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK) and a share of the cores
 // (OMP_NUM_THREADS = cores / N unless already set); every output line is
 // prefixed with its rank; Ctrl-C/SIGTERM go to all ranks; when one rank fails, the others are
-// stopped and the launch exits non-zero with a one-line reason.
+// stopped. With --max-failures F the whole gang is then restarted (ranks resume from their run's
+// newest good checkpoint), up to F times; a rank that makes no progress for --hang-timeout
+// seconds counts as failed. Progress is a heartbeat file each rank rewrites every step
+// (KILN_HEARTBEAT_DIR/rank-N); the attempt number reaches the ranks as KILN_RESTARTS.
+// Without restarts left, the launch exits non-zero with a one-line reason.
 #include <string>
 #include <vector>
 
@@ -13,8 +17,10 @@ struct LaunchOptions {
     int ranks = 1;
     std::vector<std::string> command;  // "kiln train ..." (kiln is this binary) or a program
     std::string master_addr = "127.0.0.1";
-    int master_port = 0;  // 0: a free port
-    double grace_s = 10;  // after a failure, seconds before SIGKILL
+    int master_port = 0;          // 0: a free port
+    double grace_s = 10;          // after a failure, seconds before SIGKILL
+    int max_failures = 0;         // gang restarts allowed
+    double hang_timeout_s = 600;  // no heartbeat for this long: the rank counts as failed
 };
 
 // Runs the gang to completion; returns the exit status for the launcher (0: every rank

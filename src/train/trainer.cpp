@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <nlohmann/json.hpp>
 #include <vector>
 
@@ -33,6 +34,19 @@ kernels::Precision precision_of(const std::string& p) {
     return p == "fp32" ? kernels::Precision::fp32 : kernels::Precision::bf16;
 }
 
+// Tells a supervisor (kiln launch) that this rank is making progress: KILN_HEARTBEAT_DIR/rank-N
+// is rewritten at every step; its time is the heartbeat.
+void heartbeat(int rank, int64_t step) {
+    static const char* dir = std::getenv("KILN_HEARTBEAT_DIR");
+    if (dir == nullptr)
+        return;
+    std::string path = fmt::format("{}/rank-{}", dir, rank);
+    if (std::FILE* f = std::fopen(path.c_str(), "w")) {
+        std::fprintf(f, "%d %lld\n", int(::getpid()), static_cast<long long>(step));
+        std::fclose(f);
+    }
+}
+
 void write_status(const checkpoint::RunDir& run, const std::string& state, int64_t step,
                   int64_t steps, double loss, const std::string& message = "") {
     nlohmann::ordered_json j;
@@ -40,6 +54,8 @@ void write_status(const checkpoint::RunDir& run, const std::string& state, int64
     j["step"] = step;
     j["steps"] = steps;
     j["loss"] = loss;
+    const char* restarts = std::getenv("KILN_RESTARTS");  // set by kiln launch
+    j["restarts"] = restarts ? std::atoi(restarts) : 0;
     j["pid"] = static_cast<int64_t>(::getpid());
     j["updated"] =
         std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
@@ -157,6 +173,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
                   std::chrono::milliseconds(int64_t(cfg.timeout_s * 1000)));
     const dist::Grid& g = job.grid();
     const bool lead = g.rank == 0;
+    heartbeat(g.rank, 0);
     log::init(g.rank, log::parse_level(cfg.log_level));
     checkpoint::RunDir run{agree_on_run_dir(cfg, job)};
 
@@ -186,8 +203,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     schedule.total_steps = t.steps;
 
     int64_t start_step = 0;
-    if (auto latest = checkpoint::latest(run)) {
-        checkpoint::Checkpoint ck(*latest);
+    if (auto found = checkpoint::newest_valid(run)) {
+        const checkpoint::Checkpoint& ck = *found;
         if (!ck.config().same_shapes(cfg.model)) {
             throw error(
                 "{}: checkpoint holds a different model than the config (dim {}, {} "
@@ -250,6 +267,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
 
     for (int64_t step = start_step; step < t.steps; step++) {
         auto step_start = Clock::now();
+        heartbeat(g.rank, step);
         model.zero_grads();
         double loss_sum[2] = {0, 0};  // summed loss, tokens
         for (int64_t micro = 0; micro < t.grad_accum; micro++) {

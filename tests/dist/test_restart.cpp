@@ -1,0 +1,164 @@
+// Failures and restarts with real processes: a rank killed at a random step, a hung rank, a
+// damaged or half-written newest checkpoint. Each run must end by itself with the weights of a
+// run that was never interrupted.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <thread>
+
+#include "core/fs.h"
+#include "fixture.h"
+
+namespace kiln {
+namespace {
+
+using kiln::testing::TempDir;
+
+const std::string kModel =
+    " --set model.dim=64 --set model.n_layers=2 --set model.n_heads=4 --set model.n_kv_heads=2"
+    " --set model.vocab_size=256 --set train.seq_len=32 --set train.micro_batch=4"
+    " --set train.warmup_steps=5 --set train.lr=1e-2 --set train.min_lr=1e-3"
+    " --set train.peak_gflops=100 --set train.checkpoint_every=5 --set train.keep_checkpoints=3"
+    " --set parallel.timeout_s=20";
+
+std::string weights(const std::string& run, int step) {
+    char name[64];
+    std::snprintf(name, sizeof name, "/checkpoints/step-%08d/rank-00000.safetensors", step);
+    return fs::read_file(run + name);
+}
+
+int lines_of(const std::string& path) {
+    std::ifstream in(path);
+    int n = 0;
+    for (std::string line; std::getline(in, line);) n++;
+    return n;
+}
+
+std::vector<pid_t> children_of(pid_t pid) {
+    std::ifstream in("/proc/" + std::to_string(pid) + "/task/" + std::to_string(pid) + "/children");
+    std::vector<pid_t> out;
+    for (pid_t c; in >> c;) out.push_back(c);
+    return out;
+}
+
+bool has_env(pid_t pid, const std::string& kv) {
+    std::string env = [&] {
+        std::ifstream in("/proc/" + std::to_string(pid) + "/environ");
+        std::stringstream s;
+        s << in.rdbuf();
+        return s.str();
+    }();
+    return ("\0" + env).find(std::string(1, '\0') + kv + '\0') != std::string::npos ||
+           env.rfind(kv + '\0', 0) == 0;
+}
+
+bool alive(pid_t pid) { return ::kill(pid, 0) == 0; }
+
+TEST(Restart, KilledRankAtRandomStepEndsLikeAnUninterruptedRun) {
+    TempDir dir;
+    std::string kiln = kiln::testing::kiln_binary();
+    std::string base = kiln + " launch -n 2 --max-failures 2 --hang-timeout 60 -- kiln train" +
+                       kModel + " --set train.steps=30";
+    ASSERT_EQ(kiln::testing::run(base + " --set run.dir=" + (dir / "full") + " >/dev/null 2>&1"),
+              0);
+    // The same run in the background; kill -9 rank 1 at a random step that is no checkpoint.
+    std::string cut = dir / "cut";
+    std::string cmd = base + " --set run.dir=" + cut + " >" + (dir / "cut.out") + " 2>&1 & echo $!";
+    FILE* p = ::popen(cmd.c_str(), "r");
+    pid_t launcher = 0;
+    ASSERT_EQ(std::fscanf(p, "%d", &launcher), 1);
+    ::pclose(p);
+    std::mt19937 rng(std::random_device{}());
+    int kill_after = 6 + int(rng() % 18);
+    if (kill_after % 5 == 0) kill_after++;
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (lines_of(cut + "/metrics.jsonl") < kill_after && alive(launcher) &&
+           std::chrono::steady_clock::now() < deadline) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    bool killed = false;
+    for (pid_t child : children_of(launcher)) {
+        if (has_env(child, "RANK=1")) killed = ::kill(child, SIGKILL) == 0;
+    }
+    EXPECT_TRUE(killed) << "rank 1 not found after step " << kill_after;
+    while (alive(launcher) && std::chrono::steady_clock::now() < deadline + std::chrono::seconds(60)) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        int status;
+        ::waitpid(launcher, &status, WNOHANG);
+    }
+    std::string out = fs::read_file(dir / "cut.out");
+    EXPECT_NE(out.find("restarting the gang (restart 1 of 2)"), std::string::npos) << out;
+    EXPECT_NE(out.find("resuming from"), std::string::npos) << out;
+    EXPECT_NE(fs::read_file(cut + "/status.json").find("\"restarts\": 1"), std::string::npos);
+    EXPECT_TRUE(weights(cut, 30) == weights(dir / "full", 30)) << "killed after step " << kill_after;
+}
+
+TEST(Restart, HungRankIsStoppedAndTheGangRestarted) {
+    std::string kiln = kiln::testing::kiln_binary();
+    TempDir dir;
+    // Rank 1 hangs (no heartbeat) on the first attempt only.
+    std::string cmd = kiln + " launch -n 2 --max-failures 1 --hang-timeout 2 --grace 1 -- sh -c " +
+                      "'if [ \"$RANK\" = 1 ] && [ \"$KILN_RESTARTS\" = 0 ]; then sleep 60; fi; " +
+                      "echo attempt $KILN_RESTARTS done' >" + (dir / "out") + " 2>&1";
+    auto t0 = std::chrono::steady_clock::now();
+    EXPECT_EQ(kiln::testing::run(cmd), 0);
+    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::string out = fs::read_file(dir / "out");
+    EXPECT_NE(out.find("rank 1 made no progress for 2 s; stopped all 2 ranks; restarting the gang"),
+              std::string::npos)
+        << out;
+    EXPECT_NE(out.find("[rank 1] attempt 1 done"), std::string::npos) << out;
+    EXPECT_LT(s, 30);
+}
+
+// A flipped byte or a cut file in the newest checkpoint, and a half-written one beside it: the
+// run reports them, resumes from the previous good checkpoint, and ends where an uninterrupted
+// run ends.
+TEST(Restart, DamagedNewestCheckpointFallsBackToThePreviousOne) {
+    // A constant learning rate after warmup, so that runs of 20 and 25 steps share their start.
+    std::string kiln = kiln::testing::kiln_binary() + " train" + kModel + " --set train.decay=constant";
+    TempDir dir;
+    ASSERT_EQ(kiln::testing::run(kiln + " --set train.steps=25 --set run.dir=" + (dir / "full") +
+                                 " >/dev/null 2>&1"),
+              0);
+    for (const char* damage : {"flip", "truncate"}) {
+        std::string run = dir / damage;
+        ASSERT_EQ(kiln::testing::run(kiln + " --set train.steps=20 --set run.dir=" + run +
+                                     " >/dev/null 2>&1"),
+                  0);
+        std::string newest = run + "/checkpoints/step-00000020/rank-00000.safetensors";
+        if (std::string(damage) == "flip") {
+            std::fstream f(newest, std::ios::in | std::ios::out | std::ios::binary);
+            f.seekp(5000);
+            char c;
+            f.get(c);
+            f.seekp(5000);
+            f.put(char(c ^ 1));
+        } else {
+            std::filesystem::resize_file(newest, 4000);
+        }
+        // A checkpoint whose write was cut short: never renamed into place.
+        std::filesystem::create_directories(run + "/checkpoints/.tmp-step-00000025");
+        std::ofstream(run + "/checkpoints/.tmp-step-00000025/rank-00000.safetensors") << "partial";
+        TempDir tmp;
+        int rc = kiln::testing::run(kiln + " --set train.steps=25 --set run.dir=" + run + " >" +
+                                    (tmp / "out") + " 2>&1");
+        std::string out = fs::read_file(tmp / "out");
+        ASSERT_EQ(rc, 0) << out;
+        EXPECT_NE(out.find("skipping a damaged checkpoint"), std::string::npos) << out;
+        EXPECT_NE(out.find("step-00000020"), std::string::npos) << out;
+        EXPECT_NE(out.find("resuming from " + run + "/checkpoints/step-00000015"),
+                  std::string::npos)
+            << out;
+        EXPECT_TRUE(weights(run, 25) == weights(dir / "full", 25)) << damage;
+    }
+}
+
+}  // namespace
+}  // namespace kiln

@@ -4,9 +4,12 @@
 // parameters (fp32 master weights) and AdamW moments. Written into a temporary folder, fsynced,
 // renamed into place; `latest` names the newest complete one. Format: docs/formats.md.
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "checkpoint/rundir.h"
 #include "core/safetensors.h"
@@ -33,6 +36,26 @@ struct RankTensors {
 // depend on the layout that wrote it. Returns the checkpoint folder.
 std::string save(const RunDir& run, const model::LlamaConfig& config, const model::Layout& layout,
                  const RankTensors& tensors, const TrainState& state, int keep);
+
+// Writes checkpoints in the background: stage() copies the state (so training may change it),
+// start() runs save() on a thread, wait() joins it and rethrows its error. One at a time.
+class AsyncWriter {
+public:
+    AsyncWriter() = default;
+    AsyncWriter(const AsyncWriter&) = delete;
+    AsyncWriter& operator=(const AsyncWriter&) = delete;
+    ~AsyncWriter();
+    void stage(const model::Layout& layout, const RankTensors& tensors);
+    void start(const RunDir& run, const model::LlamaConfig& config, const TrainState& state,
+               int keep);
+    void wait();
+
+private:
+    std::unique_ptr<model::Layout> layout_;
+    std::vector<float> staged_;  // params, m, v of the whole model
+    std::thread thread_;
+    std::exception_ptr failure_;
+};
 
 // The newest complete checkpoint of a run, if any (what `latest` names; not verified).
 std::optional<std::string> latest(const RunDir& run);

@@ -4,6 +4,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <xxhash.h>
 
 #include <cerrno>
 #include <cstring>
@@ -35,7 +36,9 @@ void fsync_path(const std::string& path) {
     ::close(fd);
 }
 
-AtomicWriter::AtomicWriter(std::string path) : path_(std::move(path)), tmp_(path_ + ".tmp") {
+AtomicWriter::AtomicWriter(std::string path)
+    : path_(std::move(path)), tmp_(path_ + ".tmp"), hash_(XXH64_createState()) {
+    XXH64_reset(static_cast<XXH64_state_t*>(hash_), 0);
     fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     if (fd_ < 0) {
         throw error("cannot write {}: {}", tmp_, std::strerror(errno));
@@ -43,6 +46,7 @@ AtomicWriter::AtomicWriter(std::string path) : path_(std::move(path)), tmp_(path
 }
 
 AtomicWriter::~AtomicWriter() {
+    XXH64_freeState(static_cast<XXH64_state_t*>(hash_));
     if (fd_ >= 0) {
         ::close(fd_);
         ::unlink(tmp_.c_str());
@@ -50,6 +54,7 @@ AtomicWriter::~AtomicWriter() {
 }
 
 void AtomicWriter::write(const void* data, size_t bytes) {
+    XXH64_update(static_cast<XXH64_state_t*>(hash_), data, bytes);
     const char* p = static_cast<const char*>(data);
     while (bytes > 0) {
         ssize_t n = ::write(fd_, p, bytes);
@@ -63,7 +68,7 @@ void AtomicWriter::write(const void* data, size_t bytes) {
     }
 }
 
-void AtomicWriter::commit() {
+uint64_t AtomicWriter::commit() {
     if (::fsync(fd_) != 0) {
         throw error("cannot sync {}: {}", tmp_, std::strerror(errno));
     }
@@ -76,6 +81,7 @@ void AtomicWriter::commit() {
     }
     std::string dir = std::filesystem::path(path_).parent_path().string();
     fsync_path(dir.empty() ? "." : dir);
+    return XXH64_digest(static_cast<XXH64_state_t*>(hash_));
 }
 
 void write_file_atomic(const std::string& path, std::span<const char> data) {

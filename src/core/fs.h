@@ -25,11 +25,13 @@ public:
     AtomicWriter& operator=(const AtomicWriter&) = delete;
     ~AtomicWriter();
     void write(const void* data, size_t bytes);  // throws Error naming the path
-    void commit();
+    // Makes the file durable and visible; returns the XXH64 (seed 0) of every byte written.
+    uint64_t commit();
 
 private:
     std::string path_, tmp_;
     int fd_ = -1;
+    void* hash_;  // XXH64_state_t, kept opaque here
 };
 
 void fsync_path(const std::string& path);  // a file or a folder

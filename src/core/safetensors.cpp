@@ -61,7 +61,7 @@ void SafetensorsWriter::add(const std::string& name, DType dtype, std::vector<in
     tensors_.emplace_back(std::move(t), data);
 }
 
-void SafetensorsWriter::write(const std::string& path) const {
+uint64_t SafetensorsWriter::write(const std::string& path) const {
     nlohmann::ordered_json header;
     if (!metadata_.empty()) {
         header["__metadata__"] = metadata_;
@@ -79,7 +79,7 @@ void SafetensorsWriter::write(const std::string& path) const {
     out.write(text.data(), text.size());
     for (const auto& [t, data] : tensors_)
         out.write(data, t.bytes);
-    out.commit();
+    return out.commit();
 }
 
 SafetensorsFile::SafetensorsFile(const std::string& path) : file_(path) {

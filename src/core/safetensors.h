@@ -28,7 +28,7 @@ class SafetensorsWriter {
 public:
     void add(const std::string& name, DType dtype, std::vector<int64_t> shape, const void* data);
     void set_metadata(const std::string& key, const std::string& value) { metadata_[key] = value; }
-    void write(const std::string& path) const;
+    uint64_t write(const std::string& path) const;  // returns the file's XXH64
 
 private:
     std::vector<std::pair<TensorInfo, const void*>> tensors_;

@@ -213,6 +213,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
         }
         // A checkpoint holds the whole optimizer state: each rank takes its shard of it, so a
         // run may resume with another DP size.
+        auto load_start = Clock::now();
         std::vector<float> m(total), v(total);
         ck.load(model.layout(), model.params(), m.data(), v.data());
         std::copy(m.begin() + sh.begin, m.begin() + sh.end, adamw.m());
@@ -220,7 +221,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
         adamw.set_step(ck.state().adam_step);
         start_step = ck.state().step;
         model.sync_compute_weights();
-        log::info("train", "resuming from {} (step {})", ck.dir(), start_step);
+        log::info("train", "resuming from {} (step {}, loaded in {:.2f} s)", ck.dir(), start_step,
+                  seconds_since(load_start));
     } else {
         model.init_weights(static_cast<uint64_t>(t.seed), t.init_std);  // same on every rank
     }
@@ -253,6 +255,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
               t.steps, t.grad_accum * B * g.dp, T, tokens_per_step, peak);
 
     data::Sampler sampler(source->rows(), static_cast<uint64_t>(t.seed));
+    checkpoint::AsyncWriter writer;
     std::unique_ptr<MetricsFile> metrics;
     if (lead)
         metrics = std::make_unique<MetricsFile>(run.metrics());
@@ -352,6 +355,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
         bool last = step + 1 == t.steps;
         if (last || (t.checkpoint_every > 0 && (step + 1) % t.checkpoint_every == 0)) {
             // The whole optimizer state goes into the checkpoint: gather the shards to rank 0.
+            auto checkpoint_start = Clock::now();
             std::vector<float> m_full, v_full;
             const float *m_all = adamw.m(), *v_all = adamw.v();
             if (zero) {
@@ -367,16 +371,21 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
             // Then the whole tensors: gather the tensor-parallel shards.
             WholeModel whole =
                 gather_whole(model.layout(), cfg.model, job, {model.params(), m_all, v_all});
-            checkpoint::TrainState state{step + 1, adamw.step(), loss};
             if (lead) {
-                result.checkpoint =
-                    checkpoint::save(run, cfg.model, whole.layout, {whole.params, whole.m, whole.v},
-                                     state, static_cast<int>(t.keep_checkpoints));
-                log::info("train", "checkpoint {}", result.checkpoint);
+                // Rank 0 copies the state aside and a writer thread puts it on disk while
+                // training goes on; the next checkpoint (or the end) waits for it.
+                writer.wait();
+                writer.stage(whole.layout, {whole.params, whole.m, whole.v});
+                writer.start(run, cfg.model, {step + 1, adamw.step(), loss},
+                             static_cast<int>(t.keep_checkpoints));
+                result.checkpoint = run.checkpoint(step + 1);
+                log::info("train", "checkpoint {}: {:.1f} MiB staged in {:.2f} s",
+                          result.checkpoint, 3.0 * whole.layout.total() * 4 / 1048576.0,
+                          seconds_since(checkpoint_start));
             }
-            job.world().barrier();  // no rank runs ahead of a checkpoint being written
         }
     }
+    writer.wait();
     if (result.checkpoint.empty()) {
         if (auto l = checkpoint::latest(run))
             result.checkpoint = *l;

@@ -36,14 +36,16 @@ std::string weights(const std::string& run, int step) {
 int lines_of(const std::string& path) {
     std::ifstream in(path);
     int n = 0;
-    for (std::string line; std::getline(in, line);) n++;
+    for (std::string line; std::getline(in, line);)
+        n++;
     return n;
 }
 
 std::vector<pid_t> children_of(pid_t pid) {
     std::ifstream in("/proc/" + std::to_string(pid) + "/task/" + std::to_string(pid) + "/children");
     std::vector<pid_t> out;
-    for (pid_t c; in >> c;) out.push_back(c);
+    for (pid_t c; in >> c;)
+        out.push_back(c);
     return out;
 }
 
@@ -58,7 +60,9 @@ bool has_env(pid_t pid, const std::string& kv) {
            env.rfind(kv + '\0', 0) == 0;
 }
 
-bool alive(pid_t pid) { return ::kill(pid, 0) == 0; }
+bool alive(pid_t pid) {
+    return ::kill(pid, 0) == 0;
+}
 
 TEST(Restart, KilledRankAtRandomStepEndsLikeAnUninterruptedRun) {
     TempDir dir;
@@ -76,7 +80,8 @@ TEST(Restart, KilledRankAtRandomStepEndsLikeAnUninterruptedRun) {
     ::pclose(p);
     std::mt19937 rng(std::random_device{}());
     int kill_after = 6 + int(rng() % 18);
-    if (kill_after % 5 == 0) kill_after++;
+    if (kill_after % 5 == 0)
+        kill_after++;
     auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
     while (lines_of(cut + "/metrics.jsonl") < kill_after && alive(launcher) &&
            std::chrono::steady_clock::now() < deadline) {
@@ -84,10 +89,12 @@ TEST(Restart, KilledRankAtRandomStepEndsLikeAnUninterruptedRun) {
     }
     bool killed = false;
     for (pid_t child : children_of(launcher)) {
-        if (has_env(child, "RANK=1")) killed = ::kill(child, SIGKILL) == 0;
+        if (has_env(child, "RANK=1"))
+            killed = ::kill(child, SIGKILL) == 0;
     }
     EXPECT_TRUE(killed) << "rank 1 not found after step " << kill_after;
-    while (alive(launcher) && std::chrono::steady_clock::now() < deadline + std::chrono::seconds(60)) {
+    while (alive(launcher) &&
+           std::chrono::steady_clock::now() < deadline + std::chrono::seconds(60)) {
         std::this_thread::sleep_for(std::chrono::milliseconds(50));
         int status;
         ::waitpid(launcher, &status, WNOHANG);
@@ -96,7 +103,8 @@ TEST(Restart, KilledRankAtRandomStepEndsLikeAnUninterruptedRun) {
     EXPECT_NE(out.find("restarting the gang (restart 1 of 2)"), std::string::npos) << out;
     EXPECT_NE(out.find("resuming from"), std::string::npos) << out;
     EXPECT_NE(fs::read_file(cut + "/status.json").find("\"restarts\": 1"), std::string::npos);
-    EXPECT_TRUE(weights(cut, 30) == weights(dir / "full", 30)) << "killed after step " << kill_after;
+    EXPECT_TRUE(weights(cut, 30) == weights(dir / "full", 30))
+        << "killed after step " << kill_after;
 }
 
 TEST(Restart, HungRankIsStoppedAndTheGangRestarted) {
@@ -122,7 +130,8 @@ TEST(Restart, HungRankIsStoppedAndTheGangRestarted) {
 // run ends.
 TEST(Restart, DamagedNewestCheckpointFallsBackToThePreviousOne) {
     // A constant learning rate after warmup, so that runs of 20 and 25 steps share their start.
-    std::string kiln = kiln::testing::kiln_binary() + " train" + kModel + " --set train.decay=constant";
+    std::string kiln =
+        kiln::testing::kiln_binary() + " train" + kModel + " --set train.decay=constant";
     TempDir dir;
     ASSERT_EQ(kiln::testing::run(kiln + " --set train.steps=25 --set run.dir=" + (dir / "full") +
                                  " >/dev/null 2>&1"),

@@ -268,6 +268,38 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     if (lead)
         write_status(run, "running", start_step, t.steps, 0);
 
+    // A checkpoint of the state after `steps_done` optimizer steps (collective over all ranks).
+    auto save_checkpoint = [&](int64_t steps_done, double loss) {
+        // The whole optimizer state goes into the checkpoint: gather the shards to rank 0.
+        auto checkpoint_start = Clock::now();
+        std::vector<float> m_full, v_full;
+        const float *m_all = adamw.m(), *v_all = adamw.v();
+        if (zero) {
+            m_full.assign(sh.padded, 0.0f);
+            v_full.assign(sh.padded, 0.0f);
+            std::copy(adamw.m(), adamw.m() + (sh.end - sh.begin), m_full.begin() + sh.begin);
+            std::copy(adamw.v(), adamw.v() + (sh.end - sh.begin), v_full.begin() + sh.begin);
+            job.dp().all_gather(m_full.data(), sh.chunk);
+            job.dp().all_gather(v_full.data(), sh.chunk);
+            m_all = m_full.data();
+            v_all = v_full.data();
+        }
+        // Then the whole tensors: gather the tensor-parallel shards.
+        WholeModel whole =
+            gather_whole(model.layout(), cfg.model, job, {model.params(), m_all, v_all});
+        if (lead) {
+            // Rank 0 copies the state aside and a writer thread puts it on disk while
+            // training goes on; the next checkpoint (or the end) waits for it.
+            writer.wait();
+            writer.stage(whole.layout, {whole.params, whole.m, whole.v});
+            writer.start(run, cfg.model, {steps_done, adamw.step(), loss},
+                         static_cast<int>(t.keep_checkpoints));
+            result.checkpoint = run.checkpoint(steps_done);
+            log::info("train", "checkpoint {}: {:.1f} MiB staged in {:.2f} s", result.checkpoint,
+                      3.0 * whole.layout.total() * 4 / 1048576.0, seconds_since(checkpoint_start));
+        }
+    };
+
     for (int64_t step = start_step; step < t.steps; step++) {
         auto step_start = Clock::now();
         heartbeat(g.rank, step);
@@ -307,13 +339,15 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
                       "step skipped",
                       step + 1, loss, norm);
             if (++bad_in_a_row >= 5) {
+                writer.wait();
                 if (lead)
                     write_status(run, "failed", step, t.steps, loss, "diverged");
                 throw error(
-                    "training diverged: 5 steps in a row had a non-finite loss or "
-                    "gradient (lower train.lr or raise train.warmup_steps); the last good "
-                    "checkpoint is in {}",
-                    run.checkpoints());
+                    "training diverged: 5 steps in a row had a non-finite loss or gradient "
+                    "(lower train.lr or raise train.warmup_steps); {}",
+                    result.checkpoint.empty()
+                        ? std::string("no checkpoint was written before it")
+                        : "the last checkpoint before it is " + result.checkpoint);
             }
         } else {
             bad_in_a_row = 0;
@@ -353,36 +387,10 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
             write_status(run, "running", step + 1, t.steps, loss);
         }
         bool last = step + 1 == t.steps;
-        if (last || (t.checkpoint_every > 0 && (step + 1) % t.checkpoint_every == 0)) {
-            // The whole optimizer state goes into the checkpoint: gather the shards to rank 0.
-            auto checkpoint_start = Clock::now();
-            std::vector<float> m_full, v_full;
-            const float *m_all = adamw.m(), *v_all = adamw.v();
-            if (zero) {
-                m_full.assign(sh.padded, 0.0f);
-                v_full.assign(sh.padded, 0.0f);
-                std::copy(adamw.m(), adamw.m() + (sh.end - sh.begin), m_full.begin() + sh.begin);
-                std::copy(adamw.v(), adamw.v() + (sh.end - sh.begin), v_full.begin() + sh.begin);
-                job.dp().all_gather(m_full.data(), sh.chunk);
-                job.dp().all_gather(v_full.data(), sh.chunk);
-                m_all = m_full.data();
-                v_all = v_full.data();
-            }
-            // Then the whole tensors: gather the tensor-parallel shards.
-            WholeModel whole =
-                gather_whole(model.layout(), cfg.model, job, {model.params(), m_all, v_all});
-            if (lead) {
-                // Rank 0 copies the state aside and a writer thread puts it on disk while
-                // training goes on; the next checkpoint (or the end) waits for it.
-                writer.wait();
-                writer.stage(whole.layout, {whole.params, whole.m, whole.v});
-                writer.start(run, cfg.model, {step + 1, adamw.step(), loss},
-                             static_cast<int>(t.keep_checkpoints));
-                result.checkpoint = run.checkpoint(step + 1);
-                log::info("train", "checkpoint {}: {:.1f} MiB staged in {:.2f} s",
-                          result.checkpoint, 3.0 * whole.layout.total() * 4 / 1048576.0,
-                          seconds_since(checkpoint_start));
-            }
+        // No checkpoint while steps are being skipped: the newest one stays the last good state.
+        bool periodic = t.checkpoint_every > 0 && (step + 1) % t.checkpoint_every == 0;
+        if ((last || periodic) && bad_in_a_row == 0) {
+            save_checkpoint(step + 1, loss);
         }
     }
     writer.wait();

@@ -171,3 +171,41 @@ TEST(Restart, DamagedNewestCheckpointFallsBackToThePreviousOne) {
 
 }  // namespace
 }  // namespace kiln
+
+namespace kiln {
+namespace {
+
+// Non-finite steps are skipped and counted; five in a row stop the run with one sentence naming
+// the last checkpoint written while training was healthy, and no checkpoint of the bad state.
+TEST(Restart, DivergenceStopsAndKeepsTheLastGoodCheckpoint) {
+    TempDir dir;
+    std::string cmd = kiln::testing::kiln_binary() + " train" + kModel +
+                      " --set train.lr=1e30 --set train.grad_clip=0 --set train.warmup_steps=0" +
+                      " --set train.min_lr=0 --set train.steps=40 --set train.checkpoint_every=1" +
+                      " --set run.dir=" + (dir / "run") + " >" + (dir / "out") + " 2>&1";
+    EXPECT_NE(kiln::testing::run(cmd), 0);
+    std::string out = fs::read_file(dir / "out");
+    EXPECT_NE(out.find("kiln: training diverged: 5 steps in a row had a non-finite loss"),
+              std::string::npos)
+        << out;
+    EXPECT_NE(fs::read_file(dir / "run/status.json").find("\"failed\""), std::string::npos);
+    // Each step's line counts the skipped ones; the fifth ends the run before its line.
+    std::ifstream metrics(dir / "run/metrics.jsonl");
+    std::string line, last;
+    while (std::getline(metrics, line))
+        last = line;
+    EXPECT_NE(last.find("\"skipped_steps\":4"), std::string::npos) << last;
+    // Checkpoints stop with the first skipped step; the message names the last one.
+    int first_bad = std::stoi(last.substr(last.find("\"step\":") + 7)) - 3;
+    char name[32];
+    std::snprintf(name, sizeof name, "step-%08d", first_bad - 1);
+    EXPECT_NE(out.find(std::string("the last checkpoint before it is ") + (dir / "run") +
+                       "/checkpoints/" + name),
+              std::string::npos)
+        << out;
+    std::snprintf(name, sizeof name, "step-%08d", first_bad);
+    EXPECT_FALSE(fs::exists(dir / ("run/checkpoints/" + std::string(name))));
+}
+
+}  // namespace
+}  // namespace kiln

@@ -1,0 +1,106 @@
+#include "dist/nccl_comm.h"
+
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <cstring>
+
+#include "core/error.h"
+#include "dist/store.h"
+
+#define KILN_NCCL(call)                                                                   \
+    do {                                                                                  \
+        ncclResult_t status_ = (call);                                                    \
+        if (status_ != ncclSuccess) {                                                     \
+            throw ::kiln::error("{} failed: {}", #call, ncclGetErrorString(status_));     \
+        }                                                                                 \
+    } while (0)
+
+#define KILN_CUDA_RT(call)                                                                \
+    do {                                                                                  \
+        cudaError_t status_ = (call);                                                     \
+        if (status_ != cudaSuccess) {                                                     \
+            throw ::kiln::error("{} failed: {}", #call, cudaGetErrorString(status_));     \
+        }                                                                                 \
+    } while (0)
+
+namespace kiln::dist {
+namespace {
+
+class NcclCollective : public Collective {
+public:
+    NcclCollective(ncclComm_t comm, int rank, int size) : comm_(comm), rank_(rank), size_(size) {
+        KILN_CUDA_RT(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+        KILN_CUDA_RT(cudaMalloc(&scratch_, sizeof(float)));
+    }
+    ~NcclCollective() override {
+        cudaFree(scratch_);
+        cudaStreamDestroy(stream_);
+        ncclCommDestroy(comm_);
+    }
+    int rank() const override { return rank_; }
+    int size() const override { return size_; }
+
+    void all_reduce_sum(float* data, size_t n) override {
+        run(ncclAllReduce(data, data, n, ncclFloat, ncclSum, comm_, stream_), n * 4);
+    }
+    void all_reduce_sum(double* data, size_t n) override {
+        run(ncclAllReduce(data, data, n, ncclDouble, ncclSum, comm_, stream_), n * 8);
+    }
+    void all_reduce_max(float* data, size_t n) override {
+        run(ncclAllReduce(data, data, n, ncclFloat, ncclMax, comm_, stream_), n * 4);
+    }
+    // In place: NCCL's result for rank r lands at data + r * chunk, as the contract says.
+    void reduce_scatter_sum(float* data, size_t chunk) override {
+        run(ncclReduceScatter(data, data + size_t(rank_) * chunk, chunk, ncclFloat, ncclSum, comm_,
+                              stream_),
+            chunk * size_t(size_) * 4);
+    }
+    void all_gather_bytes(void* data, size_t chunk) override {
+        char* bytes = static_cast<char*>(data);
+        run(ncclAllGather(bytes + size_t(rank_) * chunk, bytes, chunk, ncclChar, comm_, stream_),
+            chunk * size_t(size_));
+    }
+    void broadcast(void* bytes, size_t n, int root) override {
+        run(ncclBroadcast(bytes, bytes, n, ncclChar, root, comm_, stream_), n);
+    }
+    void barrier() override {
+        run(ncclAllReduce(scratch_, scratch_, 1, ncclFloat, ncclSum, comm_, stream_), 0);
+    }
+
+private:
+    void run(ncclResult_t launched, size_t bytes) {
+        if (launched != ncclSuccess) {
+            throw error("NCCL collective failed: {}", ncclGetErrorString(launched));
+        }
+        KILN_CUDA_RT(cudaStreamSynchronize(stream_));
+        payload_bytes_ += bytes;
+    }
+    ncclComm_t comm_;
+    int rank_, size_;
+    cudaStream_t stream_ = nullptr;
+    float* scratch_ = nullptr;  // [device] one float for the barrier
+};
+
+}  // namespace
+
+std::unique_ptr<Collective> connect_nccl(TcpStore& store, const std::string& name, int rank,
+                                         int size) {
+    ncclUniqueId id;
+    const std::string key = name + "/nccl-id";
+    if (rank == 0) {
+        KILN_NCCL(ncclGetUniqueId(&id));
+        store.set(key, std::vector<char>(id.internal, id.internal + sizeof id.internal));
+    } else {
+        std::vector<char> bytes = store.get(key);
+        if (bytes.size() != sizeof id.internal) {
+            throw error("the NCCL id of group {} in the rendezvous store is malformed", name);
+        }
+        std::memcpy(id.internal, bytes.data(), sizeof id.internal);
+    }
+    ncclComm_t comm;
+    KILN_NCCL(ncclCommInitRank(&comm, size, id, rank));
+    return std::make_unique<NcclCollective>(comm, rank, size);
+}
+
+}  // namespace kiln::dist

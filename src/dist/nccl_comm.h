@@ -1,0 +1,18 @@
+#pragma once
+// The NCCL backend of Collective, for device (CUDA) buffers; built only with CUDA. Its ranks
+// meet through the same TCP store as gloo's: rank 0 of the group publishes NCCL's unique id.
+#include <memory>
+#include <string>
+
+#include "core/collective.h"
+
+namespace kiln::dist {
+
+class TcpStore;
+
+// Connects `size` ranks under `name` (one device each: the current CUDA device). Every call of
+// the returned Collective takes device pointers and returns when the operation is complete.
+std::unique_ptr<Collective> connect_nccl(TcpStore& store, const std::string& name, int rank,
+                                         int size);
+
+}  // namespace kiln::dist

@@ -15,7 +15,6 @@ namespace kiln::checkpoint {
 namespace {
 
 namespace stdfs = std::filesystem;
-const char* kRankFile = "rank-00000.safetensors";
 
 nlohmann::json config_json(const model::LlamaConfig& c) {
     return {{"preset", c.preset},           {"dim", c.dim},
@@ -49,36 +48,99 @@ uint64_t file_xxh64(const std::string& path) {
 
 }  // namespace
 
-std::string save(const RunDir& run, const model::LlamaConfig& config, const model::Layout& layout,
-                 const RankTensors& tensors, const TrainState& state, int keep) {
-    std::string final_dir = run.checkpoint(state.step);
-    std::string tmp_dir = stdfs::path(final_dir).parent_path() /
-                          (".tmp-" + stdfs::path(final_dir).filename().string());
-    stdfs::remove_all(tmp_dir);
-    fs::make_dirs(tmp_dir);
+std::string temporary_dir(const RunDir& run, int64_t step) {
+    return run.checkpoints() + "/.tmp-" + stdfs::path(run.checkpoint(step)).filename().string();
+}
 
-    SafetensorsWriter w;
-    for (const auto& p : layout.params()) {
-        w.add("param/" + p.name, DType::f32, p.shape, tensors.params + p.offset);
-        if (tensors.m)
-            w.add("adam_m/" + p.name, DType::f32, p.shape, tensors.m + p.offset);
-        if (tensors.v)
-            w.add("adam_v/" + p.name, DType::f32, p.shape, tensors.v + p.offset);
+void prepare_temporary_dir(const RunDir& run, int64_t step) {
+    stdfs::remove_all(temporary_dir(run, step));
+    fs::make_dirs(temporary_dir(run, step));
+}
+
+RankWriter::~RankWriter() {
+    if (thread_.joinable())
+        thread_.join();
+}
+
+void RankWriter::stage(const model::Layout& layout, const RankPlace& place, const RankTensors& t) {
+    KILN_CHECK(!thread_.joinable(), "staging over a checkpoint still being written");
+    place_ = place;
+    begin_ = t.begin, end_ = t.end;
+    n_params_ = place.dp_rank == 0 ? layout.total() : 0;
+    const int64_t range = end_ - begin_;
+    staged_.resize(size_t(n_params_ + 2 * range));
+    std::copy(t.params, t.params + n_params_, staged_.begin());
+    std::copy(t.m, t.m + range, staged_.begin() + n_params_);
+    std::copy(t.v, t.v + range, staged_.begin() + n_params_ + range);
+}
+
+void RankWriter::start(const RunDir& run, int64_t step) {
+    std::string path =
+        fmt::format("{}/rank-{:05d}.safetensors", temporary_dir(run, step), place_.rank);
+    thread_ = std::thread([this, path] {
+        try {
+            auto t0 = std::chrono::steady_clock::now();
+            const int64_t range = end_ - begin_;
+            const float* base = staged_.data();
+            SafetensorsWriter w;
+            if (n_params_ > 0)
+                w.add("param", DType::f32, {n_params_}, base);
+            w.add("adam_m", DType::f32, {range}, base + n_params_);
+            w.add("adam_v", DType::f32, {range}, base + n_params_ + range);
+            w.set_metadata("rank", std::to_string(place_.rank));
+            uint64_t sum = w.write(path);  // hashed while written, not read back
+            written_ = {stdfs::path(path).filename().string(), stdfs::file_size(path), sum};
+            log::info("checkpoint", "{} written in {:.2f} s", path,
+                      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        } catch (...) {
+            failure_ = std::current_exception();
+        }
+    });
+}
+
+RankFile RankWriter::finish() {
+    if (thread_.joinable())
+        thread_.join();
+    if (failure_) {
+        auto f = failure_;
+        failure_ = nullptr;
+        std::rethrow_exception(f);
     }
-    std::string rank_path = tmp_dir + "/" + kRankFile;
-    const uint64_t sum = w.write(rank_path);  // hashed while written, not read back
+    return written_;
+}
 
+std::string commit(const RunDir& run, const model::LlamaConfig& config, const TrainState& state,
+                   const RankPlace& layout, bool zero, const std::vector<RankFile>& files,
+                   int keep) {
+    const std::string final_dir = run.checkpoint(state.step);
+    const std::string tmp_dir = temporary_dir(run, state.step);
     nlohmann::ordered_json manifest;
     manifest["format"] = "kiln-checkpoint";
-    manifest["version"] = 1;
+    manifest["version"] = 2;
     manifest["step"] = state.step;
     manifest["adam_step"] = state.adam_step;
     manifest["loss"] = state.loss;
-    manifest["world_size"] = 1;
     manifest["model"] = config_json(config);
-    manifest["files"] = {{{"file", kRankFile},
-                          {"bytes", stdfs::file_size(rank_path)},
-                          {"xxh64", fmt::format("{:016x}", sum)}}};
+    manifest["layout"] = {
+        {"world", layout.world}, {"tp", layout.tp}, {"dp", layout.dp}, {"zero", zero}};
+    const int64_t local_total = model::Layout(config, layout.tp, 0).total();
+    const int64_t chunk = (local_total + layout.dp - 1) / layout.dp;
+    manifest["files"] = nlohmann::json::array();
+    for (int r = 0; r < layout.world; r++) {
+        int tp_rank = r % layout.tp, dp_rank = r / layout.tp;
+        // ZeRO-1: each DP rank holds its shard; otherwise DP rank 0 saves the replicated whole.
+        int64_t begin = zero ? dp_rank * chunk : 0;
+        int64_t end =
+            zero ? std::min(local_total, (dp_rank + 1) * chunk) : (dp_rank == 0 ? local_total : 0);
+        manifest["files"].push_back({{"file", files[r].file},
+                                     {"rank", r},
+                                     {"tp_rank", tp_rank},
+                                     {"dp_rank", dp_rank},
+                                     {"params", dp_rank == 0},
+                                     {"moments", {begin, end}},
+                                     {"bytes", files[r].bytes},
+                                     {"xxh64", fmt::format("{:016x}", files[r].xxh64)}});
+    }
     fs::write_file_atomic(tmp_dir + "/manifest.json", manifest.dump(2) + "\n");
     fs::fsync_path(tmp_dir);
 
@@ -100,50 +162,6 @@ std::string save(const RunDir& run, const model::LlamaConfig& config, const mode
         }
     }
     return final_dir;
-}
-
-AsyncWriter::~AsyncWriter() {
-    if (thread_.joinable())
-        thread_.join();
-}
-
-void AsyncWriter::stage(const model::Layout& layout, const RankTensors& tensors) {
-    KILN_CHECK(!thread_.joinable(), "staging over a checkpoint still being written");
-    layout_ = std::make_unique<model::Layout>(layout);
-    const size_t n = size_t(layout.total());
-    staged_.resize(3 * n);
-    std::copy(tensors.params, tensors.params + n, staged_.begin());
-    if (tensors.m)
-        std::copy(tensors.m, tensors.m + n, staged_.begin() + n);
-    if (tensors.v)
-        std::copy(tensors.v, tensors.v + n, staged_.begin() + 2 * n);
-}
-
-void AsyncWriter::start(const RunDir& run, const model::LlamaConfig& config,
-                        const TrainState& state, int keep) {
-    const size_t n = size_t(layout_->total());
-    const float* base = staged_.data();
-    thread_ = std::thread([this, run, config, state, keep, n, base] {
-        try {
-            auto t0 = std::chrono::steady_clock::now();
-            std::string dir =
-                save(run, config, *layout_, {base, base + n, base + 2 * n}, state, keep);
-            log::info("checkpoint", "{} written in {:.2f} s", dir,
-                      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-        } catch (...) {
-            failure_ = std::current_exception();
-        }
-    });
-}
-
-void AsyncWriter::wait() {
-    if (thread_.joinable())
-        thread_.join();
-    if (failure_) {
-        auto f = failure_;
-        failure_ = nullptr;
-        std::rethrow_exception(f);
-    }
 }
 
 std::optional<std::string> latest(const RunDir& run) {
@@ -186,6 +204,8 @@ std::unique_ptr<Checkpoint> newest_valid(const RunDir& run) {
     return nullptr;
 }
 
+Checkpoint::~Checkpoint() = default;
+
 Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
     std::string path = dir + "/manifest.json";
     if (!fs::exists(path)) {
@@ -197,48 +217,120 @@ Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
             throw error("{} is neither a checkpoint nor a run folder with one", dir);
         }
     }
-    nlohmann::json j;
     try {
-        j = nlohmann::json::parse(fs::read_file(path));
-        if (j.at("format").get<std::string>() != "kiln-checkpoint" || j.at("version") != 1) {
-            throw error("{}: not a version-1 kiln checkpoint manifest", path);
+        nlohmann::json j = nlohmann::json::parse(fs::read_file(path));
+        if (j.at("format").get<std::string>() != "kiln-checkpoint" || j.at("version") != 2) {
+            throw error("{}: not a version-2 kiln checkpoint manifest", path);
         }
         config_ = config_from_json(j.at("model"));
         state_.step = j.at("step").get<int64_t>();
         state_.adam_step = j.at("adam_step").get<int64_t>();
         state_.loss = j.value("loss", 0.0);
-        const auto& f = j.at("files").at(0);
-        std::string file = dir_ + "/" + f.at("file").get<std::string>();
-        uint64_t want = std::stoull(f.at("xxh64").get<std::string>(), nullptr, 16);
-        if (!fs::exists(file))
-            throw error("{}: missing {}", path, file);
-        if (stdfs::file_size(file) != f.at("bytes").get<uint64_t>()) {
-            throw error("{} is {} bytes, manifest.json says {}", file, stdfs::file_size(file),
-                        f.at("bytes").get<uint64_t>());
+        saved_tp_ = j.at("layout").at("tp").get<int>();
+        for (const auto& f : j.at("files")) {
+            File file;
+            file.place.rank = f.at("rank").get<int>();
+            file.place.tp_rank = f.at("tp_rank").get<int>();
+            file.place.dp_rank = f.at("dp_rank").get<int>();
+            file.has_params = f.at("params").get<bool>();
+            file.begin = f.at("moments").at(0).get<int64_t>();
+            file.end = f.at("moments").at(1).get<int64_t>();
+            std::string name = f.at("file").get<std::string>();
+            if (name.find('/') != std::string::npos) {
+                throw error("{}: file name '{}' must be a plain name in the folder", path, name);
+            }
+            std::string full = dir_ + "/" + name;
+            uint64_t want = std::stoull(f.at("xxh64").get<std::string>(), nullptr, 16);
+            if (!fs::exists(full))
+                throw error("{}: missing {}", path, full);
+            if (stdfs::file_size(full) != f.at("bytes").get<uint64_t>()) {
+                throw error("{} is {} bytes, manifest.json says {}", full, stdfs::file_size(full),
+                            f.at("bytes").get<uint64_t>());
+            }
+            if (file_xxh64(full) != want) {
+                throw error("{} is corrupt: its checksum does not match manifest.json", full);
+            }
+            file.st = std::make_unique<SafetensorsFile>(full);
+            files_.push_back(std::move(file));
         }
-        if (file_xxh64(file) != want) {
-            throw error("{} is corrupt: its checksum does not match manifest.json", file);
-        }
-        file_ = std::make_unique<SafetensorsFile>(file);
     } catch (const nlohmann::json::exception& e) {
         throw error("{}: missing or malformed key: {}", path, e.what());
+    } catch (const std::invalid_argument&) {
+        throw error("{}: an xxh64 value is not hexadecimal", path);
     }
-    config_.validate();
+    config_.validate(saved_tp_);
 }
 
-void Checkpoint::load(const model::Layout& layout, float* params, float* m, float* v) const {
-    // The file holds whole tensors; a tensor-parallel layout takes its shard of each.
-    for (const auto& p : layout.params()) {
-        const std::pair<const char*, float*> parts[] = {
-            {"param/", params}, {"adam_m/", m}, {"adam_v/", v}};
-        for (const auto& [prefix, dst] : parts) {
-            if (dst == nullptr)
-                continue;
-            const float* src =
-                static_cast<const float*>(file_->data(prefix + p.name, DType::f32, p.full_shape));
-            layout.shard_from_full(p, src, dst + p.offset);
+void Checkpoint::assemble(int tp_rank, const model::Layout& saved, std::vector<float>& params,
+                          std::vector<float>& m, std::vector<float>& v) const {
+    const int64_t n = saved.total();
+    params.assign(size_t(n), 0.0f);
+    m.assign(size_t(n), 0.0f);
+    v.assign(size_t(n), 0.0f);
+    int64_t covered = 0;
+    bool have_params = false;
+    for (const auto& f : files_) {
+        if (f.place.tp_rank != tp_rank)
+            continue;
+        if (f.has_params) {
+            const float* p = static_cast<const float*>(f.st->data("param", DType::f32, {n}));
+            std::copy(p, p + n, params.begin());
+            have_params = true;
         }
+        const int64_t range = f.end - f.begin;
+        if (range <= 0)
+            continue;
+        const float* fm = static_cast<const float*>(f.st->data("adam_m", DType::f32, {range}));
+        const float* fv = static_cast<const float*>(f.st->data("adam_v", DType::f32, {range}));
+        std::copy(fm, fm + range, m.begin() + f.begin);
+        std::copy(fv, fv + range, v.begin() + f.begin);
+        covered += range;
     }
+    if (!have_params || covered != n) {
+        throw error("{}: the files of tensor-parallel rank {} do not hold its whole state", dir_,
+                    tp_rank);
+    }
+}
+
+void Checkpoint::load(const model::Layout& now, float* params, float* m, float* v, int64_t begin,
+                      int64_t end) const {
+    std::vector<float> sp, sm, sv;  // one saved TP rank's buffers
+    std::vector<float> local_m, local_v;
+    const float *src_p, *src_m, *src_v;
+    if (saved_tp_ == now.tp) {
+        // Same tensor-parallel split: this rank's shard was written as one piece.
+        assemble(now.tp_rank, now, sp, sm, sv);
+        src_p = sp.data(), src_m = sm.data(), src_v = sv.data();
+    } else {
+        // Another split: whole tensors first, then this layout's shard of each.
+        model::Layout whole(config_);
+        std::vector<float> wp(whole.total()), wm(whole.total()), wv(whole.total());
+        for (int s = 0; s < saved_tp_; s++) {
+            model::Layout saved(config_, saved_tp_, s);
+            assemble(s, saved, sp, sm, sv);
+            for (size_t i = 0; i < saved.params().size(); i++) {
+                const auto& p = saved.params()[i];
+                int64_t dst = whole.params()[i].offset;
+                saved.full_from_shard(p, sp.data() + p.offset, s, wp.data() + dst);
+                saved.full_from_shard(p, sm.data() + p.offset, s, wm.data() + dst);
+                saved.full_from_shard(p, sv.data() + p.offset, s, wv.data() + dst);
+            }
+        }
+        sp.assign(now.total(), 0.0f), sm.assign(now.total(), 0.0f), sv.assign(now.total(), 0.0f);
+        for (size_t i = 0; i < now.params().size(); i++) {
+            const auto& p = now.params()[i];
+            int64_t off = whole.params()[i].offset;
+            now.shard_from_full(p, wp.data() + off, sp.data() + p.offset);
+            now.shard_from_full(p, wm.data() + off, sm.data() + p.offset);
+            now.shard_from_full(p, wv.data() + off, sv.data() + p.offset);
+        }
+        src_p = sp.data(), src_m = sm.data(), src_v = sv.data();
+    }
+    std::copy(src_p, src_p + now.total(), params);
+    if (m)
+        std::copy(src_m + begin, src_m + end, m);
+    if (v)
+        std::copy(src_v + begin, src_v + end, v);
 }
 
 }  // namespace kiln::checkpoint

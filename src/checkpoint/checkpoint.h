@@ -1,8 +1,11 @@
 #pragma once
-// Checkpoints: checkpoints/step-NNNNNNNN/ holds manifest.json (step, model config, per-rank
-// files with sizes and xxh64 sums) and one safetensors file per rank with that rank's
-// parameters (fp32 master weights) and AdamW moments. Written into a temporary folder, fsynced,
-// renamed into place; `latest` names the newest complete one. Format: docs/formats.md.
+// Checkpoints: checkpoints/step-NNNNNNNN/ holds manifest.json (step, model config, the layout
+// that wrote it, and every rank file with its size and xxh64) and one safetensors file per rank:
+// rank-RRRRR.safetensors with that rank's tensor-parallel shard of the fp32 weights (written by
+// data-parallel rank 0 of each TP group) and its range of the AdamW moments (its ZeRO-1 shard,
+// or everything). Every rank writes its own file in the background into a temporary folder;
+// rank 0 then writes the manifest, renames the folder into place and updates `latest`. A
+// checkpoint loads into any other DP x TP layout. Format: docs/formats.md.
 #include <cstdint>
 #include <exception>
 #include <memory>
@@ -24,38 +27,59 @@ struct TrainState {
     double loss = 0;        // mean loss of the last step
 };
 
-// What one rank saves: its parameters and optimizer moments over the layout.
-struct RankTensors {
-    const float* params = nullptr;  // (layout.total())
-    const float* m = nullptr;       // (layout.total()) or null
-    const float* v = nullptr;
+// Where a rank sits, as a checkpoint records it.
+struct RankPlace {
+    int rank = 0, world = 1;
+    int tp = 1, tp_rank = 0;
+    int dp = 1, dp_rank = 0;
 };
 
-// Writes checkpoint `state.step`, updates `latest`, keeps the newest `keep` checkpoints (0 keeps
-// all). `layout` is the whole model's (tp = 1) and the tensors whole: a checkpoint does not
-// depend on the layout that wrote it. Returns the checkpoint folder.
-std::string save(const RunDir& run, const model::LlamaConfig& config, const model::Layout& layout,
-                 const RankTensors& tensors, const TrainState& state, int keep);
+// What one rank saves. The moments cover [begin, end) of its layout's flat buffers.
+struct RankTensors {
+    const float* params = nullptr;  // (layout.total()) this rank's shard; saved by dp_rank 0
+    const float* m = nullptr;       // (end - begin)
+    const float* v = nullptr;
+    int64_t begin = 0, end = 0;
+};
 
-// Writes checkpoints in the background: stage() copies the state (so training may change it),
-// start() runs save() on a thread, wait() joins it and rethrows its error. One at a time.
-class AsyncWriter {
+// One rank file as the manifest lists it.
+struct RankFile {
+    std::string file;
+    uint64_t bytes = 0, xxh64 = 0;
+};
+
+// Writes this rank's file in the background: stage() copies the tensors (so training may change
+// them), start() writes them into the checkpoint's temporary folder on a thread, finish() joins
+// it (rethrowing its error) and returns what the manifest needs. One checkpoint at a time.
+class RankWriter {
 public:
-    AsyncWriter() = default;
-    AsyncWriter(const AsyncWriter&) = delete;
-    AsyncWriter& operator=(const AsyncWriter&) = delete;
-    ~AsyncWriter();
-    void stage(const model::Layout& layout, const RankTensors& tensors);
-    void start(const RunDir& run, const model::LlamaConfig& config, const TrainState& state,
-               int keep);
-    void wait();
+    RankWriter() = default;
+    RankWriter(const RankWriter&) = delete;
+    RankWriter& operator=(const RankWriter&) = delete;
+    ~RankWriter();
+    void stage(const model::Layout& layout, const RankPlace& place, const RankTensors& tensors);
+    void start(const RunDir& run, int64_t step);
+    RankFile finish();
+    bool pending() const { return thread_.joinable(); }
 
 private:
-    std::unique_ptr<model::Layout> layout_;
-    std::vector<float> staged_;  // params, m, v of the whole model
+    RankPlace place_;
+    int64_t begin_ = 0, end_ = 0, n_params_ = 0;
+    std::vector<float> staged_;  // params (if saved), m, v
     std::thread thread_;
     std::exception_ptr failure_;
+    RankFile written_;
 };
+
+// The temporary folder of a checkpoint being written (rank 0 makes it empty before ranks write).
+std::string temporary_dir(const RunDir& run, int64_t step);
+void prepare_temporary_dir(const RunDir& run, int64_t step);
+
+// Rank 0, once every rank's file is written: the manifest, the rename into place, `latest`,
+// and pruning to the newest `keep` checkpoints (0 keeps all). Returns the checkpoint folder.
+std::string commit(const RunDir& run, const model::LlamaConfig& config, const TrainState& state,
+                   const RankPlace& layout, bool zero, const std::vector<RankFile>& files,
+                   int keep);
 
 // The newest complete checkpoint of a run, if any (what `latest` names; not verified).
 std::optional<std::string> latest(const RunDir& run);
@@ -66,22 +90,35 @@ class Checkpoint;
 // file is never loaded. Empty when the run has none that is good.
 std::unique_ptr<Checkpoint> newest_valid(const RunDir& run);
 
-// A checkpoint opened for reading; the rank file's checksum is verified on open.
+// A checkpoint opened for reading; every rank file's size and checksum are verified on open.
 class Checkpoint {
 public:
     explicit Checkpoint(const std::string& dir);  // throws Error naming the file at fault
+    ~Checkpoint();
     const model::LlamaConfig& config() const { return config_; }
     const TrainState& state() const { return state_; }
     const std::string& dir() const { return dir_; }
-    // Copies the named tensors (this layout's tensor-parallel shard of each) into the flat
-    // buffers (any of m/v may be null).
-    void load(const model::Layout& layout, float* params, float* m, float* v) const;
+    // Fills `params` (layout.total()) with this layout's shard of the weights and m/v (each
+    // end - begin, may be null) with the moments of [begin, end) of this layout, whatever the
+    // DP x TP layout that wrote the checkpoint.
+    void load(const model::Layout& layout, float* params, float* m, float* v, int64_t begin,
+              int64_t end) const;
 
 private:
+    struct File {
+        RankPlace place;
+        int64_t begin = 0, end = 0;
+        bool has_params = false;
+        std::unique_ptr<SafetensorsFile> st;
+    };
+    // One saved TP rank's whole local buffers (params, m, v), assembled from its files.
+    void assemble(int tp_rank, const model::Layout& saved, std::vector<float>& params,
+                  std::vector<float>& m, std::vector<float>& v) const;
     std::string dir_;
     model::LlamaConfig config_;
     TrainState state_;
-    std::unique_ptr<SafetensorsFile> file_;
+    int saved_tp_ = 1;
+    std::vector<File> files_;
 };
 
 }  // namespace kiln::checkpoint

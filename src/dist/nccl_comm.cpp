@@ -8,20 +8,20 @@
 #include "core/error.h"
 #include "dist/store.h"
 
-#define KILN_NCCL(call)                                                                   \
-    do {                                                                                  \
-        ncclResult_t status_ = (call);                                                    \
-        if (status_ != ncclSuccess) {                                                     \
-            throw ::kiln::error("{} failed: {}", #call, ncclGetErrorString(status_));     \
-        }                                                                                 \
+#define KILN_NCCL(call)                                                               \
+    do {                                                                              \
+        ncclResult_t status_ = (call);                                                \
+        if (status_ != ncclSuccess) {                                                 \
+            throw ::kiln::error("{} failed: {}", #call, ncclGetErrorString(status_)); \
+        }                                                                             \
     } while (0)
 
-#define KILN_CUDA_RT(call)                                                                \
-    do {                                                                                  \
-        cudaError_t status_ = (call);                                                     \
-        if (status_ != cudaSuccess) {                                                     \
-            throw ::kiln::error("{} failed: {}", #call, cudaGetErrorString(status_));     \
-        }                                                                                 \
+#define KILN_CUDA_RT(call)                                                            \
+    do {                                                                              \
+        cudaError_t status_ = (call);                                                 \
+        if (status_ != cudaSuccess) {                                                 \
+            throw ::kiln::error("{} failed: {}", #call, cudaGetErrorString(status_)); \
+        }                                                                             \
     } while (0)
 
 namespace kiln::dist {

@@ -20,7 +20,7 @@ void export_hf(const std::string& checkpoint_dir, const std::string& out_dir,
     const model::LlamaConfig& c = ck.config();
     model::Layout layout(c);
     std::vector<float> params(layout.total());
-    ck.load(layout, params.data(), nullptr, nullptr);
+    ck.load(layout, params.data(), nullptr, nullptr, 0, 0);
 
     fs::make_dirs(out_dir);
     SafetensorsWriter w;

@@ -25,7 +25,7 @@ EvalResult evaluate(const std::string& checkpoint_dir, const std::string& data_d
     auto prec = precision == "fp32" ? kernels::Precision::fp32 : kernels::Precision::bf16;
     model::Llama model(ck.config(), kernels::select_kernels("cpu", prec), B, T,
                        model::Recompute::none);
-    ck.load(model.layout(), model.params(), nullptr, nullptr);
+    ck.load(model.layout(), model.params(), nullptr, nullptr, 0, 0);
     model.sync_compute_weights();
 
     std::vector<int32_t> tokens(B * T), targets(B * T);

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <vector>
 
 #include "checkpoint/checkpoint.h"
@@ -114,42 +115,6 @@ double grad_sum_squares(const model::Layout& layout, const float* grads, int64_t
     return sq;
 }
 
-// The whole model's parameters and moments, assembled from the tensor-parallel shards (with one
-// rank: the buffers themselves). Collective over the TP group; the result is meant for rank 0.
-struct WholeModel {
-    model::Layout layout;
-    std::vector<float> storage;
-    const float *params, *m, *v;
-};
-
-WholeModel gather_whole(const model::Layout& local, const model::LlamaConfig& config,
-                        dist::Job& job, checkpoint::RankTensors shards) {
-    WholeModel w{model::Layout(config), {}, shards.params, shards.m, shards.v};
-    const int tp = local.tp;
-    if (tp == 1)
-        return w;
-    const int64_t n = local.total(), whole = w.layout.total();
-    w.storage.assign(3 * whole, 0.0f);
-    std::vector<float> gathered(size_t(n) * tp);
-    const float* parts[] = {shards.params, shards.m, shards.v};
-    for (int k = 0; k < 3; k++) {
-        std::copy(parts[k], parts[k] + n, gathered.begin() + local.tp_rank * n);
-        job.tp().all_gather(gathered.data(), size_t(n));
-        float* out = w.storage.data() + k * whole;
-        for (size_t i = 0; i < local.params().size(); i++) {
-            const auto& p = local.params()[i];
-            for (int r = 0; r < tp; r++) {
-                local.full_from_shard(p, gathered.data() + r * n + p.offset, r,
-                                      out + w.layout.params()[i].offset);
-            }
-        }
-    }
-    w.params = w.storage.data();
-    w.m = w.params + whole;
-    w.v = w.m + whole;
-    return w;
-}
-
 // Rank 0 chooses the run folder (a generated one when run.dir is empty) and tells the others.
 std::string agree_on_run_dir(const RunConfig& cfg, dist::Job& job) {
     std::string dir = cfg.run_dir;
@@ -211,13 +176,9 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
                 "layers, vocab {}); use another run.dir",
                 ck.dir(), ck.config().dim, ck.config().n_layers, ck.config().vocab_size);
         }
-        // A checkpoint holds the whole optimizer state: each rank takes its shard of it, so a
-        // run may resume with another DP size.
+        // Each rank takes its shard of the saved state, whatever layout saved it.
         auto load_start = Clock::now();
-        std::vector<float> m(total), v(total);
-        ck.load(model.layout(), model.params(), m.data(), v.data());
-        std::copy(m.begin() + sh.begin, m.begin() + sh.end, adamw.m());
-        std::copy(v.begin() + sh.begin, v.begin() + sh.end, adamw.v());
+        ck.load(model.layout(), model.params(), adamw.m(), adamw.v(), sh.begin, sh.end);
         adamw.set_step(ck.state().adam_step);
         start_step = ck.state().step;
         model.sync_compute_weights();
@@ -255,7 +216,6 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
               t.steps, t.grad_accum * B * g.dp, T, tokens_per_step, peak);
 
     data::Sampler sampler(source->rows(), static_cast<uint64_t>(t.seed));
-    checkpoint::AsyncWriter writer;
     std::unique_ptr<MetricsFile> metrics;
     if (lead)
         metrics = std::make_unique<MetricsFile>(run.metrics());
@@ -268,36 +228,52 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     if (lead)
         write_status(run, "running", start_step, t.steps, 0);
 
-    // A checkpoint of the state after `steps_done` optimizer steps (collective over all ranks).
-    auto save_checkpoint = [&](int64_t steps_done, double loss) {
-        // The whole optimizer state goes into the checkpoint: gather the shards to rank 0.
-        auto checkpoint_start = Clock::now();
-        std::vector<float> m_full, v_full;
-        const float *m_all = adamw.m(), *v_all = adamw.v();
-        if (zero) {
-            m_full.assign(sh.padded, 0.0f);
-            v_full.assign(sh.padded, 0.0f);
-            std::copy(adamw.m(), adamw.m() + (sh.end - sh.begin), m_full.begin() + sh.begin);
-            std::copy(adamw.v(), adamw.v() + (sh.end - sh.begin), v_full.begin() + sh.begin);
-            job.dp().all_gather(m_full.data(), sh.chunk);
-            job.dp().all_gather(v_full.data(), sh.chunk);
-            m_all = m_full.data();
-            v_all = v_full.data();
-        }
-        // Then the whole tensors: gather the tensor-parallel shards.
-        WholeModel whole =
-            gather_whole(model.layout(), cfg.model, job, {model.params(), m_all, v_all});
+    // Checkpoints: every rank writes its own file in the background; the next checkpoint (or
+    // the end) waits for all of them, and rank 0 commits the manifest. Collective.
+    checkpoint::RankWriter writer;
+    std::optional<checkpoint::TrainState> pending;
+    const checkpoint::RankPlace here{g.rank, g.world, g.tp, g.tp_rank, g.dp, g.dp_rank};
+    auto finish_checkpoint = [&] {
+        if (!pending)
+            return;
+        checkpoint::RankFile mine = writer.finish();
+        std::vector<uint64_t> sizes(2 * size_t(g.world), 0);  // [rank] bytes, xxh64
+        sizes[2 * g.rank] = mine.bytes;
+        sizes[2 * g.rank + 1] = mine.xxh64;
+        job.world().all_gather_bytes(sizes.data(), 2 * sizeof(uint64_t));
         if (lead) {
-            // Rank 0 copies the state aside and a writer thread puts it on disk while
-            // training goes on; the next checkpoint (or the end) waits for it.
-            writer.wait();
-            writer.stage(whole.layout, {whole.params, whole.m, whole.v});
-            writer.start(run, cfg.model, {steps_done, adamw.step(), loss},
-                         static_cast<int>(t.keep_checkpoints));
-            result.checkpoint = run.checkpoint(steps_done);
-            log::info("train", "checkpoint {}: {:.1f} MiB staged in {:.2f} s", result.checkpoint,
-                      3.0 * whole.layout.total() * 4 / 1048576.0, seconds_since(checkpoint_start));
+            std::vector<checkpoint::RankFile> files(g.world);
+            for (int r = 0; r < g.world; r++) {
+                files[r] = {fmt::format("rank-{:05d}.safetensors", r), sizes[2 * r],
+                            sizes[2 * r + 1]};
+            }
+            result.checkpoint = checkpoint::commit(run, cfg.model, *pending, here, zero, files,
+                                                   static_cast<int>(t.keep_checkpoints));
+            log::info("train", "checkpoint {} complete", result.checkpoint);
         }
+        pending.reset();
+        job.world().barrier();
+    };
+    auto save_checkpoint = [&](int64_t steps_done, double loss) {
+        finish_checkpoint();
+        auto staging_start = Clock::now();
+        if (lead)
+            checkpoint::prepare_temporary_dir(run, steps_done);
+        job.world().barrier();
+        // Without ZeRO the moments are replicated over DP: DP rank 0 saves them.
+        const bool saves_moments = zero || g.dp_rank == 0;
+        writer.stage(model.layout(), here,
+                     {model.params(), adamw.m(), adamw.v(), saves_moments ? sh.begin : 0,
+                      saves_moments ? sh.end : 0});
+        writer.start(run, steps_done);
+        pending = checkpoint::TrainState{steps_done, adamw.step(), loss};
+        const double mib = double((g.dp_rank == 0 ? model.layout().total() : 0) +
+                                  2 * (saves_moments ? sh.end - sh.begin : 0)) *
+                           4 / 1048576.0;
+        log::info("train",
+                  "checkpoint of step {}: {:.1f} MiB staged in {:.2f} s; writing in "
+                  "the background",
+                  steps_done, mib, seconds_since(staging_start));
     };
 
     for (int64_t step = start_step; step < t.steps; step++) {
@@ -339,7 +315,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
                       "step skipped",
                       step + 1, loss, norm);
             if (++bad_in_a_row >= 5) {
-                writer.wait();
+                finish_checkpoint();
                 if (lead)
                     write_status(run, "failed", step, t.steps, loss, "diverged");
                 throw error(
@@ -393,7 +369,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
             save_checkpoint(step + 1, loss);
         }
     }
-    writer.wait();
+    finish_checkpoint();
     if (result.checkpoint.empty()) {
         if (auto l = checkpoint::latest(run))
             result.checkpoint = *l;

@@ -53,14 +53,18 @@ std::vector<double> losses(const std::string& run) {
     return out;
 }
 
-// Largest over tensors of max|a - b| / max|b|, between the parameters of two checkpoints.
+// Largest over tensors of max|a - b| / max|b|, between the final weights of two runs, read
+// through `kiln export` (which assembles whole tensors from any layout's rank files).
 double weight_difference(const std::string& run_a, const std::string& run_b) {
-    SafetensorsFile a(run_a + "/checkpoints/step-00000020/rank-00000.safetensors");
-    SafetensorsFile b(run_b + "/checkpoints/step-00000020/rank-00000.safetensors");
+    for (const auto& run : {run_a, run_b}) {
+        Result r = sh(kiln::testing::kiln_binary() + " export --checkpoint " + run + " --out " +
+                      run + "/hf");
+        EXPECT_EQ(r.rc, 0) << r.out;
+    }
+    SafetensorsFile a(run_a + "/hf/model.safetensors");
+    SafetensorsFile b(run_b + "/hf/model.safetensors");
     double worst = 0;
     for (const auto& t : a.tensors()) {
-        if (t.name.rfind("param/", 0) != 0)
-            continue;
         const float* x = static_cast<const float*>(a.data(t.name, t.dtype, t.shape));
         const float* y = static_cast<const float*>(b.data(t.name, t.dtype, t.shape));
         double diff = 0, scale = 0;

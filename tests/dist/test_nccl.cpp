@@ -19,7 +19,8 @@ namespace {
 
 #ifdef KILN_HAVE_NCCL
 TEST(Nccl, CollectivesOnDeviceMemory) {
-    if (!kernels::cuda_available()) GTEST_SKIP() << "no CUDA device";
+    if (!kernels::cuda_available())
+        GTEST_SKIP() << "no CUDA device";
     dist::TcpStore store("127.0.0.1", launch::free_port(), true, std::chrono::seconds(10));
     auto comm = dist::connect_nccl(store, "test", 0, 1);
     std::vector<float> host = {1, -2, 3, 4, 5, 6, 7, 8}, back(8);
@@ -38,7 +39,9 @@ TEST(Nccl, CollectivesOnDeviceMemory) {
     EXPECT_GT(comm->payload_bytes(), 0u);
 }
 #else
-TEST(Nccl, CollectivesOnDeviceMemory) { GTEST_SKIP() << "built without CUDA/NCCL"; }
+TEST(Nccl, CollectivesOnDeviceMemory) {
+    GTEST_SKIP() << "built without CUDA/NCCL";
+}
 #endif
 
 }  // namespace

@@ -27,10 +27,19 @@ const std::string kModel =
     " --set train.peak_gflops=100 --set train.checkpoint_every=5 --set train.keep_checkpoints=3"
     " --set parallel.timeout_s=20";
 
+// The bytes of every rank file of a run's checkpoint, in rank order.
 std::string weights(const std::string& run, int step) {
-    char name[64];
-    std::snprintf(name, sizeof name, "/checkpoints/step-%08d/rank-00000.safetensors", step);
-    return fs::read_file(run + name);
+    char dir[64];
+    std::snprintf(dir, sizeof dir, "/checkpoints/step-%08d", step);
+    std::string all;
+    for (int r = 0;; r++) {
+        char name[64];
+        std::snprintf(name, sizeof name, "/rank-%05d.safetensors", r);
+        if (!fs::exists(run + dir + name))
+            break;
+        all += fs::read_file(run + dir + name);
+    }
+    return all;
 }
 
 int lines_of(const std::string& path) {

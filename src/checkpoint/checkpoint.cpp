@@ -77,6 +77,7 @@ void RankWriter::stage(const model::Layout& layout, const RankPlace& place, cons
 void RankWriter::start(const RunDir& run, int64_t step) {
     std::string path =
         fmt::format("{}/rank-{:05d}.safetensors", temporary_dir(run, step), place_.rank);
+    done_ = false;
     thread_ = std::thread([this, path] {
         try {
             auto t0 = std::chrono::steady_clock::now();
@@ -95,6 +96,7 @@ void RankWriter::start(const RunDir& run, int64_t step) {
         } catch (...) {
             failure_ = std::current_exception();
         }
+        done_ = true;
     });
 }
 

@@ -6,6 +6,7 @@
 // or everything). Every rank writes its own file in the background into a temporary folder;
 // rank 0 then writes the manifest, renames the folder into place and updates `latest`. A
 // checkpoint loads into any other DP x TP layout. Format: docs/formats.md.
+#include <atomic>
 #include <cstdint>
 #include <exception>
 #include <memory>
@@ -61,6 +62,7 @@ public:
     void start(const RunDir& run, int64_t step);
     RankFile finish();
     bool pending() const { return thread_.joinable(); }
+    bool done() const { return done_; }  // the write has ended (finish() will not block)
 
 private:
     RankPlace place_;
@@ -69,6 +71,7 @@ private:
     std::thread thread_;
     std::exception_ptr failure_;
     RankFile written_;
+    std::atomic<bool> done_{false};
 };
 
 // The temporary folder of a checkpoint being written (rank 0 makes it empty before ranks write).

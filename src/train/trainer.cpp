@@ -228,8 +228,9 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     if (lead)
         write_status(run, "running", start_step, t.steps, 0);
 
-    // Checkpoints: every rank writes its own file in the background; the next checkpoint (or
-    // the end) waits for all of them, and rank 0 commits the manifest. Collective.
+    // Checkpoints: every rank writes its own file in the background; once every rank's write has
+    // ended (checked after each step), or at the next checkpoint or the end at the latest, rank 0
+    // commits the manifest. Collective.
     checkpoint::RankWriter writer;
     std::optional<checkpoint::TrainState> pending;
     const checkpoint::RankPlace here{g.rank, g.world, g.tp, g.tp_rank, g.dp, g.dp_rank};
@@ -337,6 +338,12 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
             }
         }
         last_loss = loss;
+        if (pending) {  // commit a background checkpoint as soon as every rank has written it
+            double done = writer.done() ? 1 : 0;
+            job.world().all_reduce_sum(&done, 1);
+            if (done == g.world)
+                finish_checkpoint();
+        }
         if (step == start_step)
             result.first_loss = loss;
 

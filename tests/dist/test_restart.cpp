@@ -88,7 +88,7 @@ TEST(Restart, KilledRankAtRandomStepEndsLikeAnUninterruptedRun) {
     ASSERT_EQ(std::fscanf(p, "%d", &launcher), 1);
     ::pclose(p);
     std::mt19937 rng(std::random_device{}());
-    int kill_after = 6 + int(rng() % 18);
+    int kill_after = 8 + int(rng() % 16);  // after the step-5 checkpoint is committed
     if (kill_after % 5 == 0)
         kill_after++;
     auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);

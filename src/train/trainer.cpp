@@ -145,17 +145,17 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     const kernels::Kernels& k = kernels::select_kernels(t.backend, precision_of(t.precision));
     auto source = data::open_source(cfg.data.source, t.seq_len, cfg.model.vocab_size,
                                     static_cast<uint64_t>(t.seed));
-    if (auto* shards = dynamic_cast<data::ShardSet*>(source.get()); shards && cfg.data.verify) {
-        shards->verify();  // checksums: a tampered shard is refused before any step
-    }
-    if (auto* shards = dynamic_cast<data::ShardSet*>(source.get());
-        shards && !cfg.data.tokenizer.empty()) {
-        std::string want = data::tokenizer_identity(cfg.data.tokenizer);
-        if (shards->manifest().tokenizer != want) {
-            throw error(
-                "{}/manifest.json: the data set was made with tokenizer {}, not with "
-                "data.tokenizer={} ({})",
-                cfg.data.source, shards->manifest().tokenizer, cfg.data.tokenizer, want);
+    if (auto* shards = dynamic_cast<data::ShardSet*>(source.get())) {
+        if (cfg.data.verify)
+            shards->verify();  // a tampered shard is refused before any step
+        if (!cfg.data.tokenizer.empty()) {
+            std::string want = data::tokenizer_identity(cfg.data.tokenizer);
+            if (shards->manifest().tokenizer != want) {
+                throw error(
+                    "{}/manifest.json: the data set was made with tokenizer {}, not with "
+                    "data.tokenizer={} ({})",
+                    cfg.data.source, shards->manifest().tokenizer, cfg.data.tokenizer, want);
+            }
         }
     }
     const bool zero = cfg.zero == 1 && g.dp > 1;

@@ -65,6 +65,12 @@ struct Kernels {
                                    const float* sumexp, const float* row_scale, int64_t M,
                                    int64_t V, void* dlogits, DType dlogits_type);
 
+    // Both of the above for a whole vocabulary on one rank, row by row while each row is in
+    // cache: losses[m] = log(sumexp) + max - target logit (0 where targets[m] < 0) and, when
+    // dlogits is not null, the gradient as cross_entropy_backward writes it.
+    void (*cross_entropy)(const float* logits, const int32_t* targets, const float* row_scale,
+                          int64_t M, int64_t V, float* losses, void* dlogits, DType dlogits_type);
+
     // AdamW on n elements with g' = grad_scale * g, decoupled weight decay, bias correction:
     // m = b1 m + (1-b1) g'; v = b2 v + (1-b2) g'^2; p -= lr (mhat / (sqrt(vhat) + eps) + wd p).
     // When p_bf16 is not null it receives bf16(p) after the update.

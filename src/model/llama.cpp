@@ -339,25 +339,31 @@ LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out)
         int64_t rows = std::min(head_rows_, M_ - r0);
         Operand xnf = saved(xnf_ + r0 * C, bf16_ ? xnf_bf_ + r0 * C : nullptr);
         linear_forward(logits_, xnf, weight(layout_.output), rows, C, V);
-        float *mx = row_max_ + r0, *se = row_sum_ + r0, *tl = row_target_ + r0;
-        k_.logit_stats(logits_, local_targets_ + r0, rows, V, mx, se, tl);
-        if (tp_size_ > 1) {
+        // The gradient goes straight to the dtype the backward products read (f32 in place).
+        Operand dlogits = bf16_ ? Operand{dlogits_bf_, DType::bf16} : Operand{logits_, DType::f32};
+        void* dlogits_out = grad_scale != 0 ? const_cast<void*>(dlogits.ptr) : nullptr;
+        if (tp_size_ == 1) {
+            k_.cross_entropy(logits_, local_targets_ + r0, row_scale_ + r0, rows, V, losses_ + r0,
+                             dlogits_out, dlogits.type);
+        } else {
+            // A split vocabulary: each rank's row statistics are combined over the group first.
+            float *mx = row_max_ + r0, *se = row_sum_ + r0, *tl = row_target_ + r0;
+            k_.logit_stats(logits_, local_targets_ + r0, rows, V, mx, se, tl);
             std::vector<float> local_max(mx, mx + rows);
             tp_->all_reduce_max(mx, size_t(rows));
             for (int64_t i = 0; i < rows; i++)
                 se[i] *= std::exp(local_max[i] - mx[i]);
             tp_->all_reduce_sum(se, size_t(rows));
             tp_->all_reduce_sum(tl, size_t(rows));
-        }
-        for (int64_t i = 0; i < rows; i++) {
-            losses_[r0 + i] = targets[r0 + i] >= 0 ? std::log(se[i]) + mx[i] - tl[i] : 0.0f;
+            for (int64_t i = 0; i < rows; i++) {
+                losses_[r0 + i] = targets[r0 + i] >= 0 ? std::log(se[i]) + mx[i] - tl[i] : 0.0f;
+            }
+            if (dlogits_out) {
+                k_.cross_entropy_backward(logits_, local_targets_ + r0, mx, se, row_scale_ + r0,
+                                          rows, V, dlogits_out, dlogits.type);
+            }
         }
         if (grad_scale != 0) {
-            // The gradient goes straight to the dtype the backward products read (f32 in place).
-            Operand dlogits =
-                bf16_ ? Operand{dlogits_bf_, DType::bf16} : Operand{logits_, DType::f32};
-            k_.cross_entropy_backward(logits_, local_targets_ + r0, mx, se, row_scale_ + r0, rows,
-                                      V, const_cast<void*>(dlogits.ptr), dlogits.type);
             linear_backward(dxn_ + r0 * C, grads() + layout_.output, dlogits, xnf,
                             weight(layout_.output), rows, C, V);
         }

@@ -316,6 +316,27 @@ TEST(CrossEntropy, StatsAndBackward) {
     expect_fd(logits, gr, loss, "xent fd");
 }
 
+// The fused form equals the two halves, on both backends.
+TEST(CrossEntropy, FusedEqualsStatsThenBackward) {
+    const int64_t M = 4, V = 3000;
+    auto logits = randn(M * V, 11, 2.0f);
+    std::vector<int32_t> targets = {5, -1, 2999, 0};
+    std::vector<float> scale = {0.5f, 0.0f, 0.25f, 1.0f};
+    auto want = losses_from_stats(ref(), logits, targets, M, V);
+    std::vector<float> mx(M), se(M), tl(M), gr(M * V);
+    ref().logit_stats(logits.data(), targets.data(), M, V, mx.data(), se.data(), tl.data());
+    ref().cross_entropy_backward(logits.data(), targets.data(), mx.data(), se.data(), scale.data(),
+                                 M, V, gr.data(), DType::f32);
+    for (const Kernels* k : {&ref(), &cpu_kernels(Precision::fp32)}) {
+        std::vector<float> loss(M), g(M * V);
+        k->cross_entropy(logits.data(), targets.data(), scale.data(), M, V, loss.data(), g.data(),
+                         DType::f32);
+        for (int64_t m = 0; m < M; m++)
+            EXPECT_NEAR(loss[m], want[m], 1e-5 * (1 + want[m]));
+        expect_close(g, gr, 1e-7, 1e-4, "fused xent grad");
+    }
+}
+
 // A vocabulary split in two halves: combining the halves' statistics gives the full loss.
 TEST(CrossEntropy, SplitVocabularyCombines) {
     const int64_t M = 3, V = 100, half = V / 2;

@@ -145,61 +145,94 @@ void swiglu_backward(float* dgu, const float* dh, const float* gu, int64_t M, in
     });
 }
 
-// One read of each row: max and sum of exp together, block by block (a 256-wide block is read
-// twice from L1: its max, then its exps).
+namespace {
+
+// One read of a row: max and sum of exp together, block by block (a 256-wide block is read twice
+// from L1: its max, then its exps).
+inline void row_stats(const float* row, int64_t V, int32_t target, float& max, float& sumexp,
+                      float& target_logit) {
+    constexpr int64_t kBlock = 256;
+    float mx = -INFINITY;
+    double sum = 0;
+    for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
+        int64_t v1 = std::min(V, v0 + kBlock);
+        float bmax = row[v0];
+#pragma omp simd reduction(max : bmax)
+        for (int64_t v = v0; v < v1; v++)
+            bmax = row[v] > bmax ? row[v] : bmax;
+        if (bmax > mx) {
+            sum *= std::exp(double(mx) - bmax);
+            mx = bmax;
+        }
+        float partial = 0;
+#pragma omp simd reduction(+ : partial)
+        for (int64_t v = v0; v < v1; v++)
+            partial += fast_exp(row[v] - mx);
+        sum += partial;
+    }
+    max = mx;
+    sumexp = static_cast<float>(sum);
+    target_logit = target >= 0 ? row[target] : 0.0f;
+}
+
+// A row's gradient, written straight in the dtype the next products read.
+inline void row_gradient(const float* row, int64_t V, int32_t target, float max, float sumexp,
+                         float scale, void* out_row, DType dtype) {
+    const float k = scale / sumexp;
+    float at_target = target >= 0 ? fast_exp(row[target] - max) * k - scale : 0;
+    if (dtype == DType::bf16) {
+        uint16_t* out = static_cast<uint16_t*>(out_row);
+        for (int64_t v = 0; v < V; v++)
+            out[v] = f32_to_bf16(fast_exp(row[v] - max) * k);
+        if (target >= 0)
+            out[target] = f32_to_bf16(at_target);
+    } else {
+        float* out = static_cast<float*>(out_row);
+        for (int64_t v = 0; v < V; v++)
+            out[v] = fast_exp(row[v] - max) * k;
+        if (target >= 0)
+            out[target] = at_target;
+    }
+}
+
+void* row_of(void* base, DType dtype, int64_t m, int64_t V) {
+    return static_cast<char*>(base) + m * V * int64_t(dtype_size(dtype));
+}
+
+}  // namespace
+
 void logit_stats(const float* logits, const int32_t* targets, int64_t M, int64_t V, float* max,
                  float* sumexp, float* target_logit) {
-    constexpr int64_t kBlock = 256;
     parallel_range(M, 1, [&](int64_t m0, int64_t m1) {
         for (int64_t m = m0; m < m1; m++) {
-            const float* row = logits + m * V;
-            float mx = -INFINITY;
-            double sum = 0;
-            for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
-                int64_t v1 = std::min(V, v0 + kBlock);
-                float bmax = row[v0];
-#pragma omp simd reduction(max : bmax)
-                for (int64_t v = v0; v < v1; v++)
-                    bmax = row[v] > bmax ? row[v] : bmax;
-                if (bmax > mx) {
-                    sum *= std::exp(double(mx) - bmax);
-                    mx = bmax;
-                }
-                float partial = 0;
-#pragma omp simd reduction(+ : partial)
-                for (int64_t v = v0; v < v1; v++)
-                    partial += fast_exp(row[v] - mx);
-                sum += partial;
-            }
-            max[m] = mx;
-            sumexp[m] = static_cast<float>(sum);
-            target_logit[m] = targets[m] >= 0 ? row[targets[m]] : 0.0f;
+            row_stats(logits + m * V, V, targets[m], max[m], sumexp[m], target_logit[m]);
         }
     });
 }
 
-// The gradient, written straight in the dtype the next products read.
 void cross_entropy_backward(const float* logits, const int32_t* targets, const float* max,
                             const float* sumexp, const float* row_scale, int64_t M, int64_t V,
                             void* dlogits, DType dtype) {
     parallel_range(M, 1, [&](int64_t m0, int64_t m1) {
         for (int64_t m = m0; m < m1; m++) {
+            row_gradient(logits + m * V, V, targets[m], max[m], sumexp[m], row_scale[m],
+                         row_of(dlogits, dtype, m, V), dtype);
+        }
+    });
+}
+
+// Both halves row by row, while the row is still in cache.
+void cross_entropy(const float* logits, const int32_t* targets, const float* row_scale, int64_t M,
+                   int64_t V, float* losses, void* dlogits, DType dtype) {
+    parallel_range(M, 1, [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; m++) {
+            float mx, se, tl;
             const float* row = logits + m * V;
-            const float k = row_scale[m] / sumexp[m], off = max[m];
-            const int32_t target = targets[m];
-            float at_target = target >= 0 ? fast_exp(row[target] - off) * k - row_scale[m] : 0;
-            if (dtype == DType::bf16) {
-                uint16_t* out = static_cast<uint16_t*>(dlogits) + m * V;
-                for (int64_t v = 0; v < V; v++)
-                    out[v] = f32_to_bf16(fast_exp(row[v] - off) * k);
-                if (target >= 0)
-                    out[target] = f32_to_bf16(at_target);
-            } else {
-                float* out = static_cast<float*>(dlogits) + m * V;
-                for (int64_t v = 0; v < V; v++)
-                    out[v] = fast_exp(row[v] - off) * k;
-                if (target >= 0)
-                    out[target] = at_target;
+            row_stats(row, V, targets[m], mx, se, tl);
+            losses[m] = targets[m] >= 0 ? std::log(se) + mx - tl : 0.0f;
+            if (dlogits) {
+                row_gradient(row, V, targets[m], mx, se, row_scale[m], row_of(dlogits, dtype, m, V),
+                             dtype);
             }
         }
     });

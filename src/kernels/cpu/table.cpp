@@ -24,6 +24,8 @@ void swiglu_backward(float*, const float*, const float*, int64_t, int64_t);
 void logit_stats(const float*, const int32_t*, int64_t, int64_t, float*, float*, float*);
 void cross_entropy_backward(const float*, const int32_t*, const float*, const float*, const float*,
                             int64_t, int64_t, void*, DType);
+void cross_entropy(const float*, const int32_t*, const float*, int64_t, int64_t, float*, void*,
+                   DType);
 void adamw(float*, uint16_t*, float*, float*, const float*, int64_t, const AdamWStep&);
 void to_bf16(uint16_t*, const float*, int64_t);
 
@@ -54,6 +56,7 @@ const Kernels table = {
     swiglu_backward,
     logit_stats,
     cross_entropy_backward,
+    cross_entropy,
     adamw,
     to_bf16,
 };

@@ -250,6 +250,20 @@ void cross_entropy_backward(const float* logits, const int32_t* targets, const f
     }
 }
 
+void cross_entropy(const float* logits, const int32_t* targets, const float* row_scale, int64_t M,
+                   int64_t V, float* losses, void* dlogits, DType dtype) {
+    std::vector<float> mx(M), se(M), tl(M);
+    logit_stats(logits, targets, M, V, mx.data(), se.data(), tl.data());
+    for (int64_t m = 0; m < M; m++) {
+        losses[m] =
+            targets[m] >= 0 ? static_cast<float>(std::log(double(se[m])) + mx[m] - tl[m]) : 0.0f;
+    }
+    if (dlogits) {
+        cross_entropy_backward(logits, targets, mx.data(), se.data(), row_scale, M, V, dlogits,
+                               dtype);
+    }
+}
+
 void adamw(float* p, uint16_t* p_bf16, float* m, float* v, const float* g, int64_t n,
            const AdamWStep& s) {
     double bc1 = 1 - std::pow(double(s.beta1), double(s.t));
@@ -290,6 +304,7 @@ const Kernels table = {
     swiglu_backward,
     logit_stats,
     cross_entropy_backward,
+    cross_entropy,
     adamw,
     to_bf16,
 };

@@ -61,7 +61,6 @@ public:
     void stage(const model::Layout& layout, const RankPlace& place, const RankTensors& tensors);
     void start(const RunDir& run, int64_t step);
     RankFile finish();
-    bool pending() const { return thread_.joinable(); }
     bool done() const { return done_; }  // the write has ended (finish() will not block)
 
 private:

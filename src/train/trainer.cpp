@@ -146,8 +146,25 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     auto source = data::open_source(cfg.data.source, t.seq_len, cfg.model.vocab_size,
                                     static_cast<uint64_t>(t.seed));
     if (auto* shards = dynamic_cast<data::ShardSet*>(source.get())) {
-        if (cfg.data.verify)
-            shards->verify();  // a tampered shard is refused before any step
+        if (cfg.data.verify) {
+            // A tampered shard is refused before any step. Rank 0 reads the data set once for
+            // everyone and tells the others.
+            std::string damage;
+            if (lead) {
+                try {
+                    shards->verify();
+                } catch (const Error& e) {
+                    damage = e.what();
+                }
+            }
+            char bad = damage.empty() ? 0 : 1;
+            job.world().broadcast(&bad, 1, 0);
+            if (bad) {
+                throw Error(lead ? damage
+                                 : "rank 0 found the data set in " + cfg.data.source +
+                                       " damaged (its log says which shard)");
+            }
+        }
         if (!cfg.data.tokenizer.empty()) {
             std::string want = data::tokenizer_identity(cfg.data.tokenizer);
             if (shards->manifest().tokenizer != want) {

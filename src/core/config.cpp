@@ -251,4 +251,38 @@ std::string ConfigSchema::help() const {
     return s;
 }
 
+namespace check {
+
+ConfigSchema::Check positive(const int64_t* v) {
+    return [v] { return *v > 0 ? "" : "must be positive"; };
+}
+ConfigSchema::Check positive(const double* v) {
+    return [v] { return *v > 0 ? "" : "must be positive"; };
+}
+ConfigSchema::Check at_least(const int64_t* v, int64_t min) {
+    return [v, min] { return *v >= min ? std::string() : fmt::format("must be at least {}", min); };
+}
+ConfigSchema::Check non_negative(const int64_t* v) {
+    return [v] { return *v >= 0 ? "" : "must be >= 0"; };
+}
+ConfigSchema::Check non_negative(const double* v) {
+    return [v] { return *v >= 0 ? "" : "must be >= 0"; };
+}
+ConfigSchema::Check unit_interval(const double* v) {
+    return [v] { return *v >= 0 && *v < 1 ? "" : "must be in [0, 1)"; };
+}
+ConfigSchema::Check one_of(const std::string* v, std::vector<std::string> options) {
+    return [v, options] {
+        for (const auto& o : options) {
+            if (*v == o)
+                return std::string();
+        }
+        std::string list;
+        for (const auto& o : options)
+            list += (list.empty() ? "" : ", ") + o;
+        return "must be one of " + list;
+    };
+}
+
+}  // namespace check
 }  // namespace kiln

@@ -59,4 +59,15 @@ private:
 
 std::string format_value(const ConfigSchema::Target& t);
 
+// The common checks, for ConfigSchema::add.
+namespace check {
+ConfigSchema::Check positive(const int64_t* v);
+ConfigSchema::Check positive(const double* v);
+ConfigSchema::Check at_least(const int64_t* v, int64_t min);
+ConfigSchema::Check non_negative(const int64_t* v);
+ConfigSchema::Check non_negative(const double* v);
+ConfigSchema::Check unit_interval(const double* v);  // [0, 1)
+ConfigSchema::Check one_of(const std::string* v, std::vector<std::string> options);
+}  // namespace check
+
 }  // namespace kiln

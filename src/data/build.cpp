@@ -29,20 +29,20 @@ void register_keys(ConfigSchema& s, DataConfig& c) {
     s.add("data.verify", &c.verify,
           "check every shard's checksum before training (reads the data set once)");
     s.add("data.seq_len", &c.seq_len, "tokens per stored sequence (kiln data)",
-          [&c] { return c.seq_len > 1 ? "" : "must be at least 2"; });
+          check::at_least(&c.seq_len, 2));
     s.add("data.add_eos", &c.add_eos, "end every document with EOS (BOS always starts one)");
     s.add("data.tail", &c.tail, "drop | pad: the last sequence shorter than seq_len",
-          [&c] { return c.tail == "drop" || c.tail == "pad" ? "" : "must be drop or pad"; });
+          check::one_of(&c.tail, {"drop", "pad"}));
     s.add("data.shard_tokens", &c.shard_tokens, "target tokens per shard file",
-          [&c] { return c.shard_tokens > 0 ? "" : "must be positive"; });
+          check::positive(&c.shard_tokens));
     s.add("data.text_field", &c.text_field, "jsonl key holding a document's text");
     s.add("data.skip_bad_lines", &c.skip_bad_lines,
           "skip (and count) malformed jsonl lines instead of stopping");
     s.add("data.max_line_bytes", &c.max_line_bytes, "longest jsonl line accepted",
-          [&c] { return c.max_line_bytes > 0 ? "" : "must be positive"; });
+          check::positive(&c.max_line_bytes));
     s.add("data.seed", &c.seed, "seed of the built-in corpora");
     s.add("data.batch_bytes", &c.batch_bytes, "text tokenized per parallel batch",
-          [&c] { return c.batch_bytes > 0 ? "" : "must be positive"; });
+          check::positive(&c.batch_bytes));
 }
 
 namespace {

@@ -3,37 +3,7 @@
 #include "core/error.h"
 
 namespace kiln::train {
-namespace {
-
-ConfigSchema::Check positive(const int64_t* v) {
-    return [v] { return *v > 0 ? "" : "must be positive"; };
-}
-ConfigSchema::Check positive(const double* v) {
-    return [v] { return *v > 0 ? "" : "must be positive"; };
-}
-ConfigSchema::Check non_negative(const int64_t* v) {
-    return [v] { return *v >= 0 ? "" : "must be >= 0"; };
-}
-ConfigSchema::Check non_negative(const double* v) {
-    return [v] { return *v >= 0 ? "" : "must be >= 0"; };
-}
-ConfigSchema::Check one_of(const std::string* v, std::vector<std::string> options) {
-    return [v, options] {
-        for (const auto& o : options) {
-            if (*v == o)
-                return std::string();
-        }
-        std::string list;
-        for (const auto& o : options)
-            list += (list.empty() ? "" : ", ") + o;
-        return "must be one of " + list;
-    };
-}
-ConfigSchema::Check unit_interval(const double* v) {
-    return [v] { return *v >= 0 && *v < 1 ? "" : "must be in [0, 1)"; };
-}
-
-}  // namespace
+using namespace check;
 
 void build_schema(ConfigSchema& s, RunConfig& c) {
     model::register_keys(s, c.model);

@@ -9,7 +9,6 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/log.h"
-#include "data/shard.h"
 
 namespace kiln::checkpoint {
 namespace {
@@ -39,11 +38,6 @@ model::LlamaConfig config_from_json(const nlohmann::json& j) {
     c.rope_theta = j.at("rope_theta").get<double>();
     c.max_seq_len = j.at("max_seq_len").get<int64_t>();
     return c;
-}
-
-uint64_t file_xxh64(const std::string& path) {
-    fs::MappedFile f(path);
-    return data::xxh64_bytes(f.data(), f.size());
 }
 
 }  // namespace
@@ -249,7 +243,7 @@ Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
                 throw error("{} is {} bytes, manifest.json says {}", full, stdfs::file_size(full),
                             f.at("bytes").get<uint64_t>());
             }
-            if (file_xxh64(full) != want) {
+            if (fs::xxh64_file(full) != want) {
                 throw error("{} is corrupt: its checksum does not match manifest.json", full);
             }
             file.st = std::make_unique<SafetensorsFile>(full);

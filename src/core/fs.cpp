@@ -90,6 +90,15 @@ void write_file_atomic(const std::string& path, std::span<const char> data) {
     w.commit();
 }
 
+uint64_t xxh64(const void* data, size_t bytes) {
+    return XXH64(data, bytes, 0);
+}
+
+uint64_t xxh64_file(const std::string& path) {
+    MappedFile f(path);
+    return xxh64(f.data(), f.size());
+}
+
 void make_dirs(const std::string& path) {
     std::error_code ec;
     std::filesystem::create_directories(path, ec);

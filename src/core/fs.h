@@ -35,7 +35,11 @@ private:
 };
 
 void fsync_path(const std::string& path);  // a file or a folder
-void make_dirs(const std::string& path);   // like mkdir -p; throws Error naming the path
+
+// XXH64 (seed 0): the checksum every kiln manifest records, of bytes or of a whole file.
+uint64_t xxh64(const void* data, size_t bytes);
+uint64_t xxh64_file(const std::string& path);  // throws Error naming the path
+void make_dirs(const std::string& path);       // like mkdir -p; throws Error naming the path
 bool exists(const std::string& path);
 
 // A read-only mapping of a whole file. Movable, not copyable.

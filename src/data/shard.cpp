@@ -10,10 +10,6 @@
 
 namespace kiln::data {
 
-uint64_t xxh64_bytes(const void* data, size_t bytes) {
-    return XXH64(data, bytes, 0);
-}
-
 ShardHeader parse_shard_header(const uint8_t* data, size_t size, const std::string& path) {
     if (size < kShardHeaderBytes) {
         throw error("{} is not a kiln shard: {} bytes, shorter than the 64-byte header", path,
@@ -68,7 +64,7 @@ uint64_t write_shard(const std::string& path, const std::vector<uint32_t>& token
     }
     fs::write_file_atomic(
         path, std::span<const char>(reinterpret_cast<const char*>(bytes.data()), bytes.size()));
-    return xxh64_bytes(bytes.data(), bytes.size());
+    return fs::xxh64(bytes.data(), bytes.size());
 }
 
 uint64_t Manifest::sequences() const {
@@ -195,7 +191,7 @@ void ShardSet::read_row(int64_t index, int32_t* out) const {
 
 void ShardSet::verify() const {
     for (size_t s = 0; s < files_.size(); s++) {
-        uint64_t sum = xxh64_bytes(files_[s].data(), files_[s].size());
+        uint64_t sum = fs::xxh64(files_[s].data(), files_[s].size());
         if (sum != manifest_.shards[s].xxh64) {
             throw error("{}: checksum {:016x} does not match manifest.json ({:016x})",
                         files_[s].path(), sum, manifest_.shards[s].xxh64);

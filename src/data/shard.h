@@ -50,7 +50,6 @@ struct Manifest {
 
 Manifest read_manifest(const std::string& dir);  // throws Error naming the file and key
 void write_manifest(const std::string& dir, const Manifest& m);
-uint64_t xxh64_bytes(const void* data, size_t bytes);
 
 // Where training rows come from: a shard folder or the synthetic stream.
 class TokenSource {

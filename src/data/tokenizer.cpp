@@ -13,8 +13,7 @@
 namespace kiln::data {
 
 std::string tokenizer_identity(const std::string& model_path) {
-    fs::MappedFile f(model_path);
-    return fmt::format("xxh64:{:016x}", xxh64_bytes(f.data(), f.size()));
+    return fmt::format("xxh64:{:016x}", fs::xxh64_file(model_path));
 }
 
 Tokenizer::Tokenizer(const std::string& model_path)

@@ -40,6 +40,20 @@ model::LlamaConfig config_from_json(const nlohmann::json& j) {
     return c;
 }
 
+// The complete checkpoint folders of a run (step-*, never .tmp-*), oldest first.
+std::vector<std::string> step_dirs(const RunDir& run) {
+    std::vector<std::string> steps;
+    if (!stdfs::is_directory(run.checkpoints()))
+        return steps;
+    for (const auto& e : stdfs::directory_iterator(run.checkpoints())) {
+        std::string name = e.path().filename().string();
+        if (e.is_directory() && name.rfind("step-", 0) == 0)
+            steps.push_back(e.path().string());
+    }
+    std::sort(steps.begin(), steps.end());  // 8-digit step numbers sort as text
+    return steps;
+}
+
 }  // namespace
 
 std::string temporary_dir(const RunDir& run, int64_t step) {
@@ -146,16 +160,9 @@ std::string commit(const RunDir& run, const model::LlamaConfig& config, const Tr
     fs::write_file_atomic(run.latest(), stdfs::path(final_dir).filename().string() + "\n");
 
     if (keep > 0) {
-        std::vector<std::string> steps;
-        for (const auto& e : stdfs::directory_iterator(run.checkpoints())) {
-            std::string name = e.path().filename().string();
-            if (e.is_directory() && name.rfind("step-", 0) == 0)
-                steps.push_back(name);
-        }
-        std::sort(steps.begin(), steps.end());
-        for (size_t i = 0; i + keep < steps.size(); i++) {
-            stdfs::remove_all(run.checkpoints() + "/" + steps[i]);
-        }
+        std::vector<std::string> steps = step_dirs(run);
+        for (size_t i = 0; i + keep < steps.size(); i++)
+            stdfs::remove_all(steps[i]);
     }
     return final_dir;
 }
@@ -180,16 +187,8 @@ std::unique_ptr<Checkpoint> newest_valid(const RunDir& run) {
     } catch (const Error& e) {
         log::warn("checkpoint", "{}", e.what());
     }
-    std::vector<std::string> steps;
-    if (stdfs::is_directory(run.checkpoints())) {
-        for (const auto& e : stdfs::directory_iterator(run.checkpoints())) {
-            std::string name = e.path().filename().string();
-            if (e.is_directory() && name.rfind("step-", 0) == 0)
-                steps.push_back(e.path().string());
-        }
-    }
-    std::sort(steps.rbegin(), steps.rend());
-    candidates.insert(candidates.end(), steps.begin(), steps.end());
+    std::vector<std::string> steps = step_dirs(run);
+    candidates.insert(candidates.end(), steps.rbegin(), steps.rend());  // newest first
     for (const auto& dir : candidates) {
         try {
             return std::make_unique<Checkpoint>(dir);

@@ -8,6 +8,7 @@ packages=(
     libdnnl-dev libopenblas-dev
     libyaml-cpp-dev libcli11-dev libspdlog-dev libfmt-dev nlohmann-json3-dev
     libxxhash-dev libzstd-dev zlib1g-dev
+    libcpp-httplib-dev libsqlite3-dev libjs-chart.js chromium wrk
     libsentencepiece-dev sentencepiece libgloo-dev
     libgtest-dev libgmock-dev libbenchmark-dev
     python3 python3-numpy python3-torch

@@ -1,6 +1,7 @@
 #pragma once
 // The run folder: every path a run writes, in one place.
 //   runs/<id>/config.yaml  metrics.jsonl  rank-N.log  status.json  checkpoints/step-NNNNNNNN/
+//             ranks/rank-N.json (each rank's step, heartbeat time and memory)
 #include <cstdint>
 #include <string>
 
@@ -13,6 +14,10 @@ struct RunDir {
     std::string metrics() const { return root + "/metrics.jsonl"; }
     std::string status() const { return root + "/status.json"; }
     std::string rank_log(int rank) const { return root + "/rank-" + std::to_string(rank) + ".log"; }
+    std::string ranks() const { return root + "/ranks"; }
+    std::string rank_status(int rank) const {
+        return ranks() + "/rank-" + std::to_string(rank) + ".json";
+    }
     std::string checkpoints() const { return root + "/checkpoints"; }
     std::string checkpoint(int64_t step) const;  // checkpoints/step-NNNNNNNN
     std::string latest() const { return checkpoints() + "/latest"; }

@@ -27,5 +27,10 @@ Action add_run(CLI::App& app);
 Action add_data(CLI::App& app);
 Action add_tokenizer(CLI::App& app);
 Action add_launch(CLI::App& app);
+Action add_serve(CLI::App& app);
+Action add_submit(CLI::App& app);
+Action add_status(CLI::App& app);
+Action add_logs(CLI::App& app);
+Action add_stop(CLI::App& app);
 
 }  // namespace kiln::cli

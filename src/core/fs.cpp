@@ -84,6 +84,20 @@ uint64_t AtomicWriter::commit() {
     return XXH64_digest(static_cast<XXH64_state_t*>(hash_));
 }
 
+void write_file_replace(const std::string& path, const std::string& text) {
+    std::string tmp = path + ".tmp";
+    std::FILE* f = std::fopen(tmp.c_str(), "wb");
+    if (f == nullptr)
+        throw error("cannot write {}: {}", tmp, std::strerror(errno));
+    bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size();
+    ok = std::fclose(f) == 0 && ok;
+    if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
+        int e = errno;
+        std::remove(tmp.c_str());
+        throw error("cannot write {}: {}", path, std::strerror(e));
+    }
+}
+
 void write_file_atomic(const std::string& path, std::span<const char> data) {
     AtomicWriter w(path);
     w.write(data.data(), data.size());

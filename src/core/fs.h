@@ -16,6 +16,10 @@ inline void write_file_atomic(const std::string& path, const std::string& text) 
     write_file_atomic(path, std::span<const char>(text.data(), text.size()));
 }
 
+// Like write_file_atomic without the fsyncs, for status files rewritten every few seconds:
+// readers see the old file or the new one, never half of one; a crash may lose the newest.
+void write_file_replace(const std::string& path, const std::string& text);
+
 // Streams a file into place atomically: bytes go to path.tmp; commit() fsyncs, renames it over
 // path and fsyncs the folder. Destroyed without commit(), it removes path.tmp.
 class AtomicWriter {

@@ -10,12 +10,16 @@
 
 namespace kiln::kernels {
 
-bool cuda_available() {
+int cuda_devices() {
 #ifdef KILN_HAVE_CUDA
-    return cuda::device_count() > 0;
+    return cuda::device_count();
 #else
-    return false;
+    return 0;
 #endif
+}
+
+bool cuda_available() {
+    return cuda_devices() > 0;
 }
 
 const Kernels& select_kernels(const std::string& backend, Precision precision) {

@@ -62,7 +62,34 @@ void write_status(const checkpoint::RunDir& run, const std::string& state, int64
         std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
     if (!message.empty())
         j["message"] = message;
-    fs::write_file_atomic(run.status(), j.dump(2) + "\n");
+    fs::write_file_replace(run.status(), j.dump(2) + "\n");
+}
+
+// ranks/rank-N.json: this rank's step, time and memory, for the dashboard.
+void write_rank_status(const checkpoint::RunDir& run, const dist::Grid& g, int64_t step) {
+    int64_t rss = 0, peak = 0;
+    if (std::FILE* f = std::fopen("/proc/self/status", "r")) {
+        char line[256];
+        while (std::fgets(line, sizeof line, f)) {
+            long long kib = 0;
+            if (std::sscanf(line, "VmRSS: %lld kB", &kib) == 1)
+                rss = kib * 1024;
+            else if (std::sscanf(line, "VmHWM: %lld kB", &kib) == 1)
+                peak = kib * 1024;
+        }
+        std::fclose(f);
+    }
+    nlohmann::ordered_json j;
+    j["rank"] = g.rank;
+    j["dp_rank"] = g.dp_rank;
+    j["tp_rank"] = g.tp_rank;
+    j["step"] = step;
+    j["pid"] = static_cast<int64_t>(::getpid());
+    j["updated"] =
+        std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+    j["rss_bytes"] = rss;
+    j["peak_rss_bytes"] = peak;
+    fs::write_file_replace(run.rank_status(g.rank), j.dump() + "\n");
 }
 
 }  // namespace
@@ -244,6 +271,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     auto run_start = Clock::now();
     if (lead)
         write_status(run, "running", start_step, t.steps, 0);
+    fs::make_dirs(run.ranks());
+    write_rank_status(run, g, start_step);
 
     // Checkpoints: every rank writes its own file in the background; once every rank's write has
     // ended (checked after each step), or at the next checkpoint or the end at the latest, rank 0
@@ -386,6 +415,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
             std::fflush(stdout);
             write_status(run, "running", step + 1, t.steps, loss);
         }
+        if ((step + 1) % t.log_every == 0 || step + 1 == t.steps)
+            write_rank_status(run, g, step + 1);
         bool last = step + 1 == t.steps;
         // No checkpoint while steps are being skipped: the newest one stays the last good state.
         bool periodic = t.checkpoint_every > 0 && (step + 1) % t.checkpoint_every == 0;

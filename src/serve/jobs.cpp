@@ -1,0 +1,653 @@
+#include "serve/jobs.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sqlite3.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "core/error.h"
+#include "core/fs.h"
+#include "core/log.h"
+
+extern char** environ;
+
+namespace kiln::serve {
+namespace {
+
+using json = nlohmann::json;
+
+// Subcommands a job may run; the head's own commands (serve, submit, ...) and `launch` (the
+// head launches) are not among them.
+const std::set<std::string> kJobCommands = {"data",   "tokenizer", "train",   "eval",
+                                            "export", "run",       "compile", "plan"};
+
+double now_s() {
+    return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch())
+        .count();
+}
+
+const State kStates[] = {State::pending, State::running, State::stopped, State::succeeded,
+                         State::failed};
+
+State parse_state(const std::string& name) {
+    for (State s : kStates) {
+        if (name == state_name(s))
+            return s;
+    }
+    throw error("unknown job state {}", name);
+}
+
+std::string quoted(const std::string& word) {
+    if (!word.empty() && word.find_first_of(" \t'\"") == std::string::npos)
+        return word;
+    return "'" + word + "'";
+}
+
+std::string join(const std::vector<std::string>& words) {
+    std::string s = "kiln";
+    for (const auto& w : words) {
+        s += ' ';
+        s += quoted(w);
+    }
+    return s;
+}
+
+// The last non-empty line of a file (at most 300 bytes of it), or "".
+std::string last_line(const std::string& path) {
+    std::FILE* f = std::fopen(path.c_str(), "rb");
+    if (f == nullptr)
+        return "";
+    std::fseek(f, 0, SEEK_END);
+    long size = std::ftell(f);
+    long from = std::max(0L, size - 4096);
+    std::fseek(f, from, SEEK_SET);
+    std::string tail(size_t(size - from), '\0');
+    tail.resize(std::fread(tail.data(), 1, tail.size(), f));
+    std::fclose(f);
+    while (!tail.empty() && (tail.back() == '\n' || tail.back() == '\r' || tail.back() == ' '))
+        tail.pop_back();
+    size_t nl = tail.rfind('\n');
+    std::string line = nl == std::string::npos ? tail : tail.substr(nl + 1);
+    return line.size() > 300 ? line.substr(0, 300) : line;
+}
+
+int get_int(const json& body, const char* key, int lo, int hi, int fallback) {
+    if (!body.contains(key))
+        return fallback;
+    const json& v = body[key];
+    if (!v.is_number_integer())
+        throw error("field \"{}\" must be an integer, not {}", key, v.dump());
+    int64_t x = v.get<int64_t>();
+    if (x < lo || x > hi)
+        throw error("field \"{}\" is {}; it must be between {} and {}", key, x, lo, hi);
+    return int(x);
+}
+
+Job job_from_json(const json& j) {
+    Job job;
+    job.id = j.at("job_id").get<std::string>();
+    job.spec.entrypoint = j.at("argv").get<std::vector<std::string>>();
+    job.spec.submission_id = j.value("submission_id", "");
+    job.spec.ranks = j.at("ranks").get<int>();
+    job.spec.cpus_per_rank = j.at("cpus_per_rank").get<int>();
+    job.spec.gpus_per_rank = j.at("gpus_per_rank").get<int>();
+    job.spec.priority = j.at("priority").get<int>();
+    job.spec.max_failures = j.at("max_failures").get<int>();
+    job.spec.metadata = j.at("metadata").get<std::map<std::string, std::string>>();
+    job.state = parse_state(j.at("status").get<std::string>());
+    job.submitted = j.at("submitted").get<double>();
+    job.started = j.at("start_time").get<double>();
+    job.ended = j.at("end_time").get<double>();
+    job.message = j.at("message").get<std::string>();
+    job.exit_code = j.at("exit_code").get<int>();
+    job.pid = j.at("pid").get<int>();
+    job.gpus = j.at("gpus").get<std::string>();
+    return job;
+}
+
+void sql_check(sqlite3* db, int rc, const char* what) {
+    if (rc != SQLITE_OK && rc != SQLITE_DONE && rc != SQLITE_ROW)
+        throw error("jobs database: {} failed: {}", what, sqlite3_errmsg(db));
+}
+
+}  // namespace
+
+const char* state_name(State s) {
+    switch (s) {
+        case State::pending:
+            return "PENDING";
+        case State::running:
+            return "RUNNING";
+        case State::stopped:
+            return "STOPPED";
+        case State::succeeded:
+            return "SUCCEEDED";
+        case State::failed:
+            return "FAILED";
+    }
+    return "?";
+}
+
+bool terminal(State s) {
+    return s == State::stopped || s == State::succeeded || s == State::failed;
+}
+
+std::vector<std::string> split_entrypoint(const std::string& line) {
+    std::vector<std::string> words;
+    std::string word;
+    bool in_word = false;
+    char quote = 0;
+    for (char c : line) {
+        if (quote) {
+            if (c == quote)
+                quote = 0;
+            else
+                word += c;
+        } else if (c == '\'' || c == '"') {
+            quote = c;
+            in_word = true;
+        } else if (c == ' ' || c == '\t' || c == '\n') {
+            if (in_word)
+                words.push_back(word);
+            word.clear();
+            in_word = false;
+        } else if (std::string_view(";|&$`<>\\(){}*?!~#").find(c) != std::string_view::npos) {
+            throw error(
+                "the entrypoint has the shell character '{}'; an entrypoint is a kiln command "
+                "and its arguments, never a shell line",
+                c);
+        } else {
+            word += c;
+            in_word = true;
+        }
+    }
+    if (quote)
+        throw error("the entrypoint has an unclosed {} quote", quote);
+    if (in_word)
+        words.push_back(word);
+    return words;
+}
+
+JobSpec parse_spec(const json& body) {
+    if (!body.is_object())
+        throw error("the job must be a JSON object, not {}", body.type_name());
+    static const std::set<std::string> known = {
+        "entrypoint",          "submission_id", "ranks",        "entrypoint_num_cpus",
+        "entrypoint_num_gpus", "priority",      "max_failures", "metadata"};
+    for (const auto& [key, value] : body.items()) {
+        if (!known.count(key)) {
+            std::string names;
+            for (const auto& k : known)
+                names += (names.empty() ? "" : ", ") + k;
+            throw error("unknown field \"{}\" in the job; the fields are {}", key, names);
+        }
+    }
+    JobSpec s;
+    if (!body.contains("entrypoint"))
+        throw error("the job has no \"entrypoint\" (e.g. \"kiln train --set train.steps=100\")");
+    const json& e = body["entrypoint"];
+    if (e.is_string()) {
+        s.entrypoint = split_entrypoint(e.get<std::string>());
+    } else if (e.is_array() &&
+               std::all_of(e.begin(), e.end(), [](auto& w) { return w.is_string(); })) {
+        s.entrypoint = e.get<std::vector<std::string>>();
+    } else {
+        throw error("field \"entrypoint\" must be a string or an array of strings");
+    }
+    if (!s.entrypoint.empty() && s.entrypoint[0] == "kiln")
+        s.entrypoint.erase(s.entrypoint.begin());
+    if (s.entrypoint.empty() || !kJobCommands.count(s.entrypoint[0])) {
+        std::string names;
+        for (const auto& k : kJobCommands)
+            names += (names.empty() ? "" : ", ") + k;
+        throw error("the entrypoint \"{}\" is not a kiln command; it must start with one of: {}",
+                    e.is_string() ? e.get<std::string>() : e.dump(), names);
+    }
+    for (const auto& w : s.entrypoint) {
+        if (w.find('\0') != std::string::npos || w.size() > 4096)
+            throw error("an entrypoint argument is over 4096 bytes or holds a NUL byte");
+        if (w.rfind("run.dir=", 0) == 0 || (w == "--out" && s.entrypoint[0] == "run"))
+            throw error(
+                "the entrypoint sets its output folder ({}); the head gives each job its own "
+                "folder RUNS/<job id>",
+                w);
+    }
+    if (body.contains("submission_id")) {
+        const json& id = body["submission_id"];
+        if (!id.is_string())
+            throw error("field \"submission_id\" must be a string");
+        s.submission_id = id.get<std::string>();
+        bool ok = !s.submission_id.empty() && s.submission_id.size() <= 64 &&
+                  std::isalnum(static_cast<unsigned char>(s.submission_id[0]));
+        for (char c : s.submission_id)
+            ok = ok && (std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_');
+        if (!ok)
+            throw error(
+                "submission_id \"{}\" must be 1-64 letters, digits, - or _, starting with a "
+                "letter or digit",
+                s.submission_id);
+    }
+    s.ranks = get_int(body, "ranks", 1, 1024, 1);
+    s.cpus_per_rank = get_int(body, "entrypoint_num_cpus", 1, 1024, 1);
+    s.gpus_per_rank = get_int(body, "entrypoint_num_gpus", 0, 64, 0);
+    s.priority = get_int(body, "priority", -1000, 1000, 0);
+    s.max_failures = get_int(body, "max_failures", 0, 100, 0);
+    if (s.ranks > 1 && s.entrypoint[0] != "train")
+        throw error("only train runs on more than one rank; {} takes \"ranks\": 1",
+                    s.entrypoint[0]);
+    if (body.contains("metadata")) {
+        const json& m = body["metadata"];
+        if (!m.is_object() || m.size() > 64)
+            throw error("field \"metadata\" must be an object of at most 64 strings");
+        for (const auto& [k, v] : m.items()) {
+            if (!v.is_string() || k.size() > 256 || v.get<std::string>().size() > 4096)
+                throw error("metadata \"{}\" must be a string of at most 4096 bytes", k);
+            s.metadata[k] = v.get<std::string>();
+        }
+    }
+    return s;
+}
+
+json to_json(const Job& job) {
+    json j;
+    j["job_id"] = job.id;
+    j["submission_id"] = job.id;
+    j["entrypoint"] = join(job.spec.entrypoint);
+    j["argv"] = job.spec.entrypoint;
+    j["status"] = state_name(job.state);
+    j["message"] = job.message;
+    j["ranks"] = job.spec.ranks;
+    j["cpus_per_rank"] = job.spec.cpus_per_rank;
+    j["gpus_per_rank"] = job.spec.gpus_per_rank;
+    j["priority"] = job.spec.priority;
+    j["max_failures"] = job.spec.max_failures;
+    j["metadata"] = job.spec.metadata;
+    j["submitted"] = job.submitted;
+    j["start_time"] = job.started;
+    j["end_time"] = job.ended;
+    j["exit_code"] = job.exit_code;
+    j["pid"] = job.pid;
+    j["gpus"] = job.gpus;
+    return j;
+}
+
+Queue::Queue(QueueOptions options) : options_(std::move(options)) {
+    fs::make_dirs(options_.runs);
+    std::string path = options_.runs + "/jobs.sqlite";
+    if (sqlite3_open(path.c_str(), &db_) != SQLITE_OK) {
+        std::string why = db_ ? sqlite3_errmsg(db_) : "out of memory";
+        sqlite3_close(db_);
+        throw error("cannot open the jobs database {}: {}", path, why);
+    }
+    sqlite3_busy_timeout(db_, 5000);
+    char* err = nullptr;
+    int rc = sqlite3_exec(db_,
+                          "PRAGMA journal_mode=WAL;"
+                          "CREATE TABLE IF NOT EXISTS jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+                          " id TEXT UNIQUE NOT NULL, body TEXT NOT NULL);"
+                          "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY,"
+                          " value INTEGER NOT NULL);",
+                          nullptr, nullptr, &err);
+    if (rc != SQLITE_OK) {
+        std::string why = err ? err : "?";
+        sqlite3_free(err);
+        sqlite3_close(db_);
+        throw error("{} is not a kiln jobs database: {}", path, why);
+    }
+    sqlite3_stmt* st = nullptr;
+    sqlite3_prepare_v2(db_, "SELECT value FROM counters WHERE name = 'next_job'", -1, &st, nullptr);
+    if (sqlite3_step(st) == SQLITE_ROW)
+        next_number_ = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    sqlite3_prepare_v2(db_, "SELECT body FROM jobs ORDER BY seq", -1, &st, nullptr);
+    while (sqlite3_step(st) == SQLITE_ROW) {
+        const char* text = reinterpret_cast<const char*>(sqlite3_column_text(st, 0));
+        try {
+            Job job = job_from_json(json::parse(text));
+            jobs_[job.id] = job;
+        } catch (const std::exception& e) {
+            log::warn("serve", "skipping a damaged job record in {}: {}", path, e.what());
+        }
+    }
+    sqlite3_finalize(st);
+    for (auto& [id, job] : jobs_) {
+        if (job.state == State::running) {
+            job.state = State::failed;
+            job.ended = now_s();
+            job.message = fmt::format(
+                "the head node stopped while this job was running (process {}); resubmit it "
+                "to continue from its last checkpoint",
+                job.pid);
+            save(job);
+        }
+    }
+    gpu_busy_.assign(size_t(options_.capacity.gpus), false);
+    thread_ = std::thread([this] { loop(); });
+}
+
+Queue::~Queue() {
+    {
+        std::lock_guard lock(mutex_);
+        quit_ = true;
+    }
+    wake_.notify_all();
+    thread_.join();
+    std::unique_lock lock(mutex_);
+    for (auto& [id, job] : jobs_) {
+        if (job.state == State::running)
+            ::kill(-job.pid, SIGTERM);
+    }
+    auto deadline = std::chrono::steady_clock::now() +
+                    std::chrono::milliseconds(int64_t(options_.stop_grace_s * 1000));
+    for (auto& [id, job] : jobs_) {
+        if (job.state != State::running)
+            continue;
+        int status = 0;
+        while (::waitpid(job.pid, &status, WNOHANG) == 0) {
+            if (std::chrono::steady_clock::now() > deadline) {
+                ::kill(-job.pid, SIGKILL);
+                ::waitpid(job.pid, &status, 0);
+                break;
+            }
+            std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        }
+        job.state = State::stopped;
+        job.ended = now_s();
+        job.message = "stopped: the head node shut down while it ran";
+        save(job);
+    }
+    sqlite3_close(db_);
+}
+
+void Queue::save(const Job& job) {
+    sqlite3_stmt* st = nullptr;
+    sql_check(db_,
+              sqlite3_prepare_v2(db_,
+                                 "INSERT INTO jobs (id, body) VALUES (?1, ?2) ON CONFLICT(id) DO "
+                                 "UPDATE SET body = excluded.body",
+                                 -1, &st, nullptr),
+              "prepare");
+    std::string body = to_json(job).dump();
+    sqlite3_bind_text(st, 1, job.id.c_str(), -1, SQLITE_TRANSIENT);
+    sqlite3_bind_text(st, 2, body.c_str(), -1, SQLITE_TRANSIENT);
+    int rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    sql_check(db_, rc, "saving a job");
+}
+
+Capacity Queue::demand(const JobSpec& s) const {
+    return {s.ranks * s.cpus_per_rank, s.ranks * s.gpus_per_rank};
+}
+
+Capacity Queue::used() const {
+    std::lock_guard lock(mutex_);
+    return used_;
+}
+
+Job Queue::submit(JobSpec spec) {
+    Capacity need = demand(spec);
+    if (need.cpus > options_.capacity.cpus || need.gpus > options_.capacity.gpus) {
+        throw error(
+            "the job needs {} CPU slots and {} GPUs ({} ranks); the head's whole capacity is {} "
+            "CPU slots and {} GPUs, so it could never start",
+            need.cpus, need.gpus, spec.ranks, options_.capacity.cpus, options_.capacity.gpus);
+    }
+    Job job;
+    {
+        std::lock_guard lock(mutex_);
+        job.id = spec.submission_id.empty() ? fmt::format("job-{:04d}", next_number_)
+                                            : spec.submission_id;
+        if (jobs_.count(job.id))
+            throw error("a job with submission_id \"{}\" exists already", job.id);
+        next_number_++;
+        sqlite3_stmt* st = nullptr;
+        sqlite3_prepare_v2(db_, "INSERT OR REPLACE INTO counters VALUES ('next_job', ?1)", -1, &st,
+                           nullptr);
+        sqlite3_bind_int64(st, 1, next_number_);
+        int rc = sqlite3_step(st);
+        sqlite3_finalize(st);
+        sql_check(db_, rc, "numbering a job");
+        job.spec = std::move(spec);
+        job.submitted = now_s();
+        save(job);
+        jobs_[job.id] = job;
+    }
+    wake_.notify_all();
+    return job;
+}
+
+std::vector<Job> Queue::list() const {
+    std::lock_guard lock(mutex_);
+    std::vector<Job> out;
+    for (const auto& [id, job] : jobs_)
+        out.push_back(job);
+    std::sort(out.begin(), out.end(),
+              [](const Job& a, const Job& b) { return a.submitted < b.submitted; });
+    return out;
+}
+
+std::optional<Job> Queue::get(const std::string& id) const {
+    std::lock_guard lock(mutex_);
+    auto it = jobs_.find(id);
+    if (it == jobs_.end())
+        return std::nullopt;
+    return it->second;
+}
+
+bool Queue::stop(const std::string& id) {
+    std::lock_guard lock(mutex_);
+    Job& job = jobs_.at(id);
+    if (terminal(job.state))
+        return false;
+    job.stop_requested = true;
+    if (job.state == State::pending) {
+        job.state = State::stopped;
+        job.ended = now_s();
+        job.message = "stopped by request before it started";
+        save(job);
+    } else {
+        ::kill(-job.pid, SIGTERM);
+    }
+    wake_.notify_all();
+    return true;
+}
+
+bool Queue::remove(const std::string& id) {
+    std::lock_guard lock(mutex_);
+    auto it = jobs_.find(id);
+    if (it == jobs_.end())
+        return false;
+    if (!terminal(it->second.state))
+        throw error("job {} is {}; stop it before deleting it", id, state_name(it->second.state));
+    sqlite3_stmt* st = nullptr;
+    sqlite3_prepare_v2(db_, "DELETE FROM jobs WHERE id = ?1", -1, &st, nullptr);
+    sqlite3_bind_text(st, 1, id.c_str(), -1, SQLITE_TRANSIENT);
+    int rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    sql_check(db_, rc, "deleting a job");
+    jobs_.erase(it);
+    return true;
+}
+
+void Queue::loop() {
+    std::unique_lock lock(mutex_);
+    std::map<std::string, std::chrono::steady_clock::time_point> kill_at;
+    while (!quit_) {
+        reap();
+        admit();
+        auto now = std::chrono::steady_clock::now();
+        for (auto& [id, job] : jobs_) {
+            if (job.state == State::running && job.stop_requested && !kill_at.count(id)) {
+                kill_at[id] =
+                    now + std::chrono::milliseconds(int64_t(options_.stop_grace_s * 1000));
+            }
+        }
+        for (auto it = kill_at.begin(); it != kill_at.end();) {
+            auto job = jobs_.find(it->first);
+            if (job == jobs_.end() || job->second.state != State::running) {
+                it = kill_at.erase(it);
+            } else {
+                if (now > it->second)
+                    ::kill(-job->second.pid, SIGKILL);
+                ++it;
+            }
+        }
+        wake_.wait_for(lock, std::chrono::milliseconds(100));
+    }
+}
+
+void Queue::reap() {
+    for (auto& [id, job] : jobs_) {
+        if (job.state != State::running)
+            continue;
+        int status = 0;
+        if (::waitpid(job.pid, &status, WNOHANG) != job.pid)
+            continue;
+        job.ended = now_s();
+        job.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        if (job.stop_requested) {
+            job.state = State::stopped;
+            job.message = "stopped by request";
+        } else if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+            job.state = State::succeeded;
+            job.message = "finished";
+        } else {
+            job.state = State::failed;
+            std::string line = last_line(job_log(id));
+            job.message = fmt::format("exited with status {}{}{}", job.exit_code,
+                                      line.empty() ? "" : ": ", line);
+        }
+        used_.cpus -= demand(job.spec).cpus;
+        used_.gpus -= demand(job.spec).gpus;
+        size_t from = 0;
+        while (from < job.gpus.size()) {
+            size_t comma = job.gpus.find(',', from);
+            if (comma == std::string::npos)
+                comma = job.gpus.size();
+            gpu_busy_[std::stoul(job.gpus.substr(from, comma - from))] = false;
+            from = comma + 1;
+        }
+        log::info("serve", "job {} {}: {}", id, state_name(job.state), job.message);
+        save(job);
+    }
+}
+
+void Queue::admit() {
+    std::vector<Job*> pending;
+    for (auto& [id, job] : jobs_) {
+        if (job.state == State::pending)
+            pending.push_back(&job);
+    }
+    std::sort(pending.begin(), pending.end(), [](const Job* a, const Job* b) {
+        if (a->spec.priority != b->spec.priority)
+            return a->spec.priority > b->spec.priority;
+        return a->submitted < b->submitted;
+    });
+    for (Job* job : pending) {
+        Capacity need = demand(job->spec);
+        if (used_.cpus + need.cpus > options_.capacity.cpus ||
+            used_.gpus + need.gpus > options_.capacity.gpus)
+            return;  // strict order: the jobs behind it wait too
+        start(*job);
+    }
+}
+
+void Queue::start(Job& job) {
+    const std::string dir = job_dir(job.id);
+    const JobSpec& s = job.spec;
+    std::vector<std::string> argv = {options_.kiln,
+                                     "launch",
+                                     "-n",
+                                     std::to_string(s.ranks),
+                                     "--max-failures",
+                                     std::to_string(s.max_failures),
+                                     "--",
+                                     options_.kiln};
+    argv.insert(argv.end(), s.entrypoint.begin(), s.entrypoint.end());
+    if (s.entrypoint[0] == "train" || s.entrypoint[0] == "compile") {
+        argv.push_back("--set");
+        argv.push_back("run.dir=" + dir);
+    } else if (s.entrypoint[0] == "run") {
+        argv.push_back("--out");
+        argv.push_back(dir);
+    }
+    job.gpus.clear();
+    for (int need = demand(s).gpus, g = 0; need > 0 && g < int(gpu_busy_.size()); g++) {
+        if (!gpu_busy_[size_t(g)]) {
+            gpu_busy_[size_t(g)] = true;
+            job.gpus += (job.gpus.empty() ? "" : ",") + std::to_string(g);
+            need--;
+        }
+    }
+    std::vector<std::string> env;
+    for (char** e = environ; *e; e++) {
+        std::string_view v(*e);
+        if (v.rfind("OMP_NUM_THREADS=", 0) != 0 && v.rfind("CUDA_VISIBLE_DEVICES=", 0) != 0 &&
+            v.rfind("KILN_JOB_ID=", 0) != 0)
+            env.emplace_back(v);
+    }
+    env.push_back("OMP_NUM_THREADS=" + std::to_string(s.cpus_per_rank));
+    env.push_back("CUDA_VISIBLE_DEVICES=" + job.gpus);
+    env.push_back("KILN_JOB_ID=" + job.id);
+
+    std::string log_path = job_log(job.id);
+    try {
+        fs::make_dirs(dir);
+    } catch (const Error& e) {
+        job.state = State::failed;
+        job.message = e.what();
+        save(job);
+        return;
+    }
+    std::vector<char*> args, envp;
+    for (auto& a : argv)
+        args.push_back(a.data());
+    args.push_back(nullptr);
+    for (auto& e : env)
+        envp.push_back(e.data());
+    envp.push_back(nullptr);
+    pid_t pid = ::fork();
+    if (pid == 0) {
+        // Only async-signal-safe calls from here on: the server has other threads.
+        ::setpgid(0, 0);
+        sigset_t none;
+        sigemptyset(&none);
+        ::sigprocmask(SIG_SETMASK, &none, nullptr);  // the head blocks SIGTERM; jobs must not
+        ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+        int fd = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+        int null = ::open("/dev/null", O_RDONLY);
+        if (fd < 0 || null < 0)
+            ::_exit(126);
+        ::dup2(null, STDIN_FILENO);
+        ::dup2(fd, STDOUT_FILENO);
+        ::dup2(fd, STDERR_FILENO);
+        ::close_range(3, ~0U, 0);  // the listening socket and the database stay with the head
+        ::execve(args[0], args.data(), envp.data());
+        ::_exit(127);
+    }
+    if (pid < 0) {
+        job.state = State::failed;
+        job.message = fmt::format("cannot start a process: {}", std::strerror(errno));
+        save(job);
+        return;
+    }
+    ::setpgid(pid, pid);
+    job.pid = pid;
+    job.state = State::running;
+    job.started = now_s();
+    job.message = "running";
+    used_.cpus += demand(s).cpus;
+    used_.gpus += demand(s).gpus;
+    log::info("serve", "job {} started: {} ({} ranks)", job.id, join(s.entrypoint), s.ranks);
+    save(job);
+}
+
+}  // namespace kiln::serve

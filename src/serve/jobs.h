@@ -1,0 +1,119 @@
+#pragma once
+// Jobs of the head node: what a job is, where jobs are kept (SQLite, so a restarted head loses
+// none), and the queue that starts them with gang admission.
+//
+// A job is a kiln subcommand with its arguments, a rank count and per-rank resources. It runs
+// as `kiln launch -n RANKS -- kiln CMD ARGS...` in its own process group, with its output in
+// RUNS/<id>/job.log; a `train` or `run` job writes its run folder at RUNS/<id>. The queue admits
+// jobs in priority order (then submission order) and starts one only when all its ranks fit the
+// free capacity: a job that does not fit waits, and so do the jobs behind it (no job ever starts
+// partially, none is starved by smaller ones behind it).
+#include <sys/types.h>
+
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <nlohmann/json_fwd.hpp>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+struct sqlite3;
+
+namespace kiln::serve {
+
+// Ray's job states.
+enum class State { pending, running, stopped, succeeded, failed };
+const char* state_name(State s);  // "PENDING", ...
+bool terminal(State s);
+
+struct JobSpec {
+    std::vector<std::string> entrypoint;  // a kiln subcommand and its arguments ("kiln" dropped)
+    std::string submission_id;            // "" -> the server picks "job-NNNN"
+    int ranks = 1;
+    int cpus_per_rank = 1;
+    int gpus_per_rank = 0;
+    int priority = 0;  // higher starts first
+    int max_failures = 0;
+    std::map<std::string, std::string> metadata;
+};
+
+// Parses and checks a submission body (the JSON of POST /api/jobs/). Throws Error naming the
+// field at fault: unknown fields, wrong types, an entrypoint that is not a kiln command.
+JobSpec parse_spec(const nlohmann::json& body);
+// Splits an entrypoint line into words the way a shell would split plain words and quotes
+// (no expansion, no operators: a line with ; | & $ ` < > is refused).
+std::vector<std::string> split_entrypoint(const std::string& line);
+
+struct Job {
+    std::string id;
+    JobSpec spec;
+    State state = State::pending;
+    double submitted = 0, started = 0, ended = 0;  // unix seconds; 0: not yet
+    std::string message;                           // why it ended, in one sentence
+    int exit_code = -1;
+    pid_t pid = 0;
+    std::string gpus;  // CUDA_VISIBLE_DEVICES given to it
+    bool stop_requested = false;
+};
+nlohmann::json to_json(const Job& job);
+
+struct Capacity {
+    int cpus = 1;
+    int gpus = 0;
+};
+
+struct QueueOptions {
+    std::string runs;  // the runs folder: job folders and the jobs database live here
+    Capacity capacity;
+    std::string kiln;  // the binary jobs run (this one)
+    double stop_grace_s = 15;
+};
+
+// The jobs table and the process side of jobs. All public calls are thread safe.
+class Queue {
+public:
+    // Opens (or creates) RUNS/jobs.sqlite; jobs the database shows running belonged to a head
+    // that stopped: they are marked FAILED, saying so. Starts the scheduling thread.
+    explicit Queue(QueueOptions options);
+    ~Queue();  // stops running jobs (SIGTERM, then SIGKILL after the grace) and records it
+    Queue(const Queue&) = delete;
+    Queue& operator=(const Queue&) = delete;
+
+    Job submit(JobSpec spec);  // throws Error: duplicate id, demand over the whole capacity
+    std::vector<Job> list() const;
+    std::optional<Job> get(const std::string& id) const;
+    // PENDING -> STOPPED at once; RUNNING -> SIGTERM to its process group (STOPPED when it
+    // exits). False when the job was already over.
+    bool stop(const std::string& id);
+    // Removes a finished job from the table (its folder stays). Throws Error if still active.
+    bool remove(const std::string& id);
+
+    std::string job_dir(const std::string& id) const { return options_.runs + "/" + id; }
+    std::string job_log(const std::string& id) const { return job_dir(id) + "/job.log"; }
+    Capacity capacity() const { return options_.capacity; }
+    Capacity used() const;
+
+private:
+    void loop();
+    void reap();
+    void admit();
+    void start(Job& job);
+    void save(const Job& job);
+    Capacity demand(const JobSpec& s) const;
+
+    QueueOptions options_;
+    sqlite3* db_ = nullptr;
+    mutable std::mutex mutex_;
+    std::condition_variable wake_;
+    std::map<std::string, Job> jobs_;
+    std::vector<bool> gpu_busy_;
+    Capacity used_{0, 0};
+    int64_t next_number_ = 1;
+    bool quit_ = false;
+    std::thread thread_;
+};
+
+}  // namespace kiln::serve

@@ -1,0 +1,234 @@
+#include "serve/runs.h"
+
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+
+#include "checkpoint/rundir.h"
+#include "core/error.h"
+#include "core/fs.h"
+
+namespace kiln::serve {
+namespace {
+
+namespace stdfs = std::filesystem;
+using json = nlohmann::json;
+
+double now_s() {
+    return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch())
+        .count();
+}
+
+bool plain_component(const std::string& c) {
+    if (c.empty() || c.size() > 128 || !std::isalnum(static_cast<unsigned char>(c[0])))
+        return false;
+    return std::all_of(c.begin(), c.end(), [](char ch) {
+        return std::isalnum(static_cast<unsigned char>(ch)) || ch == '.' || ch == '_' || ch == '-';
+    });
+}
+
+bool is_run(const stdfs::path& p) {
+    std::error_code ec;
+    return stdfs::exists(p / "status.json", ec) || stdfs::exists(p / "metrics.jsonl", ec) ||
+           stdfs::exists(p / "config.yaml", ec);
+}
+
+// mtime in ns and size, or -1s when missing.
+std::pair<int64_t, int64_t> stat_of(const std::string& path) {
+    struct stat st;
+    if (::stat(path.c_str(), &st) != 0)
+        return {-1, -1};
+    return {int64_t(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec, int64_t(st.st_size)};
+}
+
+json read_json(const std::string& path) {
+    std::ifstream in(path);
+    if (!in)
+        return json::object();
+    json j = json::parse(in, nullptr, false);
+    return j.is_discarded() ? json::object() : j;
+}
+
+}  // namespace
+
+std::string tail_of(const std::string& path, int64_t bytes) {
+    std::ifstream in(path, std::ios::binary | std::ios::ate);
+    if (!in)
+        return "";
+    int64_t size = in.tellg();
+    int64_t from = std::max<int64_t>(0, size - bytes);
+    in.seekg(from);
+    std::string text(size_t(size - from), '\0');
+    in.read(text.data(), std::streamsize(text.size()));
+    text.resize(size_t(in.gcount()));
+    if (from > 0) {
+        size_t nl = text.find('\n');
+        text.erase(0, nl == std::string::npos ? text.size() : nl + 1);
+    }
+    return text;
+}
+
+Runs::Runs(std::string root) : root_(std::move(root)) {
+    fs::make_dirs(root_);
+    canonical_root_ = stdfs::canonical(root_).string();
+}
+
+std::string Runs::folder(const std::string& name) const {
+    std::vector<std::string> parts;
+    size_t from = 0;
+    while (from <= name.size()) {
+        size_t slash = name.find('/', from);
+        if (slash == std::string::npos)
+            slash = name.size();
+        parts.push_back(name.substr(from, slash - from));
+        from = slash + 1;
+    }
+    bool ok = parts.size() <= 2 && std::all_of(parts.begin(), parts.end(), plain_component);
+    if (!ok)
+        throw error(
+            "run name \"{}\" is not a run under the runs folder (one or two plain folder names)",
+            name.substr(0, 200));
+    std::error_code ec;
+    stdfs::path real = stdfs::canonical(stdfs::path(root_) / name, ec);
+    if (ec || !is_run(real))
+        throw error("no run named \"{}\" in {}", name, root_);
+    std::string r = real.string();
+    if (r.rfind(canonical_root_ + "/", 0) != 0)
+        throw error("run \"{}\" leads outside the runs folder", name);
+    return r;
+}
+
+void Runs::refresh(const std::string& name, Cached& c) {
+    checkpoint::RunDir run{root_ + "/" + name};
+    auto [status_mtime, status_size] = stat_of(run.status());
+    auto [metrics_mtime, metrics_size] = stat_of(run.metrics());
+    if (status_mtime != c.status_mtime) {
+        c.status_mtime = status_mtime;
+        c.summary.status = read_json(run.status());
+    }
+    if (metrics_size != c.metrics_size) {
+        c.metrics_size = metrics_size;
+        std::string tail = tail_of(run.metrics(), 4096);
+        while (!tail.empty() && tail.back() == '\n')
+            tail.pop_back();
+        size_t nl = tail.rfind('\n');
+        json last =
+            json::parse(nl == std::string::npos ? tail : tail.substr(nl + 1), nullptr, false);
+        c.summary.last = last.is_object() ? last : json::object();
+    }
+    c.summary.name = name;
+    c.summary.updated = double(std::max(status_mtime, metrics_mtime)) / 1e9;
+}
+
+std::vector<RunSummary> Runs::list() {
+    std::lock_guard lock(mutex_);
+    double now = now_s();
+    if (now - scanned_ > 1.0) {
+        scanned_ = now;
+        names_.clear();
+        std::error_code ec;
+        for (const auto& e : stdfs::directory_iterator(root_, ec)) {
+            std::string top = e.path().filename().string();
+            if (!e.is_directory(ec) || !plain_component(top))
+                continue;
+            if (is_run(e.path()))
+                names_.push_back(top);
+            for (const auto& sub : stdfs::directory_iterator(e.path(), ec)) {
+                std::string leaf = sub.path().filename().string();
+                if (sub.is_directory(ec) && plain_component(leaf) && leaf != "checkpoints" &&
+                    leaf != "ranks" && is_run(sub.path()))
+                    names_.push_back(top + "/" + leaf);
+            }
+        }
+    }
+    std::vector<RunSummary> out;
+    for (const auto& name : names_) {
+        Cached& c = cache_[name];
+        refresh(name, c);
+        out.push_back(c.summary);
+    }
+    std::sort(out.begin(), out.end(),
+              [](const RunSummary& a, const RunSummary& b) { return a.updated > b.updated; });
+    return out;
+}
+
+json Runs::detail(const std::string& name) {
+    checkpoint::RunDir run{folder(name)};
+    json j;
+    j["name"] = name;
+    j["status"] = read_json(run.status());
+    std::ifstream config(run.config());
+    j["config"] = config ? std::string(std::istreambuf_iterator<char>(config), {}) : "";
+    json ranks = json::array();
+    std::error_code ec;
+    std::vector<stdfs::path> files;
+    for (const auto& e : stdfs::directory_iterator(run.ranks(), ec))
+        files.push_back(e.path());
+    std::sort(files.begin(), files.end());
+    for (const auto& f : files) {
+        if (f.extension() == ".json")
+            ranks.push_back(read_json(f.string()));
+    }
+    j["ranks"] = ranks;
+    json checkpoints = json::array();
+    std::vector<std::string> steps;
+    for (const auto& e : stdfs::directory_iterator(run.checkpoints(), ec)) {
+        std::string leaf = e.path().filename().string();
+        if (e.is_directory(ec) && leaf.rfind("step-", 0) == 0 &&
+            leaf.find(".tmp") == std::string::npos)
+            steps.push_back(leaf);
+    }
+    std::sort(steps.rbegin(), steps.rend());
+    std::string latest;
+    {
+        std::ifstream in(run.latest());
+        std::getline(in, latest);
+    }
+    for (const auto& leaf : steps) {
+        stdfs::path dir = stdfs::path(run.checkpoints()) / leaf;
+        int64_t bytes = 0;
+        for (const auto& f : stdfs::directory_iterator(dir, ec)) {
+            if (f.is_regular_file(ec))
+                bytes += int64_t(f.file_size(ec));
+        }
+        checkpoints.push_back({{"name", leaf},
+                               {"step", std::atoll(leaf.c_str() + 5)},
+                               {"bytes", bytes},
+                               {"complete", stdfs::exists(dir / "manifest.json", ec)},
+                               {"latest", leaf == latest}});
+    }
+    j["checkpoints"] = checkpoints;
+    return j;
+}
+
+json Runs::metrics(const std::string& name, int64_t offset) {
+    checkpoint::RunDir run{folder(name)};
+    std::ifstream in(run.metrics(), std::ios::binary | std::ios::ate);
+    json lines = json::array();
+    if (!in)
+        return {{"offset", 0}, {"lines", lines}};
+    int64_t size = in.tellg();
+    if (offset < 0 || offset > size)
+        offset = 0;  // the file was replaced: start over
+    int64_t want = std::min<int64_t>(size - offset, 2 << 20);
+    std::string text(size_t(want), '\0');
+    in.seekg(offset);
+    in.read(text.data(), std::streamsize(want));
+    size_t end = text.rfind('\n');
+    if (end == std::string::npos)
+        return {{"offset", offset}, {"lines", lines}};
+    size_t from = 0;
+    while (from <= end) {
+        size_t nl = text.find('\n', from);
+        json line = json::parse(text.begin() + long(from), text.begin() + long(nl), nullptr, false);
+        if (line.is_object())
+            lines.push_back(std::move(line));
+        from = nl + 1;
+    }
+    return {{"offset", offset + int64_t(end) + 1}, {"lines", lines}};
+}
+
+}  // namespace kiln::serve

@@ -1,0 +1,54 @@
+#pragma once
+// Run folders as the head node sees them: any folder under the runs folder (one or two levels
+// down) with a status.json, metrics.jsonl or config.yaml, whoever started it (this head, `kiln
+// launch`, Kubernetes, Slurm). Nothing outside the runs folder is ever read: a run name is one
+// or two plain path components ([A-Za-z0-9][A-Za-z0-9._-]*), and the resolved folder (links
+// followed) must lie inside the runs folder.
+#include <cstdint>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+namespace kiln::serve {
+
+struct RunSummary {
+    std::string name;
+    nlohmann::json status;  // status.json, or {} before the first one
+    nlohmann::json last;    // the newest metrics.jsonl line, or {}
+    double updated = 0;     // newest change of either (unix seconds)
+};
+
+class Runs {
+public:
+    explicit Runs(std::string root);  // throws Error when root cannot be made
+    const std::string& root() const { return root_; }
+
+    // The folder of a run; throws Error (a 4xx for the client) for a name that is not a run
+    // folder under the root.
+    std::string folder(const std::string& name) const;
+    // Every run, newest first; rescanned at most once a second, files reread only on change.
+    std::vector<RunSummary> list();
+    // status, resolved config, per-rank status, checkpoints (step, size, complete).
+    nlohmann::json detail(const std::string& name);
+    // Complete metrics lines from byte `offset` (at most ~2 MiB of them): {"offset": next,
+    // "lines": [...]}.
+    nlohmann::json metrics(const std::string& name, int64_t offset);
+
+private:
+    struct Cached {
+        int64_t status_mtime = -1, metrics_size = -1;
+        RunSummary summary;
+    };
+    void refresh(const std::string& name, Cached& c);
+    std::string root_, canonical_root_;
+    std::mutex mutex_;
+    double scanned_ = 0;
+    std::vector<std::string> names_;
+    std::map<std::string, Cached> cache_;
+};
+
+// The last `bytes` of a file ("" when it does not exist), starting at a line boundary.
+std::string tail_of(const std::string& path, int64_t bytes);
+
+}  // namespace kiln::serve

@@ -1,0 +1,32 @@
+#pragma once
+// `kiln serve`: the head node. One HTTP server (cpp-httplib) with
+//   /                      the dashboard (one page; charts drawn with Chart.js)
+//   /api/jobs/...          the jobs API, shaped after Ray's Jobs REST API
+//   /api/runs, /api/run    run folders under --runs: status, metrics, ranks, checkpoints, logs
+//   /metrics               Prometheus text, every series named kiln_*
+// It binds 127.0.0.1 unless told otherwise, and refuses any other address without a token;
+// with a token, every request must carry it (Authorization: Bearer T, or ?token=T).
+#include <cstddef>
+#include <string>
+
+#include "serve/jobs.h"
+
+namespace kiln::serve {
+
+struct ServeOptions {
+    std::string host = "127.0.0.1";
+    int port = 8265;
+    std::string token;  // "" -> none (loopback only)
+    std::string runs = "runs";
+    Capacity capacity;  // CPU slots and GPUs the queue may hand out
+    size_t max_body = 1 << 20;
+    std::string kiln;  // the binary jobs run
+};
+
+// Serves until SIGINT or SIGTERM; then stops the running jobs and returns 0. Throws Error for
+// options it refuses (a public address without a token, a port in use).
+int serve(const ServeOptions& options);
+
+bool loopback(const std::string& host);
+
+}  // namespace kiln::serve

@@ -1,0 +1,422 @@
+// kiln serve over real HTTP, against a real server process: the jobs API, gang admission,
+// a head restart, bad input, and the dashboard rendered by headless Chromium.
+#include <gtest/gtest.h>
+#include <httplib.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "core/fs.h"
+#include "fixture.h"
+#include "launch/supervisor.h"
+
+namespace kiln {
+namespace {
+
+using json = nlohmann::json;
+using kiln::testing::TempDir;
+
+// A micro model that trains a step in well under a second.
+const std::string kMicro =
+    "kiln train --set model.dim=64 --set model.n_layers=2 --set model.n_heads=4 "
+    "--set model.n_kv_heads=2 --set model.vocab_size=256 --set train.seq_len=32 "
+    "--set train.micro_batch=4 --set train.log_every=1 --set train.peak_gflops=100";
+
+// A `kiln serve` process on a free port; SIGTERM at destruction.
+struct Server {
+    pid_t pid = -1;
+    int port = 0;
+    std::string runs, log;
+
+    Server(const std::string& runs_dir, std::vector<std::string> extra = {}, int port_ = 0)
+        : port(port_ ? port_ : launch::free_port()), runs(runs_dir), log(runs_dir + ".serve.log") {
+        std::vector<std::string> args = {kiln::testing::kiln_binary(),
+                                         "serve",
+                                         "--port",
+                                         std::to_string(port),
+                                         "--runs",
+                                         runs,
+                                         "--cpus",
+                                         "2"};
+        args.insert(args.end(), extra.begin(), extra.end());
+        pid = ::fork();
+        if (pid == 0) {
+            int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+            ::dup2(fd, 1);
+            ::dup2(fd, 2);
+            std::vector<char*> argv;
+            for (auto& a : args)
+                argv.push_back(a.data());
+            argv.push_back(nullptr);
+            ::execv(argv[0], argv.data());
+            ::_exit(127);
+        }
+        for (int i = 0; i < 100; i++) {
+            if (auto r = client().Get("/healthz"); r && r->status == 200)
+                return;
+            std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        }
+        ADD_FAILURE() << "kiln serve did not come up: " << fs::read_file(log);
+    }
+    ~Server() { stop(SIGTERM); }
+    int stop(int sig) {
+        if (pid <= 0)
+            return -1;
+        ::kill(pid, sig);
+        int status = 0;
+        ::waitpid(pid, &status, 0);
+        pid = -1;
+        return status;
+    }
+    httplib::Client client(const std::string& token = "") const {
+        httplib::Client c("127.0.0.1", port);
+        c.set_read_timeout(30, 0);
+        if (!token.empty())
+            c.set_bearer_token_auth(token.c_str());
+        return c;
+    }
+    json get(const std::string& path) const {
+        auto r = client().Get(path.c_str());
+        EXPECT_TRUE(r) << path;
+        if (!r)
+            return json();
+        EXPECT_EQ(r->status, 200) << path << ": " << r->body;
+        return json::parse(r->body, nullptr, false);
+    }
+    // Metrics lines of a run so far (0 before its folder exists).
+    size_t lines(const std::string& run) const {
+        auto r = client().Get(("/api/run/metrics?name=" + run).c_str());
+        if (!r || r->status != 200)
+            return 0;
+        return json::parse(r->body)["lines"].size();
+    }
+    std::string submit(const json& body) const {
+        auto r = client().Post("/api/jobs/", body.dump(), "application/json");
+        EXPECT_TRUE(r);
+        if (!r)
+            return "";
+        EXPECT_EQ(r->status, 200) << r->body;
+        return json::parse(r->body).value("job_id", "");
+    }
+    // Polls until the job reaches a final state (or `state`); returns the job.
+    json wait(const std::string& id, const std::string& state = "", double timeout_s = 120) const {
+        auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+        json j;
+        while (std::chrono::steady_clock::now() < deadline) {
+            j = get("/api/jobs/" + id);
+            std::string s = j.value("status", "");
+            if (s == state ||
+                (state.empty() && (s == "SUCCEEDED" || s == "FAILED" || s == "STOPPED")))
+                return j;
+            std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        }
+        ADD_FAILURE() << "job " << id << " never reached " << (state.empty() ? "an end" : state)
+                      << ": " << j.dump();
+        return j;
+    }
+};
+
+json job(const std::string& entrypoint, int ranks = 1) {
+    return {{"entrypoint", entrypoint}, {"ranks", ranks}};
+}
+
+TEST(Serve, SubmitListLogsStop) {
+    TempDir dir;
+    Server s(dir / "runs");
+    std::string id = s.submit(job(kMicro + " --set train.steps=3"));
+    EXPECT_EQ(id, "job-0001");
+    json done = s.wait(id);
+    EXPECT_EQ(done["status"], "SUCCEEDED") << done.dump();
+    EXPECT_GT(done["end_time"].get<double>(), done["start_time"].get<double>());
+
+    json all = s.get("/api/jobs/");
+    ASSERT_EQ(all.size(), 1u);
+    EXPECT_EQ(all[0]["job_id"], id);
+    std::string logs = s.get("/api/jobs/" + id + "/logs")["logs"];
+    EXPECT_NE(logs.find("step"), std::string::npos) << logs;
+    // The run folder is the job's, and the runs API sees it.
+    json run = s.get("/api/run?name=" + id);
+    EXPECT_EQ(run["status"]["state"], "finished");
+    EXPECT_EQ(run["ranks"].size(), 1u);
+    EXPECT_EQ(run["checkpoints"].size(), 1u);
+    json m = s.get("/api/run/metrics?name=" + id);
+    EXPECT_EQ(m["lines"].size(), 3u);
+    json more = s.get("/api/run/metrics?name=" + id +
+                      "&offset=" + std::to_string(m["offset"].get<int64_t>()));
+    EXPECT_EQ(more["lines"].size(), 0u);
+
+    // A long job, followed while it runs, then stopped.
+    std::string long_id = s.submit(job(kMicro + " --set train.steps=100000"));
+    s.wait(long_id, "RUNNING");
+    std::string streamed;
+    std::thread follower([&] {
+        s.client().Get(("/api/jobs/" + long_id + "/logs/tail").c_str(),
+                       [&](const char* data, size_t n) {
+                           streamed.append(data, n);
+                           return true;
+                       });
+    });
+    for (int i = 0; i < 200 && s.lines(long_id) < 2; i++)
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    auto r = s.client().Post(("/api/jobs/" + long_id + "/stop").c_str(), "", "application/json");
+    ASSERT_TRUE(r);
+    EXPECT_EQ(json::parse(r->body)["stopped"], true);
+    json stopped = s.wait(long_id);
+    EXPECT_EQ(stopped["status"], "STOPPED");
+    follower.join();  // the stream ends with the job
+    EXPECT_NE(streamed.find("step"), std::string::npos) << streamed;
+
+    // Prometheus sees both runs.
+    auto metrics = s.client().Get("/metrics");
+    ASSERT_TRUE(metrics);
+    EXPECT_NE(metrics->body.find("kiln_jobs{state=\"SUCCEEDED\"} 1"), std::string::npos)
+        << metrics->body;
+    EXPECT_NE(metrics->body.find("kiln_train_step{run=\"" + id + "\"} 3"), std::string::npos);
+    EXPECT_NE(metrics->body.find("kiln_train_loss{run=\"" + long_id + "\"}"), std::string::npos);
+
+    // Delete removes a finished job from the table.
+    auto del = s.client().Delete(("/api/jobs/" + id).c_str());
+    ASSERT_TRUE(del);
+    EXPECT_EQ(del->status, 200);
+    EXPECT_EQ(s.get("/api/jobs/").size(), 1u);
+}
+
+TEST(Serve, GangAdmissionNeverStartsAJobPartially) {
+    TempDir dir;
+    Server s(dir / "runs");  // 2 CPU slots
+    std::string a = s.submit(job(kMicro + " --set train.steps=8", 2));
+    std::string b = s.submit(job(kMicro + " --set train.steps=8", 2));
+    // While a runs, b waits whole: it holds no slot and has no process.
+    s.wait(a, "RUNNING");
+    json pending = s.get("/api/jobs/" + b);
+    EXPECT_EQ(pending["status"], "PENDING");
+    EXPECT_EQ(pending["pid"], 0);
+    json ja = s.wait(a), jb = s.wait(b);
+    EXPECT_EQ(ja["status"], "SUCCEEDED") << ja.dump();
+    EXPECT_EQ(jb["status"], "SUCCEEDED") << jb.dump();
+    EXPECT_GE(jb["start_time"].get<double>(), ja["end_time"].get<double>());
+    // A job bigger than the whole capacity is refused at once.
+    auto r = s.client().Post("/api/jobs/", job(kMicro, 3).dump(), "application/json");
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->status, 400);
+    EXPECT_NE(r->body.find("could never start"), std::string::npos) << r->body;
+    // Priority: with the slots busy, a later high-priority job starts before an earlier one.
+    std::string busy = s.submit(job(kMicro + " --set train.steps=6", 2));
+    std::string low = s.submit(job(kMicro + " --set train.steps=2", 2));
+    json high_body = job(kMicro + " --set train.steps=2", 2);
+    high_body["priority"] = 5;
+    std::string high = s.submit(high_body);
+    s.wait(busy);
+    json jl = s.wait(low), jh = s.wait(high);
+    EXPECT_LE(jh["start_time"].get<double>(), jl["start_time"].get<double>());
+    EXPECT_GE(jl["start_time"].get<double>(), jh["end_time"].get<double>());
+}
+
+TEST(Serve, RestartKeepsEveryJob) {
+    TempDir dir;
+    std::string done, running, queued;
+    int port = 0;
+    {
+        Server s(dir / "runs");
+        port = s.port;
+        done = s.submit(job(kMicro + " --set train.steps=2"));
+        s.wait(done);
+        running = s.submit(job(kMicro + " --set train.steps=100000", 2));
+        s.wait(running, "RUNNING");
+        queued = s.submit(job(kMicro + " --set train.steps=2"));
+        // The head dies without a chance to clean up.
+        s.stop(SIGKILL);
+    }
+    Server s(dir / "runs", {}, port);
+    json all = s.get("/api/jobs/");
+    ASSERT_EQ(all.size(), 3u);
+    EXPECT_EQ(s.get("/api/jobs/" + done)["status"], "SUCCEEDED");
+    json lost = s.get("/api/jobs/" + running);
+    EXPECT_EQ(lost["status"], "FAILED");
+    EXPECT_NE(lost["message"].get<std::string>().find("head node stopped"), std::string::npos)
+        << lost.dump();
+    // The queued job was not forgotten either: the new head runs it.
+    EXPECT_EQ(s.wait(queued)["status"], "SUCCEEDED");
+    // New ids continue after the old ones.
+    EXPECT_EQ(s.submit(job(kMicro + " --set train.steps=1")), "job-0004");
+}
+
+TEST(Serve, BadInputGetsAClearFourHundred) {
+    TempDir dir;
+    Server s(dir / "runs");
+    auto post = [&](const std::string& body) {
+        auto r = s.client().Post("/api/jobs/", body, "application/json");
+        EXPECT_TRUE(r);
+        return r ? std::make_pair(r->status, r->body) : std::make_pair(0, std::string());
+    };
+    auto expect = [&](std::pair<int, std::string> r, int status, const std::string& words) {
+        EXPECT_EQ(r.first, status) << r.second;
+        EXPECT_NE(r.second.find(words), std::string::npos) << r.second;
+    };
+    expect(post("{\"entrypoint\": "), 400, "not valid JSON");
+    expect(post("[1, 2]"), 400, "must be a JSON object");
+    expect(post(R"({"entrypoint": "kiln train", "colour": "red"})"), 400,
+           "unknown field \\\"colour\\\"");
+    expect(post(R"({"entrypoint": "rm -rf /"})"), 400, "is not a kiln command");
+    expect(post(R"({"entrypoint": "kiln train; rm -rf /"})"), 400, "shell character");
+    expect(post(R"({"entrypoint": "kiln serve"})"), 400, "is not a kiln command");
+    expect(post(R"({"entrypoint": "kiln train", "ranks": "two"})"), 400, "must be an integer");
+    expect(post(R"({"entrypoint": "kiln train --set run.dir=/etc"})"), 400, "its own folder");
+    expect(post(R"({"entrypoint": "kiln data", "ranks": 2})"), 400, "only train");
+
+    auto get = [&](const std::string& path) {
+        auto r = s.client().Get(path.c_str());
+        EXPECT_TRUE(r);
+        return r ? std::make_pair(r->status, r->body) : std::make_pair(0, std::string());
+    };
+    for (const char* path :
+         {"/api/run/log?name=../../etc&rank=0", "/api/run/log?name=..%2F..%2Fetc",
+          "/api/run?name=%2Fetc", "/api/run?name=a/../../etc", "/api/run/metrics?name=.",
+          "/api/run/log?name=a/b/c"}) {
+        auto r = get(path);
+        EXPECT_EQ(r.first, 400) << path << ": " << r.second;
+        EXPECT_NE(r.second.find("not a run"), std::string::npos) << path << ": " << r.second;
+    }
+    // A link inside the runs folder that leads out of it is refused too.
+    std::filesystem::create_directories(dir / "outside");
+    std::ofstream(dir / "outside/config.yaml") << "secret\n";
+    std::filesystem::create_directory_symlink(dir / "outside", dir / "runs/escape");
+    expect(get("/api/run?name=escape"), 400, "outside the runs folder");
+    expect(get("/api/jobs/nope"), 404, "no job named");
+    expect(get("/nowhere/../../etc/passwd"), 404, "no such endpoint");
+    expect(get("/api/run/metrics?name=x&offset=ten"), 400, "not an integer");
+
+    // A 100 MB body is turned away without being read.
+    std::string huge(100u << 20, 'x');
+    auto r = s.client().Post("/api/jobs/", huge, "application/json");
+    ASSERT_TRUE(r) << httplib::to_string(r.error());
+    EXPECT_EQ(r->status, 413);
+    EXPECT_NE(r->body.find("over the 1048576 byte limit"), std::string::npos) << r->body;
+    // The server is still up and answering.
+    EXPECT_EQ(get("/healthz").first, 200);
+    EXPECT_EQ(s.get("/api/jobs/").size(), 0u);
+}
+
+TEST(Serve, TokenGuardsEveryCall) {
+    TempDir dir;
+    // Off loopback without a token the server refuses to start, in one sentence.
+    std::string out = dir / "refused.txt";
+    int rc = kiln::testing::run(kiln::testing::kiln_binary() + " serve --host 0.0.0.0 --runs " +
+                                (dir / "r0") + " >" + out + " 2>&1");
+    EXPECT_NE(rc, 0);
+    EXPECT_NE(fs::read_file(out).find("without a token"), std::string::npos) << fs::read_file(out);
+
+    Server s(dir / "runs", {"--token", "s3cret"});
+    auto none = s.client().Get("/api/jobs/");
+    ASSERT_TRUE(none);
+    EXPECT_EQ(none->status, 401);
+    auto wrong = s.client("guess").Get("/metrics");
+    ASSERT_TRUE(wrong);
+    EXPECT_EQ(wrong->status, 403);
+    auto right = s.client("s3cret").Get("/api/jobs/");
+    ASSERT_TRUE(right);
+    EXPECT_EQ(right->status, 200);
+    auto query = s.client().Get("/api/runs?token=s3cret");
+    ASSERT_TRUE(query);
+    EXPECT_EQ(query->status, 200);
+    auto post = s.client().Post("/api/jobs/", job(kMicro).dump(), "application/json");
+    ASSERT_TRUE(post);
+    EXPECT_EQ(post->status, 401);
+    // The client commands carry it from KILN_TOKEN.
+    std::string status = dir / "status.txt";
+    EXPECT_EQ(kiln::testing::run("KILN_TOKEN=s3cret " + kiln::testing::kiln_binary() +
+                                 " status --address http://127.0.0.1:" + std::to_string(s.port) +
+                                 " >" + status + " 2>&1"),
+              0)
+        << fs::read_file(status);
+    EXPECT_NE(kiln::testing::run(kiln::testing::kiln_binary() +
+                                 " status --address http://127.0.0.1:" + std::to_string(s.port) +
+                                 " >" + status + " 2>&1"),
+              0);
+    EXPECT_NE(fs::read_file(status).find("needs a token"), std::string::npos)
+        << fs::read_file(status);
+}
+
+TEST(Serve, ClientCommands) {
+    TempDir dir;
+    Server s(dir / "runs");
+    std::string address = " --address http://127.0.0.1:" + std::to_string(s.port);
+    std::string out = dir / "out.txt";
+    std::string k = kiln::testing::kiln_binary();
+    ASSERT_EQ(kiln::testing::run(k + " submit" + address + " -f -- " + kMicro +
+                                 " --set train.steps=2 >" + out + " 2>&1"),
+              0)
+        << fs::read_file(out);
+    std::string text = fs::read_file(out);
+    EXPECT_EQ(text.rfind("job-0001\n", 0), 0u) << text;
+    EXPECT_NE(text.find("SUCCEEDED"), std::string::npos) << text;
+    ASSERT_EQ(kiln::testing::run(k + " status" + address + " >" + out + " 2>&1"), 0);
+    EXPECT_NE(fs::read_file(out).find("job-0001"), std::string::npos);
+    ASSERT_EQ(kiln::testing::run(k + " logs job-0001" + address + " >" + out + " 2>&1"), 0);
+    EXPECT_NE(fs::read_file(out).find("step"), std::string::npos);
+    EXPECT_NE(kiln::testing::run(k + " stop job-9999" + address + " >" + out + " 2>&1"), 0);
+    EXPECT_NE(fs::read_file(out).find("no job named"), std::string::npos) << fs::read_file(out);
+    EXPECT_NE(kiln::testing::run(k + " submit" + address + " -- rm -rf / >" + out + " 2>&1"), 0);
+    EXPECT_NE(fs::read_file(out).find("not a kiln command"), std::string::npos);
+    // No server there: one sentence naming the address.
+    EXPECT_NE(kiln::testing::run(k + " status --address http://127.0.0.1:1 >" + out + " 2>&1"), 0);
+    EXPECT_NE(fs::read_file(out).find("cannot reach the head node at http://127.0.0.1:1"),
+              std::string::npos)
+        << fs::read_file(out);
+}
+
+std::string find_chromium() {
+    for (const char* p :
+         {"/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"}) {
+        if (::access(p, X_OK) == 0)
+            return p;
+    }
+    return "";
+}
+
+// The dashboard in a real browser on a live run: the jobs table lists the job, the run page
+// draws its charts. The screenshots are kept in the build folder (test-artifacts/).
+TEST(Serve, DashboardRendersInHeadlessChromium) {
+    std::string chromium = find_chromium();
+    if (chromium.empty())
+        GTEST_SKIP() << "no chromium (scripts/setup.sh installs it)";
+    TempDir dir;
+    Server s(dir / "runs");
+    std::string id = s.submit(job(kMicro + " --set train.steps=100000"));
+    for (int i = 0; i < 300 && s.lines(id) < 5; i++)
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    std::string artifacts = KILN_ARTIFACT_DIR;
+    std::filesystem::create_directories(artifacts);
+    std::string url = "http://127.0.0.1:" + std::to_string(s.port) + "/";
+    std::string browser = chromium + " --headless --no-sandbox --disable-gpu --no-first-run " +
+                          "--user-data-dir=" + (dir / "profile") +
+                          " --virtual-time-budget=6000 --window-size=1280,1400 ";
+    auto dom = [&](const std::string& page, const std::string& shot) {
+        std::string out = dir / "dom.html";
+        int rc = kiln::testing::run(browser + "--screenshot=" + artifacts + "/" + shot + " '" +
+                                    page + "' >/dev/null 2>&1");
+        EXPECT_EQ(rc, 0);
+        rc = kiln::testing::run(browser + "--dump-dom '" + page + "' >" + out + " 2>/dev/null");
+        EXPECT_EQ(rc, 0);
+        return fs::read_file(out);
+    };
+    std::string home = dom(url, "dashboard-jobs.png");
+    EXPECT_NE(home.find("data-jobs=\"1\""), std::string::npos) << home.substr(0, 2000);
+    EXPECT_NE(home.find(">" + id + "</a>"), std::string::npos);
+    EXPECT_NE(home.find("RUNNING"), std::string::npos);
+    std::string run = dom(url + "#run=" + id, "dashboard-run.png");
+    size_t at = run.find("data-chart-points=\"");
+    ASSERT_NE(at, std::string::npos) << run.substr(0, 2000);
+    EXPECT_GE(std::atoi(run.c_str() + at + 19), 5 * 5);  // five charts, five steps or more each
+    EXPECT_NE(run.find("<canvas id=\"chart-4\""), std::string::npos);
+    EXPECT_GT(std::filesystem::file_size(artifacts + "/dashboard-run.png"), 10000u);
+}
+
+}  // namespace
+}  // namespace kiln

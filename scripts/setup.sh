@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs every Debian package that building, testing and benchmarking kiln needs.
 # Idempotent: packages already present are left as they are. Run as root (or with sudo).
+#   bash scripts/setup.sh               build + test + bench
+#   bash scripts/setup.sh --build-only  what building needs (the container image's build stage)
 set -euo pipefail
 
 packages=(
@@ -8,12 +10,16 @@ packages=(
     libdnnl-dev libopenblas-dev
     libyaml-cpp-dev libcli11-dev libspdlog-dev libfmt-dev nlohmann-json3-dev
     libxxhash-dev libzstd-dev zlib1g-dev
-    libcpp-httplib-dev libsqlite3-dev libjs-chart.js chromium wrk
+    libcpp-httplib-dev libsqlite3-dev libjs-chart.js
     libsentencepiece-dev sentencepiece libgloo-dev
-    libgtest-dev libgmock-dev libbenchmark-dev
-    python3 python3-numpy python3-torch
-    clang-format-14
 )
+if [ "${1:-}" != "--build-only" ]; then
+    packages+=(
+        libgtest-dev libgmock-dev libbenchmark-dev
+        python3 python3-numpy python3-torch
+        clang-format-14 chromium wrk curl
+    )
+fi
 
 missing=()
 for p in "${packages[@]}"; do

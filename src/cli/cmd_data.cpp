@@ -34,11 +34,11 @@ void train_tokenizer_on(const std::vector<std::string>& corpus, const data::Data
 Action add_data(CLI::App& app) {
     struct Options {
         std::vector<std::string> corpus;
-        std::string tokenizer, out, config_file, verify_dir;
+        std::string tokenizer, out, verify_dir;
         int train_tokenizer = 0;
         int threads = 0;
         bool force = false;
-        std::vector<std::string> sets;
+        ConfigOptions config;
     };
     auto o = std::make_shared<Options>();
     app.add_option("--corpus", o->corpus,
@@ -50,14 +50,16 @@ Action add_data(CLI::App& app) {
     app.add_option("--out", o->out, "output folder for shards and manifest.json");
     app.add_option("--threads", o->threads, "tokenizer threads (0: all cores)");
     app.add_flag("--force", o->force, "replace a data set already in --out");
-    add_config_options(app, o->config_file, o->sets);
+    add_config_options(app, o->config);
     CLI::App* verify = app.add_subcommand("verify",
                                           "check a data set: headers, sizes, checksums, "
                                           "token range");
     verify->add_option("dir", o->verify_dir, "data set folder")->required();
     return [o, verify] {
         train::RunConfig config;
-        resolve_config(config, o->config_file, o->sets);
+        std::string yaml = resolve_config(config, o->config);
+        if (checked_only(o->config, yaml))
+            return 0;
         if (verify->parsed()) {
             data::Manifest m = data::verify_dataset(o->verify_dir);
             std::printf("%s: ok: %llu sequences of %u tokens in %zu shards, vocab %lld, %s\n",

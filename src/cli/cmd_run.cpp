@@ -1,16 +1,35 @@
-// kiln run [--out DIR] [--corpus PATH...] [--config F] [--set ...]: the embedded default job,
-// end to end on this machine: the built-in corpus -> a trained tokenizer -> packed shards ->
-// `tiny` trained on them -> a Hugging Face folder. Every stage reuses what an earlier run of
-// the same job finished (the data set, the tokenizer, training checkpoints).
-#include <filesystem>
-#include <memory>
+// kiln run [--out DIR] [--ranks N] [--corpus PATH...] [--config F] [--set ...]: the embedded
+// default job, end to end on this machine, with the dashboard up:
+//   data     the built-in corpus -> a trained tokenizer -> packed shards
+//   train    `tiny` on N local ranks (kiln launch: DP, or TP with parallel.tp), checkpoints and
+//            gang restarts on
+//   sample   a few lines from the trained model
+//   export   a Hugging Face folder
+// Every stage reuses what an earlier run of the same job finished (the data set, the tokenizer,
+// training checkpoints); each can be rerun alone with the config written to OUT/config.yaml.
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "checkpoint/checkpoint.h"
 #include "cli/commands.h"
+#include "core/error.h"
+#include "core/fs.h"
 #include "core/log.h"
 #include "data/build.h"
 #include "data/tokenizer.h"
 #include "export/hf.h"
-#include "train/trainer.h"
+#include "launch/supervisor.h"
+#include "train/sample.h"
 
 namespace kiln::cli {
 
@@ -37,25 +56,111 @@ train::RunConfig run_defaults(const std::string& out) {
     return c;
 }
 
+// `kiln serve` on the job's folder, as a child that dies with this process.
+struct Dashboard {
+    pid_t pid = -1;
+    ~Dashboard() {
+        if (pid > 0) {
+            ::kill(pid, SIGTERM);
+            ::waitpid(pid, nullptr, 0);
+        }
+    }
+    void start(const std::string& runs, int port) {
+        std::string log = runs + "/dashboard.log";
+        std::vector<std::string> args = {"/proc/self/exe", "serve",  "--runs",
+                                         runs,             "--port", std::to_string(port)};
+        std::vector<char*> argv;
+        for (auto& a : args)
+            argv.push_back(a.data());
+        argv.push_back(nullptr);
+        pid = ::fork();
+        if (pid == 0) {
+            ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+            int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+            ::dup2(fd, STDOUT_FILENO);
+            ::dup2(fd, STDERR_FILENO);
+            ::execv(argv[0], argv.data());
+            ::_exit(127);
+        }
+    }
+};
+
+bool port_free(int port) {
+    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(uint16_t(port));
+    bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+    ::close(fd);
+    return ok;
+}
+
+// First and last loss of a run's metrics.jsonl.
+std::pair<double, double> loss_range(const std::string& metrics) {
+    std::ifstream in(metrics);
+    double first = 0, last = 0;
+    bool any = false;
+    for (std::string line; std::getline(in, line);) {
+        auto j = nlohmann::json::parse(line, nullptr, false);
+        if (!j.is_object() || !j.contains("loss"))
+            continue;
+        last = j["loss"].get<double>();
+        if (!any)
+            first = last;
+        any = true;
+    }
+    return {first, last};
+}
+
 }  // namespace
 
 Action add_run(CLI::App& app) {
     struct Options {
         std::string out = "runs/default";
         std::vector<std::string> corpus = {"builtin:stories:20000"};
-        std::string config_file;
-        std::vector<std::string> sets;
+        int ranks = 2, port = 8265, samples = 3, max_failures = 2;
+        bool no_dashboard = false;
+        ConfigOptions config;
     };
     auto o = std::make_shared<Options>();
-    app.add_option("--out", o->out, "folder for everything the job writes");
+    app.add_option("--out", o->out, "folder for everything the job writes")->capture_default_str();
     app.add_option("--corpus", o->corpus, "text to train on (default: builtin:stories:20000)");
-    add_config_options(app, o->config_file, o->sets, run_defaults("OUT"));
+    app.add_option("--ranks", o->ranks, "local training ranks (DP x TP, with parallel.tp)")
+        ->check(CLI::Range(1, 64))
+        ->capture_default_str();
+    app.add_option("--max-failures", o->max_failures, "gang restarts from the last checkpoint")
+        ->capture_default_str();
+    app.add_option("--port", o->port, "dashboard port (a free one if it is taken)")
+        ->capture_default_str();
+    app.add_flag("--no-dashboard", o->no_dashboard, "do not start the dashboard");
+    app.add_option("--samples", o->samples, "lines of text to sample at the end")
+        ->capture_default_str();
+    add_config_options(app, o->config, run_defaults("OUT"));
     return [o] {
         train::RunConfig config = run_defaults(o->out);
-        std::string yaml = resolve_config(config, o->config_file, o->sets);
+        std::string yaml = resolve_config(config, o->config);
+        if (checked_only(o->config, yaml))
+            return 0;
+        if (o->ranks % config.tp != 0)
+            throw error("--ranks {} is not a multiple of parallel.tp={}", o->ranks, config.tp);
+        config.model.validate(int(config.tp));
         const std::string& model = config.data.tokenizer;
+        fs::make_dirs(o->out);
+        // The resolved config: `kiln train --config OUT/config.yaml` reruns the training stage.
+        fs::write_file_atomic(o->out + "/config.yaml", yaml);
 
-        log::info("run", "stage 1/3: data from {} into {}", o->corpus.front(), config.data.source);
+        Dashboard dashboard;
+        if (!o->no_dashboard) {
+            int port = port_free(o->port) ? o->port : launch::free_port();
+            dashboard.start(o->out, port);
+            std::printf("dashboard: http://127.0.0.1:%d/#run=train\n", port);
+            std::fflush(stdout);
+        }
+
+        log::info("run", "stage 1/4: data from {} into {}", o->corpus.front(), config.data.source);
         if (std::filesystem::exists(model)) {
             log::info("run", "reusing tokenizer {}", model);
         } else {
@@ -69,15 +174,43 @@ Action add_run(CLI::App& app) {
         if (built.reused)
             log::info("run", "reusing the data set in {}", config.data.source);
 
-        log::info("run", "stage 2/3: train {} for {} steps in {}", config.model.preset,
-                  config.train.steps, config.run_dir);
-        train::TrainResult r = train::train(config, yaml);
+        log::info("run", "stage 2/4: train {} for {} steps on {} ranks in {}", config.model.preset,
+                  config.train.steps, o->ranks, config.run_dir);
+        launch::LaunchOptions gang;
+        gang.ranks = o->ranks;
+        gang.max_failures = o->max_failures;
+        gang.hang_timeout_s = 300;
+        gang.command = {"kiln", "train", "--config", o->out + "/config.yaml"};
+        if (launch::run_gang(gang) != 0)
+            throw error("training failed; its logs are {}/rank-N.log", config.run_dir);
+        auto [first, last] = loss_range(config.run_dir + "/metrics.jsonl");
+        auto checkpoint = checkpoint::latest(checkpoint::RunDir{config.run_dir});
+        if (!checkpoint)
+            throw error("training left no checkpoint in {}", config.run_dir);
+
+        log::info("run", "stage 3/4: {} samples from {}", o->samples, *checkpoint);
+        train::Sampler sampler(*checkpoint);
+        bool stories = o->corpus.front().rfind("builtin:stories", 0) == 0;
+        std::vector<int32_t> prompt = {tokenizer.bos_id()};
+        for (int id : tokenizer.encode(stories ? "Once upon a time" : ""))
+            prompt.push_back(id);
+        for (int s = 0; s < o->samples; s++) {
+            train::SampleOptions opt;
+            opt.tokens = 48;
+            opt.seed = uint64_t(s) + 1;
+            std::vector<int32_t> ids = sampler.continue_(prompt, opt, tokenizer.eos_id());
+            std::vector<int> text(ids.begin() + 1, ids.end());
+            if (!text.empty() && text.back() == tokenizer.eos_id())
+                text.pop_back();
+            std::printf("sample %d: %s\n", s + 1, tokenizer.decode(text).c_str());
+            std::fflush(stdout);
+        }
 
         std::string hf = o->out + "/hf";
-        log::info("run", "stage 3/3: export {} to {}", r.checkpoint, hf);
-        exporter::export_hf(r.checkpoint, hf, "float32", model);
-        std::printf("done: loss %.4f -> %.4f; checkpoint %s; Hugging Face folder %s\n",
-                    r.first_loss, r.last_loss, r.checkpoint.c_str(), hf.c_str());
+        log::info("run", "stage 4/4: export {} to {}", *checkpoint, hf);
+        exporter::export_hf(*checkpoint, hf, "float32", model);
+        std::printf("done: loss %.4f -> %.4f; checkpoint %s; Hugging Face folder %s\n", first, last,
+                    checkpoint->c_str(), hf.c_str());
         return 0;
     };
 }

@@ -7,13 +7,12 @@
 
 namespace kiln::cli {
 
-std::string resolve_config(train::RunConfig& config, const std::string& file,
-                           const std::vector<std::string>& sets) {
+std::string resolve_config(train::RunConfig& config, const ConfigOptions& options) {
     ConfigSchema schema;
     train::build_schema(schema, config);
-    if (!file.empty())
-        schema.load_yaml_file(file);
-    for (const auto& s : sets)
+    if (!options.file.empty())
+        schema.load_yaml_file(options.file);
+    for (const auto& s : options.sets)
         schema.add_override(s);
     schema.apply();
     config.validate();
@@ -21,26 +20,32 @@ std::string resolve_config(train::RunConfig& config, const std::string& file,
     return schema.to_yaml();
 }
 
-void add_config_options(CLI::App& app, std::string& file, std::vector<std::string>& sets,
-                        train::RunConfig defaults) {
-    app.add_option("--config", file, "YAML file of config keys")->check(CLI::ExistingFile);
-    app.add_option("--set", sets, "override one key: --set train.lr=3e-4 (repeatable)")
+void add_config_options(CLI::App& app, ConfigOptions& options, train::RunConfig defaults) {
+    app.add_option("--config", options.file, "YAML file of config keys")
+        ->check(CLI::ExistingFile);
+    app.add_option("--set", options.sets, "override one key: --set train.lr=3e-4 (repeatable)")
         ->allow_extra_args(false);
+    app.add_flag("--check", options.check,
+                 "check the config, print it resolved (every key), and stop");
     ConfigSchema schema;
     train::build_schema(schema, defaults);
     app.footer("Config keys (KEY = default; nested YAML or --set a.b=c):\n" + schema.help());
 }
 
+bool checked_only(const ConfigOptions& options, const std::string& yaml) {
+    if (options.check)
+        std::printf("%s", yaml.c_str());
+    return options.check;
+}
+
 Action add_train(CLI::App& app) {
-    struct Options {
-        std::string config_file;
-        std::vector<std::string> sets;
-    };
-    auto o = std::make_shared<Options>();
-    add_config_options(app, o->config_file, o->sets);
+    auto o = std::make_shared<ConfigOptions>();
+    add_config_options(app, *o);
     return [o] {
         train::RunConfig config;
-        std::string yaml = resolve_config(config, o->config_file, o->sets);
+        std::string yaml = resolve_config(config, *o);
+        if (checked_only(*o, yaml))
+            return 0;
         train::TrainResult r = train::train(config, yaml);
         std::printf("trained %lld steps: loss %.4f -> %.4f; checkpoint %s\n",
                     static_cast<long long>(r.steps), r.first_loss, r.last_loss,

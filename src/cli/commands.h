@@ -12,13 +12,19 @@ namespace kiln::cli {
 
 using Action = std::function<int()>;
 
+// --config FILE, --set key=value..., --check: how every command that reads the config takes it.
+struct ConfigOptions {
+    std::string file;
+    std::vector<std::string> sets;
+    bool check = false;  // check the config, print it resolved, and do nothing else
+};
 // Applies --config FILE then every --set to `config` (whose fields hold the defaults), checks
 // it, sets the log level, and returns the resolved YAML for the run folder.
-std::string resolve_config(train::RunConfig& config, const std::string& file,
-                           const std::vector<std::string>& sets);
-// Adds --config and --set, and the list of config keys with `defaults` to the help footer.
-void add_config_options(CLI::App& app, std::string& file, std::vector<std::string>& sets,
-                        train::RunConfig defaults = {});
+std::string resolve_config(train::RunConfig& config, const ConfigOptions& options);
+// Adds the options, and the list of config keys with `defaults` to the help footer.
+void add_config_options(CLI::App& app, ConfigOptions& options, train::RunConfig defaults = {});
+// With --check: prints the resolved YAML and returns true (the command then stops, exit 0).
+bool checked_only(const ConfigOptions& options, const std::string& yaml);
 
 Action add_train(CLI::App& app);
 Action add_eval(CLI::App& app);
@@ -28,6 +34,7 @@ Action add_data(CLI::App& app);
 Action add_tokenizer(CLI::App& app);
 Action add_launch(CLI::App& app);
 Action add_serve(CLI::App& app);
+Action add_sample(CLI::App& app);
 Action add_submit(CLI::App& app);
 Action add_status(CLI::App& app);
 Action add_logs(CLI::App& app);

@@ -32,6 +32,7 @@ int main(int argc, char** argv) {
          kiln::cli::add_launch},
         {"eval", "mean loss and perplexity of a checkpoint on a shard folder, as JSON",
          kiln::cli::add_eval},
+        {"sample", "generate text from a checkpoint (continues --prompt)", kiln::cli::add_sample},
         {"export", "checkpoint -> Hugging Face folder (model.safetensors + config.json)",
          kiln::cli::add_export},
         {"serve", "head node: dashboard, jobs API with a gang-admission queue, /metrics (:8265)",

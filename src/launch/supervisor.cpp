@@ -126,6 +126,7 @@ Attempt run_once(const LaunchOptions& o, const std::vector<std::string>& command
             ::setenv("WORLD_SIZE", std::to_string(o.ranks).c_str(), 1);
             ::setenv("RANK", std::to_string(i).c_str(), 1);
             ::setenv("LOCAL_RANK", std::to_string(i).c_str(), 1);
+            ::setenv("LOCAL_WORLD_SIZE", std::to_string(o.ranks).c_str(), 1);
             ::setenv("KILN_HEARTBEAT_DIR", heartbeat_dir.c_str(), 1);
             ::setenv("KILN_RESTARTS", std::to_string(attempt).c_str(), 1);
             // The ranks share this machine's cores (unless the user decided otherwise).

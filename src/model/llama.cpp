@@ -30,17 +30,37 @@ Recompute parse_recompute(const std::string& name) {
 
 Llama::Llama(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t B, int64_t T,
              Recompute recompute, int64_t capacity, Collective* tp)
+    : Llama(config, kernels, B, T, recompute, tp, tp ? tp->size() : 1, tp ? tp->rank() : 0) {
+    build(capacity, true);
+}
+
+ModelBytes Llama::bytes(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t B,
+                        int64_t T, Recompute recompute, int64_t capacity, int tp_size) {
+    Llama plan(config, kernels, B, T, recompute, nullptr, tp_size, 0);
+    plan.build(capacity, false);
+    return {int64_t(plan.params_.bytes()), int64_t(plan.grads_.bytes()),
+            int64_t(plan.params_bf16_.bytes()), int64_t(plan.acts_.bytes())};
+}
+
+Llama::Llama(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t B, int64_t T,
+             Recompute recompute, Collective* tp, int tp_size, int tp_rank)
     : config_(config),
       tp_(tp),
-      tp_size_(tp ? tp->size() : 1),
-      tp_rank_(tp ? tp->rank() : 0),
+      tp_size_(tp_size),
+      tp_rank_(tp_rank),
       layout_(config, tp_size_, tp_rank_),
       k_(kernels),
       B_(B),
       T_(T),
       M_(B * T),
       recompute_(recompute),
-      bf16_(kernels.precision == kernels::Precision::bf16) {
+      bf16_(kernels.precision == kernels::Precision::bf16) {}
+
+// Declares every buffer; with `allocate`, allocates them and resolves the pointers into them.
+void Llama::build(int64_t capacity, bool allocate) {
+    const LlamaConfig& config = config_;
+    const int64_t B = B_, T = T_;
+    const Recompute recompute = recompute_;
     config_.validate(tp_size_);
     KILN_CHECK(B > 0 && T > 0, "micro-batch {}x{}", B, T);
     C_ = config.dim, D_ = config.head_dim();
@@ -54,13 +74,9 @@ Llama::Llama(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t
 
     capacity = std::max(capacity, layout_.total());
     params_.add("params", capacity, DType::f32);
-    params_.allocate();
     grads_.add("grads", capacity, DType::f32);
-    grads_.allocate();
-    if (bf16_) {
+    if (bf16_)
         params_bf16_.add("params", capacity, DType::bf16);
-        params_bf16_.allocate();
-    }
 
     // Activations: declare every region, allocate once, then resolve pointers.
     const int64_t M = M_;
@@ -108,6 +124,12 @@ Llama::Llama(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t
     int64_t max_operand = std::max({M * std::max({C, QKV, 2 * F}), head_rows_ * V});
     ws_.bytes = k_.workspace_bytes(max_operand, attn_);
     size_t o_ws = acts_.add("workspace", int64_t(ws_.bytes), DType::u16);  // counted in bytes/2
+    if (!allocate)
+        return;
+    params_.allocate();
+    grads_.allocate();
+    if (bf16_)
+        params_bf16_.allocate();
     acts_.allocate();
 
     res_ = acts_.get<float>(o_res);

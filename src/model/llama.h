@@ -21,6 +21,10 @@ namespace kiln::model {
 enum class Recompute { none, selective, full };
 Recompute parse_recompute(const std::string& name);  // throws Error
 
+struct ModelBytes {
+    int64_t params = 0, grads = 0, params_bf16 = 0, activations = 0;  // activations: + workspace
+};
+
 struct LossSum {
     double sum = 0;      // summed cross-entropy over the rows with a target
     int64_t tokens = 0;  // rows with a target (target >= 0)
@@ -35,6 +39,10 @@ public:
     // calls tp's all-reduces in forward and backward.
     Llama(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t B, int64_t T,
           Recompute recompute, int64_t capacity = 0, Collective* tp = nullptr);
+    // The bytes such a model holds on one rank of a tensor-parallel group of `tp_size`, computed
+    // from the same declarations, without allocating them.
+    static ModelBytes bytes(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t B,
+                            int64_t T, Recompute recompute, int64_t capacity, int tp_size);
 
     const LlamaConfig& config() const { return config_; }
     const Layout& layout() const { return layout_; }
@@ -60,6 +68,9 @@ public:
     void forward_logits(const int32_t* tokens, float* logits);
 
 private:
+    Llama(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t B, int64_t T,
+          Recompute recompute, Collective* tp, int tp_size, int tp_rank);
+    void build(int64_t capacity, bool allocate);
     struct BlockActs {  // one block's saved activations; pointers into acts_
         float *rstd1, *xn1, *qkv, *probs, *att, *x2, *rstd2, *xn2, *gu, *h;
         // bf16 copies of the product inputs (bf16 precision only; else null)

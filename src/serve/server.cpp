@@ -146,6 +146,7 @@ int serve(const ServeOptions& o) {
     svr.new_task_queue = [] { return new httplib::ThreadPool(32); };
     svr.set_payload_max_length(o.max_body);
     svr.set_keep_alive_max_count(10000);
+    svr.set_tcp_nodelay(true);  // headers and body go out in separate writes
     svr.set_read_timeout(10, 0);
 
     svr.set_pre_routing_handler([&](const httplib::Request& req, httplib::Response& res) {

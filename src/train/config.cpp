@@ -46,6 +46,9 @@ void build_schema(ConfigSchema& s, RunConfig& c) {
           non_negative(&t.keep_checkpoints));
     s.add("train.peak_gflops", &t.peak_gflops, "peak matmul GFLOP/s for MFU (0: measure at start)",
           non_negative(&t.peak_gflops));
+    s.add("train.memory_limit_gb", &t.memory_limit_gb,
+          "memory one rank may plan for, GiB (0: this machine's memory / its ranks)",
+          non_negative(&t.memory_limit_gb));
     s.add("parallel.tp", &c.tp, "tensor-parallel ranks (DP = world size / TP)", positive(&c.tp));
     s.add("parallel.zero", &c.zero, "1: shard optimizer state over DP (ZeRO-1), 0: replicate",
           [&c] { return c.zero == 0 || c.zero == 1 ? "" : "must be 0 or 1"; });

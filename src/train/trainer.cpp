@@ -20,6 +20,7 @@
 #include "kernels/backends.h"
 #include "model/llama.h"
 #include "optim/adamw.h"
+#include "train/memory.h"
 #include "train/metrics.h"
 
 namespace kiln::train {
@@ -202,11 +203,14 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
             }
         }
     }
+    // Nothing big is allocated before the plan says it fits.
+    const char* local = std::getenv("LOCAL_WORLD_SIZE");
+    const MemoryPlan plan = memory_plan(cfg, g.world);
+    check_fits(plan, memory_limit(cfg, local ? std::max(1, std::atoi(local)) : 1), cfg);
     const bool zero = cfg.zero == 1 && g.dp > 1;
     const Shards sh = shard_layout(model::Layout(cfg.model, g.tp, g.tp_rank).total(), g, zero);
     model::Llama model(cfg.model, k, t.micro_batch, t.seq_len, model::parse_recompute(t.recompute),
                        sh.padded, &job.tp());
-    const int64_t total = model.layout().total();
     optim::AdamW adamw(model.layout(), cfg.adamw, sh.begin, sh.end);
     optim::Schedule schedule = cfg.schedule;
     schedule.total_steps = t.steps;
@@ -245,10 +249,11 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
               k.name, num_threads(), model.activation_bytes() / 1048576.0);
     const double mib = 1048576.0;
     log::info("train",
-              "per rank: parameters {:.1f} MiB, gradients {:.1f} MiB, optimizer state {:.1f} MiB "
-              "({}; dp {} x tp {})",
-              total * 4 / mib, sh.padded * 4 / mib, (sh.end - sh.begin) * 8 / mib,
-              zero ? "ZeRO-1 shard" : "replicated", g.dp, g.tp);
+              "memory plan per rank: {:.0f} MiB (parameters {:.1f}, gradients {:.1f}, optimizer "
+              "state {:.1f} ({}; dp {} x tp {}), activations {:.1f}, checkpoint staging {:.1f})",
+              plan.total() / mib, (plan.params + plan.params_bf16) / mib, plan.grads / mib,
+              plan.optimizer / mib, zero ? "ZeRO-1 shard" : "replicated", g.dp, g.tp,
+              plan.activations / mib, plan.checkpoint / mib);
     double peak = t.peak_gflops > 0 ? t.peak_gflops : measure_peak_gflops(t.backend, t.precision);
     const double flops_tok = flops_per_token(cfg.model, t.seq_len);
     const int64_t B = t.micro_batch, T = t.seq_len;

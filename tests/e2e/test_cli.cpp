@@ -141,6 +141,15 @@ TEST(Cli, RunTrainsExportsAndReusesWhatIsDone) {
                        " --corpus builtin:stories:3000 --set data.seq_len=32";
     Result r = kiln(args);
     ASSERT_EQ(r.rc, 0) << r.out;
+    // Two ranks, the dashboard, samples, and the loss down.
+    EXPECT_NE(r.out.find("dashboard: http://127.0.0.1:"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("[rank 1]"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("sample 3: "), std::string::npos) << r.out;
+    auto m = metrics(dir / "job/train");
+    ASSERT_EQ(m.size(), 12u);
+    EXPECT_LT(m.back()["loss"].get<double>(), m.front()["loss"].get<double>());
+    EXPECT_TRUE(fs::exists(dir / "job/config.yaml"));
+    EXPECT_TRUE(fs::exists(dir / "job/train/ranks/rank-1.json"));
     EXPECT_TRUE(fs::exists(dir / "job/hf/model.safetensors"));
     EXPECT_TRUE(fs::exists(dir / "job/hf/tokenizer.model"));
     EXPECT_TRUE(fs::exists(dir / "job/data/manifest.json"));

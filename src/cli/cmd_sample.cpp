@@ -1,0 +1,90 @@
+// kiln sample --checkpoint DIR [--prompt TEXT] [--tokens N] [--samples N] ...
+#include <yaml-cpp/yaml.h>
+
+#include <filesystem>
+#include <memory>
+
+#include "cli/commands.h"
+#include "core/error.h"
+#include "core/fs.h"
+#include "data/tokenizer.h"
+#include "train/sample.h"
+
+namespace kiln::cli {
+namespace {
+
+// The tokenizer a run trained with: data.tokenizer in the config.yaml of the run folder that
+// holds `checkpoint` (a run folder, or one of its checkpoints/step-N folders).
+std::string run_tokenizer(const std::string& checkpoint) {
+    namespace stdfs = std::filesystem;
+    stdfs::path p = stdfs::absolute(checkpoint).lexically_normal();
+    if (p.filename().empty())
+        p = p.parent_path();
+    for (stdfs::path run : {p, p.parent_path().parent_path()}) {
+        std::string config = (run / "config.yaml").string();
+        if (!fs::exists(config))
+            continue;
+        YAML::Node y = YAML::LoadFile(config);
+        if (y["data"] && y["data"]["tokenizer"]) {
+            std::string t = y["data"]["tokenizer"].as<std::string>();
+            if (!t.empty())
+                return t;
+        }
+    }
+    throw error("{}: cannot tell which tokenizer its run used (no data.tokenizer in its run's "
+                "config.yaml); give --tokenizer MODEL",
+                checkpoint);
+}
+
+}  // namespace
+
+Action add_sample(CLI::App& app) {
+    struct Options {
+        std::string checkpoint, tokenizer, prompt;
+        int samples = 1;
+        train::SampleOptions sample;
+    };
+    auto o = std::make_shared<Options>();
+    app.add_option("--checkpoint", o->checkpoint, "checkpoint folder, or a run folder (its latest)")
+        ->required();
+    app.add_option("--tokenizer", o->tokenizer, "tokenizer model (default: the run's)");
+    app.add_option("--prompt", o->prompt, "text to continue (default: none, from BOS)");
+    app.add_option("--tokens", o->sample.tokens, "new tokens per sample")
+        ->check(CLI::Range(1, 100000))
+        ->capture_default_str();
+    app.add_option("--samples", o->samples, "how many samples")
+        ->check(CLI::Range(1, 1000))
+        ->capture_default_str();
+    app.add_option("--temperature", o->sample.temperature, "softmax temperature (0: greedy)")
+        ->check(CLI::Range(0.0, 100.0))
+        ->capture_default_str();
+    app.add_option("--top-k", o->sample.top_k, "draw among the k likeliest (0: all)")
+        ->check(CLI::NonNegativeNumber)
+        ->capture_default_str();
+    app.add_option("--seed", o->sample.seed, "random seed")->capture_default_str();
+    return [o] {
+        std::string model = o->tokenizer.empty() ? run_tokenizer(o->checkpoint) : o->tokenizer;
+        data::Tokenizer tok(model);
+        train::Sampler sampler(o->checkpoint);
+        if (tok.vocab_size() != sampler.vocab_size())
+            throw error("tokenizer {} has {} pieces but the checkpoint's model has {}", model,
+                        tok.vocab_size(), sampler.vocab_size());
+        std::vector<int32_t> prompt = {tok.bos_id()};
+        for (int id : tok.encode(o->prompt))
+            prompt.push_back(id);
+        for (int s = 0; s < o->samples; s++) {
+            train::SampleOptions opt = o->sample;
+            opt.seed = o->sample.seed + uint64_t(s);
+            std::vector<int32_t> ids = sampler.continue_(prompt, opt, tok.eos_id());
+            std::vector<int> text(ids.begin() + 1, ids.end());
+            if (!text.empty() && text.back() == tok.eos_id())
+                text.pop_back();
+            std::printf("%s\n", tok.decode(text).c_str());
+            if (o->samples > 1 && s + 1 < o->samples)
+                std::printf("---\n");
+        }
+        return 0;
+    };
+}
+
+}  // namespace kiln::cli

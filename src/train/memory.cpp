@@ -1,0 +1,105 @@
+#include "train/memory.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <fstream>
+
+#include "core/error.h"
+#include "kernels/backends.h"
+#include "model/layout.h"
+#include "model/llama.h"
+
+namespace kiln::train {
+namespace {
+
+constexpr double kMiB = 1048576.0;
+
+// Code, shared libraries, oneDNN's JIT kernels, OpenMP and gloo threads, heap slack: measured
+// on this build as the peak resident memory of a micro model (bench/RESULTS.md, memory plan).
+constexpr int64_t kRuntimeBytes = int64_t(96) << 20;
+
+}  // namespace
+
+std::string MemoryPlan::table() const {
+    const std::pair<const char*, int64_t> rows[] = {
+        {"parameters (fp32)", params}, {"parameters (bf16 copy)", params_bf16},
+        {"gradients (fp32)", grads},   {"optimizer state (m, v)", optimizer},
+        {"activations + workspace", activations}, {"checkpoint staging", checkpoint},
+        {"communication buffers", communication}, 
+        {"runtime", runtime}};
+    std::string out;
+    for (const auto& [name, bytes] : rows) {
+        out += fmt::format("  {:<26} {:>10.1f} MiB  {:>5.1f}%\n", name, double(bytes) / kMiB,
+                           total() > 0 ? 100.0 * double(bytes) / double(total()) : 0.0);
+    }
+    out += fmt::format("  {:<26} {:>10.1f} MiB\n", "total per rank", double(total()) / kMiB);
+    return out;
+}
+
+MemoryPlan memory_plan(const RunConfig& config, int world) {
+    const int tp = int(config.tp);
+    if (world < 1 || world % tp != 0)
+        throw error("parallel.tp={} does not divide the {} ranks", tp, world);
+    config.model.validate(tp);
+    const int dp = world / tp;
+    const TrainConfig& t = config.train;
+    const bool zero = config.zero == 1 && dp > 1;
+    const int64_t total = model::Layout(config.model, tp, 0).total();
+    const int64_t chunk = (total + dp - 1) / dp;
+    const int64_t padded = chunk * dp;
+    const int64_t range = zero ? chunk : total;
+    auto precision = t.precision == "fp32" ? kernels::Precision::fp32 : kernels::Precision::bf16;
+    // The reference backend declares the same buffers; only its workspace may differ.
+    const kernels::Kernels& k = kernels::select_kernels(
+        t.backend == "cuda" ? "cpu" : t.backend, precision);
+    model::ModelBytes m = model::Llama::bytes(config.model, k, t.micro_batch, t.seq_len,
+                                              model::parse_recompute(t.recompute), padded, tp);
+    MemoryPlan p;
+    p.params = m.params;
+    p.params_bf16 = m.params_bf16;
+    p.grads = m.grads;
+    p.activations = m.activations;
+    p.optimizer = 2 * range * int64_t(sizeof(float));
+    p.checkpoint = (total + 2 * range) * int64_t(sizeof(float));  // DP rank 0: params + m + v
+    // gloo's halving-doubling reduce-scatter (ZeRO-1) holds two gradient-sized buffers; its
+    // all-reduce (no ZeRO) reduces in place (measured: bench/RESULTS.md, memory plan).
+    p.communication = zero ? 2 * m.grads : 0;
+    p.runtime = kRuntimeBytes;
+    return p;
+}
+
+int64_t memory_limit(const RunConfig& config, int local_ranks) {
+    if (config.train.memory_limit_gb > 0)
+        return int64_t(config.train.memory_limit_gb * 1024 * kMiB);
+    int64_t bytes = int64_t(::sysconf(_SC_PHYS_PAGES)) * int64_t(::sysconf(_SC_PAGESIZE));
+    return bytes / std::max(1, local_ranks);
+}
+
+void check_fits(const MemoryPlan& plan, int64_t limit, const RunConfig& config) {
+    if (plan.total() <= limit)
+        return;
+    std::string advice;
+    if (plan.activations > plan.total() / 3) {
+        advice = config.train.recompute == "full"
+                     ? "lower train.micro_batch or train.seq_len (raise train.grad_accum to keep "
+                       "the batch)"
+                     : "set train.recompute=" +
+                           std::string(config.train.recompute == "none" ? "selective or full"
+                                                                        : "full") +
+                           ", or lower train.micro_batch (raise train.grad_accum to keep the "
+                           "batch)";
+    } else {
+        advice = config.zero == 0 ? "set parallel.zero=1, or raise parallel.tp"
+                                  : "raise parallel.tp, or use more ranks";
+    }
+    throw error(
+        "the run needs {:.2f} GiB per rank (parameters, gradients and optimizer state {:.2f} GiB, "
+        "activations {:.2f} GiB) but a rank may use {:.2f} GiB{}; {}",
+        double(plan.total()) / (1024 * kMiB),
+        double(plan.params + plan.params_bf16 + plan.grads + plan.optimizer) / (1024 * kMiB),
+        double(plan.activations) / (1024 * kMiB), double(limit) / (1024 * kMiB),
+        config.train.memory_limit_gb > 0 ? " (train.memory_limit_gb)" : "", advice);
+}
+
+}  // namespace kiln::train

@@ -1,0 +1,31 @@
+#pragma once
+// Text from a checkpoint: the model continues a prompt one token at a time, each drawn from the
+// softmax of its logits at `temperature`, among the `top_k` likeliest (0: all).
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace kiln::train {
+
+struct SampleOptions {
+    int64_t tokens = 64;       // new tokens at most
+    double temperature = 0.8;  // 0: always the likeliest
+    int64_t top_k = 40;
+    uint64_t seed = 1;
+};
+
+class Sampler {
+public:
+    explicit Sampler(const std::string& checkpoint);  // a checkpoint or run folder
+    ~Sampler();
+    // The prompt's ids (BOS first) followed by the new ones; stops after `eos` when it is drawn.
+    std::vector<int32_t> continue_(std::vector<int32_t> prompt, const SampleOptions& options,
+                                   int32_t eos) const;
+    int64_t vocab_size() const;
+
+private:
+    struct Impl;
+    Impl* impl_;
+};
+
+}  // namespace kiln::train

@@ -10,8 +10,8 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
-#include <sys/socket.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -67,8 +67,8 @@ struct Dashboard {
     }
     void start(const std::string& runs, int port) {
         std::string log = runs + "/dashboard.log";
-        std::vector<std::string> args = {"/proc/self/exe", "serve",  "--runs",
-                                         runs,             "--port", std::to_string(port)};
+        std::vector<std::string> args = {"/proc/self/exe",    "serve", "--runs", runs, "--port",
+                                         std::to_string(port)};
         std::vector<char*> argv;
         for (auto& a : args)
             argv.push_back(a.data());

@@ -31,9 +31,10 @@ std::string run_tokenizer(const std::string& checkpoint) {
                 return t;
         }
     }
-    throw error("{}: cannot tell which tokenizer its run used (no data.tokenizer in its run's "
-                "config.yaml); give --tokenizer MODEL",
-                checkpoint);
+    throw error(
+        "{}: cannot tell which tokenizer its run used (no data.tokenizer in its run's "
+        "config.yaml); give --tokenizer MODEL",
+        checkpoint);
 }
 
 }  // namespace

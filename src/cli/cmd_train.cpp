@@ -21,8 +21,7 @@ std::string resolve_config(train::RunConfig& config, const ConfigOptions& option
 }
 
 void add_config_options(CLI::App& app, ConfigOptions& options, train::RunConfig defaults) {
-    app.add_option("--config", options.file, "YAML file of config keys")
-        ->check(CLI::ExistingFile);
+    app.add_option("--config", options.file, "YAML file of config keys")->check(CLI::ExistingFile);
     app.add_option("--set", options.sets, "override one key: --set train.lr=3e-4 (repeatable)")
         ->allow_extra_args(false);
     app.add_flag("--check", options.check,

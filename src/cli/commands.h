@@ -35,6 +35,8 @@ Action add_tokenizer(CLI::App& app);
 Action add_launch(CLI::App& app);
 Action add_serve(CLI::App& app);
 Action add_sample(CLI::App& app);
+Action add_compile(CLI::App& app);
+Action add_plan(CLI::App& app);
 Action add_submit(CLI::App& app);
 Action add_status(CLI::App& app);
 Action add_logs(CLI::App& app);

@@ -22,12 +22,14 @@ constexpr int64_t kRuntimeBytes = int64_t(96) << 20;
 }  // namespace
 
 std::string MemoryPlan::table() const {
-    const std::pair<const char*, int64_t> rows[] = {
-        {"parameters (fp32)", params}, {"parameters (bf16 copy)", params_bf16},
-        {"gradients (fp32)", grads},   {"optimizer state (m, v)", optimizer},
-        {"activations + workspace", activations}, {"checkpoint staging", checkpoint},
-        {"communication buffers", communication}, 
-        {"runtime", runtime}};
+    const std::pair<const char*, int64_t> rows[] = {{"parameters (fp32)", params},
+                                                    {"parameters (bf16 copy)", params_bf16},
+                                                    {"gradients (fp32)", grads},
+                                                    {"optimizer state (m, v)", optimizer},
+                                                    {"activations + workspace", activations},
+                                                    {"checkpoint staging", checkpoint},
+                                                    {"communication buffers", communication},
+                                                    {"runtime", runtime}};
     std::string out;
     for (const auto& [name, bytes] : rows) {
         out += fmt::format("  {:<26} {:>10.1f} MiB  {:>5.1f}%\n", name, double(bytes) / kMiB,
@@ -51,8 +53,8 @@ MemoryPlan memory_plan(const RunConfig& config, int world) {
     const int64_t range = zero ? chunk : total;
     auto precision = t.precision == "fp32" ? kernels::Precision::fp32 : kernels::Precision::bf16;
     // The reference backend declares the same buffers; only its workspace may differ.
-    const kernels::Kernels& k = kernels::select_kernels(
-        t.backend == "cuda" ? "cpu" : t.backend, precision);
+    const kernels::Kernels& k =
+        kernels::select_kernels(t.backend == "cuda" ? "cpu" : t.backend, precision);
     model::ModelBytes m = model::Llama::bytes(config.model, k, t.micro_batch, t.seq_len,
                                               model::parse_recompute(t.recompute), padded, tp);
     MemoryPlan p;
@@ -81,14 +83,14 @@ void check_fits(const MemoryPlan& plan, int64_t limit, const RunConfig& config) 
         return;
     std::string advice;
     if (plan.activations > plan.total() / 3) {
-        advice = config.train.recompute == "full"
-                     ? "lower train.micro_batch or train.seq_len (raise train.grad_accum to keep "
-                       "the batch)"
-                     : "set train.recompute=" +
-                           std::string(config.train.recompute == "none" ? "selective or full"
-                                                                        : "full") +
-                           ", or lower train.micro_batch (raise train.grad_accum to keep the "
-                           "batch)";
+        advice =
+            config.train.recompute == "full"
+                ? "lower train.micro_batch or train.seq_len (raise train.grad_accum to keep "
+                  "the batch)"
+                : "set train.recompute=" +
+                      std::string(config.train.recompute == "none" ? "selective or full" : "full") +
+                      ", or lower train.micro_batch (raise train.grad_accum to keep the "
+                      "batch)";
     } else {
         advice = config.zero == 0 ? "set parallel.zero=1, or raise parallel.tp"
                                   : "raise parallel.tp, or use more ranks";

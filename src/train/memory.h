@@ -12,18 +12,18 @@
 namespace kiln::train {
 
 struct MemoryPlan {
-    int64_t params = 0;       // fp32 master weights (this TP rank's shard, padded for ZeRO)
-    int64_t params_bf16 = 0;  // the bf16 copy the products read (bf16 precision)
-    int64_t grads = 0;        // fp32 gradients
-    int64_t optimizer = 0;    // AdamW m and v (this DP rank's shard under ZeRO-1)
-    int64_t activations = 0;  // saved activations, backward scratch and the kernel workspace
-    int64_t checkpoint = 0;   // the staging copy a background checkpoint writes from
+    int64_t params = 0;         // fp32 master weights (this TP rank's shard, padded for ZeRO)
+    int64_t params_bf16 = 0;    // the bf16 copy the products read (bf16 precision)
+    int64_t grads = 0;          // fp32 gradients
+    int64_t optimizer = 0;      // AdamW m and v (this DP rank's shard under ZeRO-1)
+    int64_t activations = 0;    // saved activations, backward scratch and the kernel workspace
+    int64_t checkpoint = 0;     // the staging copy a background checkpoint writes from
     int64_t communication = 0;  // gloo's scratch for the gradient reduce-scatter / all-reduce
-    int64_t runtime = 0;      // the process itself: code, libraries, thread stacks, buffers
+    int64_t runtime = 0;        // the process itself: code, libraries, thread stacks, buffers
 
     int64_t total() const {
-        return params + params_bf16 + grads + optimizer + activations + checkpoint +
-               communication + runtime;
+        return params + params_bf16 + grads + optimizer + activations + checkpoint + communication +
+               runtime;
     }
     std::string table() const;  // one line per kind, MiB and share
 };

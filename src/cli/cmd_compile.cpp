@@ -84,24 +84,25 @@ Action add_plan(CLI::App& app) {
         auto all = o->fixed ? std::vector<compile::Estimate>{compile::estimate(config, cluster)}
                             : compile::candidates(config, cluster, o->global_batch);
         if (all.empty())
-            throw error("no layout of {} devices divides the model's {} heads and the global "
-                        "batch of {}; change --global-batch or the cluster",
-                        cluster.devices(), config.model.n_heads, o->global_batch);
-        std::printf("\n%4s %4s %5s %5s %-9s %12s %5s %9s %11s %6s\n", "TP", "DP", "micro",
-                    "accum", "recompute", "GB/device", "fits", "step (s)", "tokens/s", "MFU");
+            throw error(
+                "no layout of {} devices divides the model's {} heads and the global "
+                "batch of {}; change --global-batch or the cluster",
+                cluster.devices(), config.model.n_heads, o->global_batch);
+        std::printf("\n%4s %4s %5s %5s %-9s %12s %5s %9s %11s %6s\n", "TP", "DP", "micro", "accum",
+                    "recompute", "GB/device", "fits", "step (s)", "tokens/s", "MFU");
         for (int i = 0; i < int(all.size()) && i < o->show; i++) {
             const auto& e = all[size_t(i)];
             std::printf("%4d %4d %5lld %5lld %-9s %12.1f %5s %9.2f %11.0f %5.1f%%\n", e.tp, e.dp,
-                        static_cast<long long>(e.micro_batch),
-                        static_cast<long long>(e.grad_accum), e.recompute.c_str(),
-                        double(e.memory.total()) / 1e9, e.fits ? "yes" : "no", e.step_s(),
-                        e.tokens_per_s, 100 * e.mfu);
+                        static_cast<long long>(e.micro_batch), static_cast<long long>(e.grad_accum),
+                        e.recompute.c_str(), double(e.memory.total()) / 1e9, e.fits ? "yes" : "no",
+                        e.step_s(), e.tokens_per_s, 100 * e.mfu);
         }
         const auto& best = all.front();
         if (!best.fits)
-            throw error("no layout fits {} GB per device; use more devices, or a smaller model "
-                        "or sequence",
-                        cluster.device.memory_gb);
+            throw error(
+                "no layout fits {} GB per device; use more devices, or a smaller model "
+                "or sequence",
+                cluster.device.memory_gb);
         double budget = o->tokens > 0 ? o->tokens
                                       : double(config.train.steps) * double(o->global_batch) *
                                             double(o->seq_len);

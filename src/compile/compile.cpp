@@ -43,13 +43,14 @@ json compile(const train::RunConfig& config, const std::string& yaml, const Comp
     const int dp = ranks / int(std::max<int64_t>(1, config.tp));
     train::MemoryPlan plan = train::memory_plan(config, ranks);
     const int64_t limit = train::memory_limit(config, 1);
-    std::printf("layout: %d ranks = DP %d x TP %lld, ZeRO-%lld, micro-batch %lld x %lld tokens, "
-                "grad accumulation %lld, recompute %s, %s\n",
-                ranks, dp, static_cast<long long>(config.tp), static_cast<long long>(config.zero),
-                static_cast<long long>(config.train.micro_batch),
-                static_cast<long long>(config.train.seq_len),
-                static_cast<long long>(config.train.grad_accum), config.train.recompute.c_str(),
-                config.train.precision.c_str());
+    std::printf(
+        "layout: %d ranks = DP %d x TP %lld, ZeRO-%lld, micro-batch %lld x %lld tokens, "
+        "grad accumulation %lld, recompute %s, %s\n",
+        ranks, dp, static_cast<long long>(config.tp), static_cast<long long>(config.zero),
+        static_cast<long long>(config.train.micro_batch),
+        static_cast<long long>(config.train.seq_len),
+        static_cast<long long>(config.train.grad_accum), config.train.recompute.c_str(),
+        config.train.precision.c_str());
     std::printf("memory plan per rank (limit %.1f GiB%s):\n%s", double(limit) / (1 << 30),
                 config.train.memory_limit_gb > 0 ? ", train.memory_limit_gb" : "",
                 plan.table().c_str());
@@ -79,9 +80,9 @@ json compile(const train::RunConfig& config, const std::string& yaml, const Comp
     if (o.dry_steps <= 0) {
         report["dry_run"] = {{"skipped", "--dry-steps 0"}};
     } else if (plan.total() * ranks > machine) {
-        std::string why = fmt::format(
-            "the dry run needs {} ranks x {:.1f} GiB here, this machine has {:.1f} GiB", ranks,
-            double(plan.total()) / (1 << 30), double(machine) / (1 << 30));
+        std::string why =
+            fmt::format("the dry run needs {} ranks x {:.1f} GiB here, this machine has {:.1f} GiB",
+                        ranks, double(plan.total()) / (1 << 30), double(machine) / (1 << 30));
         std::printf("dry run skipped: %s (kiln plan forecasts the cluster)\n", why.c_str());
         report["dry_run"] = {{"skipped", why}};
     } else {
@@ -95,28 +96,23 @@ json compile(const train::RunConfig& config, const std::string& yaml, const Comp
         }
         launch::LaunchOptions gang;
         gang.ranks = ranks;
-        gang.command = {"kiln",
-                        "train",
-                        "--config",
-                        dir + "/config.yaml",
-                        "--set",
-                        "data.source=synthetic",
-                        "--set",
-                        fmt::format("train.steps={}", o.dry_steps),
-                        "--set",
-                        "train.log_every=1",
-                        "--set",
-                        fmt::format("train.checkpoint_every={}", o.dry_steps + 1),
-                        "--set",
-                        "run.dir=" + dir + "/run"};
+        gang.command = {"kiln",     "train",
+                        "--config", dir + "/config.yaml",
+                        "--set",    "data.source=synthetic",
+                        "--set",    fmt::format("train.steps={}", o.dry_steps),
+                        "--set",    "train.log_every=1",
+                        "--set",    fmt::format("train.checkpoint_every={}", o.dry_steps + 1),
+                        "--set",    "run.dir=" + dir + "/run"};
         std::printf("dry run: %d steps of synthetic data on %d local ranks\n", o.dry_steps, ranks);
         std::fflush(stdout);
         auto start = std::chrono::steady_clock::now();
         int rc = launch::run_gang(gang);
-        double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        double wall =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         if (rc != 0) {
             stdfs::remove_all(dir);
-            throw error("the dry run failed (above: the ranks' own words); the config cannot train");
+            throw error(
+                "the dry run failed (above: the ranks' own words); the config cannot train");
         }
         std::vector<double> tps, mfu;
         double first_step = 0;
@@ -141,12 +137,9 @@ json compile(const train::RunConfig& config, const std::string& yaml, const Comp
         stdfs::remove_all(dir);
         double rate = median(tps);
         double forecast = rate > 0 ? double(config.train.steps * tokens_per_step) / rate : 0;
-        report["dry_run"] = {{"steps", o.dry_steps},
-                             {"wall_s", wall},
-                             {"first_step_s", first_step},
-                             {"tokens_per_s", rate},
-                             {"mfu", median(mfu)},
-                             {"peak_rss_bytes", peak},
+        report["dry_run"] = {{"steps", o.dry_steps},       {"wall_s", wall},
+                             {"first_step_s", first_step}, {"tokens_per_s", rate},
+                             {"mfu", median(mfu)},         {"peak_rss_bytes", peak},
                              {"forecast_s", forecast}};
         std::printf(
             "dry run: %.0f tokens/s, MFU %.1f%%, first step %.2f s, peak memory %.0f MiB per rank "

@@ -13,8 +13,8 @@
 namespace kiln::compile {
 
 struct CompileOptions {
-    int ranks = 0;       // ranks of the run (0: parallel.tp, i.e. DP 1)
-    int dry_steps = 4;   // optimizer steps of the dry run (0: none)
+    int ranks = 0;      // ranks of the run (0: parallel.tp, i.e. DP 1)
+    int dry_steps = 4;  // optimizer steps of the dry run (0: none)
 };
 
 nlohmann::json compile(const train::RunConfig& config, const std::string& resolved_yaml,

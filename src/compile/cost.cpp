@@ -25,7 +25,8 @@ const std::map<std::string, Accelerator>& presets() {
         // 16 Trainium chips = 32 NeuronCores; 190 TFLOP/s bf16 per chip; 32 GiB HBM per chip
         // (16 per core); NeuronLink within the node, 800 Gbit/s EFA between nodes.
         {"trn1.32xlarge", {"trn1.32xlarge NeuronCore-v2", 95, 16, 0.35, 32, 48, 3.125}},
-        // 8 x H100 SXM: 989 TFLOP/s bf16 dense, 80 GB, NVLink 450 GB/s per direction, 3.2 Tbit/s EFA.
+        // 8 x H100 SXM: 989 TFLOP/s bf16 dense, 80 GB, NVLink 450 GB/s per direction, 3.2 Tbit/s
+        // EFA.
         {"p5.48xlarge", {"H100 SXM", 989, 80, 0.45, 8, 450, 50}},
         // 8 x H200 SXM: same compute as H100, 141 GB HBM3e.
         {"h200", {"H200 SXM", 989, 141, 0.45, 8, 450, 50}},
@@ -76,8 +77,9 @@ Cluster parse_cluster(const std::string& spec) {
     std::string name = spec;
     size_t x = spec.find_first_of("x*");
     if (x != std::string::npos && x > 0 &&
-        std::all_of(spec.begin(), spec.begin() + long(x),
-                    [](char ch) { return std::isdigit(static_cast<unsigned char>(ch)) || ch == ' '; })) {
+        std::all_of(spec.begin(), spec.begin() + long(x), [](char ch) {
+            return std::isdigit(static_cast<unsigned char>(ch)) || ch == ' ';
+        })) {
         c.nodes = std::atoi(spec.substr(0, x).c_str());
         name = spec.substr(x + 1);
         name.erase(0, name.find_first_not_of(' '));
@@ -162,8 +164,7 @@ Estimate estimate(const train::RunConfig& config, const Cluster& cluster) {
         e.dp_s = 2.0 * (e.dp - 1) / e.dp * shard / (bw * 1e9);
     }
     e.tokens_per_s = tokens / e.step_s();
-    e.mfu = train::flops_per_token(m, T) * e.tokens_per_s /
-            (double(world) * a.peak_tflops * 1e12);
+    e.mfu = train::flops_per_token(m, T) * e.tokens_per_s / (double(world) * a.peak_tflops * 1e12);
     return e;
 }
 

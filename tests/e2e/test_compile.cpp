@@ -63,27 +63,30 @@ TEST(Compile, MemoryPlanIsWithinTenPercentOfThePeak) {
     for (const Case& c : cases) {
         std::string run = dir / c.name;
         std::string train = "train" + c.sets + common + " --set run.dir=" + run;
-        Result r = c.ranks == 1 ? kiln(train)
-                                : kiln("launch -n " + std::to_string(c.ranks) + " -- kiln " + train);
+        Result r = c.ranks == 1
+                       ? kiln(train)
+                       : kiln("launch -n " + std::to_string(c.ranks) + " -- kiln " + train);
         ASSERT_EQ(r.rc, 0) << c.name << ": " << r.out;
         auto [plan, peak] = plan_and_peak(r, run);
         ASSERT_GT(plan, 0) << c.name << ": " << r.out;
-        EXPECT_NEAR(plan, peak, 0.10 * peak) << c.name << ": plan " << plan << " MiB, peak " << peak
-                                             << " MiB";
+        EXPECT_NEAR(plan, peak, 0.10 * peak)
+            << c.name << ": plan " << plan << " MiB, peak " << peak << " MiB";
     }
 }
 
 TEST(Compile, RefusesAPlanThatCannotFitBeforeAllocating) {
     TempDir dir;
-    Result r = kiln("train --set model.preset=small --set train.memory_limit_gb=0.5 --set run.dir=" +
-                    (dir / "run"));
+    Result r =
+        kiln("train --set model.preset=small --set train.memory_limit_gb=0.5 --set run.dir=" +
+             (dir / "run"));
     EXPECT_NE(r.rc, 0);
     EXPECT_NE(r.out.find("a rank may use 0.50 GiB (train.memory_limit_gb)"), std::string::npos)
         << r.out;
     EXPECT_NE(r.out.find("set train.recompute=selective or full"), std::string::npos) << r.out;
     EXPECT_FALSE(std::filesystem::exists(dir / "run/metrics.jsonl"));
-    Result c = kiln("compile --set model.preset=llama2-7b --set train.seq_len=4096 "
-                    "--set train.memory_limit_gb=16");
+    Result c = kiln(
+        "compile --set model.preset=llama2-7b --set train.seq_len=4096 "
+        "--set train.memory_limit_gb=16");
     EXPECT_NE(c.rc, 0);
     EXPECT_NE(c.out.find("activations + workspace"), std::string::npos) << c.out;
     EXPECT_NE(c.out.find("but a rank may use 16.00 GiB"), std::string::npos) << c.out;
@@ -91,10 +94,11 @@ TEST(Compile, RefusesAPlanThatCannotFitBeforeAllocating) {
 
 TEST(Compile, DryRunReportsAndForecasts) {
     TempDir dir;
-    Result r = kiln("compile --ranks 2 --dry-steps 3 --set model.dim=64 --set model.n_layers=2 "
-                    "--set model.n_heads=4 --set model.n_kv_heads=2 --set model.vocab_size=256 "
-                    "--set train.seq_len=32 --set train.steps=1000 --set run.dir=" +
-                    (dir / "run"));
+    Result r = kiln(
+        "compile --ranks 2 --dry-steps 3 --set model.dim=64 --set model.n_layers=2 "
+        "--set model.n_heads=4 --set model.n_kv_heads=2 --set model.vocab_size=256 "
+        "--set train.seq_len=32 --set train.steps=1000 --set run.dir=" +
+        (dir / "run"));
     ASSERT_EQ(r.rc, 0) << r.out;
     json report = json::parse(fs::read_file(dir / "run/compile.json"));
     EXPECT_EQ(report["ranks"], 2);
@@ -125,7 +129,8 @@ TEST(Plan, RecommendsALayoutAndRefusesBadInput) {
     EXPECT_NE(big.out.find("no layout fits 16 GB per device"), std::string::npos) << big.out;
     TempDir dir;
     std::string file = dir / "cluster.yaml";
-    fs::write_file_atomic(file, std::string("name: lab\npeak_tflops: 100\nmemory_gb: 0\nper_node: 4\n"));
+    fs::write_file_atomic(file,
+                          std::string("name: lab\npeak_tflops: 100\nmemory_gb: 0\nper_node: 4\n"));
     Result bad = kiln("plan --cluster " + file);
     EXPECT_NE(bad.rc, 0);
     EXPECT_NE(bad.out.find("memory_gb must be positive"), std::string::npos) << bad.out;

@@ -47,8 +47,11 @@ Accelerator this_machine() {
         double(::sysconf(_SC_PHYS_PAGES)) * double(::sysconf(_SC_PAGESIZE)) / 1e9 / a.per_node;
     // kiln's MFU against this peak for tiny and small on one core a rank (bench/RESULTS.md).
     a.efficiency = 0.42;
-    a.intra_gbps = 2;  // loopback TCP between ranks through gloo, measured
+    // Loopback TCP between ranks through gloo; each collective also waits for the other rank to
+    // be scheduled on these shared cores (measured: bench/plan_bench.sh).
+    a.intra_gbps = 2;
     a.inter_gbps = 2;
+    a.latency_us = 3000;
     a.host = true;
     return a;
 }
@@ -153,8 +156,10 @@ Estimate estimate(const train::RunConfig& config, const Cluster& cluster) {
     e.compute_s = flops / (double(world) * a.peak_tflops * 1e12 * a.efficiency);
     const double act_bytes = double(B * T * m.dim) * 4;  // fp32 activations all-reduced
     if (e.tp > 1) {
-        double per_micro = 4.0 * double(m.n_layers) * 2.0 * (e.tp - 1) / e.tp * act_bytes;
-        e.tp_s = per_micro * double(e.grad_accum) / (a.intra_gbps * 1e9);
+        const double calls = 4.0 * double(m.n_layers);
+        double per_micro = calls * 2.0 * (e.tp - 1) / e.tp * act_bytes / (a.intra_gbps * 1e9) +
+                           calls * a.latency_us * 1e-6;
+        e.tp_s = per_micro * double(e.grad_accum);
     }
     if (e.dp > 1) {
         double shard = double(m.n_params()) / e.tp * 4;

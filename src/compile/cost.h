@@ -4,7 +4,7 @@
 // recompute), the memory per device from the training's own memory plan, and the step time as
 //   compute  = 6·N + 12·L·C·T FLOPs per token / (devices x peak x efficiency)
 //   TP       = 4 all-reduces per block per micro-batch of the (B·T x C) activations (ring:
-//              2(tp-1)/tp of the bytes) over the intra-node link
+//              2(tp-1)/tp of the bytes) over the intra-node link, plus a latency each
 //   DP       = gradient reduce-scatter + parameter all-gather (2 (dp-1)/dp of the TP shard) over
 //              the slowest link the DP group spans, once per step
 // with nothing overlapped (kiln does not overlap communication with compute yet).
@@ -23,9 +23,10 @@ struct Accelerator {
     double memory_gb = 0;     // per device
     double efficiency = 0.4;  // achieved share of peak in the step's products (calibration)
     int per_node = 1;
-    double intra_gbps = 0;  // GB/s per device within a node
-    double inter_gbps = 0;  // GB/s per device between nodes
-    bool host = false;      // the device is the host (CPU): its memory holds everything
+    double intra_gbps = 0;   // GB/s per device within a node
+    double inter_gbps = 0;   // GB/s per device between nodes
+    double latency_us = 10;  // fixed cost of one collective
+    bool host = false;       // the device is the host (CPU): its memory holds everything
 };
 
 struct Cluster {

@@ -25,7 +25,8 @@ using kiln::testing::TempDir;
 std::vector<YAML::Node> manifests() {
     std::vector<YAML::Node> docs;
     std::vector<std::filesystem::path> files;
-    for (const auto& e : std::filesystem::directory_iterator(kiln::testing::source_dir() + "/deploy/k8s"))
+    for (const auto& e :
+         std::filesystem::directory_iterator(kiln::testing::source_dir() + "/deploy/k8s"))
         files.push_back(e.path());
     std::sort(files.begin(), files.end());
     for (const auto& f : files) {
@@ -101,7 +102,8 @@ TEST(Deploy, KubernetesManifestsHoldTheRecipesTopology) {
         const YAML::Node pod = spec["tasks"][0]["template"]["spec"];
         bool shared = false, config = false;
         for (const auto& v : pod["volumes"]) {
-            shared |= v["persistentVolumeClaim"] && v["persistentVolumeClaim"]["claimName"].as<std::string>() == pvc;
+            shared |= v["persistentVolumeClaim"] &&
+                      v["persistentVolumeClaim"]["claimName"].as<std::string>() == pvc;
             config |= v["configMap"] && v["configMap"]["name"].as<std::string>() == config_map;
         }
         EXPECT_TRUE(shared && config) << name;
@@ -136,17 +138,19 @@ TEST(Deploy, EveryKilnCommandInTheManifestsIsAccepted) {
     auto docs = manifests();
     TempDir dir;
     const std::string config = dir / "kiln.yaml";
-    fs::write_file_atomic(config, of_kind(docs, "ConfigMap")[0]["data"]["kiln.yaml"].as<std::string>());
+    fs::write_file_atomic(config,
+                          of_kind(docs, "ConfigMap")[0]["data"]["kiln.yaml"].as<std::string>());
     int checked = 0;
     for (const auto& job : of_kind(docs, "Job")) {
-        auto argv = command_of(job["spec"]["tasks"][0]["template"]["spec"]["containers"][0], config);
+        auto argv =
+            command_of(job["spec"]["tasks"][0]["template"]["spec"]["containers"][0], config);
         ASSERT_EQ(argv[0], "kiln");
         std::string cmd = kiln::testing::kiln_binary();
         for (size_t i = 1; i < argv.size(); i++)
             cmd += " " + shell_quote(argv[i]);
         std::string out = dir / "out.txt";
-        EXPECT_EQ(kiln::testing::run(cmd + " --check >" + out + " 2>&1"), 0)
-            << cmd << ":\n" << fs::read_file(out);
+        EXPECT_EQ(kiln::testing::run(cmd + " --check >" + out + " 2>&1"), 0) << cmd << ":\n"
+                                                                             << fs::read_file(out);
         EXPECT_NE(fs::read_file(out).find("preset: llama2-7b"), std::string::npos);
         checked++;
     }
@@ -166,13 +170,15 @@ TEST(Deploy, EveryKilnCommandInTheManifestsIsAccepted) {
         cmd += " " + shell_quote(argv[i]);
     pid_t pid = ::fork();
     if (pid == 0) {
-        ::execl("/bin/sh", "sh", "-c", (cmd + " >" + (dir / "serve.log") + " 2>&1").c_str(), nullptr);
+        ::execl("/bin/sh", "sh", "-c", (cmd + " >" + (dir / "serve.log") + " 2>&1").c_str(),
+                nullptr);
         ::_exit(127);
     }
     bool up = false;
     for (int i = 0; i < 100 && !up; i++) {
         std::this_thread::sleep_for(std::chrono::milliseconds(100));
-        up = fs::read_file(dir / "serve.log").find("dashboard and jobs API on") != std::string::npos;
+        up =
+            fs::read_file(dir / "serve.log").find("dashboard and jobs API on") != std::string::npos;
     }
     ::kill(pid, SIGTERM);
     int status = 0;
@@ -187,7 +193,8 @@ TEST(Deploy, VolcanoEnvironmentBringsTheRanksTogether) {
     auto docs = manifests();
     TempDir dir;
     const std::string config = dir / "kiln.yaml";
-    fs::write_file_atomic(config, of_kind(docs, "ConfigMap")[0]["data"]["kiln.yaml"].as<std::string>());
+    fs::write_file_atomic(config,
+                          of_kind(docs, "ConfigMap")[0]["data"]["kiln.yaml"].as<std::string>());
     YAML::Node train;
     for (const auto& job : of_kind(docs, "Job")) {
         if (job["metadata"]["name"].as<std::string>() == "kiln-train")
@@ -205,21 +212,25 @@ TEST(Deploy, VolcanoEnvironmentBringsTheRanksTogether) {
         cmd += " " + shell_quote(argv[i]);
     // The recipe's 7B on 16 pods becomes a micro model on 2 here; everything else is the
     // manifest's: its command, its config file, its rendezvous port variable.
-    cmd += " --set model.preset=tiny --set model.dim=64 --set model.n_layers=2 --set model.n_heads=4"
-           " --set model.n_kv_heads=2 --set model.vocab_size=256 --set train.seq_len=32"
-           " --set train.grad_accum=1 --set train.steps=3 --set parallel.tp=1"
-           " --set data.source=synthetic --set data.tokenizer= --set train.memory_limit_gb=0"
-           " --set run.dir=" + (dir / "run");
+    cmd +=
+        " --set model.preset=tiny --set model.dim=64 --set model.n_layers=2 --set model.n_heads=4"
+        " --set model.n_kv_heads=2 --set model.vocab_size=256 --set train.seq_len=32"
+        " --set train.grad_accum=1 --set train.steps=3 --set parallel.tp=1"
+        " --set data.source=synthetic --set data.tokenizer= --set train.memory_limit_gb=0"
+        " --set run.dir=" +
+        (dir / "run");
     int port = launch::free_port();
     std::vector<pid_t> pids;
     for (int rank = 0; rank < 2; rank++) {
-        std::string env = "env -u WORLD_SIZE -u RANK -u MASTER_ADDR VC_TASK_INDEX=" +
-                          std::to_string(rank) + " VK_TASK_INDEX=" + std::to_string(rank) + " VC_" +
-                          upper + "_HOSTS=localhost,localhost VC_" + upper +
-                          "_NUM=2 MASTER_PORT=" + std::to_string(port) + " ";
+        std::string env =
+            "env -u WORLD_SIZE -u RANK -u MASTER_ADDR VC_TASK_INDEX=" + std::to_string(rank) +
+            " VK_TASK_INDEX=" + std::to_string(rank) + " VC_" + upper +
+            "_HOSTS=localhost,localhost VC_" + upper +
+            "_NUM=2 MASTER_PORT=" + std::to_string(port) + " ";
         pid_t pid = ::fork();
         if (pid == 0) {
-            std::string line = env + cmd + " >" + (dir / ("rank" + std::to_string(rank) + ".log")) + " 2>&1";
+            std::string line =
+                env + cmd + " >" + (dir / ("rank" + std::to_string(rank) + ".log")) + " 2>&1";
             ::execl("/bin/sh", "sh", "-c", line.c_str(), nullptr);
             ::_exit(127);
         }

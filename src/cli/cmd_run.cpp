@@ -1,6 +1,7 @@
 // kiln run [--out DIR] [--ranks N] [--corpus PATH...] [--config F] [--set ...]: the embedded
 // default job, end to end on this machine, with the dashboard up:
 //   data     the built-in corpus -> a trained tokenizer -> packed shards
+//   compile  the layout and the per-rank memory plan, checked before training starts
 //   train    `tiny` on N local ranks (kiln launch: DP, or TP with parallel.tp), checkpoints and
 //            gang restarts on
 //   sample   a few lines from the trained model
@@ -22,6 +23,7 @@
 
 #include "checkpoint/checkpoint.h"
 #include "cli/commands.h"
+#include "compile/compile.h"
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/log.h"
@@ -160,7 +162,7 @@ Action add_run(CLI::App& app) {
             std::fflush(stdout);
         }
 
-        log::info("run", "stage 1/4: data from {} into {}", o->corpus.front(), config.data.source);
+        log::info("run", "stage 1/5: data from {} into {}", o->corpus.front(), config.data.source);
         if (std::filesystem::exists(model)) {
             log::info("run", "reusing tokenizer {}", model);
         } else {
@@ -174,7 +176,14 @@ Action add_run(CLI::App& app) {
         if (built.reused)
             log::info("run", "reusing the data set in {}", config.data.source);
 
-        log::info("run", "stage 2/4: train {} for {} steps on {} ranks in {}", config.model.preset,
+        log::info("run", "stage 2/5: compile: the layout and the memory plan of {} ranks",
+                  o->ranks);
+        compile::CompileOptions plan;
+        plan.ranks = o->ranks;
+        plan.dry_steps = 0;  // the training itself follows
+        compile::compile(config, yaml, plan);
+
+        log::info("run", "stage 3/5: train {} for {} steps on {} ranks in {}", config.model.preset,
                   config.train.steps, o->ranks, config.run_dir);
         launch::LaunchOptions gang;
         gang.ranks = o->ranks;
@@ -188,7 +197,7 @@ Action add_run(CLI::App& app) {
         if (!checkpoint)
             throw error("training left no checkpoint in {}", config.run_dir);
 
-        log::info("run", "stage 3/4: {} samples from {}", o->samples, *checkpoint);
+        log::info("run", "stage 4/5: {} samples from {}", o->samples, *checkpoint);
         train::Sampler sampler(*checkpoint);
         bool stories = o->corpus.front().rfind("builtin:stories", 0) == 0;
         std::vector<int32_t> prompt = {tokenizer.bos_id()};
@@ -207,7 +216,7 @@ Action add_run(CLI::App& app) {
         }
 
         std::string hf = o->out + "/hf";
-        log::info("run", "stage 4/4: export {} to {}", *checkpoint, hf);
+        log::info("run", "stage 5/5: export {} to {}", *checkpoint, hf);
         exporter::export_hf(*checkpoint, hf, "float32", model);
         std::printf("done: loss %.4f -> %.4f; checkpoint %s; Hugging Face folder %s\n", first, last,
                     checkpoint->c_str(), hf.c_str());

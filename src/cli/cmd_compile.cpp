@@ -6,20 +6,9 @@
 #include "compile/compile.h"
 #include "compile/cost.h"
 #include "core/error.h"
+#include "core/progress.h"
 
 namespace kiln::cli {
-namespace {
-
-std::string duration(double s) {
-    if (s < 7200)
-        return fmt::format("{:.1f} min", s / 60);
-    if (s < 172800)
-        return fmt::format("{:.1f} h", s / 3600);
-    return fmt::format("{:.1f} days", s / 86400);
-}
-
-}  // namespace
-
 Action add_compile(CLI::App& app) {
     struct Options {
         ConfigOptions config;
@@ -115,7 +104,7 @@ Action add_plan(CLI::App& app) {
             static_cast<long long>(best.grad_accum), best.recompute.c_str(), cluster.devices(),
             best.step_s(), best.compute_s, best.tp_s, best.dp_s, best.tokens_per_s,
             best.tokens_per_s / cluster.nodes, 100 * best.mfu, double(best.memory.total()) / 1e9,
-            budget, duration(budget / best.tokens_per_s).c_str());
+            budget, human_duration(budget / best.tokens_per_s).c_str());
         return 0;
     };
 }

@@ -8,6 +8,7 @@
 
 #include "cli/commands.h"
 #include "core/error.h"
+#include "core/progress.h"
 #include "kernels/backends.h"
 #include "serve/client.h"
 #include "serve/server.h"
@@ -26,21 +27,6 @@ void add_remote(CLI::App& app, Remote& r) {
     app.add_option("--address", r.address, "the head node (env KILN_ADDRESS)")
         ->capture_default_str();
     app.add_option("--token", r.token, "the head's token (env KILN_TOKEN)");
-}
-
-std::string duration(double s) {
-    if (s <= 0)
-        return "-";
-    if (s < 120)
-        return fmt::format("{:.0f}s", s);
-    if (s < 7200)
-        return fmt::format("{:.0f}m", s / 60);
-    return fmt::format("{:.1f}h", s / 3600);
-}
-
-double now_s() {
-    return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch())
-        .count();
 }
 
 // Follows a job's log to stdout until the job ends; returns 0 when it succeeded.
@@ -142,14 +128,14 @@ Action add_status(CLI::App& app) {
         }
         std::printf("%-16s %-10s %5s %6s %8s  %s\n", "JOB", "STATE", "RANKS", "AGE", "RAN",
                     "ENTRYPOINT / MESSAGE");
-        double now = now_s();
+        double now = unix_seconds();
         for (const json& j : jobs) {
             double start = j["start_time"], end = j["end_time"];
             double ran = start > 0 ? (end > 0 ? end : now) - start : 0;
             std::printf("%-16s %-10s %5d %6s %8s  %s\n", j["job_id"].get<std::string>().c_str(),
                         j["status"].get<std::string>().c_str(), j["ranks"].get<int>(),
-                        duration(now - j["submitted"].get<double>()).c_str(), duration(ran).c_str(),
-                        j["entrypoint"].get<std::string>().c_str());
+                        human_duration(now - j["submitted"].get<double>()).c_str(),
+                        human_duration(ran).c_str(), j["entrypoint"].get<std::string>().c_str());
             if (j["status"] != "RUNNING" && j["status"] != "PENDING")
                 std::printf("%46s  %s\n", "", j["message"].get<std::string>().c_str());
         }

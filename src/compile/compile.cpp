@@ -10,6 +10,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/log.h"
+#include "core/progress.h"
 #include "launch/supervisor.h"
 #include "train/memory.h"
 
@@ -24,16 +25,6 @@ double median(std::vector<double> v) {
         return 0;
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
-}
-
-std::string hours(double s) {
-    if (s < 120)
-        return fmt::format("{:.0f} s", s);
-    if (s < 7200)
-        return fmt::format("{:.1f} min", s / 60);
-    if (s < 172800)
-        return fmt::format("{:.1f} h", s / 3600);
-    return fmt::format("{:.1f} days", s / 86400);
 }
 
 }  // namespace
@@ -149,7 +140,7 @@ json compile(const train::RunConfig& config, const std::string& yaml, const Comp
         std::printf("forecast: %lld steps x %lld tokens = %.3g tokens in %s on this machine\n",
                     static_cast<long long>(config.train.steps),
                     static_cast<long long>(tokens_per_step),
-                    double(config.train.steps * tokens_per_step), hours(forecast).c_str());
+                    double(config.train.steps * tokens_per_step), human_duration(forecast).c_str());
     }
     if (!config.run_dir.empty()) {
         fs::make_dirs(config.run_dir);

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 
 namespace kiln {
@@ -15,6 +16,23 @@ std::string human_count(double n) {
     if (n >= 1e3)
         return fmt::format("{:.1f}k", n / 1e3);
     return fmt::format("{:.0f}", n);
+}
+
+std::string human_duration(double s) {
+    if (!(s > 0))
+        return "-";
+    if (s < 120)
+        return fmt::format("{:.0f} s", s);
+    if (s < 7200)
+        return fmt::format("{:.1f} min", s / 60);
+    if (s < 172800)
+        return fmt::format("{:.1f} h", s / 3600);
+    return fmt::format("{:.1f} days", s / 86400);
+}
+
+double unix_seconds() {
+    return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch())
+        .count();
 }
 
 Progress::Progress(std::string label, int64_t total_bytes, double log_interval_s)

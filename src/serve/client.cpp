@@ -20,7 +20,7 @@ httplib::Headers headers(const std::string& token) {
 
 json parse(const std::string& address, const std::string& path, const httplib::Result& r) {
     if (!r)
-        throw error("cannot reach the head node at {}: {} (is `kiln serve` running there?)",
+        throw error("cannot reach the head node at {}: {} error (is `kiln serve` running there?)",
                     address, httplib::to_string(r.error()));
     json body = json::parse(r->body, nullptr, false);
     if (r->status >= 400) {

@@ -16,6 +16,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/log.h"
+#include "core/progress.h"
 
 extern char** environ;
 
@@ -28,11 +29,6 @@ using json = nlohmann::json;
 // head launches) are not among them.
 const std::set<std::string> kJobCommands = {"data",   "tokenizer", "train",   "eval",
                                             "export", "run",       "compile", "plan"};
-
-double now_s() {
-    return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch())
-        .count();
-}
 
 const State kStates[] = {State::pending, State::running, State::stopped, State::succeeded,
                          State::failed};
@@ -321,7 +317,7 @@ Queue::Queue(QueueOptions options) : options_(std::move(options)) {
     for (auto& [id, job] : jobs_) {
         if (job.state == State::running) {
             job.state = State::failed;
-            job.ended = now_s();
+            job.ended = unix_seconds();
             job.message = fmt::format(
                 "the head node stopped while this job was running (process {}); resubmit it "
                 "to continue from its last checkpoint",
@@ -360,7 +356,7 @@ Queue::~Queue() {
             std::this_thread::sleep_for(std::chrono::milliseconds(50));
         }
         job.state = State::stopped;
-        job.ended = now_s();
+        job.ended = unix_seconds();
         job.message = "stopped: the head node shut down while it ran";
         save(job);
     }
@@ -416,7 +412,7 @@ Job Queue::submit(JobSpec spec) {
         sqlite3_finalize(st);
         sql_check(db_, rc, "numbering a job");
         job.spec = std::move(spec);
-        job.submitted = now_s();
+        job.submitted = unix_seconds();
         save(job);
         jobs_[job.id] = job;
     }
@@ -450,7 +446,7 @@ bool Queue::stop(const std::string& id) {
     job.stop_requested = true;
     if (job.state == State::pending) {
         job.state = State::stopped;
-        job.ended = now_s();
+        job.ended = unix_seconds();
         job.message = "stopped by request before it started";
         save(job);
     } else {
@@ -511,7 +507,7 @@ void Queue::reap() {
         int status = 0;
         if (::waitpid(job.pid, &status, WNOHANG) != job.pid)
             continue;
-        job.ended = now_s();
+        job.ended = unix_seconds();
         job.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
         if (job.stop_requested) {
             job.state = State::stopped;
@@ -642,7 +638,7 @@ void Queue::start(Job& job) {
     ::setpgid(pid, pid);
     job.pid = pid;
     job.state = State::running;
-    job.started = now_s();
+    job.started = unix_seconds();
     job.message = "running";
     used_.cpus += demand(s).cpus;
     used_.gpus += demand(s).gpus;

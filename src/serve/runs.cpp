@@ -10,17 +10,13 @@
 #include "checkpoint/rundir.h"
 #include "core/error.h"
 #include "core/fs.h"
+#include "core/progress.h"
 
 namespace kiln::serve {
 namespace {
 
 namespace stdfs = std::filesystem;
 using json = nlohmann::json;
-
-double now_s() {
-    return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch())
-        .count();
-}
 
 bool plain_component(const std::string& c) {
     if (c.empty() || c.size() > 128 || !std::isalnum(static_cast<unsigned char>(c[0])))
@@ -125,7 +121,7 @@ void Runs::refresh(const std::string& name, Cached& c) {
 
 std::vector<RunSummary> Runs::list() {
     std::lock_guard lock(mutex_);
-    double now = now_s();
+    double now = unix_seconds();
     if (now - scanned_ > 1.0) {
         scanned_ = now;
         names_.clear();

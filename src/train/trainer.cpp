@@ -11,6 +11,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/log.h"
+#include "core/progress.h"
 #include "core/threads.h"
 #include "data/sampler.h"
 #include "data/shard.h"
@@ -59,8 +60,7 @@ void write_status(const checkpoint::RunDir& run, const std::string& state, int64
     const char* restarts = std::getenv("KILN_RESTARTS");  // set by kiln launch
     j["restarts"] = restarts ? std::atoi(restarts) : 0;
     j["pid"] = static_cast<int64_t>(::getpid());
-    j["updated"] =
-        std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+    j["updated"] = unix_seconds();
     if (!message.empty())
         j["message"] = message;
     fs::write_file_replace(run.status(), j.dump(2) + "\n");
@@ -86,8 +86,7 @@ void write_rank_status(const checkpoint::RunDir& run, const dist::Grid& g, int64
     j["tp_rank"] = g.tp_rank;
     j["step"] = step;
     j["pid"] = static_cast<int64_t>(::getpid());
-    j["updated"] =
-        std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+    j["updated"] = unix_seconds();
     j["rss_bytes"] = rss;
     j["peak_rss_bytes"] = peak;
     fs::write_file_replace(run.rank_status(g.rank), j.dump() + "\n");

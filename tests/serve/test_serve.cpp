@@ -10,11 +10,13 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <thread>
 
 #include "core/fs.h"
 #include "fixture.h"
 #include "launch/supervisor.h"
+#include "serve/jobs.h"
 
 namespace kiln {
 namespace {
@@ -416,6 +418,68 @@ TEST(Serve, DashboardRendersInHeadlessChromium) {
     EXPECT_GE(std::atoi(run.c_str() + at + 19), 5 * 5);  // five charts, five steps or more each
     EXPECT_NE(run.find("<canvas id=\"chart-4\""), std::string::npos);
     EXPECT_GT(std::filesystem::file_size(artifacts + "/dashboard-run.png"), 10000u);
+}
+
+}  // namespace
+}  // namespace kiln
+
+namespace kiln {
+namespace {
+
+using json = nlohmann::json;
+
+// The submission parser on random bodies: each is either a job or one kiln::Error, never a
+// crash or another exception.
+TEST(JobSpec, RandomBodiesAreAJobOrOneError) {
+    std::mt19937 rng(7);
+    const std::vector<std::string> keys = {"entrypoint",
+                                           "ranks",
+                                           "entrypoint_num_cpus",
+                                           "entrypoint_num_gpus",
+                                           "priority",
+                                           "max_failures",
+                                           "submission_id",
+                                           "metadata",
+                                           "colour",
+                                           ""};
+    auto value = [&](int depth) -> json {
+        switch (rng() % 8) {
+            case 0:
+                return json(int64_t(rng()) - int64_t(1u << 31));
+            case 1:
+                return json("kiln train --set train.steps=" + std::to_string(rng() % 100));
+            case 2:
+                return json(std::string(rng() % 5, char('!' + rng() % 90)));
+            case 3:
+                return json::array({"kiln", "train", std::to_string(rng())});
+            case 4:
+                return json(rng() % 2 == 0);
+            case 5:
+                return json(nullptr);
+            case 6:
+                return json(double(rng()) / 7.0);
+            default:
+                return depth > 0 ? json::object({{"k", "v"}}) : json::array();
+        }
+    };
+    int jobs = 0, errors = 0;
+    for (int i = 0; i < 5000; i++) {
+        json body = json::object();
+        for (int k = 0, n = int(rng() % 6); k < n; k++)
+            body[keys[rng() % keys.size()]] = value(1);
+        if (rng() % 3 == 0)
+            body["entrypoint"] = "kiln train";
+        try {
+            serve::JobSpec s = serve::parse_spec(body);
+            EXPECT_FALSE(s.entrypoint.empty());
+            EXPECT_GE(s.ranks, 1);
+            jobs++;
+        } catch (const Error&) {
+            errors++;
+        }
+    }
+    EXPECT_GT(jobs, 0);
+    EXPECT_GT(errors, 0);
 }
 
 }  // namespace

@@ -440,9 +440,10 @@ std::optional<Job> Queue::get(const std::string& id) const {
 
 bool Queue::stop(const std::string& id) {
     std::lock_guard lock(mutex_);
-    Job& job = jobs_.at(id);
-    if (terminal(job.state))
+    auto it = jobs_.find(id);
+    if (it == jobs_.end() || terminal(it->second.state))
         return false;
+    Job& job = it->second;
     job.stop_requested = true;
     if (job.state == State::pending) {
         job.state = State::stopped;
@@ -523,16 +524,20 @@ void Queue::reap() {
         }
         used_.cpus -= demand(job.spec).cpus;
         used_.gpus -= demand(job.spec).gpus;
-        size_t from = 0;
-        while (from < job.gpus.size()) {
-            size_t comma = job.gpus.find(',', from);
-            if (comma == std::string::npos)
-                comma = job.gpus.size();
-            gpu_busy_[std::stoul(job.gpus.substr(from, comma - from))] = false;
-            from = comma + 1;
-        }
+        release_gpus(job);
         log::info("serve", "job {} {}: {}", id, state_name(job.state), job.message);
         save(job);
+    }
+}
+
+void Queue::release_gpus(const Job& job) {
+    size_t from = 0;
+    while (from < job.gpus.size()) {
+        size_t comma = job.gpus.find(',', from);
+        if (comma == std::string::npos)
+            comma = job.gpus.size();
+        gpu_busy_[std::stoul(job.gpus.substr(from, comma - from))] = false;
+        from = comma + 1;
     }
 }
 
@@ -575,6 +580,16 @@ void Queue::start(Job& job) {
         argv.push_back("--out");
         argv.push_back(dir);
     }
+    std::string log_path = job_log(job.id);
+    try {
+        fs::make_dirs(dir);
+    } catch (const Error& e) {
+        job.state = State::failed;
+        job.message = e.what();
+        save(job);
+        return;
+    }
+    // The GPUs it gets (freed in reap()).
     job.gpus.clear();
     for (int need = demand(s).gpus, g = 0; need > 0 && g < int(gpu_busy_.size()); g++) {
         if (!gpu_busy_[size_t(g)]) {
@@ -594,15 +609,6 @@ void Queue::start(Job& job) {
     env.push_back("CUDA_VISIBLE_DEVICES=" + job.gpus);
     env.push_back("KILN_JOB_ID=" + job.id);
 
-    std::string log_path = job_log(job.id);
-    try {
-        fs::make_dirs(dir);
-    } catch (const Error& e) {
-        job.state = State::failed;
-        job.message = e.what();
-        save(job);
-        return;
-    }
     std::vector<char*> args, envp;
     for (auto& a : argv)
         args.push_back(a.data());
@@ -630,6 +636,7 @@ void Queue::start(Job& job) {
         ::_exit(127);
     }
     if (pid < 0) {
+        release_gpus(job);
         job.state = State::failed;
         job.message = fmt::format("cannot start a process: {}", std::strerror(errno));
         save(job);

@@ -101,6 +101,7 @@ private:
     void reap();
     void admit();
     void start(Job& job);
+    void release_gpus(const Job& job);
     void save(const Job& job);
     Capacity demand(const JobSpec& s) const;
 

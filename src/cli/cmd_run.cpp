@@ -31,6 +31,7 @@
 #include "data/tokenizer.h"
 #include "export/hf.h"
 #include "launch/supervisor.h"
+#include "train/metrics.h"
 #include "train/sample.h"
 
 namespace kiln::cli {
@@ -98,23 +99,6 @@ bool port_free(int port) {
     bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
     ::close(fd);
     return ok;
-}
-
-// First and last loss of a run's metrics.jsonl.
-std::pair<double, double> loss_range(const std::string& metrics) {
-    std::ifstream in(metrics);
-    double first = 0, last = 0;
-    bool any = false;
-    for (std::string line; std::getline(in, line);) {
-        auto j = nlohmann::json::parse(line, nullptr, false);
-        if (!j.is_object() || !j.contains("loss"))
-            continue;
-        last = j["loss"].get<double>();
-        if (!any)
-            first = last;
-        any = true;
-    }
-    return {first, last};
 }
 
 }  // namespace
@@ -192,7 +176,9 @@ Action add_run(CLI::App& app) {
         gang.command = {"kiln", "train", "--config", o->out + "/config.yaml"};
         if (launch::run_gang(gang) != 0)
             throw error("training failed; its logs are {}/rank-N.log", config.run_dir);
-        auto [first, last] = loss_range(config.run_dir + "/metrics.jsonl");
+        auto metrics = train::read_metrics(checkpoint::RunDir{config.run_dir}.metrics());
+        double first = metrics.empty() ? 0 : metrics.front().loss;
+        double last = metrics.empty() ? 0 : metrics.back().loss;
         auto checkpoint = checkpoint::latest(checkpoint::RunDir{config.run_dir});
         if (!checkpoint)
             throw error("training left no checkpoint in {}", config.run_dir);

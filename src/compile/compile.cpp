@@ -13,6 +13,7 @@
 #include "core/progress.h"
 #include "launch/supervisor.h"
 #include "train/memory.h"
+#include "train/metrics.h"
 
 namespace kiln::compile {
 namespace {
@@ -65,7 +66,7 @@ json compile(const train::RunConfig& config, const std::string& yaml, const Comp
     report["config_xxh64"] = fmt::format("{:016x}", fs::xxh64(yaml.data(), yaml.size()));
 
     // The dry run: the real training, a few steps, on this machine's ranks.
-    const int64_t machine = train::memory_limit(train::RunConfig{}, 1);
+    const int64_t machine = train::machine_memory();
     const int64_t tokens_per_step =
         config.train.micro_batch * config.train.seq_len * config.train.grad_accum * dp;
     if (o.dry_steps <= 0) {
@@ -107,16 +108,12 @@ json compile(const train::RunConfig& config, const std::string& yaml, const Comp
         }
         std::vector<double> tps, mfu;
         double first_step = 0;
-        std::ifstream metrics(dir + "/run/metrics.jsonl");
-        for (std::string line; std::getline(metrics, line);) {
-            json j = json::parse(line, nullptr, false);
-            if (!j.is_object())
-                continue;
-            if (j["step"] == 1)
-                first_step = j["elapsed_s"].get<double>();
-            else {
-                tps.push_back(j["tokens_per_s"].get<double>());
-                mfu.push_back(j["mfu"].get<double>());
+        for (const train::StepMetrics& m : train::read_metrics(dir + "/run/metrics.jsonl")) {
+            if (m.step == 1) {
+                first_step = m.elapsed_s;
+            } else {
+                tps.push_back(m.tokens_per_s);
+                mfu.push_back(m.mfu);
             }
         }
         int64_t peak = 0;

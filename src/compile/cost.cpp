@@ -43,8 +43,7 @@ Accelerator this_machine() {
     a.peak_tflops = train::measure_peak_gflops("cpu", "bf16") / 1000.0;
     set_num_threads(threads);
     a.per_node = int(std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN)));
-    a.memory_gb =
-        double(::sysconf(_SC_PHYS_PAGES)) * double(::sysconf(_SC_PAGESIZE)) / 1e9 / a.per_node;
+    a.memory_gb = double(train::machine_memory()) / 1e9 / a.per_node;
     // kiln's MFU against this peak for tiny and small on one core a rank (bench/RESULTS.md).
     a.efficiency = 0.42;
     // Loopback TCP between ranks through gloo; each collective also waits for the other rank to

@@ -21,6 +21,19 @@ constexpr int64_t kRuntimeBytes = int64_t(96) << 20;
 
 }  // namespace
 
+Shards shard_layout(int64_t total, int dp, int dp_rank, bool zero) {
+    Shards s;
+    s.chunk = (total + dp - 1) / dp;
+    s.padded = s.chunk * dp;
+    s.begin = zero ? dp_rank * s.chunk : 0;
+    s.end = zero ? std::min(total, (dp_rank + 1) * s.chunk) : total;
+    return s;
+}
+
+int64_t machine_memory() {
+    return int64_t(::sysconf(_SC_PHYS_PAGES)) * int64_t(::sysconf(_SC_PAGESIZE));
+}
+
 std::string MemoryPlan::table() const {
     const std::pair<const char*, int64_t> rows[] = {{"parameters (fp32)", params},
                                                     {"parameters (bf16 copy)", params_bf16},
@@ -48,15 +61,14 @@ MemoryPlan memory_plan(const RunConfig& config, int world) {
     const TrainConfig& t = config.train;
     const bool zero = config.zero == 1 && dp > 1;
     const int64_t total = model::Layout(config.model, tp, 0).total();
-    const int64_t chunk = (total + dp - 1) / dp;
-    const int64_t padded = chunk * dp;
-    const int64_t range = zero ? chunk : total;
+    const Shards sh = shard_layout(total, dp, 0, zero);
+    const int64_t range = sh.end - sh.begin;
     auto precision = t.precision == "fp32" ? kernels::Precision::fp32 : kernels::Precision::bf16;
     // The reference backend declares the same buffers; only its workspace may differ.
     const kernels::Kernels& k =
         kernels::select_kernels(t.backend == "cuda" ? "cpu" : t.backend, precision);
     model::ModelBytes m = model::Llama::bytes(config.model, k, t.micro_batch, t.seq_len,
-                                              model::parse_recompute(t.recompute), padded, tp);
+                                              model::parse_recompute(t.recompute), sh.padded, tp);
     MemoryPlan p;
     p.params = m.params;
     p.params_bf16 = m.params_bf16;
@@ -74,8 +86,7 @@ MemoryPlan memory_plan(const RunConfig& config, int world) {
 int64_t memory_limit(const RunConfig& config, int local_ranks) {
     if (config.train.memory_limit_gb > 0)
         return int64_t(config.train.memory_limit_gb * 1024 * kMiB);
-    int64_t bytes = int64_t(::sysconf(_SC_PHYS_PAGES)) * int64_t(::sysconf(_SC_PAGESIZE));
-    return bytes / std::max(1, local_ranks);
+    return machine_memory() / std::max(1, local_ranks);
 }
 
 void check_fits(const MemoryPlan& plan, int64_t limit, const RunConfig& config) {

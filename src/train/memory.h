@@ -28,6 +28,16 @@ struct MemoryPlan {
     std::string table() const;  // one line per kind, MiB and share
 };
 
+// How ZeRO-1 splits a rank's `total` flat parameters over `dp` data-parallel ranks: every
+// buffer padded to `padded` = dp x `chunk`; this rank's optimizer range is [begin, end) (the
+// whole buffer without ZeRO).
+struct Shards {
+    int64_t chunk = 0, padded = 0, begin = 0, end = 0;
+};
+Shards shard_layout(int64_t total, int dp, int dp_rank, bool zero);
+
+int64_t machine_memory();  // this machine's physical memory in bytes
+
 // The plan of `config` on `world` ranks (world / parallel.tp data-parallel). Throws Error for a
 // layout that cannot run (world not a multiple of tp, heads not divisible, ...).
 MemoryPlan memory_plan(const RunConfig& config, int world);

@@ -2,6 +2,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -33,6 +34,28 @@ void MetricsFile::write(const StepMetrics& m) {
     std::string line = j.dump() + "\n";
     std::fwrite(line.data(), 1, line.size(), f_);
     std::fflush(f_);
+}
+
+std::vector<StepMetrics> read_metrics(const std::string& path) {
+    std::vector<StepMetrics> out;
+    std::ifstream in(path);
+    for (std::string line; std::getline(in, line);) {
+        auto j = nlohmann::json::parse(line, nullptr, false);
+        if (!j.is_object() || !j.contains("step"))
+            continue;
+        StepMetrics m;
+        m.step = j["step"].get<int64_t>();
+        m.loss = j.value("loss", 0.0);
+        m.lr = j.value("lr", 0.0);
+        m.grad_norm = j.value("grad_norm", 0.0);
+        m.tokens_per_s = j.value("tokens_per_s", 0.0);
+        m.mfu = j.value("mfu", 0.0);
+        m.elapsed_s = j.value("elapsed_s", 0.0);
+        m.tokens = j.value("tokens", int64_t(0));
+        m.skipped = j.value("skipped_steps", int64_t(0));
+        out.push_back(m);
+    }
+    return out;
 }
 
 double flops_per_token(const model::LlamaConfig& c, int64_t seq_len) {

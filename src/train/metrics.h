@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include <vector>
 
 #include "model/config.h"
 
@@ -27,6 +28,9 @@ public:
 private:
     std::FILE* f_ = nullptr;
 };
+
+// Every complete line of a metrics.jsonl ({} when it does not exist); a torn last line is skipped.
+std::vector<StepMetrics> read_metrics(const std::string& path);
 
 // Training FLOPs per token: 6 x (parameters in matrix products, LM head included, embedding not)
 // + 12 x L x C x T for attention scores and values (forward + backward).

@@ -114,19 +114,6 @@ double measure_peak_gflops(const std::string& backend, const std::string& precis
 namespace {
 
 // The flat buffers split into dp equal chunks (ZeRO-1 shards); the last may hold padding.
-struct Shards {
-    int64_t chunk = 0, padded = 0, begin = 0, end = 0;
-};
-
-Shards shard_layout(int64_t total, const dist::Grid& g, bool zero) {
-    Shards s;
-    s.chunk = (total + g.dp - 1) / g.dp;
-    s.padded = s.chunk * g.dp;
-    s.begin = zero ? g.dp_rank * s.chunk : 0;
-    s.end = zero ? std::min(total, (g.dp_rank + 1) * s.chunk) : total;
-    return s;
-}
-
 // Sum of squares of the gradients in [begin, end), counting a tensor that every tensor-parallel
 // rank holds whole (the norms) on tp rank 0 only, so that the sums over ranks add up to the
 // model's.
@@ -207,7 +194,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     const MemoryPlan plan = memory_plan(cfg, g.world);
     check_fits(plan, memory_limit(cfg, local ? std::max(1, std::atoi(local)) : 1), cfg);
     const bool zero = cfg.zero == 1 && g.dp > 1;
-    const Shards sh = shard_layout(model::Layout(cfg.model, g.tp, g.tp_rank).total(), g, zero);
+    const Shards sh =
+        shard_layout(model::Layout(cfg.model, g.tp, g.tp_rank).total(), g.dp, g.dp_rank, zero);
     model::Llama model(cfg.model, k, t.micro_batch, t.seq_len, model::parse_recompute(t.recompute),
                        sh.padded, &job.tp());
     optim::AdamW adamw(model.layout(), cfg.adamw, sh.begin, sh.end);

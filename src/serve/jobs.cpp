@@ -17,6 +17,7 @@
 #include "core/fs.h"
 #include "core/log.h"
 #include "core/progress.h"
+#include "serve/runs.h"
 
 extern char** environ;
 
@@ -54,25 +55,6 @@ std::string join(const std::vector<std::string>& words) {
         s += quoted(w);
     }
     return s;
-}
-
-// The last non-empty line of a file (at most 300 bytes of it), or "".
-std::string last_line(const std::string& path) {
-    std::FILE* f = std::fopen(path.c_str(), "rb");
-    if (f == nullptr)
-        return "";
-    std::fseek(f, 0, SEEK_END);
-    long size = std::ftell(f);
-    long from = std::max(0L, size - 4096);
-    std::fseek(f, from, SEEK_SET);
-    std::string tail(size_t(size - from), '\0');
-    tail.resize(std::fread(tail.data(), 1, tail.size(), f));
-    std::fclose(f);
-    while (!tail.empty() && (tail.back() == '\n' || tail.back() == '\r' || tail.back() == ' '))
-        tail.pop_back();
-    size_t nl = tail.rfind('\n');
-    std::string line = nl == std::string::npos ? tail : tail.substr(nl + 1);
-    return line.size() > 300 ? line.substr(0, 300) : line;
 }
 
 int get_int(const json& body, const char* key, int lo, int hi, int fallback) {
@@ -444,13 +426,13 @@ bool Queue::stop(const std::string& id) {
     if (it == jobs_.end() || terminal(it->second.state))
         return false;
     Job& job = it->second;
-    job.stop_requested = true;
     if (job.state == State::pending) {
         job.state = State::stopped;
         job.ended = unix_seconds();
         job.message = "stopped by request before it started";
         save(job);
-    } else {
+    } else if (job.stop_deadline == 0) {
+        job.stop_deadline = unix_seconds() + options_.stop_grace_s;
         ::kill(-job.pid, SIGTERM);
     }
     wake_.notify_all();
@@ -476,26 +458,14 @@ bool Queue::remove(const std::string& id) {
 
 void Queue::loop() {
     std::unique_lock lock(mutex_);
-    std::map<std::string, std::chrono::steady_clock::time_point> kill_at;
     while (!quit_) {
         reap();
         admit();
-        auto now = std::chrono::steady_clock::now();
+        const double now = unix_seconds();
         for (auto& [id, job] : jobs_) {
-            if (job.state == State::running && job.stop_requested && !kill_at.count(id)) {
-                kill_at[id] =
-                    now + std::chrono::milliseconds(int64_t(options_.stop_grace_s * 1000));
-            }
-        }
-        for (auto it = kill_at.begin(); it != kill_at.end();) {
-            auto job = jobs_.find(it->first);
-            if (job == jobs_.end() || job->second.state != State::running) {
-                it = kill_at.erase(it);
-            } else {
-                if (now > it->second)
-                    ::kill(-job->second.pid, SIGKILL);
-                ++it;
-            }
+            // A job that outlives its grace after SIGTERM gets SIGKILL (its whole group).
+            if (job.state == State::running && job.stop_deadline > 0 && now > job.stop_deadline)
+                ::kill(-job.pid, SIGKILL);
         }
         wake_.wait_for(lock, std::chrono::milliseconds(100));
     }
@@ -510,7 +480,7 @@ void Queue::reap() {
             continue;
         job.ended = unix_seconds();
         job.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-        if (job.stop_requested) {
+        if (job.stop_deadline > 0) {
             job.state = State::stopped;
             job.message = "stopped by request";
         } else if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
@@ -518,7 +488,7 @@ void Queue::reap() {
             job.message = "finished";
         } else {
             job.state = State::failed;
-            std::string line = last_line(job_log(id));
+            std::string line = last_line(job_log(id)).substr(0, 300);
             job.message = fmt::format("exited with status {}{}{}", job.exit_code,
                                       line.empty() ? "" : ": ", line);
         }

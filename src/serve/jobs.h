@@ -55,8 +55,8 @@ struct Job {
     std::string message;                           // why it ended, in one sentence
     int exit_code = -1;
     pid_t pid = 0;
-    std::string gpus;  // CUDA_VISIBLE_DEVICES given to it
-    bool stop_requested = false;
+    std::string gpus;          // CUDA_VISIBLE_DEVICES given to it
+    double stop_deadline = 0;  // stopped by request: SIGKILL after this time (0: not stopped)
 };
 nlohmann::json to_json(const Job& job);
 

@@ -67,6 +67,14 @@ std::string tail_of(const std::string& path, int64_t bytes) {
     return text;
 }
 
+std::string last_line(const std::string& path) {
+    std::string tail = tail_of(path, 4096);
+    while (!tail.empty() && std::isspace(static_cast<unsigned char>(tail.back())))
+        tail.pop_back();
+    size_t nl = tail.rfind('\n');
+    return nl == std::string::npos ? tail : tail.substr(nl + 1);
+}
+
 Runs::Runs(std::string root) : root_(std::move(root)) {
     fs::make_dirs(root_);
     canonical_root_ = stdfs::canonical(root_).string();
@@ -107,12 +115,7 @@ void Runs::refresh(const std::string& name, Cached& c) {
     }
     if (metrics_size != c.metrics_size) {
         c.metrics_size = metrics_size;
-        std::string tail = tail_of(run.metrics(), 4096);
-        while (!tail.empty() && tail.back() == '\n')
-            tail.pop_back();
-        size_t nl = tail.rfind('\n');
-        json last =
-            json::parse(nl == std::string::npos ? tail : tail.substr(nl + 1), nullptr, false);
+        json last = json::parse(last_line(run.metrics()), nullptr, false);
         c.summary.last = last.is_object() ? last : json::object();
     }
     c.summary.name = name;

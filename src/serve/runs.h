@@ -50,5 +50,7 @@ private:
 
 // The last `bytes` of a file ("" when it does not exist), starting at a line boundary.
 std::string tail_of(const std::string& path, int64_t bytes);
+// The last non-empty line in the final 4 KiB of a file, trailing whitespace trimmed ("" if none).
+std::string last_line(const std::string& path);
 
 }  // namespace kiln::serve

@@ -9,10 +9,8 @@
 // Every stage reuses what an earlier run of the same job finished (the data set, the tokenizer,
 // training checkpoints); each can be rerun alone with the config written to OUT/config.yaml.
 #include <fcntl.h>
-#include <netinet/in.h>
 #include <signal.h>
 #include <sys/prctl.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -88,19 +86,6 @@ struct Dashboard {
     }
 };
 
-bool port_free(int port) {
-    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-    int one = 1;
-    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    a.sin_port = htons(uint16_t(port));
-    bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
-    ::close(fd);
-    return ok;
-}
-
 }  // namespace
 
 Action add_run(CLI::App& app) {
@@ -140,7 +125,7 @@ Action add_run(CLI::App& app) {
 
         Dashboard dashboard;
         if (!o->no_dashboard) {
-            int port = port_free(o->port) ? o->port : launch::free_port();
+            int port = launch::port_free(o->port) ? o->port : launch::free_port();
             dashboard.start(o->out, port);
             std::printf("dashboard: http://127.0.0.1:%d/#run=train\n", port);
             std::fflush(stdout);
@@ -186,18 +171,12 @@ Action add_run(CLI::App& app) {
         log::info("run", "stage 4/5: {} samples from {}", o->samples, *checkpoint);
         train::Sampler sampler(*checkpoint);
         bool stories = o->corpus.front().rfind("builtin:stories", 0) == 0;
-        std::vector<int32_t> prompt = {tokenizer.bos_id()};
-        for (int id : tokenizer.encode(stories ? "Once upon a time" : ""))
-            prompt.push_back(id);
         for (int s = 0; s < o->samples; s++) {
             train::SampleOptions opt;
             opt.tokens = 48;
             opt.seed = uint64_t(s) + 1;
-            std::vector<int32_t> ids = sampler.continue_(prompt, opt, tokenizer.eos_id());
-            std::vector<int> text(ids.begin() + 1, ids.end());
-            if (!text.empty() && text.back() == tokenizer.eos_id())
-                text.pop_back();
-            std::printf("sample %d: %s\n", s + 1, tokenizer.decode(text).c_str());
+            std::string text = sampler.text(tokenizer, stories ? "Once upon a time" : "", opt);
+            std::printf("sample %d: %s\n", s + 1, text.c_str());
             std::fflush(stdout);
         }
 

@@ -70,18 +70,11 @@ Action add_sample(CLI::App& app) {
         if (tok.vocab_size() != sampler.vocab_size())
             throw error("tokenizer {} has {} pieces but the checkpoint's model has {}", model,
                         tok.vocab_size(), sampler.vocab_size());
-        std::vector<int32_t> prompt = {tok.bos_id()};
-        for (int id : tok.encode(o->prompt))
-            prompt.push_back(id);
         for (int s = 0; s < o->samples; s++) {
             train::SampleOptions opt = o->sample;
             opt.seed = o->sample.seed + uint64_t(s);
-            std::vector<int32_t> ids = sampler.continue_(prompt, opt, tok.eos_id());
-            std::vector<int> text(ids.begin() + 1, ids.end());
-            if (!text.empty() && text.back() == tok.eos_id())
-                text.pop_back();
-            std::printf("%s\n", tok.decode(text).c_str());
-            if (o->samples > 1 && s + 1 < o->samples)
+            std::printf("%s\n", sampler.text(tok, o->prompt, opt).c_str());
+            if (s + 1 < o->samples)
                 std::printf("---\n");
         }
         return 0;

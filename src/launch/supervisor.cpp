@@ -69,20 +69,37 @@ std::string describe(int status) {
 
 }  // namespace
 
-int free_port() {
+namespace {
+
+// Binds a TCP socket to 127.0.0.1:port (0: any free one) and closes it; the port it got, or -1.
+int bind_loopback(int port) {
     int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     sockaddr_in addr{};
     addr.sin_family = AF_INET;
     addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    addr.sin_port = 0;
+    addr.sin_port = htons(uint16_t(port));
     socklen_t len = sizeof addr;
-    if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), len) != 0 ||
-        ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-        ::close(fd);
-        throw error("cannot find a free TCP port: {}", std::strerror(errno));
-    }
+    int got = -1;
+    if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), len) == 0 &&
+        ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0)
+        got = ntohs(addr.sin_port);
     ::close(fd);
-    return ntohs(addr.sin_port);
+    return got;
+}
+
+}  // namespace
+
+int free_port() {
+    int port = bind_loopback(0);
+    if (port < 0)
+        throw error("cannot find a free TCP port: {}", std::strerror(errno));
+    return port;
+}
+
+bool port_free(int port) {
+    return bind_loopback(port) == port;
 }
 
 namespace {

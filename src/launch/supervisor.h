@@ -27,6 +27,7 @@ struct LaunchOptions {
 // succeeded). Throws Error for a command that cannot start.
 int run_gang(const LaunchOptions& options);
 
-int free_port();  // a TCP port free on this machine right now
+int free_port();           // a TCP port free on this machine right now
+bool port_free(int port);  // whether `port` on 127.0.0.1 can be bound right now
 
 }  // namespace kiln::launch

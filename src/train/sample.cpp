@@ -38,6 +38,18 @@ int64_t Sampler::vocab_size() const {
     return impl_->ck->config().vocab_size;
 }
 
+std::string Sampler::text(const data::Tokenizer& tokenizer, const std::string& prompt,
+                          const SampleOptions& options) const {
+    std::vector<int32_t> ids = {tokenizer.bos_id()};
+    for (int id : tokenizer.encode(prompt))
+        ids.push_back(id);
+    ids = continue_(std::move(ids), options, tokenizer.eos_id());
+    std::vector<int> pieces(ids.begin() + 1, ids.end());
+    if (!pieces.empty() && pieces.back() == tokenizer.eos_id())
+        pieces.pop_back();
+    return tokenizer.decode(pieces);
+}
+
 std::vector<int32_t> Sampler::continue_(std::vector<int32_t> ids, const SampleOptions& o,
                                         int32_t eos) const {
     if (ids.empty())

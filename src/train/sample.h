@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "data/tokenizer.h"
+
 namespace kiln::train {
 
 struct SampleOptions {
@@ -21,6 +23,9 @@ public:
     // The prompt's ids (BOS first) followed by the new ones; stops after `eos` when it is drawn.
     std::vector<int32_t> continue_(std::vector<int32_t> prompt, const SampleOptions& options,
                                    int32_t eos) const;
+    // `prompt` continued, as text: BOS + its tokens, continued, decoded without BOS or a final EOS.
+    std::string text(const data::Tokenizer& tokenizer, const std::string& prompt,
+                     const SampleOptions& options) const;
     int64_t vocab_size() const;
 
 private:

@@ -150,6 +150,10 @@ TEST(Cli, RunTrainsExportsAndReusesWhatIsDone) {
     EXPECT_LT(m.back()["loss"].get<double>(), m.front()["loss"].get<double>());
     EXPECT_TRUE(fs::exists(dir / "job/config.yaml"));
     EXPECT_TRUE(fs::exists(dir / "job/train/ranks/rank-1.json"));
+    // kiln sample finds the run's tokenizer through its config.yaml.
+    Result sampled = kiln("sample --checkpoint " + (dir / "job/train") + " --samples 2 --tokens 8");
+    ASSERT_EQ(sampled.rc, 0) << sampled.out;
+    EXPECT_NE(sampled.out.find("\n---\n"), std::string::npos) << sampled.out;
     EXPECT_TRUE(fs::exists(dir / "job/hf/model.safetensors"));
     EXPECT_TRUE(fs::exists(dir / "job/hf/tokenizer.model"));
     EXPECT_TRUE(fs::exists(dir / "job/data/manifest.json"));

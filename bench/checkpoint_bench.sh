@@ -6,11 +6,8 @@
 #
 #   bash bench/checkpoint_bench.sh
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-KILN="${KILN:-$ROOT/build/kiln}"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 STEPS="${STEPS:-13}"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
 common="--set model.preset=small --set train.seq_len=512 --set train.micro_batch=4
         --set train.warmup_steps=1 --set train.log_every=1 --set train.peak_gflops=1000"
 "$KILN" train $common --set train.steps=$STEPS --set train.checkpoint_every=0 \

@@ -7,11 +7,8 @@
 # The text is one document per line, so both tools encode exactly the same strings; kiln's
 # count includes the BOS/EOS it adds per document.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-KILN="${KILN:-$ROOT/build/kiln}"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 SHARED="${SHARED_DATA:-$ROOT/../shared/data}"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
 
 if [ -f "$SHARED/llama2-tokenizer.model" ]; then
     model="$SHARED/llama2-tokenizer.model"

@@ -5,22 +5,12 @@
 #
 #   bash bench/dist_bench.sh          STEPS=6 by default
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-KILN="${KILN:-$ROOT/build/kiln}"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 STEPS="${STEPS:-6}"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
 common="--set model.preset=small --set train.seq_len=512 --set train.micro_batch=4
         --set train.steps=$STEPS --set train.warmup_steps=1 --set train.log_every=1
         --set train.peak_gflops=1000 --set train.checkpoint_every=0"
 
-median_tps() {  # median tokens/s of steps 3.. of a run folder
-    /usr/bin/python3 - "$1/metrics.jsonl" <<'PY'
-import json, statistics, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-print(round(statistics.median(r["tokens_per_s"] for r in rows[2:])))
-PY
-}
 payload() { grep -ho "collective payload per step on this rank: .*" "$1" | head -1 | cut -d: -f2; }
 
 run() {  # name ranks threads args...

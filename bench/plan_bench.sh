@@ -4,10 +4,7 @@
 #
 #   bash bench/plan_bench.sh
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-KILN="${KILN:-$ROOT/build/kiln}"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 echo "| layout | predicted tokens/s | measured tokens/s | error |"
 echo "|---|---|---|---|"
 for layout in "DP 2:1" "TP 2:2"; do
@@ -19,11 +16,6 @@ for layout in "DP 2:1" "TP 2:2"; do
         --set train.micro_batch=8 --set train.seq_len=256 --set train.steps=8 \
         --set train.log_every=1 --set train.checkpoint_every=0 --set train.peak_gflops=1000 \
         --set run.dir="$work/$tp" > "$work/$tp.log" 2>&1
-    measured=$(/usr/bin/python3 - "$work/$tp/metrics.jsonl" <<'PY'
-import json, statistics, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-print(round(statistics.median(r["tokens_per_s"] for r in rows[2:])))
-PY
-)
+    measured=$(median_tps "$work/$tp")
     echo "| $name | $predicted | $measured | $(/usr/bin/python3 -c "print(f'{100*($predicted/$measured-1):+.1f}%')") |"
 done

@@ -5,13 +5,11 @@
 #
 #   bash bench/serve_bench.sh        DURATION=20 CONNECTIONS=8 THREADS=1 by default
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-KILN="${KILN:-$ROOT/build/kiln}"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 DURATION="${DURATION:-20}"
 CONNECTIONS="${CONNECTIONS:-8}"
 THREADS="${THREADS:-1}"
 command -v wrk > /dev/null || { echo "serve_bench: needs wrk (scripts/setup.sh installs it)"; exit 1; }
-work="$(mktemp -d)"
 port=$(/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 "$KILN" serve --port "$port" --runs "$work/runs" > "$work/serve.log" 2>&1 &
 server=$!
@@ -31,11 +29,7 @@ train() {  # run-name: tiny, both cores, steps at about 2/s; prints the median t
     OMP_NUM_THREADS=2 "$KILN" train --set model.preset=tiny --set train.seq_len=256 \
         --set train.micro_batch=4 --set train.steps="$train_steps" --set train.log_every=1000 \
         --set train.checkpoint_every=0 --set run.dir="$work/runs/$1" > "$work/$1.log" 2>&1
-    /usr/bin/python3 - "$work/runs/$1/metrics.jsonl" <<'PY'
-import json, statistics, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-print(round(statistics.median(r["tokens_per_s"] for r in rows[3:])))
-PY
+    median_tps "$work/runs/$1" 3
 }
 load() {  # path seconds: "req/s p99"
     wrk -t"$THREADS" -c"$CONNECTIONS" -d"$2"s --latency "$url$1" > "$work/wrk.txt" 2>&1

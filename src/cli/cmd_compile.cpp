@@ -62,7 +62,8 @@ Action add_plan(CLI::App& app) {
         ConfigOptions c = o->config;
         c.sets.insert(c.sets.begin(), "model.preset=" + o->model);
         c.sets.push_back("train.seq_len=" + std::to_string(o->seq_len));
-        resolve_config(config, c);
+        if (checked_only(c, resolve_config(config, c)))
+            return 0;
         compile::Cluster cluster = compile::parse_cluster(o->cluster);
         if (o->global_batch < 1)
             throw error("--global-batch must be at least 1");

@@ -32,6 +32,17 @@ struct TempDir {
     std::string operator/(const std::string& name) const { return path + "/" + name; }
 };
 
+// Every test process (CTest runs one per case) gets its own cache folder, so that the plan
+// caches of runs it starts (train/autotune.h) are its own: a case that compares two runs bit for
+// bit never finds a plan another case tuned in between.
+inline const TempDir& test_cache_home() {
+    static TempDir dir;
+    static const int set = setenv("XDG_CACHE_HOME", dir.path.c_str(), 1);
+    (void)set;
+    return dir;
+}
+inline const TempDir& test_cache_home_at_start = test_cache_home();
+
 // Runs a shell command; returns its exit status.
 inline int run(const std::string& command) {
     int rc = std::system(command.c_str());

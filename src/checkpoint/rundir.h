@@ -13,6 +13,7 @@ struct RunDir {
     std::string config() const { return root + "/config.yaml"; }
     std::string metrics() const { return root + "/metrics.jsonl"; }
     std::string status() const { return root + "/status.json"; }
+    std::string autotune() const { return root + "/autotune.json"; }  // the plan cache outcome
     std::string rank_log(int rank) const { return root + "/rank-" + std::to_string(rank) + ".log"; }
     std::string ranks() const { return root + "/ranks"; }
     std::string rank_status(int rank) const {

@@ -116,6 +116,20 @@ json compile(const train::RunConfig& config, const std::string& yaml, const Comp
                 mfu.push_back(m.mfu);
             }
         }
+        // The dry run tuned the products into the plan cache the run will find (or found it).
+        json tuned = json::parse(fs::read_file(dir + "/run/autotune.json"), nullptr, false);
+        if (tuned.is_object()) {
+            report["autotune"] = tuned;
+            const std::string outcome = tuned.value("outcome", "");
+            if (outcome == "hit") {
+                std::printf("plan cache: hit, %d products (%s)\n", tuned.value("products", 0),
+                            tuned.value("cache", "").c_str());
+            } else if (outcome != "off") {
+                std::printf("plan cache: %s; tuned %d products in %.1f s into %s\n",
+                            outcome.c_str(), tuned.value("products", 0),
+                            tuned.value("tuned_s", 0.0), tuned.value("cache", "").c_str());
+            }
+        }
         int64_t peak = 0;
         for (const auto& e : stdfs::directory_iterator(dir + "/run/ranks")) {
             json r = json::parse(fs::read_file(e.path().string()), nullptr, false);

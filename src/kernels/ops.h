@@ -12,6 +12,8 @@
 // throws; inputs and outputs never alias unless the comment says in place.
 #include <cstddef>
 #include <cstdint>
+#include <map>
+#include <string>
 
 #include "core/dtype.h"
 
@@ -58,5 +60,9 @@ struct AdamWStep {
     float lr = 0, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0, grad_scale = 1;
     int64_t t = 1;  // bias-correction step, >= 1
 };
+
+// The implementation chosen for each product shape (autotuning, see Kernels::tune): shape ->
+// choice, both in the backend's own words.
+using Plan = std::map<std::string, std::string>;
 
 }  // namespace kiln::kernels

@@ -79,6 +79,24 @@ struct Kernels {
 
     // dst (n) = bf16(src), round to nearest even
     void (*to_bf16)(uint16_t* dst, const float* src, int64_t n);
+
+    // Autotuning of the products (gemm and attention's). platform: what a plan holds for (the
+    // hardware, the threads, the libraries' versions); null when there is nothing to tune.
+    std::string (*platform)();
+    // Tuning runs as passes of the caller's work (a training step's forward and backward, the
+    // same products in the same order each time): tune(part, parts) starts the first, in which
+    // each new product shape whose name hashes to `part` of `parts` finds its candidate
+    // implementations, drops those that compute other numbers than the default or are plainly
+    // slower, and leaves meaningless values in its output (the caller's pass is throwaway);
+    // the other shapes run their default. After each pass tune_next() says whether another is
+    // needed; in those, each candidate is timed where the step runs it. When it says no, every
+    // tuned shape runs its fastest candidate and tuned() lists those choices.
+    void (*tune)(int part, int parts);
+    bool (*tune_next)();
+    Plan (*tuned)();  // the choices made since tune()
+    // Stops tuning. From now on every product runs its choice in `plan` (the default for a
+    // shape it lacks or a choice this library does not offer); shapes already seen are redone.
+    void (*use)(const Plan& plan);
 };
 
 }  // namespace kiln::kernels

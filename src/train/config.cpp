@@ -49,6 +49,12 @@ void build_schema(ConfigSchema& s, RunConfig& c) {
     s.add("train.memory_limit_gb", &t.memory_limit_gb,
           "memory one rank may plan for, GiB (0: this machine's memory / its ranks)",
           non_negative(&t.memory_limit_gb));
+    s.add("train.autotune", &t.autotune,
+          "time each product's implementations before the first step and keep the fastest, "
+          "remembered in the plan cache (kiln compile fills it ahead)");
+    s.add("train.plan_cache", &t.plan_cache,
+          "folder of plan caches, shared by all ranks (empty: $XDG_CACHE_HOME/kiln/plans or "
+          "~/.cache/kiln/plans)");
     s.add("parallel.tp", &c.tp, "tensor-parallel ranks (DP = world size / TP)", positive(&c.tp));
     s.add("parallel.zero", &c.zero, "1: shard optimizer state over DP (ZeRO-1), 0: replicate",
           [&c] { return c.zero == 0 || c.zero == 1 ? "" : "must be 0 or 1"; });

@@ -28,6 +28,8 @@ struct TrainConfig {
     int64_t keep_checkpoints = 3;
     double peak_gflops = 0;      // for MFU; 0: measured at start
     double memory_limit_gb = 0;  // per rank; 0: this machine's memory / ranks on it
+    bool autotune = true;        // time the products' implementations (train/autotune.h)
+    std::string plan_cache;      // folder of plan caches; empty: the user's cache folder
 };
 
 struct RunConfig {

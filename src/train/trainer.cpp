@@ -21,6 +21,7 @@
 #include "kernels/backends.h"
 #include "model/llama.h"
 #include "optim/adamw.h"
+#include "train/autotune.h"
 #include "train/memory.h"
 #include "train/metrics.h"
 
@@ -251,6 +252,28 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
               "{} steps of {} sequences x {} tokens ({} tokens/step); matmul peak {:.0f} GFLOP/s",
               t.steps, t.grad_accum * B * g.dp, T, tokens_per_step, peak);
 
+    // Every step runs the products the plan chose: found in the plan cache, or tuned now.
+    auto run_start = Clock::now();
+    const AutotuneResult tuned = autotune(cfg, k, model, job.world(), g.dp);
+    if (tuned.outcome == "hit") {
+        log::info("train", "plan cache hit: {} ({} products)", tuned.path, tuned.products);
+    } else if (tuned.outcome != "off") {
+        log::info("train",
+                  "plan cache {}: {}{}; tuned {} products ({} on this rank) in {} passes, {:.1f} s",
+                  tuned.outcome, tuned.path, tuned.why.empty() ? "" : " (" + tuned.why + ")",
+                  tuned.products, tuned.tuned_here, tuned.passes, tuned.seconds);
+        if (!tuned.write_error.empty())
+            log::warn("train", "plan cache not written: {}", tuned.write_error);
+    }
+    if (lead) {
+        nlohmann::ordered_json j = {{"cache", tuned.path},
+                                    {"outcome", tuned.outcome},
+                                    {"why", tuned.why},
+                                    {"products", tuned.products},
+                                    {"tuned_s", tuned.seconds}};
+        fs::write_file_replace(run.autotune(), j.dump(2) + "\n");
+    }
+
     data::Sampler sampler(source->rows(), static_cast<uint64_t>(t.seed));
     std::unique_ptr<MetricsFile> metrics;
     if (lead)
@@ -260,7 +283,6 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     result.run_dir = run.root;
     int64_t skipped = 0, bad_in_a_row = 0;
     double last_loss = 0;
-    auto run_start = Clock::now();
     if (lead)
         write_status(run, "running", start_step, t.steps, 0);
     fs::make_dirs(run.ranks());

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <regex>
+#include <sstream>
 
 #include "core/fs.h"
 #include "fixture.h"
@@ -51,14 +52,18 @@ TEST(Compile, MemoryPlanIsWithinTenPercentOfThePeak) {
         int ranks;
         std::string sets;
     };
+    // The first case tunes its products before the first step (that pass is within the plan
+    // too); the others skip it to keep the suite short.
+    const std::string untuned = " --set train.autotune=false";
     const Case cases[] = {
         {"tiny", 1, " --set model.preset=tiny"},
-        {"tiny-full", 1, " --set model.preset=tiny --set train.recompute=full"},
-        {"tiny-dp2", 2, " --set model.preset=tiny"},
-        {"tiny-dp2-nozero", 2, " --set model.preset=tiny --set parallel.zero=0"},
-        {"tiny-tp2", 2, " --set model.preset=tiny --set parallel.tp=2"},
+        {"tiny-full", 1, " --set model.preset=tiny --set train.recompute=full" + untuned},
+        {"tiny-dp2", 2, " --set model.preset=tiny" + untuned},
+        {"tiny-dp2-nozero", 2, " --set model.preset=tiny --set parallel.zero=0" + untuned},
+        {"tiny-tp2", 2, " --set model.preset=tiny --set parallel.tp=2" + untuned},
         {"small-selective", 1,
-         " --set model.preset=small --set train.recompute=selective --set train.micro_batch=4"},
+         " --set model.preset=small --set train.recompute=selective --set train.micro_batch=4" +
+             untuned},
     };
     for (const Case& c : cases) {
         std::string run = dir / c.name;
@@ -110,6 +115,130 @@ TEST(Compile, DryRunReportsAndForecasts) {
     EXPECT_NE(r.out.find("forecast: 1000 steps"), std::string::npos) << r.out;
     // The dry run leaves no run of its own behind: the run folder holds only the report.
     EXPECT_FALSE(std::filesystem::exists(dir / "run/metrics.jsonl"));
+    // ... and the plan cache, tuned by both ranks, that the real run then finds.
+    EXPECT_EQ(report["autotune"]["outcome"], "miss") << report.dump(2);
+    EXPECT_GT(report["autotune"]["products"].get<int>(), 0);
+    Result train = kiln(
+        "launch -n 2 -- kiln train --set model.dim=64 --set model.n_layers=2 "
+        "--set model.n_heads=4 --set model.n_kv_heads=2 --set model.vocab_size=256 "
+        "--set train.seq_len=32 --set train.steps=2 --set run.dir=" +
+        (dir / "run"));
+    ASSERT_EQ(train.rc, 0) << train.out;
+    EXPECT_NE(train.out.find("plan cache hit: " + report["autotune"]["cache"].get<std::string>()),
+              std::string::npos)
+        << train.out;
+}
+
+// The model of the autotuning cases: small enough that a tuning pass takes milliseconds.
+const std::string kSmallModel =
+    " --set model.dim=64 --set model.n_layers=2 --set model.n_heads=4 --set model.n_kv_heads=2"
+    " --set model.vocab_size=256 --set train.seq_len=32 --set train.micro_batch=4"
+    " --set train.steps=3 --set train.peak_gflops=100";
+
+// The plan cache file a run used, from its autotune.json.
+json autotune_of(const std::string& run) {
+    return json::parse(fs::read_file(run + "/autotune.json"));
+}
+
+// The losses a run logged, as written (bit-for-bit comparable).
+std::vector<std::string> losses(const std::string& run) {
+    std::vector<std::string> out;
+    std::istringstream in(fs::read_file(run + "/metrics.jsonl"));
+    for (std::string line; std::getline(in, line);)
+        out.push_back(json::parse(line)["loss"].dump());
+    return out;
+}
+
+TEST(Autotune, WarmCacheIsAHitAndRunsTheSamePlan) {
+    TempDir dir;
+    const std::string train = "train" + kSmallModel + " --set train.plan_cache=" + (dir / "plans");
+    Result cold = kiln(train + " --set run.dir=" + (dir / "cold"));
+    ASSERT_EQ(cold.rc, 0) << cold.out;
+    EXPECT_NE(cold.out.find("plan cache miss: "), std::string::npos) << cold.out;
+    json tuned = autotune_of(dir / "cold");
+    const std::string cache = tuned["cache"];
+    EXPECT_EQ(cache.rfind(dir / "plans/tiny-", 0), 0u) << cache;
+    json file = json::parse(fs::read_file(cache));
+    EXPECT_EQ(file["format"], "kiln-plan/1");
+    EXPECT_NE(file["key"]["platform"].get<std::string>().find("oneDNN"), std::string::npos);
+    EXPECT_EQ(file["key"]["layout"]["seq_len"], 32);
+    ASSERT_EQ(file["choices"].size(), size_t(tuned["products"].get<int>()));
+    for (const auto& [shape, choice] : file["choices"].items())
+        EXPECT_NE(choice.get<std::string>().find(" threads="), std::string::npos) << shape;
+
+    // Warm: the same plan, found instead of tuned, hence the same numbers bit for bit.
+    Result warm = kiln(train + " --set run.dir=" + (dir / "warm"));
+    ASSERT_EQ(warm.rc, 0) << warm.out;
+    EXPECT_NE(warm.out.find("plan cache hit: " + cache), std::string::npos) << warm.out;
+    EXPECT_EQ(autotune_of(dir / "warm")["outcome"], "hit");
+    EXPECT_EQ(losses(dir / "warm"), losses(dir / "cold"));
+
+    // A cache made on another machine or with another oneDNN is ignored, and replaced.
+    const std::string platform = file["key"]["platform"];
+    for (const std::string& other :
+         {std::string("Another CPU (AMX-BF16), 2 threads; oneDNN 2.6.3 (N/A)"),
+          std::regex_replace(platform, std::regex("oneDNN [0-9.]+"), "oneDNN 9.9.9")}) {
+        json forged = file;
+        forged["key"]["platform"] = other;
+        fs::write_file_atomic(cache, forged.dump(2));
+        Result r = kiln(train + " --set run.dir=" + (dir / "forged"));
+        ASSERT_EQ(r.rc, 0) << r.out;
+        EXPECT_NE(r.out.find("plan cache ignored: " + cache + " (made for platform \"" + other),
+                  std::string::npos)
+            << r.out;
+        EXPECT_EQ(json::parse(fs::read_file(cache))["key"]["platform"], platform);
+        std::filesystem::remove_all(dir / "forged");
+    }
+    fs::write_file_atomic(cache, std::string("{ not json"));
+    Result garbage = kiln(train + " --set run.dir=" + (dir / "garbage"));
+    ASSERT_EQ(garbage.rc, 0) << garbage.out;
+    EXPECT_NE(garbage.out.find("(not a kiln-plan/1 file)"), std::string::npos) << garbage.out;
+
+    // Off: nothing read or written.
+    Result off =
+        kiln(train + " --set train.autotune=false --set train.plan_cache=" + (dir / "unused") +
+             " --set run.dir=" + (dir / "off"));
+    ASSERT_EQ(off.rc, 0) << off.out;
+    EXPECT_EQ(off.out.find("plan cache"), std::string::npos) << off.out;
+    EXPECT_FALSE(std::filesystem::exists(dir / "unused"));
+
+    // A cache folder that cannot be written costs the next run a tuning, nothing more.
+    fs::write_file_atomic(dir / "a-file", std::string("x"));
+    Result unwritable =
+        kiln("train" + kSmallModel + " --set train.plan_cache=" + (dir / "a-file/plans") +
+             " --set run.dir=" + (dir / "unwritable"));
+    ASSERT_EQ(unwritable.rc, 0) << unwritable.out;
+    EXPECT_NE(unwritable.out.find("plan cache not written: "), std::string::npos) << unwritable.out;
+}
+
+// Two tensor-parallel ranks tune disjoint shares of the shapes in the same passes and merge
+// them: each tunes some, together all, and the next launch finds the merged plan.
+TEST(Autotune, RanksTuneDisjointSharesAndMerge) {
+    TempDir dir;
+    const std::string launch = "launch -n 2 -- kiln train" + kSmallModel +
+                               " --set parallel.tp=2 --set train.plan_cache=" + (dir / "plans");
+    Result cold = kiln(launch + " --set run.dir=" + (dir / "cold"));
+    ASSERT_EQ(cold.rc, 0) << cold.out;
+    std::smatch m;
+    std::vector<int> mine;
+    int total = 0;
+    const std::regex tuned("tuned ([0-9]+) products \\(([0-9]+) on this rank\\)");
+    for (int rank : {0, 1}) {
+        const std::string log = fs::read_file(dir / ("cold/rank-" + std::to_string(rank) + ".log"));
+        ASSERT_TRUE(std::regex_search(log, m, tuned)) << log;
+        total = std::stoi(m[1]);
+        mine.push_back(std::stoi(m[2]));
+    }
+    EXPECT_GT(mine[0], 0);
+    EXPECT_GT(mine[1], 0);
+    EXPECT_EQ(mine[0] + mine[1], total);
+    json file = json::parse(fs::read_file(autotune_of(dir / "cold")["cache"].get<std::string>()));
+    EXPECT_EQ(int(file["choices"].size()), total);
+    EXPECT_EQ(file["tuned_by_ranks"], 2);
+    Result warm = kiln(launch + " --set run.dir=" + (dir / "warm"));
+    ASSERT_EQ(warm.rc, 0) << warm.out;
+    EXPECT_NE(warm.out.find("plan cache hit: "), std::string::npos) << warm.out;
+    EXPECT_EQ(losses(dir / "warm"), losses(dir / "cold"));
 }
 
 TEST(Plan, RecommendsALayoutAndRefusesBadInput) {

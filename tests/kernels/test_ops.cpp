@@ -127,6 +127,60 @@ TEST(Gemm, ShortBf16ProductsAreRightEveryTime) {
     }
 }
 
+// Autotuning: passes over a few products (one accumulating, one transposed) pick one choice per
+// shape; the plan then computes what the reference does, as does a plan naming a choice this
+// library lacks (which falls back to the default).
+TEST(Gemm, TunedPlanComputesTheSameProducts) {
+    struct Shape {
+        int64_t M, N, K;
+        bool trans_b, acc;
+    };
+    const Shape shapes[] = {{128, 96, 64, false, false}, {256, 64, 96, true, true}};
+    for (Precision prec : {Precision::fp32, Precision::bf16}) {
+        const Kernels& cpu = cpu_kernels(prec);
+        ASSERT_NE(cpu.platform, nullptr);
+        EXPECT_NE(cpu.platform().find("oneDNN"), std::string::npos) << cpu.platform();
+        Workspaces ws;
+        Workspace w = ws.get(cpu.workspace_bytes(256 * 96 * 2, Attention{}));
+        auto run_all = [&](const Kernels& k, std::vector<std::vector<float>>* out) {
+            out->clear();
+            for (const Shape& s : shapes) {
+                auto a = randn(s.M * s.K, 1), b = randn(s.K * s.N, 2);
+                out->push_back(randn(s.M * s.N, 3));
+                Gemm g;
+                g.M = s.M, g.N = s.N, g.K = s.K, g.trans_b = s.trans_b, g.accumulate = s.acc;
+                g.a = a.data(), g.lda = s.K, g.b = b.data(), g.ldb = s.trans_b ? s.K : s.N;
+                g.c = out->back().data(), g.ldc = s.N;
+                k.gemm(g, &k == &cpu ? w : Workspace{});
+            }
+        };
+        std::vector<std::vector<float>> want, got;
+        run_all(reference_kernels(prec), &want);
+        cpu.tune(0, 1);
+        int passes = 0;
+        do {
+            run_all(cpu, &got);
+            passes++;
+        } while (cpu.tune_next() && passes < 100);
+        Plan plan = cpu.tuned();
+        EXPECT_EQ(plan.size(), 2u);
+        for (const auto& [shape, choice] : plan)
+            EXPECT_NE(choice.find(" threads="), std::string::npos) << shape;
+        const double atol = prec == Precision::bf16 ? 2e-3 : 1e-4;
+        cpu.use(plan);
+        run_all(cpu, &got);
+        for (size_t i = 0; i < got.size(); i++)
+            expect_close(got[i], want[i], atol, 1e-3, "tuned gemm");
+        for (auto& [shape, choice] : plan)
+            choice = "no-such-implementation threads=1";
+        cpu.use(plan);
+        run_all(cpu, &got);
+        for (size_t i = 0; i < got.size(); i++)
+            expect_close(got[i], want[i], atol, 1e-3, "gemm with an unknown choice");
+        cpu.use({});
+    }
+}
+
 TEST(Gemm, Bf16WeightsOperand) {
     const int64_t M = 16, N = 24, K = 40;
     auto a = randn(M * K, 1), bf = randn(N * K, 2);

@@ -3,12 +3,18 @@
 #include <omp.h>
 
 #include <array>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <mutex>
 #include <oneapi/dnnl/dnnl.hpp>
+#include <optional>
+#include <vector>
 
 #include "core/error.h"
+#include "core/fs.h"
 
 namespace kiln::kernels::cpu {
 namespace {
@@ -39,7 +45,195 @@ using Key = std::array<int64_t, 28>;
 struct Cached {
     dnnl::matmul primitive;
     dnnl::memory::desc a, b, c;
+    int threads = 1;  // the pool's threads it runs on
 };
+
+// One product as oneDNN sees it, and what the plan calls it.
+struct Product {
+    dnnl::memory::desc a, b, c;
+    // Outlives every descriptor made from it: oneDNN's implementation iterator reads it.
+    std::optional<dnnl::matmul::desc> op;
+    dnnl::primitive_attr attr;
+    std::string name;
+};
+
+// A product shape being tuned: its candidates, timed where the training step runs them (with
+// the caches as the step leaves them), one candidate per pass.
+struct Trial {
+    std::string name;
+    std::vector<Cached> candidates;  // [0]: the default
+    std::vector<std::string> choices;
+    std::vector<double> seconds;
+    std::vector<int64_t> runs;
+};
+
+// Each candidate runs in this many passes.
+constexpr int kRounds = 2;
+
+struct State {
+    std::mutex mutex;
+    std::map<Key, Cached> cache;
+    bool tuning = false;
+    int part = 0, parts = 1;
+    int pass = 0;  // 0: the pass that finds the shapes
+    std::map<Key, Trial> trials;
+    Plan plan;   // choices to run
+    Plan tuned;  // choices made since tune()
+};
+
+State& state() {
+    static State s;
+    return s;
+}
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+    return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+std::string join(const int64_t v[4]) {
+    return fmt::format("{},{},{},{}", v[0], v[1], v[2], v[3]);
+}
+
+std::string product_name(const MatOperand& a, const MatOperand& b, const int64_t c_strides[4],
+                         float alpha, bool accumulate) {
+    return fmt::format("{}x{}x{}x{}x{} a {}[{}] b {}[{}]x{}x{} c[{}] alpha {} {}", a.dims[0],
+                       a.dims[1], a.dims[2], b.dims[3], a.dims[3], dtype_name(a.type),
+                       join(a.strides), dtype_name(b.type), join(b.strides), b.dims[0], b.dims[1],
+                       join(c_strides), alpha, accumulate ? "+=" : "=");
+}
+
+std::string choice_name(const dnnl::matmul::primitive_desc& pd, int threads) {
+    return fmt::format("{} threads={}", pd.impl_info_str(), threads);
+}
+
+// Primitive descriptors are made with the pool at the thread count they will run on (oneDNN
+// fixes the split then).
+dnnl::matmul::primitive_desc describe(const Product& p, int threads) {
+    omp_set_num_threads(threads);
+    try {
+        return dnnl::matmul::primitive_desc(*p.op, p.attr, engine());
+    } catch (const dnnl::error& e) {
+        KILN_CHECK(false, "oneDNN rejected a matmul ({}): {}", p.name, e.what());
+    }
+    return {};
+}
+
+Cached make(const Product& p, const dnnl::matmul::primitive_desc& pd, int threads) {
+    return Cached{dnnl::matmul(pd), p.a, p.b, p.c, threads};
+}
+
+// The plan's choice for p, when this library offers it.
+std::optional<Cached> planned(const Product& p, const std::string& choice, int max_threads) {
+    size_t at = choice.rfind(" threads=");
+    if (at == std::string::npos)
+        return std::nullopt;
+    const std::string impl = choice.substr(0, at);
+    const int threads = std::atoi(choice.c_str() + at + 9);
+    if (threads < 1 || threads > max_threads)
+        return std::nullopt;
+    auto pd = describe(p, threads);
+    do {
+        if (impl == pd.impl_info_str())
+            return make(p, pd, threads);
+    } while (pd.next_impl());
+    return std::nullopt;
+}
+
+void run(const Cached& m, const MatOperand& a, const MatOperand& b, float* c) {
+    omp_set_num_threads(m.threads);
+    dnnl::memory ma(m.a, engine(), const_cast<void*>(a.ptr));
+    dnnl::memory mb(m.b, engine(), const_cast<void*>(b.ptr));
+    dnnl::memory mc(m.c, engine(), c);
+    m.primitive.execute(stream(), {{DNNL_ARG_SRC, ma}, {DNNL_ARG_WEIGHTS, mb}, {DNNL_ARG_DST, mc}});
+    stream().wait();
+}
+
+// Offsets of a spread of at most `most` of the logical elements of c (dims, strides).
+std::vector<int64_t> sample_offsets(const int64_t dims[4], const int64_t strides[4], int64_t most) {
+    const int64_t total = dims[0] * dims[1] * dims[2] * dims[3];
+    const int64_t step = std::max<int64_t>(1, total / most);
+    std::vector<int64_t> out;
+    for (int64_t i = 0; i < total; i += step) {
+        int64_t rest = i, off = 0;
+        for (int d = 3; d >= 0; d--) {
+            off += (rest % dims[d]) * strides[d];
+            rest /= dims[d];
+        }
+        out.push_back(off);
+    }
+    return out;
+}
+
+// c's logical elements (dims, strides) = 0, leaving what lies between them.
+void zero(float* c, const int64_t dims[4], const int64_t strides[4]) {
+    for (int64_t i = 0; i < dims[0]; i++)
+        for (int64_t j = 0; j < dims[1]; j++)
+            for (int64_t m = 0; m < dims[2]; m++) {
+                float* row = c + i * strides[0] + j * strides[1] + m * strides[2];
+                for (int64_t n = 0; n < dims[3]; n++)
+                    row[n * strides[3]] = 0;
+            }
+}
+
+// The candidates of p that agree with the default (the first) on the real operands and are not
+// plainly slower than it, run once or twice each. c ends holding the product (without what an
+// accumulating product would have added it to).
+Trial discover(const Product& p, const MatOperand& a, const MatOperand& b, float* c,
+               const int64_t c_dims[4], const int64_t c_strides[4], bool accumulate,
+               int max_threads, bool serial) {
+    const std::vector<int64_t> sample = sample_offsets(c_dims, c_strides, 1024);
+    auto once = [&](const Cached& m) {
+        if (accumulate)
+            zero(c, c_dims, c_strides);
+        auto t0 = Clock::now();
+        run(m, a, b, c);
+        return seconds_since(t0);
+    };
+    Trial t;
+    t.name = p.name;
+    std::vector<float> expect;
+    float scale = 0;
+    double default_cold = 0, default_warm = 0;
+    std::vector<int> splits = {serial ? 1 : max_threads};
+    if (splits[0] > 1)
+        splits.push_back(1);
+    for (int threads : splits) {
+        auto pd = describe(p, threads);
+        do {
+            if (std::string(pd.impl_info_str()).rfind("ref", 0) == 0)
+                continue;  // the reference implementation: correct, and far too slow
+            Cached m = make(p, pd, threads);
+            const double cold = once(m);
+            if (expect.empty()) {
+                for (int64_t o : sample) {
+                    expect.push_back(c[o]);
+                    scale = std::max(scale, std::fabs(c[o]));
+                }
+                default_cold = cold;
+            } else {
+                bool agrees = true;
+                for (size_t i = 0; i < sample.size() && agrees; i++)
+                    agrees = std::fabs(c[sample[i]] - expect[i]) <= 1e-3f * scale + 1e-6f;
+                if (!agrees || cold > 3 * default_cold)
+                    continue;  // never trust a candidate that computes other numbers
+            }
+            const double warm = once(m);
+            if (t.candidates.empty())
+                default_warm = warm;
+            else if (warm > 1.5 * default_warm)
+                continue;  // not worth a pass
+            t.candidates.push_back(std::move(m));
+            t.choices.push_back(choice_name(pd, threads));
+        } while (pd.next_impl());
+    }
+    KILN_CHECK(!t.candidates.empty(), "oneDNN offers no implementation of a matmul ({})", p.name);
+    t.seconds.assign(t.candidates.size(), 0);
+    t.runs.assign(t.candidates.size(), 0);
+    once(t.candidates[0]);
+    return t;
+}
 
 }  // namespace
 
@@ -64,54 +258,144 @@ void matmul(const MatOperand& a, const MatOperand& b, float* c, const int64_t c_
 
     // oneDNN 2.6's AMX bf16 matmul returns wrong values, intermittently or always, when fewer
     // than ~48 rows are split across threads (seen with N in 49..63; tests/kernels pins it).
-    // Products that short gain nothing from threads anyway: they are planned (oneDNN fixes the
-    // split when the primitive is made) and run on one thread.
+    // Products that short gain nothing from threads anyway: they run on one thread.
     const bool serial = a.dims[2] < 64;
     const int threads = omp_get_max_threads();
-    if (serial)
-        omp_set_num_threads(1);
-    key[24] = serial ? 1 : threads;
+    key[24] = threads;
 
-    static std::mutex mutex;
-    static std::map<Key, Cached> cache;
-    const Cached* entry;
-    {
-        std::lock_guard<std::mutex> lock(mutex);
-        auto it = cache.find(key);
-        if (it == cache.end()) {
-            Cached fresh;
-            fresh.a = desc(a.dims, a.strides, a.type);
-            fresh.b = desc(b.dims, b.strides, b.type);
-            fresh.c = desc(c_dims, c_strides, DType::f32);
-            dnnl::primitive_attr attr;
-            if (alpha != 1.0f) {
-                attr.set_output_scales(0, {alpha});
-            }
-            if (accumulate) {
-                dnnl::post_ops ops;
-                ops.append_sum(1.0f);
-                attr.set_post_ops(ops);
-            }
-            try {
-                auto pd = dnnl::matmul::primitive_desc(
-                    dnnl::matmul::desc(fresh.a, fresh.b, fresh.c), attr, engine());
-                fresh.primitive = dnnl::matmul(pd);
-            } catch (const dnnl::error& e) {
-                KILN_CHECK(false, "oneDNN rejected a matmul ({}x{}x{}): {}", a.dims[2], b.dims[3],
-                           a.dims[3], e.what());
-            }
-            it = cache.emplace(key, std::move(fresh)).first;
-        }
-        entry = &it->second;
-    }
-    dnnl::memory ma(entry->a, engine(), const_cast<void*>(a.ptr));
-    dnnl::memory mb(entry->b, engine(), const_cast<void*>(b.ptr));
-    dnnl::memory mc(entry->c, engine(), c);
-    entry->primitive.execute(stream(),
-                             {{DNNL_ARG_SRC, ma}, {DNNL_ARG_WEIGHTS, mb}, {DNNL_ARG_DST, mc}});
-    stream().wait();
-    if (serial)
+    State& st = state();
+    std::lock_guard<std::mutex> lock(st.mutex);
+    if (auto trial = st.trials.find(key); trial != st.trials.end()) {
+        Trial& t = trial->second;
+        const size_t i = size_t(st.pass - 1) % t.candidates.size();
+        auto t0 = Clock::now();
+        run(t.candidates[i], a, b, c);
+        t.seconds[i] += seconds_since(t0);
+        t.runs[i]++;
         omp_set_num_threads(threads);
+        return;
+    }
+    auto it = st.cache.find(key);
+    if (it != st.cache.end()) {
+        run(it->second, a, b, c);
+        omp_set_num_threads(threads);
+        return;
+    }
+    Product p;
+    p.name = product_name(a, b, c_strides, alpha, accumulate);
+    p.a = desc(a.dims, a.strides, a.type);
+    p.b = desc(b.dims, b.strides, b.type);
+    p.c = desc(c_dims, c_strides, DType::f32);
+    if (alpha != 1.0f)
+        p.attr.set_output_scales(0, {alpha});
+    if (accumulate) {
+        dnnl::post_ops ops;
+        ops.append_sum(1.0f);
+        p.attr.set_post_ops(ops);
+    }
+    try {
+        p.op.emplace(p.a, p.b, p.c);
+    } catch (const dnnl::error& e) {
+        KILN_CHECK(false, "oneDNN rejected a matmul ({}): {}", p.name, e.what());
+    }
+    std::optional<Cached> chosen;
+    if (st.tuning && st.pass == 0 &&
+        int(fs::xxh64(p.name.data(), p.name.size()) % uint64_t(st.parts)) == st.part) {
+        st.trials.emplace(key,
+                          discover(p, a, b, c, c_dims, c_strides, accumulate, threads, serial));
+        omp_set_num_threads(threads);
+        return;
+    }
+    if (auto planned_choice = st.plan.find(p.name); planned_choice != st.plan.end())
+        chosen = planned(p, planned_choice->second, serial ? 1 : threads);
+    if (!chosen) {
+        const int split = serial ? 1 : threads;
+        chosen = make(p, describe(p, split), split);
+    }
+    it = st.cache.emplace(key, std::move(*chosen)).first;
+    run(it->second, a, b, c);
+    omp_set_num_threads(threads);
+}
+
+std::string platform() {
+    std::string cpu = "unknown CPU", flags;
+    if (std::FILE* f = std::fopen("/proc/cpuinfo", "r")) {
+        char line[4096];
+        while (std::fgets(line, sizeof line, f)) {
+            std::string l = line;
+            auto value = [&] {
+                size_t colon = l.find(": ");
+                std::string v = colon == std::string::npos ? "" : l.substr(colon + 2);
+                while (!v.empty() && (v.back() == '\n' || v.back() == ' '))
+                    v.pop_back();
+                return v;
+            };
+            if (l.rfind("model name", 0) == 0 && cpu == "unknown CPU")
+                cpu = value();
+            else if (l.rfind("flags", 0) == 0 && flags.empty())
+                flags = fmt::format(" {} ", value());
+        }
+        std::fclose(f);
+    }
+    std::string isa = flags.find(" amx_bf16 ") != std::string::npos      ? "AMX-BF16"
+                      : flags.find(" avx512_bf16 ") != std::string::npos ? "AVX512-BF16"
+                      : flags.find(" avx512f ") != std::string::npos     ? "AVX-512"
+                                                                         : "no AVX-512";
+    const dnnl_version_t* v = dnnl_version();
+    return fmt::format("{} ({}), {} threads; oneDNN {}.{}.{} ({})", cpu, isa, omp_get_max_threads(),
+                       v->major, v->minor, v->patch, v->hash);
+}
+
+void tune(int part, int parts) {
+    State& st = state();
+    std::lock_guard<std::mutex> lock(st.mutex);
+    st.tuning = true;
+    st.part = part;
+    st.parts = std::max(1, parts);
+    st.pass = 0;
+    st.trials.clear();
+    st.tuned.clear();
+}
+
+bool tune_next() {
+    State& st = state();
+    std::lock_guard<std::mutex> lock(st.mutex);
+    if (!st.tuning)
+        return false;
+    size_t most = 1;
+    for (const auto& [key, t] : st.trials)
+        most = std::max(most, t.candidates.size());
+    if (most > 1 && ++st.pass <= kRounds * int(most))
+        return true;
+    // Each shape keeps the candidate with the least time per run.
+    for (auto& [key, t] : st.trials) {
+        size_t best = 0;
+        for (size_t i = 1; i < t.candidates.size(); i++) {
+            if (t.runs[i] > 0 && t.seconds[i] / double(t.runs[i]) <
+                                     t.seconds[best] / double(std::max<int64_t>(1, t.runs[best])))
+                best = i;
+        }
+        st.tuned[t.name] = t.choices[best];
+        st.cache.insert_or_assign(key, std::move(t.candidates[best]));
+    }
+    st.trials.clear();
+    st.tuning = false;
+    return false;
+}
+
+Plan tuned() {
+    State& st = state();
+    std::lock_guard<std::mutex> lock(st.mutex);
+    return st.tuned;
+}
+
+void use(const Plan& plan) {
+    State& st = state();
+    std::lock_guard<std::mutex> lock(st.mutex);
+    st.tuning = false;
+    st.trials.clear();
+    st.plan = plan;
+    st.cache.clear();
 }
 
 }  // namespace kiln::kernels::cpu

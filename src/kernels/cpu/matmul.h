@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "core/dtype.h"
+#include "kernels/ops.h"
 
 namespace kiln::kernels::cpu {
 
@@ -21,5 +22,16 @@ struct MatOperand {
 // shape, strides and types. Aborts on a descriptor oneDNN rejects (a programmer error).
 void matmul(const MatOperand& a, const MatOperand& b, float* c, const int64_t c_strides[4],
             float alpha, bool accumulate);
+
+// Autotuning (the Kernels table entries of the same names). A product's candidates are
+// oneDNN's implementations of its descriptor (the reference one aside) times two thread
+// splits: all of the pool's threads, or one. Those that agree with the default on the first
+// pass's operands and are not plainly slower are then timed in place, one per pass, twice each.
+// A choice reads "<implementation> threads=<n>".
+std::string platform();
+void tune(int part, int parts);
+bool tune_next();
+Plan tuned();
+void use(const Plan& plan);
 
 }  // namespace kiln::kernels::cpu

@@ -1,5 +1,6 @@
 // Fills the CPU backend's kernel table (see kernels/table.h).
 #include "kernels/cpu/cpu.h"
+#include "kernels/cpu/matmul.h"
 
 namespace kiln::kernels::cpu {
 
@@ -59,6 +60,11 @@ const Kernels table = {
     cross_entropy,
     adamw,
     to_bf16,
+    platform,
+    tune,
+    tune_next,
+    tuned,
+    use,
 };
 
 }  // namespace

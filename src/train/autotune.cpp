@@ -1,0 +1,183 @@
+#include "train/autotune.h"
+
+#include <chrono>
+#include <cstdlib>
+#include <nlohmann/json.hpp>
+#include <vector>
+
+#include "core/error.h"
+#include "core/fs.h"
+#include "core/progress.h"
+
+namespace kiln::train {
+namespace {
+
+using json = nlohmann::ordered_json;
+constexpr const char* kFormat = "kiln-plan/1";
+
+// What a plan holds for: anything that changes the products' shapes or their speed.
+json plan_key(const RunConfig& cfg, const kernels::Kernels& k, int dp) {
+    const model::LlamaConfig& m = cfg.model;
+    return {{"platform", k.platform()},
+            {"backend", k.name},
+            {"model",
+             {{"dim", m.dim},
+              {"n_layers", m.n_layers},
+              {"n_heads", m.n_heads},
+              {"n_kv_heads", m.n_kv_heads},
+              {"ffn_dim", m.ffn_dim()},
+              {"vocab_size", m.vocab_size}}},
+            {"layout",
+             {{"tp", cfg.tp},
+              {"dp", dp},
+              {"micro_batch", cfg.train.micro_batch},
+              {"seq_len", cfg.train.seq_len},
+              {"recompute", cfg.train.recompute}}}};
+}
+
+// The plan in `path` when it was made for `key`; otherwise nothing, and `why` says what is
+// wrong with it ("" when there is no file).
+std::optional<kernels::Plan> read_plan(const std::string& path, const json& key,
+                                       std::string* why) {
+    if (!fs::exists(path))
+        return std::nullopt;
+    json file;
+    try {
+        file = json::parse(fs::read_file(path), nullptr, false);
+    } catch (const Error& e) {
+        *why = e.what();
+        return std::nullopt;
+    }
+    if (!file.is_object() || file.value("format", "") != kFormat || !file.contains("key") ||
+        !file.contains("choices") || !file["choices"].is_object()) {
+        *why = "not a " + std::string(kFormat) + " file";
+        return std::nullopt;
+    }
+    for (const auto& [field, want] : key.items()) {
+        const json& got = file["key"].contains(field) ? file["key"][field] : json();
+        if (got != want) {
+            *why = fmt::format("made for {} {}, this run has {}", field, got.dump(), want.dump());
+            return std::nullopt;
+        }
+    }
+    kernels::Plan plan;
+    for (const auto& [shape, choice] : file["choices"].items()) {
+        if (!choice.is_string()) {
+            *why = "choice for " + shape + " is not a string";
+            return std::nullopt;
+        }
+        plan[shape] = choice.get<std::string>();
+    }
+    return plan;
+}
+
+// Every rank's bytes, gathered: chunk r of the result is rank r's.
+std::vector<std::string> gather_strings(Collective& world, const std::string& mine) {
+    std::vector<uint64_t> sizes(size_t(world.size()), 0);
+    sizes[size_t(world.rank())] = mine.size();
+    world.all_gather_bytes(sizes.data(), sizeof(uint64_t));
+    uint64_t chunk = 1;
+    for (uint64_t s : sizes)
+        chunk = std::max(chunk, s);
+    std::vector<char> buf(chunk * size_t(world.size()), '\0');
+    std::copy(mine.begin(), mine.end(), buf.begin() + ptrdiff_t(chunk * world.rank()));
+    world.all_gather_bytes(buf.data(), chunk);
+    std::vector<std::string> all;
+    for (int r = 0; r < world.size(); r++)
+        all.emplace_back(buf.data() + chunk * r, sizes[size_t(r)]);
+    return all;
+}
+
+}  // namespace
+
+std::string plan_cache_dir(const RunConfig& cfg) {
+    if (!cfg.train.plan_cache.empty())
+        return cfg.train.plan_cache;
+    if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg != nullptr && *xdg != '\0')
+        return std::string(xdg) + "/kiln/plans";
+    if (const char* home = std::getenv("HOME"); home != nullptr && *home != '\0')
+        return std::string(home) + "/.cache/kiln/plans";
+    return "/tmp/kiln-plans";
+}
+
+AutotuneResult autotune(const RunConfig& cfg, const kernels::Kernels& k, model::Llama& model,
+                        Collective& world, int dp) {
+    AutotuneResult r;
+    if (!cfg.train.autotune || k.platform == nullptr) {
+        r.outcome = "off";
+        return r;
+    }
+    const json key = plan_key(cfg, k, dp);
+    const std::string text = key.dump();
+    r.path = fmt::format("{}/{}-{:016x}.json", plan_cache_dir(cfg), cfg.model.preset,
+                         fs::xxh64(text.data(), text.size()));
+    std::optional<kernels::Plan> plan = read_plan(r.path, key, &r.why);
+    // All ranks tune, or none: the throwaway pass is collective.
+    double misses = plan ? 0 : 1;
+    world.all_reduce_sum(&misses, 1);
+    if (misses == 0) {
+        r.outcome = "hit";
+        r.products = int(plan->size());
+        k.use(*plan);
+        return r;
+    }
+    r.outcome = r.why.empty() ? "miss" : "ignored";
+
+    // Ranks on the same platform split the shapes between them; otherwise each tunes its own.
+    const uint64_t key_hash = fs::xxh64(text.data(), text.size());
+    std::vector<uint64_t> keys(size_t(world.size()), 0);
+    keys[size_t(world.rank())] = key_hash;
+    world.all_gather_bytes(keys.data(), sizeof(uint64_t));
+    bool same = true;
+    for (uint64_t h : keys)
+        same = same && h == key_hash;
+
+    auto start = std::chrono::steady_clock::now();
+    const int64_t B = cfg.train.micro_batch, T = cfg.train.seq_len;
+    std::vector<int32_t> tokens(size_t(B * T)), targets(size_t(B * T));
+    for (int64_t i = 0; i < B * T; i++) {
+        tokens[size_t(i)] = int32_t((i * 7919 + 13) % cfg.model.vocab_size);
+        targets[size_t(i)] = (i % T) + 1 < T ? int32_t(((i + 1) * 7919 + 13) % cfg.model.vocab_size)
+                                             : -1;
+    }
+    k.tune(same ? world.rank() : 0, same ? world.size() : 1);
+    // Passes go on until every rank is done (tensor-parallel passes are collective).
+    double more = 0;
+    do {
+        model.forward_backward(tokens.data(), targets.data(), 1.0f);
+        r.passes++;
+        more = k.tune_next() ? 1 : 0;
+        world.all_reduce_sum(&more, 1);
+    } while (more > 0);
+    kernels::Plan mine = k.tuned();
+    r.tuned_here = int(mine.size());
+    json mine_json(mine);
+    kernels::Plan merged = mine;
+    for (const std::string& part : gather_strings(world, mine_json.dump())) {
+        if (!same)
+            break;
+        const json theirs = json::parse(part);
+        for (const auto& [shape, choice] : theirs.items())
+            merged[shape] = choice.get<std::string>();
+    }
+    k.use(merged);
+    r.products = int(merged.size());
+    r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (world.rank() == 0 || !same) {
+        json file = {{"format", kFormat},
+                     {"key", key},
+                     {"choices", json(merged)},
+                     {"tuned_s", r.seconds},
+                     {"tuned_by_ranks", same ? world.size() : 1},
+                     {"created", unix_seconds()}};
+        try {
+            fs::make_dirs(plan_cache_dir(cfg));
+            fs::write_file_atomic(r.path, file.dump(2) + "\n");
+        } catch (const Error& e) {
+            r.write_error = e.what();  // the run goes on with the plan; the next one tunes again
+        }
+    }
+    return r;
+}
+
+}  // namespace kiln::train

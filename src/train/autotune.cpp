@@ -37,8 +37,7 @@ json plan_key(const RunConfig& cfg, const kernels::Kernels& k, int dp) {
 
 // The plan in `path` when it was made for `key`; otherwise nothing, and `why` says what is
 // wrong with it ("" when there is no file).
-std::optional<kernels::Plan> read_plan(const std::string& path, const json& key,
-                                       std::string* why) {
+std::optional<kernels::Plan> read_plan(const std::string& path, const json& key, std::string* why) {
     if (!fs::exists(path))
         return std::nullopt;
     json file;
@@ -101,7 +100,7 @@ std::string plan_cache_dir(const RunConfig& cfg) {
 }
 
 AutotuneResult autotune(const RunConfig& cfg, const kernels::Kernels& k, model::Llama& model,
-                        Collective& world, int dp) {
+                        Collective& world, int dp, const std::function<void()>& progress) {
     AutotuneResult r;
     if (!cfg.train.autotune || k.platform == nullptr) {
         r.outcome = "off";
@@ -137,8 +136,8 @@ AutotuneResult autotune(const RunConfig& cfg, const kernels::Kernels& k, model::
     std::vector<int32_t> tokens(size_t(B * T)), targets(size_t(B * T));
     for (int64_t i = 0; i < B * T; i++) {
         tokens[size_t(i)] = int32_t((i * 7919 + 13) % cfg.model.vocab_size);
-        targets[size_t(i)] = (i % T) + 1 < T ? int32_t(((i + 1) * 7919 + 13) % cfg.model.vocab_size)
-                                             : -1;
+        targets[size_t(i)] =
+            (i % T) + 1 < T ? int32_t(((i + 1) * 7919 + 13) % cfg.model.vocab_size) : -1;
     }
     k.tune(same ? world.rank() : 0, same ? world.size() : 1);
     // Passes go on until every rank is done (tensor-parallel passes are collective).
@@ -146,6 +145,7 @@ AutotuneResult autotune(const RunConfig& cfg, const kernels::Kernels& k, model::
     do {
         model.forward_backward(tokens.data(), targets.data(), 1.0f);
         r.passes++;
+        progress();
         more = k.tune_next() ? 1 : 0;
         world.all_reduce_sum(&more, 1);
     } while (more > 0);

@@ -8,6 +8,7 @@
 // implementations of its share of the product shapes; the shares are merged, every rank uses
 // the merged plan from the first real step on, and rank 0 writes the file. Either way the
 // numbers a run computes depend only on the plan it ran, which a restart finds again.
+#include <functional>
 #include <string>
 
 #include "core/collective.h"
@@ -18,13 +19,13 @@
 namespace kiln::train {
 
 struct AutotuneResult {
-    std::string path;     // the cache file ("" when autotuning is off)
-    std::string outcome;  // "hit", "miss", "ignored" or "off"
-    std::string why;      // for "ignored": what made the file unusable
-    int products = 0;     // choices in the plan used
-    int tuned_here = 0;   // products this rank timed
-    int passes = 0;       // forward and backward passes the tuning ran
-    double seconds = 0;   // spent tuning (0 on a hit)
+    std::string path;         // the cache file ("" when autotuning is off)
+    std::string outcome;      // "hit", "miss", "ignored" or "off"
+    std::string why;          // for "ignored": what made the file unusable
+    int products = 0;         // choices in the plan used
+    int tuned_here = 0;       // products this rank timed
+    int passes = 0;           // forward and backward passes the tuning ran
+    double seconds = 0;       // spent tuning (0 on a hit)
     std::string write_error;  // why the cache could not be written ("" when it was)
 };
 
@@ -34,7 +35,8 @@ std::string plan_cache_dir(const RunConfig& cfg);
 
 // Collective over `world`: every rank calls it once, before the first step, with its model.
 // Afterwards the model's gradients and activations are meaningless (the step zeroes them).
+// `progress` is called after each tuning pass (a heartbeat for the supervisor).
 AutotuneResult autotune(const RunConfig& cfg, const kernels::Kernels& k, model::Llama& model,
-                        Collective& world, int dp);
+                        Collective& world, int dp, const std::function<void()>& progress);
 
 }  // namespace kiln::train

@@ -254,7 +254,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
 
     // Every step runs the products the plan chose: found in the plan cache, or tuned now.
     auto run_start = Clock::now();
-    const AutotuneResult tuned = autotune(cfg, k, model, job.world(), g.dp);
+    const AutotuneResult tuned =
+        autotune(cfg, k, model, job.world(), g.dp, [&] { heartbeat(g.rank, start_step); });
     if (tuned.outcome == "hit") {
         log::info("train", "plan cache hit: {} ({} products)", tuned.path, tuned.products);
     } else if (tuned.outcome != "off") {

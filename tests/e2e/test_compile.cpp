@@ -97,13 +97,15 @@ TEST(Compile, RefusesAPlanThatCannotFitBeforeAllocating) {
     EXPECT_NE(c.out.find("but a rank may use 16.00 GiB"), std::string::npos) << c.out;
 }
 
+// A model small enough that a step, or a tuning pass, takes milliseconds.
+const std::string kSmallShapes =
+    " --set model.dim=64 --set model.n_layers=2 --set model.n_heads=4 --set model.n_kv_heads=2"
+    " --set model.vocab_size=256 --set train.seq_len=32";
+
 TEST(Compile, DryRunReportsAndForecasts) {
     TempDir dir;
-    Result r = kiln(
-        "compile --ranks 2 --dry-steps 3 --set model.dim=64 --set model.n_layers=2 "
-        "--set model.n_heads=4 --set model.n_kv_heads=2 --set model.vocab_size=256 "
-        "--set train.seq_len=32 --set train.steps=1000 --set run.dir=" +
-        (dir / "run"));
+    Result r = kiln("compile --ranks 2 --dry-steps 3" + kSmallShapes +
+                    " --set train.steps=1000 --set run.dir=" + (dir / "run"));
     ASSERT_EQ(r.rc, 0) << r.out;
     json report = json::parse(fs::read_file(dir / "run/compile.json"));
     EXPECT_EQ(report["ranks"], 2);
@@ -118,22 +120,16 @@ TEST(Compile, DryRunReportsAndForecasts) {
     // ... and the plan cache, tuned by both ranks, that the real run then finds.
     EXPECT_EQ(report["autotune"]["outcome"], "miss") << report.dump(2);
     EXPECT_GT(report["autotune"]["products"].get<int>(), 0);
-    Result train = kiln(
-        "launch -n 2 -- kiln train --set model.dim=64 --set model.n_layers=2 "
-        "--set model.n_heads=4 --set model.n_kv_heads=2 --set model.vocab_size=256 "
-        "--set train.seq_len=32 --set train.steps=2 --set run.dir=" +
-        (dir / "run"));
+    Result train = kiln("launch -n 2 -- kiln train" + kSmallShapes +
+                        " --set train.steps=2 --set run.dir=" + (dir / "run"));
     ASSERT_EQ(train.rc, 0) << train.out;
     EXPECT_NE(train.out.find("plan cache hit: " + report["autotune"]["cache"].get<std::string>()),
               std::string::npos)
         << train.out;
 }
 
-// The model of the autotuning cases: small enough that a tuning pass takes milliseconds.
 const std::string kSmallModel =
-    " --set model.dim=64 --set model.n_layers=2 --set model.n_heads=4 --set model.n_kv_heads=2"
-    " --set model.vocab_size=256 --set train.seq_len=32 --set train.micro_batch=4"
-    " --set train.steps=3 --set train.peak_gflops=100";
+    kSmallShapes + " --set train.micro_batch=4 --set train.steps=3 --set train.peak_gflops=100";
 
 // The plan cache file a run used, from its autotune.json.
 json autotune_of(const std::string& run) {

@@ -63,12 +63,13 @@ struct Trial {
     std::string name;
     std::vector<Cached> candidates;  // [0]: the default
     std::vector<std::string> choices;
-    std::vector<double> seconds;
-    std::vector<int64_t> runs;
+    std::vector<double> fastest;  // per candidate: its least time in one pass
+    double this_pass = 0;         // time of this pass's candidate so far
 };
 
-// Each candidate runs in this many passes.
+// Each candidate runs in this many passes; another than the default must be this much faster.
 constexpr int kRounds = 2;
+constexpr double kMargin = 0.03;
 
 struct State {
     std::mutex mutex;
@@ -229,8 +230,7 @@ Trial discover(const Product& p, const MatOperand& a, const MatOperand& b, float
         } while (pd.next_impl());
     }
     KILN_CHECK(!t.candidates.empty(), "oneDNN offers no implementation of a matmul ({})", p.name);
-    t.seconds.assign(t.candidates.size(), 0);
-    t.runs.assign(t.candidates.size(), 0);
+    t.fastest.assign(t.candidates.size(), INFINITY);
     once(t.candidates[0]);
     return t;
 }
@@ -270,8 +270,7 @@ void matmul(const MatOperand& a, const MatOperand& b, float* c, const int64_t c_
         const size_t i = size_t(st.pass - 1) % t.candidates.size();
         auto t0 = Clock::now();
         run(t.candidates[i], a, b, c);
-        t.seconds[i] += seconds_since(t0);
-        t.runs[i]++;
+        t.this_pass += seconds_since(t0);
         omp_set_num_threads(threads);
         return;
     }
@@ -363,16 +362,22 @@ bool tune_next() {
     if (!st.tuning)
         return false;
     size_t most = 1;
-    for (const auto& [key, t] : st.trials)
+    for (auto& [key, t] : st.trials) {
         most = std::max(most, t.candidates.size());
+        if (st.pass > 0) {
+            double& f = t.fastest[size_t(st.pass - 1) % t.candidates.size()];
+            f = std::min(f, t.this_pass);
+        }
+        t.this_pass = 0;
+    }
     if (most > 1 && ++st.pass <= kRounds * int(most))
         return true;
-    // Each shape keeps the candidate with the least time per run.
+    // Each shape keeps the candidate with the least time in a pass (interference only ever
+    // adds time), and the default unless another beats it by kMargin (noise is not a gain).
     for (auto& [key, t] : st.trials) {
         size_t best = 0;
         for (size_t i = 1; i < t.candidates.size(); i++) {
-            if (t.runs[i] > 0 && t.seconds[i] / double(t.runs[i]) <
-                                     t.seconds[best] / double(std::max<int64_t>(1, t.runs[best])))
+            if (t.fastest[i] < t.fastest[best] && t.fastest[i] < (1 - kMargin) * t.fastest[0])
                 best = i;
         }
         st.tuned[t.name] = t.choices[best];

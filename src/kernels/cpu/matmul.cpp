@@ -267,7 +267,8 @@ void matmul(const MatOperand& a, const MatOperand& b, float* c, const int64_t c_
     std::lock_guard<std::mutex> lock(st.mutex);
     if (auto trial = st.trials.find(key); trial != st.trials.end()) {
         Trial& t = trial->second;
-        const size_t i = size_t(st.pass - 1) % t.candidates.size();
+        // The finding pass runs the default for the shape's later occurrences (untimed).
+        const size_t i = st.pass == 0 ? 0 : size_t(st.pass - 1) % t.candidates.size();
         auto t0 = Clock::now();
         run(t.candidates[i], a, b, c);
         t.this_pass += seconds_since(t0);

@@ -26,7 +26,9 @@ int main(int argc, char** argv) {
          kiln::cli::add_data},
         {"tokenizer", "train a SentencePiece tokenizer, or encode/decode with one",
          kiln::cli::add_tokenizer},
-        {"compile", "check a config: memory plan per rank, a dry run, tokens/s and time forecast",
+        {"compile",
+         "check a config: memory plan per rank, a dry run that fills the plan cache, tokens/s "
+         "and time forecast",
          kiln::cli::add_compile},
         {"plan", "forecast memory, step time and MFU of a model on a cluster; pick a layout",
          kiln::cli::add_plan},

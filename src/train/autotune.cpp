@@ -108,8 +108,8 @@ AutotuneResult autotune(const RunConfig& cfg, const kernels::Kernels& k, model::
     }
     const json key = plan_key(cfg, k, dp);
     const std::string text = key.dump();
-    r.path = fmt::format("{}/{}-{:016x}.json", plan_cache_dir(cfg), cfg.model.preset,
-                         fs::xxh64(text.data(), text.size()));
+    const uint64_t key_hash = fs::xxh64(text.data(), text.size());
+    r.path = fmt::format("{}/{}-{:016x}.json", plan_cache_dir(cfg), cfg.model.preset, key_hash);
     std::optional<kernels::Plan> plan = read_plan(r.path, key, &r.why);
     // All ranks tune, or none: the throwaway pass is collective.
     double misses = plan ? 0 : 1;
@@ -123,7 +123,6 @@ AutotuneResult autotune(const RunConfig& cfg, const kernels::Kernels& k, model::
     r.outcome = r.why.empty() ? "miss" : "ignored";
 
     // Ranks on the same platform split the shapes between them; otherwise each tunes its own.
-    const uint64_t key_hash = fs::xxh64(text.data(), text.size());
     std::vector<uint64_t> keys(size_t(world.size()), 0);
     keys[size_t(world.rank())] = key_hash;
     world.all_gather_bytes(keys.data(), sizeof(uint64_t));
@@ -151,12 +150,10 @@ AutotuneResult autotune(const RunConfig& cfg, const kernels::Kernels& k, model::
     } while (more > 0);
     kernels::Plan mine = k.tuned();
     r.tuned_here = int(mine.size());
-    json mine_json(mine);
+    const std::vector<std::string> shares = gather_strings(world, json(mine).dump());
     kernels::Plan merged = mine;
-    for (const std::string& part : gather_strings(world, mine_json.dump())) {
-        if (!same)
-            break;
-        const json theirs = json::parse(part);
+    for (size_t i = 0; same && i < shares.size(); i++) {
+        const json theirs = json::parse(shares[i]);
         for (const auto& [shape, choice] : theirs.items())
             merged[shape] = choice.get<std::string>();
     }

@@ -49,6 +49,14 @@ std::vector<YAML::Node> of_kind(const std::vector<YAML::Node>& docs, const std::
     return out;
 }
 
+// The ConfigMap's kiln.yaml, written to DIR/kiln.yaml; returns the path.
+std::string write_config(const std::vector<YAML::Node>& docs, const TempDir& dir) {
+    const std::string path = dir / "kiln.yaml";
+    fs::write_file_atomic(path,
+                          of_kind(docs, "ConfigMap")[0]["data"]["kiln.yaml"].as<std::string>());
+    return path;
+}
+
 std::string shell_quote(const std::string& s) {
     std::string q = "'";
     for (char c : s)
@@ -137,9 +145,7 @@ TEST(Deploy, KubernetesManifestsHoldTheRecipesTopology) {
 TEST(Deploy, EveryKilnCommandInTheManifestsIsAccepted) {
     auto docs = manifests();
     TempDir dir;
-    const std::string config = dir / "kiln.yaml";
-    fs::write_file_atomic(config,
-                          of_kind(docs, "ConfigMap")[0]["data"]["kiln.yaml"].as<std::string>());
+    const std::string config = write_config(docs, dir);
     int checked = 0;
     for (const auto& job : of_kind(docs, "Job")) {
         auto argv =
@@ -192,9 +198,7 @@ TEST(Deploy, EveryKilnCommandInTheManifestsIsAccepted) {
 TEST(Deploy, VolcanoEnvironmentBringsTheRanksTogether) {
     auto docs = manifests();
     TempDir dir;
-    const std::string config = dir / "kiln.yaml";
-    fs::write_file_atomic(config,
-                          of_kind(docs, "ConfigMap")[0]["data"]["kiln.yaml"].as<std::string>());
+    const std::string config = write_config(docs, dir);
     YAML::Node train;
     for (const auto& job : of_kind(docs, "Job")) {
         if (job["metadata"]["name"].as<std::string>() == "kiln-train")

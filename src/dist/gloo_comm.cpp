@@ -61,9 +61,7 @@ public:
             return;
         payload_bytes_ += chunk * size_t(size());
         char* bytes = static_cast<char*>(data);
-        std::vector<char> mine(bytes + size_t(rank()) * chunk, bytes + size_t(rank() + 1) * chunk);
         gloo::AllgatherOptions opts(ctx_);
-        opts.setInput(mine.data(), chunk);
         opts.setOutput(bytes, chunk * size_t(size()));
         opts.setTag(next_tag());
         gloo::allgather(opts);

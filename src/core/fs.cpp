@@ -6,7 +6,9 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -36,10 +38,25 @@ void fsync_path(const std::string& path) {
     ::close(fd);
 }
 
-AtomicWriter::AtomicWriter(std::string path)
+namespace {
+constexpr size_t kBlock = 4096;               // O_DIRECT alignment of memory, offset and length
+constexpr size_t kStaging = size_t(8) << 20;  // bytes per direct write
+}  // namespace
+
+AtomicWriter::AtomicWriter(std::string path, size_t expected_bytes)
     : path_(std::move(path)), tmp_(path_ + ".tmp"), hash_(XXH64_createState()) {
     XXH64_reset(static_cast<XXH64_state_t*>(hash_), 0);
-    fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    const int flags = O_WRONLY | O_CREAT | O_TRUNC;
+    if (expected_bytes >= kDirectBytes) {
+        fd_ = ::open(tmp_.c_str(), flags | O_DIRECT, 0644);  // EINVAL: no direct I/O here
+        if (fd_ >= 0) {
+            staging_.reset(static_cast<char*>(std::aligned_alloc(kBlock, kStaging)));
+            if (!staging_)
+                leave_direct();
+        }
+    }
+    if (fd_ < 0)
+        fd_ = ::open(tmp_.c_str(), flags, 0644);
     if (fd_ < 0) {
         throw error("cannot write {}: {}", tmp_, std::strerror(errno));
     }
@@ -53,14 +70,23 @@ AtomicWriter::~AtomicWriter() {
     }
 }
 
-void AtomicWriter::write(const void* data, size_t bytes) {
-    XXH64_update(static_cast<XXH64_state_t*>(hash_), data, bytes);
-    const char* p = static_cast<const char*>(data);
+void AtomicWriter::leave_direct() {
+    int flags = ::fcntl(fd_, F_GETFL);
+    if (flags < 0 || ::fcntl(fd_, F_SETFL, flags & ~O_DIRECT) != 0) {
+        throw error("cannot write {}: {}", tmp_, std::strerror(errno));
+    }
+}
+
+void AtomicWriter::write_fd(const char* p, size_t bytes) {
     while (bytes > 0) {
         ssize_t n = ::write(fd_, p, bytes);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
+            if (errno == EINVAL && staging_) {  // opened for direct I/O, yet refused it
+                leave_direct();
+                continue;
+            }
             throw error("cannot write {}: {}", tmp_, std::strerror(errno));
         }
         p += n;
@@ -68,7 +94,30 @@ void AtomicWriter::write(const void* data, size_t bytes) {
     }
 }
 
+void AtomicWriter::write(const void* data, size_t bytes) {
+    XXH64_update(static_cast<XXH64_state_t*>(hash_), data, bytes);
+    const char* p = static_cast<const char*>(data);
+    if (!staging_)
+        return write_fd(p, bytes);
+    while (bytes > 0) {
+        size_t n = std::min(bytes, kStaging - staged_);
+        std::memcpy(staging_.get() + staged_, p, n);
+        staged_ += n, p += n, bytes -= n;
+        if (staged_ == kStaging) {
+            write_fd(staging_.get(), kStaging);
+            staged_ = 0;
+        }
+    }
+}
+
 uint64_t AtomicWriter::commit() {
+    if (staging_ && staged_ > 0) {
+        size_t whole = staged_ / kBlock * kBlock;  // direct writes are whole blocks
+        write_fd(staging_.get(), whole);
+        leave_direct();
+        write_fd(staging_.get() + whole, staged_ - whole);
+        staged_ = 0;
+    }
     if (::fsync(fd_) != 0) {
         throw error("cannot sync {}: {}", tmp_, std::strerror(errno));
     }
@@ -99,7 +148,7 @@ void write_file_replace(const std::string& path, const std::string& text) {
 }
 
 void write_file_atomic(const std::string& path, std::span<const char> data) {
-    AtomicWriter w(path);
+    AtomicWriter w(path, data.size());
     w.write(data.data(), data.size());
     w.commit();
 }

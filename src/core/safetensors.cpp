@@ -74,7 +74,10 @@ uint64_t SafetensorsWriter::write(const std::string& path) const {
     std::string text = header.dump();
     text.append((8 - text.size() % 8) % 8, ' ');
     uint64_t n = text.size();
-    fs::AtomicWriter out(path);
+    size_t total = 8 + text.size();
+    for (const auto& [t, _] : tensors_)
+        total += t.bytes;
+    fs::AtomicWriter out(path, total);
     out.write(&n, 8);
     out.write(text.data(), text.size());
     for (const auto& [t, data] : tensors_)

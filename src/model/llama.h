@@ -55,9 +55,9 @@ public:
     // N(0, std) for matrices and embeddings, 1 for norm weights; deterministic in seed, and the
     // same model whatever the tensor-parallel split.
     void init_weights(uint64_t seed, double std);
-    // Refreshes params_bf16() from params(); call after changing params() other than through
-    // an optimizer that writes both. A no-op in fp32.
-    void sync_compute_weights();
+    // Refreshes params_bf16() from params() in [begin, end) (default: all of it); call after
+    // changing params() other than through an optimizer that writes both. A no-op in fp32.
+    void sync_compute_weights(int64_t begin = 0, int64_t end = -1);
     void zero_grads();
 
     // One micro-batch. tokens, targets (B, T); a target < 0 is ignored. grads() += the

@@ -395,7 +395,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
                 // Every rank needs every updated weight: the products read the bf16 copy, but
                 // the norms and the embedding read the fp32 weights themselves.
                 job.dp().all_gather(model.params(), sh.chunk);
-                model.sync_compute_weights();
+                model.sync_compute_weights(0, sh.begin);  // this rank's shard is done already
+                model.sync_compute_weights(sh.end);
             }
         }
         last_loss = loss;

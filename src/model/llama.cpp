@@ -68,8 +68,12 @@ void Llama::build(int64_t capacity, bool allocate) {
     F_ = config.ffn_dim() / tp_size_, V_ = config.vocab_size / tp_size_;
     QKV_ = (H_ + 2 * Hkv_) * D_;
     const int64_t C = C_, L = config.n_layers, H = H_, D = D_, F = F_, V = V_, QKV = QKV_;
-    // LM head in row chunks of ~4M logits, so the full (M, V) logits never exist at once.
-    head_rows_ = std::clamp<int64_t>((int64_t(1) << 22) / V, 1, M_);
+    // LM head in equal row chunks of at most ~32M logits, so the full (M, V) logits never
+    // exist at once. Fewer, larger chunks read the head's weight and accumulate its gradient
+    // (V x C fp32) fewer times; equal ones give each product one shape.
+    const int64_t max_rows = std::clamp<int64_t>((int64_t(1) << 25) / V, 1, M_);
+    const int64_t chunks = (M_ + max_rows - 1) / max_rows;
+    head_rows_ = (M_ + chunks - 1) / chunks;
     attn_ = {B, T, H, Hkv_, D, QKV};
 
     capacity = std::max(capacity, layout_.total());

@@ -338,6 +338,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
                   steps_done, mib, seconds_since(staging_start));
     };
 
+    // What the steps move, without the tuning passes and the set-up before them.
+    const uint64_t dp_payload0 = job.dp().payload_bytes(), tp_payload0 = job.tp().payload_bytes();
     for (int64_t step = start_step; step < t.steps; step++) {
         auto step_start = Clock::now();
         heartbeat(g.rank, step);
@@ -450,8 +452,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     if (g.world > 1) {
         double steps_run = double(std::max<int64_t>(1, t.steps - start_step));
         log::info("train", "collective payload per step on this rank: dp {:.2f} MiB, tp {:.2f} MiB",
-                  job.dp().payload_bytes() / steps_run / 1048576.0,
-                  job.tp().payload_bytes() / steps_run / 1048576.0);
+                  double(job.dp().payload_bytes() - dp_payload0) / steps_run / 1048576.0,
+                  double(job.tp().payload_bytes() - tp_payload0) / steps_run / 1048576.0);
     }
     if (lead)
         write_status(run, "finished", t.steps, t.steps, last_loss);

@@ -8,6 +8,9 @@
 #   STEPS     steps per run (default 8, at least 3). Both implementations run STEPS steps and
 #             report the median tokens/s of the steps after the first 2 (kiln: steps 3..STEPS
 #             of its metrics.jsonl; torch: --warmup 2 --steps STEPS-2).
+#   ROUNDS    rounds (default 3). Each round runs the gemm ceiling and every configuration in
+#             turn; the shared cores drift by 10-30% over minutes, so every ratio is taken within
+#             a round and the table gives the medians over rounds.
 #   THREADS   threads for kiln (train.threads, OMP_NUM_THREADS), torch (set_num_threads) and
 #             bench_gemm (default 2).
 #   KILN      the kiln binary (default build/kiln); BENCH_GEMM likewise (build/bench/bench_gemm).
@@ -42,12 +45,17 @@ while [[ $# -gt 0 ]]; do
 done
 
 STEPS="${STEPS:-8}"
+ROUNDS="${ROUNDS:-3}"
 THREADS="${THREADS:-2}"
 KILN="${KILN:-build/kiln}"
 BENCH_GEMM="${BENCH_GEMM:-build/bench/bench_gemm}"
 PYTHON="${PYTHON:-/usr/bin/python3}"
 SKIP=2  # steps left out of the median (start-up, first-touch allocation, oneDNN primitive creation)
 
+if ! [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]]; then
+    echo "train_bench.sh: ROUNDS=$ROUNDS must be a positive integer" >&2
+    exit 2
+fi
 if ! [[ "$STEPS" =~ ^[0-9]+$ ]] || (( STEPS <= SKIP )); then
     echo "train_bench.sh: STEPS=$STEPS must be an integer > $SKIP" >&2
     exit 2
@@ -68,70 +76,82 @@ failures=0
 log() { echo "[train_bench] $*" >&2; }
 
 # --- ceiling: kiln bf16 gemm on 2048^3 --------------------------------------------------------
-if [[ -x "$BENCH_GEMM" ]]; then
-    log "measuring the bf16 gemm ceiling ($BENCH_GEMM kiln_bf16/square, $THREADS threads)"
+# ceiling -> $WORK/ceiling_rROUND.json
+ceiling() {
+    [[ -x "$BENCH_GEMM" ]] || return 0
+    log "round $round: the bf16 gemm ceiling ($BENCH_GEMM kiln_bf16/square, $THREADS threads)"
     if ! OMP_NUM_THREADS="$THREADS" "$BENCH_GEMM" --benchmark_filter='^kiln_bf16/square' \
-            --benchmark_format=json --benchmark_min_time=0.5 >"$WORK/ceiling.json" 2>"$WORK/ceiling.err"; then
+            --benchmark_format=json --benchmark_min_time=0.5 >"$WORK/ceiling_r$round.json" \
+            2>"$WORK/ceiling.err"; then
         log "bench_gemm failed:"; tail -5 "$WORK/ceiling.err" >&2
-        rm -f "$WORK/ceiling.json"; failures=$((failures + 1))
+        rm -f "$WORK/ceiling_r$round.json"; failures=$((failures + 1))
     fi
-else
-    log "$BENCH_GEMM not built (needs Google Benchmark + OpenBLAS); no ceiling"
-fi
+}
+[[ -x "$BENCH_GEMM" ]] || log "$BENCH_GEMM not built (needs Google Benchmark + OpenBLAS); no ceiling"
 
 # --- runs ---------------------------------------------------------------------------------------
-# kiln PRESET BATCH SEQ PRECISION -> $WORK/kiln_PRESET_PRECISION.jsonl (the run's metrics.jsonl)
+# kiln PRESET BATCH SEQ PRECISION -> $WORK/kiln_PRESET_PRECISION_rROUND.jsonl (its metrics.jsonl)
 run_kiln() {
     local preset=$1 batch=$2 seq=$3 prec=$4
     local dir; dir="$(mktemp -d)"
-    log "kiln $preset $prec: $STEPS steps of $batch x $seq"
+    local name="kiln_${preset}_${prec}_r$round"
+    log "round $round: kiln $preset $prec: $STEPS steps of $batch x $seq"
     if OMP_NUM_THREADS="$THREADS" "$KILN" train \
             --set model.preset="$preset" --set train.micro_batch="$batch" \
             --set train.seq_len="$seq" --set train.steps="$STEPS" --set train.warmup_steps=1 \
             --set train.log_every=1 --set run.dir="$dir" --set train.precision="$prec" \
             --set train.threads="$THREADS" \
-            >"$WORK/kiln_${preset}_${prec}.log" 2>&1 && [[ -s "$dir/metrics.jsonl" ]]; then
-        cp "$dir/metrics.jsonl" "$WORK/kiln_${preset}_${prec}.jsonl"
+            >"$WORK/$name.log" 2>&1 && [[ -s "$dir/metrics.jsonl" ]]; then
+        cp "$dir/metrics.jsonl" "$WORK/$name.jsonl"
     else
-        log "kiln $preset $prec failed:"; tail -5 "$WORK/kiln_${preset}_${prec}.log" >&2
+        log "kiln $preset $prec failed:"; tail -5 "$WORK/$name.log" >&2
         failures=$((failures + 1))
     fi
     rm -rf "$dir"  # checkpoints are hundreds of MB
 }
 
-# torch PRESET MODE -> $WORK/torch_PRESET_MODE.json (the peer's JSON line)
+# torch PRESET MODE -> $WORK/torch_PRESET_MODE_rROUND.json (the peer's JSON line)
 run_torch() {
     local preset=$1 mode=$2
-    log "torch $preset $mode: $SKIP warm-up + $((STEPS - SKIP)) timed steps"
+    local name="torch_${preset}_${mode}_r$round"
+    log "round $round: torch $preset $mode: $SKIP warm-up + $((STEPS - SKIP)) timed steps"
     if OMP_NUM_THREADS="$THREADS" "$PYTHON" bench/torch_train.py --preset "$preset" --mode "$mode" \
             --warmup "$SKIP" --steps "$((STEPS - SKIP))" --threads "$THREADS" \
-            >"$WORK/torch_${preset}_${mode}.out" 2>"$WORK/torch_${preset}_${mode}.err"; then
-        tail -1 "$WORK/torch_${preset}_${mode}.out" >"$WORK/torch_${preset}_${mode}.json"
+            >"$WORK/$name.out" 2>"$WORK/$name.err"; then
+        tail -1 "$WORK/$name.out" >"$WORK/$name.json"
     else
-        log "torch $preset $mode failed:"; tail -5 "$WORK/torch_${preset}_${mode}.err" >&2
+        log "torch $preset $mode failed:"; tail -5 "$WORK/$name.err" >&2
         failures=$((failures + 1))
     fi
 }
 
-for p in $PRESETS; do
-    case "$p" in
-        tiny) batch=8; seq=256 ;;
-        small) batch=4; seq=512 ;;
-    esac
-    run_kiln "$p" "$batch" "$seq" bf16
-    run_kiln "$p" "$batch" "$seq" fp32
-    run_torch "$p" fp32
-    run_torch "$p" bf16
+for round in $(seq 1 "$ROUNDS"); do
+    ceiling
+    for p in $PRESETS; do
+        case "$p" in
+            tiny) batch=8; seq=256 ;;
+            small) batch=4; seq=512 ;;
+        esac
+        run_kiln "$p" "$batch" "$seq" bf16
+        run_torch "$p" bf16
+        run_kiln "$p" "$batch" "$seq" fp32
+        run_torch "$p" fp32
+    done
 done
 
 # --- report -------------------------------------------------------------------------------------
 mkdir -p "$(dirname "$OUT")"
-WORK="$WORK" OUT="$OUT" LOADAVG_START="$LOADAVG_START" PRESETS="$PRESETS" STEPS="$STEPS" SKIP="$SKIP" THREADS="$THREADS" \
+WORK="$WORK" OUT="$OUT" LOADAVG_START="$LOADAVG_START" PRESETS="$PRESETS" STEPS="$STEPS" SKIP="$SKIP" THREADS="$THREADS" ROUNDS="$ROUNDS" \
 "$PYTHON" - <<'EOF'
 import datetime, json, os, statistics, subprocess
 
 work, out = os.environ["WORK"], os.environ["OUT"]
 steps, skip, threads = int(os.environ["STEPS"]), int(os.environ["SKIP"]), int(os.environ["THREADS"])
+rounds = range(1, int(os.environ["ROUNDS"]) + 1)
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
 
 # Architecture of the presets (src/model/config.cpp); batch/seq are the benchmark's.
 PRESETS = {
@@ -158,20 +178,24 @@ def load_json(path):
     except (OSError, ValueError):
         return None
 
-ceiling = None
-cj = load_json(os.path.join(work, "ceiling.json"))
-if cj:
-    runs = [b for b in cj.get("benchmarks", []) if b.get("run_type", "iteration") == "iteration"]
-    if runs:
-        ceiling = runs[0]["GFLOP/s"]
+def gemm_ceiling(j):
+    runs = [b for b in j.get("benchmarks", []) if b.get("run_type", "iteration") == "iteration"]
+    return runs[0]["GFLOP/s"] if runs else None
+
+ceilings, cj = [], None
+for r in rounds:
+    j = load_json(os.path.join(work, f"ceiling_r{r}.json"))
+    ceilings.append(gemm_ceiling(j) if j else None)
+    cj = cj or j
+ceiling = median(ceilings)
 
 result = {
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    "steps": steps, "median_over_steps_after": skip, "threads": threads,
+    "steps": steps, "median_over_steps_after": skip, "threads": threads, "rounds": len(rounds),
     # 1/5/15-minute load averages before and after the runs: a busy machine shows up here.
     "loadavg_start": os.environ["LOADAVG_START"],
     "loadavg_end": " ".join(open("/proc/loadavg").read().split()[:3]),
-    "bf16_gemm_ceiling_gflops": ceiling,
+    "bf16_gemm_ceiling_gflops": ceiling, "bf16_gemm_ceiling_gflops_per_round": ceilings,
     "bench_gemm_context": cj.get("context") if cj else None,
     "presets": {},
 }
@@ -183,31 +207,38 @@ for name in os.environ["PRESETS"].split():
     entry = {"dim": p["dim"], "n_layers": p["n_layers"], "ffn": F, "vocab": p["vocab"],
              "micro_batch": p["batch"], "seq_len": p["seq"], "n_matmul": n_matmul,
              "flops_per_token": flops_tok}
-    tps = {}
-    for prec in ("bf16", "fp32"):
-        path = os.path.join(work, f"kiln_{name}_{prec}.jsonl")
-        try:
-            with open(path) as f:
-                metrics = [json.loads(line) for line in f if line.strip()]
-        except OSError:
-            metrics = []
-        timed = [m["tokens_per_s"] for m in metrics if m["step"] > skip]
-        med = statistics.median(timed) if timed else None
-        tps[f"kiln_{prec}"] = med
-        entry[f"kiln_{prec}"] = {"tokens_per_s": med,
-                                 "step_tokens_per_s": [m["tokens_per_s"] for m in metrics],
-                                 "loss": [m["loss"] for m in metrics]}
-    for mode in ("fp32", "bf16"):
-        tj = load_json(os.path.join(work, f"torch_{name}_{mode}.json"))
-        tps[f"torch_{mode}"] = tj["tokens_per_s"] if tj else None
-        entry[f"torch_{mode}"] = tj
-    best_torch = max([v for k, v in tps.items() if k.startswith("torch") and v], default=None)
-    kb = tps["kiln_bf16"]
-    ratio = kb / best_torch if kb and best_torch else None
-    achieved = kb * flops_tok / 1e9 if kb else None
-    pct = 100 * achieved / ceiling if achieved and ceiling else None
-    entry.update({"kiln_bf16_over_best_torch": ratio, "kiln_bf16_gflops": achieved,
-                  "kiln_bf16_pct_of_ceiling": pct,
+    per_round = []  # [round] {config: tokens/s}
+    for r in rounds:
+        tps = {}
+        for prec in ("bf16", "fp32"):
+            try:
+                with open(os.path.join(work, f"kiln_{name}_{prec}_r{r}.jsonl")) as f:
+                    metrics = [json.loads(line) for line in f if line.strip()]
+            except OSError:
+                metrics = []
+            tps[f"kiln_{prec}"] = median(m["tokens_per_s"] for m in metrics if m["step"] > skip)
+            entry.setdefault(f"kiln_{prec}_rounds", []).append(
+                {"step_tokens_per_s": [m["tokens_per_s"] for m in metrics],
+                 "loss": [m["loss"] for m in metrics]})
+        for mode in ("fp32", "bf16"):
+            tj = load_json(os.path.join(work, f"torch_{name}_{mode}_r{r}.json"))
+            tps[f"torch_{mode}"] = tj["tokens_per_s"] if tj else None
+            entry.setdefault(f"torch_{mode}_rounds", []).append(tj)
+        best_torch = max([v for k, v in tps.items() if k.startswith("torch") and v], default=None)
+        kb = tps["kiln_bf16"]
+        tps["ratio"] = kb / best_torch if kb and best_torch else None
+        c = ceilings[r - 1]
+        tps["pct"] = 100 * kb * flops_tok / 1e9 / c if kb and c else None
+        per_round.append(tps)
+    tps = {k: median(t[k] for t in per_round) for k in per_round[0]}
+    ratio, pct = tps["ratio"], tps["pct"]
+    achieved = tps["kiln_bf16"] * flops_tok / 1e9 if tps["kiln_bf16"] else None
+    for k in ("kiln_bf16", "kiln_fp32", "torch_fp32", "torch_bf16"):
+        entry[k] = {"tokens_per_s": tps[k], "per_round": [t[k] for t in per_round]}
+    entry.update({"kiln_bf16_over_best_torch": ratio,
+                  "kiln_bf16_over_best_torch_per_round": [t["ratio"] for t in per_round],
+                  "kiln_bf16_gflops": achieved, "kiln_bf16_pct_of_ceiling": pct,
+                  "kiln_bf16_pct_of_ceiling_per_round": [t["pct"] for t in per_round],
                   "kiln_fp32_gflops": tps["kiln_fp32"] * flops_tok / 1e9 if tps["kiln_fp32"] else None})
     result["presets"][name] = entry
     rows.append((name, tps, ratio, achieved, pct))
@@ -219,7 +250,8 @@ with open(out, "w") as f:
 def fmt(v, spec, unit=""):
     return "n/a" if v is None else format(v, spec) + unit
 
-print(f"Training throughput, tokens/s (median of steps {skip + 1}..{steps}, {threads} threads)")
+print(f"Training throughput, tokens/s (median of steps {skip + 1}..{steps}, {threads} threads; "
+      f"medians over {len(rounds)} rounds; ratio and % of ceiling taken within each round)")
 print()
 print("| preset | kiln bf16 | kiln fp32 | torch fp32 | torch bf16 | kiln bf16 / best torch "
       "| kiln bf16 GFLOP/s | % of bf16 gemm ceiling |")
@@ -229,7 +261,14 @@ for name, tps, ratio, achieved, pct in rows:
           f"| {fmt(tps['torch_fp32'], '.0f')} | {fmt(tps['torch_bf16'], '.0f')} "
           f"| {fmt(ratio, '.2f', 'x')} | {fmt(achieved, '.0f')} | {fmt(pct, '.1f', '%')} |")
 print()
-print(f"bf16 gemm ceiling (kiln_bf16/square, 2048^3): {fmt(ceiling, '.0f')} GFLOP/s")
+for name in os.environ["PRESETS"].split():
+    e = result["presets"][name]
+    print(f"{name}: kiln bf16 / best torch per round: "
+          + ", ".join(fmt(v, ".2f", "x") for v in e["kiln_bf16_over_best_torch_per_round"])
+          + "; % of ceiling per round: "
+          + ", ".join(fmt(v, ".1f", "%") for v in e["kiln_bf16_pct_of_ceiling_per_round"]))
+print(f"bf16 gemm ceiling (kiln_bf16/square, 2048^3): median {fmt(ceiling, '.0f')} GFLOP/s "
+      "(per round: " + ", ".join(fmt(c, ".0f") for c in ceilings) + ")")
 for name, _, _, _, _ in rows:
     e = result["presets"][name]
     print(f"{name}: N_matmul {e['n_matmul']:,}, flops/token {e['flops_per_token']:,} "

@@ -247,15 +247,22 @@ void adamw(float* p, uint16_t* p_bf16, float* m, float* v, const float* g, int64
     const float step = s.lr / bc1, decay = s.lr * s.weight_decay, gs = s.grad_scale;
     const float b1 = s.beta1, b2 = s.beta2, eps = s.eps;
     parallel_range(n, 1 << 14, [&](int64_t c0, int64_t c1) {
+        // Local restrict pointers: through the lambda's captures the compiler cannot tell that
+        // the stores leave the pointers alone, and the loop stayed scalar (sqrt and divide).
+        float* __restrict pp = p;
+        float* __restrict mp = m;
+        float* __restrict vp = v;
+        const float* __restrict gp = g;
         for (int64_t b0 = c0; b0 < c1; b0 += 2048) {  // blocks, so p is re-read from L1
             int64_t b1e = std::min(c1, b0 + 2048);
+#pragma omp simd
             for (int64_t i = b0; i < b1e; i++) {
-                float gi = gs * g[i];
-                float mi = b1 * m[i] + (1.0f - b1) * gi;
-                float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
-                m[i] = mi;
-                v[i] = vi;
-                p[i] -= step * mi / (std::sqrt(vi) * inv_bc2_sqrt + eps) + decay * p[i];
+                float gi = gs * gp[i];
+                float mi = b1 * mp[i] + (1.0f - b1) * gi;
+                float vi = b2 * vp[i] + (1.0f - b2) * gi * gi;
+                mp[i] = mi;
+                vp[i] = vi;
+                pp[i] -= step * mi / (std::sqrt(vi) * inv_bc2_sqrt + eps) + decay * pp[i];
             }
             if (p_bf16) {
                 for (int64_t i = b0; i < b1e; i++)

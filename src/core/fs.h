@@ -27,9 +27,9 @@ void write_file_replace(const std::string& path, const std::string& text);
 //
 // A file of kDirectBytes or more (by the caller's `expected_bytes`) bypasses the page cache
 // (O_DIRECT through an aligned staging buffer) where the file system allows it. Written once and
-// not read back soon, such a file gains nothing from the cache, and filling the cache costs about
-// 4 CPU-seconds per GB here (copies and writeback), taken from training by a checkpoint written
-// in the background; the direct path costs about a tenth of that.
+// not read back soon, such a file gains nothing from the cache, and filling the cache cost
+// 0.7-3.6 CPU-seconds per GB on the machine of bench/RESULTS.md (copies and writeback), taken from
+// training by a checkpoint written in the background; the direct path cost about 0.5.
 class AtomicWriter {
 public:
     static constexpr size_t kDirectBytes = size_t(16) << 20;

@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/log.h"
+#include "core/progress.h"
 
 namespace kiln::checkpoint {
 namespace {
@@ -107,8 +108,7 @@ void RankWriter::start(const RunDir& run, int64_t step) {
             w.set_metadata("rank", std::to_string(place_.rank));
             uint64_t sum = w.write(path);  // hashed while written, not read back
             written_ = {stdfs::path(path).filename().string(), stdfs::file_size(path), sum};
-            log::info("checkpoint", "{} written in {:.2f} s", path,
-                      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+            log::info("checkpoint", "{} written in {:.2f} s", path, seconds_since(t0));
         } catch (...) {
             failure_ = std::current_exception();
         }

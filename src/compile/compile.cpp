@@ -99,8 +99,7 @@ json compile(const train::RunConfig& config, const std::string& yaml, const Comp
         std::fflush(stdout);
         auto start = std::chrono::steady_clock::now();
         int rc = launch::run_gang(gang);
-        double wall =
-            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        double wall = seconds_since(start);
         if (rc != 0) {
             stdfs::remove_all(dir);
             throw error(

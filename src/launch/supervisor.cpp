@@ -17,6 +17,7 @@
 #include <filesystem>
 
 #include "core/error.h"
+#include "core/progress.h"
 
 namespace kiln::launch {
 namespace {
@@ -114,7 +115,7 @@ struct Attempt {
 double quiet_for(const std::string& path, std::chrono::steady_clock::time_point start) {
     struct stat st;
     if (::stat(path.c_str(), &st) != 0) {
-        return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        return seconds_since(start);
     }
     timespec now;
     clock_gettime(CLOCK_REALTIME, &now);

@@ -109,7 +109,8 @@ AutotuneResult autotune(const RunConfig& cfg, const kernels::Kernels& k, model::
     const json key = plan_key(cfg, k, dp);
     const std::string text = key.dump();
     const uint64_t key_hash = fs::xxh64(text.data(), text.size());
-    r.path = fmt::format("{}/{}-{:016x}.json", plan_cache_dir(cfg), cfg.model.preset, key_hash);
+    const std::string dir = plan_cache_dir(cfg);
+    r.path = fmt::format("{}/{}-{:016x}.json", dir, cfg.model.preset, key_hash);
     std::optional<kernels::Plan> plan = read_plan(r.path, key, &r.why);
     // All ranks tune, or none: the throwaway pass is collective.
     double misses = plan ? 0 : 1;
@@ -150,16 +151,17 @@ AutotuneResult autotune(const RunConfig& cfg, const kernels::Kernels& k, model::
     } while (more > 0);
     kernels::Plan mine = k.tuned();
     r.tuned_here = int(mine.size());
-    const std::vector<std::string> shares = gather_strings(world, json(mine).dump());
     kernels::Plan merged = mine;
-    for (size_t i = 0; same && i < shares.size(); i++) {
-        const json theirs = json::parse(shares[i]);
-        for (const auto& [shape, choice] : theirs.items())
-            merged[shape] = choice.get<std::string>();
+    if (same) {  // the same on every rank, so the gather is skipped by all or none
+        for (const std::string& share : gather_strings(world, json(mine).dump())) {
+            const json theirs = json::parse(share);  // items() only views it
+            for (const auto& [shape, choice] : theirs.items())
+                merged[shape] = choice.get<std::string>();
+        }
     }
     k.use(merged);
     r.products = int(merged.size());
-    r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    r.seconds = seconds_since(start);
     if (world.rank() == 0 || !same) {
         json file = {{"format", kFormat},
                      {"key", key},
@@ -168,7 +170,7 @@ AutotuneResult autotune(const RunConfig& cfg, const kernels::Kernels& k, model::
                      {"tuned_by_ranks", same ? world.size() : 1},
                      {"created", unix_seconds()}};
         try {
-            fs::make_dirs(plan_cache_dir(cfg));
+            fs::make_dirs(dir);
             fs::write_file_atomic(r.path, file.dump(2) + "\n");
         } catch (const Error& e) {
             r.write_error = e.what();  // the run goes on with the plan; the next one tunes again

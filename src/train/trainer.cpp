@@ -30,10 +30,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double seconds_since(Clock::time_point t0) {
-    return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
 kernels::Precision precision_of(const std::string& p) {
     return p == "fp32" ? kernels::Precision::fp32 : kernels::Precision::bf16;
 }
@@ -114,7 +110,6 @@ double measure_peak_gflops(const std::string& backend, const std::string& precis
 
 namespace {
 
-// The flat buffers split into dp equal chunks (ZeRO-1 shards); the last may hold padding.
 // Sum of squares of the gradients in [begin, end), counting a tensor that every tensor-parallel
 // rank holds whole (the norms) on tp rank 0 only, so that the sums over ranks add up to the
 // model's.

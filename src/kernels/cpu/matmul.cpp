@@ -15,6 +15,7 @@
 
 #include "core/error.h"
 #include "core/fs.h"
+#include "core/progress.h"
 
 namespace kiln::kernels::cpu {
 namespace {
@@ -88,10 +89,6 @@ State& state() {
 }
 
 using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point t0) {
-    return std::chrono::duration<double>(Clock::now() - t0).count();
-}
 
 std::string join(const int64_t v[4]) {
     return fmt::format("{},{},{},{}", v[0], v[1], v[2], v[3]);
@@ -262,6 +259,12 @@ void matmul(const MatOperand& a, const MatOperand& b, float* c, const int64_t c_
     const bool serial = a.dims[2] < 64;
     const int threads = omp_get_max_threads();
     key[24] = threads;
+    // A product may run on fewer threads than the pool (its plan's choice); the pool is given
+    // back as it was, whichever way this returns.
+    struct RestorePool {
+        int threads;
+        ~RestorePool() { omp_set_num_threads(threads); }
+    } restore{threads};
 
     State& st = state();
     std::lock_guard<std::mutex> lock(st.mutex);
@@ -272,13 +275,11 @@ void matmul(const MatOperand& a, const MatOperand& b, float* c, const int64_t c_
         auto t0 = Clock::now();
         run(t.candidates[i], a, b, c);
         t.this_pass += seconds_since(t0);
-        omp_set_num_threads(threads);
         return;
     }
     auto it = st.cache.find(key);
     if (it != st.cache.end()) {
         run(it->second, a, b, c);
-        omp_set_num_threads(threads);
         return;
     }
     Product p;
@@ -303,7 +304,6 @@ void matmul(const MatOperand& a, const MatOperand& b, float* c, const int64_t c_
         int(fs::xxh64(p.name.data(), p.name.size()) % uint64_t(st.parts)) == st.part) {
         st.trials.emplace(key,
                           discover(p, a, b, c, c_dims, c_strides, accumulate, threads, serial));
-        omp_set_num_threads(threads);
         return;
     }
     if (auto planned_choice = st.plan.find(p.name); planned_choice != st.plan.end())
@@ -314,7 +314,6 @@ void matmul(const MatOperand& a, const MatOperand& b, float* c, const int64_t c_
     }
     it = st.cache.emplace(key, std::move(*chosen)).first;
     run(it->second, a, b, c);
-    omp_set_num_threads(threads);
 }
 
 std::string platform() {

@@ -161,11 +161,15 @@ Estimate estimate(const train::RunConfig& config, const Cluster& cluster) {
         e.tp_s = per_micro * double(e.grad_accum);
     }
     if (e.dp > 1) {
-        double shard = double(m.n_params()) / e.tp * 4;
+        // ZeRO-1 reduce-scatters the fp32 gradients and all-gathers the weights the steps read
+        // (the bf16 copy in bf16); without ZeRO the gradients are all-reduced.
+        const double params = double(m.n_params()) / e.tp;
+        const bool bf16 = config.train.precision == "bf16";
+        const double bytes = config.zero == 1 ? params * (4 + (bf16 ? 2 : 4)) : params * 8;
         // The DP group spans nodes when TP does not fill a node's devices times the DP count.
         bool across = cluster.nodes > 1;
         double bw = across ? a.inter_gbps : a.intra_gbps;
-        e.dp_s = 2.0 * (e.dp - 1) / e.dp * shard / (bw * 1e9);
+        e.dp_s = double(e.dp - 1) / e.dp * bytes / (bw * 1e9);
     }
     e.tokens_per_s = tokens / e.step_s();
     e.mfu = train::flops_per_token(m, T) * e.tokens_per_s / (double(world) * a.peak_tflops * 1e12);

@@ -16,16 +16,17 @@ struct Kernels {
     void (*gemm)(const Gemm& g, Workspace ws);
 
     // out (M, C) = wte[tokens[m]], a zero row where tokens[m] < 0 (a token another tensor-
-    // parallel rank holds)                                  tokens (M), wte (V, C)
-    void (*embedding_forward)(float* out, const int32_t* tokens, const float* wte, int64_t M,
-                              int64_t C);
+    // parallel rank holds)                       tokens (M), wte (V, C) f32 or bf16 (wte_type)
+    void (*embedding_forward)(float* out, const int32_t* tokens, const void* wte, DType wte_type,
+                              int64_t M, int64_t C);
     // dwte (V, C) += scatter of dout (M, C) by tokens; rows with tokens[m] < 0 are skipped
     void (*embedding_backward)(float* dwte, const float* dout, const int32_t* tokens, int64_t M,
                                int64_t C);
 
-    // out (M, C) = x * rstd * w; rstd (M) = 1 / sqrt(mean(x^2) + eps)
-    void (*rmsnorm_forward)(float* out, float* rstd, const float* x, const float* w, int64_t M,
-                            int64_t C, float eps);
+    // out (M, C) = x * rstd * w, written as out_type (f32, or bf16 when only products read
+    // it); rstd (M) = 1 / sqrt(mean(x^2) + eps)
+    void (*rmsnorm_forward)(void* out, DType out_type, float* rstd, const float* x, const float* w,
+                            int64_t M, int64_t C, float eps);
     // dx (M, C) += d/dx; dw (C) += d/dw; given dout (M, C), x, w, rstd from the forward
     void (*rmsnorm_backward)(float* dx, float* dw, const float* dout, const float* x,
                              const float* w, const float* rstd, int64_t M, int64_t C);
@@ -39,18 +40,21 @@ struct Kernels {
                           const float* cos, const float* sin);
 
     // out (M, H*D) = softmax(q k^T / sqrt(D) + causal mask) v; probs (B, H, T, T) keeps the
-    // softmax for the backward (entries above the diagonal are 0).
-    void (*attention_forward)(float* out, float* probs, const float* qkv, const Attention& a,
+    // softmax for the backward (entries above the diagonal are 0), in the table's precision:
+    // f32, or bf16 in a bf16 table (the dtype its products read).
+    void (*attention_forward)(float* out, void* probs, const float* qkv, const Attention& a,
                               Workspace ws);
     // dqkv (M, ldqkv) = gradient of the attention output dout (M, H*D) w.r.t. the packed qkv
     // (overwritten, all three parts).
-    void (*attention_backward)(float* dqkv, const float* dout, const float* qkv, const float* probs,
+    void (*attention_backward)(float* dqkv, const float* dout, const float* qkv, const void* probs,
                                const Attention& a, Workspace ws);
 
-    // h (M, F) = silu(gate) * up where gu (M, 2F) holds gate in [0, F) and up in [F, 2F)
-    void (*swiglu_forward)(float* h, const float* gu, int64_t M, int64_t F);
-    // dgu (M, 2F) = gradient w.r.t. gate and up, given dh (M, F)
-    void (*swiglu_backward)(float* dgu, const float* dh, const float* gu, int64_t M, int64_t F);
+    // h (M, F) = silu(gate) * up where gu (M, 2F) holds gate in [0, F) and up in [F, 2F);
+    // written as h_type (f32 or bf16)
+    void (*swiglu_forward)(void* h, DType h_type, const float* gu, int64_t M, int64_t F);
+    // dgu (M, 2F) = gradient w.r.t. gate and up, given dh (M, F); written as dgu_type
+    void (*swiglu_backward)(void* dgu, DType dgu_type, const float* dh, const float* gu, int64_t M,
+                            int64_t F);
 
     // Cross-entropy in two halves, so that a vocabulary split over tensor-parallel ranks can
     // combine the row statistics in between. logits (M, V); targets (M) index this V, or are

@@ -88,42 +88,39 @@ void Llama::build(int64_t capacity, bool allocate) {
     const int64_t prob_sets = recompute == Recompute::none ? L : 1;
     size_t o_res = acts_.add("residual", (L + 1) * M * C, DType::f32);
     const int64_t bf = bf16_ ? 1 : 0;  // bf16 copies of product inputs exist in bf16 only
-    std::vector<std::array<size_t, 14>> o_block(sets);
+    const DType ct = compute_type();
+    std::vector<std::array<size_t, 10>> o_block(sets);
     for (auto& o : o_block) {
         o = {acts_.add("rstd1", M, DType::f32),
-             acts_.add("xn1", M * C, DType::f32),
              acts_.add("qkv", M * QKV, DType::f32),
-             0,
              acts_.add("att", M * H * D, DType::f32),
              acts_.add("x2", M * C, DType::f32),
              acts_.add("rstd2", M, DType::f32),
-             acts_.add("xn2", M * C, DType::f32),
              acts_.add("gu", M * 2 * F, DType::f32),
-             acts_.add("h", M * F, DType::f32),
-             acts_.add("xn1_bf", bf * M * C, DType::bf16),
-             acts_.add("att_bf", bf * M * H * D, DType::bf16),
-             acts_.add("xn2_bf", bf * M * C, DType::bf16),
-             acts_.add("h_bf", bf * M * F, DType::bf16)};
+             acts_.add("xn1", M * C, ct),
+             acts_.add("xn2", M * C, ct),
+             acts_.add("h", M * F, ct),
+             acts_.add("att_bf", bf * M * H * D, DType::bf16)};
     }
     std::vector<size_t> o_probs(prob_sets);
     for (auto& o : o_probs)
-        o = acts_.add("probs", B * H * T * T, DType::f32);
+        o = acts_.add("probs", B * H * T * T, ct);
     size_t o_cos = acts_.add("rope_cos", T * D / 2, DType::f32);
     size_t o_sin = acts_.add("rope_sin", T * D / 2, DType::f32);
     size_t o_rstdf = acts_.add("rstdf", M, DType::f32);
-    size_t o_xnf = acts_.add("xnf", M * C, DType::f32);
+    size_t o_norm_w = acts_.add("norm_weight", C, DType::f32);
+    size_t o_xnf = acts_.add("xnf", M * C, ct);
     size_t o_dres = acts_.add("dres", M * C, DType::f32);
     size_t o_dxn = acts_.add("dxn", M * C, DType::f32);
     size_t o_dqkv = acts_.add("dqkv", M * QKV, DType::f32);
     size_t o_datt = acts_.add("datt", M * H * D, DType::f32);
-    size_t o_dgu = acts_.add("dgu", M * 2 * F, DType::f32);
+    size_t o_dgu = acts_.add("dgu", M * 2 * F, ct);
     size_t o_dh = acts_.add("dh", M * F, DType::f32);
     size_t o_logits = acts_.add("logits", head_rows_ * V, DType::f32);
     size_t o_losses = acts_.add("losses", M, DType::f32);
     size_t o_rows = acts_.add("row_stats", 4 * M, DType::f32);
     size_t o_local = acts_.add("local_ids", 2 * M, DType::i32);
-    size_t o_xnf_bf = acts_.add("xnf_bf", bf * M * C, DType::bf16);
-    size_t o_dy_bf = acts_.add("dy_bf", bf * M * std::max({C, QKV, 2 * F, H * D}), DType::bf16);
+    size_t o_dy_bf = acts_.add("dy_bf", bf * M * std::max({C, QKV, H * D}), DType::bf16);
     size_t o_dlogits_bf = acts_.add("dlogits_bf", bf * head_rows_ * V, DType::bf16);
     int64_t max_operand = std::max({M * std::max({C, QKV, 2 * F}), head_rows_ * V});
     ws_.bytes = k_.workspace_bytes(max_operand, attn_);
@@ -140,25 +137,26 @@ void Llama::build(int64_t capacity, bool allocate) {
     for (int64_t l = 0; l < L; l++) {
         const auto& o = o_block[recompute == Recompute::full ? 0 : l];
         BlockActs b;
-        float** fields[] = {&b.rstd1, &b.xn1,   &b.qkv, &b.probs, &b.att,
-                            &b.x2,    &b.rstd2, &b.xn2, &b.gu,    &b.h};
-        for (int i = 0; i < 10; i++)
-            *fields[i] = i == 3 ? nullptr : acts_.get<float>(o[i]);
-        b.probs = acts_.get<float>(o_probs[recompute == Recompute::none ? l : 0]);
-        uint16_t** copies[] = {&b.xn1_bf, &b.att_bf, &b.xn2_bf, &b.h_bf};
-        for (int i = 0; i < 4; i++)
-            *copies[i] = bf16_ ? acts_.get<uint16_t>(o[10 + i]) : nullptr;
+        float** fields[] = {&b.rstd1, &b.qkv, &b.att, &b.x2, &b.rstd2, &b.gu};
+        for (int i = 0; i < 6; i++)
+            *fields[i] = acts_.get<float>(o[i]);
+        void** inputs[] = {&b.xn1, &b.xn2, &b.h};
+        for (int i = 0; i < 3; i++)
+            *inputs[i] = acts_.get<void>(o[6 + i]);
+        b.att_bf = bf16_ ? acts_.get<uint16_t>(o[9]) : nullptr;
+        b.probs = acts_.get<void>(o_probs[recompute == Recompute::none ? l : 0]);
         blocks_.push_back(b);
     }
     rope_cos_ = acts_.get<float>(o_cos);
     rope_sin_ = acts_.get<float>(o_sin);
     rstdf_ = acts_.get<float>(o_rstdf);
-    xnf_ = acts_.get<float>(o_xnf);
+    norm_w_ = acts_.get<float>(o_norm_w);
+    xnf_ = acts_.get<void>(o_xnf);
     dres_ = acts_.get<float>(o_dres);
     dxn_ = acts_.get<float>(o_dxn);
     dqkv_ = acts_.get<float>(o_dqkv);
     datt_ = acts_.get<float>(o_datt);
-    dgu_ = acts_.get<float>(o_dgu);
+    dgu_ = acts_.get<void>(o_dgu);
     dh_ = acts_.get<float>(o_dh);
     logits_ = acts_.get<float>(o_logits);
     losses_ = acts_.get<float>(o_losses);
@@ -167,7 +165,6 @@ void Llama::build(int64_t capacity, bool allocate) {
     local_tokens_ = acts_.get<int32_t>(o_local);
     local_targets_ = local_tokens_ + M;
     ws_.ptr = acts_.get<void>(o_ws);
-    xnf_bf_ = bf16_ ? acts_.get<uint16_t>(o_xnf_bf) : nullptr;
     dy_bf_ = bf16_ ? acts_.get<uint16_t>(o_dy_bf) : nullptr;
     dlogits_bf_ = bf16_ ? acts_.get<uint16_t>(o_dlogits_bf) : nullptr;
 
@@ -211,6 +208,15 @@ void Llama::zero_grads() {
     std::fill(grads(), grads() + layout_.total(), 0.0f);
 }
 
+const float* Llama::norm_weight(int64_t offset) {
+    if (!bf16_)
+        return params() + offset;
+    const uint16_t* w = params_bf16() + offset;
+    for (int64_t c = 0; c < C_; c++)
+        norm_w_[c] = bf16_to_f32(w[c]);
+    return norm_w_;
+}
+
 Llama::Operand Llama::weight(int64_t offset) const {
     if (bf16_)
         return {params_bf16_.get<uint16_t>(0) + offset, DType::bf16};
@@ -226,6 +232,11 @@ Llama::Operand Llama::operand(const float* x, uint16_t* copy, int64_t n) const {
 
 Llama::Operand Llama::saved(const float* x, const uint16_t* copy) const {
     return bf16_ ? Operand{copy, DType::bf16} : Operand{x, DType::f32};
+}
+
+Llama::Operand Llama::input(const void* x, int64_t offset) const {
+    return {static_cast<const char*>(x) + offset * int64_t(dtype_size(compute_type())),
+            compute_type()};
 }
 
 // y (M, N) = x (M, K) · W^T (+ y when accumulating), W (N, K)
@@ -275,21 +286,21 @@ void Llama::row_parallel(float* y, const float* residual, Operand x, Operand w, 
 void Llama::block_forward(int64_t l, const float* x, float* out) {
     const BlockParams& p = layout_.blocks[l];
     const BlockActs& a = blocks_[l];
-    const float* w = params();
     const int64_t M = M_, T = T_, C = C_, H = H_, D = D_, F = F_, QKV = QKV_;
     const float eps = static_cast<float>(config_.norm_eps);
 
     // attention (this rank's heads)
-    k_.rmsnorm_forward(a.xn1, a.rstd1, x, w + p.attention_norm, M, C, eps);
-    linear_forward(a.qkv, operand(a.xn1, a.xn1_bf, M * C), weight(p.wqkv), M, C, QKV);
+    const DType ct = compute_type();
+    k_.rmsnorm_forward(a.xn1, ct, a.rstd1, x, norm_weight(p.attention_norm), M, C, eps);
+    linear_forward(a.qkv, input(a.xn1), weight(p.wqkv), M, C, QKV);
     k_.rope_forward(a.qkv, QKV, M, T, H + Hkv_, D, rope_cos_, rope_sin_);
     k_.attention_forward(a.att, a.probs, a.qkv, attn_, ws_);
     row_parallel(a.x2, x, operand(a.att, a.att_bf, M * H * D), weight(p.wo), M, H * D, C);
     // feed-forward (this rank's slice of the hidden width)
-    k_.rmsnorm_forward(a.xn2, a.rstd2, a.x2, w + p.ffn_norm, M, C, eps);
-    linear_forward(a.gu, operand(a.xn2, a.xn2_bf, M * C), weight(p.w13), M, C, 2 * F);
-    k_.swiglu_forward(a.h, a.gu, M, F);
-    row_parallel(out, a.x2, operand(a.h, a.h_bf, M * F), weight(p.w2), M, F, C);
+    k_.rmsnorm_forward(a.xn2, ct, a.rstd2, a.x2, norm_weight(p.ffn_norm), M, C, eps);
+    linear_forward(a.gu, input(a.xn2), weight(p.w13), M, C, 2 * F);
+    k_.swiglu_forward(a.h, ct, a.gu, M, F);
+    row_parallel(out, a.x2, input(a.h), weight(p.w2), M, F, C);
 }
 
 // dres (M, C): on entry the gradient w.r.t. the block's output, on exit w.r.t. its input.
@@ -302,27 +313,25 @@ void Llama::block_backward(int64_t l, float* dres) {
     } else if (recompute_ == Recompute::selective) {
         k_.attention_forward(a.att, a.probs, a.qkv, attn_, ws_);  // refills the shared probs
     }
-    const float* w = params();
     float* g = grads();
     const int64_t M = M_, T = T_, C = C_, H = H_, D = D_, F = F_, QKV = QKV_;
 
     // feed-forward: out = x2 + h W2^T, h = swiglu(xn2 W13^T), xn2 = rmsnorm(x2)
-    linear_backward(dh_, g + p.w2, operand(dres, dy_bf_, M * C), saved(a.h, a.h_bf), weight(p.w2),
-                    M, F, C);
-    k_.swiglu_backward(dgu_, dh_, a.gu, M, F);
-    linear_backward(dxn_, g + p.w13, operand(dgu_, dy_bf_, M * 2 * F), saved(a.xn2, a.xn2_bf),
-                    weight(p.w13), M, C, 2 * F);
+    linear_backward(dh_, g + p.w2, operand(dres, dy_bf_, M * C), input(a.h), weight(p.w2), M, F, C);
+    k_.swiglu_backward(dgu_, compute_type(), dh_, a.gu, M, F);
+    linear_backward(dxn_, g + p.w13, input(dgu_), input(a.xn2), weight(p.w13), M, C, 2 * F);
     tp_all_reduce(dxn_, M * C);  // xn2 fed every rank's slice
-    k_.rmsnorm_backward(dres, g + p.ffn_norm, dxn_, a.x2, w + p.ffn_norm, a.rstd2, M, C);
+    k_.rmsnorm_backward(dres, g + p.ffn_norm, dxn_, a.x2, norm_weight(p.ffn_norm), a.rstd2, M, C);
     // attention: x2 = x + att Wo^T, att = attention(rope(xn1 Wqkv^T)), xn1 = rmsnorm(x)
     linear_backward(datt_, g + p.wo, operand(dres, dy_bf_, M * C), saved(a.att, a.att_bf),
                     weight(p.wo), M, H * D, C);
     k_.attention_backward(dqkv_, datt_, a.qkv, a.probs, attn_, ws_);
     k_.rope_backward(dqkv_, QKV, M, T, H + Hkv_, D, rope_cos_, rope_sin_);
-    linear_backward(dxn_, g + p.wqkv, operand(dqkv_, dy_bf_, M * QKV), saved(a.xn1, a.xn1_bf),
-                    weight(p.wqkv), M, C, QKV);
+    linear_backward(dxn_, g + p.wqkv, operand(dqkv_, dy_bf_, M * QKV), input(a.xn1), weight(p.wqkv),
+                    M, C, QKV);
     tp_all_reduce(dxn_, M * C);  // xn1 fed every rank's heads
-    k_.rmsnorm_backward(dres, g + p.attention_norm, dxn_, x, w + p.attention_norm, a.rstd1, M, C);
+    k_.rmsnorm_backward(dres, g + p.attention_norm, dxn_, x, norm_weight(p.attention_norm), a.rstd1,
+                        M, C);
 }
 
 void Llama::embed(const int32_t* tokens) {
@@ -333,14 +342,15 @@ void Llama::embed(const int32_t* tokens) {
                    tokens[m]);
         local_tokens_[m] = tokens[m] >= vb && tokens[m] < vb + V_ ? int32_t(tokens[m] - vb) : -1;
     }
-    k_.embedding_forward(res_, local_tokens_, params() + layout_.embedding, M_, C_);
+    const Operand wte = weight(layout_.embedding);
+    k_.embedding_forward(res_, local_tokens_, wte.ptr, wte.type, M_, C_);
     tp_all_reduce(res_, M_ * C_);
     for (int64_t l = 0; l < config_.n_layers; l++) {
         block_forward(l, res_ + l * M_ * C_, res_ + (l + 1) * M_ * C_);
     }
-    k_.rmsnorm_forward(xnf_, rstdf_, res_ + config_.n_layers * M_ * C_,
-                       params() + layout_.final_norm, M_, C_, static_cast<float>(config_.norm_eps));
-    operand(xnf_, xnf_bf_, M_ * C_);  // the head's products read this copy
+    k_.rmsnorm_forward(xnf_, compute_type(), rstdf_, res_ + config_.n_layers * M_ * C_,
+                       norm_weight(layout_.final_norm), M_, C_,
+                       static_cast<float>(config_.norm_eps));
 }
 
 // LM head and cross-entropy in row chunks, over this rank's slice of the vocabulary: the row
@@ -353,7 +363,7 @@ LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out)
         KILN_CHECK(tp_size_ == 1, "full logits need the whole vocabulary on one rank");
         for (int64_t r0 = 0; r0 < M_; r0 += head_rows_) {
             int64_t rows = std::min(head_rows_, M_ - r0);
-            Operand xnf = saved(xnf_ + r0 * C, bf16_ ? xnf_bf_ + r0 * C : nullptr);
+            Operand xnf = input(xnf_, r0 * C);
             linear_forward(logits_out + r0 * V, xnf, weight(layout_.output), rows, C, V);
         }
         return {};
@@ -365,7 +375,7 @@ LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out)
     }
     for (int64_t r0 = 0; r0 < M_; r0 += head_rows_) {
         int64_t rows = std::min(head_rows_, M_ - r0);
-        Operand xnf = saved(xnf_ + r0 * C, bf16_ ? xnf_bf_ + r0 * C : nullptr);
+        Operand xnf = input(xnf_, r0 * C);
         linear_forward(logits_, xnf, weight(layout_.output), rows, C, V);
         // The gradient goes straight to the dtype the backward products read (f32 in place).
         Operand dlogits = bf16_ ? Operand{dlogits_bf_, DType::bf16} : Operand{logits_, DType::f32};
@@ -416,7 +426,7 @@ LossSum Llama::forward_backward(const int32_t* tokens, const int32_t* targets, f
     const int64_t C = C_, L = config_.n_layers;
     std::fill(dres_, dres_ + M_ * C, 0.0f);
     k_.rmsnorm_backward(dres_, grads() + layout_.final_norm, dxn_, res_ + L * M_ * C,
-                        params() + layout_.final_norm, rstdf_, M_, C);
+                        norm_weight(layout_.final_norm), rstdf_, M_, C);
     for (int64_t l = L - 1; l >= 0; l--)
         block_backward(l, dres_);
     k_.embedding_backward(grads() + layout_.embedding, dres_, local_tokens_, M_, C);

@@ -48,7 +48,8 @@ public:
     const Layout& layout() const { return layout_; }
     float* params() { return params_.get<float>(0); }  // (layout().total()) fp32
     float* grads() { return grads_.get<float>(0); }    // (layout().total()) fp32, accumulated
-    // The bf16 copy of params() that bf16 products read (layout().total()); null in fp32.
+    // The bf16 copy of params() that the forward and backward read in bf16 precision (every
+    // weight: products, embedding and norms; layout().total()); null in fp32.
     uint16_t* params_bf16() { return bf16_ ? params_bf16_.get<uint16_t>(0) : nullptr; }
     size_t activation_bytes() const { return acts_.bytes(); }
 
@@ -72,19 +73,28 @@ private:
           Recompute recompute, Collective* tp, int tp_size, int tp_rank);
     void build(int64_t capacity, bool allocate);
     struct BlockActs {  // one block's saved activations; pointers into acts_
-        float *rstd1, *xn1, *qkv, *probs, *att, *x2, *rstd2, *xn2, *gu, *h;
-        // bf16 copies of the product inputs (bf16 precision only; else null)
-        uint16_t *xn1_bf, *att_bf, *xn2_bf, *h_bf;
+        float *rstd1, *qkv, *att, *x2, *rstd2, *gu;
+        // Read only by products, so written straight in their dtype (compute_type()): the
+        // norms' outputs, the SwiGLU output and the softmax.
+        void *xn1, *xn2, *h, *probs;
+        uint16_t* att_bf;  // bf16 precision: the attention output rounded for its product
     };
     struct Operand {  // a matrix as the products read it
         const void* ptr;
         DType type;
     };
+    // The weights every product, lookup and norm reads: the bf16 copy in bf16 precision (so a
+    // rank whose fp32 master weights are only a shard, under ZeRO-1, needs only the copy whole).
     Operand weight(int64_t offset) const;
+    const float* norm_weight(int64_t offset);  // a norm's C weights as f32 (widened from bf16)
     // x itself in fp32; in bf16, x rounded into `copy` (n elements) once, for every product.
     Operand operand(const float* x, uint16_t* copy, int64_t n) const;
     // An activation saved by the forward: its bf16 copy in bf16 precision.
     Operand saved(const float* x, const uint16_t* copy) const;
+    // What the products read: bf16 in bf16 precision, else f32.
+    DType compute_type() const { return bf16_ ? DType::bf16 : DType::f32; }
+    // An activation kept in compute_type(), from element `offset` on.
+    Operand input(const void* x, int64_t offset = 0) const;
     void block_forward(int64_t l, const float* x, float* out);
     void block_backward(int64_t l, float* dres);
     void embed(const int32_t* tokens);
@@ -116,12 +126,15 @@ private:
     float* res_;  // (L+1, M, C) residual stream: block inputs, then the final block's output
     std::vector<BlockActs> blocks_;  // [layer] (aliases one set when recomputing everything)
     float *rope_cos_, *rope_sin_;    // (T, D/2)
-    float *rstdf_, *xnf_;            // (M), (M, C) final norm
-    float *dres_, *dxn_, *dqkv_, *datt_, *dgu_, *dh_;       // backward scratch
+    float* rstdf_;                   // (M) final norm
+    void* xnf_;                      // (M, C) final norm output, compute_type()
+    float* norm_w_;                  // (C) norm_weight's widened copy
+    float *dres_, *dxn_, *dqkv_, *datt_, *dh_;              // backward scratch
+    void* dgu_;                                             // compute_type()
     float *logits_, *losses_;                               // (head_rows, V), (M)
     float *row_max_, *row_sum_, *row_target_, *row_scale_;  // (M) cross-entropy statistics
-    int32_t *local_tokens_, *local_targets_;   // (M) ids in this rank's vocabulary slice, or -1
-    uint16_t *xnf_bf_, *dy_bf_, *dlogits_bf_;  // bf16 precision: (M, C), dy scratch, (rows, V)
+    int32_t *local_tokens_, *local_targets_;  // (M) ids in this rank's vocabulary slice, or -1
+    uint16_t *dy_bf_, *dlogits_bf_;           // bf16 precision: dy scratch, (rows, V)
     kernels::Workspace ws_;
 };
 

@@ -284,6 +284,17 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     fs::make_dirs(run.ranks());
     write_rank_status(run, g, start_step);
 
+    // ZeRO-1: after the update every rank needs every new weight the steps read. In bf16 that
+    // is the bf16 copy alone (half the bytes of the fp32 weights, which stay sharded until a
+    // checkpoint gathers them); in fp32 the weights themselves.
+    auto gather_compute_weights = [&] {
+        if (uint16_t* bf16 = model.params_bf16()) {
+            job.dp().all_gather_bytes(bf16, sh.chunk * sizeof(uint16_t));
+        } else {
+            job.dp().all_gather(model.params(), sh.chunk);
+        }
+    };
+
     // Checkpoints: every rank writes its own file in the background; once every rank's write has
     // ended (checked after each step), or at the next checkpoint or the end at the latest, rank 0
     // commits the manifest. Collective.
@@ -313,6 +324,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     };
     auto save_checkpoint = [&](int64_t steps_done, double loss) {
         finish_checkpoint();
+        if (zero && model.params_bf16())
+            job.dp().all_gather(model.params(), sh.chunk);  // the master weights, saved whole
         auto staging_start = Clock::now();
         if (lead)
             checkpoint::prepare_temporary_dir(run, steps_done);
@@ -388,13 +401,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
             bad_in_a_row = 0;
             adamw.update(model.params(), model.params_bf16(), model.grads(),
                          optim::clip_factor(norm, cfg.adamw.grad_clip), lr, k);
-            if (zero) {
-                // Every rank needs every updated weight: the products read the bf16 copy, but
-                // the norms and the embedding read the fp32 weights themselves.
-                job.dp().all_gather(model.params(), sh.chunk);
-                model.sync_compute_weights(0, sh.begin);  // this rank's shard is done already
-                model.sync_compute_weights(sh.end);
-            }
+            if (zero)
+                gather_compute_weights();
         }
         last_loss = loss;
         if (pending) {  // commit a background checkpoint as soon as every rank has written it

@@ -47,7 +47,7 @@ TEST(Cuda, OpsMatchReference) {
     const int64_t M = 33, C = 200, F = 50;
     auto x = randn(M * C, 1), w = randn(C, 2);
     std::vector<float> out(M * C), rstd(M);
-    ref.rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), M, C, 1e-5f);
+    ref.rmsnorm_forward(out.data(), DType::f32, rstd.data(), x.data(), w.data(), M, C, 1e-5f);
     DeviceBuffer dx(x), dw(w), dout(std::vector<float>(M * C, 0.0f)),
         drstd(std::vector<float>(M, 0.0f));
     cuda::rmsnorm_forward(dout.ptr, drstd.ptr, dx.ptr, dw.ptr, M, C, 1e-5f);
@@ -57,7 +57,7 @@ TEST(Cuda, OpsMatchReference) {
 
     auto gu = randn(M * 2 * F, 3);
     std::vector<float> h(M * F);
-    ref.swiglu_forward(h.data(), gu.data(), M, F);
+    ref.swiglu_forward(h.data(), DType::f32, gu.data(), M, F);
     DeviceBuffer dgu(gu), dh(std::vector<float>(M * F, 0.0f));
     cuda::swiglu_forward(dh.ptr, dgu.ptr, M, F);
     auto hg = dh.to_host(M * F);

@@ -23,6 +23,20 @@ std::vector<float> randn(size_t n, uint64_t seed, float scale = 1.0f) {
 }
 
 // |got - ref| <= atol + rtol |ref| elementwise.
+std::vector<uint16_t> to_bf16(const std::vector<float>& x) {
+    std::vector<uint16_t> out(x.size());
+    for (size_t i = 0; i < x.size(); i++)
+        out[i] = f32_to_bf16(x[i]);
+    return out;
+}
+
+std::vector<float> from_bf16(const std::vector<uint16_t>& x) {
+    std::vector<float> out(x.size());
+    for (size_t i = 0; i < x.size(); i++)
+        out[i] = bf16_to_f32(x[i]);
+    return out;
+}
+
 void expect_close(const std::vector<float>& got, const std::vector<float>& ref, double atol,
                   double rtol, const char* what) {
     ASSERT_EQ(got.size(), ref.size()) << what;
@@ -206,9 +220,18 @@ TEST(RmsNorm, ForwardAndBackward) {
         v += 1.0f;
     std::vector<float> out_c(M * C), out_r(M * C), rstd_c(M), rstd_r(M);
     cpu_kernels(Precision::fp32)
-        .rmsnorm_forward(out_c.data(), rstd_c.data(), x.data(), w.data(), M, C, 1e-5f);
-    ref().rmsnorm_forward(out_r.data(), rstd_r.data(), x.data(), w.data(), M, C, 1e-5f);
+        .rmsnorm_forward(out_c.data(), DType::f32, rstd_c.data(), x.data(), w.data(), M, C, 1e-5f);
+    ref().rmsnorm_forward(out_r.data(), DType::f32, rstd_r.data(), x.data(), w.data(), M, C, 1e-5f);
     expect_close(out_c, out_r, 1e-5, 1e-5, "rmsnorm out");
+    // A bf16 output is the f32 one rounded.
+    std::vector<uint16_t> out_bf(M * C);
+    cpu_kernels(Precision::bf16)
+        .rmsnorm_forward(out_bf.data(), DType::bf16, rstd_c.data(), x.data(), w.data(), M, C,
+                         1e-5f);
+    EXPECT_EQ(out_bf, to_bf16(out_c));
+    ref().rmsnorm_forward(out_bf.data(), DType::bf16, rstd_r.data(), x.data(), w.data(), M, C,
+                          1e-5f);
+    expect_close(from_bf16(out_bf), out_r, 1e-5, 4e-3, "rmsnorm bf16 out");
     std::vector<float> dx_c(M * C, 0.5f), dx_r(M * C, 0.5f), dw_c(C, 0.25f), dw_r(C, 0.25f);
     cpu_kernels(Precision::fp32)
         .rmsnorm_backward(dx_c.data(), dw_c.data(), dout.data(), x.data(), w.data(), rstd_c.data(),
@@ -224,7 +247,7 @@ TEST(RmsNorm, ForwardAndBackward) {
         v -= 0.25f;
     auto loss = [&] {
         std::vector<float> o(M * C), r(M);
-        ref().rmsnorm_forward(o.data(), r.data(), x.data(), w.data(), M, C, 1e-5f);
+        ref().rmsnorm_forward(o.data(), DType::f32, r.data(), x.data(), w.data(), M, C, 1e-5f);
         return dot(o, dout);
     };
     expect_fd(x, dx_r, loss, "rmsnorm fd dx");
@@ -263,16 +286,24 @@ void check_attention(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, Pr
     const int64_t M = B * T;
     auto qkv = randn(M * a.ldqkv, 5), dout = randn(M * H * D, 6);
     std::vector<float> out_c(M * H * D), out_r(M * H * D), p_c(B * H * T * T), p_r(B * H * T * T);
+    std::vector<uint16_t> p_bf(prec == Precision::bf16 ? p_c.size() : 0);  // bf16 keeps bf16
+    void* probs_c = prec == Precision::bf16 ? static_cast<void*>(p_bf.data()) : p_c.data();
     const Kernels& cpu = cpu_kernels(prec);
     Workspaces ws;
     Workspace w = ws.get(cpu.workspace_bytes(0, a));
-    cpu.attention_forward(out_c.data(), p_c.data(), qkv.data(), a, w);
+    cpu.attention_forward(out_c.data(), probs_c, qkv.data(), a, w);
     ref().attention_forward(out_r.data(), p_r.data(), qkv.data(), a, {});
+    for (size_t i = 0; i < p_bf.size(); i++)
+        p_c[i] = bf16_to_f32(p_bf[i]);
     double tol = prec == Precision::bf16 ? 3e-2 : 1e-4;
     expect_close(out_c, out_r, tol, tol, "attention out");
     expect_close(p_c, p_r, tol, tol, "attention probs");
+    for (int64_t r = 0; r < B * H * T; r++) {  // exact zeros above the diagonal
+        for (int64_t u = r % T + 1; u < T; u++)
+            ASSERT_EQ(p_c[r * T + u], 0.0f) << "row " << r << " column " << u;
+    }
     std::vector<float> dq_c(M * a.ldqkv, 9.0f), dq_r(M * a.ldqkv);
-    cpu.attention_backward(dq_c.data(), dout.data(), qkv.data(), p_c.data(), a, w);
+    cpu.attention_backward(dq_c.data(), dout.data(), qkv.data(), probs_c, a, w);
     ref().attention_backward(dq_r.data(), dout.data(), qkv.data(), p_r.data(), a, {});
     expect_close(dq_c, dq_r, prec == Precision::bf16 ? 6e-2 : 1e-4, tol, "attention dqkv");
     if (prec == Precision::fp32) {
@@ -294,20 +325,32 @@ TEST(Attention, GroupedQuery) {
 TEST(Attention, GroupedQueryBf16) {
     check_attention(2, 16, 4, 2, 16, Precision::bf16);
 }
+TEST(Attention, MultiHeadBf16) {
+    check_attention(2, 16, 4, 4, 16, Precision::bf16);
+}
 
 TEST(SwiGlu, ForwardAndBackward) {
     const int64_t M = 6, F = 37;
     auto gu = randn(M * 2 * F, 7, 2.0f), dh = randn(M * F, 8);
     std::vector<float> h_c(M * F), h_r(M * F), d_c(M * 2 * F), d_r(M * 2 * F);
-    cpu_kernels(Precision::fp32).swiglu_forward(h_c.data(), gu.data(), M, F);
-    ref().swiglu_forward(h_r.data(), gu.data(), M, F);
+    const Kernels& cpu = cpu_kernels(Precision::fp32);
+    cpu.swiglu_forward(h_c.data(), DType::f32, gu.data(), M, F);
+    ref().swiglu_forward(h_r.data(), DType::f32, gu.data(), M, F);
     expect_close(h_c, h_r, 1e-6, 1e-5, "swiglu");
-    cpu_kernels(Precision::fp32).swiglu_backward(d_c.data(), dh.data(), gu.data(), M, F);
-    ref().swiglu_backward(d_r.data(), dh.data(), gu.data(), M, F);
+    cpu.swiglu_backward(d_c.data(), DType::f32, dh.data(), gu.data(), M, F);
+    ref().swiglu_backward(d_r.data(), DType::f32, dh.data(), gu.data(), M, F);
     expect_close(d_c, d_r, 1e-6, 1e-5, "swiglu backward");
+    // bf16 outputs are the f32 ones rounded.
+    std::vector<uint16_t> h_bf(M * F), d_bf(M * 2 * F);
+    cpu.swiglu_forward(h_bf.data(), DType::bf16, gu.data(), M, F);
+    EXPECT_EQ(h_bf, to_bf16(h_c));
+    cpu.swiglu_backward(d_bf.data(), DType::bf16, dh.data(), gu.data(), M, F);
+    EXPECT_EQ(d_bf, to_bf16(d_c));
+    ref().swiglu_backward(d_bf.data(), DType::bf16, dh.data(), gu.data(), M, F);
+    expect_close(from_bf16(d_bf), d_r, 1e-6, 4e-3, "swiglu backward bf16");
     auto loss = [&] {
         std::vector<float> h(M * F);
-        ref().swiglu_forward(h.data(), gu.data(), M, F);
+        ref().swiglu_forward(h.data(), DType::f32, gu.data(), M, F);
         return dot(h, dh);
     };
     expect_fd(gu, d_r, loss, "swiglu fd");
@@ -424,9 +467,29 @@ TEST(Embedding, ForwardAndBackwardWithRepeats) {
     auto wte = randn(V * C, 10), dout = randn(M * C, 11);
     std::vector<int32_t> tokens = {1, 3, 1, 0, -1, 2};  // -1: a zero row, no gradient
     std::vector<float> o_c(M * C), o_r(M * C), d_c(V * C, 1.0f), d_r(V * C, 1.0f);
-    cpu_kernels(Precision::fp32).embedding_forward(o_c.data(), tokens.data(), wte.data(), M, C);
-    ref().embedding_forward(o_r.data(), tokens.data(), wte.data(), M, C);
+    cpu_kernels(Precision::fp32)
+        .embedding_forward(o_c.data(), tokens.data(), wte.data(), DType::f32, M, C);
+    ref().embedding_forward(o_r.data(), tokens.data(), wte.data(), DType::f32, M, C);
     EXPECT_EQ(o_c, o_r);
+    EXPECT_EQ(o_c[2 * C + 5], wte[1 * C + 5]);
+    EXPECT_EQ(o_c[4 * C + 5], 0.0f);
+    // A bf16 table gives its values widened: the rows are the same up to bf16 rounding.
+    std::vector<uint16_t> wte_bf(V * C);
+    for (size_t i = 0; i < wte_bf.size(); i++)
+        wte_bf[i] = f32_to_bf16(wte[i]);
+    cpu_kernels(Precision::bf16)
+        .embedding_forward(o_c.data(), tokens.data(), wte_bf.data(), DType::bf16, M, C);
+    ref().embedding_forward(o_r.data(), tokens.data(), wte_bf.data(), DType::bf16, M, C);
+    EXPECT_EQ(o_c, o_r);
+    EXPECT_EQ(o_c[3 * C + 7], bf16_to_f32(wte_bf[7]));
+    expect_close(
+        o_c,
+        [&] {
+            std::vector<float> exact(M * C);
+            ref().embedding_forward(exact.data(), tokens.data(), wte.data(), DType::f32, M, C);
+            return exact;
+        }(),
+        1e-6, 4e-3, "bf16 embedding");
     cpu_kernels(Precision::fp32).embedding_backward(d_c.data(), dout.data(), tokens.data(), M, C);
     ref().embedding_backward(d_r.data(), dout.data(), tokens.data(), M, C);
     expect_close(d_c, d_r, 1e-6, 1e-6, "embedding backward");

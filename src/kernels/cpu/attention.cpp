@@ -29,8 +29,8 @@ struct Scratch {
     char* k;    // (B, H, T, D) compute dtype, kv heads repeated per group
     char* v;    // (B, H, T, D) compute dtype
     char* do_;  // (B, H, T, D) compute dtype: the output gradient
-    char* p;    // (B, H, T, T) compute dtype: probabilities, then dS
-    float* dp;  // (B, H, T, T)
+    char* p;    // (B, H, T, T) compute dtype: dS
+    float* dp;  // (B, H, T, T): the scores in bf16's forward, dP in the backward
     float* dk;  // (B, H, T, D)
     float* dv;  // (B, H, T, D)
 
@@ -118,20 +118,23 @@ size_t attention_workspace(const Attention& a) {
 }
 
 template <Precision P>
-void attention_forward(float* out, float* probs, const float* qkv, const Attention& a,
+void attention_forward(float* out, void* probs, const float* qkv, const Attention& a,
                        Workspace ws) {
     Scratch<P> s(a, ws);
     const DType ct = compute_type<P>;
     const int64_t T = a.T, D = a.D;
     pack_qkv<P>(s, qkv, a);
+    // Scores in f32: in place of the probabilities in fp32, in scratch in bf16.
+    float* scores = P == Precision::bf16 ? s.dp : static_cast<float*>(probs);
     const int64_t tt_strides[4] = {a.H * T * T, T * T, T, 1};
-    matmul(dense(s.q, ct, a, T, D, false), dense(s.k, ct, a, T, D, true), probs, tt_strides,
+    matmul(dense(s.q, ct, a, T, D, false), dense(s.k, ct, a, T, D, true), scores, tt_strides,
            1.0f / std::sqrt(float(D)), false);
-    // Causal softmax per row; entries above the diagonal become exact zeros.
+    // Causal softmax per row, stored in the compute dtype; entries above the diagonal become
+    // exact zeros.
     parallel_range(a.B * a.H * T, 16, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; r++) {
             int64_t t = r % T;
-            float* row = probs + r * T;
+            float* row = scores + r * T;
             float mx = row[0];
 #pragma omp simd reduction(max : mx)
             for (int64_t u = 1; u <= t; u++)
@@ -143,25 +146,25 @@ void attention_forward(float* out, float* probs, const float* qkv, const Attenti
                 sum += row[u];
             }
             float inv = 1.0f / sum;
-            for (int64_t u = 0; u <= t; u++)
-                row[u] *= inv;
-            for (int64_t u = t + 1; u < T; u++)
-                row[u] = 0;
             if constexpr (P == Precision::bf16) {
-                uint16_t* pr = reinterpret_cast<uint16_t*>(s.p) + r * T;
-                for (int64_t u = 0; u < T; u++)
-                    pr[u] = f32_to_bf16(row[u]);
+                uint16_t* pr = static_cast<uint16_t*>(probs) + r * T;
+                for (int64_t u = 0; u <= t; u++)
+                    pr[u] = f32_to_bf16(row[u] * inv);
+                std::fill(pr + t + 1, pr + T, uint16_t(0));
+            } else {
+                for (int64_t u = 0; u <= t; u++)
+                    row[u] *= inv;
+                std::fill(row + t + 1, row + T, 0.0f);
             }
         }
     });
-    const void* p = P == Precision::bf16 ? static_cast<const void*>(s.p) : probs;
     const int64_t out_strides[4] = {T * a.H * D, D, a.H * D, 1};
-    matmul(dense(p, ct, a, T, T, false), dense(s.v, ct, a, T, D, false), out, out_strides, 1.0f,
+    matmul(dense(probs, ct, a, T, T, false), dense(s.v, ct, a, T, D, false), out, out_strides, 1.0f,
            false);
 }
 
 template <Precision P>
-void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* probs,
+void attention_backward(float* dqkv, const float* dout, const float* qkv, const void* probs,
                         const Attention& a, Workspace ws) {
     Scratch<P> s(a, ws);
     const DType ct = compute_type<P>;
@@ -169,39 +172,54 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
     const float scale = 1.0f / std::sqrt(float(D));
     pack_qkv<P>(s, qkv, a);
     pack_heads<P>(s.do_, dout, a.H * D, 0, 1, a);
-    const void* p = probs;
-    if constexpr (P == Precision::bf16) {
-        pack_bf16(reinterpret_cast<uint16_t*>(s.p), probs, a.B * a.H * T, T, T);
-        p = s.p;
-    }
+    // Without grouped queries, dK and dV go straight into their parts of dqkv, as dQ does;
+    // with them, into scratch, to be summed over each group below.
     const int64_t td_strides[4] = {a.H * T * D, T * D, D, 1};
     const int64_t tt_strides[4] = {a.H * T * T, T * T, T, 1};
+    const int64_t dqkv_strides[4] = {T * a.ldqkv, D, a.ldqkv, 1};
+    const bool direct = G == 1;
+    float* dk = direct ? dqkv + a.H * D : s.dk;
+    float* dv = direct ? dqkv + 2 * a.H * D : s.dv;
+    const int64_t* dkv_strides = direct ? dqkv_strides : td_strides;
     // dV = P^T dO ; dP = dO V^T
-    matmul(dense(p, ct, a, T, T, true), dense(s.do_, ct, a, T, D, false), s.dv, td_strides, 1.0f,
+    matmul(dense(probs, ct, a, T, T, true), dense(s.do_, ct, a, T, D, false), dv, dkv_strides, 1.0f,
            false);
     matmul(dense(s.do_, ct, a, T, D, false), dense(s.v, ct, a, T, D, true), s.dp, tt_strides, 1.0f,
            false);
-    // dS = P * (dP - rowsum(P * dP)), into the p slot (P is no longer needed there).
+    // dS = P * (dP - rowsum(P * dP)), into the p slot.
     parallel_range(a.B * a.H * T, 16, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; r++) {
             int64_t t = r % T;
-            const float* pr = probs + r * T;
             const float* dpr = s.dp + r * T;
             float dot = 0;
+            if constexpr (P == Precision::bf16) {
+                const uint16_t* pr = static_cast<const uint16_t*>(probs) + r * T;
+                uint16_t* ds = reinterpret_cast<uint16_t*>(s.p) + r * T;
 #pragma omp simd reduction(+ : dot)
-            for (int64_t u = 0; u <= t; u++)
-                dot += pr[u] * dpr[u];
-            for (int64_t u = 0; u < T; u++) {
-                store<P>(s.p, r * T + u, u <= t ? pr[u] * (dpr[u] - dot) : 0.0f);
+                for (int64_t u = 0; u <= t; u++)
+                    dot += bf16_to_f32(pr[u]) * dpr[u];
+                for (int64_t u = 0; u <= t; u++)
+                    ds[u] = f32_to_bf16(bf16_to_f32(pr[u]) * (dpr[u] - dot));
+                std::fill(ds + t + 1, ds + T, uint16_t(0));
+            } else {
+                const float* pr = static_cast<const float*>(probs) + r * T;
+                float* ds = reinterpret_cast<float*>(s.p) + r * T;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t u = 0; u <= t; u++)
+                    dot += pr[u] * dpr[u];
+                for (int64_t u = 0; u <= t; u++)
+                    ds[u] = pr[u] * (dpr[u] - dot);
+                std::fill(ds + t + 1, ds + T, 0.0f);
             }
         }
     });
     // dQ = scale dS K, straight into the q part of dqkv; dK = scale dS^T Q.
-    const int64_t dq_strides[4] = {T * a.ldqkv, D, a.ldqkv, 1};
-    matmul(dense(s.p, ct, a, T, T, false), dense(s.k, ct, a, T, D, false), dqkv, dq_strides, scale,
+    matmul(dense(s.p, ct, a, T, T, false), dense(s.k, ct, a, T, D, false), dqkv, dqkv_strides,
+           scale, false);
+    matmul(dense(s.p, ct, a, T, T, true), dense(s.q, ct, a, T, D, false), dk, dkv_strides, scale,
            false);
-    matmul(dense(s.p, ct, a, T, T, true), dense(s.q, ct, a, T, D, false), s.dk, td_strides, scale,
-           false);
+    if (direct)
+        return;
     // Sum the repeated heads of each kv group into the k and v parts of dqkv.
     parallel_range(a.B * T, 4, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; r++) {
@@ -226,13 +244,13 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
 
 template size_t attention_workspace<Precision::fp32>(const Attention&);
 template size_t attention_workspace<Precision::bf16>(const Attention&);
-template void attention_forward<Precision::fp32>(float*, float*, const float*, const Attention&,
+template void attention_forward<Precision::fp32>(float*, void*, const float*, const Attention&,
                                                  Workspace);
-template void attention_forward<Precision::bf16>(float*, float*, const float*, const Attention&,
+template void attention_forward<Precision::bf16>(float*, void*, const float*, const Attention&,
                                                  Workspace);
-template void attention_backward<Precision::fp32>(float*, const float*, const float*, const float*,
+template void attention_backward<Precision::fp32>(float*, const float*, const float*, const void*,
                                                   const Attention&, Workspace);
-template void attention_backward<Precision::bf16>(float*, const float*, const float*, const float*,
+template void attention_backward<Precision::bf16>(float*, const float*, const float*, const void*,
                                                   const Attention&, Workspace);
 
 }  // namespace kiln::kernels::cpu

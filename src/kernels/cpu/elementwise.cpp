@@ -9,17 +9,21 @@
 
 namespace kiln::kernels::cpu {
 
-void embedding_forward(float* out, const int32_t* tokens, const float* wte, int64_t M, int64_t C) {
+void embedding_forward(float* out, const int32_t* tokens, const void* wte, DType wte_type,
+                       int64_t M, int64_t C) {
     parallel_range(M, 16, [&](int64_t m0, int64_t m1) {
         for (int64_t m = m0; m < m1; m++) {
             float* dst = out + m * C;
             if (tokens[m] < 0) {
                 std::fill(dst, dst + C, 0.0f);
-                continue;
+            } else if (wte_type == DType::bf16) {
+                const uint16_t* src = static_cast<const uint16_t*>(wte) + int64_t(tokens[m]) * C;
+                for (int64_t c = 0; c < C; c++)
+                    dst[c] = bf16_to_f32(src[c]);
+            } else {
+                const float* src = static_cast<const float*>(wte) + int64_t(tokens[m]) * C;
+                std::copy(src, src + C, dst);
             }
-            const float* src = wte + int64_t(tokens[m]) * C;
-            for (int64_t c = 0; c < C; c++)
-                dst[c] = src[c];
         }
     });
 }
@@ -39,21 +43,46 @@ void embedding_backward(float* dwte, const float* dout, const int32_t* tokens, i
     });
 }
 
-void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, int64_t M, int64_t C,
-                     float eps) {
-    parallel_range(M, 8, [&](int64_t m0, int64_t m1) {
-        for (int64_t m = m0; m < m1; m++) {
-            const float* xr = x + m * C;
-            float ss = 0;
+namespace {
+
+// An output element in f32, or rounded to bf16 where only products read it (saving the f32
+// write and a separate conversion pass).
+inline void put(float* p, float x) {
+    *p = x;
+}
+inline void put(uint16_t* p, float x) {
+    *p = f32_to_bf16(x);
+}
+
+// Calls fn(typed out) with `out` as float* or uint16_t*, so each loop is compiled for both.
+template <typename Fn>
+void with_type(void* out, DType type, Fn&& fn) {
+    if (type == DType::bf16) {
+        fn(static_cast<uint16_t*>(out));
+    } else {
+        fn(static_cast<float*>(out));
+    }
+}
+
+}  // namespace
+
+void rmsnorm_forward(void* out, DType out_type, float* rstd, const float* x, const float* w,
+                     int64_t M, int64_t C, float eps) {
+    with_type(out, out_type, [&](auto* o) {
+        parallel_range(M, 8, [&](int64_t m0, int64_t m1) {
+            for (int64_t m = m0; m < m1; m++) {
+                const float* xr = x + m * C;
+                float ss = 0;
 #pragma omp simd reduction(+ : ss)
-            for (int64_t c = 0; c < C; c++)
-                ss += xr[c] * xr[c];
-            float r = 1.0f / std::sqrt(ss / C + eps);
-            rstd[m] = r;
-            float* o = out + m * C;
-            for (int64_t c = 0; c < C; c++)
-                o[c] = xr[c] * r * w[c];
-        }
+                for (int64_t c = 0; c < C; c++)
+                    ss += xr[c] * xr[c];
+                float r = 1.0f / std::sqrt(ss / C + eps);
+                rstd[m] = r;
+                auto* orow = o + m * C;
+                for (int64_t c = 0; c < C; c++)
+                    put(orow + c, xr[c] * r * w[c]);
+            }
+        });
     });
 }
 
@@ -116,32 +145,37 @@ void rope_backward(float* dx, int64_t ld, int64_t M, int64_t T, int64_t n_heads,
     rope(dx, ld, M, T, n_heads, D, cos, sin, -1.0f);
 }
 
-void swiglu_forward(float* h, const float* gu, int64_t M, int64_t F) {
-    parallel_range(M, 4, [&](int64_t m0, int64_t m1) {
-        for (int64_t m = m0; m < m1; m++) {
-            const float* g = gu + m * 2 * F;
-            const float* u = g + F;
-            float* o = h + m * F;
-            for (int64_t f = 0; f < F; f++)
-                o[f] = g[f] * sigmoid(g[f]) * u[f];
-        }
+void swiglu_forward(void* h, DType h_type, const float* gu, int64_t M, int64_t F) {
+    with_type(h, h_type, [&](auto* out) {
+        parallel_range(M, 4, [&](int64_t m0, int64_t m1) {
+            for (int64_t m = m0; m < m1; m++) {
+                const float* g = gu + m * 2 * F;
+                const float* u = g + F;
+                auto* o = out + m * F;
+                for (int64_t f = 0; f < F; f++)
+                    put(o + f, g[f] * sigmoid(g[f]) * u[f]);
+            }
+        });
     });
 }
 
-void swiglu_backward(float* dgu, const float* dh, const float* gu, int64_t M, int64_t F) {
-    parallel_range(M, 4, [&](int64_t m0, int64_t m1) {
-        for (int64_t m = m0; m < m1; m++) {
-            const float* g = gu + m * 2 * F;
-            const float* u = g + F;
-            const float* d = dh + m * F;
-            float* dg = dgu + m * 2 * F;
-            float* du = dg + F;
-            for (int64_t f = 0; f < F; f++) {
-                float s = sigmoid(g[f]);
-                dg[f] = d[f] * u[f] * s * (1.0f + g[f] * (1.0f - s));
-                du[f] = d[f] * g[f] * s;
+void swiglu_backward(void* dgu, DType dgu_type, const float* dh, const float* gu, int64_t M,
+                     int64_t F) {
+    with_type(dgu, dgu_type, [&](auto* out) {
+        parallel_range(M, 4, [&](int64_t m0, int64_t m1) {
+            for (int64_t m = m0; m < m1; m++) {
+                const float* g = gu + m * 2 * F;
+                const float* u = g + F;
+                const float* d = dh + m * F;
+                auto* dg = out + m * 2 * F;
+                auto* du = dg + F;
+                for (int64_t f = 0; f < F; f++) {
+                    float s = sigmoid(g[f]);
+                    put(dg + f, d[f] * u[f] * s * (1.0f + g[f] * (1.0f - s)));
+                    put(du + f, d[f] * g[f] * s);
+                }
             }
-        }
+        });
     });
 }
 

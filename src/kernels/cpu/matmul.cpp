@@ -316,6 +316,11 @@ void matmul(const MatOperand& a, const MatOperand& b, float* c, const int64_t c_
     run(it->second, a, b, c);
 }
 
+// The products this backend runs, as a revision: a plan tuned for other products (another
+// shape, stride or dtype of some product) would leave those untuned, so a plan cache entry
+// holds for one revision. Raise it with any change to the products gemm or attention issue.
+constexpr int kProductsRevision = 2;
+
 std::string platform() {
     std::string cpu = "unknown CPU", flags;
     if (std::FILE* f = std::fopen("/proc/cpuinfo", "r")) {
@@ -341,8 +346,9 @@ std::string platform() {
                       : flags.find(" avx512f ") != std::string::npos     ? "AVX-512"
                                                                          : "no AVX-512";
     const dnnl_version_t* v = dnnl_version();
-    return fmt::format("{} ({}), {} threads; oneDNN {}.{}.{} ({})", cpu, isa, omp_get_max_threads(),
-                       v->major, v->minor, v->patch, v->hash);
+    return fmt::format("{} ({}), {} threads; oneDNN {}.{}.{} ({}); products r{}", cpu, isa,
+                       omp_get_max_threads(), v->major, v->minor, v->patch, v->hash,
+                       kProductsRevision);
 }
 
 void tune(int part, int parts) {

@@ -9,19 +9,19 @@ void gemm(const Gemm& g, Workspace ws);
 template <Precision P>
 size_t attention_workspace(const Attention& a);
 template <Precision P>
-void attention_forward(float*, float*, const float*, const Attention&, Workspace);
+void attention_forward(float*, void*, const float*, const Attention&, Workspace);
 template <Precision P>
-void attention_backward(float*, const float*, const float*, const float*, const Attention&,
+void attention_backward(float*, const float*, const float*, const void*, const Attention&,
                         Workspace);
-void embedding_forward(float*, const int32_t*, const float*, int64_t, int64_t);
+void embedding_forward(float*, const int32_t*, const void*, DType, int64_t, int64_t);
 void embedding_backward(float*, const float*, const int32_t*, int64_t, int64_t);
-void rmsnorm_forward(float*, float*, const float*, const float*, int64_t, int64_t, float);
+void rmsnorm_forward(void*, DType, float*, const float*, const float*, int64_t, int64_t, float);
 void rmsnorm_backward(float*, float*, const float*, const float*, const float*, const float*,
                       int64_t, int64_t);
 void rope_forward(float*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, const float*);
 void rope_backward(float*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, const float*);
-void swiglu_forward(float*, const float*, int64_t, int64_t);
-void swiglu_backward(float*, const float*, const float*, int64_t, int64_t);
+void swiglu_forward(void*, DType, const float*, int64_t, int64_t);
+void swiglu_backward(void*, DType, const float*, const float*, int64_t, int64_t);
 void logit_stats(const float*, const int32_t*, int64_t, int64_t, float*, float*, float*);
 void cross_entropy_backward(const float*, const int32_t*, const float*, const float*, const float*,
                             int64_t, int64_t, void*, DType);

@@ -9,8 +9,8 @@ namespace kiln::kernels::cuda {
 
 int device_count();  // 0 when there is no usable device or driver
 
-// Same contracts as the Kernels table entries of the same names; pointers are device memory;
-// each call is synchronous on the default stream.
+// Same contracts as the Kernels table entries of the same names, with f32 outputs only;
+// pointers are device memory; each call is synchronous on the default stream.
 void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, int64_t M, int64_t C,
                      float eps);
 void swiglu_forward(float* h, const float* gu, int64_t M, int64_t F);

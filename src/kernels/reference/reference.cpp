@@ -18,6 +18,17 @@ double operand(const void* base, DType type, int64_t index) {
     return f;
 }
 
+void store(void* base, DType type, int64_t i, double x) {
+    if (type == DType::bf16) {
+        static_cast<uint16_t*>(base)[i] = f32_to_bf16(static_cast<float>(x));
+    } else {
+        static_cast<float*>(base)[i] = static_cast<float>(x);
+    }
+}
+
+template <Precision P>
+constexpr DType kCompute = P == Precision::bf16 ? DType::bf16 : DType::f32;
+
 size_t workspace_bytes(int64_t, const Attention&) {
     return 0;
 }
@@ -38,10 +49,15 @@ void gemm(const Gemm& g, Workspace) {
     }
 }
 
-void embedding_forward(float* out, const int32_t* tokens, const float* wte, int64_t M, int64_t C) {
+void embedding_forward(float* out, const int32_t* tokens, const void* wte, DType wte_type,
+                       int64_t M, int64_t C) {
     for (int64_t m = 0; m < M; m++) {
         for (int64_t c = 0; c < C; c++) {
-            out[m * C + c] = tokens[m] < 0 ? 0.0f : wte[tokens[m] * C + c];
+            int64_t i = tokens[m] * C + c;
+            out[m * C + c] = tokens[m] < 0 ? 0.0f
+                             : wte_type == DType::bf16
+                                 ? bf16_to_f32(static_cast<const uint16_t*>(wte)[i])
+                                 : static_cast<const float*>(wte)[i];
         }
     }
 }
@@ -57,8 +73,8 @@ void embedding_backward(float* dwte, const float* dout, const int32_t* tokens, i
     }
 }
 
-void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, int64_t M, int64_t C,
-                     float eps) {
+void rmsnorm_forward(void* out, DType out_type, float* rstd, const float* x, const float* w,
+                     int64_t M, int64_t C, float eps) {
     for (int64_t m = 0; m < M; m++) {
         double ss = 0;
         for (int64_t c = 0; c < C; c++)
@@ -66,7 +82,7 @@ void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, in
         double r = 1.0 / std::sqrt(ss / C + eps);
         rstd[m] = static_cast<float>(r);
         for (int64_t c = 0; c < C; c++)
-            out[m * C + c] = static_cast<float>(x[m * C + c] * r * w[c]);
+            store(out, out_type, m * C + c, x[m * C + c] * r * w[c]);
     }
 }
 
@@ -125,7 +141,8 @@ struct QKV {
     }
 };
 
-void attention_forward(float* out, float* probs, const float* qkv, const Attention& a, Workspace) {
+template <Precision P>
+void attention_forward(float* out, void* probs, const float* qkv, const Attention& a, Workspace) {
     QKV ix{a};
     double scale = 1.0 / std::sqrt(double(a.D));
     std::vector<double> s(a.T);
@@ -144,9 +161,9 @@ void attention_forward(float* out, float* probs, const float* qkv, const Attenti
                 double sum = 0;
                 for (int64_t u = 0; u <= t; u++)
                     sum += (s[u] = std::exp(s[u] - mx));
-                float* p = probs + ((b * a.H + h) * a.T + t) * a.T;
+                int64_t row = ((b * a.H + h) * a.T + t) * a.T;
                 for (int64_t u = 0; u < a.T; u++)
-                    p[u] = u <= t ? static_cast<float>(s[u] / sum) : 0;
+                    store(probs, kCompute<P>, row + u, u <= t ? s[u] / sum : 0.0);
                 for (int64_t i = 0; i < a.D; i++) {
                     double o = 0;
                     for (int64_t u = 0; u <= t; u++)
@@ -158,7 +175,8 @@ void attention_forward(float* out, float* probs, const float* qkv, const Attenti
     }
 }
 
-void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* probs,
+template <Precision P>
+void attention_backward(float* dqkv, const float* dout, const float* qkv, const void* probs,
                         const Attention& a, Workspace) {
     QKV ix{a};
     double scale = 1.0 / std::sqrt(double(a.D));
@@ -168,7 +186,10 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
     for (int64_t b = 0; b < a.B; b++) {
         for (int64_t h = 0; h < a.H; h++) {
             for (int64_t t = 0; t < a.T; t++) {
-                const float* p = probs + ((b * a.H + h) * a.T + t) * a.T;
+                const int64_t row = ((b * a.H + h) * a.T + t) * a.T;
+                auto p = [&](int64_t u) {
+                    return operand<Precision::fp32>(probs, kCompute<P>, row + u);
+                };
                 const float* dO = dout + (b * a.T + t) * a.H * a.D + h * a.D;
                 double rowdot = 0;
                 for (int64_t u = 0; u <= t; u++) {
@@ -176,12 +197,12 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                     for (int64_t i = 0; i < a.D; i++)
                         d += double(dO[i]) * qkv[ix.v(b, u, h) + i];
                     dp[u] = d;
-                    rowdot += d * p[u];
+                    rowdot += d * p(u);
                     for (int64_t i = 0; i < a.D; i++)
-                        dqkv[ix.v(b, u, h) + i] += p[u] * dO[i];
+                        dqkv[ix.v(b, u, h) + i] += p(u) * dO[i];
                 }
                 for (int64_t u = 0; u <= t; u++) {
-                    double ds = p[u] * (dp[u] - rowdot) * scale;
+                    double ds = p(u) * (dp[u] - rowdot) * scale;
                     for (int64_t i = 0; i < a.D; i++) {
                         dqkv[ix.q(b, t, h) + i] += static_cast<float>(ds * qkv[ix.k(b, u, h) + i]);
                         dqkv[ix.k(b, u, h) + i] += static_cast<float>(ds * qkv[ix.q(b, t, h) + i]);
@@ -196,30 +217,23 @@ double silu(double x) {
     return x / (1 + std::exp(-x));
 }
 
-void swiglu_forward(float* h, const float* gu, int64_t M, int64_t F) {
+void swiglu_forward(void* h, DType h_type, const float* gu, int64_t M, int64_t F) {
     for (int64_t m = 0; m < M; m++) {
         for (int64_t f = 0; f < F; f++) {
-            h[m * F + f] = static_cast<float>(silu(gu[m * 2 * F + f]) * gu[m * 2 * F + F + f]);
+            store(h, h_type, m * F + f, silu(gu[m * 2 * F + f]) * gu[m * 2 * F + F + f]);
         }
     }
 }
 
-void swiglu_backward(float* dgu, const float* dh, const float* gu, int64_t M, int64_t F) {
+void swiglu_backward(void* dgu, DType dgu_type, const float* dh, const float* gu, int64_t M,
+                     int64_t F) {
     for (int64_t m = 0; m < M; m++) {
         for (int64_t f = 0; f < F; f++) {
             double g = gu[m * 2 * F + f], u = gu[m * 2 * F + F + f], d = dh[m * F + f];
             double sig = 1 / (1 + std::exp(-g));
-            dgu[m * 2 * F + f] = static_cast<float>(d * u * sig * (1 + g * (1 - sig)));
-            dgu[m * 2 * F + F + f] = static_cast<float>(d * g * sig);
+            store(dgu, dgu_type, m * 2 * F + f, d * u * sig * (1 + g * (1 - sig)));
+            store(dgu, dgu_type, m * 2 * F + F + f, d * g * sig);
         }
-    }
-}
-
-void store(void* base, DType type, int64_t i, double x) {
-    if (type == DType::bf16) {
-        static_cast<uint16_t*>(base)[i] = f32_to_bf16(static_cast<float>(x));
-    } else {
-        static_cast<float*>(base)[i] = static_cast<float>(x);
     }
 }
 
@@ -298,8 +312,8 @@ const Kernels table = {
     rmsnorm_backward,
     rope_forward,
     rope_backward,
-    attention_forward,
-    attention_backward,
+    attention_forward<P>,
+    attention_backward<P>,
     swiglu_forward,
     swiglu_backward,
     logit_stats,

@@ -295,6 +295,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
         }
     };
 
+    uint64_t checkpoint_payload = 0;  // dp bytes moved for checkpoints, not by the steps
+
     // Checkpoints: every rank writes its own file in the background; once every rank's write has
     // ended (checked after each step), or at the next checkpoint or the end at the latest, rank 0
     // commits the manifest. Collective.
@@ -324,8 +326,11 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     };
     auto save_checkpoint = [&](int64_t steps_done, double loss) {
         finish_checkpoint();
-        if (zero && model.params_bf16())
-            job.dp().all_gather(model.params(), sh.chunk);  // the master weights, saved whole
+        if (zero && model.params_bf16()) {  // the master weights, saved whole
+            const uint64_t before = job.dp().payload_bytes();
+            job.dp().all_gather(model.params(), sh.chunk);
+            checkpoint_payload += job.dp().payload_bytes() - before;
+        }
         auto staging_start = Clock::now();
         if (lead)
             checkpoint::prepare_temporary_dir(run, steps_done);
@@ -346,7 +351,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
                   steps_done, mib, seconds_since(staging_start));
     };
 
-    // What the steps move, without the tuning passes and the set-up before them.
+    // What the steps move, without the tuning passes, the set-up before them and checkpoints.
     const uint64_t dp_payload0 = job.dp().payload_bytes(), tp_payload0 = job.tp().payload_bytes();
     for (int64_t step = start_step; step < t.steps; step++) {
         auto step_start = Clock::now();
@@ -455,7 +460,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     if (g.world > 1) {
         double steps_run = double(std::max<int64_t>(1, t.steps - start_step));
         log::info("train", "collective payload per step on this rank: dp {:.2f} MiB, tp {:.2f} MiB",
-                  double(job.dp().payload_bytes() - dp_payload0) / steps_run / 1048576.0,
+                  double(job.dp().payload_bytes() - dp_payload0 - checkpoint_payload) / steps_run /
+                      1048576.0,
                   double(job.tp().payload_bytes() - tp_payload0) / steps_run / 1048576.0);
     }
     if (lead)

@@ -204,10 +204,6 @@ void Llama::sync_compute_weights(int64_t begin, int64_t end) {
         k_.to_bf16(params_bf16() + begin, params() + begin, end - begin);
 }
 
-void Llama::zero_grads() {
-    std::fill(grads(), grads() + layout_.total(), 0.0f);
-}
-
 const float* Llama::norm_weight(int64_t offset) {
     if (!bf16_)
         return params() + offset;
@@ -250,9 +246,9 @@ void Llama::linear_forward(float* y, Operand x, Operand w, int64_t M, int64_t K,
     k_.gemm(g, ws_);
 }
 
-// dx (M, K) = dy (M, N) · W ; dw (N, K) += dy^T · x
+// dx (M, K) = dy (M, N) · W ; dw (N, K) += dy^T · x (= without accumulate_dw)
 void Llama::linear_backward(float* dx, float* dw, Operand dy, Operand x, Operand w, int64_t M,
-                            int64_t K, int64_t N) {
+                            int64_t K, int64_t N, bool accumulate_dw) {
     Gemm g;
     g.M = M, g.N = K, g.K = N;
     g.a = dy.ptr, g.a_type = dy.type, g.lda = N;
@@ -263,7 +259,7 @@ void Llama::linear_backward(float* dx, float* dw, Operand dy, Operand x, Operand
     gw.M = N, gw.N = K, gw.K = M;
     gw.a = dy.ptr, gw.a_type = dy.type, gw.lda = N, gw.trans_a = true;
     gw.b = x.ptr, gw.b_type = x.type, gw.ldb = K;
-    gw.c = dw, gw.ldc = K, gw.accumulate = true;
+    gw.c = dw, gw.ldc = K, gw.accumulate = accumulate_dw;
     k_.gemm(gw, ws_);
 }
 
@@ -304,7 +300,7 @@ void Llama::block_forward(int64_t l, const float* x, float* out) {
 }
 
 // dres (M, C): on entry the gradient w.r.t. the block's output, on exit w.r.t. its input.
-void Llama::block_backward(int64_t l, float* dres) {
+void Llama::block_backward(int64_t l, float* dres, bool accumulate) {
     const BlockParams& p = layout_.blocks[l];
     const BlockActs& a = blocks_[l];
     const float* x = res_ + l * M_ * C_;
@@ -317,18 +313,20 @@ void Llama::block_backward(int64_t l, float* dres) {
     const int64_t M = M_, T = T_, C = C_, H = H_, D = D_, F = F_, QKV = QKV_;
 
     // feed-forward: out = x2 + h W2^T, h = swiglu(xn2 W13^T), xn2 = rmsnorm(x2)
-    linear_backward(dh_, g + p.w2, operand(dres, dy_bf_, M * C), input(a.h), weight(p.w2), M, F, C);
+    linear_backward(dh_, g + p.w2, operand(dres, dy_bf_, M * C), input(a.h), weight(p.w2), M, F, C,
+                    accumulate);
     k_.swiglu_backward(dgu_, compute_type(), dh_, a.gu, M, F);
-    linear_backward(dxn_, g + p.w13, input(dgu_), input(a.xn2), weight(p.w13), M, C, 2 * F);
+    linear_backward(dxn_, g + p.w13, input(dgu_), input(a.xn2), weight(p.w13), M, C, 2 * F,
+                    accumulate);
     tp_all_reduce(dxn_, M * C);  // xn2 fed every rank's slice
     k_.rmsnorm_backward(dres, g + p.ffn_norm, dxn_, a.x2, norm_weight(p.ffn_norm), a.rstd2, M, C);
     // attention: x2 = x + att Wo^T, att = attention(rope(xn1 Wqkv^T)), xn1 = rmsnorm(x)
     linear_backward(datt_, g + p.wo, operand(dres, dy_bf_, M * C), saved(a.att, a.att_bf),
-                    weight(p.wo), M, H * D, C);
+                    weight(p.wo), M, H * D, C, accumulate);
     k_.attention_backward(dqkv_, datt_, a.qkv, a.probs, attn_, ws_);
     k_.rope_backward(dqkv_, QKV, M, T, H + Hkv_, D, rope_cos_, rope_sin_);
     linear_backward(dxn_, g + p.wqkv, operand(dqkv_, dy_bf_, M * QKV), input(a.xn1), weight(p.wqkv),
-                    M, C, QKV);
+                    M, C, QKV, accumulate);
     tp_all_reduce(dxn_, M * C);  // xn1 fed every rank's heads
     k_.rmsnorm_backward(dres, g + p.attention_norm, dxn_, x, norm_weight(p.attention_norm), a.rstd1,
                         M, C);
@@ -357,7 +355,7 @@ void Llama::embed(const int32_t* tokens) {
 // statistics (max, sum of exp, target logit) are combined over the tensor-parallel group, so no
 // rank ever holds full-vocabulary logits. With grad_scale != 0 also the head's backward into
 // dxn_ (d xnf) and the output weight's gradient.
-LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out) {
+LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out, bool accumulate) {
     const int64_t C = C_, V = V_, vb = layout_.vocab_begin;
     if (logits_out) {
         KILN_CHECK(tp_size_ == 1, "full logits need the whole vocabulary on one rank");
@@ -403,7 +401,7 @@ LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out)
         }
         if (grad_scale != 0) {
             linear_backward(dxn_ + r0 * C, grads() + layout_.output, dlogits, xnf,
-                            weight(layout_.output), rows, C, V);
+                            weight(layout_.output), rows, C, V, accumulate || r0 > 0);
         }
     }
     if (grad_scale != 0)
@@ -418,9 +416,19 @@ LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out)
     return loss;
 }
 
-LossSum Llama::forward_backward(const int32_t* tokens, const int32_t* targets, float grad_scale) {
+LossSum Llama::forward_backward(const int32_t* tokens, const int32_t* targets, float grad_scale,
+                                Grads mode) {
+    const bool accumulate = mode == Grads::accumulate;
+    if (!accumulate && grad_scale != 0) {
+        // The products overwrite their weights' gradients; the embedding's scatter and the
+        // norms' sums only add, so theirs start from zero.
+        for (const auto& p : layout_.params()) {
+            if (p.shape.size() == 1 || p.offset == layout_.embedding)
+                std::fill(grads() + p.offset, grads() + p.offset + p.numel, 0.0f);
+        }
+    }
     embed(tokens);
-    LossSum loss = head(targets, grad_scale, nullptr);
+    LossSum loss = head(targets, grad_scale, nullptr, accumulate);
     if (grad_scale == 0)
         return loss;
     const int64_t C = C_, L = config_.n_layers;
@@ -428,14 +436,14 @@ LossSum Llama::forward_backward(const int32_t* tokens, const int32_t* targets, f
     k_.rmsnorm_backward(dres_, grads() + layout_.final_norm, dxn_, res_ + L * M_ * C,
                         norm_weight(layout_.final_norm), rstdf_, M_, C);
     for (int64_t l = L - 1; l >= 0; l--)
-        block_backward(l, dres_);
+        block_backward(l, dres_, accumulate);
     k_.embedding_backward(grads() + layout_.embedding, dres_, local_tokens_, M_, C);
     return loss;
 }
 
 void Llama::forward_logits(const int32_t* tokens, float* logits) {
     embed(tokens);
-    head(nullptr, 0, logits);
+    head(nullptr, 0, logits, true);
 }
 
 }  // namespace kiln::model

@@ -30,6 +30,8 @@ struct LossSum {
     int64_t tokens = 0;  // rows with a target (target >= 0)
 };
 
+enum class Grads { accumulate, overwrite };
+
 class Llama {
 public:
     // `capacity` >= layout().total(): the flat buffers' length (padding lets data parallelism
@@ -59,11 +61,13 @@ public:
     // Refreshes params_bf16() from params() in [begin, end) (default: all of it); call after
     // changing params() other than through an optimizer that writes both. A no-op in fp32.
     void sync_compute_weights(int64_t begin = 0, int64_t end = -1);
-    void zero_grads();
 
     // One micro-batch. tokens, targets (B, T); a target < 0 is ignored. grads() += the
-    // gradient of grad_scale * (summed loss). grad_scale 0: forward only, grads untouched.
-    LossSum forward_backward(const int32_t* tokens, const int32_t* targets, float grad_scale);
+    // gradient of grad_scale * (summed loss), or = it with Grads::overwrite (a step's first
+    // micro-batch: the products write the weight gradients instead of adding to them, so the
+    // buffer is never cleared whole). grad_scale 0: forward only, grads untouched.
+    LossSum forward_backward(const int32_t* tokens, const int32_t* targets, float grad_scale,
+                             Grads mode = Grads::accumulate);
     // Forward only, writing the full logits (B, T, V) to `logits` (tests and sampling; one
     // tensor-parallel rank only).
     void forward_logits(const int32_t* tokens, float* logits);
@@ -96,13 +100,14 @@ private:
     // An activation kept in compute_type(), from element `offset` on.
     Operand input(const void* x, int64_t offset = 0) const;
     void block_forward(int64_t l, const float* x, float* out);
-    void block_backward(int64_t l, float* dres);
+    void block_backward(int64_t l, float* dres, bool accumulate);
     void embed(const int32_t* tokens);
-    LossSum head(const int32_t* targets, float grad_scale, float* logits_out);
+    LossSum head(const int32_t* targets, float grad_scale, float* logits_out, bool accumulate);
     void linear_forward(float* y, Operand x, Operand w, int64_t M, int64_t K, int64_t N,
                         bool accumulate = false);
+    // dw += (or = without accumulate_dw) the weight's gradient
     void linear_backward(float* dx, float* dw, Operand dy, Operand x, Operand w, int64_t M,
-                         int64_t K, int64_t N);
+                         int64_t K, int64_t N, bool accumulate_dw);
     // y (M, N) = residual + sum over tensor-parallel ranks of x · W^T (a row-parallel product).
     void row_parallel(float* y, const float* residual, Operand x, Operand w, int64_t M, int64_t K,
                       int64_t N);

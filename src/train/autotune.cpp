@@ -143,7 +143,11 @@ AutotuneResult autotune(const RunConfig& cfg, const kernels::Kernels& k, model::
     // Passes go on until every rank is done (tensor-parallel passes are collective).
     double more = 0;
     do {
-        model.forward_backward(tokens.data(), targets.data(), 1.0f);
+        // A step's products: its first micro-batch writes the weight gradients, the others
+        // add to them (other products, tuned apart).
+        model.forward_backward(tokens.data(), targets.data(), 1.0f, model::Grads::overwrite);
+        if (cfg.train.grad_accum > 1)
+            model.forward_backward(tokens.data(), targets.data(), 1.0f);
         r.passes++;
         progress();
         more = k.tune_next() ? 1 : 0;

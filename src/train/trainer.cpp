@@ -356,7 +356,6 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     for (int64_t step = start_step; step < t.steps; step++) {
         auto step_start = Clock::now();
         heartbeat(g.rank, step);
-        model.zero_grads();
         double loss_sum[2] = {0, 0};  // summed loss, tokens
         for (int64_t micro = 0; micro < t.grad_accum; micro++) {
             auto rows = sampler.micro_batch(step, t.grad_accum, micro, g.dp_rank, g.dp, B);
@@ -366,7 +365,9 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
             for (int64_t i = 0; i < B * T; i++) {
                 targets[i] = (i % T) + 1 < T ? tokens[i + 1] : -1;
             }
-            model::LossSum l = model.forward_backward(tokens.data(), targets.data(), grad_scale);
+            model::LossSum l = model.forward_backward(
+                tokens.data(), targets.data(), grad_scale,
+                micro == 0 ? model::Grads::overwrite : model::Grads::accumulate);
             loss_sum[0] += l.sum;
             loss_sum[1] += double(l.tokens);
         }

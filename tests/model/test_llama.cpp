@@ -104,8 +104,8 @@ TEST_F(ReferenceFixture, LogitsLossAndGradientsMatchPyTorch) {
             EXPECT_LT(max_rel_diff(logits.data(), want, B_ * T_ * V, 0.1), bf16 ? 3e-2 : 1e-4);
 
             int64_t n = B_ * (T_ - 1);
-            LossSum loss =
-                model.forward_backward(batch_.tokens.data(), batch_.targets.data(), 1.0f / n);
+            LossSum loss = model.forward_backward(batch_.tokens.data(), batch_.targets.data(),
+                                                  1.0f / n, Grads::overwrite);
             EXPECT_EQ(loss.tokens, n);
             float want_loss = *static_cast<const float*>(file_->data("loss", DType::f32, {1}));
             EXPECT_NEAR(loss.sum / n, want_loss, bf16 ? 1e-2 : 1e-5);
@@ -130,8 +130,7 @@ TEST(Llama, GradientsMatchFiniteDifferences) {
     Llama model(c, kernels::reference_kernels(Precision::fp32), B, T, Recompute::none);
     model.init_weights(3, 0.3);
     Batch batch = random_batch(B, T, c.vocab_size, 4);
-    model.zero_grads();
-    model.forward_backward(batch.tokens.data(), batch.targets.data(), 1.0f);
+    model.forward_backward(batch.tokens.data(), batch.targets.data(), 1.0f, Grads::overwrite);
     std::vector<float> grads(model.grads(), model.grads() + model.layout().total());
     std::mt19937_64 rng(5);
     for (const auto& p : model.layout().params()) {
@@ -151,8 +150,9 @@ TEST(Llama, GradientsMatchFiniteDifferences) {
 }
 
 void run_step(Llama& model, const Batch& batch, std::vector<float>& grads, double& loss) {
-    model.zero_grads();
-    loss = model.forward_backward(batch.tokens.data(), batch.targets.data(), 0.01f).sum;
+    loss =
+        model.forward_backward(batch.tokens.data(), batch.targets.data(), 0.01f, Grads::overwrite)
+            .sum;
     grads.assign(model.grads(), model.grads() + model.layout().total());
 }
 
@@ -171,6 +171,30 @@ TEST(Llama, CpuMatchesReferenceBackend) {
     run_step(ref, batch, g_ref, l_ref);
     EXPECT_NEAR(l_cpu, l_ref, 1e-4 * std::fabs(l_ref));
     EXPECT_LT(max_rel_diff(g_cpu.data(), g_ref.data(), g_cpu.size(), 1e-3), 2e-3);
+}
+
+// A step's first micro-batch overwrites every gradient, whatever the buffer held; the next ones
+// add to it.
+TEST(Llama, OverwriteStartsTheGradientsAfresh) {
+    LlamaConfig c = small_config();
+    const int64_t B = 2, T = 8;
+    Batch batch = random_batch(B, T, c.vocab_size, 3);
+    for (Precision prec : {Precision::fp32, Precision::bf16}) {
+        Llama model(c, kernels::cpu_kernels(prec), B, T, Recompute::none);
+        model.init_weights(4, 0.1);
+        const int64_t n = model.layout().total();
+        std::fill(model.grads(), model.grads() + n, 123.0f);  // a previous step's leftovers
+        std::vector<float> once, twice, again;
+        double loss;
+        run_step(model, batch, once, loss);
+        model.forward_backward(batch.tokens.data(), batch.targets.data(), 0.01f);
+        twice.assign(model.grads(), model.grads() + n);
+        run_step(model, batch, again, loss);
+        EXPECT_EQ(again, once);
+        for (auto& g : once)
+            g *= 2;
+        EXPECT_LT(max_rel_diff(twice.data(), once.data(), n, 1e-3), 1e-5);
+    }
 }
 
 // Recomputation changes memory, never results: every policy gives bit-identical gradients.

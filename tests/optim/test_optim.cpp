@@ -66,8 +66,10 @@ TEST(AdamW, StepAndTrajectoryMatchPyTorch) {
     AdamW opt(m.layout(), ac, 0, m.layout().total());
     const int64_t n = B * (T - 1);
     for (int64_t s = 0; s < steps; s++) {
-        m.zero_grads();
-        double loss = m.forward_backward(tokens.data(), targets.data(), 1.0f / n).sum / n;
+        double loss =
+            m.forward_backward(tokens.data(), targets.data(), 1.0f / n, model::Grads::overwrite)
+                .sum /
+            n;
         EXPECT_NEAR(loss, traj[s], 2e-4) << "step " << s;
         double norm = l2_norm(m.grads(), m.layout().total());
         if (s == 0) {

@@ -1,7 +1,9 @@
 // The CPU backend's row-wise ops: embedding, RMSNorm, RoPE, SwiGLU, cross-entropy, AdamW.
 // Each parallelizes over rows (or columns where rows would race) and keeps inner loops simple
 // enough for GCC to vectorize.
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "core/threads.h"
 #include "kernels/cpu/vecmath.h"
@@ -256,20 +258,62 @@ void cross_entropy_backward(const float* logits, const int32_t* targets, const f
     });
 }
 
+namespace {
+
+// A row's loss and gradient with one exp per logit: the row's max first, then its exps, kept in
+// `exps` (V floats, in L2) between their sum and the gradient.
+template <typename Out>
+void row_loss_and_gradient(const float* row, int64_t V, int32_t target, float scale,
+                           float* __restrict exps, float& loss, Out* out) {
+    float mx = row[0];
+#pragma omp simd reduction(max : mx)
+    for (int64_t v = 0; v < V; v++)
+        mx = row[v] > mx ? row[v] : mx;
+    constexpr int64_t kBlock = 256;  // float sums per block, added in double
+    double sum = 0;
+    for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
+        const int64_t v1 = std::min(V, v0 + kBlock);
+        float partial = 0;
+#pragma omp simd reduction(+ : partial)
+        for (int64_t v = v0; v < v1; v++) {
+            exps[v] = fast_exp(row[v] - mx);
+            partial += exps[v];
+        }
+        sum += partial;
+    }
+    const float se = static_cast<float>(sum);
+    loss = target >= 0 ? std::log(se) + mx - row[target] : 0.0f;
+    const float k = scale / se;
+    const float at_target = target >= 0 ? exps[target] * k - scale : 0.0f;
+    for (int64_t v = 0; v < V; v++)
+        put(out + v, exps[v] * k);  // out may be row itself (f32): row is read no more
+    if (target >= 0)
+        put(out + target, at_target);
+}
+
+}  // namespace
+
 // Both halves row by row, while the row is still in cache.
 void cross_entropy(const float* logits, const int32_t* targets, const float* row_scale, int64_t M,
                    int64_t V, float* losses, void* dlogits, DType dtype) {
-    parallel_range(M, 1, [&](int64_t m0, int64_t m1) {
-        for (int64_t m = m0; m < m1; m++) {
-            float mx, se, tl;
-            const float* row = logits + m * V;
-            row_stats(row, V, targets[m], mx, se, tl);
-            losses[m] = targets[m] >= 0 ? std::log(se) + mx - tl : 0.0f;
-            if (dlogits) {
-                row_gradient(row, V, targets[m], mx, se, row_scale[m], row_of(dlogits, dtype, m, V),
-                             dtype);
+    if (!dlogits) {
+        parallel_range(M, 1, [&](int64_t m0, int64_t m1) {
+            for (int64_t m = m0; m < m1; m++) {
+                float mx, se, tl;
+                row_stats(logits + m * V, V, targets[m], mx, se, tl);
+                losses[m] = targets[m] >= 0 ? std::log(se) + mx - tl : 0.0f;
             }
-        }
+        });
+        return;
+    }
+    with_type(dlogits, dtype, [&](auto* out) {
+        parallel_range(M, 1, [&](int64_t m0, int64_t m1) {
+            std::vector<float> exps(static_cast<size_t>(V));
+            for (int64_t m = m0; m < m1; m++) {
+                row_loss_and_gradient(logits + m * V, V, targets[m], row_scale[m], exps.data(),
+                                      losses[m], out + m * V);
+            }
+        });
     });
 }
 

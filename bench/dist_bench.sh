@@ -6,11 +6,19 @@
 # The shared cores drift by 10-15% over minutes, so the layouts run in turn, ROUNDS times, and
 # each ratio is taken within a round; the summary gives the medians.
 #
-#   bash bench/dist_bench.sh          STEPS=6 ROUNDS=3 by default
+#   bash bench/dist_bench.sh          STEPS=6 ROUNDS=3 ACCUM=1 by default
+#
+# ACCUM scales the global batch: 8 x ACCUM sequences per step (DP=2 accumulates ACCUM micro-
+# batches of 4 per rank, the one-rank layouts 2 x ACCUM). The collectives' bytes per step do not
+# depend on it, so a larger batch spreads them over more computation.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 STEPS="${STEPS:-6}"
 ROUNDS="${ROUNDS:-3}"
+ACCUM="${ACCUM:-1}"
+for v in STEPS ROUNDS ACCUM; do
+    [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || { echo "dist_bench.sh: $v=${!v} must be a positive integer" >&2; exit 2; }
+done
 common="--set model.preset=small --set train.seq_len=512 --set train.micro_batch=4
         --set train.steps=$STEPS --set train.warmup_steps=1 --set train.log_every=1
         --set train.peak_gflops=1000 --set train.checkpoint_every=0"
@@ -34,13 +42,13 @@ run() {  # name ranks threads args...: prints a table row, leaves the tokens/s i
 }
 
 layouts() {  # the four layouts, each as: name ranks threads args...
-    run dp1-1core 1 1 --set train.grad_accum=2
+    run dp1-1core 1 1 --set train.grad_accum=$((2 * ACCUM))
     dp1=$tps
-    run dp2 2 1 --set train.micro_batch=4
+    run dp2 2 1 --set train.grad_accum=$ACCUM
     dp2=$tps
-    run tp1-2cores 1 2 --set train.grad_accum=2
+    run tp1-2cores 1 2 --set train.grad_accum=$((2 * ACCUM))
     tp1=$tps
-    run tp2 2 1 --set parallel.tp=2 --set train.grad_accum=2
+    run tp2 2 1 --set parallel.tp=2 --set train.grad_accum=$((2 * ACCUM))
     tp2=$tps
 }
 
@@ -48,7 +56,7 @@ layouts() {  # the four layouts, each as: name ranks threads args...
 round=0
 layouts > /dev/null
 
-echo "small, 8 sequences x 512 tokens per step, bf16, median of steps 3..$STEPS, $ROUNDS rounds"
+echo "small, $((8 * ACCUM)) sequences x 512 tokens per step, bf16, median of steps 3..$STEPS, $ROUNDS rounds"
 echo
 echo "| round | layout | ranks | threads/rank | tokens/s | collective payload per step per rank |"
 echo "|---:|---|---:|---:|---:|---|"

@@ -14,6 +14,7 @@
 #include "core/fs.h"
 #include "core/log.h"
 #include "core/progress.h"
+#include "core/threads.h"
 
 namespace kiln::checkpoint {
 namespace {
@@ -81,10 +82,21 @@ void RankWriter::stage(const model::Layout& layout, const RankPlace& place, cons
     begin_ = t.begin, end_ = t.end;
     n_params_ = place.dp_rank == 0 ? layout.total() : 0;
     const int64_t range = end_ - begin_;
-    staged_.resize(size_t(n_params_ + 2 * range));
-    std::copy(t.params, t.params + n_params_, staged_.begin());
-    std::copy(t.m, t.m + range, staged_.begin() + n_params_);
-    std::copy(t.v, t.v + range, staged_.begin() + n_params_ + range);
+    const int64_t n = n_params_ + 2 * range;
+    if (n > staged_capacity_) {
+        staged_.reset(new float[size_t(n)]);
+        staged_capacity_ = n;
+    }
+    // Training waits for this copy, so it runs on the threads the steps use.
+    float* dst = staged_.get();
+    const float* parts[3] = {t.params, t.m, t.v};
+    const int64_t sizes[3] = {n_params_, range, range};
+    for (int i = 0; i < 3; i++) {
+        parallel_range(sizes[i], 1 << 20, [&, src = parts[i]](int64_t i0, int64_t i1) {
+            std::memcpy(dst + i0, src + i0, size_t(i1 - i0) * sizeof(float));
+        });
+        dst += sizes[i];
+    }
 }
 
 void RankWriter::start(const RunDir& run, int64_t step) {
@@ -99,7 +111,7 @@ void RankWriter::start(const RunDir& run, int64_t step) {
         try {
             auto t0 = std::chrono::steady_clock::now();
             const int64_t range = end_ - begin_;
-            const float* base = staged_.data();
+            const float* base = staged_.get();
             SafetensorsWriter w;
             if (n_params_ > 0)
                 w.add("param", DType::f32, {n_params_}, base);

@@ -66,7 +66,11 @@ public:
 private:
     RankPlace place_;
     int64_t begin_ = 0, end_ = 0, n_params_ = 0;
-    std::vector<float> staged_;  // params (if saved), m, v
+    // params (if saved), m, v; allocated uninitialized (the copy is its first touch) and kept.
+    // Small pages: this buffer is first touched on the training thread's critical path, where
+    // huge pages' direct compaction measured slower (0.85 s against 0.16 s for 665 MiB).
+    std::unique_ptr<float[]> staged_;
+    int64_t staged_capacity_ = 0;
     std::thread thread_;
     std::exception_ptr failure_;
     RankFile written_;

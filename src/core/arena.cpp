@@ -1,5 +1,8 @@
 #include "core/arena.h"
 
+#include <sys/mman.h>
+
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -12,11 +15,18 @@ void AlignedDeleter::operator()(void* p) const {
 }
 
 AlignedBuffer aligned_alloc_zeroed(size_t bytes, const char* what) {
-    size_t rounded = (std::max<size_t>(bytes, 1) + 63) / 64 * 64;
-    void* p = std::aligned_alloc(64, rounded);
+    // Large buffers are 2 MiB-aligned and offered to the kernel for transparent huge pages
+    // (Debian's default mode is "madvise"): their first touch faults 512 times less often, and
+    // the kernels that stream them miss the TLB less.
+    constexpr size_t kHuge = size_t(2) << 20;
+    const size_t align = bytes >= kHuge ? kHuge : 64;
+    size_t rounded = (std::max<size_t>(bytes, 1) + align - 1) / align * align;
+    void* p = std::aligned_alloc(align, rounded);
     if (p == nullptr) {
         throw error("out of memory allocating {:.1f} MiB for {}", rounded / 1048576.0, what);
     }
+    if (align == kHuge)
+        ::madvise(p, rounded, MADV_HUGEPAGE);  // advice only: failure changes nothing
     std::memset(p, 0, rounded);
     return AlignedBuffer(p);
 }

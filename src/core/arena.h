@@ -15,7 +15,8 @@ struct AlignedDeleter {
     void operator()(void* p) const;
 };
 using AlignedBuffer = std::unique_ptr<void, AlignedDeleter>;
-// Zero-filled, 64-byte aligned; throws Error when the memory is not there.
+// Zero-filled, 64-byte aligned; from 2 MiB on, 2 MiB-aligned and offered to the kernel for
+// transparent huge pages. Throws Error naming `what` when the memory is not there.
 AlignedBuffer aligned_alloc_zeroed(size_t bytes, const char* what);
 
 class Arena {

@@ -21,6 +21,11 @@ namespace kiln::kernels {
 
 enum class Precision : uint8_t { fp32, bf16 };
 
+// The dtype a precision's products read, and so the dtype of the activations only they read.
+constexpr DType compute_dtype(Precision p) {
+    return p == Precision::bf16 ? DType::bf16 : DType::f32;
+}
+
 // C (M, N) = alpha * op(A) · op(B) (+ C when accumulate).
 // op(A) is (M, K): A is stored (M, K) with row stride lda, or (K, M) when trans_a.
 // op(B) is (K, N): B is stored (K, N) with row stride ldb, or (N, K) when trans_b.

@@ -197,11 +197,9 @@ void Llama::init_weights(uint64_t seed, double std) {
     sync_compute_weights();
 }
 
-void Llama::sync_compute_weights(int64_t begin, int64_t end) {
-    if (end < 0)
-        end = layout_.total();
-    if (bf16_ && end > begin)
-        k_.to_bf16(params_bf16() + begin, params() + begin, end - begin);
+void Llama::sync_compute_weights() {
+    if (bf16_)
+        k_.to_bf16(params_bf16(), params(), layout_.total());
 }
 
 const float* Llama::norm_weight(int64_t offset) {

@@ -58,9 +58,9 @@ public:
     // N(0, std) for matrices and embeddings, 1 for norm weights; deterministic in seed, and the
     // same model whatever the tensor-parallel split.
     void init_weights(uint64_t seed, double std);
-    // Refreshes params_bf16() from params() in [begin, end) (default: all of it); call after
-    // changing params() other than through an optimizer that writes both. A no-op in fp32.
-    void sync_compute_weights(int64_t begin = 0, int64_t end = -1);
+    // Refreshes params_bf16() from params(); call after changing params() other than through
+    // an optimizer that writes both. A no-op in fp32.
+    void sync_compute_weights();
 
     // One micro-batch. tokens, targets (B, T); a target < 0 is ignored. grads() += the
     // gradient of grad_scale * (summed loss), or = it with Grads::overwrite (a step's first
@@ -96,7 +96,7 @@ private:
     // An activation saved by the forward: its bf16 copy in bf16 precision.
     Operand saved(const float* x, const uint16_t* copy) const;
     // What the products read: bf16 in bf16 precision, else f32.
-    DType compute_type() const { return bf16_ ? DType::bf16 : DType::f32; }
+    DType compute_type() const { return kernels::compute_dtype(k_.precision); }
     // An activation kept in compute_type(), from element `offset` on.
     Operand input(const void* x, int64_t offset = 0) const;
     void block_forward(int64_t l, const float* x, float* out);

@@ -13,10 +13,7 @@ namespace kiln::kernels::cpu {
 namespace {
 
 template <Precision P>
-constexpr DType compute_type = P == Precision::bf16 ? DType::bf16 : DType::f32;
-
-template <Precision P>
-constexpr size_t compute_size = P == Precision::bf16 ? 2 : 4;
+constexpr size_t compute_size = dtype_size(compute_dtype(P));
 
 size_t round64(size_t n) {
     return (n + 63) / 64 * 64;
@@ -121,7 +118,7 @@ template <Precision P>
 void attention_forward(float* out, void* probs, const float* qkv, const Attention& a,
                        Workspace ws) {
     Scratch<P> s(a, ws);
-    const DType ct = compute_type<P>;
+    const DType ct = compute_dtype(P);
     const int64_t T = a.T, D = a.D;
     pack_qkv<P>(s, qkv, a);
     // Scores in f32: in place of the probabilities in fp32, in scratch in bf16.
@@ -167,7 +164,7 @@ template <Precision P>
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const void* probs,
                         const Attention& a, Workspace ws) {
     Scratch<P> s(a, ws);
-    const DType ct = compute_type<P>;
+    const DType ct = compute_dtype(P);
     const int64_t T = a.T, D = a.D, G = a.H / a.Hkv;
     const float scale = 1.0f / std::sqrt(float(D));
     pack_qkv<P>(s, qkv, a);

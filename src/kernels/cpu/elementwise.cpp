@@ -212,28 +212,16 @@ inline void row_stats(const float* row, int64_t V, int32_t target, float& max, f
     target_logit = target >= 0 ? row[target] : 0.0f;
 }
 
-// A row's gradient, written straight in the dtype the next products read.
-inline void row_gradient(const float* row, int64_t V, int32_t target, float max, float sumexp,
-                         float scale, void* out_row, DType dtype) {
+// A row's gradient, written straight in the dtype the next products read (out: f32 or bf16).
+template <typename Out>
+void row_gradient(const float* row, int64_t V, int32_t target, float max, float sumexp, float scale,
+                  Out* out) {
     const float k = scale / sumexp;
-    float at_target = target >= 0 ? fast_exp(row[target] - max) * k - scale : 0;
-    if (dtype == DType::bf16) {
-        uint16_t* out = static_cast<uint16_t*>(out_row);
-        for (int64_t v = 0; v < V; v++)
-            out[v] = f32_to_bf16(fast_exp(row[v] - max) * k);
-        if (target >= 0)
-            out[target] = f32_to_bf16(at_target);
-    } else {
-        float* out = static_cast<float*>(out_row);
-        for (int64_t v = 0; v < V; v++)
-            out[v] = fast_exp(row[v] - max) * k;
-        if (target >= 0)
-            out[target] = at_target;
-    }
-}
-
-void* row_of(void* base, DType dtype, int64_t m, int64_t V) {
-    return static_cast<char*>(base) + m * V * int64_t(dtype_size(dtype));
+    const float at_target = target >= 0 ? fast_exp(row[target] - max) * k - scale : 0.0f;
+    for (int64_t v = 0; v < V; v++)
+        put(out + v, fast_exp(row[v] - max) * k);  // out may be row itself (f32)
+    if (target >= 0)
+        put(out + target, at_target);
 }
 
 }  // namespace
@@ -250,11 +238,13 @@ void logit_stats(const float* logits, const int32_t* targets, int64_t M, int64_t
 void cross_entropy_backward(const float* logits, const int32_t* targets, const float* max,
                             const float* sumexp, const float* row_scale, int64_t M, int64_t V,
                             void* dlogits, DType dtype) {
-    parallel_range(M, 1, [&](int64_t m0, int64_t m1) {
-        for (int64_t m = m0; m < m1; m++) {
-            row_gradient(logits + m * V, V, targets[m], max[m], sumexp[m], row_scale[m],
-                         row_of(dlogits, dtype, m, V), dtype);
-        }
+    with_type(dlogits, dtype, [&](auto* out) {
+        parallel_range(M, 1, [&](int64_t m0, int64_t m1) {
+            for (int64_t m = m0; m < m1; m++) {
+                row_gradient(logits + m * V, V, targets[m], max[m], sumexp[m], row_scale[m],
+                             out + m * V);
+            }
+        });
     });
 }
 

@@ -26,9 +26,6 @@ void store(void* base, DType type, int64_t i, double x) {
     }
 }
 
-template <Precision P>
-constexpr DType kCompute = P == Precision::bf16 ? DType::bf16 : DType::f32;
-
 size_t workspace_bytes(int64_t, const Attention&) {
     return 0;
 }
@@ -53,11 +50,9 @@ void embedding_forward(float* out, const int32_t* tokens, const void* wte, DType
                        int64_t M, int64_t C) {
     for (int64_t m = 0; m < M; m++) {
         for (int64_t c = 0; c < C; c++) {
-            int64_t i = tokens[m] * C + c;
             out[m * C + c] = tokens[m] < 0 ? 0.0f
-                             : wte_type == DType::bf16
-                                 ? bf16_to_f32(static_cast<const uint16_t*>(wte)[i])
-                                 : static_cast<const float*>(wte)[i];
+                                           : static_cast<float>(operand<Precision::fp32>(
+                                                 wte, wte_type, tokens[m] * C + c));
         }
     }
 }
@@ -163,7 +158,7 @@ void attention_forward(float* out, void* probs, const float* qkv, const Attentio
                     sum += (s[u] = std::exp(s[u] - mx));
                 int64_t row = ((b * a.H + h) * a.T + t) * a.T;
                 for (int64_t u = 0; u < a.T; u++)
-                    store(probs, kCompute<P>, row + u, u <= t ? s[u] / sum : 0.0);
+                    store(probs, compute_dtype(P), row + u, u <= t ? s[u] / sum : 0.0);
                 for (int64_t i = 0; i < a.D; i++) {
                     double o = 0;
                     for (int64_t u = 0; u <= t; u++)
@@ -188,7 +183,7 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
             for (int64_t t = 0; t < a.T; t++) {
                 const int64_t row = ((b * a.H + h) * a.T + t) * a.T;
                 auto p = [&](int64_t u) {
-                    return operand<Precision::fp32>(probs, kCompute<P>, row + u);
+                    return operand<Precision::fp32>(probs, compute_dtype(P), row + u);
                 };
                 const float* dO = dout + (b * a.T + t) * a.H * a.D + h * a.D;
                 double rowdot = 0;

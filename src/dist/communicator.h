@@ -1,5 +1,6 @@
 #pragma once
-// The process grid of a distributed run and its communicators (gloo over TCP).
+// The process grid of a distributed run and its communicators (shared memory within a host,
+// gloo over TCP between hosts).
 // World = DP x TP; the ranks of one TP group are consecutive: rank = dp_rank * tp + tp_rank.
 #include <chrono>
 #include <memory>
@@ -26,8 +27,10 @@ Grid make_grid(int world_size, int rank, int tp);
 class Job {
 public:
     // Rendezvous: every rank announces itself; after `timeout` the ranks that never arrived are
-    // named in the Error. Then gloo connects each group over TCP.
-    Job(const Placement& placement, int tp, std::chrono::milliseconds timeout);
+    // named in the Error. Then each group connects: through shared memory when `shared_memory`
+    // and its ranks share a host, else with gloo over TCP.
+    Job(const Placement& placement, int tp, std::chrono::milliseconds timeout,
+        bool shared_memory = true);
     ~Job();
     // Waits for every rank at the end of a run, so rank 0's store outlives everyone's use of it.
     void finish() { world_->barrier(); }

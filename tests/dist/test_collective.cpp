@@ -1,0 +1,175 @@
+// Every collective of both host transports (shared memory, gloo over TCP), in real processes
+// that meet through the rendezvous store: sizes that take several rounds and end mid-round,
+// groups of 2 and 3, exact expected values, the same bits on every rank; and a peer that never
+// comes or dies ends a collective with one sentence instead of a hang.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <random>
+#include <vector>
+
+#include "core/error.h"
+#include "core/fs.h"
+#include "dist/communicator.h"
+#include "fixture.h"
+#include "launch/supervisor.h"
+
+namespace kiln {
+namespace {
+
+using kiln::testing::TempDir;
+
+// Runs body(job) in `ranks` forked processes of one job; returns what each wrote to its report
+// (the body's return value, or the Error it threw). Children are reaped as they exit, so a
+// dead peer is gone, not a zombie, while the others still run.
+std::vector<std::string> run_ranks(int ranks, bool shared_memory, double timeout_s,
+                                   const std::function<std::string(dist::Job&)>& body) {
+    TempDir dir;
+    const int port = launch::free_port();
+    std::vector<pid_t> pids;
+    for (int r = 0; r < ranks; r++) {
+        pid_t pid = fork();
+        if (pid == 0) {
+            std::string report;
+            try {
+                dist::Placement p;
+                p.rank = r, p.world_size = ranks, p.master_port = port;
+                dist::Job job(p, 1, std::chrono::milliseconds(int64_t(timeout_s * 1000)),
+                              shared_memory);
+                report = body(job);
+                if (report != "gone")
+                    job.finish();
+            } catch (const std::exception& e) {
+                report = std::string("error: ") + e.what();
+            }
+            std::ofstream(dir / ("rank-" + std::to_string(r))) << report;
+            _exit(0);  // no destructors of the parent's state, no gtest teardown
+        }
+        pids.push_back(pid);
+    }
+    for (size_t left = pids.size(); left > 0; left--)
+        waitpid(-1, nullptr, 0);
+    std::vector<std::string> out;
+    for (int r = 0; r < ranks; r++)
+        out.push_back(fs::read_file(dir / ("rank-" + std::to_string(r))));
+    return out;
+}
+
+// Checks every collective against values it can compute exactly; returns "" or what differs,
+// then (after a newline) the bits of an all-reduce of random floats, for comparing ranks.
+std::string exercise(dist::Job& job) {
+    Collective& c = job.world();
+    const int r = c.rank(), n = c.size();
+    auto fail = [&](const char* what, size_t i, double got, double want) {
+        return fmt::format("rank {}: {} [{}] = {}, want {}", r, what, i, got, want);
+    };
+    const size_t len = 3 * (size_t(1) << 18) + 17;  // three 1 MiB rounds of floats and a bit
+    std::vector<float> f(len);
+    std::vector<double> d(len);
+    for (size_t i = 0; i < len; i++)
+        f[i] = float((r + 1) * int(i % 1000)), d[i] = f[i];
+    c.all_reduce_sum(f.data(), len);
+    c.all_reduce_sum(d.data(), len);
+    for (size_t i = 0; i < len; i++) {
+        double want = n * (n + 1) / 2 * double(i % 1000);
+        if (f[i] != want)
+            return fail("all_reduce_sum(float)", i, f[i], want);
+        if (d[i] != want)
+            return fail("all_reduce_sum(double)", i, d[i], want);
+    }
+    for (size_t i = 0; i < len; i++)
+        f[i] = float((i + size_t(r)) % 7);
+    c.all_reduce_max(f.data(), len);
+    for (size_t i = 0; i < len; i++) {
+        double want = 0;
+        for (int k = 0; k < n; k++)
+            want = std::max(want, double((i + size_t(k)) % 7));
+        if (f[i] != want)
+            return fail("all_reduce_max", i, f[i], want);
+    }
+    const size_t chunk = 300001;
+    std::vector<float> g(chunk * size_t(n));
+    for (int j = 0; j < n; j++)
+        for (size_t i = 0; i < chunk; i++)
+            g[size_t(j) * chunk + i] = float((r + 1) * (j + 1) + int(i % 13));
+    c.reduce_scatter_sum(g.data(), chunk);
+    for (size_t i = 0; i < chunk; i++) {
+        double want = (r + 1) * n * (n + 1) / 2 + n * double(i % 13);
+        if (g[size_t(r) * chunk + i] != want)
+            return fail("reduce_scatter_sum", i, g[size_t(r) * chunk + i], want);
+    }
+    const size_t bytes = (size_t(5) << 19) + 3;  // 2.5 MiB and 3 bytes
+    std::vector<unsigned char> b(bytes * size_t(n), 0);
+    for (size_t i = 0; i < bytes; i++)
+        b[size_t(r) * bytes + i] = static_cast<unsigned char>(r * 31 + int(i));
+    c.all_gather_bytes(b.data(), bytes);
+    for (int k = 0; k < n; k++)
+        for (size_t i = 0; i < bytes; i++)
+            if (b[size_t(k) * bytes + i] != static_cast<unsigned char>(k * 31 + int(i)))
+                return fail("all_gather_bytes", size_t(k) * bytes + i, b[size_t(k) * bytes + i],
+                            (k * 31 + int(i)) & 255);
+    std::vector<unsigned char> cast((size_t(3) << 19) + 1, static_cast<unsigned char>(r));
+    c.broadcast(cast.data(), cast.size(), n - 1);
+    for (size_t i = 0; i < cast.size(); i++)
+        if (cast[i] != n - 1)
+            return fail("broadcast", i, cast[i], n - 1);
+    c.barrier();
+    if (c.payload_bytes() == 0)
+        return "no payload counted";
+    // Random values: sums round, and must round the same way on every rank.
+    std::mt19937 rng(uint32_t(r) + 7);
+    std::normal_distribution<float> normal;
+    for (auto& x : f)
+        x = normal(rng);
+    c.all_reduce_sum(f.data(), len);
+    return "\n" + std::string(reinterpret_cast<const char*>(f.data()), len * sizeof(float));
+}
+
+TEST(Collective, EveryOperationOnBothTransports) {
+    for (bool shm : {true, false}) {
+        for (int ranks : {2, 3}) {
+            auto out = run_ranks(ranks, shm, 30, exercise);
+            for (int r = 0; r < ranks; r++) {
+                ASSERT_EQ(out[size_t(r)].substr(0, 1), "\n")
+                    << (shm ? "shared memory" : "tcp") << ", " << ranks << " ranks, rank " << r
+                    << ": " << out[size_t(r)].substr(0, 300);
+                EXPECT_TRUE(out[size_t(r)] == out[0])
+                    << "rank " << r << " summed random floats to other bits than rank 0";
+            }
+        }
+    }
+}
+
+TEST(Collective, SharedMemoryPeerThatNeverComesOrDiesIsNamed) {
+    // Rank 1 connects, then stays away from the collective.
+    auto late = run_ranks(2, true, 1, [](dist::Job& job) -> std::string {
+        if (job.world().rank() == 1) {
+            sleep(3);
+            return "gone";
+        }
+        float x = 1;
+        job.world().all_reduce_sum(&x, 1);
+        return "finished";
+    });
+    EXPECT_EQ(late[0], "error: rank 1 of the world group did not reach a collective within 1 s");
+    // Rank 1 exits; rank 0 notices long before the timeout.
+    auto t0 = std::chrono::steady_clock::now();
+    auto died = run_ranks(2, true, 20, [](dist::Job& job) -> std::string {
+        if (job.world().rank() == 1)
+            return "gone";
+        std::vector<float> x(1 << 20);
+        job.world().all_reduce_sum(x.data(), x.size());
+        return "finished";
+    });
+    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    EXPECT_NE(died[0].find("error: rank 1 of the world group (pid "), std::string::npos) << died[0];
+    EXPECT_NE(died[0].find(") exited during a collective"), std::string::npos) << died[0];
+    EXPECT_LT(s, 10);
+}
+
+}  // namespace
+}  // namespace kiln

@@ -134,7 +134,10 @@ Estimate estimate(const train::RunConfig& config, const Cluster& cluster) {
     e.micro_batch = config.train.micro_batch;
     e.grad_accum = config.train.grad_accum;
     e.recompute = config.train.recompute;
-    e.memory = train::memory_plan(config, world);
+    // DP groups reduce through shared memory on one node and over TCP across nodes (with more
+    // than one node, every DP group of more than one rank spans nodes).
+    const bool tcp = !config.shared_memory || cluster.nodes > 1;
+    e.memory = train::memory_plan(config, world, tcp);
     if (!cluster.device.host) {
         // On an accelerator the process, the checkpoint staging copy and the communication
         // library's host buffers live in host memory, not on the device.

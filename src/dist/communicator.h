@@ -38,11 +38,14 @@ public:
     Collective& world() { return *world_; }
     Collective& dp() { return *dp_; }
     Collective& tp() { return *tp_; }
+    // The DP group reduces through gloo over TCP (not shared memory, not a group of one).
+    bool dp_over_tcp() const { return dp_over_tcp_; }
 
 private:
     Grid grid_;
     std::unique_ptr<TcpStore> store_;
     std::unique_ptr<Collective> world_, dp_, tp_;
+    bool dp_over_tcp_ = false;
 };
 
 }  // namespace kiln::dist

@@ -206,6 +206,7 @@ Job::Job(const Placement& p, int tp, std::chrono::milliseconds timeout, bool sha
                   shared_memory, how);
     tp_ = connect(*store_, device, "tp" + std::to_string(g.dp_rank), g.tp_rank, g.tp, timeout,
                   shared_memory, how);
+    dp_over_tcp_ = dynamic_cast<GlooCollective*>(dp_.get()) != nullptr;
     log::info("dist", "rank {} of {} connected ({}): dp {}/{}, tp {}/{}; groups: {}", g.rank,
               g.world, p.source, g.dp_rank, g.dp, g.tp_rank, g.tp, how);
 }

@@ -51,9 +51,6 @@ static_assert(std::atomic<uint64_t>::is_always_lock_free, "arrival counters must
 size_t slots_offset(int size) {
     return (sizeof(Arrival) * (size_t(size) + 1) + 4095) / 4096 * 4096;
 }
-size_t segment_bytes(int size) {
-    return slots_offset(size) + 2 * size_t(size) * kSlotBytes;
-}
 
 uint64_t namespace_inode(const char* path) {
     struct stat st {};
@@ -71,8 +68,12 @@ std::string host_identity() {
            std::to_string(namespace_inode("/proc/self/ns/mnt"));
 }
 
-std::string text(const std::vector<char>& v) { return std::string(v.begin(), v.end()); }
-std::vector<char> bytes(const std::string& s) { return std::vector<char>(s.begin(), s.end()); }
+std::string text(const std::vector<char>& v) {
+    return std::string(v.begin(), v.end());
+}
+std::vector<char> bytes(const std::string& s) {
+    return std::vector<char>(s.begin(), s.end());
+}
 
 // A mapped segment; unmapped on destruction.
 struct Mapping {
@@ -138,11 +139,15 @@ void combine(T* out, const T* const* src, int ranks, size_t n, Op op) {
 
 struct Sum {
     template <typename T>
-    T operator()(T a, T b) const { return a + b; }
+    T operator()(T a, T b) const {
+        return a + b;
+    }
 };
 struct Max {
     template <typename T>
-    T operator()(T a, T b) const { return a < b ? b : a; }
+    T operator()(T a, T b) const {
+        return a < b ? b : a;
+    }
 };
 
 class ShmCollective final : public Collective {
@@ -241,8 +246,8 @@ private:
 
     template <typename T>
     T* slot(int half, int rank) const {
-        return reinterpret_cast<T*>(slots_ + (size_t(half) * size_t(size_) + size_t(rank)) *
-                                                 kSlotBytes);
+        return reinterpret_cast<T*>(slots_ +
+                                    (size_t(half) * size_t(size_) + size_t(rank)) * kSlotBytes);
     }
 
     // Arrives at the next round's barrier and waits for every other rank to arrive there.
@@ -276,8 +281,8 @@ private:
             }
             if ((spin & 1023) == 0 && arrivals_[k].pid_namespace == own_pid_namespace_ &&
                 kill(pid_t(arrivals_[k].pid), 0) != 0 && errno == ESRCH) {
-                throw error("rank {} of the {} group (pid {}) exited during a collective", k,
-                            name_, arrivals_[k].pid);
+                throw error("rank {} of the {} group (pid {}) exited during a collective", k, name_,
+                            arrivals_[k].pid);
             }
             if (waited < std::chrono::milliseconds(2))
                 sched_yield();
@@ -299,6 +304,10 @@ private:
 
 }  // namespace
 
+size_t shared_memory_bytes(int ranks) {
+    return slots_offset(ranks) + 2 * size_t(ranks) * kSlotBytes;
+}
+
 std::unique_ptr<Collective> connect_shared_memory(TcpStore& store, const std::string& name,
                                                   int rank, int size,
                                                   std::chrono::milliseconds timeout) {
@@ -310,7 +319,7 @@ std::unique_ptr<Collective> connect_shared_memory(TcpStore& store, const std::st
             return nullptr;
     }
     auto m = std::make_unique<Mapping>();
-    const size_t total = segment_bytes(size);
+    const size_t total = shared_memory_bytes(size);
     std::string why;
     if (rank == 0) {
         const uint64_t nonce = std::random_device{}() * 0x9e3779b97f4a7c15ull ^ uint64_t(getpid());

@@ -18,6 +18,9 @@ class TcpStore;
 // open, agreed on through `store`. Returns nullptr on every rank of the group when they are not
 // all on this host or the segment cannot be made (then the caller uses gloo); the reason is
 // logged. A collective whose peers do not arrive within `timeout` throws Error naming them.
+// Bytes of the segment a group of `ranks` maps (every rank touches all of it).
+size_t shared_memory_bytes(int ranks);
+
 std::unique_ptr<Collective> connect_shared_memory(TcpStore& store, const std::string& name,
                                                   int rank, int size,
                                                   std::chrono::milliseconds timeout);

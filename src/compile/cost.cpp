@@ -44,13 +44,13 @@ Accelerator this_machine() {
     set_num_threads(threads);
     a.per_node = int(std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN)));
     a.memory_gb = double(train::machine_memory()) / 1e9 / a.per_node;
-    // kiln's MFU against this peak for tiny and small on one core a rank (bench/RESULTS.md).
-    a.efficiency = 0.42;
-    // Loopback TCP between ranks through gloo; each collective also waits for the other rank to
-    // be scheduled on these shared cores (measured: bench/plan_bench.sh).
-    a.intra_gbps = 2;
-    a.inter_gbps = 2;
-    a.latency_us = 3000;
+    // kiln's MFU against this peak for tiny on one core a rank (bench/plan_bench.sh).
+    a.efficiency = 0.64;
+    // Ranks on this host meet in shared memory: one core copies about 6 GB/s; each collective
+    // also waits for the slower rank on these shared cores (measured: bench/plan_bench.sh).
+    a.intra_gbps = 6;
+    a.inter_gbps = 6;
+    a.latency_us = 300;
     a.host = true;
     return a;
 }

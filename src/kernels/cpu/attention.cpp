@@ -1,6 +1,7 @@
 // Causal attention for the CPU backend. Heads are packed into dense (B, H, T, D) operands in
 // the compute dtype (keys/values repeated across a query group for GQA), then every product is
 // one batched oneDNN matmul over (B, H); softmax and its backward run row-parallel in f32.
+#include <algorithm>
 #include <cmath>
 
 #include "core/error.h"
@@ -27,14 +28,15 @@ struct Scratch {
     char* v;    // (B, H, T, D) compute dtype
     char* do_;  // (B, H, T, D) compute dtype: the output gradient
     char* p;    // (B, H, T, T) compute dtype: dS
-    float* dp;  // (B, H, T, T): the scores in bf16's forward, dP in the backward
+    float*
+        dp;  // (B, H, T, T): the scores in bf16's forward, dP then dQ (B, H, T, D) in the backward
     float* dk;  // (B, H, T, D)
     float* dv;  // (B, H, T, D)
 
     static size_t bytes(const Attention& a) {
         size_t bhtd = size_t(a.B * a.H * a.T * a.D), bhtt = size_t(a.B * a.H * a.T * a.T);
         return 4 * round64(bhtd * compute_size<P>) + round64(bhtt * compute_size<P>) +
-               round64(bhtt * 4) + 2 * round64(bhtd * 4);
+               round64(std::max(bhtt, bhtd) * 4) + 2 * round64(bhtd * 4);
     }
     Scratch(const Attention& a, Workspace ws) {
         KILN_CHECK(ws.bytes >= bytes(a), "attention workspace too small");
@@ -50,7 +52,7 @@ struct Scratch {
         v = take(bhtd * compute_size<P>);
         do_ = take(bhtd * compute_size<P>);
         p = take(bhtt * compute_size<P>);
-        dp = reinterpret_cast<float*>(take(bhtt * 4));
+        dp = reinterpret_cast<float*>(take(std::max(bhtt, bhtd) * 4));
         dk = reinterpret_cast<float*>(take(bhtd * 4));
         dv = reinterpret_cast<float*>(take(bhtd * 4));
     }
@@ -169,18 +171,14 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
     const float scale = 1.0f / std::sqrt(float(D));
     pack_qkv<P>(s, qkv, a);
     pack_heads<P>(s.do_, dout, a.H * D, 0, 1, a);
-    // Without grouped queries, dK and dV go straight into their parts of dqkv, as dQ does;
-    // with them, into scratch, to be summed over each group below.
+    // dQ, dK and dV go to dense (B, H, T, D) scratch: with dqkv's strides as the destination,
+    // oneDNN's products took a scalar copy out of their own buffer (8% of a small bf16 step).
+    // dQ reuses the dP slot once dS is made.
     const int64_t td_strides[4] = {a.H * T * D, T * D, D, 1};
     const int64_t tt_strides[4] = {a.H * T * T, T * T, T, 1};
-    const int64_t dqkv_strides[4] = {T * a.ldqkv, D, a.ldqkv, 1};
-    const bool direct = G == 1;
-    float* dk = direct ? dqkv + a.H * D : s.dk;
-    float* dv = direct ? dqkv + 2 * a.H * D : s.dv;
-    const int64_t* dkv_strides = direct ? dqkv_strides : td_strides;
     // dV = P^T dO ; dP = dO V^T
-    matmul(dense(probs, ct, a, T, T, true), dense(s.do_, ct, a, T, D, false), dv, dkv_strides, 1.0f,
-           false);
+    matmul(dense(probs, ct, a, T, T, true), dense(s.do_, ct, a, T, D, false), s.dv, td_strides,
+           1.0f, false);
     matmul(dense(s.do_, ct, a, T, D, false), dense(s.v, ct, a, T, D, true), s.dp, tt_strides, 1.0f,
            false);
     // dS = P * (dP - rowsum(P * dP)), into the p slot.
@@ -210,29 +208,36 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
             }
         }
     });
-    // dQ = scale dS K, straight into the q part of dqkv; dK = scale dS^T Q.
-    matmul(dense(s.p, ct, a, T, T, false), dense(s.k, ct, a, T, D, false), dqkv, dqkv_strides,
-           scale, false);
-    matmul(dense(s.p, ct, a, T, T, true), dense(s.q, ct, a, T, D, false), dk, dkv_strides, scale,
+    // dQ = scale dS K ; dK = scale dS^T Q
+    float* dq = s.dp;
+    matmul(dense(s.p, ct, a, T, T, false), dense(s.k, ct, a, T, D, false), dq, td_strides, scale,
            false);
-    if (direct)
-        return;
-    // Sum the repeated heads of each kv group into the k and v parts of dqkv.
+    matmul(dense(s.p, ct, a, T, T, true), dense(s.q, ct, a, T, D, false), s.dk, td_strides, scale,
+           false);
+    // Into dqkv's rows: dQ as is; dK and dV summed over the query heads of each kv group.
     parallel_range(a.B * T, 4, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; r++) {
-            int64_t b = r / T, t = r % T;
-            float* dk_row = dqkv + r * a.ldqkv + a.H * D;
-            float* dv_row = dk_row + a.Hkv * D;
+            const int64_t b = r / T, t = r % T;
+            float* __restrict row = dqkv + r * a.ldqkv;
+            for (int64_t h = 0; h < a.H; h++) {
+                const float* __restrict src = dq + ((b * a.H + h) * T + t) * D;
+                float* __restrict dst = row + h * D;
+                for (int64_t i = 0; i < D; i++)
+                    dst[i] = src[i];
+            }
             for (int64_t j = 0; j < a.Hkv; j++) {
-                for (int64_t i = 0; i < D; i++) {
-                    float sk = 0, sv = 0;
-                    for (int64_t g = 0; g < G; g++) {
-                        int64_t src = ((b * a.H + j * G + g) * T + t) * D + i;
-                        sk += s.dk[src];
-                        sv += s.dv[src];
-                    }
-                    dk_row[j * D + i] = sk;
-                    dv_row[j * D + i] = sv;
+                float* __restrict dk_row = row + (a.H + j) * D;
+                float* __restrict dv_row = row + (a.H + a.Hkv + j) * D;
+                const int64_t first = ((b * a.H + j * G) * T + t) * D;
+                const float* __restrict sk = s.dk + first;
+                const float* __restrict sv = s.dv + first;
+                for (int64_t i = 0; i < D; i++)
+                    dk_row[i] = sk[i], dv_row[i] = sv[i];
+                for (int64_t g = 1; g < G; g++) {
+                    const float* __restrict gk = sk + g * T * D;
+                    const float* __restrict gv = sv + g * T * D;
+                    for (int64_t i = 0; i < D; i++)
+                        dk_row[i] += gk[i], dv_row[i] += gv[i];
                 }
             }
         }

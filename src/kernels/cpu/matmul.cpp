@@ -319,7 +319,7 @@ void matmul(const MatOperand& a, const MatOperand& b, float* c, const int64_t c_
 // The products this backend runs, as a revision: a plan tuned for other products (another
 // shape, stride or dtype of some product) would leave those untuned, so a plan cache entry
 // holds for one revision. Raise it with any change to the products gemm or attention issue.
-constexpr int kProductsRevision = 3;
+constexpr int kProductsRevision = 4;
 
 std::string platform() {
     std::string cpu = "unknown CPU", flags;

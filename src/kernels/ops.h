@@ -54,10 +54,15 @@ struct Workspace {
 };
 
 // Causal self-attention over the packed qkv rows of one micro-batch.
-// qkv (M, ldqkv): per row, H*D query values, then Hkv*D keys, then Hkv*D values (after RoPE).
+// qkv (M, ldqkv): per row, H*D query values, then Hkv*D keys, then Hkv*D values. With rope
+// tables, the queries and keys are rotated inside (RoPE, Hugging Face's convention: pairs
+// (i, i + D/2) of each head, position of row m = m % T, rope_cos/rope_sin (T, D/2)): qkv holds
+// them before the rotation and dqkv is the gradient w.r.t. those unrotated values.
 struct Attention {
     int64_t B = 0, T = 0, H = 0, Hkv = 0, D = 0;
     int64_t ldqkv = 0;  // = (H + 2*Hkv) * D
+    const float* rope_cos = nullptr;
+    const float* rope_sin = nullptr;
 };
 
 // One AdamW update (see Kernels::adamw). grad_scale multiplies the gradient first (clipping).

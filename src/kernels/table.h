@@ -31,15 +31,8 @@ struct Kernels {
     void (*rmsnorm_backward)(float* dx, float* dw, const float* dout, const float* x,
                              const float* w, const float* rstd, int64_t M, int64_t C);
 
-    // In place on `n_heads` heads of D values starting at column 0 of each row of x (M, ld),
-    // position of row m = m % T. HF convention: pairs (i, i + D/2); cos/sin are (T, D/2).
-    // Backward applies the inverse rotation to the gradient, also in place.
-    void (*rope_forward)(float* x, int64_t ld, int64_t M, int64_t T, int64_t n_heads, int64_t D,
-                         const float* cos, const float* sin);
-    void (*rope_backward)(float* dx, int64_t ld, int64_t M, int64_t T, int64_t n_heads, int64_t D,
-                          const float* cos, const float* sin);
-
-    // out (M, H*D) = softmax(q k^T / sqrt(D) + causal mask) v; probs (B, H, T, T) keeps the
+    // out (M, H*D) = softmax(q k^T / sqrt(D) + causal mask) v, with q and k rotated first when
+    // the Attention has rope tables (see ops.h); probs (B, H, T, T) keeps the
     // softmax for the backward (entries above the diagonal are 0), in the table's precision:
     // f32, or bf16 in a bf16 table (the dtype its products read).
     void (*attention_forward)(float* out, void* probs, const float* qkv, const Attention& a,

@@ -1,7 +1,7 @@
 // The whole Llama-2 forward and backward. block_forward and block_backward are the math of one
 // transformer block; the backward mirrors the forward line by line, in reverse.
 //
-//   x  -> rmsnorm -> [q|k|v] = xn1 Wqkv^T -> rope(q, k) -> att = causal_attention(q, k, v)
+//   x  -> rmsnorm -> [q|k|v] = xn1 Wqkv^T -> att = causal_attention(rope(q), rope(k), v)
 //      -> x2 = x + att Wo^T -> rmsnorm -> [g|u] = xn2 W13^T -> h = silu(g) * u
 //      -> out = x2 + h W2^T
 #include "model/llama.h"
@@ -176,6 +176,9 @@ void Llama::build(int64_t capacity, bool allocate) {
             rope_sin_[t * D / 2 + i] = static_cast<float>(std::sin(angle));
         }
     }
+    // Attention rotates the queries and keys itself, on the way into its products.
+    attn_.rope_cos = rope_cos_;
+    attn_.rope_sin = rope_sin_;
 }
 
 void Llama::init_weights(uint64_t seed, double std) {
@@ -287,7 +290,6 @@ void Llama::block_forward(int64_t l, const float* x, float* out) {
     const DType ct = compute_type();
     k_.rmsnorm_forward(a.xn1, ct, a.rstd1, x, norm_weight(p.attention_norm), M, C, eps);
     linear_forward(a.qkv, input(a.xn1), weight(p.wqkv), M, C, QKV);
-    k_.rope_forward(a.qkv, QKV, M, T, H + Hkv_, D, rope_cos_, rope_sin_);
     k_.attention_forward(a.att, a.probs, a.qkv, attn_, ws_);
     row_parallel(a.x2, x, operand(a.att, a.att_bf, M * H * D), weight(p.wo), M, H * D, C);
     // feed-forward (this rank's slice of the hidden width)
@@ -318,11 +320,10 @@ void Llama::block_backward(int64_t l, float* dres, bool accumulate) {
                     accumulate);
     tp_all_reduce(dxn_, M * C);  // xn2 fed every rank's slice
     k_.rmsnorm_backward(dres, g + p.ffn_norm, dxn_, a.x2, norm_weight(p.ffn_norm), a.rstd2, M, C);
-    // attention: x2 = x + att Wo^T, att = attention(rope(xn1 Wqkv^T)), xn1 = rmsnorm(x)
+    // attention: x2 = x + att Wo^T, att = attention(xn1 Wqkv^T) (RoPE inside), xn1 = rmsnorm(x)
     linear_backward(datt_, g + p.wo, operand(dres, dy_bf_, M * C), saved(a.att, a.att_bf),
                     weight(p.wo), M, H * D, C, accumulate);
     k_.attention_backward(dqkv_, datt_, a.qkv, a.probs, attn_, ws_);
-    k_.rope_backward(dqkv_, QKV, M, T, H + Hkv_, D, rope_cos_, rope_sin_);
     linear_backward(dxn_, g + p.wqkv, operand(dqkv_, dy_bf_, M * QKV), input(a.xn1), weight(p.wqkv),
                     M, C, QKV, accumulate);
     tp_all_reduce(dxn_, M * C);  // xn1 fed every rank's heads

@@ -254,35 +254,63 @@ TEST(RmsNorm, ForwardAndBackward) {
     expect_fd(w, dw_r, loss, "rmsnorm fd dw");
 }
 
-TEST(Rope, ForwardInverseAndCpu) {
-    const int64_t B = 2, T = 5, heads = 3, D = 8, ld = heads * D + 4, M = B * T;
-    std::vector<float> cos(T * D / 2), sin(T * D / 2);
-    for (int64_t t = 0; t < T; t++) {
-        for (int64_t i = 0; i < D / 2; i++) {
-            double a = t * std::pow(10000.0, -2.0 * i / D);
-            cos[t * D / 2 + i] = std::cos(a);
-            sin[t * D / 2 + i] = std::sin(a);
+// Rotary tables of Hugging Face's convention: angle(t, i) = t * 10000^(-2i/D), i < D/2.
+struct RopeTables {
+    std::vector<float> cos, sin;
+    RopeTables(int64_t T, int64_t D) : cos(T * D / 2), sin(T * D / 2) {
+        for (int64_t t = 0; t < T; t++) {
+            for (int64_t i = 0; i < D / 2; i++) {
+                double angle = t * std::pow(10000.0, -2.0 * i / D);
+                cos[t * D / 2 + i] = float(std::cos(angle));
+                sin[t * D / 2 + i] = float(std::sin(angle));
+            }
         }
     }
-    auto x = randn(M * ld, 4);
-    auto xc = x, xr = x;
-    cpu_kernels(Precision::fp32)
-        .rope_forward(xc.data(), ld, M, T, heads, D, cos.data(), sin.data());
-    ref().rope_forward(xr.data(), ld, M, T, heads, D, cos.data(), sin.data());
-    expect_close(xc, xr, 1e-6, 1e-5, "rope");
-    // HF convention: out[i] = x[i] cos - x[i + D/2] sin for i < D/2 (row 1 = position 1).
-    const int64_t m = 1;
-    EXPECT_NEAR(xr[m * ld + 0], x[m * ld] * cos[D / 2] - x[m * ld + D / 2] * sin[D / 2], 1e-6);
-    // Rotation is orthogonal: backward is the inverse rotation, so it undoes the forward.
-    cpu_kernels(Precision::fp32)
-        .rope_backward(xc.data(), ld, M, T, heads, D, cos.data(), sin.data());
-    expect_close(xc, x, 1e-5, 1e-5, "rope inverse");
-    // The columns past the heads are untouched.
-    EXPECT_EQ(xr[ld - 1], x[ld - 1]);
+};
+
+// Attention with tables rotates queries and keys as Hugging Face does (out[i] = x[i] cos -
+// x[i + D/2] sin, out[i + D/2] = x[i + D/2] cos + x[i] sin, position = row % T), written out
+// here independently: the same as attention without tables on rotated inputs; values untouched.
+TEST(Rope, AttentionRotatesQueriesAndKeysTheHuggingFaceWay) {
+    const int64_t B = 2, T = 5, H = 4, Hkv = 2, D = 8;
+    RopeTables rt(T, D);
+    Attention plain{B, T, H, Hkv, D, (H + 2 * Hkv) * D};
+    Attention rope = plain;
+    rope.rope_cos = rt.cos.data(), rope.rope_sin = rt.sin.data();
+    auto qkv = randn(B * T * plain.ldqkv, 4);
+    auto turned = qkv;
+    for (int64_t m = 0; m < B * T; m++) {
+        const int64_t t = m % T;
+        for (int64_t h = 0; h < H + Hkv; h++) {  // queries, then keys; not the values
+            float* x = turned.data() + m * plain.ldqkv + h * D;
+            const float* y = qkv.data() + m * plain.ldqkv + h * D;
+            for (int64_t i = 0; i < D / 2; i++) {
+                double c = std::cos(t * std::pow(10000.0, -2.0 * i / D));
+                double s = std::sin(t * std::pow(10000.0, -2.0 * i / D));
+                x[i] = float(y[i] * c - y[i + D / 2] * s);
+                x[i + D / 2] = float(y[i + D / 2] * c + y[i] * s);
+            }
+        }
+    }
+    std::vector<float> out_a(B * T * H * D), out_b(out_a.size()), p(B * H * T * T);
+    ref().attention_forward(out_a.data(), p.data(), qkv.data(), rope, {});
+    ref().attention_forward(out_b.data(), p.data(), turned.data(), plain, {});
+    expect_close(out_a, out_b, 1e-5, 1e-5, "attention with rope tables vs on rotated inputs");
+    // Position 0 is not rotated at all.
+    std::vector<float> first(out_a.begin(), out_a.begin() + H * D);
+    ref().attention_forward(out_b.data(), p.data(), qkv.data(), plain, {});
+    expect_close(first, std::vector<float>(out_b.begin(), out_b.begin() + H * D), 1e-6, 1e-6,
+                 "position 0");
 }
 
-void check_attention(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, Precision prec) {
+// The CPU backend against the reference, forward and backward, with RoPE inside (as the model
+// runs it) or without; the reference's backward against finite differences in fp32.
+void check_attention(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, Precision prec,
+                     bool rope = true) {
     Attention a{B, T, H, Hkv, D, (H + 2 * Hkv) * D};
+    RopeTables rt(T, D);
+    if (rope)
+        a.rope_cos = rt.cos.data(), a.rope_sin = rt.sin.data();
     const int64_t M = B * T;
     auto qkv = randn(M * a.ldqkv, 5), dout = randn(M * H * D, 6);
     std::vector<float> out_c(M * H * D), out_r(M * H * D), p_c(B * H * T * T), p_r(B * H * T * T);
@@ -318,6 +346,9 @@ void check_attention(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, Pr
 
 TEST(Attention, MultiHead) {
     check_attention(2, 9, 4, 4, 8, Precision::fp32);
+}
+TEST(Attention, MultiHeadWithoutRope) {
+    check_attention(2, 9, 4, 4, 8, Precision::fp32, false);
 }
 TEST(Attention, GroupedQuery) {
     check_attention(2, 7, 6, 2, 8, Precision::fp32);

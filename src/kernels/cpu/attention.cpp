@@ -1,8 +1,10 @@
 // Causal attention for the CPU backend. Heads are packed into dense (B, H, T, D) operands in
-// the compute dtype (keys/values repeated across a query group for GQA), then every product is
-// one batched oneDNN matmul over (B, H); softmax and its backward run row-parallel in f32.
+// the compute dtype (keys/values repeated across a query group for GQA; queries and keys
+// rotated by RoPE on the way), then every product is one batched oneDNN matmul over (B, H);
+// softmax and its backward run row-parallel in f32.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "core/error.h"
 #include "core/threads.h"
@@ -59,30 +61,57 @@ struct Scratch {
 };
 
 template <Precision P>
-inline void store(char* base, int64_t index, float x) {
+using Packed = std::conditional_t<P == Precision::bf16, uint16_t, float>;
+
+template <Precision P>
+inline Packed<P> pack(float x) {
     if constexpr (P == Precision::bf16) {
-        reinterpret_cast<uint16_t*>(base)[index] = f32_to_bf16(x);
+        return f32_to_bf16(x);
     } else {
-        reinterpret_cast<float*>(base)[index] = x;
+        return x;
     }
 }
 
 // Copies D values of `heads` heads from rows of src (row stride ld, first head at column col0)
-// into dst (B, H, T, D); head h reads source head h / repeat.
+// into dst (B, H, T, D); head h reads source head h / repeat. `rotate`: rotated by RoPE on the
+// way, when the Attention has tables.
 template <Precision P>
 void pack_heads(char* dst, const float* src, int64_t ld, int64_t col0, int64_t repeat,
-                const Attention& a) {
+                const Attention& a, bool rotate = false) {
+    const int64_t D = a.D, half = D / 2;
+    rotate = rotate && a.rope_cos;
     parallel_range(a.B * a.T, 4, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; r++) {
             int64_t b = r / a.T, t = r % a.T;
+            const float* __restrict cr = rotate ? a.rope_cos + t * half : nullptr;
+            const float* __restrict sr = rotate ? a.rope_sin + t * half : nullptr;
             for (int64_t h = 0; h < a.H; h++) {
-                const float* s = src + r * ld + col0 + (h / repeat) * a.D;
-                int64_t d0 = ((b * a.H + h) * a.T + t) * a.D;
-                for (int64_t i = 0; i < a.D; i++)
-                    store<P>(dst, d0 + i, s[i]);
+                const float* __restrict s = src + r * ld + col0 + (h / repeat) * D;
+                Packed<P>* __restrict d =
+                    reinterpret_cast<Packed<P>*>(dst) + ((b * a.H + h) * a.T + t) * D;
+                if (rotate) {
+                    for (int64_t i = 0; i < half; i++) {
+                        float x1 = s[i], x2 = s[i + half];
+                        d[i] = pack<P>(x1 * cr[i] - x2 * sr[i]);
+                        d[i + half] = pack<P>(x2 * cr[i] + x1 * sr[i]);
+                    }
+                } else {
+                    for (int64_t i = 0; i < D; i++)
+                        d[i] = pack<P>(s[i]);
+                }
             }
         }
     });
+}
+
+// The inverse rotation of one head's gradient, in place (the backward of RoPE).
+inline void unrotate(float* __restrict v, const float* __restrict cr, const float* __restrict sr,
+                     int64_t half) {
+    for (int64_t i = 0; i < half; i++) {
+        float x1 = v[i], x2 = v[i + half];
+        v[i] = x1 * cr[i] + x2 * sr[i];
+        v[i + half] = x2 * cr[i] - x1 * sr[i];
+    }
 }
 
 MatOperand dense(const void* ptr, DType type, const Attention& a, int64_t rows, int64_t cols,
@@ -104,8 +133,8 @@ MatOperand dense(const void* ptr, DType type, const Attention& a, int64_t rows, 
 template <Precision P>
 void pack_qkv(const Scratch<P>& s, const float* qkv, const Attention& a) {
     int64_t G = a.H / a.Hkv;
-    pack_heads<P>(s.q, qkv, a.ldqkv, 0, 1, a);
-    pack_heads<P>(s.k, qkv, a.ldqkv, a.H * a.D, G, a);
+    pack_heads<P>(s.q, qkv, a.ldqkv, 0, 1, a, true);
+    pack_heads<P>(s.k, qkv, a.ldqkv, a.H * a.D, G, a, true);
     pack_heads<P>(s.v, qkv, a.ldqkv, (a.H + a.Hkv) * a.D, G, a);
 }
 
@@ -214,7 +243,9 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
            false);
     matmul(dense(s.p, ct, a, T, T, true), dense(s.q, ct, a, T, D, false), s.dk, td_strides, scale,
            false);
-    // Into dqkv's rows: dQ as is; dK and dV summed over the query heads of each kv group.
+    // Into dqkv's rows: dQ as is; dK and dV summed over the query heads of each kv group; dQ
+    // and dK back through the rotation.
+    const int64_t half = D / 2;
     parallel_range(a.B * T, 4, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; r++) {
             const int64_t b = r / T, t = r % T;
@@ -239,6 +270,10 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                     for (int64_t i = 0; i < D; i++)
                         dk_row[i] += gk[i], dv_row[i] += gv[i];
                 }
+            }
+            if (a.rope_cos) {
+                for (int64_t h = 0; h < a.H + a.Hkv; h++)
+                    unrotate(row + h * D, a.rope_cos + t * half, a.rope_sin + t * half, half);
             }
         }
     });

@@ -117,37 +117,6 @@ void rmsnorm_backward(float* dx, float* dw, const float* dout, const float* x, c
     });
 }
 
-namespace {
-void rope(float* x, int64_t ld, int64_t M, int64_t T, int64_t n_heads, int64_t D, const float* cos,
-          const float* sin, float sign) {
-    int64_t half = D / 2;
-    parallel_range(M, 8, [&](int64_t m0, int64_t m1) {
-        for (int64_t m = m0; m < m1; m++) {
-            const float* cr = cos + (m % T) * half;
-            const float* sr = sin + (m % T) * half;
-            for (int64_t h = 0; h < n_heads; h++) {
-                float* v = x + m * ld + h * D;
-                for (int64_t i = 0; i < half; i++) {
-                    float a = v[i], b = v[i + half], s = sign * sr[i];
-                    v[i] = a * cr[i] - b * s;
-                    v[i + half] = b * cr[i] + a * s;
-                }
-            }
-        }
-    });
-}
-}  // namespace
-
-void rope_forward(float* x, int64_t ld, int64_t M, int64_t T, int64_t n_heads, int64_t D,
-                  const float* cos, const float* sin) {
-    rope(x, ld, M, T, n_heads, D, cos, sin, 1.0f);
-}
-
-void rope_backward(float* dx, int64_t ld, int64_t M, int64_t T, int64_t n_heads, int64_t D,
-                   const float* cos, const float* sin) {
-    rope(dx, ld, M, T, n_heads, D, cos, sin, -1.0f);
-}
-
 void swiglu_forward(void* h, DType h_type, const float* gu, int64_t M, int64_t F) {
     with_type(h, h_type, [&](auto* out) {
         parallel_range(M, 4, [&](int64_t m0, int64_t m1) {

@@ -18,8 +18,6 @@ void embedding_backward(float*, const float*, const int32_t*, int64_t, int64_t);
 void rmsnorm_forward(void*, DType, float*, const float*, const float*, int64_t, int64_t, float);
 void rmsnorm_backward(float*, float*, const float*, const float*, const float*, const float*,
                       int64_t, int64_t);
-void rope_forward(float*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, const float*);
-void rope_backward(float*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, const float*);
 void swiglu_forward(void*, DType, const float*, int64_t, int64_t);
 void swiglu_backward(void*, DType, const float*, const float*, int64_t, int64_t);
 void logit_stats(const float*, const int32_t*, int64_t, int64_t, float*, float*, float*);
@@ -49,8 +47,6 @@ const Kernels table = {
     embedding_backward,
     rmsnorm_forward,
     rmsnorm_backward,
-    rope_forward,
-    rope_backward,
     attention_forward<P>,
     attention_backward<P>,
     swiglu_forward,

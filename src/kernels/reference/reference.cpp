@@ -114,14 +114,13 @@ void rope(float* x, int64_t ld, int64_t M, int64_t T, int64_t n_heads, int64_t D
     }
 }
 
-void rope_forward(float* x, int64_t ld, int64_t M, int64_t T, int64_t n_heads, int64_t D,
-                  const float* cos, const float* sin) {
-    rope(x, ld, M, T, n_heads, D, cos, sin, 1.0);
-}
-
-void rope_backward(float* dx, int64_t ld, int64_t M, int64_t T, int64_t n_heads, int64_t D,
-                   const float* cos, const float* sin) {
-    rope(dx, ld, M, T, n_heads, D, cos, sin, -1.0);
+// qkv with the queries and keys rotated when `a` has rope tables; else qkv itself.
+const float* rotated(std::vector<float>& copy, const float* qkv, const Attention& a) {
+    if (!a.rope_cos)
+        return qkv;
+    copy.assign(qkv, qkv + a.B * a.T * a.ldqkv);
+    rope(copy.data(), a.ldqkv, a.B * a.T, a.T, a.H + a.Hkv, a.D, a.rope_cos, a.rope_sin, 1.0);
+    return copy.data();
 }
 
 // Index helpers into the packed qkv rows.
@@ -137,7 +136,10 @@ struct QKV {
 };
 
 template <Precision P>
-void attention_forward(float* out, void* probs, const float* qkv, const Attention& a, Workspace) {
+void attention_forward(float* out, void* probs, const float* unrotated, const Attention& a,
+                       Workspace) {
+    std::vector<float> copy;
+    const float* qkv = rotated(copy, unrotated, a);
     QKV ix{a};
     double scale = 1.0 / std::sqrt(double(a.D));
     std::vector<double> s(a.T);
@@ -171,8 +173,10 @@ void attention_forward(float* out, void* probs, const float* qkv, const Attentio
 }
 
 template <Precision P>
-void attention_backward(float* dqkv, const float* dout, const float* qkv, const void* probs,
+void attention_backward(float* dqkv, const float* dout, const float* unrotated, const void* probs,
                         const Attention& a, Workspace) {
+    std::vector<float> copy;
+    const float* qkv = rotated(copy, unrotated, a);
     QKV ix{a};
     double scale = 1.0 / std::sqrt(double(a.D));
     for (int64_t i = 0; i < a.B * a.T * a.ldqkv; i++)
@@ -206,6 +210,8 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
             }
         }
     }
+    if (a.rope_cos)  // back through the rotation: its inverse, on the gradient
+        rope(dqkv, a.ldqkv, a.B * a.T, a.T, a.H + a.Hkv, a.D, a.rope_cos, a.rope_sin, -1.0);
 }
 
 double silu(double x) {
@@ -305,8 +311,6 @@ const Kernels table = {
     embedding_backward,
     rmsnorm_forward,
     rmsnorm_backward,
-    rope_forward,
-    rope_backward,
     attention_forward<P>,
     attention_backward<P>,
     swiglu_forward,

@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
 # Distributed training throughput on this machine: `small` (batch 8 x 512 per step) at DP=1 on
 # one core, DP=2 on two cores (one rank per core), and TP=2 (one rank per core) against TP=1
-# (one process, two cores); with the collective payload per step. DP=2 and TP=2 run twice: with
-# collectives through shared memory (the default on one host) and over TCP loopback (gloo, as
-# between hosts).
+# (one process, two cores); with the collective payload per step.
 #
 # The shared cores drift by 10-15% over minutes, so the layouts run in turn, ROUNDS times, and
 # each ratio is taken within a round; the summary gives the medians.
@@ -43,20 +41,15 @@ run() {  # name ranks threads args...: prints a table row, leaves the tokens/s i
         "$(payload "$work/$name.log")"
 }
 
-layouts() {  # the layouts, each as: name ranks threads args...
+layouts() {  # the four layouts, each as: name ranks threads args...
     run dp1-1core 1 1 --set train.grad_accum=$((2 * ACCUM))
     dp1=$tps
     run dp2 2 1 --set train.grad_accum=$ACCUM
     dp2=$tps
-    run dp2-tcp 2 1 --set train.grad_accum=$ACCUM --set parallel.shared_memory=false
-    dp2tcp=$tps
     run tp1-2cores 1 2 --set train.grad_accum=$((2 * ACCUM))
     tp1=$tps
     run tp2 2 1 --set parallel.tp=2 --set train.grad_accum=$((2 * ACCUM))
     tp2=$tps
-    run tp2-tcp 2 1 --set parallel.tp=2 --set train.grad_accum=$((2 * ACCUM)) \
-        --set parallel.shared_memory=false
-    tp2tcp=$tps
 }
 
 # Round 0, not reported, fills the plan cache, so that no timed run includes tuning.
@@ -70,7 +63,7 @@ echo "|---:|---|---:|---:|---:|---|"
 ratios=()
 for round in $(seq 1 "$ROUNDS"); do
     layouts
-    ratios+=("$dp1 $dp2 $tp1 $tp2 $dp2tcp $tp2tcp")
+    ratios+=("$dp1 $dp2 $tp1 $tp2")
 done
 echo
 printf '%s\n' "${ratios[@]}" | /usr/bin/python3 -c '
@@ -80,9 +73,4 @@ dp = [r[1] / r[0] for r in rows]
 tp = [r[3] / r[2] for r in rows]
 print("DP=2 / DP=1 per round: " + ", ".join(f"{x:.2f}" for x in dp) + f"; median {statistics.median(dp):.2f}x")
 print("TP=2 / TP=1 per round: " + ", ".join(f"{x:.2f}" for x in tp) + f"; median {statistics.median(tp):.2f}x")
-dpt = [r[4] / r[0] for r in rows]
-tpt = [r[5] / r[2] for r in rows]
-print("over TCP loopback instead of shared memory (parallel.shared_memory=false):")
-print("  DP=2 / DP=1 per round: " + ", ".join(f"{x:.2f}" for x in dpt) + f"; median {statistics.median(dpt):.2f}x")
-print("  TP=2 / TP=1 per round: " + ", ".join(f"{x:.2f}" for x in tpt) + f"; median {statistics.median(tpt):.2f}x")
 '

@@ -33,7 +33,7 @@ double median(std::vector<double> v) {
 json compile(const train::RunConfig& config, const std::string& yaml, const CompileOptions& o) {
     const int ranks = o.ranks > 0 ? o.ranks : int(config.tp);
     const int dp = ranks / int(std::max<int64_t>(1, config.tp));
-    train::MemoryPlan plan = train::memory_plan(config, ranks, !config.shared_memory);
+    train::MemoryPlan plan = train::memory_plan(config, ranks);
     const int64_t limit = train::memory_limit(config, 1);
     std::printf(
         "layout: %d ranks = DP %d x TP %lld, ZeRO-%lld, micro-batch %lld x %lld tokens, "

@@ -44,13 +44,14 @@ Accelerator this_machine() {
     set_num_threads(threads);
     a.per_node = int(std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN)));
     a.memory_gb = double(train::machine_memory()) / 1e9 / a.per_node;
-    // kiln's MFU against this peak for tiny on one core a rank (bench/plan_bench.sh).
-    a.efficiency = 0.64;
-    // Ranks on this host meet in shared memory: one core copies about 6 GB/s; each collective
-    // also waits for the slower rank on these shared cores (measured: bench/plan_bench.sh).
-    a.intra_gbps = 6;
-    a.inter_gbps = 6;
-    a.latency_us = 300;
+    // kiln's MFU against this peak for tiny on one core a rank (bench/plan_bench.sh, 2026-11-29;
+    // it was 0.42 before the kernels got faster).
+    a.efficiency = 0.66;
+    // Loopback TCP between ranks through gloo; each collective also waits for the other rank to
+    // be scheduled on these shared cores (measured: bench/plan_bench.sh).
+    a.intra_gbps = 2;
+    a.inter_gbps = 2;
+    a.latency_us = 3000;
     a.host = true;
     return a;
 }
@@ -134,10 +135,7 @@ Estimate estimate(const train::RunConfig& config, const Cluster& cluster) {
     e.micro_batch = config.train.micro_batch;
     e.grad_accum = config.train.grad_accum;
     e.recompute = config.train.recompute;
-    // DP groups reduce through shared memory on one node and over TCP across nodes (with more
-    // than one node, every DP group of more than one rank spans nodes).
-    const bool tcp = !config.shared_memory || cluster.nodes > 1;
-    e.memory = train::memory_plan(config, world, tcp);
+    e.memory = train::memory_plan(config, world);
     if (!cluster.device.host) {
         // On an accelerator the process, the checkpoint staging copy and the communication
         // library's host buffers live in host memory, not on the device.

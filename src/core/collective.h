@@ -1,9 +1,8 @@
 #pragma once
 // The collectives the training step needs, on one group of ranks, in training verbs. Implemented
-// by dist/ (shared memory within a host, gloo over TCP between hosts, NCCL on devices); model/ and
-// optim/ call it without linking dist/, so a reader sees where communication happens. Every rank of
-// the group must make the same calls in the same order with the same sizes. Buffers are host
-// memory, float32 unless stated.
+// by dist/ (gloo over TCP for CPU tensors); model/ and optim/ call it without linking dist/, so a
+// reader sees where communication happens. Every rank of the group must make the same calls in
+// the same order with the same sizes. Buffers are host memory, float32 unless stated.
 #include <cstddef>
 #include <cstdint>
 

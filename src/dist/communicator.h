@@ -1,6 +1,5 @@
 #pragma once
-// The process grid of a distributed run and its communicators (shared memory within a host,
-// gloo over TCP between hosts).
+// The process grid of a distributed run and its communicators (gloo over TCP).
 // World = DP x TP; the ranks of one TP group are consecutive: rank = dp_rank * tp + tp_rank.
 #include <chrono>
 #include <memory>
@@ -27,10 +26,8 @@ Grid make_grid(int world_size, int rank, int tp);
 class Job {
 public:
     // Rendezvous: every rank announces itself; after `timeout` the ranks that never arrived are
-    // named in the Error. Then each group connects: through shared memory when `shared_memory`
-    // and its ranks share a host, else with gloo over TCP.
-    Job(const Placement& placement, int tp, std::chrono::milliseconds timeout,
-        bool shared_memory = true);
+    // named in the Error. Then gloo connects each group over TCP.
+    Job(const Placement& placement, int tp, std::chrono::milliseconds timeout);
     ~Job();
     // Waits for every rank at the end of a run, so rank 0's store outlives everyone's use of it.
     void finish() { world_->barrier(); }
@@ -38,14 +35,11 @@ public:
     Collective& world() { return *world_; }
     Collective& dp() { return *dp_; }
     Collective& tp() { return *tp_; }
-    // The DP group reduces through gloo over TCP (not shared memory, not a group of one).
-    bool dp_over_tcp() const { return dp_over_tcp_; }
 
 private:
     Grid grid_;
     std::unique_ptr<TcpStore> store_;
     std::unique_ptr<Collective> world_, dp_, tp_;
-    bool dp_over_tcp_ = false;
 };
 
 }  // namespace kiln::dist

@@ -16,7 +16,6 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "dist/communicator.h"
-#include "dist/shm_comm.h"
 #include "dist/store.h"
 
 namespace kiln::dist {
@@ -121,23 +120,12 @@ public:
     void barrier() override {}
 };
 
-// The group `name`: through shared memory when `shared_memory` allows and its ranks share a
-// host, else gloo over TCP. `how` says which, for the log.
 std::unique_ptr<Collective> connect(TcpStore& store,
                                     std::shared_ptr<gloo::transport::Device>& device,
                                     const std::string& name, int rank, int size,
-                                    std::chrono::milliseconds timeout, bool shared_memory,
-                                    std::string& how) {
+                                    std::chrono::milliseconds timeout) {
     if (size == 1)
         return std::make_unique<SoloCollective>();
-    how += (how.empty() ? "" : ", ") + name;
-    if (shared_memory) {
-        if (auto shm = connect_shared_memory(store, name, rank, size, timeout)) {
-            how += " through shared memory";
-            return shm;
-        }
-    }
-    how += " over TCP";
     auto ctx = std::make_shared<gloo::rendezvous::Context>(rank, size);
     ctx->setTimeout(timeout);
     gloo::rendezvous::PrefixStore prefixed(name, store);
@@ -165,7 +153,7 @@ Grid make_grid(int world_size, int rank, int tp) {
     return g;
 }
 
-Job::Job(const Placement& p, int tp, std::chrono::milliseconds timeout, bool shared_memory)
+Job::Job(const Placement& p, int tp, std::chrono::milliseconds timeout)
     : grid_(make_grid(p.world_size, p.rank, tp)) {
     if (p.world_size == 1) {
         world_ = std::make_unique<SoloCollective>();
@@ -200,15 +188,11 @@ Job::Job(const Placement& p, int tp, std::chrono::milliseconds timeout, bool sha
         }();
     auto device = gloo::transport::tcp::CreateDevice(attr);
     const Grid& g = grid_;
-    std::string how;
-    world_ = connect(*store_, device, "world", g.rank, g.world, timeout, shared_memory, how);
-    dp_ = connect(*store_, device, "dp" + std::to_string(g.tp_rank), g.dp_rank, g.dp, timeout,
-                  shared_memory, how);
-    tp_ = connect(*store_, device, "tp" + std::to_string(g.dp_rank), g.tp_rank, g.tp, timeout,
-                  shared_memory, how);
-    dp_over_tcp_ = dynamic_cast<GlooCollective*>(dp_.get()) != nullptr;
-    log::info("dist", "rank {} of {} connected ({}): dp {}/{}, tp {}/{}; groups: {}", g.rank,
-              g.world, p.source, g.dp_rank, g.dp, g.tp_rank, g.tp, how);
+    world_ = connect(*store_, device, "world", g.rank, g.world, timeout);
+    dp_ = connect(*store_, device, "dp" + std::to_string(g.tp_rank), g.dp_rank, g.dp, timeout);
+    tp_ = connect(*store_, device, "tp" + std::to_string(g.dp_rank), g.tp_rank, g.tp, timeout);
+    log::info("dist", "rank {} of {} connected ({}): dp {}/{}, tp {}/{}", g.rank, g.world, p.source,
+              g.dp_rank, g.dp, g.tp_rank, g.tp);
 }
 
 Job::~Job() = default;

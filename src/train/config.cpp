@@ -61,9 +61,6 @@ void build_schema(ConfigSchema& s, RunConfig& c) {
     s.add("parallel.timeout_s", &c.timeout_s,
           "seconds to wait for every rank at rendezvous and in a collective",
           positive(&c.timeout_s));
-    s.add("parallel.shared_memory", &c.shared_memory,
-          "ranks on one host exchange collectives through shared memory (false: gloo over TCP "
-          "loopback)");
     s.add("run.dir", &c.run_dir, "run folder (empty: runs/<generated id>)");
     s.add("run.log_level", &c.log_level, "debug | info | warn | error",
           one_of(&c.log_level, {"debug", "info", "warn", "error"}));

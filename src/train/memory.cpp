@@ -6,7 +6,6 @@
 #include <fstream>
 
 #include "core/error.h"
-#include "dist/shm_comm.h"
 #include "kernels/backends.h"
 #include "model/layout.h"
 #include "model/llama.h"
@@ -53,7 +52,7 @@ std::string MemoryPlan::table() const {
     return out;
 }
 
-MemoryPlan memory_plan(const RunConfig& config, int world, bool dp_over_tcp) {
+MemoryPlan memory_plan(const RunConfig& config, int world) {
     const int tp = int(config.tp);
     if (world < 1 || world % tp != 0)
         throw error("parallel.tp={} does not divide the {} ranks", tp, world);
@@ -78,14 +77,8 @@ MemoryPlan memory_plan(const RunConfig& config, int world, bool dp_over_tcp) {
     p.optimizer = 2 * range * int64_t(sizeof(float));
     p.checkpoint = (total + 2 * range) * int64_t(sizeof(float));  // DP rank 0: params + m + v
     // gloo's halving-doubling reduce-scatter (ZeRO-1) holds two gradient-sized buffers; its
-    // all-reduce (no ZeRO) reduces in place (measured: bench/RESULTS.md, memory plan). Through
-    // shared memory, each group of more than one rank maps one segment, touched whole.
-    if (dp_over_tcp) {
-        p.communication = zero ? 2 * m.grads : 0;
-    } else {
-        for (int group : {world, dp, tp})
-            p.communication += group > 1 ? int64_t(dist::shared_memory_bytes(group)) : 0;
-    }
+    // all-reduce (no ZeRO) reduces in place (measured: bench/RESULTS.md, memory plan).
+    p.communication = zero ? 2 * m.grads : 0;
     p.runtime = kRuntimeBytes;
     return p;
 }

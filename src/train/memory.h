@@ -18,7 +18,7 @@ struct MemoryPlan {
     int64_t optimizer = 0;      // AdamW m and v (this DP rank's shard under ZeRO-1)
     int64_t activations = 0;    // saved activations, backward scratch and the kernel workspace
     int64_t checkpoint = 0;     // the staging copy a background checkpoint writes from
-    int64_t communication = 0;  // gloo's reduce-scatter scratch, or the shared memory segments
+    int64_t communication = 0;  // gloo's scratch for the gradient reduce-scatter / all-reduce
     int64_t runtime = 0;        // the process itself: code, libraries, thread stacks, buffers
 
     int64_t total() const {
@@ -40,10 +40,7 @@ int64_t machine_memory();  // this machine's physical memory in bytes
 
 // The plan of `config` on `world` ranks (world / parallel.tp data-parallel). Throws Error for a
 // layout that cannot run (world not a multiple of tp, heads not divisible, ...).
-// `dp_over_tcp`: the DP group reduces through gloo over TCP (between hosts, or with
-// parallel.shared_memory=false), which holds scratch of its own; on one host it goes through
-// shared memory.
-MemoryPlan memory_plan(const RunConfig& config, int world, bool dp_over_tcp);
+MemoryPlan memory_plan(const RunConfig& config, int world);
 
 // What one rank may use: train.memory_limit_gb when set, else this machine's memory divided
 // among the ranks that share it (`local_ranks`).

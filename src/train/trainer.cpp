@@ -145,7 +145,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
 
     dist::Placement place = dist::discover();
     dist::Job job(place, static_cast<int>(cfg.tp),
-                  std::chrono::milliseconds(int64_t(cfg.timeout_s * 1000)), cfg.shared_memory);
+                  std::chrono::milliseconds(int64_t(cfg.timeout_s * 1000)));
     const dist::Grid& g = job.grid();
     const bool lead = g.rank == 0;
     heartbeat(g.rank, 0);
@@ -187,7 +187,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     }
     // Nothing big is allocated before the plan says it fits.
     const char* local = std::getenv("LOCAL_WORLD_SIZE");
-    const MemoryPlan plan = memory_plan(cfg, g.world, job.dp_over_tcp());
+    const MemoryPlan plan = memory_plan(cfg, g.world);
     check_fits(plan, memory_limit(cfg, local ? std::max(1, std::atoi(local)) : 1), cfg);
     const bool zero = cfg.zero == 1 && g.dp > 1;
     const Shards sh =

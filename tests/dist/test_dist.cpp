@@ -125,17 +125,10 @@ TEST(Parallel, LayoutsMatchOneProcess) {
         {"dp2-zero0", 2, " --set parallel.zero=0", "(replicated; dp 2 x tp 1)"},
         {"tp2", 2, " --set parallel.tp=2 --set train.grad_accum=2", "(replicated; dp 1 x tp 2)"},
         {"dp2-tp2", 4, " --set parallel.tp=2", "(ZeRO-1 shard; dp 2 x tp 2)"},
-        // The same over gloo's TCP, as between hosts (the others go through shared memory).
-        {"dp2-tp2-tcp", 4, " --set parallel.tp=2 --set parallel.shared_memory=false",
-         "(ZeRO-1 shard; dp 2 x tp 2)"},
     };
     for (const auto& l : layouts) {
         std::string out = expect_layout_matches(dir, l.name, l.ranks, l.args, batch8, 1e-4);
         EXPECT_NE(out.find(l.memory), std::string::npos) << out;
-        bool tcp = l.args.find("shared_memory=false") != std::string::npos;
-        EXPECT_NE(out.find(tcp ? "world over TCP" : "world through shared memory"),
-                  std::string::npos)
-            << out;
     }
     // DP=3, not a power of two: a global batch of 6.
     expect_layout_matches(dir, "dp3", 3, " --set train.micro_batch=2",

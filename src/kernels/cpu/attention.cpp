@@ -30,8 +30,7 @@ struct Scratch {
     char* v;    // (B, H, T, D) compute dtype
     char* do_;  // (B, H, T, D) compute dtype: the output gradient
     char* p;    // (B, H, T, T) compute dtype: dS
-    float*
-        dp;  // (B, H, T, T): the scores in bf16's forward, dP then dQ (B, H, T, D) in the backward
+    float* dp;  // (B, H, T, T) f32: bf16's scores; in the backward dP, then dQ (B, H, T, D)
     float* dk;  // (B, H, T, D)
     float* dv;  // (B, H, T, D)
 

@@ -38,9 +38,10 @@ struct Kernels {
     void (*attention_forward)(float* out, void* probs, const float* qkv, const Attention& a,
                               Workspace ws);
     // dqkv (M, ldqkv) = gradient of the attention output dout (M, H*D) w.r.t. the packed qkv
-    // (overwritten, all three parts).
-    void (*attention_backward)(float* dqkv, const float* dout, const float* qkv, const void* probs,
-                               const Attention& a, Workspace ws);
+    // (overwritten, all three parts), written as dqkv_type (f32 or bf16: its readers are
+    // products).
+    void (*attention_backward)(void* dqkv, DType dqkv_type, const float* dout, const float* qkv,
+                               const void* probs, const Attention& a, Workspace ws);
 
     // h (M, F) = silu(gate) * up where gu (M, 2F) holds gate in [0, F) and up in [F, 2F);
     // written as h_type (f32 or bf16)

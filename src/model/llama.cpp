@@ -112,7 +112,7 @@ void Llama::build(int64_t capacity, bool allocate) {
     size_t o_xnf = acts_.add("xnf", M * C, ct);
     size_t o_dres = acts_.add("dres", M * C, DType::f32);
     size_t o_dxn = acts_.add("dxn", M * C, DType::f32);
-    size_t o_dqkv = acts_.add("dqkv", M * QKV, DType::f32);
+    size_t o_dqkv = acts_.add("dqkv", M * QKV, ct);
     size_t o_datt = acts_.add("datt", M * H * D, DType::f32);
     size_t o_dgu = acts_.add("dgu", M * 2 * F, ct);
     size_t o_dh = acts_.add("dh", M * F, DType::f32);
@@ -120,7 +120,7 @@ void Llama::build(int64_t capacity, bool allocate) {
     size_t o_losses = acts_.add("losses", M, DType::f32);
     size_t o_rows = acts_.add("row_stats", 4 * M, DType::f32);
     size_t o_local = acts_.add("local_ids", 2 * M, DType::i32);
-    size_t o_dy_bf = acts_.add("dy_bf", bf * M * std::max({C, QKV, H * D}), DType::bf16);
+    size_t o_dy_bf = acts_.add("dy_bf", bf * M * C, DType::bf16);
     size_t o_dlogits_bf = acts_.add("dlogits_bf", bf * head_rows_ * V, DType::bf16);
     int64_t max_operand = std::max({M * std::max({C, QKV, 2 * F}), head_rows_ * V});
     ws_.bytes = k_.workspace_bytes(max_operand, attn_);
@@ -154,7 +154,7 @@ void Llama::build(int64_t capacity, bool allocate) {
     xnf_ = acts_.get<void>(o_xnf);
     dres_ = acts_.get<float>(o_dres);
     dxn_ = acts_.get<float>(o_dxn);
-    dqkv_ = acts_.get<float>(o_dqkv);
+    dqkv_ = acts_.get<void>(o_dqkv);
     datt_ = acts_.get<float>(o_datt);
     dgu_ = acts_.get<void>(o_dgu);
     dh_ = acts_.get<float>(o_dh);
@@ -323,9 +323,9 @@ void Llama::block_backward(int64_t l, float* dres, bool accumulate) {
     // attention: x2 = x + att Wo^T, att = attention(xn1 Wqkv^T) (RoPE inside), xn1 = rmsnorm(x)
     linear_backward(datt_, g + p.wo, operand(dres, dy_bf_, M * C), saved(a.att, a.att_bf),
                     weight(p.wo), M, H * D, C, accumulate);
-    k_.attention_backward(dqkv_, datt_, a.qkv, a.probs, attn_, ws_);
-    linear_backward(dxn_, g + p.wqkv, operand(dqkv_, dy_bf_, M * QKV), input(a.xn1), weight(p.wqkv),
-                    M, C, QKV, accumulate);
+    k_.attention_backward(dqkv_, compute_type(), datt_, a.qkv, a.probs, attn_, ws_);
+    linear_backward(dxn_, g + p.wqkv, input(dqkv_), input(a.xn1), weight(p.wqkv), M, C, QKV,
+                    accumulate);
     tp_all_reduce(dxn_, M * C);  // xn1 fed every rank's heads
     k_.rmsnorm_backward(dres, g + p.attention_norm, dxn_, x, norm_weight(p.attention_norm), a.rstd1,
                         M, C);

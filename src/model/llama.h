@@ -129,14 +129,15 @@ private:
     bool bf16_;
 
     float* res_;  // (L+1, M, C) residual stream: block inputs, then the final block's output
-    std::vector<BlockActs> blocks_;  // [layer] (aliases one set when recomputing everything)
-    float *rope_cos_, *rope_sin_;    // (T, D/2)
-    float* rstdf_;                   // (M) final norm
-    void* xnf_;                      // (M, C) final norm output, compute_type()
-    float* norm_w_;                  // (C) norm_weight's widened copy
-    float *dres_, *dxn_, *dqkv_, *datt_, *dh_;              // backward scratch
-    void* dgu_;                                             // compute_type()
-    float *logits_, *losses_;                               // (head_rows, V), (M)
+    std::vector<BlockActs> blocks_;     // [layer] (aliases one set when recomputing everything)
+    float *rope_cos_, *rope_sin_;       // (T, D/2)
+    float* rstdf_;                      // (M) final norm
+    void* xnf_;                         // (M, C) final norm output, compute_type()
+    float* norm_w_;                     // (C) norm_weight's widened copy
+    float *dres_, *dxn_, *datt_, *dh_;  // backward scratch
+    void* dqkv_;                        // in compute_type()
+    void* dgu_;                         // compute_type()
+    float *logits_, *losses_;           // (head_rows, V), (M)
     float *row_max_, *row_sum_, *row_target_, *row_scale_;  // (M) cross-entropy statistics
     int32_t *local_tokens_, *local_targets_;  // (M) ids in this rank's vocabulary slice, or -1
     uint16_t *dy_bf_, *dlogits_bf_;           // bf16 precision: dy scratch, (rows, V)

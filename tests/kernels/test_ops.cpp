@@ -331,9 +331,14 @@ void check_attention(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, Pr
             ASSERT_EQ(p_c[r * T + u], 0.0f) << "row " << r << " column " << u;
     }
     std::vector<float> dq_c(M * a.ldqkv, 9.0f), dq_r(M * a.ldqkv);
-    cpu.attention_backward(dq_c.data(), dout.data(), qkv.data(), probs_c, a, w);
-    ref().attention_backward(dq_r.data(), dout.data(), qkv.data(), p_r.data(), a, {});
+    cpu.attention_backward(dq_c.data(), DType::f32, dout.data(), qkv.data(), probs_c, a, w);
+    ref().attention_backward(dq_r.data(), DType::f32, dout.data(), qkv.data(), p_r.data(), a, {});
     expect_close(dq_c, dq_r, prec == Precision::bf16 ? 6e-2 : 1e-4, tol, "attention dqkv");
+    // Written as bf16 (what the model asks for in bf16): the same values, rounded once.
+    std::vector<uint16_t> dq_bf(dq_c.size(), 0x7fc0);
+    cpu.attention_backward(dq_bf.data(), DType::bf16, dout.data(), qkv.data(), probs_c, a, w);
+    for (size_t i = 0; i < dq_bf.size(); i++)
+        ASSERT_EQ(dq_bf[i], f32_to_bf16(dq_c[i])) << "dqkv as bf16, element " << i;
     if (prec == Precision::fp32) {
         auto loss = [&] {
             std::vector<float> o(M * H * D), p(B * H * T * T);

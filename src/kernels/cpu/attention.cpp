@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <vector>
 
 #include "core/error.h"
 #include "core/threads.h"
@@ -191,8 +192,8 @@ void attention_forward(float* out, void* probs, const float* qkv, const Attentio
 }
 
 template <Precision P>
-void attention_backward(float* dqkv, const float* dout, const float* qkv, const void* probs,
-                        const Attention& a, Workspace ws) {
+void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const float* qkv,
+                        const void* probs, const Attention& a, Workspace ws) {
     Scratch<P> s(a, ws);
     const DType ct = compute_dtype(P);
     const int64_t T = a.T, D = a.D, G = a.H / a.Hkv;
@@ -243,12 +244,14 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
     matmul(dense(s.p, ct, a, T, T, true), dense(s.q, ct, a, T, D, false), s.dk, td_strides, scale,
            false);
     // Into dqkv's rows: dQ as is; dK and dV summed over the query heads of each kv group; dQ
-    // and dK back through the rotation.
+    // and dK back through the rotation. A bf16 row is made in f32 first, then rounded.
     const int64_t half = D / 2;
+    const bool f32 = dqkv_type == DType::f32;
     parallel_range(a.B * T, 4, [&](int64_t r0, int64_t r1) {
+        std::vector<float> f32_row(f32 ? 0 : size_t(a.ldqkv));
         for (int64_t r = r0; r < r1; r++) {
             const int64_t b = r / T, t = r % T;
-            float* __restrict row = dqkv + r * a.ldqkv;
+            float* __restrict row = f32 ? static_cast<float*>(dqkv) + r * a.ldqkv : f32_row.data();
             for (int64_t h = 0; h < a.H; h++) {
                 const float* __restrict src = dq + ((b * a.H + h) * T + t) * D;
                 float* __restrict dst = row + h * D;
@@ -274,6 +277,11 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                 for (int64_t h = 0; h < a.H + a.Hkv; h++)
                     unrotate(row + h * D, a.rope_cos + t * half, a.rope_sin + t * half, half);
             }
+            if (!f32) {
+                uint16_t* __restrict out = static_cast<uint16_t*>(dqkv) + r * a.ldqkv;
+                for (int64_t i = 0; i < a.ldqkv; i++)
+                    out[i] = f32_to_bf16(row[i]);
+            }
         }
     });
 }
@@ -284,9 +292,9 @@ template void attention_forward<Precision::fp32>(float*, void*, const float*, co
                                                  Workspace);
 template void attention_forward<Precision::bf16>(float*, void*, const float*, const Attention&,
                                                  Workspace);
-template void attention_backward<Precision::fp32>(float*, const float*, const float*, const void*,
-                                                  const Attention&, Workspace);
-template void attention_backward<Precision::bf16>(float*, const float*, const float*, const void*,
-                                                  const Attention&, Workspace);
+template void attention_backward<Precision::fp32>(void*, DType, const float*, const float*,
+                                                  const void*, const Attention&, Workspace);
+template void attention_backward<Precision::bf16>(void*, DType, const float*, const float*,
+                                                  const void*, const Attention&, Workspace);
 
 }  // namespace kiln::kernels::cpu

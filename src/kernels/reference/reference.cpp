@@ -173,14 +173,14 @@ void attention_forward(float* out, void* probs, const float* unrotated, const At
 }
 
 template <Precision P>
-void attention_backward(float* dqkv, const float* dout, const float* unrotated, const void* probs,
-                        const Attention& a, Workspace) {
+void attention_backward(void* out, DType out_type, const float* dout, const float* unrotated,
+                        const void* probs, const Attention& a, Workspace) {
     std::vector<float> copy;
     const float* qkv = rotated(copy, unrotated, a);
     QKV ix{a};
     double scale = 1.0 / std::sqrt(double(a.D));
-    for (int64_t i = 0; i < a.B * a.T * a.ldqkv; i++)
-        dqkv[i] = 0;
+    std::vector<float> grad(size_t(a.B * a.T * a.ldqkv), 0.0f);
+    float* dqkv = grad.data();
     std::vector<double> dp(a.T);
     for (int64_t b = 0; b < a.B; b++) {
         for (int64_t h = 0; h < a.H; h++) {
@@ -212,6 +212,8 @@ void attention_backward(float* dqkv, const float* dout, const float* unrotated, 
     }
     if (a.rope_cos)  // back through the rotation: its inverse, on the gradient
         rope(dqkv, a.ldqkv, a.B * a.T, a.T, a.H + a.Hkv, a.D, a.rope_cos, a.rope_sin, -1.0);
+    for (size_t i = 0; i < grad.size(); i++)
+        store(out, out_type, int64_t(i), grad[i]);
 }
 
 double silu(double x) {

@@ -85,7 +85,7 @@ void Llama::build(int64_t capacity, bool allocate) {
     // Activations: declare every region, allocate once, then resolve pointers.
     const int64_t M = M_;
     const int64_t sets = recompute == Recompute::full ? 1 : L;
-    const int64_t prob_sets = recompute == Recompute::none ? L : 1;
+    const int64_t attention_sets = recompute == Recompute::none ? L : 1;
     size_t o_res = acts_.add("residual", (L + 1) * M * C, DType::f32);
     const int64_t bf = bf16_ ? 1 : 0;  // bf16 copies of product inputs exist in bf16 only
     const DType ct = compute_type();
@@ -102,9 +102,10 @@ void Llama::build(int64_t capacity, bool allocate) {
              acts_.add("h", M * F, ct),
              acts_.add("att_bf", bf * M * H * D, DType::bf16)};
     }
-    std::vector<size_t> o_probs(prob_sets);
-    for (auto& o : o_probs)
-        o = acts_.add("probs", B * H * T * T, ct);
+    std::vector<size_t> o_saved(attention_sets);
+    const int64_t saved_bytes = int64_t(k_.attention_saved_bytes(attn_));
+    for (auto& o : o_saved)
+        o = acts_.add("attention_saved", (saved_bytes + 1) / 2, DType::u16);  // bytes / 2
     size_t o_cos = acts_.add("rope_cos", T * D / 2, DType::f32);
     size_t o_sin = acts_.add("rope_sin", T * D / 2, DType::f32);
     size_t o_rstdf = acts_.add("rstdf", M, DType::f32);
@@ -144,7 +145,7 @@ void Llama::build(int64_t capacity, bool allocate) {
         for (int i = 0; i < 3; i++)
             *inputs[i] = acts_.get<void>(o[6 + i]);
         b.att_bf = bf16_ ? acts_.get<uint16_t>(o[9]) : nullptr;
-        b.probs = acts_.get<void>(o_probs[recompute == Recompute::none ? l : 0]);
+        b.attention = acts_.get<void>(o_saved[recompute == Recompute::none ? l : 0]);
         blocks_.push_back(b);
     }
     rope_cos_ = acts_.get<float>(o_cos);
@@ -290,7 +291,7 @@ void Llama::block_forward(int64_t l, const float* x, float* out) {
     const DType ct = compute_type();
     k_.rmsnorm_forward(a.xn1, ct, a.rstd1, x, norm_weight(p.attention_norm), M, C, eps);
     linear_forward(a.qkv, input(a.xn1), weight(p.wqkv), M, C, QKV);
-    k_.attention_forward(a.att, a.probs, a.qkv, attn_, ws_);
+    k_.attention_forward(a.att, a.attention, a.qkv, attn_, ws_);
     row_parallel(a.x2, x, operand(a.att, a.att_bf, M * H * D), weight(p.wo), M, H * D, C);
     // feed-forward (this rank's slice of the hidden width)
     k_.rmsnorm_forward(a.xn2, ct, a.rstd2, a.x2, norm_weight(p.ffn_norm), M, C, eps);
@@ -307,7 +308,7 @@ void Llama::block_backward(int64_t l, float* dres, bool accumulate) {
     if (recompute_ == Recompute::full) {
         block_forward(l, x, res_ + (l + 1) * M_ * C_);  // same values as before
     } else if (recompute_ == Recompute::selective) {
-        k_.attention_forward(a.att, a.probs, a.qkv, attn_, ws_);  // refills the shared probs
+        k_.attention_forward(a.att, a.attention, a.qkv, attn_, ws_);  // refills the shared set
     }
     float* g = grads();
     const int64_t M = M_, T = T_, C = C_, H = H_, D = D_, F = F_, QKV = QKV_;
@@ -323,7 +324,7 @@ void Llama::block_backward(int64_t l, float* dres, bool accumulate) {
     // attention: x2 = x + att Wo^T, att = attention(xn1 Wqkv^T) (RoPE inside), xn1 = rmsnorm(x)
     linear_backward(datt_, g + p.wo, operand(dres, dy_bf_, M * C), saved(a.att, a.att_bf),
                     weight(p.wo), M, H * D, C, accumulate);
-    k_.attention_backward(dqkv_, compute_type(), datt_, a.qkv, a.probs, attn_, ws_);
+    k_.attention_backward(dqkv_, compute_type(), datt_, a.qkv, a.attention, attn_, ws_);
     linear_backward(dxn_, g + p.wqkv, input(dqkv_), input(a.xn1), weight(p.wqkv), M, C, QKV,
                     accumulate);
     tp_all_reduce(dxn_, M * C);  // xn1 fed every rank's heads

@@ -79,8 +79,9 @@ private:
     struct BlockActs {  // one block's saved activations; pointers into acts_
         float *rstd1, *qkv, *att, *x2, *rstd2, *gu;
         // Read only by products, so written straight in their dtype (compute_type()): the
-        // norms' outputs, the SwiGLU output and the softmax.
-        void *xn1, *xn2, *h, *probs;
+        // norms' outputs and the SwiGLU output.
+        void *xn1, *xn2, *h;
+        void* attention;   // what attention's forward keeps for its backward (the softmax, ...)
         uint16_t* att_bf;  // bf16 precision: the attention output rounded for its product
     };
     struct Operand {  // a matrix as the products read it

@@ -314,15 +314,19 @@ void check_attention(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, Pr
     const int64_t M = B * T;
     auto qkv = randn(M * a.ldqkv, 5), dout = randn(M * H * D, 6);
     std::vector<float> out_c(M * H * D), out_r(M * H * D), p_c(B * H * T * T), p_r(B * H * T * T);
-    std::vector<uint16_t> p_bf(prec == Precision::bf16 ? p_c.size() : 0);  // bf16 keeps bf16
-    void* probs_c = prec == Precision::bf16 ? static_cast<void*>(p_bf.data()) : p_c.data();
     const Kernels& cpu = cpu_kernels(prec);
+    // What the CPU forward keeps: the softmax first (bf16 in bf16), then its packed operands.
+    std::vector<float> saved_c(cpu.attention_saved_bytes(a) / 4 + 1);
+    EXPECT_GE(cpu.attention_saved_bytes(a), ref().attention_saved_bytes(a));
+    void* probs_c = saved_c.data();
     Workspaces ws;
     Workspace w = ws.get(cpu.workspace_bytes(0, a));
     cpu.attention_forward(out_c.data(), probs_c, qkv.data(), a, w);
     ref().attention_forward(out_r.data(), p_r.data(), qkv.data(), a, {});
-    for (size_t i = 0; i < p_bf.size(); i++)
-        p_c[i] = bf16_to_f32(p_bf[i]);
+    for (size_t i = 0; i < p_c.size(); i++) {
+        p_c[i] = prec == Precision::bf16 ? bf16_to_f32(reinterpret_cast<uint16_t*>(probs_c)[i])
+                                         : saved_c[i];
+    }
     double tol = prec == Precision::bf16 ? 3e-2 : 1e-4;
     expect_close(out_c, out_r, tol, tol, "attention out");
     expect_close(p_c, p_r, tol, tol, "attention probs");

@@ -23,12 +23,31 @@ size_t round64(size_t n) {
     return (n + 63) / 64 * 64;
 }
 
-// Carves the workspace into the packed operands.
+// What the forward keeps for the backward, in its `saved` buffer: the probabilities and the
+// packed operands, so the backward does not pack q, k and v again.
+template <Precision P>
+struct Saved {
+    char* probs;  // (B, H, T, T) compute dtype
+    char* q;      // (B, H, T, D) compute dtype, rotated
+    char* k;      // (B, H, T, D) compute dtype, rotated, kv heads repeated per group
+    char* v;      // (B, H, T, D) compute dtype, kv heads repeated per group
+
+    static size_t bytes(const Attention& a) {
+        size_t bhtd = size_t(a.B * a.H * a.T * a.D), bhtt = size_t(a.B * a.H * a.T * a.T);
+        return round64(bhtt * compute_size<P>) + 3 * round64(bhtd * compute_size<P>);
+    }
+    Saved(const void* base, const Attention& a) {
+        size_t bhtd = size_t(a.B * a.H * a.T * a.D), bhtt = size_t(a.B * a.H * a.T * a.T);
+        probs = static_cast<char*>(const_cast<void*>(base));
+        q = probs + round64(bhtt * compute_size<P>);
+        k = q + round64(bhtd * compute_size<P>);
+        v = k + round64(bhtd * compute_size<P>);
+    }
+};
+
+// Carves the workspace into the backward's operands and the f32 intermediates.
 template <Precision P>
 struct Scratch {
-    char* q;    // (B, H, T, D) compute dtype
-    char* k;    // (B, H, T, D) compute dtype, kv heads repeated per group
-    char* v;    // (B, H, T, D) compute dtype
     char* do_;  // (B, H, T, D) compute dtype: the output gradient
     char* p;    // (B, H, T, T) compute dtype: dS
     float* dp;  // (B, H, T, T) f32: bf16's scores; in the backward dP, then dQ (B, H, T, D)
@@ -37,7 +56,7 @@ struct Scratch {
 
     static size_t bytes(const Attention& a) {
         size_t bhtd = size_t(a.B * a.H * a.T * a.D), bhtt = size_t(a.B * a.H * a.T * a.T);
-        return 4 * round64(bhtd * compute_size<P>) + round64(bhtt * compute_size<P>) +
+        return round64(bhtd * compute_size<P>) + round64(bhtt * compute_size<P>) +
                round64(std::max(bhtt, bhtd) * 4) + 2 * round64(bhtd * 4);
     }
     Scratch(const Attention& a, Workspace ws) {
@@ -49,9 +68,6 @@ struct Scratch {
             at += round64(n);
             return p;
         };
-        q = take(bhtd * compute_size<P>);
-        k = take(bhtd * compute_size<P>);
-        v = take(bhtd * compute_size<P>);
         do_ = take(bhtd * compute_size<P>);
         p = take(bhtt * compute_size<P>);
         dp = reinterpret_cast<float*>(take(std::max(bhtt, bhtd) * 4));
@@ -131,7 +147,7 @@ MatOperand dense(const void* ptr, DType type, const Attention& a, int64_t rows, 
 }
 
 template <Precision P>
-void pack_qkv(const Scratch<P>& s, const float* qkv, const Attention& a) {
+void pack_qkv(const Saved<P>& s, const float* qkv, const Attention& a) {
     int64_t G = a.H / a.Hkv;
     pack_heads<P>(s.q, qkv, a.ldqkv, 0, 1, a, true);
     pack_heads<P>(s.k, qkv, a.ldqkv, a.H * a.D, G, a, true);
@@ -146,16 +162,23 @@ size_t attention_workspace(const Attention& a) {
 }
 
 template <Precision P>
-void attention_forward(float* out, void* probs, const float* qkv, const Attention& a,
+size_t attention_saved_bytes(const Attention& a) {
+    return Saved<P>::bytes(a);
+}
+
+template <Precision P>
+void attention_forward(float* out, void* saved, const float* qkv, const Attention& a,
                        Workspace ws) {
     Scratch<P> s(a, ws);
+    Saved<P> sv(saved, a);
+    void* probs = sv.probs;
     const DType ct = compute_dtype(P);
     const int64_t T = a.T, D = a.D;
-    pack_qkv<P>(s, qkv, a);
+    pack_qkv<P>(sv, qkv, a);
     // Scores in f32: in place of the probabilities in fp32, in scratch in bf16.
     float* scores = P == Precision::bf16 ? s.dp : static_cast<float*>(probs);
     const int64_t tt_strides[4] = {a.H * T * T, T * T, T, 1};
-    matmul(dense(s.q, ct, a, T, D, false), dense(s.k, ct, a, T, D, true), scores, tt_strides,
+    matmul(dense(sv.q, ct, a, T, D, false), dense(sv.k, ct, a, T, D, true), scores, tt_strides,
            1.0f / std::sqrt(float(D)), false);
     // Causal softmax per row, stored in the compute dtype; entries above the diagonal become
     // exact zeros.
@@ -187,18 +210,19 @@ void attention_forward(float* out, void* probs, const float* qkv, const Attentio
         }
     });
     const int64_t out_strides[4] = {T * a.H * D, D, a.H * D, 1};
-    matmul(dense(probs, ct, a, T, T, false), dense(s.v, ct, a, T, D, false), out, out_strides, 1.0f,
-           false);
+    matmul(dense(probs, ct, a, T, T, false), dense(sv.v, ct, a, T, D, false), out, out_strides,
+           1.0f, false);
 }
 
 template <Precision P>
-void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const float* qkv,
-                        const void* probs, const Attention& a, Workspace ws) {
+void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const float*,
+                        const void* saved, const Attention& a, Workspace ws) {
     Scratch<P> s(a, ws);
+    const Saved<P> sv(saved, a);
+    const void* probs = sv.probs;
     const DType ct = compute_dtype(P);
     const int64_t T = a.T, D = a.D, G = a.H / a.Hkv;
     const float scale = 1.0f / std::sqrt(float(D));
-    pack_qkv<P>(s, qkv, a);
     pack_heads<P>(s.do_, dout, a.H * D, 0, 1, a);
     // dQ, dK and dV go to dense (B, H, T, D) scratch: with dqkv's strides as the destination,
     // oneDNN's products took a scalar copy out of their own buffer (8% of a small bf16 step).
@@ -208,7 +232,7 @@ void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const fl
     // dV = P^T dO ; dP = dO V^T
     matmul(dense(probs, ct, a, T, T, true), dense(s.do_, ct, a, T, D, false), s.dv, td_strides,
            1.0f, false);
-    matmul(dense(s.do_, ct, a, T, D, false), dense(s.v, ct, a, T, D, true), s.dp, tt_strides, 1.0f,
+    matmul(dense(s.do_, ct, a, T, D, false), dense(sv.v, ct, a, T, D, true), s.dp, tt_strides, 1.0f,
            false);
     // dS = P * (dP - rowsum(P * dP)), into the p slot.
     parallel_range(a.B * a.H * T, 16, [&](int64_t r0, int64_t r1) {
@@ -239,9 +263,9 @@ void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const fl
     });
     // dQ = scale dS K ; dK = scale dS^T Q
     float* dq = s.dp;
-    matmul(dense(s.p, ct, a, T, T, false), dense(s.k, ct, a, T, D, false), dq, td_strides, scale,
+    matmul(dense(s.p, ct, a, T, T, false), dense(sv.k, ct, a, T, D, false), dq, td_strides, scale,
            false);
-    matmul(dense(s.p, ct, a, T, T, true), dense(s.q, ct, a, T, D, false), s.dk, td_strides, scale,
+    matmul(dense(s.p, ct, a, T, T, true), dense(sv.q, ct, a, T, D, false), s.dk, td_strides, scale,
            false);
     // Into dqkv's rows: dQ as is; dK and dV summed over the query heads of each kv group; dQ
     // and dK back through the rotation. A bf16 row is made in f32 first, then rounded.
@@ -288,6 +312,8 @@ void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const fl
 
 template size_t attention_workspace<Precision::fp32>(const Attention&);
 template size_t attention_workspace<Precision::bf16>(const Attention&);
+template size_t attention_saved_bytes<Precision::fp32>(const Attention&);
+template size_t attention_saved_bytes<Precision::bf16>(const Attention&);
 template void attention_forward<Precision::fp32>(float*, void*, const float*, const Attention&,
                                                  Workspace);
 template void attention_forward<Precision::bf16>(float*, void*, const float*, const Attention&,

@@ -9,6 +9,8 @@ void gemm(const Gemm& g, Workspace ws);
 template <Precision P>
 size_t attention_workspace(const Attention& a);
 template <Precision P>
+size_t attention_saved_bytes(const Attention& a);
+template <Precision P>
 void attention_forward(float*, void*, const float*, const Attention&, Workspace);
 template <Precision P>
 void attention_backward(void*, DType, const float*, const float*, const void*, const Attention&,
@@ -47,6 +49,7 @@ const Kernels table = {
     embedding_backward,
     rmsnorm_forward,
     rmsnorm_backward,
+    attention_saved_bytes<P>,
     attention_forward<P>,
     attention_backward<P>,
     swiglu_forward,

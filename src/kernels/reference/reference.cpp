@@ -135,6 +135,12 @@ struct QKV {
     }
 };
 
+// The reference keeps only the probabilities; it reads q, k and v from qkv again.
+template <Precision P>
+size_t attention_saved_bytes(const Attention& a) {
+    return size_t(a.B * a.H * a.T * a.T) * dtype_size(compute_dtype(P));
+}
+
 template <Precision P>
 void attention_forward(float* out, void* probs, const float* unrotated, const Attention& a,
                        Workspace) {
@@ -313,6 +319,7 @@ const Kernels table = {
     embedding_backward,
     rmsnorm_forward,
     rmsnorm_backward,
+    attention_saved_bytes<P>,
     attention_forward<P>,
     attention_backward<P>,
     swiglu_forward,

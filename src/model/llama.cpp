@@ -284,7 +284,7 @@ void Llama::row_parallel(float* y, const float* residual, Operand x, Operand w, 
 void Llama::block_forward(int64_t l, const float* x, float* out) {
     const BlockParams& p = layout_.blocks[l];
     const BlockActs& a = blocks_[l];
-    const int64_t M = M_, T = T_, C = C_, H = H_, D = D_, F = F_, QKV = QKV_;
+    const int64_t M = M_, C = C_, H = H_, D = D_, F = F_, QKV = QKV_;
     const float eps = static_cast<float>(config_.norm_eps);
 
     // attention (this rank's heads)
@@ -311,7 +311,7 @@ void Llama::block_backward(int64_t l, float* dres, bool accumulate) {
         k_.attention_forward(a.att, a.attention, a.qkv, attn_, ws_);  // refills the shared set
     }
     float* g = grads();
-    const int64_t M = M_, T = T_, C = C_, H = H_, D = D_, F = F_, QKV = QKV_;
+    const int64_t M = M_, C = C_, H = H_, D = D_, F = F_, QKV = QKV_;
 
     // feed-forward: out = x2 + h W2^T, h = swiglu(xn2 W13^T), xn2 = rmsnorm(x2)
     linear_backward(dh_, g + p.w2, operand(dres, dy_bf_, M * C), input(a.h), weight(p.w2), M, F, C,

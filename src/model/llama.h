@@ -136,8 +136,7 @@ private:
     void* xnf_;                         // (M, C) final norm output, compute_type()
     float* norm_w_;                     // (C) norm_weight's widened copy
     float *dres_, *dxn_, *datt_, *dh_;  // backward scratch
-    void* dqkv_;                        // in compute_type()
-    void* dgu_;                         // compute_type()
+    void *dqkv_, *dgu_;                 // backward scratch in compute_type()
     float *logits_, *losses_;           // (head_rows, V), (M)
     float *row_max_, *row_sum_, *row_target_, *row_scale_;  // (M) cross-entropy statistics
     int32_t *local_tokens_, *local_targets_;  // (M) ids in this rank's vocabulary slice, or -1

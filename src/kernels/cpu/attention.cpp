@@ -79,15 +79,6 @@ struct Scratch {
 template <Precision P>
 using Packed = std::conditional_t<P == Precision::bf16, uint16_t, float>;
 
-template <Precision P>
-inline Packed<P> pack(float x) {
-    if constexpr (P == Precision::bf16) {
-        return f32_to_bf16(x);
-    } else {
-        return x;
-    }
-}
-
 // Copies D values of `heads` heads from rows of src (row stride ld, first head at column col0)
 // into dst (B, H, T, D); head h reads source head h / repeat. `rotate`: rotated by RoPE on the
 // way, when the Attention has tables.
@@ -108,12 +99,12 @@ void pack_heads(char* dst, const float* src, int64_t ld, int64_t col0, int64_t r
                 if (rotate) {
                     for (int64_t i = 0; i < half; i++) {
                         float x1 = s[i], x2 = s[i + half];
-                        d[i] = pack<P>(x1 * cr[i] - x2 * sr[i]);
-                        d[i + half] = pack<P>(x2 * cr[i] + x1 * sr[i]);
+                        put(d + i, x1 * cr[i] - x2 * sr[i]);
+                        put(d + i + half, x2 * cr[i] + x1 * sr[i]);
                     }
                 } else {
                     for (int64_t i = 0; i < D; i++)
-                        d[i] = pack<P>(s[i]);
+                        put(d + i, s[i]);
                 }
             }
         }
@@ -304,7 +295,7 @@ void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const fl
             if (!f32) {
                 uint16_t* __restrict out = static_cast<uint16_t*>(dqkv) + r * a.ldqkv;
                 for (int64_t i = 0; i < a.ldqkv; i++)
-                    out[i] = f32_to_bf16(row[i]);
+                    put(out + i, row[i]);
             }
         }
     });

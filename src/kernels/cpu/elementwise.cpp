@@ -1,4 +1,4 @@
-// The CPU backend's row-wise ops: embedding, RMSNorm, RoPE, SwiGLU, cross-entropy, AdamW.
+// The CPU backend's row-wise ops: embedding, RMSNorm, SwiGLU, cross-entropy, AdamW.
 // Each parallelizes over rows (or columns where rows would race) and keeps inner loops simple
 // enough for GCC to vectorize.
 #include <algorithm>
@@ -44,29 +44,6 @@ void embedding_backward(float* dwte, const float* dout, const int32_t* tokens, i
         }
     });
 }
-
-namespace {
-
-// An output element in f32, or rounded to bf16 where only products read it (saving the f32
-// write and a separate conversion pass).
-inline void put(float* p, float x) {
-    *p = x;
-}
-inline void put(uint16_t* p, float x) {
-    *p = f32_to_bf16(x);
-}
-
-// Calls fn(typed out) with `out` as float* or uint16_t*, so each loop is compiled for both.
-template <typename Fn>
-void with_type(void* out, DType type, Fn&& fn) {
-    if (type == DType::bf16) {
-        fn(static_cast<uint16_t*>(out));
-    } else {
-        fn(static_cast<float*>(out));
-    }
-}
-
-}  // namespace
 
 void rmsnorm_forward(void* out, DType out_type, float* rstd, const float* x, const float* w,
                      int64_t M, int64_t C, float eps) {

@@ -1,7 +1,10 @@
 #pragma once
-// Scalar math written so GCC vectorizes the loops that call it (no libm calls in hot loops).
+// Scalar math written so GCC vectorizes the loops that call it (no libm calls in hot loops),
+// and the stores of outputs that are f32 or bf16.
 #include <cstdint>
 #include <cstring>
+
+#include "core/dtype.h"
 
 namespace kiln::kernels::cpu {
 
@@ -27,6 +30,25 @@ inline float fast_exp(float x) {
 
 inline float sigmoid(float x) {
     return 1.0f / (1.0f + fast_exp(-x));
+}
+
+// An output element in f32, or rounded to bf16 where only products read it (saving the f32
+// write and a separate conversion pass).
+inline void put(float* p, float x) {
+    *p = x;
+}
+inline void put(uint16_t* p, float x) {
+    *p = f32_to_bf16(x);
+}
+
+// Calls fn(typed out) with `out` as float* or uint16_t*, so each loop is compiled for both.
+template <typename Fn>
+void with_type(void* out, DType type, Fn&& fn) {
+    if (type == DType::bf16) {
+        fn(static_cast<uint16_t*>(out));
+    } else {
+        fn(static_cast<float*>(out));
+    }
 }
 
 }  // namespace kiln::kernels::cpu

@@ -5,13 +5,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <cstring>
 #include <fstream>
-#include <functional>
 #include <random>
 #include <vector>
 
-#include "core/error.h"
 #include "core/fs.h"
 #include "dist/communicator.h"
 #include "fixture.h"
@@ -22,41 +19,8 @@ namespace {
 
 using kiln::testing::TempDir;
 
-// Runs body(job) in `ranks` forked processes of one job; returns what each wrote to its report
-// (the body's return value, or the Error it threw).
-std::vector<std::string> run_ranks(int ranks, double timeout_s,
-                                   const std::function<std::string(dist::Job&)>& body) {
-    TempDir dir;
-    const int port = launch::free_port();
-    std::vector<pid_t> pids;
-    for (int r = 0; r < ranks; r++) {
-        pid_t pid = fork();
-        if (pid == 0) {
-            std::string report;
-            try {
-                dist::Placement p;
-                p.rank = r, p.world_size = ranks, p.master_port = port;
-                dist::Job job(p, 1, std::chrono::milliseconds(int64_t(timeout_s * 1000)));
-                report = body(job);
-                job.finish();
-            } catch (const std::exception& e) {
-                report = std::string("error: ") + e.what();
-            }
-            std::ofstream(dir / ("rank-" + std::to_string(r))) << report;
-            _exit(0);  // no destructors of the parent's state, no gtest teardown
-        }
-        pids.push_back(pid);
-    }
-    for (size_t left = pids.size(); left > 0; left--)
-        waitpid(-1, nullptr, 0);
-    std::vector<std::string> out;
-    for (int r = 0; r < ranks; r++)
-        out.push_back(fs::read_file(dir / ("rank-" + std::to_string(r))));
-    return out;
-}
-
-// Checks every collective against values it can compute exactly; returns "" or what differs,
-// then (after a newline) the bits of an all-reduce of random floats, for comparing ranks.
+// Checks every collective against values it can compute exactly. Returns what differs, or a
+// newline followed by the bits of an all-reduce of random floats, for comparing ranks.
 std::string exercise(dist::Job& job) {
     Collective& c = job.world();
     const int r = c.rank(), n = c.size();
@@ -125,9 +89,38 @@ std::string exercise(dist::Job& job) {
     return "\n" + std::string(reinterpret_cast<const char*>(f.data()), len * sizeof(float));
 }
 
+// Runs exercise() in `ranks` forked processes of one job; returns what each reported (or the
+// Error it threw).
+std::vector<std::string> run_ranks(int ranks) {
+    TempDir dir;
+    const int port = launch::free_port();
+    for (int r = 0; r < ranks; r++) {
+        if (fork() == 0) {
+            std::string report;
+            try {
+                dist::Placement p;
+                p.rank = r, p.world_size = ranks, p.master_port = port;
+                dist::Job job(p, 1, std::chrono::seconds(30));
+                report = exercise(job);
+                job.finish();
+            } catch (const std::exception& e) {
+                report = std::string("error: ") + e.what();
+            }
+            std::ofstream(dir / ("rank-" + std::to_string(r))) << report;
+            _exit(0);  // no destructors of the parent's state, no gtest teardown
+        }
+    }
+    for (int r = 0; r < ranks; r++)
+        waitpid(-1, nullptr, 0);
+    std::vector<std::string> out;
+    for (int r = 0; r < ranks; r++)
+        out.push_back(fs::read_file(dir / ("rank-" + std::to_string(r))));
+    return out;
+}
+
 TEST(Collective, EveryOperation) {
     for (int ranks : {2, 3}) {
-        auto out = run_ranks(ranks, 30, exercise);
+        auto out = run_ranks(ranks);
         for (int r = 0; r < ranks; r++) {
             ASSERT_EQ(out[size_t(r)].substr(0, 1), "\n")
                 << ranks << " ranks, rank " << r << ": " << out[size_t(r)].substr(0, 300);

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Distributed training throughput on this machine: `small` (batch 8 x 512 per step) at DP=1 on
 # one core, DP=2 on two cores (one rank per core), and TP=2 (one rank per core) against TP=1
-# (one process, two cores); with the collective payload per step.
+# (one process, two cores); with the collective payload per step. DP=2 and TP=2 run twice: through
+# gloo's shared-memory transport (what parallel.transport=auto picks on one host) and over TCP
+# loopback (parallel.transport=tcp, as between hosts).
 #
 # The shared cores drift by 10-15% over minutes, so the layouts run in turn, ROUNDS times, and
 # each ratio is taken within a round; the summary gives the medians.
@@ -41,15 +43,21 @@ run() {  # name ranks threads args...: prints a table row, leaves the tokens/s i
         "$(payload "$work/$name.log")"
 }
 
-layouts() {  # the four layouts, each as: name ranks threads args...
+layouts() {  # the layouts, each as: name ranks threads args...
     run dp1-1core 1 1 --set train.grad_accum=$((2 * ACCUM))
     dp1=$tps
-    run dp2 2 1 --set train.grad_accum=$ACCUM
+    run dp2 2 1 --set train.grad_accum=$ACCUM --set parallel.transport=shm
     dp2=$tps
+    run dp2-tcp 2 1 --set train.grad_accum=$ACCUM --set parallel.transport=tcp
+    dp2tcp=$tps
     run tp1-2cores 1 2 --set train.grad_accum=$((2 * ACCUM))
     tp1=$tps
-    run tp2 2 1 --set parallel.tp=2 --set train.grad_accum=$((2 * ACCUM))
+    run tp2 2 1 --set parallel.tp=2 --set train.grad_accum=$((2 * ACCUM)) \
+        --set parallel.transport=shm
     tp2=$tps
+    run tp2-tcp 2 1 --set parallel.tp=2 --set train.grad_accum=$((2 * ACCUM)) \
+        --set parallel.transport=tcp
+    tp2tcp=$tps
 }
 
 # Round 0, not reported, fills the plan cache, so that no timed run includes tuning.
@@ -63,7 +71,7 @@ echo "|---:|---|---:|---:|---:|---|"
 ratios=()
 for round in $(seq 1 "$ROUNDS"); do
     layouts
-    ratios+=("$dp1 $dp2 $tp1 $tp2")
+    ratios+=("$dp1 $dp2 $tp1 $tp2 $dp2tcp $tp2tcp")
 done
 echo
 printf '%s\n' "${ratios[@]}" | /usr/bin/python3 -c '
@@ -73,4 +81,9 @@ dp = [r[1] / r[0] for r in rows]
 tp = [r[3] / r[2] for r in rows]
 print("DP=2 / DP=1 per round: " + ", ".join(f"{x:.2f}" for x in dp) + f"; median {statistics.median(dp):.2f}x")
 print("TP=2 / TP=1 per round: " + ", ".join(f"{x:.2f}" for x in tp) + f"; median {statistics.median(tp):.2f}x")
+dpt = [r[4] / r[0] for r in rows]
+tpt = [r[5] / r[2] for r in rows]
+print("over TCP loopback instead (parallel.transport=tcp):")
+print("  DP=2 / DP=1 per round: " + ", ".join(f"{x:.2f}" for x in dpt) + f"; median {statistics.median(dpt):.2f}x")
+print("  TP=2 / TP=1 per round: " + ", ".join(f"{x:.2f}" for x in tpt) + f"; median {statistics.median(tpt):.2f}x")
 '

@@ -1,5 +1,6 @@
 #pragma once
-// The process grid of a distributed run and its communicators (gloo over TCP).
+// The process grid of a distributed run and its communicators: gloo, with its TCP transport or,
+// when every rank runs on one host, its shared-memory transport (dist/shm_transport.h).
 // World = DP x TP; the ranks of one TP group are consecutive: rank = dp_rank * tp + tp_rank.
 #include <chrono>
 #include <memory>
@@ -26,8 +27,10 @@ Grid make_grid(int world_size, int rank, int tp);
 class Job {
 public:
     // Rendezvous: every rank announces itself; after `timeout` the ranks that never arrived are
-    // named in the Error. Then gloo connects each group over TCP.
-    Job(const Placement& placement, int tp, std::chrono::milliseconds timeout);
+    // named in the Error. Then gloo connects each group through `transport`: "shm" (shared
+    // memory; Error unless every rank can use it), "tcp", or "auto" (shm where it can, else tcp).
+    Job(const Placement& placement, int tp, std::chrono::milliseconds timeout,
+        const std::string& transport = "auto");
     ~Job();
     // Waits for every rank at the end of a run, so rank 0's store outlives everyone's use of it.
     void finish() { world_->barrier(); }

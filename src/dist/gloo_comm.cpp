@@ -16,6 +16,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "dist/communicator.h"
+#include "dist/shm_transport.h"
 #include "dist/store.h"
 
 namespace kiln::dist {
@@ -153,7 +154,8 @@ Grid make_grid(int world_size, int rank, int tp) {
     return g;
 }
 
-Job::Job(const Placement& p, int tp, std::chrono::milliseconds timeout)
+Job::Job(const Placement& p, int tp, std::chrono::milliseconds timeout,
+         const std::string& transport)
     : grid_(make_grid(p.world_size, p.rank, tp)) {
     if (p.world_size == 1) {
         world_ = std::make_unique<SoloCollective>();
@@ -179,20 +181,30 @@ Job::Job(const Placement& p, int tp, std::chrono::milliseconds timeout)
         }
         usleep(20000);
     }
-    gloo::transport::tcp::attr attr;
-    attr.hostname =
-        p.master_addr == "127.0.0.1" || p.master_addr == "localhost" ? "127.0.0.1" : [] {
-            char name[256] = {0};
-            gethostname(name, sizeof name - 1);
-            return std::string(name);
-        }();
-    auto device = gloo::transport::tcp::CreateDevice(attr);
+    std::shared_ptr<gloo::transport::Device> device;
+    std::string why = "parallel.transport=tcp";
+    if (transport != "tcp" && shm_reachable(*store_, p.rank, p.world_size, &why)) {
+        device = make_shm_device();
+    } else if (transport == "shm") {
+        throw error("parallel.transport=shm, but {}", why);
+    } else {
+        gloo::transport::tcp::attr attr;
+        attr.hostname =
+            p.master_addr == "127.0.0.1" || p.master_addr == "localhost" ? "127.0.0.1" : [] {
+                char name[256] = {0};
+                gethostname(name, sizeof name - 1);
+                return std::string(name);
+            }();
+        device = gloo::transport::tcp::CreateDevice(attr);
+    }
     const Grid& g = grid_;
     world_ = connect(*store_, device, "world", g.rank, g.world, timeout);
     dp_ = connect(*store_, device, "dp" + std::to_string(g.tp_rank), g.dp_rank, g.dp, timeout);
     tp_ = connect(*store_, device, "tp" + std::to_string(g.dp_rank), g.tp_rank, g.tp, timeout);
-    log::info("dist", "rank {} of {} connected ({}): dp {}/{}, tp {}/{}", g.rank, g.world, p.source,
-              g.dp_rank, g.dp, g.tp_rank, g.tp);
+    log::info("dist", "rank {} of {} connected ({}) through {}: dp {}/{}, tp {}/{}", g.rank,
+              g.world, p.source,
+              device->str() == "shared memory" ? "shared memory" : "TCP (" + why + ")", g.dp_rank,
+              g.dp, g.tp_rank, g.tp);
 }
 
 Job::~Job() = default;

@@ -61,6 +61,10 @@ void build_schema(ConfigSchema& s, RunConfig& c) {
     s.add("parallel.timeout_s", &c.timeout_s,
           "seconds to wait for every rank at rendezvous and in a collective",
           positive(&c.timeout_s));
+    s.add("parallel.transport", &c.transport,
+          "how ranks exchange collectives: shm (shared memory, ranks on one host), tcp (gloo over "
+          "TCP), auto (shm when every rank can use it, else tcp)",
+          one_of(&c.transport, {"auto", "shm", "tcp"}));
     s.add("run.dir", &c.run_dir, "run folder (empty: runs/<generated id>)");
     s.add("run.log_level", &c.log_level, "debug | info | warn | error",
           one_of(&c.log_level, {"debug", "info", "warn", "error"}));

@@ -40,8 +40,9 @@ struct RunConfig {
     optim::AdamWConfig adamw;
     int64_t tp = 1;
     int64_t zero = 1;
-    double timeout_s = 300;  // rendezvous and collective timeout
-    std::string run_dir;     // empty: runs/<generated id>
+    double timeout_s = 300;          // rendezvous and collective timeout
+    std::string transport = "auto";  // auto | shm | tcp: how gloo moves collectives
+    std::string run_dir;             // empty: runs/<generated id>
     std::string log_level = "info";
 
     void validate() const;  // cross-key checks; throws Error naming the keys

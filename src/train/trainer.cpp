@@ -145,7 +145,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
 
     dist::Placement place = dist::discover();
     dist::Job job(place, static_cast<int>(cfg.tp),
-                  std::chrono::milliseconds(int64_t(cfg.timeout_s * 1000)));
+                  std::chrono::milliseconds(int64_t(cfg.timeout_s * 1000)), cfg.transport);
     const dist::Grid& g = job.grid();
     const bool lead = g.rank == 0;
     heartbeat(g.rank, 0);

@@ -1,6 +1,7 @@
-// Every collective of the host communicator (gloo over TCP), in real processes that meet through
-// the rendezvous store: sizes of several MiB that end mid-chunk, groups of 2 and 3 (not a power
-// of two), exact expected values, and the same bits on every rank.
+// Every collective of the host communicator, over both of gloo's transports here (TCP and shared
+// memory), in real processes that meet through the rendezvous store: sizes of several MiB that
+// end mid-chunk, groups of 2 and 3 (not a power of two), exact expected values, and the same
+// bits on every rank.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -91,7 +92,7 @@ std::string exercise(dist::Job& job) {
 
 // Runs exercise() in `ranks` forked processes of one job; returns what each reported (or the
 // Error it threw).
-std::vector<std::string> run_ranks(int ranks) {
+std::vector<std::string> run_ranks(int ranks, const std::string& transport) {
     TempDir dir;
     const int port = launch::free_port();
     for (int r = 0; r < ranks; r++) {
@@ -100,7 +101,7 @@ std::vector<std::string> run_ranks(int ranks) {
             try {
                 dist::Placement p;
                 p.rank = r, p.world_size = ranks, p.master_port = port;
-                dist::Job job(p, 1, std::chrono::seconds(30));
+                dist::Job job(p, 1, std::chrono::seconds(30), transport);
                 report = exercise(job);
                 job.finish();
             } catch (const std::exception& e) {
@@ -118,14 +119,22 @@ std::vector<std::string> run_ranks(int ranks) {
     return out;
 }
 
-TEST(Collective, EveryOperation) {
+// Both transports run gloo's same algorithms, so they must give the same bits too.
+TEST(Collective, EveryOperationOverTcpAndSharedMemory) {
     for (int ranks : {2, 3}) {
-        auto out = run_ranks(ranks);
-        for (int r = 0; r < ranks; r++) {
-            ASSERT_EQ(out[size_t(r)].substr(0, 1), "\n")
-                << ranks << " ranks, rank " << r << ": " << out[size_t(r)].substr(0, 300);
-            EXPECT_TRUE(out[size_t(r)] == out[0])
-                << "rank " << r << " summed random floats to other bits than rank 0";
+        std::string tcp_bits;
+        for (const char* transport : {"tcp", "shm"}) {
+            auto out = run_ranks(ranks, transport);
+            for (int r = 0; r < ranks; r++) {
+                ASSERT_EQ(out[size_t(r)].substr(0, 1), "\n")
+                    << transport << ", " << ranks << " ranks, rank " << r << ": "
+                    << out[size_t(r)].substr(0, 300);
+                EXPECT_TRUE(out[size_t(r)] == out[0])
+                    << transport << ": rank " << r << " summed random floats to other bits";
+            }
+            if (tcp_bits.empty())
+                tcp_bits = out[0];
+            EXPECT_TRUE(out[0] == tcp_bits) << ranks << " ranks: shm and tcp sums differ";
         }
     }
 }

@@ -1,0 +1,33 @@
+#pragma once
+// A gloo transport for ranks on one host. gloo's own collective algorithms run on it unchanged;
+// what differs from gloo's TCP transport is how a message moves between two processes:
+//
+//   - Control: each ordered pair of ranks has a ring of small messages ("slot s: n bytes at
+//     address a are ready", "message k was read") in memory both processes map (a memfd the
+//     receiver makes and the sender opens through /proc/<pid>/fd).
+//   - Payload: the receiver copies it once, straight from the sender's buffer into its own, with
+//     process_vm_readv. Over TCP loopback every byte is copied twice and walks the TCP stack on
+//     cores that are also computing; here it is one memcpy by the receiver.
+//
+// A send completes when the receiver has copied it, so the sender's buffer stays untouched until
+// then (gloo's algorithms wait for that before reusing a buffer, as over TCP). Progress is made
+// by whichever thread waits: a waiting rank reads its rings and copies what has arrived.
+// A wait that outlasts the context's timeout, or whose peer process has exited, throws Error.
+#include <gloo/transport/device.h>
+
+#include <memory>
+#include <string>
+
+namespace kiln::dist {
+
+class TcpStore;
+
+// Whether every rank of the job can reach every other through this transport: one host, one PID
+// namespace, and permission to read each other's memory. Every rank of the job must call it;
+// all get the same answer, and `why` the first reason against (empty when reachable).
+bool shm_reachable(TcpStore& store, int rank, int size, std::string* why);
+
+// The device whose contexts connect their pairs through shared memory.
+std::shared_ptr<gloo::transport::Device> make_shm_device();
+
+}  // namespace kiln::dist

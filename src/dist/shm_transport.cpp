@@ -35,13 +35,18 @@ constexpr uint64_t kMagic = 0x316d68736e6c696b;  // "kilnshm1"
 
 // One control message, a cache line.
 struct Msg {
-    enum Kind : uint64_t { kSend = 1, kWrite = 2, kDone = 3 };
+    enum Kind : uint64_t {
+        kSend = 1,   // unbound: `nbytes` at `addr` wait for a receive of `slot`; answered by kDone
+        kDone = 2,   // unbound: the receiver has copied send `id`
+        kReady = 3,  // bound: the receive buffer of `slot` is `nbytes` at `addr`
+        kWrote = 4,  // bound: `nbytes` were written into it at `roffset`
+    };
     uint64_t kind = 0;
-    uint64_t id = 0;  // the sender's number for it; a kDone carries the number it completes
+    uint64_t id = 0;
     uint64_t slot = 0;
-    uint64_t addr = 0;  // of the payload, in the sender's address space
+    uint64_t addr = 0;  // in the address space of the process that sent the message
     uint64_t nbytes = 0;
-    uint64_t roffset = 0;  // kWrite: where in the receiver's bound buffer
+    uint64_t roffset = 0;
     uint64_t unused[2] = {};
 };
 static_assert(sizeof(Msg) == 64);
@@ -95,16 +100,19 @@ bool alive(pid_t pid) {
            line[paren + 2] != 'X';
 }
 
-// Copies `n` bytes at `remote` in process `pid` (rank `rank`) to `local`.
-void pull(pid_t pid, int rank, void* local, uint64_t remote, size_t n) {
-    char* to = static_cast<char*>(local);
+// Copies `n` bytes between `local` and `remote` in process `pid` (rank `rank`): from the remote
+// process (`read`) or to it.
+void copy(pid_t pid, int rank, bool read, void* local, uint64_t remote, size_t n) {
+    char* here = static_cast<char*>(local);
     while (n > 0) {
-        iovec l{to, n}, r{reinterpret_cast<void*>(remote), n};
-        const ssize_t got = process_vm_readv(pid, &l, 1, &r, 1, 0);
-        if (got <= 0)
-            throw error("cannot read {} bytes from rank {} (pid {}): {}", n, rank, pid,
-                        got < 0 ? strerror(errno) : "nothing read");
-        to += got, remote += uint64_t(got), n -= size_t(got);
+        iovec l{here, n}, r{reinterpret_cast<void*>(remote), n};
+        const ssize_t done =
+            read ? process_vm_readv(pid, &l, 1, &r, 1, 0) : process_vm_writev(pid, &l, 1, &r, 1, 0);
+        if (done <= 0)
+            throw error("cannot {} {} bytes {} rank {} (pid {}): {}", read ? "read" : "write", n,
+                        read ? "from" : "to", rank, pid,
+                        done < 0 ? strerror(errno) : "no progress");
+        here += done, remote += uint64_t(done), n -= size_t(done);
     }
 }
 
@@ -112,6 +120,8 @@ class Context;
 class Pair;
 
 // A bound buffer, gloo's original API: a send writes into the peer's buffer of the same slot.
+// The sender copies it there before send() returns (the receive buffer announced its address when
+// it was made): gloo's algorithms may reuse a sent region before hearing from the receiver.
 class Buffer final : public gloo::transport::Buffer {
 public:
     Buffer(Pair& pair, int slot, void* ptr, size_t size)
@@ -120,13 +130,11 @@ public:
     using gloo::transport::Buffer::send;
     void send(size_t offset, size_t length, size_t roffset) override;
     void waitRecv() override;
-    void waitSend() override;
+    void waitSend() override {}  // a send is complete when send() returns
 
     char* data() { return static_cast<char*>(ptr_); }
     size_t size() const { return size_; }
-    // Under the context's lock.
-    int sends_pending = 0;
-    int recvs_done = 0;
+    int recvs_done = 0;  // under the context's lock
 
 private:
     Pair& pair_;
@@ -140,7 +148,9 @@ public:
     ~UnboundBuffer() override;
     using gloo::transport::UnboundBuffer::waitRecv;
     using gloo::transport::UnboundBuffer::waitSend;
-    bool waitRecv(int* rank, milliseconds timeout) override { return wait(received_, rank, timeout); }
+    bool waitRecv(int* rank, milliseconds timeout) override {
+        return wait(received_, rank, timeout);
+    }
     bool waitSend(int* rank, milliseconds timeout) override { return wait(sent_, rank, timeout); }
     void abortWaitRecv() override;
     void abortWaitSend() override;
@@ -188,10 +198,11 @@ public:
     void recv(gloo::transport::UnboundBuffer* buf, uint64_t slot, size_t offset,
               size_t nbytes) override;
 
-    // The rest runs under the context's lock.
+    // Copies into the peer's receive buffer of `slot` once it has announced it; takes the lock.
     void write(Buffer& buf, int slot, size_t offset, size_t length, size_t roffset);
+    // The rest runs under the context's lock.
     bool progress();  // sends queued messages and handles arrived ones; true when any moved
-    void match(uint64_t slot);  // pairs the peer's announced sends with posted receives
+    void match(uint64_t slot);     // pairs the peer's announced sends with posted receives
     void forget(const void* buf);  // a buffer is going away: drop what refers to it
     Context& context() { return ctx_; }
     int peer() const { return peer_; }
@@ -201,7 +212,6 @@ private:
     void post(const Msg& m);
     void flush();
     void handle(const Msg& m);
-    void deliver(const Msg& m, Buffer& buf);
     Context& ctx_;
     const int self_, peer_;
     int fd_ = -1;
@@ -210,13 +220,12 @@ private:
     pid_t peer_pid_ = 0;
     Address address_;
     uint64_t next_id_ = 1;
-    std::deque<Msg> outq_;                   // messages waiting for room in `out_`
-    std::map<int, Buffer*> bound_recv_;      // by slot
-    std::deque<Msg> early_writes_;           // writes that came before their receive buffer
-    std::map<uint64_t, Buffer*> bound_sends_;          // by id, until the peer has read them
+    std::deque<Msg> outq_;               // messages waiting for room in `out_`
+    std::map<int, Buffer*> bound_recv_;  // by slot
+    std::map<int, Msg> peer_recv_;       // the peer's receive buffers (kReady), by slot
     std::map<uint64_t, UnboundBuffer*> unbound_sends_;  // by id, until the peer has read them
-    std::map<uint64_t, std::deque<Msg>> announced_;    // the peer's unmatched sends, by slot
-    std::map<uint64_t, std::deque<Recv>> recvs_;       // posted receives from the peer, by slot
+    std::map<uint64_t, std::deque<Msg>> announced_;     // the peer's unmatched sends, by slot
+    std::map<uint64_t, std::deque<Recv>> recvs_;        // posted receives from the peer, by slot
     friend class UnboundBuffer;
 };
 
@@ -258,9 +267,9 @@ public:
     }
     void post_any(Recv r) { any_.push_back(std::move(r)); }
     void forget(const void* buf) {
-        any_.erase(std::remove_if(any_.begin(), any_.end(),
-                                  [&](const Recv& r) { return r.buf == buf; }),
-                   any_.end());
+        any_.erase(
+            std::remove_if(any_.begin(), any_.end(), [&](const Recv& r) { return r.buf == buf; }),
+            any_.end());
         for (auto& p : pairs_)
             if (p)
                 static_cast<Pair&>(*p).forget(buf);
@@ -281,7 +290,6 @@ void Buffer::send(size_t offset, size_t length, size_t roffset) {
     if (offset + length > size_)
         throw error("a send of {} bytes at offset {} overruns its {}-byte buffer", length, offset,
                     size_);
-    std::lock_guard lock(pair_.context().mutex());
     pair_.write(*this, slot_, offset, length, roffset);
 }
 
@@ -294,10 +302,6 @@ void Buffer::waitRecv() {
             return true;
         },
         gloo::transport::kUnsetTimeout);
-}
-
-void Buffer::waitSend() {
-    pair_.context().wait([&] { return sends_pending == 0; }, gloo::transport::kUnsetTimeout);
 }
 
 // --- UnboundBuffer ------------------------------------------------------------------------
@@ -404,36 +408,31 @@ void Pair::connect(const std::vector<char>& bytes) {
     out_ = map_ring(fd);
     ::close(fd);
     if (!out_ || out_->magic != kMagic || out_->nonce != b.nonce)
-        throw error("{} is not the ring rank {} published (another host or PID namespace?)",
-                    path, peer_);
+        throw error("{} is not the ring rank {} published (another host or PID namespace?)", path,
+                    peer_);
     peer_pid_ = b.pid;
 }
 
-std::unique_ptr<gloo::transport::Buffer> Pair::createSendBuffer(int slot, void* ptr,
-                                                                size_t size) {
+std::unique_ptr<gloo::transport::Buffer> Pair::createSendBuffer(int slot, void* ptr, size_t size) {
     return std::make_unique<Buffer>(*this, slot, ptr, size);
 }
 
-std::unique_ptr<gloo::transport::Buffer> Pair::createRecvBuffer(int slot, void* ptr,
-                                                                size_t size) {
+std::unique_ptr<gloo::transport::Buffer> Pair::createRecvBuffer(int slot, void* ptr, size_t size) {
     auto buf = std::make_unique<Buffer>(*this, slot, ptr, size);
     std::lock_guard lock(ctx_.mutex());
     if (bound_recv_.count(slot))
         throw error("two receive buffers for slot {} from rank {}", slot, peer_);
     bound_recv_[slot] = buf.get();
-    std::deque<Msg> waiting;
-    waiting.swap(early_writes_);
-    for (const Msg& m : waiting) {
-        if (int(m.slot) == slot)
-            deliver(m, *buf);
-        else
-            early_writes_.push_back(m);
-    }
+    Msg ready;
+    ready.kind = Msg::kReady;
+    ready.slot = uint64_t(slot);
+    ready.addr = reinterpret_cast<uint64_t>(ptr);
+    ready.nbytes = size;
+    post(ready);
     return buf;
 }
 
-void Pair::send(gloo::transport::UnboundBuffer* base, uint64_t slot, size_t offset,
-                size_t nbytes) {
+void Pair::send(gloo::transport::UnboundBuffer* base, uint64_t slot, size_t offset, size_t nbytes) {
     auto* buf = static_cast<UnboundBuffer*>(base);  // made by this transport's context
     std::lock_guard lock(ctx_.mutex());
     Msg m;
@@ -446,8 +445,7 @@ void Pair::send(gloo::transport::UnboundBuffer* base, uint64_t slot, size_t offs
     post(m);
 }
 
-void Pair::recv(gloo::transport::UnboundBuffer* base, uint64_t slot, size_t offset,
-                size_t nbytes) {
+void Pair::recv(gloo::transport::UnboundBuffer* base, uint64_t slot, size_t offset, size_t nbytes) {
     auto* buf = static_cast<UnboundBuffer*>(base);
     std::lock_guard lock(ctx_.mutex());
     recvs_[slot].push_back(Recv{buf, offset, nbytes, {}, slot});
@@ -455,15 +453,18 @@ void Pair::recv(gloo::transport::UnboundBuffer* base, uint64_t slot, size_t offs
 }
 
 void Pair::write(Buffer& buf, int slot, size_t offset, size_t length, size_t roffset) {
+    ctx_.wait([&] { return peer_recv_.count(slot) > 0; }, gloo::transport::kUnsetTimeout);
+    std::lock_guard lock(ctx_.mutex());
+    const Msg& to = peer_recv_[slot];
+    if (roffset > to.nbytes || length > to.nbytes - roffset)
+        throw error("a write of {} bytes at offset {} overruns rank {}'s {}-byte buffer (slot {})",
+                    length, roffset, peer_, to.nbytes, slot);
+    copy(peer_pid_, peer_, false, buf.data() + offset, to.addr + roffset, length);
     Msg m;
-    m.kind = Msg::kWrite;
-    m.id = next_id_++;
+    m.kind = Msg::kWrote;
     m.slot = uint64_t(slot);
-    m.addr = reinterpret_cast<uint64_t>(buf.data() + offset);
     m.nbytes = length;
     m.roffset = roffset;
-    bound_sends_[m.id] = &buf;
-    buf.sends_pending++;
     post(m);
 }
 
@@ -502,40 +503,26 @@ bool Pair::progress() {
 
 void Pair::handle(const Msg& m) {
     switch (m.kind) {
-    case Msg::kDone:
-        if (auto b = bound_sends_.find(m.id); b != bound_sends_.end()) {
-            b->second->sends_pending--;
-            bound_sends_.erase(b);
-        } else if (auto u = unbound_sends_.find(m.id); u != unbound_sends_.end()) {
-            u->second->sent(peer_);
-            unbound_sends_.erase(u);
-        }  // else its buffer is gone, and nobody waits
-        return;
-    case Msg::kWrite:
-        if (auto b = bound_recv_.find(int(m.slot)); b != bound_recv_.end())
-            deliver(m, *b->second);
-        else
-            early_writes_.push_back(m);
-        return;
-    case Msg::kSend:
-        announced_[m.slot].push_back(m);
-        match(m.slot);
-        return;
-    default:
-        throw error("rank {} sent a message of unknown kind {}", peer_, m.kind);
+        case Msg::kDone:
+            if (auto u = unbound_sends_.find(m.id); u != unbound_sends_.end()) {
+                u->second->sent(peer_);
+                unbound_sends_.erase(u);
+            }  // else its buffer is gone, and nobody waits
+            return;
+        case Msg::kReady:
+            peer_recv_[int(m.slot)] = m;
+            return;
+        case Msg::kWrote:
+            if (auto b = bound_recv_.find(int(m.slot)); b != bound_recv_.end())
+                b->second->recvs_done++;
+            return;
+        case Msg::kSend:
+            announced_[m.slot].push_back(m);
+            match(m.slot);
+            return;
+        default:
+            throw error("rank {} sent a message of unknown kind {}", peer_, m.kind);
     }
-}
-
-void Pair::deliver(const Msg& m, Buffer& buf) {
-    if (m.roffset > buf.size() || m.nbytes > buf.size() - m.roffset)
-        throw error("rank {} wrote {} bytes at offset {} into a {}-byte buffer (slot {})", peer_,
-                    m.nbytes, m.roffset, buf.size(), m.slot);
-    pull(peer_pid_, peer_, buf.data() + m.roffset, m.addr, m.nbytes);
-    buf.recvs_done++;
-    Msg done;
-    done.kind = Msg::kDone;
-    done.id = m.id;
-    post(done);
 }
 
 void Pair::match(uint64_t slot) {
@@ -558,7 +545,7 @@ void Pair::match(uint64_t slot) {
         if (m.nbytes != r.nbytes)
             throw error("rank {} sent {} bytes on slot {} where rank {} expected {}", peer_,
                         m.nbytes, slot, self_, r.nbytes);
-        pull(peer_pid_, peer_, static_cast<char*>(r.buf->ptr) + r.offset, m.addr, m.nbytes);
+        copy(peer_pid_, peer_, true, static_cast<char*>(r.buf->ptr) + r.offset, m.addr, m.nbytes);
         r.buf->received(peer_);
         Msg done;
         done.kind = Msg::kDone;
@@ -571,8 +558,7 @@ void Pair::match(uint64_t slot) {
 void Pair::forget(const void* buf) {
     for (auto it = bound_recv_.begin(); it != bound_recv_.end();)
         it = it->second == buf ? bound_recv_.erase(it) : std::next(it);
-    for (auto it = bound_sends_.begin(); it != bound_sends_.end();)
-        it = it->second == buf ? bound_sends_.erase(it) : std::next(it);
+
     for (auto it = unbound_sends_.begin(); it != unbound_sends_.end();)
         it = it->second == buf ? unbound_sends_.erase(it) : std::next(it);
     for (auto& [slot, q] : recvs_)
@@ -633,7 +619,9 @@ public:
 
 }  // namespace
 
-std::shared_ptr<gloo::transport::Device> make_shm_device() { return std::make_shared<Device>(); }
+std::shared_ptr<gloo::transport::Device> make_shm_device() {
+    return std::make_shared<Device>();
+}
 
 bool shm_reachable(TcpStore& store, int rank, int size, std::string* why) {
     // Under Yama's ptrace_scope 1 a process may read only its descendants' memory, and ranks are
@@ -653,9 +641,8 @@ bool shm_reachable(TcpStore& store, int rank, int size, std::string* why) {
         auto v = store.get(key);
         return std::string(v.begin(), v.end());
     };
-    put(fmt::format("shm/probe/{}", rank),
-        fmt::format("{} {} {} {} {}", host, getpid(), fd, nonce,
-                    reinterpret_cast<uint64_t>(&nonce)));
+    put(fmt::format("shm/probe/{}", rank), fmt::format("{} {} {} {} {}", host, getpid(), fd, nonce,
+                                                       reinterpret_cast<uint64_t>(&nonce)));
     // Each rank reads every other rank's nonce twice: from its memfd through /proc (same host,
     // same PID namespace) and from its memory with process_vm_readv (permission to copy).
     for (int r = 0; r < size && reason.empty(); r++) {

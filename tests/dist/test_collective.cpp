@@ -2,16 +2,20 @@
 // memory), in real processes that meet through the rendezvous store: sizes of several MiB that
 // end mid-chunk, groups of 2 and 3 (not a power of two), exact expected values, and the same
 // bits on every rank.
+#include <gloo/rendezvous/context.h>
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <fstream>
+#include <functional>
 #include <random>
 #include <vector>
 
 #include "core/fs.h"
 #include "dist/communicator.h"
+#include "dist/shm_transport.h"
+#include "dist/store.h"
 #include "fixture.h"
 #include "launch/supervisor.h"
 
@@ -90,20 +94,15 @@ std::string exercise(dist::Job& job) {
     return "\n" + std::string(reinterpret_cast<const char*>(f.data()), len * sizeof(float));
 }
 
-// Runs exercise() in `ranks` forked processes of one job; returns what each reported (or the
-// Error it threw).
-std::vector<std::string> run_ranks(int ranks, const std::string& transport) {
+// Runs `body(rank)` in `ranks` forked processes; returns what each reported (or the Error it
+// threw).
+std::vector<std::string> run_forked(int ranks, const std::function<std::string(int)>& body) {
     TempDir dir;
-    const int port = launch::free_port();
     for (int r = 0; r < ranks; r++) {
         if (fork() == 0) {
             std::string report;
             try {
-                dist::Placement p;
-                p.rank = r, p.world_size = ranks, p.master_port = port;
-                dist::Job job(p, 1, std::chrono::seconds(30), transport);
-                report = exercise(job);
-                job.finish();
+                report = body(r);
             } catch (const std::exception& e) {
                 report = std::string("error: ") + e.what();
             }
@@ -119,12 +118,36 @@ std::vector<std::string> run_ranks(int ranks, const std::string& transport) {
     return out;
 }
 
+// run_forked() with each rank in one job connected through `transport`.
+std::vector<std::string> run_ranks(int ranks, const std::string& transport,
+                                   const std::function<std::string(dist::Job&)>& body) {
+    const int port = launch::free_port();
+    return run_forked(ranks, [&](int r) {
+        dist::Placement p;
+        p.rank = r, p.world_size = ranks, p.master_port = port;
+        dist::Job job(p, 1, std::chrono::seconds(60), transport);
+        return body(job);
+    });
+}
+
+// Where shared memory is out of reach (another PID namespace, a seccomp filter), "shm" ends the
+// job with that reason, and the shared-memory cases have nothing to test.
+bool unreachable(const std::string& report) {
+    return report.find("parallel.transport=shm, but") != std::string::npos;
+}
+
 // Both transports run gloo's same algorithms, so they must give the same bits too.
 TEST(Collective, EveryOperationOverTcpAndSharedMemory) {
     for (int ranks : {2, 3}) {
         std::string tcp_bits;
         for (const char* transport : {"tcp", "shm"}) {
-            auto out = run_ranks(ranks, transport);
+            auto out = run_ranks(ranks, transport, [](dist::Job& job) {
+                std::string report = exercise(job);
+                job.finish();
+                return report;
+            });
+            if (unreachable(out[0]))
+                GTEST_SKIP() << out[0];
             for (int r = 0; r < ranks; r++) {
                 ASSERT_EQ(out[size_t(r)].substr(0, 1), "\n")
                     << transport << ", " << ranks << " ranks, rank " << r << ": "
@@ -137,6 +160,73 @@ TEST(Collective, EveryOperationOverTcpAndSharedMemory) {
             EXPECT_TRUE(out[0] == tcp_bits) << ranks << " ranks: shm and tcp sums differ";
         }
     }
+}
+
+// A rank that exits mid-job: its peer's next collective ends in an Error, well before the
+// job's 60 s timeout, instead of waiting for it.
+TEST(Collective, PeerThatExitsEndsTheWait) {
+    for (const char* transport : {"tcp", "shm"}) {
+        const auto start = std::chrono::steady_clock::now();
+        auto out = run_ranks(2, transport, [](dist::Job& job) -> std::string {
+            job.world().barrier();
+            if (job.world().rank() == 1)
+                return "left";
+            std::vector<float> x(1 << 20, 1.0f);
+            job.world().all_reduce_sum(x.data(), x.size());
+            return "all-reduce returned";
+        });
+        if (unreachable(out[0]))
+            GTEST_SKIP() << out[0];
+        const double seconds =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        EXPECT_EQ(out[1], "left");
+        EXPECT_EQ(out[0].substr(0, 7), "error: ") << transport << ": " << out[0];
+        EXPECT_LT(seconds, 30) << transport << ": " << out[0];
+        if (std::string(transport) == "shm") {
+            EXPECT_NE(out[0].find("rank 1 (pid"), std::string::npos) << out[0];
+        }
+    }
+}
+
+// The contract gloo's algorithms rely on: a bound buffer's send is complete when send() returns,
+// so the sender may rewrite the region at once (gloo's halving-doubling reduce-scatter does).
+// The receiver looks only after the sender has rewritten it, and must see what was sent.
+TEST(SharedMemoryTransport, BoundSendIsCompleteWhenSendReturns) {
+    const int port = launch::free_port();
+    auto out = run_forked(2, [port](int r) -> std::string {
+        dist::TcpStore store("127.0.0.1", port, r == 0, std::chrono::seconds(30));
+        std::string why;
+        if (!dist::shm_reachable(store, r, 2, &why))
+            return "parallel.transport=shm, but " + why;
+        auto ctx = std::make_shared<gloo::rendezvous::Context>(r, 2);
+        ctx->setTimeout(std::chrono::seconds(30));
+        auto device = dist::make_shm_device();
+        ctx->connectFullMesh(store, device);
+        std::vector<int> data(1 << 20, r == 1 ? 7 : 0);
+        const size_t bytes = data.size() * sizeof(int);
+        if (r == 1) {
+            auto buf = ctx->getPair(0)->createSendBuffer(0, data.data(), bytes);
+            buf->send();
+            std::fill(data.begin(), data.end(), 9);
+            buf->waitSend();
+            store.set("rewritten", {'1'});
+            store.get("checked");  // keeps the buffer until rank 0 has looked
+            store.set("bye", {'1'});
+            return "sent";
+        }
+        auto buf = ctx->getPair(1)->createRecvBuffer(0, data.data(), bytes);
+        store.get("rewritten");
+        buf->waitRecv();
+        const auto wrong = std::count_if(data.begin(), data.end(), [](int x) { return x != 7; });
+        store.set("checked", {'1'});
+        store.get("bye");  // rank 0 serves the store: it leaves last
+        return wrong ? fmt::format("{} of {} ints are not what was sent", wrong, data.size())
+                     : "received";
+    });
+    if (unreachable(out[0]))
+        GTEST_SKIP() << out[0];
+    EXPECT_EQ(out[1], "sent");
+    EXPECT_EQ(out[0], "received");
 }
 
 }  // namespace

@@ -108,7 +108,8 @@ std::string expect_layout_matches(const TempDir& dir, const std::string& name, i
 }
 
 // The same global batch and seed as one process with micro-batches, on DP, TP and DP x TP
-// layouts, ZeRO-1 on and off, fp32 products. Sums over ranks happen in another order than over
+// layouts, ZeRO-1 on and off, fp32 products; through shared memory where this machine allows it,
+// and one layout over TCP. Sums over ranks happen in another order than over
 // micro-batches, so results agree to float rounding, not bit for bit: losses within 1e-4
 // relative; after 20 AdamW steps each weight tensor within 1e-4 of its largest magnitude (seen:
 // 9e-6; Adam divides by sqrt(v), which amplifies rounding in near-zero gradients).
@@ -122,13 +123,17 @@ TEST(Parallel, LayoutsMatchOneProcess) {
         const char* memory;  // the per-rank memory line's ending
     } layouts[] = {
         {"dp2-zero1", 2, " --set parallel.zero=1", "(ZeRO-1 shard; dp 2 x tp 1)"},
-        {"dp2-zero0", 2, " --set parallel.zero=0", "(replicated; dp 2 x tp 1)"},
+        {"dp2-zero0", 2, " --set parallel.zero=0 --set parallel.transport=tcp",
+         "(replicated; dp 2 x tp 1)"},
         {"tp2", 2, " --set parallel.tp=2 --set train.grad_accum=2", "(replicated; dp 1 x tp 2)"},
         {"dp2-tp2", 4, " --set parallel.tp=2", "(ZeRO-1 shard; dp 2 x tp 2)"},
     };
     for (const auto& l : layouts) {
         std::string out = expect_layout_matches(dir, l.name, l.ranks, l.args, batch8, 1e-4);
         EXPECT_NE(out.find(l.memory), std::string::npos) << out;
+        if (l.args.find("transport=tcp") != std::string::npos) {
+            EXPECT_NE(out.find("through TCP"), std::string::npos) << out;
+        }
     }
     // DP=3, not a power of two: a global batch of 6.
     expect_layout_matches(dir, "dp3", 3, " --set train.micro_batch=2",

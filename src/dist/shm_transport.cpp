@@ -226,7 +226,6 @@ private:
     std::map<uint64_t, UnboundBuffer*> unbound_sends_;  // by id, until the peer has read them
     std::map<uint64_t, std::deque<Msg>> announced_;     // the peer's unmatched sends, by slot
     std::map<uint64_t, std::deque<Recv>> recvs_;        // posted receives from the peer, by slot
-    friend class UnboundBuffer;
 };
 
 class Context final : public gloo::transport::Context {

@@ -120,12 +120,13 @@ std::vector<std::string> run_forked(int ranks, const std::function<std::string(i
 
 // run_forked() with each rank in one job connected through `transport`.
 std::vector<std::string> run_ranks(int ranks, const std::string& transport,
-                                   const std::function<std::string(dist::Job&)>& body) {
+                                   const std::function<std::string(dist::Job&)>& body,
+                                   std::chrono::milliseconds timeout = std::chrono::seconds(60)) {
     const int port = launch::free_port();
     return run_forked(ranks, [&](int r) {
         dist::Placement p;
         p.rank = r, p.world_size = ranks, p.master_port = port;
-        dist::Job job(p, 1, std::chrono::seconds(60), transport);
+        dist::Job job(p, 1, timeout, transport);
         return body(job);
     });
 }
@@ -186,6 +187,28 @@ TEST(Collective, PeerThatExitsEndsTheWait) {
             EXPECT_NE(out[0].find("rank 1 (pid"), std::string::npos) << out[0];
         }
     }
+}
+
+// A rank that stays alive but never joins the collective: its peer gives up at the job's timeout
+// (parallel.timeout_s) with an Error.
+TEST(SharedMemoryTransport, AbsentPeerEndsTheWaitAtTheTimeout) {
+    auto out = run_ranks(
+        2, "shm",
+        [](dist::Job& job) -> std::string {
+            job.world().barrier();
+            if (job.world().rank() == 1) {
+                sleep(4);
+                return "stayed away";
+            }
+            std::vector<float> x(1024, 1.0f);
+            job.world().all_reduce_sum(x.data(), x.size());
+            return "all-reduce returned";
+        },
+        std::chrono::seconds(2));
+    if (unreachable(out[0]))
+        GTEST_SKIP() << out[0];
+    EXPECT_EQ(out[1], "stayed away");
+    EXPECT_NE(out[0].find("waited in a collective for more than 2 s"), std::string::npos) << out[0];
 }
 
 // The contract gloo's algorithms rely on: a bound buffer's send is complete when send() returns,

@@ -44,14 +44,16 @@ Accelerator this_machine() {
     set_num_threads(threads);
     a.per_node = int(std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN)));
     a.memory_gb = double(train::machine_memory()) / 1e9 / a.per_node;
-    // kiln's MFU against this peak for tiny on one core a rank (bench/plan_bench.sh, 2026-11-29;
-    // it was 0.42 before the kernels got faster).
-    a.efficiency = 0.66;
-    // Loopback TCP between ranks through gloo; each collective also waits for the other rank to
-    // be scheduled on these shared cores (measured: bench/plan_bench.sh).
-    a.intra_gbps = 2;
-    a.inter_gbps = 2;
-    a.latency_us = 3000;
+        // kiln's MFU against this peak for tiny on one core a rank (bench/plan_bench.sh, 2026-11-29;
+    // 0.42 before the kernels got faster, 0.66 while the collectives' cost went partly into it).
+    a.efficiency = 0.72;
+        // Ranks on one host exchange through gloo's shared-memory transport: an fp32 reduce-scatter
+    // plus bf16 all-gather of small's weights ran at ~3 GB/s by this model's count (one-way
+    // bytes). Each collective also waits for the other rank on these shared cores (fitted with
+    // bench/plan_bench.sh). Between hosts there is no network to measure: loopback TCP's rate.
+    a.intra_gbps = 3;
+    a.inter_gbps = 1;
+    a.latency_us = 300;
     a.host = true;
     return a;
 }

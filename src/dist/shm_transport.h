@@ -2,17 +2,21 @@
 // A gloo transport for ranks on one host. gloo's own collective algorithms run on it unchanged;
 // what differs from gloo's TCP transport is how a message moves between two processes:
 //
-//   - Control: each ordered pair of ranks has a ring of small messages ("slot s: n bytes at
-//     address a are ready", "message k was read") in memory both processes map (a memfd the
-//     receiver makes and the sender opens through /proc/<pid>/fd).
-//   - Payload: the receiver copies it once, straight from the sender's buffer into its own, with
-//     process_vm_readv. Over TCP loopback every byte is copied twice and walks the TCP stack on
-//     cores that are also computing; here it is one memcpy by the receiver.
+//   - Control: each ordered pair of ranks has a ring of small messages in memory both processes
+//     map (a memfd the receiver makes and the sender opens through /proc/<pid>/fd).
+//   - Payload: copied once, process to process, with process_vm_readv/writev. Over TCP loopback
+//     every byte is copied twice and walks the TCP stack on cores that are also computing.
 //
-// A send completes when the receiver has copied it, so the sender's buffer stays untouched until
-// then (gloo's algorithms wait for that before reusing a buffer, as over TCP). Progress is made
-// by whichever thread waits: a waiting rank reads its rings and copies what has arrived.
-// A wait that outlasts the context's timeout, or whose peer process has exited, throws Error.
+// gloo has two buffer APIs, and each keeps its contract:
+//   - A bound buffer (the original API: a send writes into the peer's receive buffer of the same
+//     slot) is complete when send() returns: the receive buffer announced its address when it
+//     was made, and the sender copies into it. gloo's halving-doubling reduce-scatter rewrites a
+//     sent region before the peer answers, so a later copy would read the rewrite.
+//   - An unbound buffer's send announces its address; the receiver copies it once it has posted
+//     the matching receive and answers, which completes the send (waitSend).
+// Progress is made by whichever thread waits: a waiting rank reads its rings and copies what has
+// arrived. A wait that outlasts the context's timeout, or whose peer process has exited, throws
+// Error.
 #include <gloo/transport/device.h>
 
 #include <memory>

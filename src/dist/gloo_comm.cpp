@@ -181,8 +181,9 @@ Job::Job(const Placement& p, int tp, std::chrono::milliseconds timeout,
         }
         usleep(20000);
     }
+    // The transport: shared memory when asked or possible (the probe is collective), else TCP.
     std::shared_ptr<gloo::transport::Device> device;
-    std::string why = "parallel.transport=tcp";
+    std::string why = "parallel.transport=tcp", via = "shared memory";
     if (transport != "tcp" && shm_reachable(*store_, p.rank, p.world_size, &why)) {
         device = make_shm_device();
     } else if (transport == "shm") {
@@ -196,15 +197,14 @@ Job::Job(const Placement& p, int tp, std::chrono::milliseconds timeout,
                 return std::string(name);
             }();
         device = gloo::transport::tcp::CreateDevice(attr);
+        via = "TCP (" + why + ")";
     }
     const Grid& g = grid_;
     world_ = connect(*store_, device, "world", g.rank, g.world, timeout);
     dp_ = connect(*store_, device, "dp" + std::to_string(g.tp_rank), g.dp_rank, g.dp, timeout);
     tp_ = connect(*store_, device, "tp" + std::to_string(g.dp_rank), g.tp_rank, g.tp, timeout);
     log::info("dist", "rank {} of {} connected ({}) through {}: dp {}/{}, tp {}/{}", g.rank,
-              g.world, p.source,
-              device->str() == "shared memory" ? "shared memory" : "TCP (" + why + ")", g.dp_rank,
-              g.dp, g.tp_rank, g.tp);
+              g.world, p.source, via, g.dp_rank, g.dp, g.tp_rank, g.tp);
 }
 
 Job::~Job() = default;

@@ -34,7 +34,7 @@ double timed(kiln::Collective& c, int reps, const std::function<void()>& op) {
         const auto start = Clock::now();
         op();
         double s = std::chrono::duration<double>(Clock::now() - start).count();
-                float f = float(s);
+        float f = float(s);
         c.all_reduce_max(&f, 1);
         t.push_back(double(f));
     }
@@ -78,8 +78,9 @@ int main(int argc, char** argv) {
     }
     std::printf("2 ranks, one core each; reduce-scatter %zu fp32, all-gather %zu bf16 halves\n\n",
                 floats, floats / 2);
-    std::printf("| transport | reduce-scatter (ms) | all-gather (ms) | 2.4 MB all-reduce (ms) | "
-                "1-float all-reduce (us) |\n|---|---:|---:|---:|---:|\n");
+    std::printf(
+        "| transport | reduce-scatter (ms) | all-gather (ms) | 2.4 MB all-reduce (ms) | "
+        "1-float all-reduce (us) |\n|---|---:|---:|---:|---:|\n");
     std::fflush(stdout);
     for (const std::string transport : {"tcp", "shm"}) {
         const int port = kiln::launch::free_port();

@@ -71,9 +71,13 @@ void rank_main(int rank, int port, const std::string& transport, size_t floats) 
 }  // namespace
 
 int main(int argc, char** argv) {
-    const size_t floats = argc > 1 ? std::strtoull(argv[1], nullptr, 10) : 58040320;
-    if (floats < 2 || floats % 2) {
-        std::fprintf(stderr, "bench_collective: floats must be even and at least 2\n");
+    char* end = nullptr;
+    const size_t floats = argc > 1 ? std::strtoull(argv[1], &end, 10) : 58040320;
+    if (argc > 2 || (argc > 1 && *end != '\0') || floats < 2 || floats % 2) {
+        std::fprintf(stderr,
+                     "usage: bench_collective [floats]\n"
+                     "  floats: the gradient's length, even and at least 2 (default 58040320, "
+                     "small's)\n");
         return 2;
     }
     std::printf("2 ranks, one core each; reduce-scatter %zu fp32, all-gather %zu bf16 halves\n\n",

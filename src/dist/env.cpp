@@ -1,5 +1,7 @@
 #include "dist/env.h"
 
+#include <unistd.h>
+
 #include <charconv>
 #include <cstdlib>
 
@@ -90,6 +92,12 @@ Placement discover(const std::map<std::string, std::string>& given) {
                     p.world_size, p.source);
     }
     return p;
+}
+
+std::string host_name() {
+    char name[256] = {0};
+    gethostname(name, sizeof name - 1);
+    return name;
 }
 
 }  // namespace kiln::dist

@@ -21,4 +21,7 @@ struct Placement {
 // Reads `env` (the process environment when empty). Throws Error naming the variable at fault.
 Placement discover(const std::map<std::string, std::string>& env = {});
 
+// This machine's host name (gethostname).
+std::string host_name();
+
 }  // namespace kiln::dist

@@ -190,12 +190,8 @@ Job::Job(const Placement& p, int tp, std::chrono::milliseconds timeout,
         throw error("parallel.transport=shm, but {}", why);
     } else {
         gloo::transport::tcp::attr attr;
-        attr.hostname =
-            p.master_addr == "127.0.0.1" || p.master_addr == "localhost" ? "127.0.0.1" : [] {
-                char name[256] = {0};
-                gethostname(name, sizeof name - 1);
-                return std::string(name);
-            }();
+        attr.hostname = p.master_addr == "127.0.0.1" || p.master_addr == "localhost" ? "127.0.0.1"
+                                                                                     : host_name();
         device = gloo::transport::tcp::CreateDevice(attr);
         via = "TCP (" + why + ")";
     }

@@ -18,12 +18,12 @@
 #include <cstring>
 #include <deque>
 #include <fstream>
-#include <functional>
 #include <map>
 #include <random>
 #include <sstream>
 
 #include "core/error.h"
+#include "dist/env.h"
 #include "dist/store.h"
 
 namespace kiln::dist {
@@ -39,15 +39,14 @@ struct Msg {
         kSend = 1,   // unbound: `nbytes` at `addr` wait for a receive of `slot`; answered by kDone
         kDone = 2,   // unbound: the receiver has copied send `id`
         kReady = 3,  // bound: the receive buffer of `slot` is `nbytes` at `addr`
-        kWrote = 4,  // bound: `nbytes` were written into it at `roffset`
+        kWrote = 4,  // bound: the sender has written into the receive buffer of `slot`
     };
     uint64_t kind = 0;
     uint64_t id = 0;
     uint64_t slot = 0;
     uint64_t addr = 0;  // in the address space of the process that sent the message
     uint64_t nbytes = 0;
-    uint64_t roffset = 0;
-    uint64_t unused[2] = {};
+    uint64_t unused[3] = {};
 };
 static_assert(sizeof(Msg) == 64);
 
@@ -251,7 +250,8 @@ public:
 
     // Makes progress on every pair until `done()` (called under the lock) holds. Throws Error
     // when that takes longer than `timeout` (kUnsetTimeout: the context's) or a peer has exited.
-    void wait(const std::function<bool()>& done, milliseconds timeout);
+    template <typename Done>
+    void wait(Done&& done, milliseconds timeout);
 
     // Under the lock: takes the oldest receive from any of several ranks that `peer`'s send on
     // `slot` can complete.
@@ -277,6 +277,46 @@ public:
 private:
     std::deque<Recv> any_;
 };
+
+// --- Context ------------------------------------------------------------------------------
+
+template <typename Done>
+void Context::wait(Done&& done, milliseconds timeout) {
+    if (timeout == gloo::transport::kUnsetTimeout)
+        timeout = getTimeout();
+    const auto start = Clock::now();
+    auto next_check = start + milliseconds(100);
+    for (int idle = 0;;) {
+        {
+            std::lock_guard lock(mutex_);
+            bool moved = false;
+            for (auto& p : pairs_)
+                if (p)
+                    moved |= static_cast<Pair&>(*p).progress();
+            if (done())
+                return;
+            idle = moved ? 0 : idle + 1;
+        }
+        // Spin while messages flow; then yield the core to whoever computes on it; then sleep.
+        if (idle > 2000)
+            usleep(20);
+        else if (idle > 50)
+            sched_yield();
+        const auto now = Clock::now();
+        if (now < next_check)
+            continue;
+        next_check = now + milliseconds(100);
+        for (auto& p : pairs_) {
+            const auto* pair = static_cast<const Pair*>(p.get());
+            if (pair && pair->peer_pid() && !alive(pair->peer_pid()))
+                throw error("rank {} (pid {}) exited while rank {} waited in a collective",
+                            pair->peer(), pair->peer_pid(), rank);
+        }
+        if (timeout > milliseconds(0) && now - start > timeout)
+            throw error("rank {} waited in a collective for more than {} s (parallel.timeout_s)",
+                        rank, timeout.count() / 1000.0);
+    }
+}
 
 // --- Buffer -------------------------------------------------------------------------------
 
@@ -459,12 +499,10 @@ void Pair::write(Buffer& buf, int slot, size_t offset, size_t length, size_t rof
         throw error("a write of {} bytes at offset {} overruns rank {}'s {}-byte buffer (slot {})",
                     length, roffset, peer_, to.nbytes, slot);
     copy(peer_pid_, peer_, false, buf.data() + offset, to.addr + roffset, length);
-    Msg m;
-    m.kind = Msg::kWrote;
-    m.slot = uint64_t(slot);
-    m.nbytes = length;
-    m.roffset = roffset;
-    post(m);
+    Msg wrote;
+    wrote.kind = Msg::kWrote;
+    wrote.slot = uint64_t(slot);
+    post(wrote);
 }
 
 void Pair::post(const Msg& m) {
@@ -565,44 +603,7 @@ void Pair::forget(const void* buf) {
                 q.end());
 }
 
-// --- Context ------------------------------------------------------------------------------
-
-void Context::wait(const std::function<bool()>& done, milliseconds timeout) {
-    if (timeout == gloo::transport::kUnsetTimeout)
-        timeout = getTimeout();
-    const auto start = Clock::now();
-    auto next_check = start + milliseconds(100);
-    for (int idle = 0;;) {
-        {
-            std::lock_guard lock(mutex_);
-            bool moved = false;
-            for (auto& p : pairs_)
-                if (p)
-                    moved |= static_cast<Pair&>(*p).progress();
-            if (done())
-                return;
-            idle = moved ? 0 : idle + 1;
-        }
-        // Spin while messages flow; then yield the core to whoever computes on it; then sleep.
-        if (idle > 2000)
-            usleep(20);
-        else if (idle > 50)
-            sched_yield();
-        const auto now = Clock::now();
-        if (now < next_check)
-            continue;
-        next_check = now + milliseconds(100);
-        for (auto& p : pairs_) {
-            const auto* pair = static_cast<const Pair*>(p.get());
-            if (pair && pair->peer_pid() && !alive(pair->peer_pid()))
-                throw error("rank {} (pid {}) exited while rank {} waited in a collective",
-                            pair->peer(), pair->peer_pid(), rank);
-        }
-        if (timeout > milliseconds(0) && now - start > timeout)
-            throw error("rank {} waited in a collective for more than {} s (parallel.timeout_s)",
-                        rank, timeout.count() / 1000.0);
-    }
-}
+// --- Device -------------------------------------------------------------------------------
 
 class Device final : public gloo::transport::Device {
 public:
@@ -629,8 +630,7 @@ bool shm_reachable(TcpStore& store, int rank, int size, std::string* why) {
     int scope = 0;
     if (yama >> scope && scope == 1)
         prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY, 0, 0, 0);
-    char host[256] = {0};
-    gethostname(host, sizeof host - 1);
+    const std::string host = host_name();
     const uint64_t nonce = random_nonce();
     std::string reason;
     const int fd = memfd_create("kiln-probe", MFD_CLOEXEC);

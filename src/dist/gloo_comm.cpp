@@ -38,23 +38,34 @@ public:
     // is kept per buffer (training reduces the same gradient buffer every step). For group sizes
     // that are not powers of two its result was seen to be wrong (tests/dist pins 3 ranks), so
     // those groups use an all-reduce, which satisfies the contract at twice the traffic.
+    //
+    // gloo leaves rank r's chunk at the front of the buffer, where this contract wants it at
+    // r*chunk. Its recursive halving first leaves rank p holding chunk bit-reverse(p) in place;
+    // with two ranks that is each rank's own chunk, so the receive counts {chunk, 0} skip its
+    // distribution phase (a copy of the whole chunk to the front on rank 1). With more ranks the
+    // distribution runs, and the chunk is copied from the front to its place.
     void reduce_scatter_sum(float* data, size_t chunk) override {
-        if (size() == 1)
+        const int n = size();
+        if (n == 1)
             return;
-        if ((size() & (size() - 1)) != 0)
-            return all_reduce(data, chunk * size_t(size()));
-        payload_bytes_ += chunk * size_t(size()) * sizeof(float);
+        if ((n & (n - 1)) != 0)
+            return all_reduce(data, chunk * size_t(n));
+        payload_bytes_ += chunk * size_t(n) * sizeof(float);
         auto key = std::make_pair(data, chunk);
         auto it = reduce_scatters_.find(key);
         if (it == reduce_scatters_.end()) {
-            KILN_CHECK(chunk * size_t(size()) < size_t(1) << 31, "reduce-scatter of {} floats",
-                       chunk * size_t(size()));
-            std::vector<int> counts(static_cast<size_t>(size()), static_cast<int>(chunk));
+            KILN_CHECK(chunk * size_t(n) < size_t(1) << 31, "reduce-scatter of {} floats",
+                       chunk * size_t(n));
+            std::vector<int> counts(static_cast<size_t>(n), static_cast<int>(chunk));
+            if (n == 2)
+                counts[1] = 0;
             auto algo = std::make_unique<gloo::ReduceScatterHalvingDoubling<float>>(
-                ctx_, std::vector<float*>{data}, int(chunk) * size(), counts);
+                ctx_, std::vector<float*>{data}, int(chunk) * n, counts);
             it = reduce_scatters_.emplace(key, std::move(algo)).first;
         }
         it->second->run();
+        if (n > 2 && rank() > 0)
+            std::memcpy(data + size_t(rank()) * chunk, data, chunk * sizeof(float));
     }
 
     void all_gather_bytes(void* data, size_t chunk) override {

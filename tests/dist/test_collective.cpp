@@ -139,7 +139,7 @@ bool unreachable(const std::string& report) {
 
 // Both transports run gloo's same algorithms, so they must give the same bits too.
 TEST(Collective, EveryOperationOverTcpAndSharedMemory) {
-    for (int ranks : {2, 3}) {
+    for (int ranks : {2, 3, 4}) {
         std::string tcp_bits;
         for (const char* transport : {"tcp", "shm"}) {
             auto out = run_ranks(ranks, transport, [](dist::Job& job) {

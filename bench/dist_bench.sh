@@ -5,6 +5,10 @@
 # gloo's shared-memory transport (what parallel.transport=auto picks on one host) and over TCP
 # loopback (parallel.transport=tcp, as between hosts).
 #
+# Each row also splits rank 0's step (medians from metrics.jsonl): forward and backward
+# (compute, TP collectives included), waiting for the slower DP rank (wait), the gradient
+# reduce-scatter and norm (reduce), AdamW and the weight all-gather (update).
+#
 # The shared cores drift by 10-15% over minutes, so the layouts run in turn, ROUNDS times, and
 # each ratio is taken within a round; the summary gives the medians.
 #
@@ -39,8 +43,8 @@ run() {  # name ranks threads args...: prints a table row, leaves the tokens/s i
             --set run.dir="$work/$name" "$@" > "$work/$name.log" 2>&1
     fi
     tps=$(median_tps "$work/$name")
-    printf '| %s | %s | %s | %s | %s |%s |\n' "$round" "$name" "$ranks" "$threads" "$tps" \
-        "$(payload "$work/$name.log")"
+    printf '| %s | %s | %s | %s | %s | %s |%s |\n' "$round" "$name" "$ranks" "$threads" "$tps" \
+        "$(median_parts "$work/$name")" "$(payload "$work/$name.log")"
 }
 
 layouts() {  # the layouts, each as: name ranks threads args...
@@ -66,8 +70,8 @@ layouts > /dev/null
 
 echo "small, $((8 * ACCUM)) sequences x 512 tokens per step, bf16, median of steps 3..$STEPS, $ROUNDS rounds"
 echo
-echo "| round | layout | ranks | threads/rank | tokens/s | collective payload per step per rank |"
-echo "|---:|---|---:|---:|---:|---|"
+echo "| round | layout | ranks | threads/rank | tokens/s | s per step: compute / wait / reduce / update | collective payload per step per rank |"
+echo "|---:|---|---:|---:|---:|---|---|"
 ratios=()
 for round in $(seq 1 "$ROUNDS"); do
     layouts

@@ -31,6 +31,10 @@ void MetricsFile::write(const StepMetrics& m) {
     j["elapsed_s"] = m.elapsed_s;
     j["tokens"] = m.tokens;
     j["skipped_steps"] = m.skipped;
+    j["compute_s"] = m.compute_s;
+    j["wait_s"] = m.wait_s;
+    j["reduce_s"] = m.reduce_s;
+    j["update_s"] = m.update_s;
     std::string line = j.dump() + "\n";
     std::fwrite(line.data(), 1, line.size(), f_);
     std::fflush(f_);
@@ -53,6 +57,10 @@ std::vector<StepMetrics> read_metrics(const std::string& path) {
         m.elapsed_s = j.value("elapsed_s", 0.0);
         m.tokens = j.value("tokens", int64_t(0));
         m.skipped = j.value("skipped_steps", int64_t(0));
+        m.compute_s = j.value("compute_s", 0.0);
+        m.wait_s = j.value("wait_s", 0.0);
+        m.reduce_s = j.value("reduce_s", 0.0);
+        m.update_s = j.value("update_s", 0.0);
         out.push_back(m);
     }
     return out;

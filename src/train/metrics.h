@@ -15,6 +15,11 @@ struct StepMetrics {
     double loss = 0, lr = 0, grad_norm = 0, tokens_per_s = 0, mfu = 0, elapsed_s = 0;
     int64_t tokens = 0;   // tokens trained on so far
     int64_t skipped = 0;  // steps skipped for non-finite gradients so far
+    // Where the step's time went, on rank 0: forward and backward of every micro-batch (tensor-
+    // parallel collectives included); waiting for the slowest data-parallel rank to finish its
+    // micro-batches (the loss all-reduce); the gradient reduce-scatter or all-reduce with the
+    // gradient norm; the optimizer with the weight all-gather.
+    double compute_s = 0, wait_s = 0, reduce_s = 0, update_s = 0;
 };
 
 class MetricsFile {

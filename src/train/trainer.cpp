@@ -371,8 +371,10 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
             loss_sum[0] += l.sum;
             loss_sum[1] += double(l.tokens);
         }
+        const double compute_s = seconds_since(step_start);
         // Data parallel: sum gradients (each rank keeps its shard under ZeRO-1) and losses.
         job.dp().all_reduce_sum(loss_sum, 2);
+        const double wait_s = seconds_since(step_start) - compute_s;
         if (zero) {
             job.dp().reduce_scatter_sum(model.grads(), sh.chunk);
         } else {
@@ -383,6 +385,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
             job.dp().all_reduce_sum(&sq, 1);
         if (g.tp > 1)
             job.tp().all_reduce_sum(&sq, 1);
+        const double reduce_s = seconds_since(step_start) - compute_s - wait_s;
         double loss = loss_sum[0] / loss_sum[1];
         double norm = std::sqrt(sq);
         double lr = schedule.at(step);
@@ -410,6 +413,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
             if (zero)
                 gather_compute_weights();
         }
+        const double update_s = seconds_since(step_start) - compute_s - wait_s - reduce_s;
         last_loss = loss;
         if (pending) {  // commit a background checkpoint as soon as every rank has written it
             double done = writer.done() ? 1 : 0;
@@ -431,6 +435,10 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
         m.elapsed_s = seconds_since(run_start);
         m.tokens = (step + 1) * tokens_per_step;
         m.skipped = skipped;
+        m.compute_s = compute_s;
+        m.wait_s = wait_s;
+        m.reduce_s = reduce_s;
+        m.update_s = update_s;
         if (lead)
             metrics->write(m);
         if (lead && ((step + 1) % t.log_every == 0 || step + 1 == t.steps || step == start_step)) {

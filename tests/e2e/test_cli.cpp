@@ -56,6 +56,18 @@ TEST(Cli, TrainLowersLossAndIsDeterministic) {
         EXPECT_TRUE(ma[0].contains(key)) << key;
     }
     EXPECT_LT(ma.back()["loss"].get<double>(), 0.5 * ma.front()["loss"].get<double>());
+    // The step's parts: each non-negative, together within the step's time.
+    const double step_tokens = ma[1]["tokens"].get<double>() - ma[0]["tokens"].get<double>();
+    for (const auto& m : ma) {
+        double parts = 0;
+        for (const char* key : {"compute_s", "wait_s", "reduce_s", "update_s"}) {
+            ASSERT_TRUE(m.contains(key)) << key;
+            EXPECT_GE(m[key].get<double>(), 0) << key;
+            parts += m[key].get<double>();
+        }
+        EXPECT_GT(m["compute_s"].get<double>(), 0);
+        EXPECT_LE(parts, 1.0001 * step_tokens / m["tokens_per_s"].get<double>()) << m.dump();
+    }
     for (size_t i = 0; i < ma.size(); i++) {
         EXPECT_EQ(ma[i]["loss"].get<double>(), mb[i]["loss"].get<double>()) << "step " << i;
     }

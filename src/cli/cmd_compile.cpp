@@ -67,7 +67,7 @@ Action add_plan(CLI::App& app) {
         compile::Cluster cluster = compile::parse_cluster(o->cluster);
         if (o->global_batch < 1)
             throw error("--global-batch must be at least 1");
-        std::printf("%s: %d node(s) x %d %s (%.0f TFLOP/s bf16, %.0f GB, efficiency %.2f)\n",
+        std::printf("%s: %d node(s) x %d %s (%.3g TFLOP/s bf16, %.0f GB, efficiency %.2f)\n",
                     o->model.c_str(), cluster.nodes, cluster.device.per_node,
                     cluster.device.name.c_str(), cluster.device.peak_tflops,
                     cluster.device.memory_gb, cluster.device.efficiency);

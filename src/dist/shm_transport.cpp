@@ -33,6 +33,24 @@ using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 constexpr uint64_t kMagic = 0x316d68736e6c696b;  // "kilnshm1"
 
+// Backs the whole 2 MiB pages inside [ptr, ptr + bytes) with huge pages, keeping their contents.
+// gloo allocates its receive scratch with 4 KiB pages, and the peer's process_vm_writev pins
+// the pages it writes one by one: on small's reduce-scatter right after a backward pass (116 MB
+// a rank) that took ~85 ms on 4 KiB pages and ~45 ms on 2 MiB ones. Advice only: a kernel
+// without MADV_COLLAPSE (before 6.1) or THP leaves the pages as they are.
+void collapse_to_huge_pages(void* ptr, size_t bytes) {
+    constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+    const uintptr_t lo = (reinterpret_cast<uintptr_t>(ptr) + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t hi = (reinterpret_cast<uintptr_t>(ptr) + bytes) & ~(kHuge - 1);
+    if (hi < lo + 4 * kHuge)
+        return;
+#ifndef MADV_COLLAPSE
+    constexpr int MADV_COLLAPSE = 25;  // Linux 6.1; older headers lack the name
+#endif
+    ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+    ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_COLLAPSE);
+}
+
 // One control message, a cache line.
 struct Msg {
     enum Kind : uint64_t {
@@ -458,6 +476,7 @@ std::unique_ptr<gloo::transport::Buffer> Pair::createSendBuffer(int slot, void* 
 
 std::unique_ptr<gloo::transport::Buffer> Pair::createRecvBuffer(int slot, void* ptr, size_t size) {
     auto buf = std::make_unique<Buffer>(*this, slot, ptr, size);
+    collapse_to_huge_pages(ptr, size);  // once per buffer: gloo's algorithms keep theirs
     std::lock_guard lock(ctx_.mutex());
     if (bound_recv_.count(slot))
         throw error("two receive buffers for slot {} from rank {}", slot, peer_);

@@ -63,8 +63,10 @@ void write_status(const checkpoint::RunDir& run, const std::string& state, int64
     fs::write_file_replace(run.status(), j.dump(2) + "\n");
 }
 
-// ranks/rank-N.json: this rank's step, time and memory, for the dashboard.
-void write_rank_status(const checkpoint::RunDir& run, const dist::Grid& g, int64_t step) {
+// ranks/rank-N.json: this rank's step, time and memory, for the dashboard; after a step, that
+// step's forward and backward time, which tells the rank a straggler's peers wait for.
+void write_rank_status(const checkpoint::RunDir& run, const dist::Grid& g, int64_t step,
+                       std::optional<double> compute_s = std::nullopt) {
     int64_t rss = 0, peak = 0;
     if (std::FILE* f = std::fopen("/proc/self/status", "r")) {
         char line[256];
@@ -86,6 +88,8 @@ void write_rank_status(const checkpoint::RunDir& run, const dist::Grid& g, int64
     j["updated"] = unix_seconds();
     j["rss_bytes"] = rss;
     j["peak_rss_bytes"] = peak;
+    if (compute_s)
+        j["compute_s"] = *compute_s;
     fs::write_file_replace(run.rank_status(g.rank), j.dump() + "\n");
 }
 
@@ -464,7 +468,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
             write_status(run, "running", step + 1, t.steps, loss);
         }
         if ((step + 1) % t.log_every == 0 || step + 1 == t.steps)
-            write_rank_status(run, g, step + 1);
+            write_rank_status(run, g, step + 1, compute_s);
         bool last = step + 1 == t.steps;
         // No checkpoint while steps are being skipped: the newest one stays the last good state.
         bool periodic = t.checkpoint_every > 0 && (step + 1) % t.checkpoint_every == 0;

@@ -161,7 +161,13 @@ TEST(Cli, RunTrainsExportsAndReusesWhatIsDone) {
     ASSERT_EQ(m.size(), 12u);
     EXPECT_LT(m.back()["loss"].get<double>(), m.front()["loss"].get<double>());
     EXPECT_TRUE(fs::exists(dir / "job/config.yaml"));
-    EXPECT_TRUE(fs::exists(dir / "job/train/ranks/rank-1.json"));
+    // Each rank's file holds the last logged step and that step's forward and backward time.
+    for (int r = 0; r < 2; r++) {
+        auto j = nlohmann::json::parse(
+            fs::read_file(dir / ("job/train/ranks/rank-" + std::to_string(r) + ".json")));
+        EXPECT_EQ(j["step"].get<int64_t>(), 12) << r;
+        EXPECT_GT(j["compute_s"].get<double>(), 0) << r;
+    }
     // kiln sample finds the run's tokenizer through its config.yaml.
     Result sampled = kiln("sample --checkpoint " + (dir / "job/train") + " --samples 2 --tokens 8");
     ASSERT_EQ(sampled.rc, 0) << sampled.out;

@@ -45,8 +45,9 @@ Accelerator this_machine() {
     a.per_node = int(std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN)));
     a.memory_gb = double(train::machine_memory()) / 1e9 / a.per_node;
     // kiln's MFU against this peak for tiny on one core a rank (bench/plan_bench.sh, 2026-11-29;
-    // 0.42 before the kernels got faster, 0.66 while the collectives' cost went partly into it).
-    a.efficiency = 0.72;
+    // 0.42 before the kernels got faster, 0.66 while the collectives' cost went partly into it,
+    // 0.72 while the peak timed the operands' rounding to bf16 too, ~20% lower).
+    a.efficiency = 0.57;
     // Ranks on one host exchange through gloo's shared-memory transport: an fp32 reduce-scatter
     // plus bf16 all-gather of small's weights ran at ~3 GB/s by this model's count (one-way
     // bytes). Each collective also waits for the other rank on these shared cores (fitted with

@@ -374,7 +374,14 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     // What the steps move, without the tuning passes, the set-up before them and checkpoints.
     const uint64_t dp_payload0 = job.dp().payload_bytes(), tp_payload0 = job.tp().payload_bytes();
     for (int64_t step = start_step; step < t.steps; step++) {
-        auto step_start = Clock::now();
+        const auto step_start = Clock::now();
+        auto lap_start = step_start;
+        auto lap = [&] {  // seconds since the previous lap (the step's start for the first)
+            const auto now = Clock::now();
+            const double s = std::chrono::duration<double>(now - lap_start).count();
+            lap_start = now;
+            return s;
+        };
         heartbeat(g.rank, step);
         double loss_sum[2] = {0, 0};  // summed loss, tokens
         for (int64_t micro = 0; micro < t.grad_accum; micro++) {
@@ -391,10 +398,10 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
             loss_sum[0] += l.sum;
             loss_sum[1] += double(l.tokens);
         }
-        const double compute_s = seconds_since(step_start);
+        const double compute_s = lap();
         // Data parallel: sum gradients (each rank keeps its shard under ZeRO-1) and losses.
         job.dp().all_reduce_sum(loss_sum, 2);
-        const double wait_s = seconds_since(step_start) - compute_s;
+        const double wait_s = lap();
         if (zero) {
             job.dp().reduce_scatter_sum(model.grads(), sh.chunk);
         } else {
@@ -405,7 +412,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
             job.dp().all_reduce_sum(&sq, 1);
         if (g.tp > 1)
             job.tp().all_reduce_sum(&sq, 1);
-        const double reduce_s = seconds_since(step_start) - compute_s - wait_s;
+        const double reduce_s = lap();
         double loss = loss_sum[0] / loss_sum[1];
         double norm = std::sqrt(sq);
         double lr = schedule.at(step);
@@ -433,7 +440,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
             if (zero)
                 gather_compute_weights();
         }
-        const double update_s = seconds_since(step_start) - compute_s - wait_s - reduce_s;
+        const double update_s = lap();
         last_loss = loss;
         if (pending) {  // commit a background checkpoint as soon as every rank has written it
             double done = writer.done() ? 1 : 0;

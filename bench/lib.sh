@@ -1,23 +1,26 @@
 # Sourced by the bench scripts: ROOT, KILN (the binary, overridable), a work folder removed at
-# exit, and the median tokens/s of a run folder.
+# exit, and medians of a run folder's metrics.
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 KILN="${KILN:-$ROOT/build/kiln}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
-median_tps() {  # RUN_DIR [SKIP]: median tokens/s of the steps after the first SKIP (default 2)
-    /usr/bin/python3 - "$1/metrics.jsonl" "${2:-2}" <<'PY'
+# Medians over a run's metrics.jsonl, skipping its first SKIP steps (the plan's and caches'
+# warm-up): `medians RUN_DIR SKIP FORMAT KEY...` prints each key's median with FORMAT (a Python
+# format spec), joined by " / ".
+medians() {
+    /usr/bin/python3 - "$@" <<'PY'
 import json, statistics, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-print(round(statistics.median(r["tokens_per_s"] for r in rows[int(sys.argv[2]):])))
+path, skip, fmt, *keys = sys.argv[1:]
+rows = [json.loads(l) for l in open(path + "/metrics.jsonl")][int(skip):]
+print(" / ".join(format(statistics.median(r.get(k, 0) for r in rows), fmt) for k in keys))
 PY
 }
 
-median_parts() {  # RUN_DIR [SKIP]: rank 0's median seconds per step in compute / wait / reduce / update
-    /usr/bin/python3 - "$1/metrics.jsonl" "${2:-2}" <<'PY'
-import json, statistics, sys
-rows = [json.loads(l) for l in open(sys.argv[1])][int(sys.argv[2]):]
-print(" / ".join(f"{statistics.median(r.get(k, 0) for r in rows):.3f}"
-                 for k in ("compute_s", "wait_s", "reduce_s", "update_s")))
-PY
+median_tps() {  # RUN_DIR [SKIP]: median tokens/s of the steps after the first SKIP (default 2)
+    medians "$1" "${2:-2}" .0f tokens_per_s
+}
+
+median_parts() {  # RUN_DIR: rank 0's median seconds per step in compute / wait / reduce / update
+    medians "$1" 2 .3f compute_s wait_s reduce_s update_s
 }

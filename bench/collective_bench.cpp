@@ -2,7 +2,9 @@
 // transports (TCP loopback and shared memory): the ZeRO-1 gradient reduce-scatter (fp32) and
 // weight all-gather (bf16) at `small`'s size, a TP activation all-reduce (8 x 256 x 288 fp32,
 // tiny's), and a one-float all-reduce (latency). Each rank is pinned to its own core; the figure
-// is the median over the repetitions of the slower rank's time.
+// is the median over the repetitions of the slower rank's time. Each repetition finds its
+// buffers in the caches where the last one left them; in a training step the reduce-scatter
+// follows a backward pass and took up to twice as long (metrics.jsonl's reduce_s).
 //
 //   build/bench/bench_collective [floats]     floats: the gradient's length (default 58,040,320)
 #include <sched.h>

@@ -441,6 +441,9 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
                 gather_compute_weights();
         }
         const double update_s = lap();
+        log::debug("train",
+                   "step {}: compute {:.3f} s, wait {:.3f} s, reduce {:.3f} s, update {:.3f} s",
+                   step + 1, compute_s, wait_s, reduce_s, update_s);
         last_loss = loss;
         if (pending) {  // commit a background checkpoint as soon as every rank has written it
             double done = writer.done() ? 1 : 0;

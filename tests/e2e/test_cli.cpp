@@ -47,7 +47,8 @@ TEST(Cli, TrainLowersLossAndIsDeterministic) {
     TempDir dir;
     Result a = kiln("train" + kMicro + " --set train.steps=60 --set run.dir=" + (dir / "a"));
     ASSERT_EQ(a.rc, 0) << a.out;
-    Result b = kiln("train" + kMicro + " --set train.steps=60 --set run.dir=" + (dir / "b"));
+    Result b = kiln("train" + kMicro + " --set train.steps=60 --set run.log_level=debug" +
+                    " --set run.dir=" + (dir / "b"));
     ASSERT_EQ(b.rc, 0) << b.out;
     auto ma = metrics(dir / "a"), mb = metrics(dir / "b");
     ASSERT_EQ(ma.size(), 60u);
@@ -71,6 +72,9 @@ TEST(Cli, TrainLowersLossAndIsDeterministic) {
     for (size_t i = 0; i < ma.size(); i++) {
         EXPECT_EQ(ma[i]["loss"].get<double>(), mb[i]["loss"].get<double>()) << "step " << i;
     }
+    // At debug level each rank logs its step split at every step.
+    EXPECT_NE(fs::read_file(dir / "b/rank-0.log").find("step 60: compute "), std::string::npos);
+    EXPECT_EQ(fs::read_file(dir / "a/rank-0.log").find("step 60: compute "), std::string::npos);
     EXPECT_TRUE(fs::exists(dir / "a/checkpoints/step-00000060/manifest.json"));
     EXPECT_TRUE(fs::exists(dir / "a/config.yaml"));
     EXPECT_NE(fs::read_file(dir / "a/status.json").find("finished"), std::string::npos);

@@ -68,7 +68,8 @@ void build_schema(ConfigSchema& s, RunConfig& c) {
           "TCP), auto (shm when every rank can use it, else tcp)",
           one_of(&c.transport, {"auto", "shm", "tcp"}));
     s.add("run.dir", &c.run_dir, "run folder (empty: runs/<generated id>)");
-    s.add("run.log_level", &c.log_level, "debug | info | warn | error",
+    s.add("run.log_level", &c.log_level,
+          "debug | info | warn | error (debug: each rank logs its step split, every step)",
           one_of(&c.log_level, {"debug", "info", "warn", "error"}));
 }
 

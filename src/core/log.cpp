@@ -49,11 +49,15 @@ void add_file(const std::string& path) {
     auto sink = std::make_shared<spdlog::sinks::basic_file_sink_mt>(path);
     sink->set_pattern("%Y-%m-%dT%H:%M:%S.%e %l %v");
     logger()->sinks().push_back(sink);
-    logger()->flush_on(spdlog::level::info);
+    logger()->flush_on(spdlog::level::debug);  // what passes the level, at once
 }
 
 void write(Level level, const char* module, const std::string& message) {
     logger()->log(to_spdlog(level), "[{}] {}", module, message);
+}
+
+bool enabled(Level level) {
+    return logger()->should_log(to_spdlog(level));
 }
 
 Level parse_level(const std::string& name) {

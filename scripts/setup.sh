@@ -7,7 +7,7 @@ set -euo pipefail
 
 packages=(
     build-essential cmake ninja-build pkg-config git
-    libdnnl-dev libopenblas-dev
+    libdnnl-dev ocl-icd-opencl-dev libopenblas-dev
     libyaml-cpp-dev libcli11-dev libspdlog-dev libfmt-dev nlohmann-json3-dev
     libxxhash-dev libzstd-dev zlib1g-dev
     libcpp-httplib-dev libsqlite3-dev libjs-chart.js

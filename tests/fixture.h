@@ -3,6 +3,7 @@
 // PyTorch reference fixtures (tests/reference/llama_ref.py, run with Debian's python3-torch).
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
@@ -57,6 +58,23 @@ inline std::string message_of(const std::function<void()>& f) {
         return e.what();
     }
     return "";
+}
+
+// Why this machine's kiln refuses bf16 products ("" when it runs them): its own one sentence.
+inline std::string without_bf16_products() {
+    static const std::string why = [] {
+        std::string out;
+        std::string cmd = kiln_binary() + " train --set train.precision=bf16 --check 2>&1";
+        if (std::FILE* p = ::popen(cmd.c_str(), "r")) {
+            char buf[4096];
+            while (size_t n = std::fread(buf, 1, sizeof buf, p))
+                out.append(buf, n);
+            if (::pclose(p) == 0)
+                out.clear();
+        }
+        return out;
+    }();
+    return why;
 }
 
 inline bool have_torch() {

@@ -62,7 +62,8 @@ Action add_plan(CLI::App& app) {
         ConfigOptions c = o->config;
         c.sets.insert(c.sets.begin(), "model.preset=" + o->model);
         c.sets.push_back("train.seq_len=" + std::to_string(o->seq_len));
-        if (checked_only(c, resolve_config(config, c)))
+        // The config describes the cluster's devices, not this machine: precision stays auto.
+        if (checked_only(c, resolve_config(config, c, false)))
             return 0;
         compile::Cluster cluster = compile::parse_cluster(o->cluster);
         if (o->global_batch < 1)

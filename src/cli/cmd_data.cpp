@@ -57,7 +57,8 @@ Action add_data(CLI::App& app) {
     verify->add_option("dir", o->verify_dir, "data set folder")->required();
     return [o, verify] {
         train::RunConfig config;
-        std::string yaml = resolve_config(config, o->config);
+        // Only data.* matters here: the products' precision is the training's to settle.
+        std::string yaml = resolve_config(config, o->config, false);
         if (checked_only(o->config, yaml))
             return 0;
         if (verify->parsed()) {

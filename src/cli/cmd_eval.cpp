@@ -10,7 +10,7 @@ namespace kiln::cli {
 
 Action add_eval(CLI::App& app) {
     struct Options {
-        std::string checkpoint, data, precision = "fp32";
+        std::string checkpoint, data, precision = "auto";
         int64_t max_rows = 0, batch = 8;
     };
     auto o = std::make_shared<Options>();
@@ -19,8 +19,10 @@ Action add_eval(CLI::App& app) {
     app.add_option("--data", o->data, "shard folder made by kiln data")->required();
     app.add_option("--max-rows", o->max_rows, "evaluate at most this many sequences (0: all)");
     app.add_option("--batch", o->batch, "sequences per forward pass")->check(CLI::PositiveNumber);
-    app.add_option("--precision", o->precision, "fp32 or bf16 matrix products")
-        ->check(CLI::IsMember({"fp32", "bf16"}));
+    app.add_option("--precision", o->precision,
+                   "matrix products: auto (bf16 where the CPU has native bf16), bf16, fp32")
+        ->check(CLI::IsMember({"auto", "fp32", "bf16"}))
+        ->capture_default_str();
     return [o] {
         train::EvalResult r =
             train::evaluate(o->checkpoint, o->data, o->max_rows, o->precision, o->batch);

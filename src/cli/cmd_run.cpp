@@ -147,6 +147,7 @@ Action add_run(CLI::App& app) {
 
         log::info("run", "stage 2/5: compile: the layout and the memory plan of {} ranks",
                   o->ranks);
+        log::info("run", "precision: {}", config.train.precision_why);
         compile::CompileOptions plan;
         plan.ranks = o->ranks;
         plan.dry_steps = 0;  // the training itself follows

@@ -41,7 +41,7 @@ std::string run_tokenizer(const std::string& checkpoint) {
 
 Action add_sample(CLI::App& app) {
     struct Options {
-        std::string checkpoint, tokenizer, prompt;
+        std::string checkpoint, tokenizer, prompt, precision = "auto";
         int samples = 1;
         train::SampleOptions sample;
     };
@@ -63,10 +63,14 @@ Action add_sample(CLI::App& app) {
         ->check(CLI::NonNegativeNumber)
         ->capture_default_str();
     app.add_option("--seed", o->sample.seed, "random seed")->capture_default_str();
+    app.add_option("--precision", o->precision,
+                   "matrix products: auto (bf16 where the CPU has native bf16), bf16, fp32")
+        ->check(CLI::IsMember({"auto", "fp32", "bf16"}))
+        ->capture_default_str();
     return [o] {
+        train::Sampler sampler(o->checkpoint, o->precision);
         std::string model = o->tokenizer.empty() ? run_tokenizer(o->checkpoint) : o->tokenizer;
         data::Tokenizer tok(model);
-        train::Sampler sampler(o->checkpoint);
         if (tok.vocab_size() != sampler.vocab_size())
             throw error("tokenizer {} has {} pieces but the checkpoint's model has {}", model,
                         tok.vocab_size(), sampler.vocab_size());

@@ -7,7 +7,8 @@
 
 namespace kiln::cli {
 
-std::string resolve_config(train::RunConfig& config, const ConfigOptions& options) {
+std::string resolve_config(train::RunConfig& config, const ConfigOptions& options,
+                           bool for_this_machine) {
     ConfigSchema schema;
     train::build_schema(schema, config);
     if (!options.file.empty())
@@ -16,6 +17,8 @@ std::string resolve_config(train::RunConfig& config, const ConfigOptions& option
         schema.add_override(s);
     schema.apply();
     config.validate();
+    if (for_this_machine)
+        config.resolve();
     log::init(0, log::parse_level(config.log_level));
     return schema.to_yaml();
 }

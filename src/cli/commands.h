@@ -19,8 +19,10 @@ struct ConfigOptions {
     bool check = false;  // check the config, print it resolved, and do nothing else
 };
 // Applies --config FILE then every --set to `config` (whose fields hold the defaults), checks
-// it, sets the log level, and returns the resolved YAML for the run folder.
-std::string resolve_config(train::RunConfig& config, const ConfigOptions& options);
+// it, settles what depends on this machine (train.precision auto; not for a config that describes
+// other machines), sets the log level, and returns the resolved YAML for the run folder.
+std::string resolve_config(train::RunConfig& config, const ConfigOptions& options,
+                           bool for_this_machine = true);
 // Adds the options, and the list of config keys with `defaults` to the help footer.
 void add_config_options(CLI::App& app, ConfigOptions& options, train::RunConfig defaults = {});
 // With --check: prints the resolved YAML and returns true (the command then stops, exit 0).

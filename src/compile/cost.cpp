@@ -10,6 +10,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/threads.h"
+#include "kernels/backends.h"
 #include "train/metrics.h"
 #include "train/trainer.h"
 
@@ -40,7 +41,9 @@ Accelerator this_machine() {
     a.name = "CPU core of this machine";
     const int threads = num_threads();
     set_num_threads(1);
-    a.peak_tflops = train::measure_peak_gflops("cpu", "bf16") / 1000.0;
+    a.peak_tflops =
+        train::measure_peak_gflops("cpu", kernels::resolve_precision("cpu", "auto").precision) /
+        1000.0;
     set_num_threads(threads);
     a.per_node = int(std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN)));
     a.memory_gb = double(train::machine_memory()) / 1e9 / a.per_node;
@@ -128,7 +131,13 @@ Cluster parse_cluster(const std::string& spec) {
     return c;
 }
 
-Estimate estimate(const train::RunConfig& config, const Cluster& cluster) {
+Estimate estimate(const train::RunConfig& given, const Cluster& cluster) {
+    // The devices' precision: this machine's own choice on "this"; an accelerator multiplies
+    // in bf16 unless fp32 is asked.
+    train::RunConfig config = given;
+    if (!cluster.device.host && config.train.precision == "auto")
+        config.train.precision = "bf16";
+    const bool bf16 = train::compute_precision(config.train) == kernels::Precision::bf16;
     Estimate e;
     const int world = cluster.devices();
     e.tp = int(config.tp);
@@ -168,7 +177,6 @@ Estimate estimate(const train::RunConfig& config, const Cluster& cluster) {
         // ZeRO-1 reduce-scatters the fp32 gradients and all-gathers the weights the steps read
         // (the bf16 copy in bf16); without ZeRO the gradients are all-reduced.
         const double params = double(m.n_params()) / e.tp;
-        const bool bf16 = config.train.precision == "bf16";
         const double bytes = config.zero == 1 ? params * (4 + (bf16 ? 2 : 4)) : params * 8;
         // The DP group spans nodes when TP does not fill a node's devices times the DP count.
         bool across = cluster.nodes > 1;

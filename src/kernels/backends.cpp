@@ -33,4 +33,44 @@ const Kernels& select_kernels(const std::string& backend, Precision precision) {
     throw error("train.backend={} is not one of cpu, reference", backend);
 }
 
+const char* precision_name(Precision p) {
+    return p == Precision::bf16 ? "bf16" : "fp32";
+}
+
+PrecisionChoice resolve_precision(const std::string& backend, const std::string& requested,
+                                  const std::string& key) {
+    if (requested != "auto" && requested != "bf16" && requested != "fp32")
+        throw error("{}={} is not one of auto, bf16, fp32", key, requested);
+    if (backend == "cuda") {
+        // Every GPU kiln targets multiplies bf16 on its tensor cores.
+        Precision p = requested == "fp32" ? Precision::fp32 : Precision::bf16;
+        return {
+            p, fmt::format("{} products (train.precision={}, CUDA)", precision_name(p), requested)};
+    }
+    // The reference backend emulates bf16 in software, so it can honour either; under auto it
+    // follows the CPU backend's choice, which it is the oracle of.
+    const cpu::CpuInfo& c = cpu::cpu_info();
+    const std::string machine =
+        fmt::format("{}: {}, oneDNN dispatches {}", c.model, c.features, c.isa);
+    if (requested == "fp32")
+        return {Precision::fp32, fmt::format("fp32 products (train.precision=fp32; {})", machine)};
+    if (requested == "bf16") {
+        if (backend != "reference" && !c.bf16_products) {
+            throw error(
+                "{}=bf16: this CPU ({}) has no bf16 matrix products (oneDNN dispatches {}; bf16 "
+                "needs avx512_core, natively avx512_bf16 or AMX); use {}=auto or fp32",
+                key, c.model, c.isa, key);
+        }
+        return {Precision::bf16,
+                fmt::format(
+                    "bf16 products (train.precision=bf16; {}{})", machine,
+                    c.bf16_native || backend == "reference" ? "" : "; emulated, slower than fp32")};
+    }
+    if (c.bf16_native)
+        return {Precision::bf16, fmt::format("bf16 products (auto: {} has native bf16)", machine)};
+    return {Precision::fp32,
+            fmt::format("fp32 products (auto: {}; no native bf16, which needs avx512_bf16 or AMX)",
+                        machine)};
+}
+
 }  // namespace kiln::kernels

@@ -8,7 +8,20 @@
 namespace kiln::kernels {
 
 const Kernels& select_kernels(const std::string& backend, Precision precision);  // throws Error
-bool cuda_available();  // built with CUDA and a device is present
-int cuda_devices();     // how many (0 without CUDA)
+
+// The precision of a backend's products on this machine, and why.
+struct PrecisionChoice {
+    Precision precision = Precision::fp32;
+    std::string why;  // one line naming the choice and the hardware fact that decided it
+};
+// `requested` is train.precision: "auto" (bf16 where the backend has native bf16 products,
+// else fp32), "bf16" or "fp32". bf16 asked of a CPU without bf16 products throws an Error
+// naming `key` (where the value came from) and the missing feature. The CPU is probed once per
+// process.
+PrecisionChoice resolve_precision(const std::string& backend, const std::string& requested,
+                                  const std::string& key = "train.precision");
+const char* precision_name(Precision p);  // "fp32" | "bf16"
+bool cuda_available();                    // built with CUDA and a device is present
+int cuda_devices();                       // how many (0 without CUDA)
 
 }  // namespace kiln::kernels

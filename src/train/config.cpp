@@ -1,6 +1,7 @@
 #include "train/config.h"
 
 #include "core/error.h"
+#include "kernels/backends.h"
 
 namespace kiln::train {
 using namespace check;
@@ -30,8 +31,10 @@ void build_schema(ConfigSchema& s, RunConfig& c) {
     s.add("train.grad_clip", &c.adamw.grad_clip, "max global gradient L2 norm (0: off)",
           non_negative(&c.adamw.grad_clip));
     s.add("train.seed", &t.seed, "seed of the initial weights and the data order");
-    s.add("train.precision", &t.precision, "matrix products: bf16 (fp32 accumulate) or fp32",
-          one_of(&t.precision, {"bf16", "fp32"}));
+    s.add("train.precision", &t.precision,
+          "matrix products: auto (bf16 where the CPU has native bf16 products: avx512_bf16 or "
+          "AMX; else fp32), bf16 (fp32 accumulate), fp32",
+          one_of(&t.precision, {"auto", "bf16", "fp32"}));
     s.add("train.recompute", &t.recompute, "none | selective (attention) | full (whole block)",
           one_of(&t.recompute, {"none", "selective", "full"}));
     s.add("train.backend", &t.backend, "kernel backend: cpu | reference",
@@ -71,6 +74,18 @@ void build_schema(ConfigSchema& s, RunConfig& c) {
     s.add("run.log_level", &c.log_level,
           "debug | info | warn | error (debug: each rank logs its step split, every step)",
           one_of(&c.log_level, {"debug", "info", "warn", "error"}));
+}
+
+kernels::Precision compute_precision(const TrainConfig& t) {
+    if (t.precision == "auto")
+        return kernels::resolve_precision(t.backend, t.precision).precision;
+    return t.precision == "bf16" ? kernels::Precision::bf16 : kernels::Precision::fp32;
+}
+
+void RunConfig::resolve() {
+    kernels::PrecisionChoice choice = kernels::resolve_precision(train.backend, train.precision);
+    train.precision = kernels::precision_name(choice.precision);
+    train.precision_why = choice.why;
 }
 
 void RunConfig::validate() const {

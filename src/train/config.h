@@ -6,6 +6,7 @@
 
 #include "core/config.h"
 #include "data/build.h"
+#include "kernels/ops.h"
 #include "model/config.h"
 #include "optim/adamw.h"
 #include "optim/schedule.h"
@@ -18,7 +19,8 @@ struct TrainConfig {
     int64_t grad_accum = 1;
     int64_t steps = 200;
     int64_t seed = 1337;
-    std::string precision = "bf16";
+    std::string precision = "auto";  // auto | bf16 | fp32; RunConfig::resolve() settles auto
+    std::string precision_why;       // set by resolve(): the choice and what decided it
     std::string recompute = "none";
     std::string backend = "cpu";
     int64_t threads = 0;
@@ -46,7 +48,14 @@ struct RunConfig {
     std::string log_level = "info";
 
     void validate() const;  // cross-key checks; throws Error naming the keys
+    // Settles what depends on this machine: train.precision "auto" becomes bf16 where the
+    // backend has native bf16 products, else fp32; an explicit bf16 the CPU lacks throws.
+    void resolve();
 };
+
+// The precision the products run in: "auto" as this machine resolves it, else as given (a plan
+// for another machine may name bf16 here; RunConfig::resolve() checks this machine can run it).
+kernels::Precision compute_precision(const TrainConfig& t);
 
 // Registers every key of `config` (which must outlive the schema).
 void build_schema(ConfigSchema& schema, RunConfig& config);

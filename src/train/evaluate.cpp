@@ -13,6 +13,8 @@ namespace kiln::train {
 
 EvalResult evaluate(const std::string& checkpoint_dir, const std::string& data_dir,
                     int64_t max_rows, const std::string& precision, int64_t batch) {
+    const kernels::Precision prec =
+        kernels::resolve_precision("cpu", precision, "--precision").precision;
     checkpoint::Checkpoint ck(checkpoint_dir);
     data::ShardSet shards(data_dir, ck.config().vocab_size);
     const int64_t T = shards.seq_len();
@@ -22,7 +24,6 @@ EvalResult evaluate(const std::string& checkpoint_dir, const std::string& data_d
     }
     int64_t rows = max_rows > 0 ? std::min(max_rows, shards.rows()) : shards.rows();
     const int64_t B = std::max<int64_t>(1, std::min(batch, rows));
-    auto prec = precision == "fp32" ? kernels::Precision::fp32 : kernels::Precision::bf16;
     model::Llama model(ck.config(), kernels::select_kernels("cpu", prec), B, T,
                        model::Recompute::none);
     ck.load(model.layout(), model.params(), nullptr, nullptr, 0, 0);

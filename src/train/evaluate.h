@@ -12,6 +12,7 @@ struct EvalResult {
     int64_t rows = 0;
 };
 
+// precision as train.precision: auto (the CPU's best), bf16 or fp32.
 EvalResult evaluate(const std::string& checkpoint_dir, const std::string& data_dir,
                     int64_t max_rows, const std::string& precision, int64_t batch);
 

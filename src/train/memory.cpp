@@ -63,10 +63,9 @@ MemoryPlan memory_plan(const RunConfig& config, int world) {
     const int64_t total = model::Layout(config.model, tp, 0).total();
     const Shards sh = shard_layout(total, dp, 0, zero);
     const int64_t range = sh.end - sh.begin;
-    auto precision = t.precision == "fp32" ? kernels::Precision::fp32 : kernels::Precision::bf16;
     // The reference backend declares the same buffers; only its workspace may differ.
     const kernels::Kernels& k =
-        kernels::select_kernels(t.backend == "cuda" ? "cpu" : t.backend, precision);
+        kernels::select_kernels(t.backend == "cuda" ? "cpu" : t.backend, compute_precision(t));
     model::ModelBytes m = model::Llama::bytes(config.model, k, t.micro_batch, t.seq_len,
                                               model::parse_recompute(t.recompute), sh.padded, tp);
     MemoryPlan p;

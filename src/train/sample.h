@@ -18,7 +18,8 @@ struct SampleOptions {
 
 class Sampler {
 public:
-    explicit Sampler(const std::string& checkpoint);  // a checkpoint or run folder
+    // A checkpoint or run folder; precision as train.precision (auto, bf16, fp32).
+    explicit Sampler(const std::string& checkpoint, const std::string& precision = "auto");
     ~Sampler();
     // The prompt's ids (BOS first) followed by the new ones; stops after `eos` when it is drawn.
     std::vector<int32_t> continue_(std::vector<int32_t> prompt, const SampleOptions& options,

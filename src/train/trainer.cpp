@@ -30,10 +30,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-kernels::Precision precision_of(const std::string& p) {
-    return p == "fp32" ? kernels::Precision::fp32 : kernels::Precision::bf16;
-}
-
 // Tells a supervisor (kiln launch) that this rank is making progress: KILN_HEARTBEAT_DIR/rank-N
 // is rewritten at every step; its time is the heartbeat.
 void heartbeat(int rank, int64_t step) {
@@ -95,12 +91,11 @@ void write_rank_status(const checkpoint::RunDir& run, const dist::Grid& g, int64
 
 }  // namespace
 
-double measure_peak_gflops(const std::string& backend, const std::string& precision) {
+double measure_peak_gflops(const std::string& backend, kernels::Precision p) {
     // The products alone: operands already in the compute precision (as a step's bf16 weights
     // are), so that no rounding of them is timed; 1024 square, whose bf16 operands stay in a
     // core's L2 (2048 square measured ~20% lower on one core); the best of several runs after
     // one that builds the kernel.
-    const kernels::Precision p = precision_of(precision);
     const kernels::Kernels& k = kernels::select_kernels(backend, p);
     const int64_t n = backend == "reference" ? 256 : 1024;
     const bool bf16 = p == kernels::Precision::bf16;
@@ -172,7 +167,10 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     log::init(g.rank, log::parse_level(cfg.log_level));
     checkpoint::RunDir run{agree_on_run_dir(cfg, job)};
 
-    const kernels::Kernels& k = kernels::select_kernels(t.backend, precision_of(t.precision));
+    kernels::PrecisionChoice precision = kernels::resolve_precision(t.backend, t.precision);
+    if (!t.precision_why.empty())
+        precision.why = t.precision_why;  // how RunConfig::resolve() settled an "auto"
+    const kernels::Kernels& k = kernels::select_kernels(t.backend, precision.precision);
     auto source = data::open_source(cfg.data.source, t.seq_len, cfg.model.vocab_size,
                                     static_cast<uint64_t>(t.seed));
     if (auto* shards = dynamic_cast<data::ShardSet*>(source.get())) {
@@ -257,7 +255,9 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
               plan.total() / mib, (plan.params + plan.params_bf16) / mib, plan.grads / mib,
               plan.optimizer / mib, zero ? "ZeRO-1 shard" : "replicated", g.dp, g.tp,
               plan.activations / mib, plan.checkpoint / mib);
-    double peak = t.peak_gflops > 0 ? t.peak_gflops : measure_peak_gflops(t.backend, t.precision);
+    log::info("train", "precision: {}", precision.why);
+    double peak =
+        t.peak_gflops > 0 ? t.peak_gflops : measure_peak_gflops(t.backend, precision.precision);
     const double flops_tok = flops_per_token(cfg.model, t.seq_len);
     const int64_t B = t.micro_batch, T = t.seq_len;
     const int64_t tokens_per_step = t.grad_accum * B * T * g.dp;

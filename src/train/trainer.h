@@ -20,6 +20,6 @@ struct TrainResult {
 TrainResult train(const RunConfig& config, const std::string& resolved_yaml);
 
 // Peak GFLOP/s of this machine's bf16/fp32 matrix product, measured on a square product.
-double measure_peak_gflops(const std::string& backend, const std::string& precision);
+double measure_peak_gflops(const std::string& backend, kernels::Precision precision);
 
 }  // namespace kiln::train

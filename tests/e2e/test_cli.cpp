@@ -3,6 +3,7 @@
 // input ending in one clear sentence with nothing overwritten.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -113,13 +114,55 @@ void write_shards(const std::string& dir, int64_t rows, uint32_t T, int64_t voca
     data::write_manifest(dir, m);
 }
 
+// train.precision=auto settles on this machine's products: bf16 only with native bf16 (capping
+// oneDNN at AVX2 makes any CPU one without), written resolved into the config; an explicit bf16
+// that the CPU lacks is one sentence and a non-zero exit, for train, eval and sample alike.
+TEST(Cli, PrecisionAutoFollowsTheCpu) {
+    TempDir dir;
+    const std::string avx2 = "env ONEDNN_MAX_CPU_ISA=AVX2 " + kiln::testing::kiln_binary();
+    auto run = [&](const std::string& cmd) {
+        int rc = kiln::testing::run(cmd + " >" + (dir / "out") + " 2>&1");
+        return Result{rc, fs::read_file(dir / "out")};
+    };
+    Result fp32 = run(avx2 + " train --check" + kMicro);
+    ASSERT_EQ(fp32.rc, 0) << fp32.out;
+    EXPECT_NE(fp32.out.find("precision: fp32"), std::string::npos) << fp32.out;
+    Result bf16 = run(avx2 + " train --check --set train.precision=bf16");
+    EXPECT_NE(bf16.rc, 0);
+    EXPECT_EQ(bf16.out.rfind("kiln: train.precision=bf16: this CPU (", 0), 0u) << bf16.out;
+    EXPECT_NE(bf16.out.find("has no bf16 matrix products"), std::string::npos) << bf16.out;
+    EXPECT_EQ(bf16.out.find("internal error"), std::string::npos) << bf16.out;
+    EXPECT_EQ(std::count(bf16.out.begin(), bf16.out.end(), '\n'), 1) << bf16.out;
+
+    // A run under the cap trains in fp32 and says why; eval and sample refuse bf16 there too.
+    Result t = run(avx2 + " train" + kMicro + " --set train.steps=2 --set run.dir=" + (dir / "r"));
+    ASSERT_EQ(t.rc, 0) << t.out;
+    EXPECT_NE(t.out.find("precision: fp32 products (auto: "), std::string::npos) << t.out;
+    EXPECT_NE(fs::read_file(dir / "r/config.yaml").find("precision: fp32"), std::string::npos);
+    for (const char* cmd : {" eval --data x --precision bf16 --checkpoint ",
+                            " sample --tokenizer x --precision bf16 --checkpoint "}) {
+        Result r = run(avx2 + cmd + (dir / "r"));
+        EXPECT_NE(r.rc, 0) << cmd;
+        EXPECT_NE(r.out.find("--precision=bf16: this CPU ("), std::string::npos) << r.out;
+    }
+
+    // Uncapped, auto settles too: bf16 exactly where this CPU has native bf16 products.
+    Result here = run(kiln::testing::kiln_binary() + " train --check");
+    ASSERT_EQ(here.rc, 0) << here.out;
+    EXPECT_EQ(here.out.find("precision: auto"), std::string::npos) << here.out;
+    if (!kiln::testing::without_bf16_products().empty()) {
+        EXPECT_NE(here.out.find("precision: fp32"), std::string::npos) << here.out;
+    }
+}
+
 TEST(Cli, EvalAndExportAgreeWithPyTorch) {
     TempDir dir;
     write_shards(dir / "data", 6, 32, 256);
     Result t = kiln("train" + kMicro + " --set train.steps=5 --set data.source=" + (dir / "data") +
                     " --set run.dir=" + (dir / "run"));
     ASSERT_EQ(t.rc, 0) << t.out;
-    Result e = kiln("eval --checkpoint " + (dir / "run") + " --data " + (dir / "data"));
+    Result e =
+        kiln("eval --precision fp32 --checkpoint " + (dir / "run") + " --data " + (dir / "data"));
     ASSERT_EQ(e.rc, 0) << e.out;
     auto ej = nlohmann::json::parse(e.out.substr(e.out.find('{')));
     EXPECT_EQ(ej["tokens"].get<int64_t>(), 6 * 31);

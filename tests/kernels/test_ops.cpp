@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "kernels/cpu/cpu.h"
+#include "kernels/products.h"
 #include "kernels/reference/reference.h"
 
 namespace kiln::kernels {
@@ -89,9 +90,15 @@ const Kernels& ref() {
     return reference_kernels(Precision::fp32);
 }
 
-TEST(Gemm, CpuMatchesReferenceAllTranspositions) {
+class GemmIn : public ::testing::TestWithParam<Precision> {};
+INSTANTIATE_TEST_SUITE_P(Precision, GemmIn, ::testing::Values(Precision::fp32, Precision::bf16),
+                         testing::precision_param_name);
+
+TEST_P(GemmIn, CpuMatchesReferenceAllTranspositions) {
+    const Precision prec = GetParam();
+    KILN_REQUIRE_PRODUCTS(prec);
     const int64_t M = 37, N = 29, K = 53;
-    for (Precision prec : {Precision::fp32, Precision::bf16}) {
+    {
         for (int ta = 0; ta < 2; ta++) {
             for (int tb = 0; tb < 2; tb++) {
                 for (int acc = 0; acc < 2; acc++) {
@@ -119,6 +126,7 @@ TEST(Gemm, CpuMatchesReferenceAllTranspositions) {
 // A oneDNN 2.6 AMX defect: short products (M <= 32) with N in 49..63 split over threads gave
 // wrong values. Every call here must match the reference, repeatedly.
 TEST(Gemm, ShortBf16ProductsAreRightEveryTime) {
+    KILN_REQUIRE_PRODUCTS(Precision::bf16);
     for (int64_t M : {1, 16, 32, 47}) {
         for (int64_t N : {49, 50, 57, 63}) {
             const int64_t K = 32;
@@ -144,13 +152,15 @@ TEST(Gemm, ShortBf16ProductsAreRightEveryTime) {
 // Autotuning: passes over a few products (one accumulating, one transposed) pick one choice per
 // shape; the plan then computes what the reference does, as does a plan naming a choice this
 // library lacks (which falls back to the default).
-TEST(Gemm, TunedPlanComputesTheSameProducts) {
+TEST_P(GemmIn, TunedPlanComputesTheSameProducts) {
+    const Precision prec = GetParam();
+    KILN_REQUIRE_PRODUCTS(prec);
     struct Shape {
         int64_t M, N, K;
         bool trans_b, acc;
     };
     const Shape shapes[] = {{128, 96, 64, false, false}, {256, 64, 96, true, true}};
-    for (Precision prec : {Precision::fp32, Precision::bf16}) {
+    {
         const Kernels& cpu = cpu_kernels(prec);
         ASSERT_NE(cpu.platform, nullptr);
         EXPECT_NE(cpu.platform().find("oneDNN"), std::string::npos) << cpu.platform();
@@ -196,6 +206,7 @@ TEST(Gemm, TunedPlanComputesTheSameProducts) {
 }
 
 TEST(Gemm, Bf16WeightsOperand) {
+    KILN_REQUIRE_PRODUCTS(Precision::bf16);
     const int64_t M = 16, N = 24, K = 40;
     auto a = randn(M * K, 1), bf = randn(N * K, 2);
     std::vector<uint16_t> b(N * K);
@@ -363,9 +374,11 @@ TEST(Attention, GroupedQuery) {
     check_attention(2, 7, 6, 2, 8, Precision::fp32);
 }
 TEST(Attention, GroupedQueryBf16) {
+    KILN_REQUIRE_PRODUCTS(Precision::bf16);
     check_attention(2, 16, 4, 2, 16, Precision::bf16);
 }
 TEST(Attention, MultiHeadBf16) {
+    KILN_REQUIRE_PRODUCTS(Precision::bf16);
     check_attention(2, 16, 4, 4, 16, Precision::bf16);
 }
 

@@ -12,6 +12,7 @@
 #include "core/safetensors.h"
 #include "fixture.h"
 #include "kernels/cpu/cpu.h"
+#include "kernels/products.h"
 #include "kernels/reference/reference.h"
 #include "model/llama.h"
 
@@ -58,9 +59,11 @@ double max_rel_diff(const float* a, const float* b, int64_t n, double floor) {
     return worst;
 }
 
-class ReferenceFixture : public ::testing::Test {
+// One case per precision, so that the fp32 comparison runs on every machine.
+class ReferenceFixture : public ::testing::TestWithParam<Precision> {
 protected:
     void SetUp() override {
+        KILN_REQUIRE_PRODUCTS(GetParam());
         if (!kiln::testing::have_torch())
             GTEST_SKIP() << "python3-torch is not installed";
         kiln::testing::make_fixture(dir_ / "fixture.safetensors", "");
@@ -88,8 +91,13 @@ protected:
     Batch batch_;
 };
 
-TEST_F(ReferenceFixture, LogitsLossAndGradientsMatchPyTorch) {
-    for (Precision prec : {Precision::fp32, Precision::bf16}) {
+INSTANTIATE_TEST_SUITE_P(Precision, ReferenceFixture,
+                         ::testing::Values(Precision::fp32, Precision::bf16),
+                         kiln::testing::precision_param_name);
+
+TEST_P(ReferenceFixture, LogitsLossAndGradientsMatchPyTorch) {
+    const Precision prec = GetParam();
+    {
         for (const kernels::Kernels* k :
              {&kernels::cpu_kernels(prec), &kernels::reference_kernels(prec)}) {
             SCOPED_TRACE(k->name);
@@ -175,11 +183,17 @@ TEST(Llama, CpuMatchesReferenceBackend) {
 
 // A step's first micro-batch overwrites every gradient, whatever the buffer held; the next ones
 // add to it.
-TEST(Llama, OverwriteStartsTheGradientsAfresh) {
+class LlamaIn : public ::testing::TestWithParam<Precision> {};
+INSTANTIATE_TEST_SUITE_P(Precision, LlamaIn, ::testing::Values(Precision::fp32, Precision::bf16),
+                         kiln::testing::precision_param_name);
+
+TEST_P(LlamaIn, OverwriteStartsTheGradientsAfresh) {
+    const Precision prec = GetParam();
+    KILN_REQUIRE_PRODUCTS(prec);
     LlamaConfig c = small_config();
     const int64_t B = 2, T = 8;
     Batch batch = random_batch(B, T, c.vocab_size, 3);
-    for (Precision prec : {Precision::fp32, Precision::bf16}) {
+    {
         Llama model(c, kernels::cpu_kernels(prec), B, T, Recompute::none);
         model.init_weights(4, 0.1);
         const int64_t n = model.layout().total();
@@ -198,11 +212,13 @@ TEST(Llama, OverwriteStartsTheGradientsAfresh) {
 }
 
 // Recomputation changes memory, never results: every policy gives bit-identical gradients.
-TEST(Llama, RecomputePoliciesAreBitIdentical) {
+TEST_P(LlamaIn, RecomputePoliciesAreBitIdentical) {
+    const Precision prec = GetParam();
+    KILN_REQUIRE_PRODUCTS(prec);
     LlamaConfig c = small_config();
     const int64_t B = 2, T = 8;
     Batch batch = random_batch(B, T, c.vocab_size, 8);
-    for (Precision prec : {Precision::fp32, Precision::bf16}) {
+    {
         std::vector<float> base;
         double base_loss = 0;
         for (Recompute r : {Recompute::none, Recompute::selective, Recompute::full}) {

@@ -16,6 +16,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/progress.h"
+#include "kernels/cpu/cpu.h"
 
 namespace kiln::kernels::cpu {
 namespace {
@@ -321,8 +322,35 @@ void matmul(const MatOperand& a, const MatOperand& b, float* c, const int64_t c_
 // holds for one revision. Raise it with any change to the products gemm or attention issue.
 constexpr int kProductsRevision = 4;
 
-std::string platform() {
-    std::string cpu = "unknown CPU", flags;
+namespace {
+
+std::string isa_name(dnnl::cpu_isa isa) {
+    switch (isa) {
+        case dnnl::cpu_isa::sse41:
+            return "sse41";
+        case dnnl::cpu_isa::avx:
+            return "avx";
+        case dnnl::cpu_isa::avx2:
+            return "avx2";
+        case dnnl::cpu_isa::avx2_vnni:
+            return "avx2_vnni";
+        case dnnl::cpu_isa::avx512_core:
+            return "avx512_core";
+        case dnnl::cpu_isa::avx512_core_vnni:
+            return "avx512_core_vnni";
+        case dnnl::cpu_isa::avx512_core_bf16:
+            return "avx512_core_bf16";
+        case dnnl::cpu_isa::avx512_core_amx:
+            return "avx512_core_amx";
+        default:
+            return fmt::format("isa 0x{:x}", unsigned(isa));
+    }
+}
+
+CpuInfo probe() {
+    CpuInfo info;
+    info.model = "unknown CPU";
+    std::string flags;
     if (std::FILE* f = std::fopen("/proc/cpuinfo", "r")) {
         char line[4096];
         while (std::fgets(line, sizeof line, f)) {
@@ -334,21 +362,54 @@ std::string platform() {
                     v.pop_back();
                 return v;
             };
-            if (l.rfind("model name", 0) == 0 && cpu == "unknown CPU")
-                cpu = value();
+            if (l.rfind("model name", 0) == 0 && info.model == "unknown CPU")
+                info.model = value();
             else if (l.rfind("flags", 0) == 0 && flags.empty())
                 flags = fmt::format(" {} ", value());
         }
         std::fclose(f);
     }
-    std::string isa = flags.find(" amx_bf16 ") != std::string::npos      ? "AMX-BF16"
-                      : flags.find(" avx512_bf16 ") != std::string::npos ? "AVX512-BF16"
-                      : flags.find(" avx512f ") != std::string::npos     ? "AVX-512"
-                                                                         : "no AVX-512";
+    info.features = flags.find(" amx_bf16 ") != std::string::npos      ? "AMX-BF16"
+                    : flags.find(" avx512_bf16 ") != std::string::npos ? "AVX512-BF16"
+                    : flags.find(" avx512f ") != std::string::npos     ? "AVX-512"
+                    : flags.find(" avx2 ") != std::string::npos        ? "AVX2"
+                                                                       : "no AVX2";
+    // What oneDNN dispatches to, after ONEDNN_MAX_CPU_ISA: bf16 instructions from
+    // avx512_core_bf16 on (AMX included); below that, avx512_core emulates bf16 products and
+    // older ISAs have none.
+    const dnnl::cpu_isa isa = dnnl::get_effective_cpu_isa();
+    info.isa = isa_name(isa);
+    const auto bits = static_cast<unsigned>(isa);
+    const auto bf16_bits = static_cast<unsigned>(dnnl::cpu_isa::avx512_core_bf16);
+    info.bf16_native = (bits & bf16_bits) == bf16_bits;
+    // Whether oneDNN builds a bf16 product at all: a small one, as the backend would ask.
+    using dt = dnnl::memory::data_type;
+    using tag = dnnl::memory::format_tag;
+    try {
+        dnnl::memory::desc a({16, 16}, dt::bf16, tag::ab), b({16, 16}, dt::bf16, tag::ab),
+            c({16, 16}, dt::f32, tag::ab);
+        dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, c), engine());
+        info.bf16_products = true;
+    } catch (const dnnl::error&) {
+        info.bf16_products = false;
+    }
+    info.bf16_native = info.bf16_native && info.bf16_products;
+    return info;
+}
+
+}  // namespace
+
+const CpuInfo& cpu_info() {
+    static const CpuInfo info = probe();
+    return info;
+}
+
+std::string platform() {
+    const CpuInfo& cpu = cpu_info();
     const dnnl_version_t* v = dnnl_version();
-    return fmt::format("{} ({}), {} threads; oneDNN {}.{}.{} ({}); products r{}", cpu, isa,
-                       omp_get_max_threads(), v->major, v->minor, v->patch, v->hash,
-                       kProductsRevision);
+    return fmt::format("{} ({}), {} threads; oneDNN {}.{}.{} ({}, {}); products r{}", cpu.model,
+                       cpu.features, omp_get_max_threads(), v->major, v->minor, v->patch, v->hash,
+                       cpu.isa, kProductsRevision);
 }
 
 void tune(int part, int parts) {

@@ -2,15 +2,20 @@
 # The plan cache: time to the end of the first step with a cold cache (tuning first), a warm
 # one and autotuning off, and steady-state tokens/s of the tuned plan against the library's
 # defaults. One process on all cores, 8 x 256 tokens a step, 12 steps; warm and off runs
-# alternate ROUNDS times (default 3); medians of steps 3..12.
+# alternate ROUNDS times (default 3); medians of steps 3..12. Products in what
+# train.precision=auto picks (bf16 where the CPU has bf16 products, else fp32); the first line
+# says which.
 #
 #   bash bench/autotune_bench.sh [tiny small]
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+detect_precision
 rounds="${ROUNDS:-3}"
 models=("${@:-tiny small}")
 first_step() { /usr/bin/python3 -c "import json,sys; print(round(json.loads(open(sys.argv[1]).readline())['elapsed_s'], 2))" "$1/metrics.jsonl"; }
 median() { /usr/bin/python3 -c "import statistics,sys; print(round(statistics.median(float(x) for x in sys.argv[1:]), 2))" "$@"; }
+echo "$PRECISION products"
+echo
 echo "| model | tuning | first step cold (s) | warm (s) | off (s) | tokens/s tuned (warm runs) | off | tuned / off |"
 echo "|---|---|---|---|---|---|---|---|"
 for model in ${models[@]}; do

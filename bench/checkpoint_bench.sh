@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Checkpoint cost for `small` (batch 4 x 512, bf16): bytes, the time staged on the training
+# Checkpoint cost for `small` (batch 4 x 512, products in what train.precision=auto picks:
+# bf16 where the CPU has bf16 products, else fp32; the first line says which): bytes, the time staged on the training
 # thread, the background write time, the load time, and the share of training time at the
 # default interval (train.checkpoint_every=100), measured as the extra wall time of a run that
 # checkpoints every 4 steps (long enough for the background write to finish) against one that does not.
@@ -7,6 +8,7 @@
 #   bash bench/checkpoint_bench.sh
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+detect_precision
 STEPS="${STEPS:-13}"
 common="--set model.preset=small --set train.seq_len=512 --set train.micro_batch=4
         --set train.warmup_steps=1 --set train.log_every=1 --set train.peak_gflops=1000"
@@ -19,9 +21,9 @@ common="--set model.preset=small --set train.seq_len=512 --set train.micro_batch
     --set run.dir=$work/every4 > "$work/every4.log" 2>&1
 "$KILN" train $common --set train.steps=$((STEPS + 2)) --set train.checkpoint_every=4 \
     --set run.dir=$work/every4 > "$work/resume.log" 2>&1
-/usr/bin/python3 - "$work" "$STEPS" <<'PY'
+/usr/bin/python3 - "$work" "$STEPS" "$PRECISION" <<'PY'
 import json, re, statistics, sys
-work, steps = sys.argv[1], int(sys.argv[2])
+work, steps, precision = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 log = open(f"{work}/every4.log").read()
 staged = [float(s) for s in re.findall(r"MiB staged in ([\d.]+) s", log)]
 written = [float(s) for s in re.findall(r"written in ([\d.]+) s", log)]
@@ -34,7 +36,7 @@ t_none, step_s = elapsed("none")
 t_every, _ = elapsed("every4")
 ckpts = (steps - 1) // 4  # checkpoints taken before the last step's metrics line
 cost = max(0.0, (t_every - t_none) / ckpts)
-print(f"small: checkpoint {mib:.0f} MiB (fp32 weights + AdamW m and v)")
+print(f"small, {precision} products: checkpoint {mib:.0f} MiB (fp32 weights + AdamW m and v)")
 print(f"staged on the training thread: median {statistics.median(staged):.2f} s; written in the "
       f"background: median {statistics.median(written):.2f} s; load: {load:.2f} s")
 print(f"step: median {step_s:.2f} s; extra wall time per checkpoint: {cost:.2f} s "

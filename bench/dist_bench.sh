@@ -9,6 +9,9 @@
 # (compute, TP collectives included), waiting for the slower DP rank (wait), the gradient
 # reduce-scatter and norm (reduce), AdamW and the weight all-gather (update).
 #
+# Products run in what train.precision=auto picks (bf16 where the CPU has bf16 products, else
+# fp32); the header says which.
+#
 # The shared cores drift by 10-15% over minutes, so the layouts run in turn, ROUNDS times, and
 # each ratio is taken within a round; the summary gives the medians.
 #
@@ -19,6 +22,7 @@
 # depend on it, so a larger batch spreads them over more computation.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+detect_precision
 STEPS="${STEPS:-6}"
 ROUNDS="${ROUNDS:-3}"
 ACCUM="${ACCUM:-1}"
@@ -68,7 +72,7 @@ layouts() {  # the layouts, each as: name ranks threads args...
 round=0
 layouts > /dev/null
 
-echo "small, $((8 * ACCUM)) sequences x 512 tokens per step, bf16, median of steps 3..$STEPS, $ROUNDS rounds"
+echo "small, $((8 * ACCUM)) sequences x 512 tokens per step, $PRECISION, median of steps 3..$STEPS, $ROUNDS rounds"
 echo
 echo "| round | layout | ranks | threads/rank | tokens/s | s per step: compute / wait / reduce / update | collective payload per step per rank |"
 echo "|---:|---|---:|---:|---:|---|---|"

@@ -24,3 +24,34 @@ median_tps() {  # RUN_DIR [SKIP]: median tokens/s of the steps after the first S
 median_parts() {  # RUN_DIR: rank 0's median seconds per step in compute / wait / reduce / update
     medians "$1" 2 .3f compute_s wait_s reduce_s update_s
 }
+
+# The precision of kiln's matrix products on this CPU, as train.precision=auto (the default)
+# resolves it: bf16 where oneDNN has native bf16 products (avx512_bf16 or AMX), else fp32.
+# ONEDNN_MAX_CPU_ISA=AVX2 caps oneDNN, and so this, to fp32. Sets PRECISION (bf16 or fp32) and
+# PRECISION_WHY (kiln's sentence when bf16 is refused, else empty). Exits when kiln won't run.
+detect_precision() {
+    if PRECISION_WHY="$("$KILN" train --set train.precision=bf16 --check 2>&1 >/dev/null)"; then
+        PRECISION=bf16 PRECISION_WHY=""
+    elif "$KILN" train --set train.precision=fp32 --check >/dev/null 2>&1; then
+        PRECISION=fp32 PRECISION_WHY="${PRECISION_WHY#*train.precision=bf16: }"
+        PRECISION_WHY="${PRECISION_WHY%; use train.precision=*}"
+    else
+        echo "$(basename "$0"): '$KILN train --check' fails; build kiln first" >&2
+        exit 1
+    fi
+}
+
+# bench_gemm_starts BIN: whether the gemm micro-benchmark starts here. Before any benchmark it
+# checks kiln's fp32 and bf16 products against OpenBLAS, and today aborts where bf16 products
+# are missing; then BENCH_GEMM_WHY holds the first line of its error.
+bench_gemm_starts() {
+    BENCH_GEMM_WHY="not built (needs Google Benchmark + OpenBLAS)"
+    [[ -x "$1" ]] || return 1
+    if ( "$1" --benchmark_filter='^$' >/dev/null; exit $? ) 2>"$work/bench_gemm.err"; then
+        BENCH_GEMM_WHY=""
+    else
+        BENCH_GEMM_WHY="does not start here: $(head -1 "$work/bench_gemm.err" |
+            sed -E 's/^kiln: internal error at [^ ]*: check .* failed: //; s/ \(.*\)//' | cut -c1-160)"
+        return 1
+    fi
+}

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # kiln plan's forecast for this machine against measured runs: tiny on 2 ranks (one core each),
-# 8 x 256 tokens a micro-batch, DP 2 and TP 2; median tokens/s of steps 3..8.
+# 8 x 256 tokens a micro-batch, DP 2 and TP 2; median tokens/s of steps 3..8. Both the forecast
+# and the runs use train.precision=auto (bf16 where the CPU has bf16 products, else fp32); the
+# first line says which.
 #
 #   bash bench/plan_bench.sh
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+detect_precision
+echo "tiny, $PRECISION products"
+echo
 echo "| layout | predicted tokens/s | measured tokens/s | error |"
 echo "|---|---|---|---|"
 for layout in "DP 2:1" "TP 2:2"; do

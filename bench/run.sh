@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole benchmark: machine info, build, GEMM micro-benchmarks (kiln fp32/bf16, OpenBLAS
 # with its kernel as the environment selects it and forced to SkylakeX), then the end-to-end
-# training comparison (train_bench.sh). Meant to be run by hand on a quiet machine:
+# training comparison (train_bench.sh). On a CPU without bf16 matrix products (or with oneDNN
+# capped by ONEDNN_MAX_CPU_ISA=AVX2) the bf16 parts are skipped and fp32 leads. Meant to be run
+# by hand on a quiet machine:
 #
 #   bash bench/run.sh | tee /tmp/bench.txt
 #
@@ -15,7 +17,7 @@
 #              train.json
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
 export THREADS="${THREADS:-2}"
@@ -44,8 +46,8 @@ section "Machine"
 {
     echo "date:          $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
     echo "cpu:           $(lscpu | sed -n 's/^Model name: *//p' | head -1)"
-    flags="$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -xE 'avx512f|avx512_bf16|amx_bf16|amx_tile|amx_int8|avx512_fp16' | tr '\n' ' ' || true)"
-    echo "cpu flags:     ${flags:-none of avx512f/avx512_bf16/amx}"
+    flags="$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -xE 'avx2|avx512f|avx512_bf16|amx_bf16|amx_tile|amx_int8|avx512_fp16' | tr '\n' ' ' || true)"
+    echo "cpu flags:     ${flags:-none of avx2/avx512f/avx512_bf16/amx}"
     echo "nproc:         $(nproc)"
     echo "threads used:  $THREADS"
     echo "load average:  $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -56,6 +58,7 @@ section "Machine"
     echo "benchmark:     $(pkg_version libbenchmark-dev)"
     echo "torch:         $("$PYTHON" -c 'import torch; print(torch.__version__)' 2>/dev/null || echo 'not importable')"
     echo "OPENBLAS_CORETYPE (env): ${OPENBLAS_CORETYPE:-unset}"
+    echo "ONEDNN_MAX_CPU_ISA (env): ${ONEDNN_MAX_CPU_ISA:-unset}"
 } | tee "$OUT_DIR/machine.txt"
 
 # --- build ------------------------------------------------------------------------------------
@@ -64,13 +67,22 @@ if [[ ! -f build/build.ninja && ! -f build/Makefile ]]; then
     cmake -S . -B build -G Ninja
 fi
 cmake --build build
+detect_precision
+echo "kiln products (train.precision=auto): $PRECISION${PRECISION_WHY:+ ($PRECISION_WHY)}" |
+    tee -a "$OUT_DIR/machine.txt"
 
 # --- gemm -------------------------------------------------------------------------------------
 BENCH_GEMM=build/bench/bench_gemm
-if [[ -x "$BENCH_GEMM" ]]; then
-    section "GEMM: kiln fp32 and bf16 ($THREADS OpenMP threads)"
+if bench_gemm_starts "$BENCH_GEMM"; then
+    if [[ "$PRECISION" == bf16 ]]; then
+        section "GEMM: kiln fp32 and bf16 ($THREADS OpenMP threads)"
+        kiln_filter='^kiln_'
+    else
+        section "GEMM: kiln fp32 ($THREADS OpenMP threads; kiln_bf16 skipped, no bf16 products)"
+        kiln_filter='^kiln_fp32'
+    fi
     # shellcheck disable=SC2086
-    "$BENCH_GEMM" --benchmark_filter='^kiln_' $GEMM_ARGS \
+    "$BENCH_GEMM" --benchmark_filter="$kiln_filter" $GEMM_ARGS \
         --benchmark_out="$OUT_DIR/gemm_kiln.json" --benchmark_out_format=json
 
     section "GEMM: OpenBLAS fp32, OPENBLAS_CORETYPE as in the environment (${OPENBLAS_CORETYPE:-unset}), $THREADS threads"
@@ -88,7 +100,7 @@ if [[ -x "$BENCH_GEMM" ]]; then
     fi
 else
     section "GEMM"
-    echo "bench_gemm was not built (Google Benchmark or OpenBLAS missing at configure time)"
+    echo "bench_gemm $BENCH_GEMM_WHY"
 fi
 
 # --- training ---------------------------------------------------------------------------------

@@ -2,6 +2,11 @@
 # End-to-end training throughput: kiln (bf16, fp32) against the PyTorch peer
 # (bench/torch_train.py, fp32 and bf16 autocast) on the tiny and small presets.
 #
+# On a CPU without bf16 matrix products (no avx512_bf16 or AMX; or oneDNN capped with
+# ONEDNN_MAX_CPU_ISA=AVX2) both bf16 columns are skipped ("n/a (no bf16 products)": PyTorch's
+# autocast would run its bf16 products emulated), the ratio is kiln fp32 / torch fp32 and the
+# ceiling is the fp32 gemm. The first output line says which precision led.
+#
 #   bash bench/train_bench.sh [--presets tiny,small] [--out bench/last_run.json]
 #
 # Environment:
@@ -22,10 +27,11 @@
 # Achieved GFLOP/s = tokens/s x flops/token with flops/token = 6 N_matmul + 12 L C T, where
 # N_matmul counts the weights of every matrix product (per layer 4 C^2 for q, k, v, o and
 # 3 C F for the MLP, plus V C for the LM head; no embedding, no norms). The ceiling is the
-# kiln bf16 gemm on a square 2048^3 product (bench_gemm's kiln_bf16/square).
+# kiln gemm in the leading precision on a square 2048^3 product (bench_gemm's kiln_bf16/square,
+# or kiln_fp32/square without bf16 products).
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
 PRESETS="tiny,small"
@@ -69,25 +75,35 @@ for p in $PRESETS; do
     case "$p" in tiny|small) ;; *) echo "train_bench.sh: unknown preset '$p' (tiny, small)" >&2; exit 2 ;; esac
 done
 
-WORK="$(mktemp -d)"
+WORK="$work"  # lib.sh's, removed at exit
 LOADAVG_START="$(cut -d" " -f1-3 /proc/loadavg)"
-trap 'rm -rf "$WORK"' EXIT
 failures=0
 log() { echo "[train_bench] $*" >&2; }
 
-# --- ceiling: kiln bf16 gemm on 2048^3 --------------------------------------------------------
+# --- precision: bf16 where the CPU has bf16 products, else fp32 ---------------------------------
+detect_precision
+if [[ "$PRECISION" == bf16 ]]; then
+    PRECISIONS="bf16 fp32"
+    log "precision: bf16 products available; kiln and torch run bf16 and fp32"
+else
+    PRECISIONS="fp32"
+    log "precision: fp32 only, bf16 columns skipped: $PRECISION_WHY"
+fi
+
+# --- ceiling: kiln gemm in $PRECISION on 2048^3 -----------------------------------------------
 # ceiling -> $WORK/ceiling_rROUND.json
+GEMM_OK=true
+bench_gemm_starts "$BENCH_GEMM" || { GEMM_OK=false; log "$BENCH_GEMM $BENCH_GEMM_WHY; no ceiling"; }
 ceiling() {
-    [[ -x "$BENCH_GEMM" ]] || return 0
-    log "round $round: the bf16 gemm ceiling ($BENCH_GEMM kiln_bf16/square, $THREADS threads)"
-    if ! OMP_NUM_THREADS="$THREADS" "$BENCH_GEMM" --benchmark_filter='^kiln_bf16/square' \
+    $GEMM_OK || return 0
+    log "round $round: the $PRECISION gemm ceiling ($BENCH_GEMM kiln_$PRECISION/square, $THREADS threads)"
+    if ! OMP_NUM_THREADS="$THREADS" "$BENCH_GEMM" --benchmark_filter="^kiln_$PRECISION/square" \
             --benchmark_format=json --benchmark_min_time=0.5 >"$WORK/ceiling_r$round.json" \
             2>"$WORK/ceiling.err"; then
         log "bench_gemm failed:"; tail -5 "$WORK/ceiling.err" >&2
         rm -f "$WORK/ceiling_r$round.json"; failures=$((failures + 1))
     fi
 }
-[[ -x "$BENCH_GEMM" ]] || log "$BENCH_GEMM not built (needs Google Benchmark + OpenBLAS); no ceiling"
 
 # --- runs ---------------------------------------------------------------------------------------
 # kiln PRESET BATCH SEQ PRECISION -> $WORK/kiln_PRESET_PRECISION_rROUND.jsonl (its metrics.jsonl)
@@ -132,22 +148,27 @@ for round in $(seq 1 "$ROUNDS"); do
             tiny) batch=8; seq=256 ;;
             small) batch=4; seq=512 ;;
         esac
-        run_kiln "$p" "$batch" "$seq" bf16
-        run_torch "$p" bf16
-        run_kiln "$p" "$batch" "$seq" fp32
-        run_torch "$p" fp32
+        for prec in $PRECISIONS; do
+            run_kiln "$p" "$batch" "$seq" "$prec"
+            run_torch "$p" "$prec"
+        done
     done
 done
 
 # --- report -------------------------------------------------------------------------------------
 mkdir -p "$(dirname "$OUT")"
-WORK="$WORK" OUT="$OUT" LOADAVG_START="$LOADAVG_START" PRESETS="$PRESETS" STEPS="$STEPS" SKIP="$SKIP" THREADS="$THREADS" ROUNDS="$ROUNDS" \
+WORK="$WORK" OUT="$OUT" PRECISION="$PRECISION" PRECISION_WHY="$PRECISION_WHY" \
+GEMM_WHY="${BENCH_GEMM_WHY:-}" LOADAVG_START="$LOADAVG_START" PRESETS="$PRESETS" STEPS="$STEPS" SKIP="$SKIP" THREADS="$THREADS" ROUNDS="$ROUNDS" \
 "$PYTHON" - <<'EOF'
 import datetime, json, os, statistics, subprocess
 
 work, out = os.environ["WORK"], os.environ["OUT"]
 steps, skip, threads = int(os.environ["STEPS"]), int(os.environ["SKIP"]), int(os.environ["THREADS"])
 rounds = range(1, int(os.environ["ROUNDS"]) + 1)
+# The leading precision: bf16 where the CPU has bf16 products, else fp32 (and no bf16 runs).
+lead = os.environ["PRECISION"]
+ran = ("bf16", "fp32") if lead == "bf16" else ("fp32",)
+NO_BF16 = "n/a (no bf16 products)"
 
 def median(values):
     values = [v for v in values if v is not None]
@@ -195,7 +216,9 @@ result = {
     # 1/5/15-minute load averages before and after the runs: a busy machine shows up here.
     "loadavg_start": os.environ["LOADAVG_START"],
     "loadavg_end": " ".join(open("/proc/loadavg").read().split()[:3]),
-    "bf16_gemm_ceiling_gflops": ceiling, "bf16_gemm_ceiling_gflops_per_round": ceilings,
+    "precision": lead, "no_bf16_products": os.environ["PRECISION_WHY"] or None,
+    f"{lead}_gemm_ceiling_gflops": ceiling, f"{lead}_gemm_ceiling_gflops_per_round": ceilings,
+    "bench_gemm": os.environ["GEMM_WHY"] or "ran",
     "bench_gemm_context": cj.get("context") if cj else None,
     "presets": {},
 }
@@ -211,6 +234,9 @@ for name in os.environ["PRESETS"].split():
     for r in rounds:
         tps = {}
         for prec in ("bf16", "fp32"):
+            if prec not in ran:
+                tps[f"kiln_{prec}"] = None
+                continue
             try:
                 with open(os.path.join(work, f"kiln_{name}_{prec}_r{r}.jsonl")) as f:
                     metrics = [json.loads(line) for line in f if line.strip()]
@@ -221,24 +247,28 @@ for name in os.environ["PRESETS"].split():
                 {"step_tokens_per_s": [m["tokens_per_s"] for m in metrics],
                  "loss": [m["loss"] for m in metrics]})
         for mode in ("fp32", "bf16"):
+            if mode not in ran:
+                tps[f"torch_{mode}"] = None
+                continue
             tj = load_json(os.path.join(work, f"torch_{name}_{mode}_r{r}.json"))
             tps[f"torch_{mode}"] = tj["tokens_per_s"] if tj else None
             entry.setdefault(f"torch_{mode}_rounds", []).append(tj)
         best_torch = max([v for k, v in tps.items() if k.startswith("torch") and v], default=None)
-        kb = tps["kiln_bf16"]
+        kb = tps[f"kiln_{lead}"]
         tps["ratio"] = kb / best_torch if kb and best_torch else None
         c = ceilings[r - 1]
         tps["pct"] = 100 * kb * flops_tok / 1e9 / c if kb and c else None
         per_round.append(tps)
     tps = {k: median(t[k] for t in per_round) for k in per_round[0]}
     ratio, pct = tps["ratio"], tps["pct"]
-    achieved = tps["kiln_bf16"] * flops_tok / 1e9 if tps["kiln_bf16"] else None
+    achieved = tps[f"kiln_{lead}"] * flops_tok / 1e9 if tps[f"kiln_{lead}"] else None
     for k in ("kiln_bf16", "kiln_fp32", "torch_fp32", "torch_bf16"):
-        entry[k] = {"tokens_per_s": tps[k], "per_round": [t[k] for t in per_round]}
-    entry.update({"kiln_bf16_over_best_torch": ratio,
-                  "kiln_bf16_over_best_torch_per_round": [t["ratio"] for t in per_round],
-                  "kiln_bf16_gflops": achieved, "kiln_bf16_pct_of_ceiling": pct,
-                  "kiln_bf16_pct_of_ceiling_per_round": [t["pct"] for t in per_round],
+        if k.endswith(ran):
+            entry[k] = {"tokens_per_s": tps[k], "per_round": [t[k] for t in per_round]}
+    entry.update({f"kiln_{lead}_over_best_torch": ratio,
+                  f"kiln_{lead}_over_best_torch_per_round": [t["ratio"] for t in per_round],
+                  f"kiln_{lead}_gflops": achieved, f"kiln_{lead}_pct_of_ceiling": pct,
+                  f"kiln_{lead}_pct_of_ceiling_per_round": [t["pct"] for t in per_round],
                   "kiln_fp32_gflops": tps["kiln_fp32"] * flops_tok / 1e9 if tps["kiln_fp32"] else None})
     result["presets"][name] = entry
     rows.append((name, tps, ratio, achieved, pct))
@@ -250,25 +280,35 @@ with open(out, "w") as f:
 def fmt(v, spec, unit=""):
     return "n/a" if v is None else format(v, spec) + unit
 
+def cell(k, tps):
+    return NO_BF16 if k.endswith("bf16") and "bf16" not in ran else fmt(tps[k], ".0f")
+
+# kiln's leading precision against the best PyTorch mode that ran (torch fp32 alone without bf16)
+vs = "best torch" if lead == "bf16" else "torch fp32"
 print(f"Training throughput, tokens/s (median of steps {skip + 1}..{steps}, {threads} threads; "
       f"medians over {len(rounds)} rounds; ratio and % of ceiling taken within each round)")
+if lead == "bf16":
+    print("Precision: bf16 products available; kiln and torch ran bf16 and fp32")
+else:
+    print(f"Precision: fp32 only, bf16 skipped ({os.environ['PRECISION_WHY']})")
 print()
-print("| preset | kiln bf16 | kiln fp32 | torch fp32 | torch bf16 | kiln bf16 / best torch "
-      "| kiln bf16 GFLOP/s | % of bf16 gemm ceiling |")
+print(f"| preset | kiln bf16 | kiln fp32 | torch fp32 | torch bf16 | kiln {lead} / {vs} "
+      f"| kiln {lead} GFLOP/s | % of {lead} gemm ceiling |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|")
 for name, tps, ratio, achieved, pct in rows:
-    print(f"| {name} | {fmt(tps['kiln_bf16'], '.0f')} | {fmt(tps['kiln_fp32'], '.0f')} "
-          f"| {fmt(tps['torch_fp32'], '.0f')} | {fmt(tps['torch_bf16'], '.0f')} "
+    print(f"| {name} | {cell('kiln_bf16', tps)} | {cell('kiln_fp32', tps)} "
+          f"| {cell('torch_fp32', tps)} | {cell('torch_bf16', tps)} "
           f"| {fmt(ratio, '.2f', 'x')} | {fmt(achieved, '.0f')} | {fmt(pct, '.1f', '%')} |")
 print()
 for name in os.environ["PRESETS"].split():
     e = result["presets"][name]
-    print(f"{name}: kiln bf16 / best torch per round: "
-          + ", ".join(fmt(v, ".2f", "x") for v in e["kiln_bf16_over_best_torch_per_round"])
+    print(f"{name}: kiln {lead} / {vs} per round: "
+          + ", ".join(fmt(v, ".2f", "x") for v in e[f"kiln_{lead}_over_best_torch_per_round"])
           + "; % of ceiling per round: "
-          + ", ".join(fmt(v, ".1f", "%") for v in e["kiln_bf16_pct_of_ceiling_per_round"]))
-print(f"bf16 gemm ceiling (kiln_bf16/square, 2048^3): median {fmt(ceiling, '.0f')} GFLOP/s "
-      "(per round: " + ", ".join(fmt(c, ".0f") for c in ceilings) + ")")
+          + ", ".join(fmt(v, ".1f", "%") for v in e[f"kiln_{lead}_pct_of_ceiling_per_round"]))
+gemm_why = f"; bench_gemm {os.environ['GEMM_WHY']}" if os.environ["GEMM_WHY"] else ""
+print(f"{lead} gemm ceiling (kiln_{lead}/square, 2048^3): median {fmt(ceiling, '.0f')} GFLOP/s "
+      "(per round: " + ", ".join(fmt(c, ".0f") for c in ceilings) + ")" + gemm_why)
 for name, _, _, _, _ in rows:
     e = result["presets"][name]
     print(f"{name}: N_matmul {e['n_matmul']:,}, flops/token {e['flops_per_token']:,} "

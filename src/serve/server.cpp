@@ -113,6 +113,52 @@ std::string prometheus(Queue& queue, Runs& runs) {
     return e.text;
 }
 
+// The host part of a Host header value: "127.0.0.1:8265" -> "127.0.0.1", "[::1]:80" -> "::1".
+std::string host_of(const std::string& value) {
+    if (!value.empty() && value.front() == '[') {
+        size_t close = value.find(']');
+        return close == std::string::npos ? value : value.substr(1, close - 1);
+    }
+    return value.substr(0, value.find(':'));
+}
+
+// Why a request is refused before routing, or "" when it may go on. A browser on any other
+// site can send simple requests (a POST of text/plain or a form) to a loopback head, and with
+// DNS rebinding read the answers: the head answers only to its own Host and Origin, takes
+// request bodies only as JSON with a length, and answers no CORS preflight.
+std::string refused(const httplib::Request& req, bool loopback_head, int* status) {
+    *status = 403;
+    const std::string host = req.get_header_value("Host");
+    if (loopback_head && !loopback(host_of(host)))
+        return fmt::format(
+            "Host \"{}\" is not this head's: a head on a loopback address answers only to "
+            "localhost, 127.x.x.x or [::1]",
+            host.substr(0, 200));
+    if (req.method == "OPTIONS")
+        return "cross-origin requests are not allowed (no CORS)";
+    const std::string origin = req.get_header_value("Origin");
+    if (!origin.empty() && origin != "http://" + host)
+        return fmt::format(
+            "Origin \"{}\" is not this head's (http://{}): cross-origin requests "
+            "are not allowed",
+            origin.substr(0, 200), host.substr(0, 200));
+    if (req.get_header_value("Sec-Fetch-Site") == "cross-site")
+        return "cross-site requests are not allowed";
+    if (req.has_header("Transfer-Encoding")) {
+        *status = 411;
+        return "a request body needs a Content-Length (chunked bodies are not taken)";
+    }
+    const bool body = req.get_header_value_count("Content-Length") > 0 &&
+                      req.get_header_value("Content-Length") != "0";
+    const std::string type = req.get_header_value("Content-Type");
+    if (body && type.rfind("application/json", 0) != 0) {
+        *status = 415;
+        return fmt::format("a request body must be Content-Type: application/json, not \"{}\"",
+                           type.substr(0, 100));
+    }
+    return "";
+}
+
 }  // namespace
 
 bool loopback(const std::string& host) {
@@ -128,6 +174,11 @@ int serve(const ServeOptions& o) {
             "refusing to serve on {} without a token: anyone who reaches it could run jobs; set "
             "--token (or KILN_TOKEN), or bind 127.0.0.1",
             o.host);
+    if (!o.token.empty() && o.token.size() < kMinTokenLength)
+        throw error(
+            "--token is {} characters; a head's token needs at least {} (e.g. openssl rand -hex "
+            "16)",
+            o.token.size(), kMinTokenLength);
     if (o.capacity.cpus < 1 || o.capacity.gpus < 0)
         throw error("--cpus must be at least 1 and --gpus at least 0");
 
@@ -149,7 +200,14 @@ int serve(const ServeOptions& o) {
     svr.set_tcp_nodelay(true);  // headers and body go out in separate writes
     svr.set_read_timeout(10, 0);
 
+    const bool loopback_head = loopback(o.host);
     svr.set_pre_routing_handler([&](const httplib::Request& req, httplib::Response& res) {
+        // Runs before the body is read, so a refused body is never held in memory.
+        int status = 0;
+        if (std::string why = refused(req, loopback_head, &status); !why.empty()) {
+            fail(res, status, why);
+            return httplib::Server::HandlerResponse::Handled;
+        }
         // The page and its script hold no data; every data endpoint needs the token.
         if (o.token.empty() || req.path == "/" || req.path == "/static/chart.js" ||
             req.path == "/healthz")
@@ -158,9 +216,8 @@ int serve(const ServeOptions& o) {
         std::string auth = req.get_header_value("Authorization");
         if (auth.rfind("Bearer ", 0) == 0)
             given = auth.substr(7);
-        else if (req.has_param("token"))
-            given = req.get_param_value("token");
         if (given.empty()) {
+            // Never from the query string, where it would land in logs and Referer headers.
             fail(res, 401, "this server needs a token: send Authorization: Bearer TOKEN");
             return httplib::Server::HandlerResponse::Handled;
         }
@@ -177,6 +234,8 @@ int serve(const ServeOptions& o) {
             fail(res, 404, fmt::format("no such endpoint: {} {}", req.method, req.path));
         else if (res.status == 413)
             fail(res, 413, fmt::format("the request body is over the {} byte limit", o.max_body));
+        else if (res.status == 400)
+            fail(res, 400, "malformed request (a body needs Content-Length and must be JSON)");
         else
             fail(res, res.status, fmt::format("HTTP {}", res.status));
     });

@@ -5,13 +5,19 @@
 //   /api/runs, /api/run    run folders under --runs: status, metrics, ranks, checkpoints, logs
 //   /metrics               Prometheus text, every series named kiln_*
 // It binds 127.0.0.1 unless told otherwise, and refuses any other address without a token;
-// with a token, every request must carry it (Authorization: Bearer T, or ?token=T).
+// with a token (at least kMinTokenLength characters), every data request must carry it as
+// Authorization: Bearer T (never in the query string). Whatever the bind, it answers only its
+// own Origin, takes request bodies only as JSON with a Content-Length, and refuses CORS
+// preflights; a head on a loopback address also answers only to a loopback Host (no DNS
+// rebinding).
 #include <cstddef>
 #include <string>
 
 #include "serve/jobs.h"
 
 namespace kiln::serve {
+
+constexpr size_t kMinTokenLength = 16;
 
 struct ServeOptions {
     std::string host = "127.0.0.1";

@@ -23,9 +23,9 @@ inline std::string precision_param_name(const ::testing::TestParamInfo<kernels::
 }  // namespace kiln::testing
 
 // Skips the calling test when `prec` is bf16 and this CPU has no bf16 products.
-#define KILN_REQUIRE_PRODUCTS(prec)                                                        \
-    if ((prec) == ::kiln::kernels::Precision::bf16 &&                                      \
-        !::kiln::kernels::cpu::cpu_info().bf16_products)                                   \
-    GTEST_SKIP() << "this CPU (" << ::kiln::kernels::cpu::cpu_info().model                 \
-                 << ", oneDNN dispatches " << ::kiln::kernels::cpu::cpu_info().isa         \
+#define KILN_REQUIRE_PRODUCTS(prec)                                                \
+    if ((prec) == ::kiln::kernels::Precision::bf16 &&                              \
+        !::kiln::kernels::cpu::cpu_info().bf16_products)                           \
+    GTEST_SKIP() << "this CPU (" << ::kiln::kernels::cpu::cpu_info().model         \
+                 << ", oneDNN dispatches " << ::kiln::kernels::cpu::cpu_info().isa \
                  << ") has no bf16 matrix products"

@@ -305,6 +305,70 @@ TEST(Serve, BadInputGetsAClearFourHundred) {
     EXPECT_EQ(s.get("/api/jobs/").size(), 0u);
 }
 
+// A web page on another site can make a browser send simple requests to a loopback head (a POST
+// of text/plain, a form) and, with DNS rebinding, read the answers. The head answers only its own
+// Host and Origin, takes bodies only as JSON with a length, and answers no CORS preflight; the
+// refusals come before the body is read.
+TEST(Serve, BrowsersOnOtherSitesAreTurnedAway) {
+    TempDir dir;
+    Server s(dir / "runs");
+    const std::string body = job(kMicro + " --set train.steps=1").dump();
+    auto send = [&](const std::string& method, const std::string& path, httplib::Headers headers,
+                    const std::string& content = "", const std::string& type = "") {
+        httplib::Request req;
+        req.method = method;
+        req.path = path;
+        req.headers = std::move(headers);
+        req.body = content;
+        if (!type.empty())
+            req.set_header("Content-Type", type);
+        auto r = s.client().send(req);
+        EXPECT_TRUE(r) << method << " " << path;
+        return r ? std::make_pair(r->status, r->body) : std::make_pair(0, std::string());
+    };
+    auto refused = [&](std::pair<int, std::string> r, int status, const std::string& words) {
+        EXPECT_EQ(r.first, status) << r.second;
+        EXPECT_NE(r.second.find(words), std::string::npos) << r.second;
+    };
+    refused(send("POST", "/api/jobs/", {}, body, "text/plain"), 415,
+            "must be Content-Type: application/json");
+    refused(send("POST", "/api/jobs/", {}, "entrypoint=kiln+train",
+                 "application/x-www-form-urlencoded"),
+            415, "application/json");
+    refused(
+        send("POST", "/api/jobs/", {{"Origin", "http://evil.example"}}, body, "application/json"),
+        403, "is not this head's (http://127.0.0.1:");
+    refused(send("POST", "/api/jobs/job-0001/stop", {{"Origin", "null"}}), 403, "cross-origin");
+    refused(send("GET", "/api/jobs/", {{"Host", "rebound.example:8265"}}), 403,
+            "answers only to localhost");
+    refused(send("OPTIONS", "/api/jobs/",
+                 {{"Origin", "http://evil.example"}, {"Access-Control-Request-Method", "POST"}}),
+            403, "no CORS");
+    refused(send("GET", "/api/jobs/", {{"Sec-Fetch-Site", "cross-site"}}), 403, "cross-site");
+    // A chunked body is refused before it is read (its size is known only at its end).
+    httplib::Client c = s.client();
+    auto chunked = c.Post(
+        "/api/jobs/",
+        [&](size_t offset, httplib::DataSink& sink) {
+            std::string piece(1 << 14, ' ');
+            sink.write(piece.data(), piece.size());
+            if (offset >= (4u << 14))
+                sink.done();
+            return true;
+        },
+        "application/json");
+    ASSERT_TRUE(chunked) << httplib::to_string(chunked.error());
+    EXPECT_EQ(chunked->status, 411) << chunked->body;
+    // Nothing of the above made a job; the head's own page and a plain client still work.
+    EXPECT_EQ(s.get("/api/jobs/").size(), 0u);
+    auto own =
+        send("POST", "/api/jobs/", {{"Origin", "http://127.0.0.1:" + std::to_string(s.port)}}, body,
+             "application/json");
+    EXPECT_EQ(own.first, 200) << own.second;
+    EXPECT_EQ(send("GET", "/api/jobs/", {{"Host", "localhost:" + std::to_string(s.port)}}).first,
+              200);
+}
+
 TEST(Serve, TokenGuardsEveryCall) {
     TempDir dir;
     // Off loopback without a token the server refuses to start, in one sentence.
@@ -314,25 +378,38 @@ TEST(Serve, TokenGuardsEveryCall) {
     EXPECT_NE(rc, 0);
     EXPECT_NE(fs::read_file(out).find("without a token"), std::string::npos) << fs::read_file(out);
 
-    Server s(dir / "runs", {"--token", "s3cret"});
+    // A short token is refused too.
+    rc = kiln::testing::run(kiln::testing::kiln_binary() + " serve --token abc --runs " +
+                            (dir / "r0") + " >" + out + " 2>&1");
+    EXPECT_NE(rc, 0);
+    EXPECT_NE(fs::read_file(out).find("--token is 3 characters; a head's token needs at least 16"),
+              std::string::npos)
+        << fs::read_file(out);
+
+    Server s(dir / "runs", {"--token", "s3cret-s3cret-s3cret"});
     auto none = s.client().Get("/api/jobs/");
     ASSERT_TRUE(none);
     EXPECT_EQ(none->status, 401);
-    auto wrong = s.client("guess").Get("/metrics");
+    auto wrong = s.client("guess-guess-guess").Get("/metrics");
     ASSERT_TRUE(wrong);
     EXPECT_EQ(wrong->status, 403);
-    auto right = s.client("s3cret").Get("/api/jobs/");
+    auto right = s.client("s3cret-s3cret-s3cret").Get("/api/jobs/");
     ASSERT_TRUE(right);
     EXPECT_EQ(right->status, 200);
-    auto query = s.client().Get("/api/runs?token=s3cret");
+    // Never from the query string (it would land in logs and Referer headers).
+    auto query = s.client().Get("/api/runs?token=s3cret-s3cret-s3cret");
     ASSERT_TRUE(query);
-    EXPECT_EQ(query->status, 200);
+    EXPECT_EQ(query->status, 401);
+    auto query_post = s.client().Post("/api/jobs/?token=s3cret-s3cret-s3cret", job(kMicro).dump(),
+                                      "application/json");
+    ASSERT_TRUE(query_post);
+    EXPECT_EQ(query_post->status, 401);
     auto post = s.client().Post("/api/jobs/", job(kMicro).dump(), "application/json");
     ASSERT_TRUE(post);
     EXPECT_EQ(post->status, 401);
     // The client commands carry it from KILN_TOKEN.
     std::string status = dir / "status.txt";
-    EXPECT_EQ(kiln::testing::run("KILN_TOKEN=s3cret " + kiln::testing::kiln_binary() +
+    EXPECT_EQ(kiln::testing::run("KILN_TOKEN=s3cret-s3cret-s3cret " + kiln::testing::kiln_binary() +
                                  " status --address http://127.0.0.1:" + std::to_string(s.port) +
                                  " >" + status + " 2>&1"),
               0)

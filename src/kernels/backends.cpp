@@ -51,7 +51,7 @@ PrecisionChoice resolve_precision(const std::string& backend, const std::string&
     // follows the CPU backend's choice, which it is the oracle of.
     const cpu::CpuInfo& c = cpu::cpu_info();
     const std::string machine =
-        fmt::format("{}: {}, oneDNN dispatches {}", c.model, c.features, c.isa);
+        fmt::format("{} with {}, oneDNN dispatches {}", c.model, c.features, c.isa);
     if (requested == "fp32")
         return {Precision::fp32, fmt::format("fp32 products (train.precision=fp32; {})", machine)};
     if (requested == "bf16") {
@@ -67,9 +67,9 @@ PrecisionChoice resolve_precision(const std::string& backend, const std::string&
                     c.bf16_native || backend == "reference" ? "" : "; emulated, slower than fp32")};
     }
     if (c.bf16_native)
-        return {Precision::bf16, fmt::format("bf16 products (auto: {} has native bf16)", machine)};
+        return {Precision::bf16, fmt::format("bf16 products (auto: native bf16 on {})", machine)};
     return {Precision::fp32,
-            fmt::format("fp32 products (auto: {}; no native bf16, which needs avx512_bf16 or AMX)",
+            fmt::format("fp32 products (auto: no native bf16 on {}; it needs avx512_bf16 or AMX)",
                         machine)};
 }
 

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cmath>
 
 namespace kiln::model {
 
@@ -26,6 +27,7 @@ Layout::Layout(const LlamaConfig& c, int tp_size, int rank) : tp(tp_size), tp_ra
     const int64_t C = c.dim, D = c.head_dim(), F = c.ffn_dim();
     const int64_t H = c.n_heads, Hkv = c.n_kv_heads, V = c.vocab_size;
     vocab_begin = rank * (V / tp);
+    const double residual_scale = 1.0 / std::sqrt(2.0 * double(c.n_layers));
     embedding = add("tok_embeddings", "model.embed_tokens.weight", {V, C}, SplitAxis::rows, true);
     for (int64_t l = 0; l < c.n_layers; l++) {
         auto n = [l](const char* s) { return fmt::format("layers.{}.{}", l, s); };
@@ -37,11 +39,13 @@ Layout::Layout(const LlamaConfig& c, int tp_size, int rank) : tp(tp_size), tp_ra
         add(n("attention.wk"), hf("self_attn.k_proj"), {Hkv * D, C}, SplitAxis::rows, true);
         add(n("attention.wv"), hf("self_attn.v_proj"), {Hkv * D, C}, SplitAxis::rows, true);
         b.wo = add(n("attention.wo"), hf("self_attn.o_proj"), {C, H * D}, SplitAxis::cols, true);
+        params_.back().init_scale = residual_scale;
         b.ffn_norm =
             add(n("ffn_norm"), hf("post_attention_layernorm"), {C}, SplitAxis::none, false);
         b.w13 = add(n("feed_forward.w1"), hf("mlp.gate_proj"), {F, C}, SplitAxis::rows, true);
         add(n("feed_forward.w3"), hf("mlp.up_proj"), {F, C}, SplitAxis::rows, true);
         b.w2 = add(n("feed_forward.w2"), hf("mlp.down_proj"), {C, F}, SplitAxis::cols, true);
+        params_.back().init_scale = residual_scale;
         blocks.push_back(b);
     }
     final_norm = add("norm", "model.norm.weight", {C}, SplitAxis::none, false);

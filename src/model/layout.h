@@ -26,6 +26,10 @@ struct ParamInfo {
     int64_t numel = 0;
     SplitAxis tp_split = SplitAxis::none;
     bool decay = true;  // AdamW weight decay applies (not to norm weights)
+    // The initial weights' std is train.init_std times this: 1/sqrt(2 n_layers) for the two
+    // products that write into the residual stream (wo, w2), as Megatron-LM and GPT-2 scale
+    // them, so that the stream's variance does not grow with depth; 1 elsewhere.
+    double init_scale = 1.0;
 };
 
 // Element offsets of one block's parameters.

@@ -194,8 +194,9 @@ void Llama::init_weights(uint64_t seed, double std) {
             continue;
         }
         full.resize(size_t(info.full_shape[0] * info.full_shape[1]));
+        const float scale = static_cast<float>(info.init_scale);
         for (float& x : full)
-            x = normal(rng);
+            x = normal(rng) * scale;
         layout_.shard_from_full(info, full.data(), w);
     }
     sync_compute_weights();

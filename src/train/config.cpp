@@ -40,7 +40,9 @@ void build_schema(ConfigSchema& s, RunConfig& c) {
     s.add("train.backend", &t.backend, "kernel backend: cpu | reference",
           one_of(&t.backend, {"cpu", "reference", "cuda"}));
     s.add("train.threads", &t.threads, "CPU threads (0: all cores)", non_negative(&t.threads));
-    s.add("train.init_std", &t.init_std, "std of the initial weights", positive(&t.init_std));
+    s.add("train.init_std", &t.init_std,
+          "std of the initial weights (wo and w2: init_std / sqrt(2 n_layers))",
+          positive(&t.init_std));
     s.add("train.log_every", &t.log_every, "print a progress line every N steps",
           positive(&t.log_every));
     s.add("train.checkpoint_every", &t.checkpoint_every,

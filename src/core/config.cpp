@@ -68,12 +68,25 @@ std::string closest_key(const std::string& key, const std::vector<std::string>& 
     return "";
 }
 
+// A config is a few hundred keys two levels deep: deeper nesting, or aliases that expand past
+// kMaxValues (a "billion laughs" document), are refused before they cost memory or time.
+constexpr int kMaxDepth = 8;
+constexpr size_t kMaxValues = 4096;
+
 void flatten(const YAML::Node& node, const std::string& prefix, const std::string& source,
-             std::vector<std::pair<std::string, std::string>>& out) {
+             std::vector<std::pair<std::string, std::string>>& out, int depth = 0) {
+    if (depth > kMaxDepth)
+        throw error("{}: key {} nests deeper than {} levels", source, prefix, kMaxDepth);
+    if (out.size() > kMaxValues)
+        throw error("{} holds more than {} values (aliases that repeat a section?)", source,
+                    kMaxValues);
     if (node.IsMap()) {
         for (const auto& kv : node) {
-            std::string k = kv.first.as<std::string>();
-            flatten(kv.second, prefix.empty() ? k : prefix + "." + k, source, out);
+            if (!kv.first.IsScalar())
+                throw error("{}: a key under {} is not a plain name", source,
+                            prefix.empty() ? "the top" : prefix);
+            std::string k = kv.first.Scalar();
+            flatten(kv.second, prefix.empty() ? k : prefix + "." + k, source, out, depth + 1);
         }
     } else if (node.IsScalar()) {
         out.emplace_back(prefix, node.Scalar());
@@ -106,7 +119,7 @@ void ConfigSchema::load_yaml_text(const std::string& text, const std::string& so
 }
 
 void ConfigSchema::load_yaml_file(const std::string& path) {
-    load_yaml_text(fs::read_file(path), path);
+    load_yaml_text(fs::read_file(path, kMaxConfigBytes), path);
 }
 
 void ConfigSchema::add_override(const std::string& key_equals_value) {

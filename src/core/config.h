@@ -3,6 +3,7 @@
 // registry drives YAML files, `--set a.b=c`, `--help` and the resolved config.yaml. Unknown keys
 // and values that fail their check are errors naming the key, the value and where it came from.
 // The schema itself (which keys exist) lives with the modules that own the fields.
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -14,6 +15,8 @@ namespace kiln {
 
 class ConfigSchema {
 public:
+    static constexpr size_t kMaxConfigBytes = 1 << 20;  // a config file larger is refused
+
     using Target = std::variant<int64_t*, double*, std::string*, bool*>;
     // A check returns an empty string when the value is fine, else why it is not.
     using Check = std::function<std::string()>;

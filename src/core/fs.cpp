@@ -14,19 +14,28 @@
 #include <fstream>
 #include <sstream>
 #include <utility>
+#include <vector>
 
 #include "core/error.h"
 
 namespace kiln::fs {
 
-std::string read_file(const std::string& path) {
+std::string read_file(const std::string& path, size_t max_bytes) {
+    std::error_code ec;
+    if (std::filesystem::is_directory(path, ec))
+        throw error("cannot read {}: it is a folder, not a file", path);
     std::ifstream in(path, std::ios::binary);
     if (!in) {
         throw error("cannot read {}: {}", path, std::strerror(errno));
     }
-    std::ostringstream s;
-    s << in.rdbuf();
-    return s.str();
+    std::string out;
+    std::vector<char> buf(1 << 16);
+    while (in.read(buf.data(), std::streamsize(buf.size())) || in.gcount() > 0) {
+        out.append(buf.data(), size_t(in.gcount()));
+        if (out.size() > max_bytes)
+            throw error("{} is larger than the {} bytes such a file may hold", path, max_bytes);
+    }
+    return out;
 }
 
 void fsync_path(const std::string& path) {

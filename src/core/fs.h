@@ -9,7 +9,9 @@
 
 namespace kiln::fs {
 
-std::string read_file(const std::string& path);  // throws Error naming the path
+// The whole file; throws Error naming the path when it cannot be read, is a folder, or holds
+// more than max_bytes (a device such as /dev/zero never ends: the bound ends it).
+std::string read_file(const std::string& path, size_t max_bytes = size_t(1) << 30);
 
 // Writes `data` to `path` so that a crash leaves either the old file or the new one, never a
 // mix: writes path.tmp, fsyncs it, renames it over path, fsyncs the folder.

@@ -38,6 +38,19 @@ void LlamaConfig::validate(int tp) const {
     positive("vocab_size", vocab_size);
     positive("multiple_of", multiple_of);
     positive("max_seq_len", max_seq_len);
+    // Bounds far above any real model, so that every product of them (parameter counts, buffer
+    // sizes in bytes) fits 64 bits.
+    auto at_most = [](const char* key, int64_t v, int64_t most) {
+        if (v > most)
+            throw error("model.{}={} is over {}", key, v, most);
+    };
+    at_most("dim", dim, int64_t(1) << 20);
+    at_most("n_layers", n_layers, int64_t(1) << 14);
+    at_most("n_heads", n_heads, dim);
+    at_most("multiple_of", multiple_of, int64_t(1) << 20);
+    at_most("max_seq_len", max_seq_len, int64_t(1) << 24);
+    if (!(ffn_dim_multiplier <= 64))
+        throw error("model.ffn_dim_multiplier={} is over 64", ffn_dim_multiplier);
     if (dim % n_heads != 0) {
         throw error("model.dim={} is not divisible by model.n_heads={}", dim, n_heads);
     }

@@ -62,7 +62,7 @@ int get_int(const json& body, const char* key, int lo, int hi, int fallback) {
         return fallback;
     const json& v = body[key];
     if (!v.is_number_integer())
-        throw error("field \"{}\" must be an integer, not {}", key, v.dump());
+        throw error("field \"{}\" must be an integer, not {}", key, v.dump().substr(0, 80));
     int64_t x = v.get<int64_t>();
     if (x < lo || x > hi)
         throw error("field \"{}\" is {}; it must be between {} and {}", key, x, lo, hi);
@@ -187,7 +187,7 @@ JobSpec parse_spec(const json& body) {
         for (const auto& k : kJobCommands)
             names += (names.empty() ? "" : ", ") + k;
         throw error("the entrypoint \"{}\" is not a kiln command; it must start with one of: {}",
-                    e.is_string() ? e.get<std::string>() : e.dump(), names);
+                    (e.is_string() ? e.get<std::string>() : e.dump()).substr(0, 200), names);
     }
     for (const auto& w : s.entrypoint) {
         if (w.find('\0') != std::string::npos || w.size() > 4096)

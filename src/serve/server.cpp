@@ -20,6 +20,8 @@ namespace {
 
 using json = nlohmann::json;
 
+constexpr int kMaxJsonDepth = 16;
+
 void reply(httplib::Response& res, int status, const json& body) {
     res.status = status;
     res.set_content(body.dump() + "\n", "application/json");
@@ -268,7 +270,19 @@ int serve(const ServeOptions& o) {
 
     // Jobs API.
     auto submit = [&](const httplib::Request& req, httplib::Response& res) {
-        json body = json::parse(req.body, nullptr, false);
+        // A job is a flat object; anything nested deeper is dropped while parsing (which does not
+        // recurse) and refused, so that nothing later recurses through it.
+        bool too_deep = false;
+        json body = json::parse(
+            req.body,
+            [&](int depth, json::parse_event_t, json&) {
+                too_deep = too_deep || depth > kMaxJsonDepth;
+                return !too_deep;
+            },
+            false);
+        if (too_deep)
+            return fail(res, 400,
+                        fmt::format("the job nests deeper than {} levels", kMaxJsonDepth));
         if (body.is_discarded())
             return fail(res, 400, "the request body is not valid JSON");
         Job job = queue.submit(parse_spec(body));

@@ -91,11 +91,23 @@ void RunConfig::resolve() {
 }
 
 void RunConfig::validate() const {
+    // Each count bounded far above real use, so that products of them fit 64 bits.
+    auto at_most = [](const char* key, int64_t v, int64_t most) {
+        if (v > most)
+            throw error("{}={} is over {}", key, v, most);
+    };
+    at_most("train.micro_batch", train.micro_batch, int64_t(1) << 20);
+    at_most("train.grad_accum", train.grad_accum, int64_t(1) << 20);
+    at_most("train.steps", train.steps, int64_t(1) << 40);
+    at_most("parallel.tp", tp, 1 << 16);
+    at_most("train.threads", train.threads, 1 << 16);
     model.validate(static_cast<int>(tp));
     if (train.seq_len > model.max_seq_len) {
         throw error("train.seq_len={} exceeds model.max_seq_len={}", train.seq_len,
                     model.max_seq_len);
     }
+    at_most("train.micro_batch x train.seq_len", train.micro_batch * train.seq_len,
+            int64_t(1) << 31);
     if (schedule.min_lr > schedule.lr) {
         throw error("train.min_lr={} is above train.lr={}", schedule.min_lr, schedule.lr);
     }

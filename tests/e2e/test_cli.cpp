@@ -283,6 +283,18 @@ TEST(Cli, BadInputIsOneClearSentence) {
     TempDir dir;
     std::ofstream(dir / "bad.yaml") << "train:\n  lr: -1\n";
     std::ofstream(dir / "unknown.yaml") << "train:\n  learning_rate: 1\n";
+    // Aliases that repeat a section ten times over five levels: 100,000 values from 600 bytes.
+    {
+        std::ofstream laughs(dir / "laughs.yaml");
+        laughs
+            << "a0: &a0 {x0: 1, x1: 1, x2: 1, x3: 1, x4: 1, x5: 1, x6: 1, x7: 1, x8: 1, x9: 1}\n";
+        for (int level = 1; level < 5; level++) {
+            laughs << "a" << level << ": &a" << level << " {";
+            for (int i = 0; i < 10; i++)
+                laughs << (i ? ", " : "") << "y" << i << ": *a" << level - 1;
+            laughs << "}\n";
+        }
+    }
     write_shards(dir / "data", 4, 32, 256);
     struct Case {
         std::string args, expect;
@@ -295,6 +307,15 @@ TEST(Cli, BadInputIsOneClearSentence) {
         {"train --set data.source=" + (dir / "data") + " --set train.seq_len=32",
          "vocab_size 256 but model.vocab_size is 32000"},
         {"train --set train.precision=fp16", "train.precision=fp16 is invalid"},
+        {"train --check --config " + (dir / "laughs.yaml"), "holds more than 4096 values"},
+        {"train --check --config /dev/zero", "/dev/zero is larger than the 1048576 bytes"},
+        // Products of config values once overflowed into a SIGFPE after --check passed them.
+        {"train --check --set train.micro_batch=36028797018963968",
+         "train.micro_batch=36028797018963968 is over 1048576"},
+        {"compile --set train.micro_batch=36028797018963968", "is over 1048576"},
+        {"train --check --set model.dim=1099511627776", "model.dim=1099511627776 is over"},
+        {"train --check --set train.micro_batch=1048576 --set train.seq_len=4096",
+         "train.micro_batch x train.seq_len=4294967296 is over 2147483648"},
         {"eval --checkpoint " + (dir / "nope") + " --data " + (dir / "data"), "nope"},
     };
     for (const auto& c : cases) {

@@ -262,6 +262,12 @@ TEST(Serve, BadInputGetsAClearFourHundred) {
         EXPECT_NE(r.second.find(words), std::string::npos) << r.second;
     };
     expect(post("{\"entrypoint\": "), 400, "not valid JSON");
+    // A value nested 100,000 deep (200 KB) in a numeric field once crashed the head while the
+    // error message was formatted; now it is refused, and the head lives on.
+    expect(post(R"({"entrypoint": "kiln train", "ranks": )" + std::string(100000, '[') +
+                std::string(100000, ']') + "}"),
+           400, "nests deeper than 16 levels");
+    expect(post(R"({"entrypoint": "kiln train", "ranks": [[1]]})"), 400, "must be an integer");
     expect(post("[1, 2]"), 400, "must be a JSON object");
     expect(post(R"({"entrypoint": "kiln train", "colour": "red"})"), 400,
            "unknown field \\\"colour\\\"");

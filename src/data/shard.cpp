@@ -34,7 +34,15 @@ ShardHeader parse_shard_header(const uint8_t* data, size_t size, const std::stri
     }
     if (h.seq_len == 0)
         throw error("{}: seq_len is 0", path);
-    uint64_t expect = kShardHeaderBytes + h.n_seqs * h.seq_len * h.token_bytes;
+    // Checked arithmetic: a forged row count must not wrap the size it promises into the
+    // file's real size (and reads past its end).
+    const uint64_t row_bytes = uint64_t(h.seq_len) * h.token_bytes;
+    uint64_t expect = 0;
+    if (__builtin_mul_overflow(h.n_seqs, row_bytes, &expect) ||
+        __builtin_add_overflow(expect, kShardHeaderBytes, &expect)) {
+        throw error("{}: its header promises {} rows of {} tokens, more than any file holds", path,
+                    h.n_seqs, h.seq_len);
+    }
     if (size != expect) {
         throw error("{}: file is {} bytes but its header promises {} ({} rows of {} tokens)", path,
                     size, expect, h.n_seqs, h.seq_len);

@@ -1,9 +1,11 @@
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <fstream>
 #include <set>
 
 #include "core/error.h"
+#include "core/fs.h"
 #include "data/sampler.h"
 #include "data/shard.h"
 #include "fixture.h"
@@ -66,6 +68,25 @@ TEST(Shards, DetectsDamageAndMismatches) {
     EXPECT_NE(message_of([&] { ShardSet(dir / "nothing", 100); }).find("no manifest.json"),
               std::string::npos);
     EXPECT_NE(message_of([&] { open_source(dir / "nothing", 4, 100, 1); }).find("no such folder"),
+              std::string::npos);
+}
+
+// A row count near 2^61 makes the promised size wrap to the file's real size: refused, never read
+// past the end of the file.
+TEST(Shards, ForgedRowCountDoesNotWrapTheSizeCheck) {
+    kiln::testing::TempDir dir;
+    std::string d = make_set(dir, 2, 100);
+    std::string bytes = fs::read_file(d + "/shard-00000.bin");  // 64 + 2 rows x 4 x 2 = 80
+    ASSERT_EQ(bytes.size(), 80u);
+    const uint64_t forged = 2 + (uint64_t(1) << 61);  // x 8 bytes a row + 64 wraps to 80
+    std::memcpy(bytes.data() + 24, &forged, 8);
+    std::string why = message_of([&] {
+        parse_shard_header(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), "forged");
+    });
+    EXPECT_NE(why.find("forged: its header promises 2305843009213693954 rows"), std::string::npos)
+        << why;
+    fs::write_file_atomic(d + "/shard-00000.bin", bytes);
+    EXPECT_NE(message_of([&] { ShardSet(d, 100); }).find("more than any file holds"),
               std::string::npos);
 }
 

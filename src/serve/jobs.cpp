@@ -3,12 +3,14 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sqlite3.h>
+#include <sys/file.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -259,6 +261,23 @@ json to_json(const Job& job) {
 
 Queue::Queue(QueueOptions options) : options_(std::move(options)) {
     fs::make_dirs(options_.runs);
+    const std::string lock = options_.runs + "/head.lock";
+    lock_fd_ = ::open(lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (lock_fd_ < 0)
+        throw error("cannot open {}: {}", lock, std::strerror(errno));
+    if (::flock(lock_fd_, LOCK_EX | LOCK_NB) != 0) {
+        std::string holder = fs::read_file(lock, 64);
+        while (!holder.empty() && holder.back() == '\n')
+            holder.pop_back();
+        ::close(lock_fd_);
+        throw error(
+            "another kiln serve (process {}) holds the runs folder {}: two heads on one folder "
+            "would run its jobs twice; stop it or give --runs another folder",
+            holder.empty() ? "?" : holder, options_.runs);
+    }
+    std::string pid = std::to_string(::getpid()) + "\n";
+    if (::ftruncate(lock_fd_, 0) != 0 || ::write(lock_fd_, pid.data(), pid.size()) < 0)
+        log::warn("serve", "cannot write this head's process id into {}", lock);
     std::string path = options_.runs + "/jobs.sqlite";
     if (sqlite3_open(path.c_str(), &db_) != SQLITE_OK) {
         std::string why = db_ ? sqlite3_errmsg(db_) : "out of memory";
@@ -343,6 +362,7 @@ Queue::~Queue() {
         save(job);
     }
     sqlite3_close(db_);
+    ::close(lock_fd_);  // the runs folder is free for another head
 }
 
 void Queue::save(const Job& job) {

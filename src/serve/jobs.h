@@ -78,6 +78,8 @@ public:
     // Opens (or creates) RUNS/jobs.sqlite; jobs the database shows running belonged to a head
     // that stopped: they are marked FAILED, saying so. Starts the scheduling thread.
     explicit Queue(QueueOptions options);
+    // Throws Error when another head holds the runs folder: two would start its pending jobs
+    // twice and mark each other's running ones failed.
     ~Queue();  // stops running jobs (SIGTERM, then SIGKILL after the grace) and records it
     Queue(const Queue&) = delete;
     Queue& operator=(const Queue&) = delete;
@@ -107,6 +109,7 @@ private:
 
     QueueOptions options_;
     sqlite3* db_ = nullptr;
+    int lock_fd_ = -1;  // RUNS/head.lock, held (flock) while this head lives
     mutable std::mutex mutex_;
     std::condition_variable wake_;
     std::map<std::string, Job> jobs_;

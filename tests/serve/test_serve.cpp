@@ -232,6 +232,17 @@ TEST(Serve, RestartKeepsEveryJob) {
         running = s.submit(job(kMicro + " --set train.steps=100000", 2));
         s.wait(running, "RUNNING");
         queued = s.submit(job(kMicro + " --set train.steps=2"));
+        // A second head on the same folder would mark the running job failed and start the
+        // queued one again: it refuses to start, in one sentence.
+        std::string out = dir / "second.txt";
+        int rc = kiln::testing::run(kiln::testing::kiln_binary() + " serve --port " +
+                                    std::to_string(launch::free_port()) + " --runs " +
+                                    (dir / "runs") + " >" + out + " 2>&1");
+        EXPECT_NE(rc, 0);
+        EXPECT_NE(fs::read_file(out).find("another kiln serve (process " + std::to_string(s.pid) +
+                                          ") holds the runs folder"),
+                  std::string::npos)
+            << fs::read_file(out);
         // The head dies without a chance to clean up.
         s.stop(SIGKILL);
     }

@@ -1,6 +1,8 @@
 #include "serve/runs.h"
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -40,26 +42,58 @@ std::pair<int64_t, int64_t> stat_of(const std::string& path) {
     return {int64_t(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec, int64_t(st.st_size)};
 }
 
+constexpr int64_t kMaxSmallFile = 1 << 20;  // status, rank and config files read whole
+
+std::string read_small(const std::string& path) {
+    ServedFile f(path);
+    return f.ok() ? f.read(0, kMaxSmallFile) : "";
+}
+
 json read_json(const std::string& path) {
-    std::ifstream in(path);
-    if (!in)
-        return json::object();
-    json j = json::parse(in, nullptr, false);
+    json j = json::parse(read_small(path), nullptr, false);
     return j.is_discarded() ? json::object() : j;
 }
 
 }  // namespace
 
+ServedFile::ServedFile(const std::string& path) {
+    fd_ = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    struct stat st {};
+    if (fd_ >= 0 && (::fstat(fd_, &st) != 0 || !S_ISREG(st.st_mode))) {
+        ::close(fd_);
+        fd_ = -1;
+    }
+    size_ = fd_ >= 0 ? int64_t(st.st_size) : 0;
+}
+
+ServedFile::~ServedFile() {
+    if (fd_ >= 0)
+        ::close(fd_);
+}
+
+std::string ServedFile::read(int64_t from, int64_t bytes) const {
+    std::string text;
+    bytes = std::min(bytes, size_ - from);
+    if (fd_ < 0 || from < 0 || bytes <= 0)
+        return text;
+    text.resize(size_t(bytes));
+    size_t got = 0;
+    while (got < text.size()) {
+        ssize_t n = ::pread(fd_, text.data() + got, text.size() - got, off_t(from) + off_t(got));
+        if (n <= 0)
+            break;
+        got += size_t(n);
+    }
+    text.resize(got);
+    return text;
+}
+
 std::string tail_of(const std::string& path, int64_t bytes) {
-    std::ifstream in(path, std::ios::binary | std::ios::ate);
-    if (!in)
+    ServedFile f(path);
+    if (!f.ok())
         return "";
-    int64_t size = in.tellg();
-    int64_t from = std::max<int64_t>(0, size - bytes);
-    in.seekg(from);
-    std::string text(size_t(size - from), '\0');
-    in.read(text.data(), std::streamsize(text.size()));
-    text.resize(size_t(in.gcount()));
+    int64_t from = std::max<int64_t>(0, f.size() - bytes);
+    std::string text = f.read(from, f.size() - from);
     if (from > 0) {
         size_t nl = text.find('\n');
         text.erase(0, nl == std::string::npos ? text.size() : nl + 1);
@@ -159,13 +193,14 @@ json Runs::detail(const std::string& name) {
     json j;
     j["name"] = name;
     j["status"] = read_json(run.status());
-    std::ifstream config(run.config());
-    j["config"] = config ? std::string(std::istreambuf_iterator<char>(config), {}) : "";
+    j["config"] = read_small(run.config());
     json ranks = json::array();
     std::error_code ec;
     std::vector<stdfs::path> files;
-    for (const auto& e : stdfs::directory_iterator(run.ranks(), ec))
-        files.push_back(e.path());
+    if (!stdfs::is_symlink(run.ranks(), ec)) {
+        for (const auto& e : stdfs::directory_iterator(run.ranks(), ec))
+            files.push_back(e.path());
+    }
     std::sort(files.begin(), files.end());
     for (const auto& f : files) {
         if (f.extension() == ".json")
@@ -181,11 +216,8 @@ json Runs::detail(const std::string& name) {
             steps.push_back(leaf);
     }
     std::sort(steps.rbegin(), steps.rend());
-    std::string latest;
-    {
-        std::ifstream in(run.latest());
-        std::getline(in, latest);
-    }
+    std::string latest = read_small(run.latest());
+    latest = latest.substr(0, latest.find('\n'));
     for (const auto& leaf : steps) {
         stdfs::path dir = stdfs::path(run.checkpoints()) / leaf;
         int64_t bytes = 0;
@@ -205,17 +237,14 @@ json Runs::detail(const std::string& name) {
 
 json Runs::metrics(const std::string& name, int64_t offset) {
     checkpoint::RunDir run{folder(name)};
-    std::ifstream in(run.metrics(), std::ios::binary | std::ios::ate);
+    ServedFile in(run.metrics());
     json lines = json::array();
-    if (!in)
+    if (!in.ok())
         return {{"offset", 0}, {"lines", lines}};
-    int64_t size = in.tellg();
+    int64_t size = in.size();
     if (offset < 0 || offset > size)
         offset = 0;  // the file was replaced: start over
-    int64_t want = std::min<int64_t>(size - offset, 2 << 20);
-    std::string text(size_t(want), '\0');
-    in.seekg(offset);
-    in.read(text.data(), std::streamsize(want));
+    std::string text = in.read(offset, std::min<int64_t>(size - offset, 2 << 20));
     size_t end = text.rfind('\n');
     if (end == std::string::npos)
         return {{"offset", offset}, {"lines", lines}};

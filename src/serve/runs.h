@@ -50,6 +50,24 @@ private:
 
 // The last `bytes` of a file ("" when it does not exist), starting at a line boundary.
 std::string tail_of(const std::string& path, int64_t bytes);
+
+// A file the head serves from a run folder, which whoever can write there may have replaced: a
+// link (it could lead out of the runs folder) or anything but a regular file (a FIFO would
+// block a thread) reads as absent.
+class ServedFile {
+public:
+    explicit ServedFile(const std::string& path);
+    ~ServedFile();
+    ServedFile(const ServedFile&) = delete;
+    ServedFile& operator=(const ServedFile&) = delete;
+    bool ok() const { return fd_ >= 0; }
+    int64_t size() const { return size_; }
+    std::string read(int64_t from, int64_t bytes) const;  // at most `bytes` from `from`
+
+private:
+    int fd_ = -1;
+    int64_t size_ = 0;
+};
 // The last non-empty line in the final 4 KiB of a file, trailing whitespace trimmed ("" if none).
 std::string last_line(const std::string& path);
 

@@ -327,14 +327,7 @@ int serve(const ServeOptions& o) {
                         for (int polls = 0; polls < 20; polls++) {
                             auto now = queue.get(id);
                             bool over = !now || terminal(now->state);
-                            std::ifstream in(path, std::ios::binary);
-                            std::string chunk;
-                            if (in) {
-                                in.seekg(*offset);
-                                chunk.resize(1 << 16);
-                                in.read(chunk.data(), std::streamsize(chunk.size()));
-                                chunk.resize(size_t(in.gcount()));
-                            }
+                            std::string chunk = ServedFile(path).read(*offset, 1 << 16);
                             if (!chunk.empty()) {
                                 *offset += int64_t(chunk.size());
                                 return sink.write(chunk.data(), chunk.size());

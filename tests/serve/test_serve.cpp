@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <httplib.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -307,6 +308,22 @@ TEST(Serve, BadInputGetsAClearFourHundred) {
     std::ofstream(dir / "outside/config.yaml") << "secret\n";
     std::filesystem::create_directory_symlink(dir / "outside", dir / "runs/escape");
     expect(get("/api/run?name=escape"), 400, "outside the runs folder");
+    // So is a file in a run folder that is a link out of it, and a FIFO never blocks a reply.
+    std::filesystem::create_directories(dir / "runs/linked/ranks");
+    std::ofstream(dir / "runs/linked/status.json") << R"({"state": "running"})";
+    std::ofstream(dir / "outside/rank.json") << R"({"secret": 1})";
+    std::filesystem::create_symlink(dir / "outside/config.yaml", dir / "runs/linked/config.yaml");
+    std::filesystem::create_symlink(dir / "outside/config.yaml", dir / "runs/linked/job.log");
+    std::filesystem::create_symlink(dir / "outside/rank.json", dir / "runs/linked/ranks/r0.json");
+    ASSERT_EQ(::mkfifo((dir / "runs/linked/rank-0.log").c_str(), 0644), 0);
+    auto linked = get("/api/run?name=linked");
+    EXPECT_EQ(linked.first, 200) << linked.second;
+    EXPECT_EQ(linked.second.find("secret"), std::string::npos) << linked.second;
+    for (const char* path : {"/api/run/log?name=linked", "/api/run/log?name=linked&rank=0"}) {
+        auto log = get(path);
+        EXPECT_EQ(log.first, 200) << path;
+        EXPECT_EQ(log.second, "") << path;
+    }
     expect(get("/api/jobs/nope"), 404, "no job named");
     expect(get("/nowhere/../../etc/passwd"), 404, "no such endpoint");
     expect(get("/api/run/metrics?name=x&offset=ten"), 400, "not an integer");

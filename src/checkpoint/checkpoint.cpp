@@ -242,6 +242,12 @@ Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
         state_.adam_step = j.at("adam_step").get<int64_t>();
         state_.loss = j.value("loss", 0.0);
         saved_tp_ = j.at("layout").at("tp").get<int>();
+        // Every field is checked against the model it describes before any file is read by it:
+        // a shifted range or a forged split must be an error, never a read out of bounds.
+        if (saved_tp_ < 1 || saved_tp_ > 65536)
+            throw error("{}: layout.tp={} is not a tensor-parallel size", path, saved_tp_);
+        config_.validate(saved_tp_);
+        const int64_t total = model::Layout(config_, saved_tp_, 0).total();
         for (const auto& f : j.at("files")) {
             File file;
             file.place.rank = f.at("rank").get<int>();
@@ -250,12 +256,22 @@ Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
             file.has_params = f.at("params").get<bool>();
             file.begin = f.at("moments").at(0).get<int64_t>();
             file.end = f.at("moments").at(1).get<int64_t>();
+            if (file.place.tp_rank < 0 || file.place.tp_rank >= saved_tp_)
+                throw error("{}: a file's tp_rank {} is outside layout.tp={}", path,
+                            file.place.tp_rank, saved_tp_);
+            if (file.begin < 0 || file.end < file.begin || file.end > total)
+                throw error("{}: a file's moments [{}, {}) lie outside the model's {} values", path,
+                            file.begin, file.end, total);
             std::string name = f.at("file").get<std::string>();
             if (name.find('/') != std::string::npos) {
                 throw error("{}: file name '{}' must be a plain name in the folder", path, name);
             }
             std::string full = dir_ + "/" + name;
-            uint64_t want = std::stoull(f.at("xxh64").get<std::string>(), nullptr, 16);
+            const std::string hex = f.at("xxh64").get<std::string>();
+            if (hex.size() != 16 || hex.find_first_not_of("0123456789abcdef") != std::string::npos)
+                throw error("{}: xxh64 \"{}\" is not 16 hexadecimal digits", path,
+                            hex.substr(0, 40));
+            uint64_t want = std::stoull(hex, nullptr, 16);
             if (!fs::exists(full))
                 throw error("{}: missing {}", path, full);
             if (stdfs::file_size(full) != f.at("bytes").get<uint64_t>()) {
@@ -270,10 +286,33 @@ Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
         }
     } catch (const nlohmann::json::exception& e) {
         throw error("{}: missing or malformed key: {}", path, e.what());
-    } catch (const std::invalid_argument&) {
-        throw error("{}: an xxh64 value is not hexadecimal", path);
     }
-    config_.validate(saved_tp_);
+    // Each tensor-parallel rank's moments must tile its shard exactly once, and one file must
+    // hold its parameters.
+    const int64_t total = model::Layout(config_, saved_tp_, 0).total();
+    for (int t = 0; t < saved_tp_; t++) {
+        std::vector<std::pair<int64_t, int64_t>> ranges;
+        int params = 0;
+        for (const auto& f : files_) {
+            if (f.place.tp_rank != t)
+                continue;
+            params += f.has_params;
+            if (f.end > f.begin)
+                ranges.emplace_back(f.begin, f.end);
+        }
+        std::sort(ranges.begin(), ranges.end());
+        int64_t at = 0;
+        bool tiled = true;
+        for (const auto& [b, e] : ranges) {
+            tiled = tiled && b == at;
+            at = e;
+        }
+        if (params != 1 || !tiled || at != total)
+            throw error(
+                "{}/manifest.json: the files of tensor-parallel rank {} do not hold its "
+                "state exactly once",
+                dir_, t);
+    }
 }
 
 void Checkpoint::assemble(int tp_rank, const model::Layout& saved, std::vector<float>& params,

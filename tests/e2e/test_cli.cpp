@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -152,6 +153,55 @@ TEST(Cli, PrecisionAutoFollowsTheCpu) {
     EXPECT_EQ(here.out.find("precision: auto"), std::string::npos) << here.out;
     if (!kiln::testing::without_bf16_products().empty()) {
         EXPECT_NE(here.out.find("precision: fp32"), std::string::npos) << here.out;
+    }
+}
+
+// A checkpoint's manifest is checked against the model and files it describes: a shifted range
+// (once a heap overflow in export), a tensor-parallel size of 0 (a division by zero) or -1, or a
+// malformed checksum is one sentence, for export and eval alike.
+TEST(Cli, TamperedCheckpointManifestIsOneSentence) {
+    TempDir dir;
+    write_shards(dir / "data", 4, 32, 256);
+    ASSERT_EQ(kiln("train" + kMicro + " --set train.steps=2 --set run.dir=" + (dir / "run")).rc, 0);
+    const std::string manifest = dir / "run/checkpoints/step-00000002/manifest.json";
+    const std::string good = fs::read_file(manifest);
+    auto tamper = [&](const std::function<void(nlohmann::json&)>& change) {
+        nlohmann::json j = nlohmann::json::parse(good);
+        change(j);
+        fs::write_file_atomic(manifest, j.dump(2));
+    };
+    struct Case {
+        std::function<void(nlohmann::json&)> change;
+        std::string expect;
+    } cases[] = {
+        {[](nlohmann::json& j) { j["files"][0]["moments"][0] = 1000; },
+         "do not hold its state exactly once"},
+        {[](nlohmann::json& j) {
+             j["files"][0]["moments"][0] = 100;
+             j["files"][0]["moments"][1] = 100 + j["files"][0]["moments"][1].get<int64_t>();
+         },
+         "lie outside the model's"},
+        {[](nlohmann::json& j) { j["layout"]["tp"] = 0; },
+         "layout.tp=0 is not a tensor-parallel size"},
+        {[](nlohmann::json& j) { j["layout"]["tp"] = -1; },
+         "layout.tp=-1 is not a tensor-parallel size"},
+        {[](nlohmann::json& j) { j["files"][0]["tp_rank"] = 3; },
+         "tp_rank 3 is outside layout.tp=1"},
+        {[](nlohmann::json& j) { j["files"][0]["xxh64"] = "zz"; },
+         "xxh64 \"zz\" is not 16 hexadecimal"},
+        {[](nlohmann::json& j) { j["files"][0]["params"] = false; },
+         "do not hold its state exactly once"},
+    };
+    for (const auto& c : cases) {
+        tamper(c.change);
+        for (const std::string cmd :
+             {"export --checkpoint " + (dir / "run") + " --out " + (dir / "hf"),
+              "eval --checkpoint " + (dir / "run") + " --data " + (dir / "data")}) {
+            Result r = kiln(cmd);
+            EXPECT_NE(r.rc, 0) << cmd;
+            EXPECT_NE(r.out.find(c.expect), std::string::npos) << cmd << ": " << r.out;
+            EXPECT_EQ(r.out.find("internal error"), std::string::npos) << r.out;
+        }
     }
 }
 

@@ -268,17 +268,17 @@ Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
             }
             std::string full = dir_ + "/" + name;
             const std::string hex = f.at("xxh64").get<std::string>();
-            if (hex.size() != 16 || hex.find_first_not_of("0123456789abcdef") != std::string::npos)
+            const std::optional<uint64_t> want = fs::parse_xxh64(hex);
+            if (!want)
                 throw error("{}: xxh64 \"{}\" is not 16 hexadecimal digits", path,
                             hex.substr(0, 40));
-            uint64_t want = std::stoull(hex, nullptr, 16);
             if (!fs::exists(full))
                 throw error("{}: missing {}", path, full);
             if (stdfs::file_size(full) != f.at("bytes").get<uint64_t>()) {
                 throw error("{} is {} bytes, manifest.json says {}", full, stdfs::file_size(full),
                             f.at("bytes").get<uint64_t>());
             }
-            if (fs::xxh64_file(full) != want) {
+            if (fs::xxh64_file(full) != *want) {
                 throw error("{} is corrupt: its checksum does not match manifest.json", full);
             }
             file.st = std::make_unique<SafetensorsFile>(full);

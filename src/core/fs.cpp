@@ -166,6 +166,12 @@ uint64_t xxh64(const void* data, size_t bytes) {
     return XXH64(data, bytes, 0);
 }
 
+std::optional<uint64_t> parse_xxh64(const std::string& hex) {
+    if (hex.size() != 16 || hex.find_first_not_of("0123456789abcdef") != std::string::npos)
+        return std::nullopt;
+    return std::stoull(hex, nullptr, 16);
+}
+
 uint64_t xxh64_file(const std::string& path) {
     MappedFile f(path);
     return xxh64(f.data(), f.size());
@@ -184,7 +190,8 @@ bool exists(const std::string& path) {
 }
 
 MappedFile::MappedFile(const std::string& path) : path_(path) {
-    int fd = ::open(path.c_str(), O_RDONLY);
+    // Non-blocking, so that a FIFO in a file's place is refused instead of waited on.
+    int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) {
         throw error("cannot open {}: {}", path, std::strerror(errno));
     }
@@ -193,6 +200,10 @@ MappedFile::MappedFile(const std::string& path) : path_(path) {
         int e = errno;
         ::close(fd);
         throw error("cannot stat {}: {}", path, std::strerror(e));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        ::close(fd);
+        throw error("{} is not a regular file", path);
     }
     size_ = static_cast<size_t>(st.st_size);
     if (size_ > 0) {

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 
@@ -59,7 +60,9 @@ void fsync_path(const std::string& path);  // a file or a folder
 // XXH64 (seed 0): the checksum every kiln manifest records, of bytes or of a whole file.
 uint64_t xxh64(const void* data, size_t bytes);
 uint64_t xxh64_file(const std::string& path);  // throws Error naming the path
-void make_dirs(const std::string& path);       // like mkdir -p; throws Error naming the path
+// An xxh64 as manifests write it: 16 lower-case hex digits; nullopt for anything else.
+std::optional<uint64_t> parse_xxh64(const std::string& hex);
+void make_dirs(const std::string& path);  // like mkdir -p; throws Error naming the path
 bool exists(const std::string& path);
 
 // A read-only mapping of a whole file. Movable, not copyable.

@@ -103,7 +103,12 @@ Manifest read_manifest(const std::string& dir) {
             throw error("{}: version {} is not supported", path, j.at("version").dump());
         }
         m.seq_len = j.at("seq_len").get<uint32_t>();
+        if (!j.at("vocab_size").is_number_integer())
+            throw error("{}: vocab_size {} is not a whole number", path,
+                        j.at("vocab_size").dump().substr(0, 40));
         m.vocab_size = j.at("vocab_size").get<int64_t>();
+        if (m.vocab_size < 1 || m.vocab_size > (int64_t(1) << 31) - 1)
+            throw error("{}: vocab_size {} is not between 1 and 2^31-1", path, m.vocab_size);
         m.token_bytes = j.at("token_bytes").get<uint32_t>();
         m.tokenizer = j.value("tokenizer", "");
         m.dropped_tokens = j.value("dropped_tokens", uint64_t(0));
@@ -114,18 +119,24 @@ Manifest read_manifest(const std::string& dir) {
             ShardEntry e;
             e.file = s.at("file").get<std::string>();
             e.sequences = s.at("sequences").get<uint64_t>();
-            e.xxh64 = std::stoull(s.at("xxh64").get<std::string>(), nullptr, 16);
-            if (e.file.find('/') != std::string::npos || e.file.empty() || e.file[0] == '.') {
-                throw error("{}: shard file name '{}' must be a plain name in the folder", path,
-                            e.file);
+            const std::string hex = s.at("xxh64").get<std::string>();
+            const std::optional<uint64_t> sum = fs::parse_xxh64(hex);
+            if (!sum)
+                throw error("{}: xxh64 \"{}\" of {} is not 16 hexadecimal digits", path,
+                            hex.substr(0, 40), e.file.substr(0, 100));
+            e.xxh64 = *sum;
+            if (e.file.find('/') != std::string::npos || e.file.empty() || e.file[0] == '.' ||
+                e.file.find('\0') != std::string::npos || e.file.size() > 255) {
+                throw error("{}: shard file name {} must be a plain name in the folder", path,
+                            nlohmann::json(e.file.substr(0, 300)).dump());
             }
             m.shards.push_back(e);
         }
     } catch (const nlohmann::json::exception& e) {
         throw error("{}: missing or malformed key: {}", path, e.what());
-    } catch (const std::invalid_argument&) {
-        throw error("{}: an xxh64 value is not hexadecimal", path);
     }
+    if (m.token_bytes == 2 && m.vocab_size > 65536)
+        throw error("{}: vocab_size {} does not fit 2-byte tokens", path, m.vocab_size);
     if (m.seq_len == 0)
         throw error("{}: seq_len is 0", path);
     if (m.shards.empty())

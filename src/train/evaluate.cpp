@@ -17,6 +17,7 @@ EvalResult evaluate(const std::string& checkpoint_dir, const std::string& data_d
         kernels::resolve_precision("cpu", precision, "--precision").precision;
     checkpoint::Checkpoint ck(checkpoint_dir);
     data::ShardSet shards(data_dir, ck.config().vocab_size);
+    shards.verify();  // a damaged shard would give a wrong loss, not an error
     const int64_t T = shards.seq_len();
     if (T > ck.config().max_seq_len) {
         throw error("{}: seq_len {} exceeds the model's max_seq_len {}", data_dir, T,

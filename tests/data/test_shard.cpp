@@ -1,4 +1,5 @@
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include <cstring>
 #include <fstream>
@@ -87,6 +88,38 @@ TEST(Shards, ForgedRowCountDoesNotWrapTheSizeCheck) {
         << why;
     fs::write_file_atomic(d + "/shard-00000.bin", bytes);
     EXPECT_NE(message_of([&] { ShardSet(d, 100); }).find("more than any file holds"),
+              std::string::npos);
+}
+
+// Manifest fields are checked before anything is read by them; a FIFO in a shard's place is
+// refused, not waited on.
+TEST(Shards, BadManifestFieldsAreRefused) {
+    kiln::testing::TempDir dir;
+    std::string d = make_set(dir, 2, 100);
+    const std::string good = fs::read_file(d + "/manifest.json");
+    auto with = [&](const std::string& from, const std::string& to) {
+        std::string text = good;
+        size_t at = text.find(from);
+        EXPECT_NE(at, std::string::npos) << from;
+        fs::write_file_atomic(d + "/manifest.json", text.replace(at, from.size(), to));
+        return message_of([&] { read_manifest(d); });
+    };
+    EXPECT_NE(
+        with("\"vocab_size\": 100", "\"vocab_size\": -1").find("vocab_size -1 is not between"),
+        std::string::npos);
+    EXPECT_NE(with("\"vocab_size\": 100", "\"vocab_size\": 1e20").find("is not a whole number"),
+              std::string::npos);
+    EXPECT_NE(with("\"vocab_size\": 100", "\"vocab_size\": 70000").find("does not fit 2-byte"),
+              std::string::npos);
+    EXPECT_NE(with("\"shard-00000.bin\"", "\"shard\\u0000.bin\"").find("must be a plain name"),
+              std::string::npos);
+    std::string sum = good.substr(good.find("\"xxh64\": \"") + 10, 16);
+    EXPECT_NE(with(sum, "xyz").find("xxh64 \"xyz\" of shard-00000.bin is not 16 hexadecimal"),
+              std::string::npos);
+    fs::write_file_atomic(d + "/manifest.json", good);
+    std::filesystem::remove(d + "/shard-00001.bin");
+    ASSERT_EQ(::mkfifo((d + "/shard-00001.bin").c_str(), 0644), 0);
+    EXPECT_NE(message_of([&] { ShardSet(d, 100); }).find("shard-00001.bin is not a regular file"),
               std::string::npos);
 }
 

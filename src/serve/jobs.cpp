@@ -401,8 +401,15 @@ Job Queue::submit(JobSpec spec) {
     Job job;
     {
         std::lock_guard lock(mutex_);
-        job.id = spec.submission_id.empty() ? fmt::format("job-{:04d}", next_number_)
-                                            : spec.submission_id;
+        if (spec.submission_id.empty()) {
+            // An automatic id skips ids that clients chose (a submission_id of "job-0007" must
+            // not block every automatic id after job-0006).
+            while (jobs_.count(fmt::format("job-{:04d}", next_number_)))
+                next_number_++;
+            job.id = fmt::format("job-{:04d}", next_number_);
+        } else {
+            job.id = spec.submission_id;
+        }
         if (jobs_.count(job.id))
             throw error("a job with submission_id \"{}\" exists already", job.id);
         next_number_++;

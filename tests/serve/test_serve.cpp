@@ -327,6 +327,14 @@ TEST(Serve, BadInputGetsAClearFourHundred) {
     expect(get("/api/jobs/nope"), 404, "no job named");
     expect(get("/nowhere/../../etc/passwd"), 404, "no such endpoint");
     expect(get("/api/run/metrics?name=x&offset=ten"), 400, "not an integer");
+    // A client-chosen id equal to the next automatic one does not block automatic ids.
+    const std::string one = kMicro + " --set train.steps=1";
+    json chosen = job(one);
+    chosen["submission_id"] = "job-0002";
+    expect(post(chosen.dump()), 200, "job-0002");
+    expect(post(job(one).dump()), 200, "\"job-0003\"");
+    expect(post(chosen.dump()), 400, "exists already");
+    expect(post(job(one).dump()), 200, "\"job-0004\"");
 
     // A 100 MB body is turned away without being read.
     std::string huge(100u << 20, 'x');
@@ -336,7 +344,7 @@ TEST(Serve, BadInputGetsAClearFourHundred) {
     EXPECT_NE(r->body.find("over the 1048576 byte limit"), std::string::npos) << r->body;
     // The server is still up and answering.
     EXPECT_EQ(get("/healthz").first, 200);
-    EXPECT_EQ(s.get("/api/jobs/").size(), 0u);
+    EXPECT_EQ(s.get("/api/jobs/").size(), 3u);  // the three accepted above
 }
 
 // A web page on another site can make a browser send simple requests to a loopback head (a POST

@@ -2,8 +2,10 @@
 // reference against central finite differences of its forward.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <functional>
+#include <numeric>
 #include <random>
 #include <vector>
 
@@ -76,6 +78,30 @@ void expect_fd(std::vector<float>& x, const std::vector<float>& analytic,
         double fd = (up - down) / (2.0 * h);
         EXPECT_NEAR(analytic[i], fd, 2e-3 + 2e-2 * std::fabs(fd)) << what << "[" << i << "]";
     }
+}
+
+// Central differences at the given entries, compared as a whole: the normalized squared error
+// sum (analytic - fd)^2 / sum fd^2 (NMSE) must stay under `nmse`. Unlike a per-entry absolute
+// tolerance it cannot pass a gradient whose small entries are all wrong, as long as `entries`
+// holds the ones that carry the gradient's mass.
+void expect_fd_nmse(std::vector<float>& x, const std::vector<float>& analytic,
+                    const std::function<double()>& loss, const std::vector<size_t>& entries,
+                    double nmse, const char* what) {
+    double err = 0, norm = 0;
+    for (size_t i : entries) {
+        float saved = x[i];
+        float h = 1e-2f * std::max(1.0f, std::fabs(saved));
+        x[i] = saved + h;
+        double up = loss();
+        x[i] = saved - h;
+        double down = loss();
+        x[i] = saved;
+        double fd = (up - down) / (2.0 * (double(saved + h) - double(saved)));
+        err += (analytic[i] - fd) * (analytic[i] - fd);
+        norm += fd * fd;
+    }
+    ASSERT_GT(norm, 0) << what;
+    EXPECT_LT(err / norm, nmse) << what << ": NMSE over " << entries.size() << " entries";
 }
 
 // Weighted sum of outputs: a loss whose gradient w.r.t. the output is `weights`.
@@ -463,7 +489,23 @@ TEST(CrossEntropy, StatsAndBackward) {
             s += sc[m] * l[m];
         return s;
     };
-    expect_fd(logits, gr, loss, "xent fd");
+    // Where the gradient is: each row's target and its 8 largest logits; and 16 entries anywhere.
+    std::vector<size_t> entries;
+    std::mt19937_64 rng(11);
+    for (int64_t m = 0; m < M; m++) {
+        if (scale[m] == 0)
+            continue;
+        if (targets[m] >= 0)
+            entries.push_back(size_t(m * V + targets[m]));
+        std::vector<size_t> row(V);
+        std::iota(row.begin(), row.end(), size_t(m * V));
+        std::partial_sort(row.begin(), row.begin() + 8, row.end(),
+                          [&](size_t a, size_t b) { return logits[a] > logits[b]; });
+        entries.insert(entries.end(), row.begin(), row.begin() + 8);
+    }
+    for (int i = 0; i < 16; i++)
+        entries.push_back(size_t(rng() % uint64_t(M * V)));
+    expect_fd_nmse(logits, gr, loss, entries, 1e-5, "xent fd");
 }
 
 // The fused form equals the two halves, on both backends.

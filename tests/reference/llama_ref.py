@@ -556,6 +556,8 @@ def build_fixture(args):
     out["grad_norm"] = grad_norm.reshape(1)
     out.update({"grad." + n: g for n, g in grads.items()})
     out.update({"step1." + n: w for n, w in step1.items()})
+    # After every step: where beta1, beta2 and eps show (step 1 is ~lr * sign(g) whatever they are).
+    out.update({"final." + n: p.detach().clone() for n, p in params.items()})
     out["traj_loss"] = torch.tensor(traj, dtype=dt)
 
     meta = {

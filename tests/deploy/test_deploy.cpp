@@ -171,7 +171,7 @@ TEST(Deploy, EveryKilnCommandInTheManifestsIsAccepted) {
         if (argv[i] == "--port")
             argv[i + 1] = std::to_string(launch::free_port());
     }
-    std::string cmd = "KILN_TOKEN=t0ken exec " + kiln::testing::kiln_binary();
+    std::string cmd = "KILN_TOKEN=t0ken-t0ken-t0ken exec " + kiln::testing::kiln_binary();
     for (size_t i = 1; i < argv.size(); i++)
         cmd += " " + shell_quote(argv[i]);
     pid_t pid = ::fork();

@@ -62,20 +62,25 @@ struct Workspaces {
     }
 };
 
-// Central differences of a scalar function of x, in double, compared with an analytic grad.
+// d loss / d x[i] by central differences, in double, over the step x[i] actually took.
+double central_difference(std::vector<float>& x, size_t i, const std::function<double()>& loss) {
+    const float saved = x[i];
+    const float h = 1e-2f * std::max(1.0f, std::fabs(saved));
+    x[i] = saved + h;
+    const double up = loss();
+    x[i] = saved - h;
+    const double down = loss();
+    x[i] = saved;
+    return (up - down) / (double(saved + h) - double(saved - h));
+}
+
+// Central differences of a scalar function of x, compared with an analytic grad entry by entry.
 void expect_fd(std::vector<float>& x, const std::vector<float>& analytic,
                const std::function<double()>& loss, const char* what, int max_checks = 40) {
     std::mt19937_64 rng(7);
     for (int c = 0; c < max_checks; c++) {
         size_t i = rng() % x.size();
-        float saved = x[i];
-        float h = 1e-2f * std::max(1.0f, std::fabs(saved));
-        x[i] = saved + h;
-        double up = loss();
-        x[i] = saved - h;
-        double down = loss();
-        x[i] = saved;
-        double fd = (up - down) / (2.0 * h);
+        double fd = central_difference(x, i, loss);
         EXPECT_NEAR(analytic[i], fd, 2e-3 + 2e-2 * std::fabs(fd)) << what << "[" << i << "]";
     }
 }
@@ -89,14 +94,7 @@ void expect_fd_nmse(std::vector<float>& x, const std::vector<float>& analytic,
                     double nmse, const char* what) {
     double err = 0, norm = 0;
     for (size_t i : entries) {
-        float saved = x[i];
-        float h = 1e-2f * std::max(1.0f, std::fabs(saved));
-        x[i] = saved + h;
-        double up = loss();
-        x[i] = saved - h;
-        double down = loss();
-        x[i] = saved;
-        double fd = (up - down) / (2.0 * (double(saved + h) - double(saved)));
+        double fd = central_difference(x, i, loss);
         err += (analytic[i] - fd) * (analytic[i] - fd);
         norm += fd * fd;
     }

@@ -4,6 +4,7 @@
 #include <httplib.h>
 #include <signal.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <fstream>
@@ -21,6 +22,7 @@ namespace {
 using json = nlohmann::json;
 
 constexpr int kMaxJsonDepth = 16;
+constexpr int kMaxFollowers = 8;  // of the 32 server threads
 
 void reply(httplib::Response& res, int status, const json& body) {
     res.status = status;
@@ -203,6 +205,7 @@ int serve(const ServeOptions& o) {
     svr.set_read_timeout(10, 0);
 
     const bool loopback_head = loopback(o.host);
+    std::atomic<int> followers{0};
     svr.set_pre_routing_handler([&](const httplib::Request& req, httplib::Response& res) {
         // Runs before the body is read, so a refused body is never held in memory.
         int status = 0;
@@ -315,34 +318,45 @@ int serve(const ServeOptions& o) {
                     reply(res, 200, {{"logs", tail_of(queue.job_log(job->id), 4 << 20)}});
             });
     // The log as a plain-text stream that follows the file until the job ends.
-    svr.Get(R"(/api/jobs/([A-Za-z0-9_-]+)/logs/tail)",
-            [&](const httplib::Request& req, httplib::Response& res) {
-                auto job = find(req, res);
-                if (!job)
-                    return;
-                std::string id = job->id, path = queue.job_log(id);
-                auto offset = std::make_shared<int64_t>(0);
-                res.set_chunked_content_provider(
-                    "text/plain", [&queue, id, path, offset](size_t, httplib::DataSink& sink) {
-                        for (int polls = 0; polls < 20; polls++) {
-                            auto now = queue.get(id);
-                            bool over = !now || terminal(now->state);
-                            std::string chunk = ServedFile(path).read(*offset, 1 << 16);
-                            if (!chunk.empty()) {
-                                *offset += int64_t(chunk.size());
-                                return sink.write(chunk.data(), chunk.size());
-                            }
-                            if (over) {
-                                sink.done();
-                                return true;
-                            }
-                            if (!sink.is_writable())
-                                return false;
-                            std::this_thread::sleep_for(std::chrono::milliseconds(200));
-                        }
-                        return sink.is_writable();
-                    });
+    svr.Get(R"(/api/jobs/([A-Za-z0-9_-]+)/logs/tail)", [&](const httplib::Request& req,
+                                                           httplib::Response& res) {
+        auto job = find(req, res);
+        if (!job)
+            return;
+        // A follower holds one of the server's threads while its job runs: so many at
+        // once and no more, so that the API, /metrics and the dashboard keep threads.
+        if (followers.fetch_add(1) >= kMaxFollowers) {
+            followers--;
+            return fail(res, 503,
+                        fmt::format("{} log followers are open, the most this head serves "
+                                    "at once; read /api/jobs/{}/logs, or follow later",
+                                    kMaxFollowers, job->id));
+        }
+        // Released when the response ends, however it ends.
+        std::shared_ptr<void> ticket(nullptr, [&](void*) { followers--; });
+        std::string id = job->id, path = queue.job_log(id);
+        auto offset = std::make_shared<int64_t>(0);
+        res.set_chunked_content_provider(
+            "text/plain", [&queue, id, path, offset, ticket](size_t, httplib::DataSink& sink) {
+                for (int polls = 0; polls < 20; polls++) {
+                    auto now = queue.get(id);
+                    bool over = !now || terminal(now->state);
+                    std::string chunk = ServedFile(path).read(*offset, 1 << 16);
+                    if (!chunk.empty()) {
+                        *offset += int64_t(chunk.size());
+                        return sink.write(chunk.data(), chunk.size());
+                    }
+                    if (over) {
+                        sink.done();
+                        return true;
+                    }
+                    if (!sink.is_writable())
+                        return false;
+                    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+                }
+                return sink.is_writable();
             });
+    });
     svr.Post(R"(/api/jobs/([A-Za-z0-9_-]+)/stop)",
              [&](const httplib::Request& req, httplib::Response& res) {
                  if (auto job = find(req, res))

@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -157,22 +158,37 @@ TEST(Serve, SubmitListLogsStop) {
     // A long job, followed while it runs, then stopped.
     std::string long_id = s.submit(job(kMicro + " --set train.steps=100000"));
     s.wait(long_id, "RUNNING");
+    // Eight followers at once, the most the head serves (each holds a server thread); a ninth is
+    // turned away, and the API still answers.
     std::string streamed;
-    std::thread follower([&] {
-        s.client().Get(("/api/jobs/" + long_id + "/logs/tail").c_str(),
-                       [&](const char* data, size_t n) {
-                           streamed.append(data, n);
-                           return true;
-                       });
-    });
-    for (int i = 0; i < 200 && s.lines(long_id) < 2; i++)
+    std::vector<std::thread> followers;
+    std::atomic<int> streaming{0};
+    for (int f = 0; f < 8; f++) {
+        followers.emplace_back([&, f] {
+            s.client().Get(("/api/jobs/" + long_id + "/logs/tail").c_str(),
+                           [&](const char* data, size_t n) {
+                               if (f == 0)
+                                   streamed.append(data, n);
+                               else if (n > 0)
+                                   streaming++;
+                               return true;
+                           });
+        });
+    }
+    for (int i = 0; i < 200 && (s.lines(long_id) < 2 || streaming < 7); i++)
         std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    auto ninth = s.client().Get(("/api/jobs/" + long_id + "/logs/tail").c_str());
+    ASSERT_TRUE(ninth);
+    EXPECT_EQ(ninth->status, 503) << ninth->body;
+    EXPECT_NE(ninth->body.find("8 log followers are open"), std::string::npos) << ninth->body;
+    EXPECT_EQ(s.get("/api/jobs/").size(), 2u);
     auto r = s.client().Post(("/api/jobs/" + long_id + "/stop").c_str(), "", "application/json");
     ASSERT_TRUE(r);
     EXPECT_EQ(json::parse(r->body)["stopped"], true);
     json stopped = s.wait(long_id);
     EXPECT_EQ(stopped["status"], "STOPPED");
-    follower.join();  // the stream ends with the job
+    for (auto& f : followers)
+        f.join();  // the streams end with the job
     EXPECT_NE(streamed.find("step"), std::string::npos) << streamed;
 
     // Prometheus sees both runs.
@@ -388,6 +404,7 @@ TEST(Serve, BrowsersOnOtherSitesAreTurnedAway) {
             403, "no CORS");
     refused(send("GET", "/api/jobs/", {{"Sec-Fetch-Site", "cross-site"}}), 403, "cross-site");
     // A chunked body is refused before it is read (its size is known only at its end).
+    ::signal(SIGPIPE, SIG_IGN);  // writing on after the head closed must not end this process
     httplib::Client c = s.client();
     auto chunked = c.Post(
         "/api/jobs/",
@@ -399,8 +416,10 @@ TEST(Serve, BrowsersOnOtherSitesAreTurnedAway) {
             return true;
         },
         "application/json");
-    ASSERT_TRUE(chunked) << httplib::to_string(chunked.error());
-    EXPECT_EQ(chunked->status, 411) << chunked->body;
+    // The head answers 411 and closes; the client may still be writing then and see the
+    // connection reset instead of the answer. Either way nothing was taken (checked below).
+    if (chunked)
+        EXPECT_EQ(chunked->status, 411) << chunked->body;
     // Nothing of the above made a job; the head's own page and a plain client still work.
     EXPECT_EQ(s.get("/api/jobs/").size(), 0u);
     auto own =

@@ -36,6 +36,7 @@ case "$only" in ""|readme|image|runtime) ;; *) echo "fresh_debian: --only $only 
 git -C "$repo" rev-parse HEAD >/dev/null 2>&1 || { echo "fresh_debian: $repo is not a git checkout" >&2; exit 2; }
 
 summary=()
+commit=$(git -C "$repo" rev-parse --short HEAD)  # what the clones below hold
 step() {  # step NAME COMMAND...: runs it, records its time, stops the script if it fails
     local name=$1; shift
     local t0=$SECONDS
@@ -51,7 +52,7 @@ step() {  # step NAME COMMAND...: runs it, records its time, stops the script if
 report() {
     {
         echo
-        echo "fresh Debian 12 check of $(git -C "$repo" rev-parse --short HEAD), $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores"
+        echo "fresh Debian 12 check of $commit, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores"
         printf '%s\n' "${summary[@]}"
     } | tee "$work/summary.txt"
 }

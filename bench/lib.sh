@@ -42,8 +42,9 @@ detect_precision() {
 }
 
 # bench_gemm_starts BIN: whether the gemm micro-benchmark starts here. Before any benchmark it
-# checks kiln's fp32 and bf16 products against OpenBLAS, and today aborts where bf16 products
-# are missing; then BENCH_GEMM_WHY holds the first line of its error.
+# checks kiln's products against OpenBLAS; builds before 16c42d0 checked bf16 too and aborted
+# on a CPU without bf16 products. When it does not start, BENCH_GEMM_WHY holds the first line
+# of its error.
 bench_gemm_starts() {
     BENCH_GEMM_WHY="not built (needs Google Benchmark + OpenBLAS)"
     [[ -x "$1" ]] || return 1

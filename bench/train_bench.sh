@@ -5,7 +5,7 @@
 # On a CPU without bf16 matrix products (no avx512_bf16 or AMX; or oneDNN capped with
 # ONEDNN_MAX_CPU_ISA=AVX2) both bf16 columns are skipped ("n/a (no bf16 products)": PyTorch's
 # autocast would run its bf16 products emulated), the ratio is kiln fp32 / torch fp32 and the
-# ceiling is the fp32 gemm. The first output line says which precision led.
+# ceiling is the fp32 gemm. The line under the title says which precision led.
 #
 #   bash bench/train_bench.sh [--presets tiny,small] [--out bench/last_run.json]
 #

@@ -165,22 +165,31 @@ TEST(Serve, SubmitListLogsStop) {
     std::atomic<int> streaming{0};
     for (int f = 0; f < 8; f++) {
         followers.emplace_back([&, f] {
+            bool counted = false;  // each follower counts once, at its first bytes
             s.client().Get(("/api/jobs/" + long_id + "/logs/tail").c_str(),
                            [&](const char* data, size_t n) {
                                if (f == 0)
                                    streamed.append(data, n);
-                               else if (n > 0)
+                               if (n > 0 && !counted) {
+                                   counted = true;
                                    streaming++;
+                               }
                                return true;
                            });
         });
     }
-    for (int i = 0; i < 200 && (s.lines(long_id) < 2 || streaming < 7); i++)
+    for (int i = 0; i < 600 && (s.lines(long_id) < 2 || streaming < 8); i++)
         std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    auto ninth = s.client().Get(("/api/jobs/" + long_id + "/logs/tail").c_str());
-    ASSERT_TRUE(ninth);
-    EXPECT_EQ(ninth->status, 503) << ninth->body;
-    EXPECT_NE(ninth->body.find("8 log followers are open"), std::string::npos) << ninth->body;
+    EXPECT_EQ(streaming, 8) << "not every follower got bytes";
+    // Should the ninth be let in, it is cut off at its headers rather than followed for ever.
+    int ninth_status = 0;
+    std::string ninth_body;
+    s.client().Get(
+        ("/api/jobs/" + long_id + "/logs/tail").c_str(),
+        [&](const httplib::Response& head) { return (ninth_status = head.status) != 200; },
+        [&](const char* data, size_t n) { return ninth_body.append(data, n), true; });
+    EXPECT_EQ(ninth_status, 503) << ninth_body;
+    EXPECT_NE(ninth_body.find("8 log followers are open"), std::string::npos) << ninth_body;
     EXPECT_EQ(s.get("/api/jobs/").size(), 2u);
     auto r = s.client().Post(("/api/jobs/" + long_id + "/stop").c_str(), "", "application/json");
     ASSERT_TRUE(r);

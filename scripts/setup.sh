@@ -18,6 +18,7 @@ if [ "${1:-}" != "--build-only" ]; then
         libgtest-dev libgmock-dev libbenchmark-dev
         python3 python3-numpy python3-torch
         clang-format-14 chromium wrk curl
+        clang-14 libclang-rt-14-dev libomp-14-dev
     )
 fi
 

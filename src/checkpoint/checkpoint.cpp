@@ -30,19 +30,32 @@ nlohmann::json config_json(const model::LlamaConfig& c) {
             {"max_seq_len", c.max_seq_len}};
 }
 
-model::LlamaConfig config_from_json(const nlohmann::json& j) {
+// j[key] as a whole number in [lo, hi]. Asked for an integer, the JSON library converts a float
+// or an out-of-range value with undefined behaviour (1e20 as n_layers).
+int64_t whole(const nlohmann::json& j, const char* key, const std::string& path,
+              int64_t lo = INT64_MIN, int64_t hi = INT64_MAX) {
+    const nlohmann::json& v = j.at(key);
+    const bool integer =
+        v.is_number_integer() && !(v.is_number_unsigned() && v.get<uint64_t>() > INT64_MAX);
+    if (!integer || v.get<int64_t>() < lo || v.get<int64_t>() > hi)
+        throw error("{}: {} {} is not a whole number from {} to {}", path, key,
+                    v.is_primitive() ? v.dump().substr(0, 40) : std::string(v.type_name()), lo, hi);
+    return v.get<int64_t>();
+}
+
+model::LlamaConfig config_from_json(const nlohmann::json& j, const std::string& path) {
     model::LlamaConfig c;
     c.preset = j.at("preset").get<std::string>();
-    c.dim = j.at("dim").get<int64_t>();
-    c.n_layers = j.at("n_layers").get<int64_t>();
-    c.n_heads = j.at("n_heads").get<int64_t>();
-    c.n_kv_heads = j.at("n_kv_heads").get<int64_t>();
-    c.vocab_size = j.at("vocab_size").get<int64_t>();
-    c.multiple_of = j.at("multiple_of").get<int64_t>();
+    c.dim = whole(j, "dim", path);
+    c.n_layers = whole(j, "n_layers", path);
+    c.n_heads = whole(j, "n_heads", path);
+    c.n_kv_heads = whole(j, "n_kv_heads", path);
+    c.vocab_size = whole(j, "vocab_size", path);
+    c.multiple_of = whole(j, "multiple_of", path);
     c.ffn_dim_multiplier = j.at("ffn_dim_multiplier").get<double>();
     c.norm_eps = j.at("norm_eps").get<double>();
     c.rope_theta = j.at("rope_theta").get<double>();
-    c.max_seq_len = j.at("max_seq_len").get<int64_t>();
+    c.max_seq_len = whole(j, "max_seq_len", path);
     return c;
 }
 
@@ -237,25 +250,27 @@ Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
         if (j.at("format").get<std::string>() != "kiln-checkpoint" || j.at("version") != 2) {
             throw error("{}: not a version-2 kiln checkpoint manifest", path);
         }
-        config_ = config_from_json(j.at("model"));
-        state_.step = j.at("step").get<int64_t>();
-        state_.adam_step = j.at("adam_step").get<int64_t>();
+        config_ = config_from_json(j.at("model"), path);
+        state_.step = whole(j, "step", path, 0);
+        state_.adam_step = whole(j, "adam_step", path, 0);
         state_.loss = j.value("loss", 0.0);
-        saved_tp_ = j.at("layout").at("tp").get<int>();
         // Every field is checked against the model it describes before any file is read by it:
         // a shifted range or a forged split must be an error, never a read out of bounds.
-        if (saved_tp_ < 1 || saved_tp_ > 65536)
-            throw error("{}: layout.tp={} is not a tensor-parallel size", path, saved_tp_);
+        const int64_t tp = whole(j.at("layout"), "tp", path);
+        if (tp < 1 || tp > 65536)
+            throw error("{}: layout.tp={} is not a tensor-parallel size", path, tp);
+        saved_tp_ = int(tp);
         config_.validate(saved_tp_);
         const int64_t total = model::Layout(config_, saved_tp_, 0).total();
         for (const auto& f : j.at("files")) {
             File file;
-            file.place.rank = f.at("rank").get<int>();
-            file.place.tp_rank = f.at("tp_rank").get<int>();
-            file.place.dp_rank = f.at("dp_rank").get<int>();
+            file.place.rank = int(whole(f, "rank", path, 0, INT32_MAX));
+            file.place.tp_rank = int(whole(f, "tp_rank", path, 0, INT32_MAX));
+            file.place.dp_rank = int(whole(f, "dp_rank", path, 0, INT32_MAX));
             file.has_params = f.at("params").get<bool>();
-            file.begin = f.at("moments").at(0).get<int64_t>();
-            file.end = f.at("moments").at(1).get<int64_t>();
+            const nlohmann::json& moments = f.at("moments");
+            file.begin = whole({{"moments[0]", moments.at(0)}}, "moments[0]", path);
+            file.end = whole({{"moments[1]", moments.at(1)}}, "moments[1]", path);
             if (file.place.tp_rank < 0 || file.place.tp_rank >= saved_tp_)
                 throw error("{}: a file's tp_rank {} is outside layout.tp={}", path,
                             file.place.tp_rank, saved_tp_);
@@ -263,7 +278,7 @@ Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
                 throw error("{}: a file's moments [{}, {}) lie outside the model's {} values", path,
                             file.begin, file.end, total);
             std::string name = f.at("file").get<std::string>();
-            if (name.find('/') != std::string::npos) {
+            if (name.empty() || name[0] == '.' || name.find('/') != std::string::npos) {
                 throw error("{}: file name '{}' must be a plain name in the folder", path, name);
             }
             std::string full = dir_ + "/" + name;
@@ -272,12 +287,13 @@ Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
             if (!want)
                 throw error("{}: xxh64 \"{}\" is not 16 hexadecimal digits", path,
                             hex.substr(0, 40));
-            if (!fs::exists(full))
-                throw error("{}: missing {}", path, full);
-            if (stdfs::file_size(full) != f.at("bytes").get<uint64_t>()) {
-                throw error("{} is {} bytes, manifest.json says {}", full, stdfs::file_size(full),
-                            f.at("bytes").get<uint64_t>());
-            }
+            std::error_code ec;
+            if (!stdfs::is_regular_file(full, ec))
+                throw error("{}: {} is missing or not a file", path, full);
+            const uint64_t bytes = uint64_t(whole(f, "bytes", path, 0));
+            if (stdfs::file_size(full, ec) != bytes)
+                throw error("{} is {} bytes, manifest.json says {}", full,
+                            stdfs::file_size(full, ec), bytes);
             if (fs::xxh64_file(full) != *want) {
                 throw error("{} is corrupt: its checksum does not match manifest.json", full);
             }

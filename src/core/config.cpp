@@ -68,17 +68,34 @@ std::string closest_key(const std::string& key, const std::vector<std::string>& 
     return "";
 }
 
+// A key or value from the input, for an error message: bytes below 0x20 (yaml-cpp's message may
+// quote a newline or a NUL) are written as \xNN so that the message stays one line, and text
+// past 200 bytes is cut (at a character's start) so that it stays short.
+std::string printable(const std::string& text) {
+    constexpr size_t kMaxBytes = 200;
+    std::string out;
+    for (size_t i = 0; i < text.size(); i++) {
+        const auto u = static_cast<unsigned char>(text[i]);
+        if (i >= kMaxBytes && (u & 0xc0) != 0x80)
+            return out + "...";
+        out += u < 0x20 || u == 0x7f ? fmt::format("\\x{:02x}", u) : std::string(1, text[i]);
+    }
+    return out;
+}
+
 // A config is a few hundred keys two levels deep: deeper nesting, or aliases that expand past
 // kMaxValues (a "billion laughs" document), are refused before they cost memory or time.
 constexpr int kMaxDepth = 8;
 constexpr size_t kMaxValues = 4096;
 
+// Nodes are counted, not only values: aliases of empty maps add no value yet cost a visit each.
 void flatten(const YAML::Node& node, const std::string& prefix, const std::string& source,
-             std::vector<std::pair<std::string, std::string>>& out, int depth = 0) {
+             std::vector<std::pair<std::string, std::string>>& out, size_t& visited,
+             int depth = 0) {
     if (depth > kMaxDepth)
-        throw error("{}: key {} nests deeper than {} levels", source, prefix, kMaxDepth);
-    if (out.size() > kMaxValues)
-        throw error("{} holds more than {} values (aliases that repeat a section?)", source,
+        throw error("{}: key {} nests deeper than {} levels", source, printable(prefix), kMaxDepth);
+    if (out.size() > kMaxValues || ++visited > kMaxValues)
+        throw error("{} holds more than {} values or sections (aliases that repeat one?)", source,
                     kMaxValues);
     if (node.IsMap()) {
         for (const auto& kv : node) {
@@ -86,14 +103,15 @@ void flatten(const YAML::Node& node, const std::string& prefix, const std::strin
                 throw error("{}: a key under {} is not a plain name", source,
                             prefix.empty() ? "the top" : prefix);
             std::string k = kv.first.Scalar();
-            flatten(kv.second, prefix.empty() ? k : prefix + "." + k, source, out, depth + 1);
+            flatten(kv.second, prefix.empty() ? k : prefix + "." + k, source, out, visited,
+                    depth + 1);
         }
     } else if (node.IsScalar()) {
         out.emplace_back(prefix, node.Scalar());
     } else if (node.IsNull()) {
-        throw error("{}: key {} has no value", source, prefix);
+        throw error("{}: key {} has no value", source, printable(prefix));
     } else {
-        throw error("{}: key {} must be a single value, not a list", source, prefix);
+        throw error("{}: key {} must be a single value, not a list", source, printable(prefix));
     }
 }
 
@@ -104,8 +122,8 @@ void ConfigSchema::load_yaml_text(const std::string& text, const std::string& so
     try {
         root = YAML::Load(text);
     } catch (const YAML::Exception& e) {
-        throw error("{} is not valid YAML: {} (line {}, column {})", source, e.msg, e.mark.line + 1,
-                    e.mark.column + 1);
+        throw error("{} is not valid YAML: {} (line {}, column {})", source, printable(e.msg),
+                    e.mark.line + 1, e.mark.column + 1);
     }
     if (root.IsNull())
         return;
@@ -113,7 +131,8 @@ void ConfigSchema::load_yaml_text(const std::string& text, const std::string& so
         throw error("{} must be a mapping of config keys", source);
     }
     std::vector<std::pair<std::string, std::string>> flat;
-    flatten(root, "", source, flat);
+    size_t visited = 0;
+    flatten(root, "", source, flat, visited);
     for (auto& [k, v] : flat)
         pending_.push_back({k, v, source});
 }
@@ -137,7 +156,7 @@ void ConfigSchema::apply() {
     for (const auto& a : pending_) {
         if (find(a.key) == nullptr) {
             std::string hint = closest_key(a.key, keys);
-            throw error("{}: unknown config key '{}'{}", a.source, a.key,
+            throw error("{}: unknown config key '{}'{}", a.source, printable(a.key),
                         hint.empty() ? std::string(" (kiln CMD --help lists every key)")
                                      : fmt::format(" (did you mean '{}'?)", hint));
         }
@@ -152,7 +171,7 @@ void ConfigSchema::apply() {
 
 void ConfigSchema::set(const Entry& e, const std::string& value, const std::string& source) {
     auto bad = [&](const char* what) {
-        return error("{}: {}={} is not {}", source, e.key, value, what);
+        return error("{}: {}={} is not {}", source, e.key, printable(value), what);
     };
     std::visit(
         [&](auto* p) {
@@ -188,7 +207,7 @@ void ConfigSchema::set(const Entry& e, const std::string& value, const std::stri
     if (e.check) {
         std::string why = e.check();
         if (!why.empty()) {
-            throw error("{}: {}={} is invalid: {}", source, e.key, value, why);
+            throw error("{}: {}={} is invalid: {}", source, e.key, printable(value), why);
         }
     }
     if (e.on_set)
@@ -197,10 +216,12 @@ void ConfigSchema::set(const Entry& e, const std::string& value, const std::stri
 
 namespace {
 
-// Keys in registration order, grouped into nested maps by their dotted path.
+// Keys in registration order, grouped into nested maps by their dotted path. (Children are a
+// vector of Tree itself, which may be incomplete here; a pair holding one may not.)
 struct Tree {
+    std::string name;
     std::vector<std::pair<std::string, std::string>> leaves;
-    std::vector<std::pair<std::string, Tree>> children;
+    std::vector<Tree> children;
     std::vector<std::string> order;  // "l:" + leaf or "c:" + child, as first seen
 
     void insert(const std::string& key, const std::string& value) {
@@ -211,13 +232,14 @@ struct Tree {
             return;
         }
         std::string head = key.substr(0, dot);
-        for (auto& [name, child] : children) {
-            if (name == head)
+        for (auto& child : children) {
+            if (child.name == head)
                 return child.insert(key.substr(dot + 1), value);
         }
-        children.emplace_back(head, Tree{});
+        children.emplace_back();
+        children.back().name = head;
         order.push_back("c:" + head);
-        children.back().second.insert(key.substr(dot + 1), value);
+        children.back().insert(key.substr(dot + 1), value);
     }
 
     void emit(YAML::Emitter& out) const {
@@ -231,8 +253,8 @@ struct Tree {
                         out << v;
                 }
             } else {
-                for (const auto& [k, c] : children) {
-                    if (k == name)
+                for (const auto& c : children) {
+                    if (c.name == name)
                         c.emit(out);
                 }
             }

@@ -129,7 +129,14 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : file_(path) {
             }
             t.offset = off[0];
             t.bytes = off[1] - off[0];
-            if (t.bytes != size_t(t.numel()) * dtype_size(t.dtype)) {
+            // Checked: a forged shape must not wrap its size into the bytes the file holds.
+            uint64_t want = dtype_size(t.dtype);
+            for (int64_t d : t.shape) {
+                if (__builtin_mul_overflow(want, uint64_t(d), &want))
+                    throw bad("tensor " + name + " has a shape " + shape_string(t.shape) +
+                              " larger than any file");
+            }
+            if (t.bytes != want) {
                 throw bad("tensor " + name + " has " + std::to_string(t.bytes) +
                           " bytes for shape " + shape_string(t.shape));
             }

@@ -82,6 +82,21 @@ uint64_t Manifest::sequences() const {
     return n;
 }
 
+namespace {
+
+// A number of the manifest as a whole number in [0, most]. Asked for an integer, the JSON
+// library converts a float or an out-of-range value with undefined behaviour (1e20 as seq_len).
+uint64_t whole_number(const nlohmann::json& v, const std::string& what, uint64_t most,
+                      const std::string& path) {
+    const bool ok = v.is_number_unsigned() || (v.is_number_integer() && v.get<int64_t>() >= 0);
+    if (!ok || v.get<uint64_t>() > most)
+        throw error("{}: {} {} is not a whole number from 0 to {}", path, what,
+                    v.is_primitive() ? v.dump().substr(0, 40) : std::string(v.type_name()), most);
+    return v.get<uint64_t>();
+}
+
+}  // namespace
+
 Manifest read_manifest(const std::string& dir) {
     std::string path = dir + "/manifest.json";
     if (!fs::exists(path)) {
@@ -99,26 +114,29 @@ Manifest read_manifest(const std::string& dir) {
         if (j.at("format").get<std::string>() != "kiln-shards") {
             throw error("{}: format is not kiln-shards", path);
         }
-        if (j.at("version").get<int>() != 1) {
+        if (whole_number(j.at("version"), "version", UINT32_MAX, path) != 1) {
             throw error("{}: version {} is not supported", path, j.at("version").dump());
         }
-        m.seq_len = j.at("seq_len").get<uint32_t>();
+        m.seq_len = uint32_t(whole_number(j.at("seq_len"), "seq_len", UINT32_MAX, path));
         if (!j.at("vocab_size").is_number_integer())
             throw error("{}: vocab_size {} is not a whole number", path,
                         j.at("vocab_size").dump().substr(0, 40));
         m.vocab_size = j.at("vocab_size").get<int64_t>();
         if (m.vocab_size < 1 || m.vocab_size > (int64_t(1) << 31) - 1)
             throw error("{}: vocab_size {} is not between 1 and 2^31-1", path, m.vocab_size);
-        m.token_bytes = j.at("token_bytes").get<uint32_t>();
+        m.token_bytes =
+            uint32_t(whole_number(j.at("token_bytes"), "token_bytes", UINT32_MAX, path));
         m.tokenizer = j.value("tokenizer", "");
-        m.dropped_tokens = j.value("dropped_tokens", uint64_t(0));
+        if (j.contains("dropped_tokens"))
+            m.dropped_tokens =
+                whole_number(j.at("dropped_tokens"), "dropped_tokens", UINT64_MAX, path);
         m.sources = j.value("sources", std::vector<std::string>{});
         m.add_eos = j.value("add_eos", true);
         m.tail = j.value("tail", std::string("drop"));
         for (const auto& s : j.at("shards")) {
             ShardEntry e;
             e.file = s.at("file").get<std::string>();
-            e.sequences = s.at("sequences").get<uint64_t>();
+            e.sequences = whole_number(s.at("sequences"), "sequences", UINT64_MAX, path);
             const std::string hex = s.at("xxh64").get<std::string>();
             const std::optional<uint64_t> sum = fs::parse_xxh64(hex);
             if (!sum)

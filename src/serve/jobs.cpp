@@ -59,12 +59,22 @@ std::string join(const std::vector<std::string>& words) {
     return s;
 }
 
+// At most `bytes` of `text` for an error message, cut before a UTF-8 character, never inside one:
+// the reply {"error": ...} is JSON, which refuses a split character.
+std::string excerpt(const std::string& text, size_t bytes) {
+    if (text.size() <= bytes)
+        return text;
+    while (bytes > 0 && (static_cast<unsigned char>(text[bytes]) & 0xc0) == 0x80)
+        bytes--;
+    return text.substr(0, bytes);
+}
+
 int get_int(const json& body, const char* key, int lo, int hi, int fallback) {
     if (!body.contains(key))
         return fallback;
     const json& v = body[key];
     if (!v.is_number_integer())
-        throw error("field \"{}\" must be an integer, not {}", key, v.dump().substr(0, 80));
+        throw error("field \"{}\" must be an integer, not {}", key, excerpt(v.dump(), 80));
     int64_t x = v.get<int64_t>();
     if (x < lo || x > hi)
         throw error("field \"{}\" is {}; it must be between {} and {}", key, x, lo, hi);
@@ -189,7 +199,7 @@ JobSpec parse_spec(const json& body) {
         for (const auto& k : kJobCommands)
             names += (names.empty() ? "" : ", ") + k;
         throw error("the entrypoint \"{}\" is not a kiln command; it must start with one of: {}",
-                    (e.is_string() ? e.get<std::string>() : e.dump()).substr(0, 200), names);
+                    excerpt(e.is_string() ? e.get<std::string>() : e.dump(), 200), names);
     }
     for (const auto& w : s.entrypoint) {
         if (w.find('\0') != std::string::npos || w.size() > 4096)
@@ -234,6 +244,24 @@ JobSpec parse_spec(const json& body) {
         }
     }
     return s;
+}
+
+JobSpec parse_job_body(std::string_view body) {
+    // A job is a flat object; anything nested deeper is dropped while parsing (which does not
+    // recurse) and refused.
+    bool too_deep = false;
+    json j = json::parse(
+        body.begin(), body.end(),
+        [&](int depth, json::parse_event_t, json&) {
+            too_deep = too_deep || depth > kMaxJobDepth;
+            return !too_deep;
+        },
+        false);
+    if (too_deep)
+        throw error("the job nests deeper than {} levels", kMaxJobDepth);
+    if (j.is_discarded())
+        throw error("the request body is not valid JSON");
+    return parse_spec(j);
 }
 
 json to_json(const Job& job) {
@@ -515,7 +543,7 @@ void Queue::reap() {
             job.message = "finished";
         } else {
             job.state = State::failed;
-            std::string line = last_line(job_log(id)).substr(0, 300);
+            std::string line = excerpt(last_line(job_log(id)), 300);
             job.message = fmt::format("exited with status {}{}{}", job.exit_code,
                                       line.empty() ? "" : ": ", line);
         }

@@ -17,6 +17,7 @@
 #include <nlohmann/json_fwd.hpp>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -43,6 +44,11 @@ struct JobSpec {
 // Parses and checks a submission body (the JSON of POST /api/jobs/). Throws Error naming the
 // field at fault: unknown fields, wrong types, an entrypoint that is not a kiln command.
 JobSpec parse_spec(const nlohmann::json& body);
+// The bytes of a submission body, as the head receives them: parsed without recursion, refused
+// past kMaxJobDepth levels of nesting (so that nothing later recurses through it), then checked
+// by parse_spec. Throws Error: not JSON, nested too deep, or a field parse_spec refuses.
+constexpr int kMaxJobDepth = 16;
+JobSpec parse_job_body(std::string_view body);
 // Splits an entrypoint line into words the way a shell would split plain words and quotes
 // (no expansion, no operators: a line with ; | & $ ` < > is refused).
 std::vector<std::string> split_entrypoint(const std::string& line);

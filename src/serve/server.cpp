@@ -21,7 +21,6 @@ namespace {
 
 using json = nlohmann::json;
 
-constexpr int kMaxJsonDepth = 16;
 constexpr int kMaxFollowers = 8;  // of the 32 server threads
 
 void reply(httplib::Response& res, int status, const json& body) {
@@ -273,22 +272,7 @@ int serve(const ServeOptions& o) {
 
     // Jobs API.
     auto submit = [&](const httplib::Request& req, httplib::Response& res) {
-        // A job is a flat object; anything nested deeper is dropped while parsing (which does not
-        // recurse) and refused, so that nothing later recurses through it.
-        bool too_deep = false;
-        json body = json::parse(
-            req.body,
-            [&](int depth, json::parse_event_t, json&) {
-                too_deep = too_deep || depth > kMaxJsonDepth;
-                return !too_deep;
-            },
-            false);
-        if (too_deep)
-            return fail(res, 400,
-                        fmt::format("the job nests deeper than {} levels", kMaxJsonDepth));
-        if (body.is_discarded())
-            return fail(res, 400, "the request body is not valid JSON");
-        Job job = queue.submit(parse_spec(body));
+        Job job = queue.submit(parse_job_body(req.body));
         reply(res, 200, {{"job_id", job.id}, {"submission_id", job.id}});
     };
     svr.Post("/api/jobs/", submit);

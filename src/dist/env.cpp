@@ -1,9 +1,16 @@
 #include "dist/env.h"
 
+#include <arpa/inet.h>
+#include <ifaddrs.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <charconv>
 #include <cstdlib>
+#include <cstring>
 
 #include "core/error.h"
 
@@ -82,6 +89,8 @@ Placement discover(const std::map<std::string, std::string>& given) {
     }
     if (has("MASTER_ADDR"))
         p.master_addr = env.at("MASTER_ADDR");
+    if (has("GLOO_SOCKET_IFNAME"))  // PyTorch takes a list of them; one carries kiln's pairs
+        p.interface = first_host(env.at("GLOO_SOCKET_IFNAME"));
     if (has("MASTER_PORT"))
         p.master_port = parse_int(env, "MASTER_PORT", 1);
     if (p.master_port > 65535) {
@@ -92,6 +101,75 @@ Placement discover(const std::map<std::string, std::string>& given) {
                     p.world_size, p.source);
     }
     return p;
+}
+
+namespace {
+
+std::string numeric(const sockaddr* addr) {
+    char text[INET_ADDRSTRLEN] = {0};
+    inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in*>(addr)->sin_addr, text, sizeof text);
+    return text;
+}
+
+std::string interface_address(const std::string& name) {
+    ifaddrs* all = nullptr;
+    if (getifaddrs(&all) != 0)
+        throw error("cannot list this host's network interfaces: {}", strerror(errno));
+    std::string found, names;
+    bool exists = false;
+    for (ifaddrs* i = all; i; i = i->ifa_next) {
+        if (names.find(std::string(" ") + i->ifa_name + ",") == std::string::npos)
+            names += std::string(" ") + i->ifa_name + ",";
+        if (name != i->ifa_name)
+            continue;
+        exists = true;
+        if (found.empty() && i->ifa_addr && i->ifa_addr->sa_family == AF_INET)
+            found = numeric(i->ifa_addr);
+    }
+    freeifaddrs(all);
+    if (!names.empty())
+        names.pop_back();
+    if (!exists)
+        throw error(
+            "network interface \"{}\" (GLOO_SOCKET_IFNAME or parallel.interface) does not "
+            "exist on {}; it has{}",
+            name, host_name(), names);
+    if (found.empty())
+        throw error(
+            "network interface \"{}\" (GLOO_SOCKET_IFNAME or parallel.interface) has no "
+            "IPv4 address",
+            name);
+    return found;
+}
+
+// The local address the kernel would send from toward host:port (a UDP connect sends nothing).
+std::string address_toward(const std::string& host, int port) {
+    addrinfo hints{};
+    hints.ai_family = AF_INET;
+    hints.ai_socktype = SOCK_DGRAM;
+    addrinfo* res = nullptr;
+    const int rc = getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res);
+    if (rc != 0 || res == nullptr)
+        throw error("MASTER_ADDR={} cannot be resolved: {}", host, gai_strerror(rc));
+    const int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    sockaddr_in local{};
+    socklen_t len = sizeof local;
+    const bool ok = fd >= 0 && connect(fd, res->ai_addr, res->ai_addrlen) == 0 &&
+                    getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len) == 0;
+    const int e = errno;
+    freeaddrinfo(res);
+    if (fd >= 0)
+        close(fd);
+    if (!ok)
+        throw error("no route from {} to MASTER_ADDR={}: {}", host_name(), host, strerror(e));
+    return numeric(reinterpret_cast<const sockaddr*>(&local));
+}
+
+}  // namespace
+
+std::string local_address(const Placement& p) {
+    return p.interface.empty() ? address_toward(p.master_addr, p.master_port)
+                               : interface_address(p.interface);
 }
 
 std::string host_name() {

@@ -16,6 +16,9 @@ struct Placement {
     std::string master_addr = "127.0.0.1";
     int master_port = 29500;
     std::string source = "default";  // which convention supplied it
+    // The network interface gloo's TCP pairs use (GLOO_SOCKET_IFNAME, PyTorch's variable, or
+    // parallel.interface); empty: the one whose address routes to master_addr.
+    std::string interface;
 };
 
 // Reads `env` (the process environment when empty). Throws Error naming the variable at fault.
@@ -23,5 +26,10 @@ Placement discover(const std::map<std::string, std::string>& env = {});
 
 // This machine's host name (gethostname).
 std::string host_name();
+
+// The numeric IPv4 address this rank listens on for its peers: `p.interface`'s, else the local
+// address that routes to p.master_addr. Never a host name, since in many containers a host's own
+// name does not resolve. Throws Error naming the interface or address at fault.
+std::string local_address(const Placement& p);
 
 }  // namespace kiln::dist

@@ -174,6 +174,8 @@ Job::Job(const Placement& p, int tp, std::chrono::milliseconds timeout,
         tp_ = std::make_unique<SoloCollective>();
         return;
     }
+    // Found before the rendezvous, so that a wrong interface or address fails at once.
+    const std::string address = local_address(p);
     store_ = std::make_unique<TcpStore>(p.master_addr, p.master_port, p.rank == 0, timeout);
     // Arrival: each rank checks in, then waits for all; a timeout names who is missing.
     store_->set("arrived/" + std::to_string(p.rank), {'1'});
@@ -195,16 +197,16 @@ Job::Job(const Placement& p, int tp, std::chrono::milliseconds timeout,
     // The transport: shared memory when asked or possible (the probe is collective), else TCP.
     std::shared_ptr<gloo::transport::Device> device;
     std::string why = "parallel.transport=tcp", via = "shared memory";
-    if (transport != "tcp" && shm_reachable(*store_, p.rank, p.world_size, &why)) {
+    if (transport != "tcp" &&
+        shm_reachable(*store_, p.rank, p.world_size, transport == "shm", &why)) {
         device = make_shm_device();
     } else if (transport == "shm") {
         throw error("parallel.transport=shm, but {}", why);
     } else {
         gloo::transport::tcp::attr attr;
-        attr.hostname = p.master_addr == "127.0.0.1" || p.master_addr == "localhost" ? "127.0.0.1"
-                                                                                     : host_name();
+        attr.hostname = address;
         device = gloo::transport::tcp::CreateDevice(attr);
-        via = "TCP (" + why + ")";
+        via = fmt::format("TCP on {} ({})", attr.hostname, why);
     }
     const Grid& g = grid_;
     world_ = connect(*store_, device, "world", g.rank, g.world, timeout);

@@ -23,6 +23,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/log.h"
 #include "dist/env.h"
 #include "dist/store.h"
 
@@ -642,16 +643,29 @@ std::shared_ptr<gloo::transport::Device> make_shm_device() {
     return std::make_shared<Device>();
 }
 
-bool shm_reachable(TcpStore& store, int rank, int size, std::string* why) {
+bool shm_reachable(TcpStore& store, int rank, int size, bool widen_ptrace, std::string* why) {
     // Under Yama's ptrace_scope 1 a process may read only its descendants' memory, and ranks are
-    // siblings: there, allow every process of this user (what the scope is without Yama).
+    // siblings. Widening that to every process of this user (what the scope is without Yama) is
+    // done only when asked for, and said.
     std::ifstream yama("/proc/sys/kernel/yama/ptrace_scope");
     int scope = 0;
-    if (yama >> scope && scope == 1)
-        prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY, 0, 0, 0);
+    std::string reason;
+    if (yama >> scope && scope == 1) {
+        if (widen_ptrace) {
+            prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY, 0, 0, 0);
+            if (rank == 0)
+                log::warn("dist",
+                          "parallel.transport=shm under Yama ptrace_scope 1: each rank now lets "
+                          "every process of this user read and write its memory "
+                          "(PR_SET_PTRACER_ANY); parallel.transport=tcp keeps that protection");
+        } else {
+            reason =
+                "Yama's ptrace_scope 1 keeps sibling ranks from reading each other's memory "
+                "(parallel.transport=shm lifts it for every process of this user)";
+        }
+    }
     const std::string host = host_name();
     const uint64_t nonce = random_nonce();
-    std::string reason;
     const int fd = memfd_create("kiln-probe", MFD_CLOEXEC);
     if (fd < 0 || pwrite(fd, &nonce, sizeof nonce, 0) != ssize_t(sizeof nonce))
         reason = fmt::format("rank {} cannot make a memfd: {}", rank, strerror(errno));

@@ -28,8 +28,11 @@ class TcpStore;
 
 // Whether every rank of the job can reach every other through this transport: one host, one PID
 // namespace, and permission to read each other's memory. Every rank of the job must call it;
-// all get the same answer, and `why` the first reason against (empty when reachable).
-bool shm_reachable(TcpStore& store, int rank, int size, std::string* why);
+// all get the same answer, and `why` the first reason against (empty when reachable). Where
+// Yama's ptrace_scope is 1, ranks may read each other only once each has allowed every process
+// of its user to (PR_SET_PTRACER_ANY): that is done when `widen_ptrace`, with a warning, and is
+// otherwise a reason against.
+bool shm_reachable(TcpStore& store, int rank, int size, bool widen_ptrace, std::string* why);
 
 // The device whose contexts connect their pairs through shared memory.
 std::shared_ptr<gloo::transport::Device> make_shm_device();

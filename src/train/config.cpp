@@ -72,6 +72,9 @@ void build_schema(ConfigSchema& s, RunConfig& c) {
           "how ranks exchange collectives: shm (shared memory, ranks on one host), tcp (gloo over "
           "TCP), auto (shm when every rank can use it, else tcp)",
           one_of(&c.transport, {"auto", "shm", "tcp"}));
+    s.add("parallel.interface", &c.interface,
+          "network interface whose IPv4 address ranks on other hosts reach this rank at, over "
+          "TCP (empty: GLOO_SOCKET_IFNAME, else the address that routes to MASTER_ADDR)");
     s.add("run.dir", &c.run_dir, "run folder (empty: runs/<generated id>)");
     s.add("run.log_level", &c.log_level,
           "debug | info | warn | error (debug: each rank logs its step split, every step)",

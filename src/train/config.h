@@ -44,6 +44,7 @@ struct RunConfig {
     int64_t zero = 1;
     double timeout_s = 300;          // rendezvous and collective timeout
     std::string transport = "auto";  // auto | shm | tcp: how gloo moves collectives
+    std::string interface;           // network interface for TCP pairs (empty: see dist::Placement)
     std::string run_dir;             // empty: runs/<generated id>
     std::string log_level = "info";
 

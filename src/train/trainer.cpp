@@ -159,6 +159,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     set_num_threads(static_cast<int>(t.threads));
 
     dist::Placement place = dist::discover();
+    if (!cfg.interface.empty())
+        place.interface = cfg.interface;
     dist::Job job(place, static_cast<int>(cfg.tp),
                   std::chrono::milliseconds(int64_t(cfg.timeout_s * 1000)), cfg.transport);
     const dist::Grid& g = job.grid();

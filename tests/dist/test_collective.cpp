@@ -219,7 +219,7 @@ TEST(SharedMemoryTransport, BoundSendIsCompleteWhenSendReturns) {
     auto out = run_forked(2, [port](int r) -> std::string {
         dist::TcpStore store("127.0.0.1", port, r == 0, std::chrono::seconds(30));
         std::string why;
-        if (!dist::shm_reachable(store, r, 2, &why))
+        if (!dist::shm_reachable(store, r, 2, true, &why))
             return "parallel.transport=shm, but " + why;
         auto ctx = std::make_shared<gloo::rendezvous::Context>(r, 2);
         ctx->setTimeout(std::chrono::seconds(30));

@@ -271,5 +271,34 @@ TEST(Env, EveryLauncherConvention) {
     EXPECT_THROW(dist::discover({{"RANK", "0"}, {"MASTER_PORT", "70000"}}), Error);
 }
 
+// The address a rank's TCP pairs listen on is numeric: an interface's, or the one that routes to
+// MASTER_ADDR. A wrong interface or an address that does not resolve is one sentence.
+TEST(Env, LocalAddressIsNumericAndItsFaultsAreNamed) {
+    auto p = dist::discover({{"WORLD_SIZE", "2"}, {"RANK", "1"}, {"MASTER_ADDR", "localhost"}});
+    EXPECT_EQ(dist::local_address(p), "127.0.0.1");
+    p = dist::discover({{"WORLD_SIZE", "2"}, {"GLOO_SOCKET_IFNAME", "lo,eth0"}});
+    EXPECT_EQ(p.interface, "lo");
+    EXPECT_EQ(dist::local_address(p), "127.0.0.1");
+    auto message = [](const dist::Placement& q) {
+        try {
+            dist::local_address(q);
+        } catch (const Error& e) {
+            return std::string(e.what());
+        }
+        return std::string("no error");
+    };
+    p.interface = "kiln-none0";
+    EXPECT_NE(message(p).find("network interface \"kiln-none0\" (GLOO_SOCKET_IFNAME or "
+                              "parallel.interface) does not exist on "),
+              std::string::npos)
+        << message(p);
+    EXPECT_NE(message(p).find(" lo"), std::string::npos) << message(p);  // lists what there is
+    p.interface.clear();
+    p.master_addr = "no-such-host.invalid";
+    EXPECT_NE(message(p).find("MASTER_ADDR=no-such-host.invalid cannot be resolved"),
+              std::string::npos)
+        << message(p);
+}
+
 }  // namespace
 }  // namespace kiln

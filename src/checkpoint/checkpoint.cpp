@@ -403,4 +403,22 @@ void Checkpoint::load(const model::Layout& now, float* params, float* m, float* 
         std::copy(src_v + begin, src_v + end, v);
 }
 
+void Checkpoint::read_tensor(const model::ParamInfo& p, float* full) const {
+    for (int s = 0; s < saved_tp_; s++) {
+        model::Layout saved(config_, saved_tp_, s);
+        const model::ParamInfo* sp = saved.find(p.name);
+        KILN_CHECK(sp && sp->full_shape == p.full_shape, "{} is not a parameter of this model",
+                   p.name);
+        const File* holder = nullptr;
+        for (const auto& f : files_) {
+            if (f.place.tp_rank == s && f.has_params)
+                holder = &f;
+        }
+        KILN_CHECK(holder, "the constructor checked that tp_rank {} has a parameter file", s);
+        const float* shard =
+            static_cast<const float*>(holder->st->data("param", DType::f32, {saved.total()}));
+        saved.full_from_shard(*sp, shard + sp->offset, s, full);
+    }
+}
+
 }  // namespace kiln::checkpoint

@@ -109,6 +109,10 @@ public:
     // DP x TP layout that wrote the checkpoint.
     void load(const model::Layout& layout, float* params, float* m, float* v, int64_t begin,
               int64_t end) const;
+    // Fills `full` (p.full_shape) with the whole weight tensor named p.name, gathered from the
+    // saved tensor-parallel shards as they lie in the mapped files: one tensor at a time, for
+    // exports that must not hold the model twice.
+    void read_tensor(const model::ParamInfo& p, float* full) const;
 
 private:
     struct File {

@@ -5,7 +5,7 @@
 //   train    `tiny` on N local ranks (kiln launch: DP, or TP with parallel.tp), checkpoints and
 //            gang restarts on
 //   sample   a few lines from the trained model
-//   export   a Hugging Face folder
+//   export   a Hugging Face folder, and model.gguf beside it for llama.cpp
 // Every stage reuses what an earlier run of the same job finished (the data set, the tokenizer,
 // training checkpoints); each can be rerun alone with the config written to OUT/config.yaml.
 #include <fcntl.h>
@@ -27,6 +27,7 @@
 #include "core/log.h"
 #include "data/build.h"
 #include "data/tokenizer.h"
+#include "export/gguf_export.h"
 #include "export/hf.h"
 #include "launch/supervisor.h"
 #include "train/metrics.h"
@@ -186,10 +187,17 @@ Action add_run(CLI::App& app) {
         }
 
         std::string hf = o->out + "/hf";
-        log::info("run", "stage 5/5: export {} to {}", *checkpoint, hf);
+        std::string gguf = o->out + "/model.gguf";
+        log::info("run", "stage 5/5: export {} to {} and {}", *checkpoint, hf, gguf);
         exporter::export_hf(*checkpoint, hf, "float32", model);
-        std::printf("done: loss %.4f -> %.4f; checkpoint %s; Hugging Face folder %s\n", first, last,
-                    checkpoint->c_str(), hf.c_str());
+        exporter::GgufExportOptions g;
+        g.tokenizer = model;
+        g.data_fingerprint = exporter::data_fingerprint(config.data.source);
+        g.force = true;  // a rerun replaces it, as it replaces the HF folder's files
+        exporter::export_gguf(*checkpoint, gguf, g);
+        std::printf(
+            "done: loss %.4f -> %.4f; checkpoint %s; Hugging Face folder %s; llama.cpp file %s\n",
+            first, last, checkpoint->c_str(), hf.c_str(), gguf.c_str());
         return 0;
     };
 }

@@ -11,11 +11,8 @@
 #include "train/sample.h"
 
 namespace kiln::cli {
-namespace {
 
-// The tokenizer a run trained with: data.tokenizer in the config.yaml of the run folder that
-// holds `checkpoint` (a run folder, or one of its checkpoints/step-N folders).
-std::string run_tokenizer(const std::string& checkpoint) {
+std::string run_data_key(const std::string& checkpoint, const std::string& key) {
     namespace stdfs = std::filesystem;
     stdfs::path p = stdfs::absolute(checkpoint).lexically_normal();
     if (p.filename().empty())
@@ -25,24 +22,30 @@ std::string run_tokenizer(const std::string& checkpoint) {
         if (!fs::exists(config))
             continue;
         YAML::Node y = YAML::LoadFile(config);
-        if (y["data"] && y["data"]["tokenizer"]) {
-            std::string t = y["data"]["tokenizer"].as<std::string>();
-            if (!t.empty())
-                return t;
+        if (y["data"] && y["data"][key]) {
+            std::string value = y["data"][key].as<std::string>();
+            if (!value.empty())
+                return value;
         }
     }
-    throw error(
-        "{}: cannot tell which tokenizer its run used (no data.tokenizer in its run's "
-        "config.yaml); give --tokenizer MODEL",
-        checkpoint);
+    return "";
 }
 
-}  // namespace
+std::string run_tokenizer(const std::string& checkpoint) {
+    std::string t = run_data_key(checkpoint, "tokenizer");
+    if (t.empty())
+        throw error(
+            "{}: cannot tell which tokenizer its run used (no data.tokenizer in its run's "
+            "config.yaml); give --tokenizer MODEL",
+            checkpoint);
+    return t;
+}
 
 Action add_sample(CLI::App& app) {
     struct Options {
         std::string checkpoint, tokenizer, prompt, precision = "auto";
         int samples = 1;
+        bool ids = false;
         train::SampleOptions sample;
     };
     auto o = std::make_shared<Options>();
@@ -63,6 +66,7 @@ Action add_sample(CLI::App& app) {
         ->check(CLI::NonNegativeNumber)
         ->capture_default_str();
     app.add_option("--seed", o->sample.seed, "random seed")->capture_default_str();
+    app.add_flag("--ids", o->ids, "print the new tokens' ids instead of text");
     app.add_option("--precision", o->precision,
                    "matrix products: auto (bf16 where the CPU has native bf16), bf16, fp32")
         ->check(CLI::IsMember({"auto", "fp32", "bf16"}))
@@ -77,7 +81,18 @@ Action add_sample(CLI::App& app) {
         for (int s = 0; s < o->samples; s++) {
             train::SampleOptions opt = o->sample;
             opt.seed = o->sample.seed + uint64_t(s);
-            std::printf("%s\n", sampler.text(tok, o->prompt, opt).c_str());
+            if (o->ids) {
+                std::vector<int32_t> prompt = {tok.bos_id()};
+                for (int id : tok.encode(o->prompt))
+                    prompt.push_back(id);
+                const size_t given = prompt.size();
+                std::vector<int32_t> all = sampler.continue_(prompt, opt, tok.eos_id());
+                for (size_t k = given; k < all.size(); k++)
+                    std::printf("%s%d", k > given ? " " : "", all[k]);
+                std::printf("\n");
+            } else {
+                std::printf("%s\n", sampler.text(tok, o->prompt, opt).c_str());
+            }
             if (s + 1 < o->samples)
                 std::printf("---\n");
         }

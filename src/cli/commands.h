@@ -28,6 +28,12 @@ void add_config_options(CLI::App& app, ConfigOptions& options, train::RunConfig 
 // With --check: prints the resolved YAML and returns true (the command then stops, exit 0).
 bool checked_only(const ConfigOptions& options, const std::string& yaml);
 
+// The value of data.<key> in the config.yaml of the run folder that holds `checkpoint` (a run
+// folder, or one of its checkpoints/step-N folders); "" when there is none.
+std::string run_data_key(const std::string& checkpoint, const std::string& key);
+// The tokenizer a run trained with (data.tokenizer); throws Error saying to give --tokenizer.
+std::string run_tokenizer(const std::string& checkpoint);
+
 Action add_train(CLI::App& app);
 Action add_eval(CLI::App& app);
 Action add_export(CLI::App& app);

@@ -39,7 +39,7 @@ int main(int argc, char** argv) {
         {"eval", "mean loss and perplexity of a checkpoint on a shard folder, as JSON",
          kiln::cli::add_eval},
         {"sample", "generate text from a checkpoint (continues --prompt)", kiln::cli::add_sample},
-        {"export", "checkpoint -> Hugging Face folder (model.safetensors + config.json)",
+        {"export", "checkpoint -> Hugging Face folder or llama.cpp GGUF file; --inspect a GGUF",
          kiln::cli::add_export},
         {"serve", "head node: dashboard, jobs API with a gang-admission queue, /metrics (:8265)",
          kiln::cli::add_serve},
@@ -50,7 +50,7 @@ int main(int argc, char** argv) {
         {"logs", "a job's output (-f follows it until the job ends)", kiln::cli::add_logs},
         {"stop", "stop a job on the head node", kiln::cli::add_stop},
         {"run",
-         "the embedded default: built-in stories -> tokenizer -> shards -> tiny -> HF folder",
+         "the embedded default: built-in stories -> tokenizer -> shards -> tiny -> HF + GGUF",
          kiln::cli::add_run},
     };
     for (const auto& e : table) {

@@ -58,6 +58,26 @@ int Tokenizer::bos_id() const {
 int Tokenizer::eos_id() const {
     return sp_->eos_id();
 }
+int Tokenizer::unk_id() const {
+    return sp_->unk_id();
+}
+std::string Tokenizer::piece(int id) const {
+    return sp_->IdToPiece(id);
+}
+float Tokenizer::score(int id) const {
+    return sp_->GetScore(id);
+}
+Tokenizer::PieceKind Tokenizer::kind(int id) const {
+    if (sp_->IsUnknown(id))
+        return PieceKind::unknown;
+    if (sp_->IsControl(id))
+        return PieceKind::control;
+    if (sp_->IsByte(id))
+        return PieceKind::byte;
+    if (sp_->IsUnused(id))
+        return PieceKind::unused;
+    return PieceKind::normal;
+}
 
 void train_tokenizer(const std::string& lines_file, const std::string& out_path,
                      const TokenizerTraining& o) {

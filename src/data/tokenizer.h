@@ -24,6 +24,13 @@ public:
     int vocab_size() const;
     int bos_id() const;
     int eos_id() const;
+    int unk_id() const;
+    // The vocabulary as the model file holds it, for exports that ship it (GGUF). A user-defined
+    // piece reads as normal: this SentencePiece library does not tell them apart.
+    enum class PieceKind { normal, unknown, control, unused, byte };
+    std::string piece(int id) const;  // e.g. "\xe2\x96\x81the" (U+2581 for a space), "<0x0A>"
+    float score(int id) const;
+    PieceKind kind(int id) const;
     // "xxh64:<16 hex>" of the model file: what a data set records and a run checks.
     const std::string& identity() const { return identity_; }
 

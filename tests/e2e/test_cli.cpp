@@ -271,6 +271,7 @@ TEST(Cli, RunTrainsExportsAndReusesWhatIsDone) {
     EXPECT_NE(sampled.out.find("\n---\n"), std::string::npos) << sampled.out;
     EXPECT_TRUE(fs::exists(dir / "job/hf/model.safetensors"));
     EXPECT_TRUE(fs::exists(dir / "job/hf/tokenizer.model"));
+    EXPECT_TRUE(fs::exists(dir / "job/model.gguf"));
     EXPECT_TRUE(fs::exists(dir / "job/data/manifest.json"));
     EXPECT_TRUE(fs::exists(dir / "job/train/checkpoints/step-00000012/manifest.json"));
     Result again = kiln(args);

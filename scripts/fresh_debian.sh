@@ -11,7 +11,8 @@
 #
 #   bash scripts/fresh_debian.sh [--work DIR] [--only readme|image|runtime] [--keep]
 #
-# Needs root, network access to the machine's Debian mirror (read from its apt sources) and
+# Needs root, network access to the machine's Debian mirror (read from its apt sources) and to
+# the npm registry (the llama.cpp check's package), and
 # about 8 GB of disk. The roots live under WORK (default /var/tmp/kiln-fresh) and are removed
 # at the end unless --keep. Mounts (proc, sys, dev, a tmpfs /dev/shm) live in a private mount
 # namespace and vanish with it.
@@ -84,6 +85,13 @@ make_base() {
     [ -f /etc/apt/sources.list ] && cp /etc/apt/sources.list "$base/etc/apt/"
     cp /etc/apt/apt.conf.d/* "$base/etc/apt/apt.conf.d/" 2>/dev/null || true
     cp /etc/resolv.conf "$base/etc/resolv.conf"
+    # The machine's own certificate authorities (a network that inspects TLS has one): a fresh
+    # machine on this network trusts them too. ca-certificates adds them to the root's bundle
+    # when setup installs it.
+    if compgen -G "/usr/local/share/ca-certificates/*" >/dev/null; then
+        mkdir -p "$base/usr/local/share/ca-certificates"
+        cp -r /usr/local/share/ca-certificates/. "$base/usr/local/share/ca-certificates/"
+    fi
     # What Debian's installer writes and debootstrap does not: localhost and the host name
     # resolve.
     printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' "$(hostname)" >"$base/etc/hosts"

@@ -24,6 +24,7 @@ if [ "${1:-}" != "--build-only" ]; then
         python3 python3-numpy python3-torch
         clang-format-14 chromium wrk curl
         clang-14 libclang-rt-14-dev libomp-14-dev
+        iproute2 ca-certificates
     )
     # Debian's node 18 and npm, unless a node is already installed (from elsewhere).
     command -v node >/dev/null && command -v npm >/dev/null || packages+=(nodejs npm)
@@ -43,6 +44,10 @@ install_llama_cpp() {
         return 0
     fi
     echo "setup: installing node-llama-cpp into $dir"
+    # node trusts only its own built-in authorities; the system's bundle also holds those a
+    # network that inspects TLS adds to /usr/local/share/ca-certificates.
+    local ca=/etc/ssl/certs/ca-certificates.crt
+    [ -n "${NODE_EXTRA_CA_CERTS:-}" ] || [ ! -f $ca ] || export NODE_EXTRA_CA_CERTS=$ca
     (cd $dir && npm ci --ignore-scripts --omit=optional --no-audit --no-fund --loglevel=error)
 }
 

@@ -27,4 +27,17 @@ struct RunDir {
 // "runs/20261128-193100-3f2a": time of day plus 4 random hex digits.
 std::string new_run_path(const std::string& parent);
 
+// Liveness. While its trainer lives, a run's status.json is touched (its mtime set to now)
+// every kHeartbeatSeconds, and names the trainer's host and pid. A reader tells a run that died
+// without a word (killed -9, its head or host gone) from one that runs by that heartbeat.
+constexpr double kHeartbeatSeconds = 5;
+// Beats missed before a run counts as lost: generous, for clocks of hosts on a shared folder.
+constexpr double kMissedBeats = 6;
+
+// The state a reader should show for status.json's `state`, given its modification time
+// (`mtime_s`) and the reader's clock and host: "lost" for a "running" run whose process is gone
+// from this host, or whose heartbeat is older than kMissedBeats beats; `state` otherwise.
+std::string live_state(const std::string& state, const std::string& host, int64_t pid,
+                       double mtime_s, double now_s);
+
 }  // namespace kiln::checkpoint

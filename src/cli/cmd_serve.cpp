@@ -57,6 +57,10 @@ Action add_serve(CLI::App& app) {
                    "runs folder: job folders, the jobs database, and any "
                    "run folders to show")
         ->capture_default_str();
+    app.add_option("--data-root", o->data_roots,
+                   "a folder jobs may read and write besides --runs (repeatable); a job's file "
+                   "arguments must lie in one of them")
+        ->check(CLI::ExistingDirectory);
     app.add_option("--cpus", o->capacity.cpus, "CPU slots the queue hands out (default: cores)")
         ->capture_default_str();
     app.add_option("--gpus", o->capacity.gpus, "GPUs the queue hands out (default: all)")

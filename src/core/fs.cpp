@@ -240,4 +240,12 @@ MappedFile::~MappedFile() {
     }
 }
 
+std::string cache_dir() {
+    if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg != nullptr && *xdg != '\0')
+        return std::string(xdg) + "/kiln";
+    if (const char* home = std::getenv("HOME"); home != nullptr && *home != '\0')
+        return std::string(home) + "/.cache/kiln";
+    return "/tmp/kiln-cache";
+}
+
 }  // namespace kiln::fs

@@ -64,6 +64,8 @@ uint64_t xxh64_file(const std::string& path);  // throws Error naming the path
 std::optional<uint64_t> parse_xxh64(const std::string& hex);
 void make_dirs(const std::string& path);  // like mkdir -p; throws Error naming the path
 bool exists(const std::string& path);
+// kiln's per-user cache folder: $XDG_CACHE_HOME/kiln, else ~/.cache/kiln, else /tmp/kiln-cache.
+std::string cache_dir();
 
 // A read-only mapping of a whole file. Movable, not copyable.
 class MappedFile {

@@ -39,6 +39,12 @@ double unix_seconds() {
         .count();
 }
 
+std::string host_name() {
+    char name[256] = {0};
+    gethostname(name, sizeof name - 1);
+    return name;
+}
+
 Progress::Progress(std::string label, int64_t total_bytes, double log_interval_s)
     : label_(std::move(label)),
       total_(total_bytes),

@@ -26,6 +26,7 @@ private:
 std::string human_count(double n);           // 1234567 -> "1.23M"
 std::string human_duration(double seconds);  // "42 s", "3.5 min", "2.1 h", "4.9 days"; "-" if <= 0
 double unix_seconds();                       // wall-clock time now, seconds since 1970
+std::string host_name();                     // this machine's (gethostname)
 // Seconds elapsed on the monotonic clock since t0.
 double seconds_since(std::chrono::steady_clock::time_point t0);
 

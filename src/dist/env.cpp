@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "core/progress.h"
 
 extern char** environ;
 
@@ -170,12 +171,6 @@ std::string address_toward(const std::string& host, int port) {
 std::string local_address(const Placement& p) {
     return p.interface.empty() ? address_toward(p.master_addr, p.master_port)
                                : interface_address(p.interface);
-}
-
-std::string host_name() {
-    char name[256] = {0};
-    gethostname(name, sizeof name - 1);
-    return name;
 }
 
 }  // namespace kiln::dist

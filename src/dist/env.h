@@ -24,9 +24,6 @@ struct Placement {
 // Reads `env` (the process environment when empty). Throws Error naming the variable at fault.
 Placement discover(const std::map<std::string, std::string>& env = {});
 
-// This machine's host name (gethostname).
-std::string host_name();
-
 // The numeric IPv4 address this rank listens on for its peers: `p.interface`'s, else the local
 // address that routes to p.master_addr. Never a host name, since in many containers a host's own
 // name does not resolve. Throws Error naming the interface or address at fault.

@@ -306,6 +306,18 @@ Queue::Queue(QueueOptions options) : options_(std::move(options)) {
     std::string pid = std::to_string(::getpid()) + "\n";
     if (::ftruncate(lock_fd_, 0) != 0 || ::write(lock_fd_, pid.data(), pid.size()) < 0)
         log::warn("serve", "cannot write this head's process id into {}", lock);
+    box_ = Sandbox::of(options_.runs, options_.data_roots);
+    fence_ = std::make_unique<WriteFence>(box_);
+    if (fence_->available())
+        log::info("serve",
+                  "jobs read and write files only inside {}; the kernel (Landlock) "
+                  "fences their writes",
+                  box_.describe());
+    else
+        log::warn("serve",
+                  "jobs' file arguments must lie inside {}, but {}, so a config file "
+                  "could still make a job write elsewhere",
+                  box_.describe(), fence_->why());
     std::string path = options_.runs + "/jobs.sqlite";
     if (sqlite3_open(path.c_str(), &db_) != SQLITE_OK) {
         std::string why = db_ ? sqlite3_errmsg(db_) : "out of memory";
@@ -419,6 +431,7 @@ Capacity Queue::used() const {
 }
 
 Job Queue::submit(JobSpec spec) {
+    box_.check(spec.entrypoint);
     Capacity need = demand(spec);
     if (need.cpus > options_.capacity.cpus || need.gpus > options_.capacity.gpus) {
         throw error(
@@ -656,6 +669,11 @@ void Queue::start(Job& job) {
         ::dup2(null, STDIN_FILENO);
         ::dup2(fd, STDOUT_FILENO);
         ::dup2(fd, STDERR_FILENO);
+        if (!fence_->enter()) {
+            const char why[] = "kiln serve: the kernel refused to fence this job's writes\n";
+            [[maybe_unused]] ssize_t n = ::write(STDERR_FILENO, why, sizeof why - 1);
+            ::_exit(126);
+        }
         ::close_range(3, ~0U, 0);  // the listening socket and the database stay with the head
         ::execve(args[0], args.data(), envp.data());
         ::_exit(127);

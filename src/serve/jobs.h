@@ -13,6 +13,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <nlohmann/json_fwd.hpp>
 #include <optional>
@@ -20,6 +21,8 @@
 #include <string_view>
 #include <thread>
 #include <vector>
+
+#include "serve/sandbox.h"
 
 struct sqlite3;
 
@@ -73,6 +76,7 @@ struct Capacity {
 
 struct QueueOptions {
     std::string runs;  // the runs folder: job folders and the jobs database live here
+    std::vector<std::string> data_roots;  // folders jobs may read and write besides (sandbox.h)
     Capacity capacity;
     std::string kiln;  // the binary jobs run (this one)
     double stop_grace_s = 15;
@@ -114,6 +118,8 @@ private:
     Capacity demand(const JobSpec& s) const;
 
     QueueOptions options_;
+    Sandbox box_;                        // where jobs' file arguments may point
+    std::unique_ptr<WriteFence> fence_;  // where jobs' processes may write
     sqlite3* db_ = nullptr;
     int lock_fd_ = -1;  // RUNS/head.lock, held (flock) while this head lives
     mutable std::mutex mutex_;

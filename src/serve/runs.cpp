@@ -54,6 +54,27 @@ json read_json(const std::string& path) {
     return j.is_discarded() ? json::object() : j;
 }
 
+// status.json as a reader should show it, its mtime being the trainer's heartbeat: "lost" in
+// place of "running" once the trainer is gone (checkpoint::live_state), and why.
+json judged(json status, int64_t mtime_ns) {
+    if (!status.is_object() || !status.contains("state") || !status["state"].is_string())
+        return status;
+    const std::string state = status["state"];
+    const std::string host =
+        status.contains("host") && status["host"].is_string() ? status["host"] : "";
+    const int64_t pid = status.contains("pid") && status["pid"].is_number_integer()
+                            ? status["pid"].get<int64_t>()
+                            : 0;
+    const double now = unix_seconds(), beat = double(mtime_ns) / 1e9;
+    if (checkpoint::live_state(state, host, pid, beat, now) == state)
+        return status;
+    status["state"] = "lost";
+    status["message"] = fmt::format(
+        "its trainer (pid {} on {}) stopped without a word {} ago: killed, or its host went away",
+        pid, host.empty() ? "an unnamed host" : host, human_duration(now - beat));
+    return status;
+}
+
 }  // namespace
 
 ServedFile::ServedFile(const std::string& path) {
@@ -182,6 +203,7 @@ std::vector<RunSummary> Runs::list() {
         Cached& c = cache_[name];
         refresh(name, c);
         out.push_back(c.summary);
+        out.back().status = judged(c.summary.status, c.status_mtime);
     }
     std::sort(out.begin(), out.end(),
               [](const RunSummary& a, const RunSummary& b) { return a.updated > b.updated; });
@@ -192,7 +214,7 @@ json Runs::detail(const std::string& name) {
     checkpoint::RunDir run{folder(name)};
     json j;
     j["name"] = name;
-    j["status"] = read_json(run.status());
+    j["status"] = judged(read_json(run.status()), stat_of(run.status()).first);
     j["config"] = read_small(run.config());
     json ranks = json::array();
     std::error_code ec;

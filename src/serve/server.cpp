@@ -195,7 +195,7 @@ int serve(const ServeOptions& o) {
     ::signal(SIGPIPE, SIG_IGN);
 
     Runs runs(o.runs);
-    Queue queue({o.runs, o.capacity, o.kiln});
+    Queue queue({o.runs, o.data_roots, o.capacity, o.kiln});
     httplib::Server svr;
     svr.new_task_queue = [] { return new httplib::ThreadPool(32); };
     svr.set_payload_max_length(o.max_body);

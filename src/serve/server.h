@@ -12,6 +12,7 @@
 // rebinding).
 #include <cstddef>
 #include <string>
+#include <vector>
 
 #include "serve/jobs.h"
 
@@ -24,7 +25,8 @@ struct ServeOptions {
     int port = 8265;
     std::string token;  // "" -> none (loopback only)
     std::string runs = "runs";
-    Capacity capacity;  // CPU slots and GPUs the queue may hand out
+    std::vector<std::string> data_roots;  // folders jobs may use besides runs (sandbox.h)
+    Capacity capacity;                    // CPU slots and GPUs the queue may hand out
     size_t max_body = 1 << 20;
     std::string kiln;  // the binary jobs run
 };

@@ -92,11 +92,7 @@ std::vector<std::string> gather_strings(Collective& world, const std::string& mi
 std::string plan_cache_dir(const RunConfig& cfg) {
     if (!cfg.train.plan_cache.empty())
         return cfg.train.plan_cache;
-    if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg != nullptr && *xdg != '\0')
-        return std::string(xdg) + "/kiln/plans";
-    if (const char* home = std::getenv("HOME"); home != nullptr && *home != '\0')
-        return std::string(home) + "/.cache/kiln/plans";
-    return "/tmp/kiln-plans";
+    return fs::cache_dir() + "/plans";
 }
 
 AutotuneResult autotune(const RunConfig& cfg, const kernels::Kernels& k, model::Llama& model,

@@ -1,10 +1,16 @@
 #include "train/trainer.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdlib>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <thread>
 #include <vector>
 
 #include "checkpoint/checkpoint.h"
@@ -53,11 +59,42 @@ void write_status(const checkpoint::RunDir& run, const std::string& state, int64
     const char* restarts = std::getenv("KILN_RESTARTS");  // set by kiln launch
     j["restarts"] = restarts ? std::atoi(restarts) : 0;
     j["pid"] = static_cast<int64_t>(::getpid());
+    j["host"] = host_name();
     j["updated"] = unix_seconds();
     if (!message.empty())
         j["message"] = message;
     fs::write_file_replace(run.status(), j.dump(2) + "\n");
 }
+
+// Touches status.json every checkpoint::kHeartbeatSeconds while the trainer lives, from a thread
+// of its own, so that no long step, checkpoint or tuning pass reads as death to whoever watches
+// the run folder (checkpoint::live_state).
+class StatusHeartbeat {
+public:
+    explicit StatusHeartbeat(std::string path)
+        : path_(std::move(path)), thread_([this] { beat(); }) {}
+    ~StatusHeartbeat() {
+        {
+            std::lock_guard lock(mutex_);
+            stop_ = true;
+        }
+        wake_.notify_all();
+        thread_.join();
+    }
+
+private:
+    void beat() {
+        const auto period = std::chrono::duration<double>(checkpoint::kHeartbeatSeconds);
+        std::unique_lock lock(mutex_);
+        while (!wake_.wait_for(lock, period, [this] { return stop_; }))
+            ::utimensat(AT_FDCWD, path_.c_str(), nullptr, 0);
+    }
+    std::string path_;
+    std::mutex mutex_;
+    std::condition_variable wake_;
+    bool stop_ = false;
+    std::thread thread_;  // last: starts once the members above exist
+};
 
 // ranks/rank-N.json: this rank's step, time and memory, for the dashboard; after a step, that
 // step's forward and backward time, which tells the rank a straggler's peers wait for.
@@ -301,8 +338,11 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     result.run_dir = run.root;
     int64_t skipped = 0, bad_in_a_row = 0;
     double last_loss = 0;
-    if (lead)
+    std::optional<StatusHeartbeat> beat;
+    if (lead) {
         write_status(run, "running", start_step, t.steps, 0);
+        beat.emplace(run.status());
+    }
     fs::make_dirs(run.ranks());
     write_rank_status(run, g, start_step);
 

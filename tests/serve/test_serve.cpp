@@ -11,11 +11,15 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <sstream>
 #include <thread>
 
+#include "checkpoint/rundir.h"
 #include "core/fs.h"
+#include "core/progress.h"
 #include "fixture.h"
 #include "launch/supervisor.h"
 #include "serve/jobs.h"
@@ -244,6 +248,61 @@ TEST(Serve, GangAdmissionNeverStartsAJobPartially) {
     json jl = s.wait(low), jh = s.wait(high);
     EXPECT_LE(jh["start_time"].get<double>(), jl["start_time"].get<double>());
     EXPECT_GE(jl["start_time"].get<double>(), jh["end_time"].get<double>());
+}
+
+// A trainer killed without a word (SIGKILL, an OOM kill, its host gone) leaves status.json
+// saying "running". Readers judge it by the trainer's pid on this host and by the file's
+// heartbeat elsewhere, and show it "lost".
+TEST(Serve, ARunWhoseTrainerDiedSilentlyReadsLost) {
+    TempDir dir;
+    Server s(dir / "runs");
+    std::string id = s.submit(job(kMicro + " --set train.steps=100000"));
+    s.wait(id, "RUNNING");
+    json status = json::object();
+    for (int i = 0; i < 600 && status.value("state", "") != "running"; i++) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        auto r = s.client().Get(("/api/run?name=" + id).c_str());  // 404 until the folder exists
+        if (r && r->status == 200)
+            status = json::parse(r->body)["status"];
+        if (!status.is_object())
+            status = json::object();
+    }
+    ASSERT_EQ(status.value("state", ""), "running") << status.dump();
+    EXPECT_EQ(status["host"], host_name());
+    auto running = [&](const std::string& run) {
+        std::string m = s.client().Get("/metrics")->body;
+        size_t at = m.find("kiln_train_running{run=\"" + run + "\"} ");
+        return at == std::string::npos ? -1 : m[m.find("} ", at) + 2] - '0';
+    };
+    EXPECT_EQ(running(id), 1);
+    ASSERT_EQ(::kill(pid_t(status["pid"].get<int64_t>()), SIGKILL), 0);
+    s.wait(id);
+    json after = s.get("/api/run?name=" + id)["status"];
+    EXPECT_EQ(after["state"], "lost") << after.dump();
+    EXPECT_NE(after.value("message", "").find("stopped without a word"), std::string::npos);
+    EXPECT_EQ(s.get("/api/runs")[0]["status"]["state"], "lost");
+    EXPECT_EQ(running(id), 0);
+
+    // A run on another host: alive while its heartbeat is fresh, lost once it is old.
+    const std::string elsewhere = s.runs + "/elsewhere";
+    fs::make_dirs(elsewhere);
+    fs::write_file_replace(
+        elsewhere + "/status.json",
+        R"({"state":"running","step":7,"steps":100,"pid":1,"host":"kiln-other-host"})");
+    EXPECT_EQ(s.get("/api/run?name=elsewhere")["status"]["state"], "running");
+    for (int i = 0; i < 50 && running("elsewhere") < 0; i++)  // the list is rescanned each second
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    EXPECT_EQ(running("elsewhere"), 1);
+    const double beat =
+        unix_seconds() - checkpoint::kMissedBeats * checkpoint::kHeartbeatSeconds - 5;
+    const timespec old{time_t(beat), 0};
+    const timespec times[2] = {old, old};
+    ASSERT_EQ(::utimensat(AT_FDCWD, (elsewhere + "/status.json").c_str(), times, 0), 0);
+    json lost = s.get("/api/run?name=elsewhere")["status"];
+    EXPECT_EQ(lost["state"], "lost");
+    EXPECT_NE(lost.value("message", "").find("pid 1 on kiln-other-host"), std::string::npos)
+        << lost.dump();
+    EXPECT_EQ(running("elsewhere"), 0);
 }
 
 TEST(Serve, RestartKeepsEveryJob) {
@@ -580,6 +639,92 @@ using json = nlohmann::json;
 
 // The submission parser on random bodies: each is either a job or one kiln::Error, never a
 // crash or another exception.
+// A job's file arguments stay inside the runs folder and the data roots, however they are
+// spelled: relative, with .., through a symlink, as --opt=value, as a --set key or a glob.
+TEST(Sandbox, FileArgumentsStayInsideTheRoots) {
+    TempDir dir;
+    fs::make_dirs(dir / "runs");
+    fs::make_dirs(dir / "data/books");
+    std::filesystem::create_directory_symlink("/etc", dir / "data/etc");
+    serve::Sandbox box = serve::Sandbox::of(dir / "runs", {dir / "data"});
+    box.cwd = dir.path;
+    auto refusal = [&](const std::string& line) {
+        std::istringstream words(line);  // as an array entrypoint, which may hold globs
+        std::vector<std::string> e{std::istream_iterator<std::string>(words), {}};
+        return kiln::testing::message_of([&] { box.check(e); });
+    };
+    for (const char* fine : {
+             "data --corpus data/books/*.txt builtin:stories:10 --out runs/tokens",
+             "data --corpus=data/books --train-tokenizer 512 --out runs/t --threads 2",
+             "tokenizer train --corpus builtin:stories:200 --out runs/x/tok.model",
+             "train --set train.lr=1e-3 --set data.source=synthetic --set train.steps=5",
+             "train --config runs/cfg.yaml --set data.source=data/books",
+             "eval --checkpoint runs/job-0001 --data data/books",
+             "data verify data/books",
+             "plan --cluster 2x8-a100 --model llama2-7b",
+         })
+        EXPECT_EQ(refusal(fine), "") << fine;
+    const std::pair<std::string, std::string> refused[] = {
+        {"tokenizer train --corpus builtin:stories:200 --out /root/.bashrc",
+         "--out \"/root/.bashrc\""},
+        {"data --corpus data/books /etc/passwd --out runs/t", "--corpus \"/etc/passwd\""},
+        {"data --corpus /etc/*.conf --out runs/t", "--corpus \"/etc/*.conf\""},
+        {"export --checkpoint runs/x --out=/usr/local/bin/kiln", "--out \"/usr/local/bin/kiln\""},
+        {"data --corpus builtin:stories --out runs/../elsewhere",
+         "resolves to " + dir.path + "/elsewhere"},
+        {"data --corpus data/etc/passwd --out runs/t", "resolves to /etc/passwd"},
+        {"train --set train.plan_cache=/root/.cache", "--set train.plan_cache"},
+        {"train --set data.tokenizer=/home/x/tok.model --set train.steps=1",
+         "--set data.tokenizer"},
+        {"data verify /etc", "the folder of data verify"},
+        {"train --config /etc/kiln.yaml", "--config \"/etc/kiln.yaml\""},
+        {"plan --cluster /etc/cluster.yaml", "--cluster"},
+    };
+    for (const auto& [line, named] : refused) {
+        std::string why = refusal(line);
+        EXPECT_NE(why.find(named), std::string::npos) << line << ": " << why;
+        EXPECT_NE(why.find("outside the runs folder"), std::string::npos) << why;
+    }
+}
+
+// Where the kernel has Landlock, a job cannot write outside the roots even when a config file
+// (which the head does not read) names a folder elsewhere.
+TEST(Sandbox, TheKernelFencesAJobsWrites) {
+    TempDir dir;
+    if (!serve::WriteFence(serve::Sandbox::of(dir.path, {})).available())
+        GTEST_SKIP() << "no Landlock here: "
+                     << serve::WriteFence(serve::Sandbox::of(dir.path, {})).why();
+    // Outside every root and outside /tmp, which jobs may write.
+    const std::string outside =
+        std::string(KILN_ARTIFACT_DIR) + "/fence-" + std::to_string(::getpid());
+    std::filesystem::remove_all(outside);
+    Server s(dir / "runs");
+    fs::write_file_replace(s.runs + "/cfg.yaml",
+                           "train:\n  autotune: true\n  plan_cache: " + outside + "/plans\n");
+    auto r = s.client().Post(
+        "/api/jobs/", job(kMicro + " --set train.steps=1 --config " + s.runs + "/cfg.yaml").dump(),
+        "application/json");
+    ASSERT_TRUE(r);
+    ASSERT_EQ(r->status, 200) << r->body;
+    std::string id = json::parse(r->body)["job_id"];
+    json done = s.wait(id);
+    EXPECT_EQ(done["status"], "SUCCEEDED") << done.dump();
+    EXPECT_FALSE(std::filesystem::exists(outside + "/plans")) << "the job wrote outside its roots";
+    std::string log = s.get("/api/jobs/" + id + "/logs")["logs"];
+    EXPECT_NE(log.find("plan cache not written"), std::string::npos) << log;
+    std::filesystem::remove_all(outside);
+
+    // The arguments the head can see are refused before anything runs.
+    auto bad = s.client().Post(
+        "/api/jobs/",
+        job("kiln tokenizer train --corpus builtin:stories:100 --out " + outside + "/t.model")
+            .dump(),
+        "application/json");
+    ASSERT_TRUE(bad);
+    EXPECT_EQ(bad->status, 400);
+    EXPECT_NE(bad->body.find("--out"), std::string::npos) << bad->body;
+}
+
 TEST(JobSpec, RandomBodiesAreAJobOrOneError) {
     std::mt19937 rng(7);
     const std::vector<std::string> keys = {"entrypoint",

@@ -156,29 +156,37 @@ TEST(Parallel, LayoutsMatchOneProcess) {
     // DP=3, not a power of two: a global batch of 6.
     expect_layout_matches(dir, "dp3", 3, " --set train.micro_batch=2",
                           " --set train.micro_batch=2 --set train.grad_accum=3", 1e-4);
-    // A DP=2 run resumed with DP=1 for 4 steps and then with DP=2 again gives the same loss
-    // curve as the same run resumed twice with DP=2.
+    // Checkpoints are layout-free: a run resumed under another layout for 4 steps, then under
+    // its own again, follows the same run resumed twice under its own. DP=2 through DP=1, and
+    // TP=2 through DP=2 (a global batch of 8 throughout).
     std::string kiln = kiln::testing::kiln_binary();
-    std::filesystem::copy(dir / "dp2-zero1", dir / "unchanged",
-                          std::filesystem::copy_options::recursive);
-    auto dp2 = [&](const std::string& run, int steps) {
-        Result r = sh(kiln + " launch -n 2 -- kiln train" + kModel +
-                      " --set train.steps=" + std::to_string(steps) + " --set run.dir=" + run);
+    auto resume = [&](const std::string& run, int steps, int ranks, const std::string& layout) {
+        Result r =
+            sh(kiln + " launch -n " + std::to_string(ranks) + " -- kiln train" + kModel + layout +
+               " --set train.steps=" + std::to_string(steps) + " --set run.dir=" + run);
         EXPECT_EQ(r.rc, 0) << r.out;
         EXPECT_NE(r.out.find("resuming from"), std::string::npos) << r.out;
     };
-    dp2(dir / "unchanged", 24);
-    dp2(dir / "unchanged", 28);
-    Result dp1 = sh(kiln + " train" + kModel + " --set train.steps=24 --set train.grad_accum=2" +
-                    " --set run.dir=" + (dir / "dp2-zero1"));
-    ASSERT_EQ(dp1.rc, 0) << dp1.out;
-    EXPECT_NE(dp1.out.find("resuming from"), std::string::npos);
-    dp2(dir / "dp2-zero1", 28);
-    auto a = losses(dir / "unchanged"), b = losses(dir / "dp2-zero1");
-    ASSERT_EQ(a.size(), 28u);  // metrics.jsonl appends: 20 + 4 + 4 lines
-    ASSERT_EQ(b.size(), 28u);
-    for (size_t i = 20; i < 28; i++)
-        EXPECT_NEAR(b[i], a[i], 1e-4 * a[i]) << "step " << i + 1;
+    const std::string tp2 = " --set parallel.tp=2 --set train.grad_accum=2";
+    const struct {
+        const char* run;
+        int ranks;
+        std::string own, other;
+        int other_ranks;
+    } changes[] = {{"dp2-zero1", 2, "", " --set train.grad_accum=2", 1}, {"tp2", 2, tp2, "", 2}};
+    for (const auto& c : changes) {
+        const std::string unchanged = dir / (std::string(c.run) + "-unchanged");
+        std::filesystem::copy(dir / c.run, unchanged, std::filesystem::copy_options::recursive);
+        resume(unchanged, 24, c.ranks, c.own);
+        resume(unchanged, 28, c.ranks, c.own);
+        resume(dir / c.run, 24, c.other_ranks, c.other);
+        resume(dir / c.run, 28, c.ranks, c.own);
+        auto a = losses(unchanged), b = losses(dir / c.run);
+        ASSERT_EQ(a.size(), 28u) << c.run;  // metrics.jsonl appends: 20 + 4 + 4 lines
+        ASSERT_EQ(b.size(), 28u) << c.run;
+        for (size_t i = 20; i < 28; i++)
+            EXPECT_NEAR(b[i], a[i], 1e-4 * a[i]) << c.run << ", step " << i + 1;
+    }
 }
 
 int listening_socket(int& port) {

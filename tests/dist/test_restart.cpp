@@ -124,6 +124,41 @@ TEST(Restart, KilledRankAtRandomStepEndsLikeAnUninterruptedRun) {
         << "killed after step " << kill_after;
 }
 
+// Ctrl-C (SIGINT) to kiln launch reaches every rank: the gang ends at once, every rank with it,
+// and an interrupted gang is not restarted, however many failures it may take.
+TEST(Restart, CtrlCReachesEveryRankAndEndsTheGang) {
+    TempDir dir;
+    std::string kiln = kiln::testing::kiln_binary();
+    std::string cmd = kiln + " launch -n 2 --max-failures 2 -- kiln train" + kModel +
+                      " --set train.steps=100000 --set run.dir=" + (dir / "run") + " >" +
+                      (dir / "out") + " 2>&1 & echo $!";
+    FILE* p = ::popen(cmd.c_str(), "r");
+    pid_t launcher = 0;
+    ASSERT_EQ(std::fscanf(p, "%d", &launcher), 1);
+    ::pclose(p);
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (lines_of(dir / "run/metrics.jsonl") < 3 && alive(launcher) &&
+           std::chrono::steady_clock::now() < deadline)
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    std::vector<pid_t> ranks = children_of(launcher);
+    ASSERT_EQ(ranks.size(), 2u) << fs::read_file(dir / "out");
+    ASSERT_EQ(::kill(launcher, SIGINT), 0);
+    auto t0 = std::chrono::steady_clock::now();
+    auto any_alive = [&] {
+        bool any = alive(launcher);
+        for (pid_t r : ranks)
+            any = any || alive(r);
+        return any;
+    };
+    while (any_alive() && std::chrono::steady_clock::now() < t0 + std::chrono::seconds(30))
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    EXPECT_FALSE(any_alive()) << "a rank or the launcher outlived Ctrl-C by 30 s";
+    EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 10);
+    std::string out = fs::read_file(dir / "out");
+    EXPECT_NE(out.find("interrupted by signal 2; stopped all 2 ranks"), std::string::npos) << out;
+    EXPECT_EQ(out.find("restarting the gang"), std::string::npos) << out;
+}
+
 TEST(Restart, HungRankIsStoppedAndTheGangRestarted) {
     std::string kiln = kiln::testing::kiln_binary();
     TempDir dir;

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <functional>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 
 #include "core/fs.h"
@@ -47,7 +48,8 @@ std::vector<nlohmann::json> metrics(const std::string& run) {
 
 TEST(Cli, TrainLowersLossAndIsDeterministic) {
     TempDir dir;
-    Result a = kiln("train" + kMicro + " --set train.steps=60 --set run.dir=" + (dir / "a"));
+    Result a = kiln("train" + kMicro + " --set train.steps=60 --set train.checkpoint_every=20" +
+                    " --set train.keep_checkpoints=2 --set run.dir=" + (dir / "a"));
     ASSERT_EQ(a.rc, 0) << a.out;
     Result b = kiln("train" + kMicro + " --set train.steps=60 --set run.log_level=debug" +
                     " --set run.dir=" + (dir / "b"));
@@ -74,10 +76,40 @@ TEST(Cli, TrainLowersLossAndIsDeterministic) {
     for (size_t i = 0; i < ma.size(); i++) {
         EXPECT_EQ(ma[i]["loss"].get<double>(), mb[i]["loss"].get<double>()) << "step " << i;
     }
+    // The values, counted here from the documented definitions. lr: linear warmup over 5 steps
+    // to 1e-2, then a cosine from 1e-2 (step 6) to 1e-3 (step 60).
+    auto lr = [&](size_t i) { return ma[i]["lr"].get<double>(); };
+    EXPECT_NEAR(lr(0), 1e-2 / 5, 1e-12);
+    EXPECT_NEAR(lr(4), 1e-2, 1e-12);
+    EXPECT_NEAR(lr(5), 1e-2, 1e-12);
+    EXPECT_NEAR(lr(32), 1e-3 + 0.5 * (1e-2 - 1e-3), 1e-12);  // halfway: (32 - 5) / 54
+    EXPECT_NEAR(lr(59), 1e-3, 1e-12);
+    for (size_t i = 6; i < ma.size(); i++)
+        EXPECT_LT(lr(i), lr(i - 1)) << "step " << i + 1;
+    // tokens/s: the step's 8 x 32 tokens over its time, which holds its parts; MFU: the model's
+    // FLOPs per token (6 per weight of every product, plus causal attention's 12 L C T) at
+    // that rate over train.peak_gflops=100.
+    const double C = 64, L = 2, H = 4, KV = 2, V = 256, T = 32, F = 192;  // F: 2/3 x 4C, x32
+    const double weights = L * (2 * C * C + 2 * C * (C / H * KV) + 3 * C * F) + V * C;
+    const double flops_per_token = 6 * weights + 12 * L * C * T;
+    EXPECT_EQ(step_tokens, 8 * 32);
+    for (const auto& m : ma) {
+        const double tps = m["tokens_per_s"].get<double>();
+        EXPECT_NEAR(m["mfu"].get<double>(), tps * flops_per_token / 100e9, 1e-9 * tps) << m.dump();
+        EXPECT_GE(1 / tps, m["compute_s"].get<double>() / step_tokens) << m.dump();
+    }
+    const double elapsed = ma.back()["elapsed_s"].get<double>();
+    double step_seconds = 0;
+    for (const auto& m : ma)
+        step_seconds += step_tokens / m["tokens_per_s"].get<double>();
+    EXPECT_LE(step_seconds, 1.0001 * elapsed);  // the steps' times fit in the run's
     // At debug level each rank logs its step split at every step.
     EXPECT_NE(fs::read_file(dir / "b/rank-0.log").find("step 60: compute "), std::string::npos);
     EXPECT_EQ(fs::read_file(dir / "a/rank-0.log").find("step 60: compute "), std::string::npos);
+    // train.keep_checkpoints=2: of the checkpoints at steps 20, 40 and 60, the newest two stay.
     EXPECT_TRUE(fs::exists(dir / "a/checkpoints/step-00000060/manifest.json"));
+    EXPECT_TRUE(fs::exists(dir / "a/checkpoints/step-00000040/manifest.json"));
+    EXPECT_FALSE(fs::exists(dir / "a/checkpoints/step-00000020"));
     EXPECT_TRUE(fs::exists(dir / "a/config.yaml"));
     EXPECT_NE(fs::read_file(dir / "a/status.json").find("finished"), std::string::npos);
 }
@@ -269,6 +301,40 @@ TEST(Cli, RunTrainsExportsAndReusesWhatIsDone) {
     Result sampled = kiln("sample --checkpoint " + (dir / "job/train") + " --samples 2 --tokens 8");
     ASSERT_EQ(sampled.rc, 0) << sampled.out;
     EXPECT_NE(sampled.out.find("\n---\n"), std::string::npos) << sampled.out;
+    // Temperature and top-k, on the ids each sample draws (each sample has its own seed).
+    auto draws = [&](const std::string& options) {
+        Result d = kiln("sample --checkpoint " + (dir / "job/train") +
+                        " --ids --prompt 'Once upon a time' " + options);
+        EXPECT_EQ(d.rc, 0) << d.out;
+        std::vector<std::string> lines;
+        std::istringstream in(d.out);
+        for (std::string line; std::getline(in, line);)
+            if (!line.empty() && line.find_first_not_of("0123456789 ") == std::string::npos)
+                lines.push_back(line);
+        return lines;
+    };
+    auto first_ids = [](const std::vector<std::string>& lines) {
+        std::set<std::string> ids;
+        for (const auto& l : lines)
+            ids.insert(l.substr(0, l.find(' ')));
+        return ids;
+    };
+    const auto greedy = draws("--temperature 0 --samples 3 --tokens 6");
+    ASSERT_EQ(greedy.size(), 3u);
+    EXPECT_EQ(greedy[0], greedy[1]);  // temperature 0 ignores the seed
+    EXPECT_EQ(greedy[0], greedy[2]);
+    for (const auto& line : draws("--temperature 5 --top-k 1 --samples 3 --tokens 6"))
+        EXPECT_EQ(line, greedy[0]) << "top-k 1 is greedy at any temperature";
+    EXPECT_EQ(draws("--temperature 1 --seed 7 --tokens 6"),
+              draws("--temperature 1 --seed 7 --tokens 6"));
+    // At temperature 100 the 400 pieces are nearly equally likely: 40 draws of the first token
+    // give many different ones, unless top-k keeps 3, whose first is the greedy one.
+    const auto all = first_ids(draws("--temperature 100 --samples 40 --tokens 1"));
+    EXPECT_GT(all.size(), 10u);
+    const auto top3 = first_ids(draws("--temperature 100 --top-k 3 --samples 40 --tokens 1"));
+    EXPECT_LE(top3.size(), 3u);
+    EXPECT_GE(top3.size(), 2u);
+    EXPECT_TRUE(top3.count(greedy[0].substr(0, greedy[0].find(' '))));
     EXPECT_TRUE(fs::exists(dir / "job/hf/model.safetensors"));
     EXPECT_TRUE(fs::exists(dir / "job/hf/tokenizer.model"));
     EXPECT_TRUE(fs::exists(dir / "job/model.gguf"));

@@ -17,6 +17,10 @@ namespace kiln::cli {
 // Trains a tokenizer on the corpus into `out` (a .model path); shared with kiln tokenizer train.
 void train_tokenizer_on(const std::vector<std::string>& corpus, const data::DataConfig& config,
                         int vocab_size, int threads, const std::string& out) {
+    if (std::filesystem::is_directory(out))
+        throw error(
+            "--out {} is a folder; give the tokenizer file to write, e.g. {}/tokenizer.model", out,
+            out);
     std::string lines = out + ".lines.tmp";
     int64_t bytes = data::write_training_lines(corpus, config, lines, int64_t(1) << 30);
     log::info("tokenizer", "training a {}-piece BPE tokenizer on {:.1f} MB of text", vocab_size,

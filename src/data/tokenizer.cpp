@@ -3,8 +3,10 @@
 #include <sentencepiece_processor.h>
 #include <sentencepiece_trainer.h>
 
+#include <cstdio>
 #include <filesystem>
 #include <thread>
+#include <unordered_map>
 
 #include "core/error.h"
 #include "core/fs.h"
@@ -79,6 +81,36 @@ Tokenizer::PieceKind Tokenizer::kind(int id) const {
     return PieceKind::normal;
 }
 
+namespace {
+
+// SentencePiece's refusal in the words of kiln's options, without its source locations.
+std::string training_fault(std::string message, const TokenizerTraining& o) {
+    long long a = 0, b = 0;
+    if (size_t at = message.find("Vocabulary size too high");
+        at != std::string::npos &&
+        std::sscanf(message.c_str() + at,
+                    "Vocabulary size too high (%lld). Please set it to a "
+                    "value <= %lld",
+                    &a, &b) == 2)
+        return fmt::format(
+            "a vocabulary of {} pieces is more than this corpus yields (at most "
+            "{}): ask for fewer pieces or give more text",
+            a, b);
+    if (size_t at = message.find("smaller than required_chars.");
+        at != std::string::npos &&
+        std::sscanf(message.c_str() + at, "smaller than required_chars. %lld vs %lld", &a, &b) == 2)
+        return fmt::format(
+            "a vocabulary of {} pieces cannot hold the {} characters and control "
+            "pieces this corpus needs: ask for at least {}",
+            o.vocab_size, b, b);
+    if (size_t close = message.find("] ");
+        message.rfind("Internal: ", 0) == 0 && close != std::string::npos)
+        message = message.substr(close + 2);  // "Internal: ./src/x.cc(1) [check] what"
+    return message;
+}
+
+}  // namespace
+
 void train_tokenizer(const std::string& lines_file, const std::string& out_path,
                      const TokenizerTraining& o) {
     std::string prefix = out_path;
@@ -88,20 +120,35 @@ void train_tokenizer(const std::string& lines_file, const std::string& out_path,
     std::string tmp_prefix = prefix + ".training";
     int threads =
         o.threads > 0 ? o.threads : int(std::max(1u, std::thread::hardware_concurrency()));
-    // Llama-2's own settings, as its tokenizer.model records them.
-    std::string args = fmt::format(
-        "--input={} --model_prefix={} --model_type=bpe --vocab_size={} "
-        "--byte_fallback=true --split_digits=true --allow_whitespace_only_pieces=true "
-        "--normalization_rule_name=identity --remove_extra_whitespaces=false "
-        "--add_dummy_prefix=true --character_coverage=0.99995 --max_sentence_length=16384 "
-        "--unk_id=0 --bos_id=1 --eos_id=2 --pad_id=-1 --input_sentence_size={} "
-        "--shuffle_input_sentence=true --num_threads={} --minloglevel=2",
-        lines_file, tmp_prefix, o.vocab_size, o.max_sentences, threads);
+    // Llama-2's own settings, as its tokenizer.model records them. (As a map: the string form
+    // of Train prints its whole command line to stderr whatever the log level.)
+    const std::unordered_map<std::string, std::string> args = {
+        {"input", lines_file},
+        {"model_prefix", tmp_prefix},
+        {"model_type", "bpe"},
+        {"vocab_size", std::to_string(o.vocab_size)},
+        {"byte_fallback", "true"},
+        {"split_digits", "true"},
+        {"allow_whitespace_only_pieces", "true"},
+        {"normalization_rule_name", "identity"},
+        {"remove_extra_whitespaces", "false"},
+        {"add_dummy_prefix", "true"},
+        {"character_coverage", "0.99995"},
+        {"max_sentence_length", "16384"},
+        {"unk_id", "0"},
+        {"bos_id", "1"},
+        {"eos_id", "2"},
+        {"pad_id", "-1"},
+        {"input_sentence_size", std::to_string(o.max_sentences)},
+        {"shuffle_input_sentence", "true"},
+        {"num_threads", std::to_string(threads)},
+        {"minloglevel", "2"},
+    };
     auto status = sentencepiece::SentencePieceTrainer::Train(args);
     if (!status.ok()) {
         std::filesystem::remove(tmp_prefix + ".model");
         std::filesystem::remove(tmp_prefix + ".vocab");
-        throw error("tokenizer training failed: {}", status.ToString());
+        throw error("tokenizer training failed: {}", training_fault(status.message(), o));
     }
     std::filesystem::remove(tmp_prefix + ".vocab");
     fs::fsync_path(tmp_prefix + ".model");

@@ -444,6 +444,19 @@ TEST(Cli, BadInputIsOneClearSentence) {
         EXPECT_EQ(r.out.find("terminate"), std::string::npos) << r.out;
         EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 1) << r.out;
     }
+    // Tokenizer training: SentencePiece's refusals in kiln's words, without its source lines.
+    const std::pair<std::string, std::string> tokenizer_cases[] = {
+        {"--vocab-size 300 --out " + (dir / "t.model"), "ask for at least 3"},
+        {"--vocab-size 32000 --out " + (dir / "t.model"), "more than this corpus yields"},
+        {"--out " + dir.path, "is a folder; give the tokenizer file to write"},
+    };
+    for (const auto& [args, expect] : tokenizer_cases) {
+        Result t = kiln("tokenizer train --corpus builtin:stories:1000 " + args);
+        EXPECT_NE(t.rc, 0) << args;
+        EXPECT_NE(t.out.find(expect), std::string::npos) << args << "\n" << t.out;
+        EXPECT_EQ(t.out.find(".cc("), std::string::npos) << t.out;
+    }
+    EXPECT_FALSE(fs::exists(dir / "t.model"));
     // A checkpoint of another model in the run folder is refused, and left as it was.
     ASSERT_EQ(kiln("train" + kMicro + " --set train.steps=2 --set run.dir=" + (dir / "r2")).rc, 0);
     std::string before = fs::read_file(dir / "r2/checkpoints/step-00000002/rank-00000.safetensors");

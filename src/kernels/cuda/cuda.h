@@ -1,6 +1,7 @@
 #pragma once
-// The CUDA backend's first ops (device pointers, same contracts as kernels/ops.h). Only the ops
-// below exist so far; the model does not run on CUDA yet.
+// The CUDA backend's ops so far: the row-wise and elementwise ops of the Kernels table, with the
+// table's signatures and contracts (table.h) on device pointers, their arithmetic in
+// kernel_math.h. Not a table yet: no products or attention, and the model does not run on CUDA.
 #include <cstdint>
 
 #include "kernels/ops.h"
@@ -9,12 +10,34 @@ namespace kiln::kernels::cuda {
 
 int device_count();  // 0 when there is no usable device or driver
 
-// Same contracts as the Kernels table entries of the same names, with f32 outputs only;
-// pointers are device memory; each call is synchronous on the default stream.
-void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, int64_t M, int64_t C,
-                     float eps);
-void swiglu_forward(float* h, const float* gu, int64_t M, int64_t F);
+// Each call launches on the default stream and waits for it, converting a failure into
+// KILN_CUDA's check. Pointers are device memory; the host-side scalars (AdamWStep) are not.
+void embedding_forward(float* out, const int32_t* tokens, const void* wte, DType wte_type,
+                       int64_t M, int64_t C);
+void embedding_backward(float* dwte, const float* dout, const int32_t* tokens, int64_t M,
+                        int64_t C);
+void rmsnorm_forward(void* out, DType out_type, float* rstd, const float* x, const float* w,
+                     int64_t M, int64_t C, float eps);
+void rmsnorm_backward(float* dx, float* dw, const float* dout, const float* x, const float* w,
+                      const float* rstd, int64_t M, int64_t C);
+void swiglu_forward(void* h, DType h_type, const float* gu, int64_t M, int64_t F);
+void swiglu_backward(void* dgu, DType dgu_type, const float* dh, const float* gu, int64_t M,
+                     int64_t F);
+void logit_stats(const float* logits, const int32_t* targets, int64_t M, int64_t V, float* max,
+                 float* sumexp, float* target_logit);
+void cross_entropy_backward(const float* logits, const int32_t* targets, const float* max,
+                            const float* sumexp, const float* row_scale, int64_t M, int64_t V,
+                            void* dlogits, DType dlogits_type);
+void cross_entropy(const float* logits, const int32_t* targets, const float* row_scale, int64_t M,
+                   int64_t V, float* losses, void* dlogits, DType dlogits_type);
 void adamw(float* p, uint16_t* p_bf16, float* m, float* v, const float* g, int64_t n,
            const AdamWStep& s);
+void to_bf16(uint16_t* dst, const float* src, int64_t n);
+
+// Rotary embedding in place on the first n_heads heads (of D) of each row of x (M, ld), as the
+// Attention contract in ops.h defines it (rope_cos/rope_sin (T, D/2)); inverse rotates back,
+// which is the backward on gradients. For a fused attention kernel to come.
+void rope(float* x, int64_t ld, int64_t M, int64_t T, int64_t n_heads, int64_t D,
+          const float* rope_cos, const float* rope_sin, bool inverse);
 
 }  // namespace kiln::kernels::cuda

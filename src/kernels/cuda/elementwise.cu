@@ -1,87 +1,117 @@
-// Row-wise ops on CUDA: one warp-per-row RMSNorm, grid-stride SwiGLU and AdamW.
-#include <cmath>
-
+// The CUDA backend's elementwise ops: grid-stride loops over kernel_math.h's per-element
+// functions (embedding, SwiGLU, rotary embedding, AdamW, bf16 rounding).
 #include "kernels/cuda/cuda.h"
-#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/launch.h"
 
 namespace kiln::kernels::cuda {
 namespace {
 
-__global__ void rmsnorm_forward_kernel(float* out, float* rstd, const float* x, const float* w,
-                                       int64_t M, int64_t C, float eps) {
-    int64_t row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    int lane = threadIdx.x % 32;
-    if (row >= M)
-        return;
-    const float* xr = x + row * C;
-    float ss = 0;
-    for (int64_t c = lane; c < C; c += 32)
-        ss += xr[c] * xr[c];
-    for (int offset = 16; offset > 0; offset /= 2)
-        ss += __shfl_xor_sync(0xffffffff, ss, offset);
-    float r = rsqrtf(ss / C + eps);
-    if (lane == 0)
-        rstd[row] = r;
-    for (int64_t c = lane; c < C; c += 32)
-        out[row * C + c] = xr[c] * r * w[c];
+template <typename W>
+__global__ void embedding_forward_kernel(float* out, const int32_t* tokens, const W* wte, int64_t C,
+                                         int64_t n) {
+    for (int64_t i = first_index(); i < n; i += stride())
+        embedding_forward_at(out, tokens, wte, C, i);
 }
 
-__global__ void swiglu_forward_kernel(float* h, const float* gu, int64_t M, int64_t F) {
-    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < M * F;
-         i += int64_t(gridDim.x) * blockDim.x) {
-        int64_t m = i / F, f = i % F;
-        float g = gu[m * 2 * F + f], u = gu[m * 2 * F + F + f];
-        h[i] = g / (1.0f + expf(-g)) * u;
-    }
+__global__ void embedding_backward_kernel(float* dwte, const float* dout, const int32_t* tokens,
+                                          int64_t M, int64_t C) {
+    for (int64_t c = first_index(); c < C; c += stride())
+        embedding_backward_column(dwte, dout, tokens, M, C, c);
+}
+
+template <typename Out>
+__global__ void swiglu_forward_kernel(Out* h, const float* gu, int64_t F, int64_t n) {
+    for (int64_t i = first_index(); i < n; i += stride())
+        swiglu_forward_at(h, gu, F, i);
+}
+
+template <typename Out>
+__global__ void swiglu_backward_kernel(Out* dgu, const float* dh, const float* gu, int64_t F,
+                                       int64_t n) {
+    for (int64_t i = first_index(); i < n; i += stride())
+        swiglu_backward_at(dgu, dh, gu, F, i);
+}
+
+__global__ void rope_kernel(float* x, int64_t ld, int64_t T, int64_t n_heads, int64_t D,
+                            const float* cos_table, const float* sin_table, float sign, int64_t n) {
+    for (int64_t i = first_index(); i < n; i += stride())
+        rope_at(x, ld, T, n_heads, D, cos_table, sin_table, sign, i);
 }
 
 __global__ void adamw_kernel(float* p, uint16_t* p_bf16, float* m, float* v, const float* g,
-                             int64_t n, AdamWStep s, float bc1, float bc2_sqrt) {
-    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-         i += int64_t(gridDim.x) * blockDim.x) {
-        float gi = s.grad_scale * g[i];
-        float mi = s.beta1 * m[i] + (1.0f - s.beta1) * gi;
-        float vi = s.beta2 * v[i] + (1.0f - s.beta2) * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        float pi = p[i] - (s.lr / bc1 * mi / (sqrtf(vi) / bc2_sqrt + s.eps) +
-                           s.lr * s.weight_decay * p[i]);
-        p[i] = pi;
-        if (p_bf16) {
-            uint32_t u = __float_as_uint(pi);
-            p_bf16[i] = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-        }
-    }
+                             int64_t n, AdamWScalars k) {
+    for (int64_t i = first_index(); i < n; i += stride())
+        adamw_at(p, p_bf16, m, v, g, k, i);
 }
 
-int blocks_for(int64_t n, int threads) {
-    return static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 65535));
+__global__ void to_bf16_kernel(uint16_t* dst, const float* src, int64_t n) {
+    for (int64_t i = first_index(); i < n; i += stride())
+        dst[i] = bf16_round(src[i]);
 }
 
 }  // namespace
 
-void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, int64_t M, int64_t C,
-                     float eps) {
-    const int warps = 8;
-    rmsnorm_forward_kernel<<<static_cast<unsigned>((M + warps - 1) / warps), warps * 32>>>(
-        out, rstd, x, w, M, C, eps);
-    KILN_CUDA(cudaGetLastError());
-    KILN_CUDA(cudaDeviceSynchronize());
+void embedding_forward(float* out, const int32_t* tokens, const void* wte, DType wte_type,
+                       int64_t M, int64_t C) {
+    const int64_t n = M * C;
+    if (wte_type == DType::bf16) {
+        embedding_forward_kernel<<<element_blocks(n), kElementThreads>>>(
+            out, tokens, static_cast<const uint16_t*>(wte), C, n);
+    } else {
+        embedding_forward_kernel<<<element_blocks(n), kElementThreads>>>(
+            out, tokens, static_cast<const float*>(wte), C, n);
+    }
+    finish_launch();
 }
 
-void swiglu_forward(float* h, const float* gu, int64_t M, int64_t F) {
-    swiglu_forward_kernel<<<blocks_for(M * F, 256), 256>>>(h, gu, M, F);
-    KILN_CUDA(cudaGetLastError());
-    KILN_CUDA(cudaDeviceSynchronize());
+void embedding_backward(float* dwte, const float* dout, const int32_t* tokens, int64_t M,
+                        int64_t C) {
+    embedding_backward_kernel<<<element_blocks(C), kElementThreads>>>(dwte, dout, tokens, M, C);
+    finish_launch();
+}
+
+void swiglu_forward(void* h, DType h_type, const float* gu, int64_t M, int64_t F) {
+    const int64_t n = M * F;
+    if (h_type == DType::bf16) {
+        swiglu_forward_kernel<<<element_blocks(n), kElementThreads>>>(static_cast<uint16_t*>(h), gu,
+                                                                      F, n);
+    } else {
+        swiglu_forward_kernel<<<element_blocks(n), kElementThreads>>>(static_cast<float*>(h), gu, F,
+                                                                      n);
+    }
+    finish_launch();
+}
+
+void swiglu_backward(void* dgu, DType dgu_type, const float* dh, const float* gu, int64_t M,
+                     int64_t F) {
+    const int64_t n = M * F;
+    if (dgu_type == DType::bf16) {
+        swiglu_backward_kernel<<<element_blocks(n), kElementThreads>>>(static_cast<uint16_t*>(dgu),
+                                                                       dh, gu, F, n);
+    } else {
+        swiglu_backward_kernel<<<element_blocks(n), kElementThreads>>>(static_cast<float*>(dgu), dh,
+                                                                       gu, F, n);
+    }
+    finish_launch();
+}
+
+void rope(float* x, int64_t ld, int64_t M, int64_t T, int64_t n_heads, int64_t D,
+          const float* rope_cos, const float* rope_sin, bool inverse) {
+    const int64_t n = M * n_heads * (D / 2);
+    rope_kernel<<<element_blocks(n), kElementThreads>>>(x, ld, T, n_heads, D, rope_cos, rope_sin,
+                                                        inverse ? -1.0f : 1.0f, n);
+    finish_launch();
 }
 
 void adamw(float* p, uint16_t* p_bf16, float* m, float* v, const float* g, int64_t n,
            const AdamWStep& s) {
-    float bc1 = static_cast<float>(1.0 - std::pow(double(s.beta1), double(s.t)));
-    float bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(double(s.beta2), double(s.t))));
-    adamw_kernel<<<blocks_for(n, 256), 256>>>(p, p_bf16, m, v, g, n, s, bc1, bc2_sqrt);
-    KILN_CUDA(cudaGetLastError());
-    KILN_CUDA(cudaDeviceSynchronize());
+    adamw_kernel<<<element_blocks(n), kElementThreads>>>(p, p_bf16, m, v, g, n, adamw_scalars(s));
+    finish_launch();
+}
+
+void to_bf16(uint16_t* dst, const float* src, int64_t n) {
+    to_bf16_kernel<<<element_blocks(n), kElementThreads>>>(dst, src, n);
+    finish_launch();
 }
 
 }  // namespace kiln::kernels::cuda

@@ -1,0 +1,66 @@
+#pragma once
+// Launch shapes shared by the CUDA kernels (nvcc only): grid-stride loops for elementwise ops,
+// one block per row for row ops, and the block reduction whose order kernel_math.h documents.
+#include <algorithm>
+#include <cstdint>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/kernel_math.h"
+
+namespace kiln::kernels::cuda {
+
+constexpr int kElementThreads = 256;
+constexpr int kRowThreads = 256;  // threads per row: a multiple of 32, at most 1024
+
+// Blocks of kElementThreads for n elements; past 65535 blocks the grid-stride loop goes round.
+inline unsigned element_blocks(int64_t n) {
+    return static_cast<unsigned>(std::max<int64_t>(
+        1, std::min<int64_t>((n + kElementThreads - 1) / kElementThreads, 65535)));
+}
+
+// The flat indices of a grid-stride loop: for (int64_t i = first_index(); i < n; i += stride())
+__device__ __forceinline__ int64_t first_index() {
+    return int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ int64_t stride() {
+    return int64_t(gridDim.x) * blockDim.x;
+}
+
+__device__ __forceinline__ float shfl_xor(float v, int o) {
+    return __shfl_xor_sync(0xffffffffu, v, o);
+}
+__device__ __forceinline__ MaxSum shfl_xor(MaxSum v, int o) {
+    return {__shfl_xor_sync(0xffffffffu, v.max, o), __shfl_xor_sync(0xffffffffu, v.sum, o)};
+}
+
+// The whole block's combine of every thread's v, in the order of kernel_math.h; every thread
+// gets the result. Called by all threads of the block; safe to call again right after.
+template <typename T, typename Combine>
+__device__ T block_reduce(T v, T identity, Combine combine) {
+    __shared__ T slots[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    for (int o = 16; o > 0; o /= 2)
+        v = combine(v, shfl_xor(v, o));
+    if (lane == 0)
+        slots[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < warps ? slots[lane] : identity;
+        for (int o = 16; o > 0; o /= 2)
+            v = combine(v, shfl_xor(v, o));
+        if (lane == 0)
+            slots[0] = v;
+    }
+    __syncthreads();
+    const T result = slots[0];
+    __syncthreads();  // before a next call overwrites the slots
+    return result;
+}
+
+// After a launch: the launch's own error, then the kernel's (the call waits for it).
+inline void finish_launch() {
+    KILN_CUDA(cudaGetLastError());
+    KILN_CUDA(cudaDeviceSynchronize());
+}
+
+}  // namespace kiln::kernels::cuda

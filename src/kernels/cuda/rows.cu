@@ -1,0 +1,142 @@
+// The CUDA backend's row ops: one thread block per row, with kernel_math.h's per-thread shares
+// and the block reduction of launch.h (RMSNorm, cross-entropy), plus RMSNorm's column sums.
+#include "kernels/cuda/cuda.h"
+#include "kernels/cuda/launch.h"
+
+namespace kiln::kernels::cuda {
+namespace {
+
+template <typename Out>
+__global__ void rmsnorm_forward_kernel(Out* out, float* rstd, const float* x, const float* w,
+                                       int64_t C, float eps) {
+    const int64_t row = blockIdx.x;
+    const float* xr = x + row * C;
+    const float ss = block_reduce(rmsnorm_sumsq(xr, C, threadIdx.x, blockDim.x), 0.0f, Sum{});
+    const float r = rmsnorm_rstd(ss, C, eps);
+    if (threadIdx.x == 0)
+        rstd[row] = r;
+    rmsnorm_scale(out + row * C, xr, w, r, C, threadIdx.x, blockDim.x);
+}
+
+__global__ void rmsnorm_dx_kernel(float* dx, const float* dout, const float* x, const float* w,
+                                  const float* rstd, int64_t C) {
+    const int64_t row = blockIdx.x;
+    const float dot = block_reduce(
+        rmsnorm_dot(dout + row * C, w, x + row * C, C, threadIdx.x, blockDim.x), 0.0f, Sum{});
+    rmsnorm_dx(dx + row * C, dout + row * C, w, x + row * C, rstd[row], dot, C, threadIdx.x,
+               blockDim.x);
+}
+
+__global__ void rmsnorm_dw_kernel(float* dw, const float* dout, const float* x, const float* rstd,
+                                  int64_t M, int64_t C) {
+    for (int64_t c = first_index(); c < C; c += stride())
+        rmsnorm_dw_column(dw, dout, x, rstd, M, C, c);
+}
+
+__global__ void logit_stats_kernel(const float* logits, const int32_t* targets, int64_t V,
+                                   float* max, float* sumexp, float* target_logit) {
+    const int64_t row = blockIdx.x;
+    const float* r = logits + row * V;
+    const MaxSum s =
+        block_reduce(xent_fold(r, V, threadIdx.x, blockDim.x), maxsum_identity(), MaxSumCombine{});
+    if (threadIdx.x == 0) {
+        max[row] = s.max;
+        sumexp[row] = s.sum;
+        target_logit[row] = targets[row] >= 0 ? r[targets[row]] : 0.0f;
+    }
+}
+
+template <typename Out>
+__global__ void cross_entropy_backward_kernel(const float* logits, const int32_t* targets,
+                                              const float* max, const float* sumexp,
+                                              const float* row_scale, int64_t V, Out* dlogits) {
+    const int64_t row = blockIdx.x;
+    xent_gradient(dlogits + row * V, logits + row * V, V, targets[row], max[row], sumexp[row],
+                  row_scale[row], threadIdx.x, blockDim.x);
+}
+
+// Loss and (when dlogits is not null) gradient of a row in one launch; the target logit is read
+// before the reduction's barrier, so before any thread overwrites the row (f32 dlogits may
+// alias logits).
+template <typename Out>
+__global__ void cross_entropy_kernel(const float* logits, const int32_t* targets,
+                                     const float* row_scale, int64_t V, float* losses,
+                                     Out* dlogits) {
+    const int64_t row = blockIdx.x;
+    const float* r = logits + row * V;
+    const int32_t target = targets[row];
+    const float target_logit = target >= 0 ? r[target] : 0.0f;
+    const MaxSum s =
+        block_reduce(xent_fold(r, V, threadIdx.x, blockDim.x), maxsum_identity(), MaxSumCombine{});
+    if (threadIdx.x == 0)
+        losses[row] = xent_loss(s, target_logit, target);
+    if (dlogits) {
+        xent_gradient(dlogits + row * V, r, V, target, s.max, s.sum, row_scale[row], threadIdx.x,
+                      blockDim.x);
+    }
+}
+
+}  // namespace
+
+void rmsnorm_forward(void* out, DType out_type, float* rstd, const float* x, const float* w,
+                     int64_t M, int64_t C, float eps) {
+    if (M == 0)
+        return;
+    if (out_type == DType::bf16) {
+        rmsnorm_forward_kernel<<<static_cast<unsigned>(M), kRowThreads>>>(
+            static_cast<uint16_t*>(out), rstd, x, w, C, eps);
+    } else {
+        rmsnorm_forward_kernel<<<static_cast<unsigned>(M), kRowThreads>>>(static_cast<float*>(out),
+                                                                          rstd, x, w, C, eps);
+    }
+    finish_launch();
+}
+
+void rmsnorm_backward(float* dx, float* dw, const float* dout, const float* x, const float* w,
+                      const float* rstd, int64_t M, int64_t C) {
+    if (M == 0)
+        return;
+    rmsnorm_dx_kernel<<<static_cast<unsigned>(M), kRowThreads>>>(dx, dout, x, w, rstd, C);
+    rmsnorm_dw_kernel<<<element_blocks(C), kElementThreads>>>(dw, dout, x, rstd, M, C);
+    finish_launch();
+}
+
+void logit_stats(const float* logits, const int32_t* targets, int64_t M, int64_t V, float* max,
+                 float* sumexp, float* target_logit) {
+    if (M == 0)
+        return;
+    logit_stats_kernel<<<static_cast<unsigned>(M), kRowThreads>>>(logits, targets, V, max, sumexp,
+                                                                  target_logit);
+    finish_launch();
+}
+
+void cross_entropy_backward(const float* logits, const int32_t* targets, const float* max,
+                            const float* sumexp, const float* row_scale, int64_t M, int64_t V,
+                            void* dlogits, DType dlogits_type) {
+    if (M == 0)
+        return;
+    if (dlogits_type == DType::bf16) {
+        cross_entropy_backward_kernel<<<static_cast<unsigned>(M), kRowThreads>>>(
+            logits, targets, max, sumexp, row_scale, V, static_cast<uint16_t*>(dlogits));
+    } else {
+        cross_entropy_backward_kernel<<<static_cast<unsigned>(M), kRowThreads>>>(
+            logits, targets, max, sumexp, row_scale, V, static_cast<float*>(dlogits));
+    }
+    finish_launch();
+}
+
+void cross_entropy(const float* logits, const int32_t* targets, const float* row_scale, int64_t M,
+                   int64_t V, float* losses, void* dlogits, DType dlogits_type) {
+    if (M == 0)
+        return;
+    if (dlogits_type == DType::bf16) {
+        cross_entropy_kernel<<<static_cast<unsigned>(M), kRowThreads>>>(
+            logits, targets, row_scale, V, losses, static_cast<uint16_t*>(dlogits));
+    } else {
+        cross_entropy_kernel<<<static_cast<unsigned>(M), kRowThreads>>>(
+            logits, targets, row_scale, V, losses, static_cast<float*>(dlogits));
+    }
+    finish_launch();
+}
+
+}  // namespace kiln::kernels::cuda

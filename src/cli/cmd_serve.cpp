@@ -133,12 +133,14 @@ Action add_status(CLI::App& app) {
         std::printf("%-16s %-10s %5s %6s %8s  %s\n", "JOB", "STATE", "RANKS", "AGE", "RAN",
                     "ENTRYPOINT / MESSAGE");
         double now = unix_seconds();
+        // Times are Ray's: unix milliseconds, null when not yet.
+        auto seconds = [](const json& t) { return t.is_number() ? t.get<double>() / 1000 : 0.0; };
         for (const json& j : jobs) {
-            double start = j["start_time"], end = j["end_time"];
+            double start = seconds(j["start_time"]), end = seconds(j["end_time"]);
             double ran = start > 0 ? (end > 0 ? end : now) - start : 0;
             std::printf("%-16s %-10s %5d %6s %8s  %s\n", j["job_id"].get<std::string>().c_str(),
                         j["status"].get<std::string>().c_str(), j["ranks"].get<int>(),
-                        human_duration(now - j["submitted"].get<double>()).c_str(),
+                        human_duration(now - seconds(j["submitted"])).c_str(),
                         human_duration(ran).c_str(), j["entrypoint"].get<std::string>().c_str());
             if (j["status"] != "RUNNING" && j["status"] != "PENDING")
                 std::printf("%46s  %s\n", "", j["message"].get<std::string>().c_str());

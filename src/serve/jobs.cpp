@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -69,16 +70,88 @@ std::string excerpt(const std::string& text, size_t bytes) {
     return text.substr(0, bytes);
 }
 
-int get_int(const json& body, const char* key, int lo, int hi, int fallback) {
+// An integer field; a number with no fraction (Ray's CLI sends 1.0) counts as one.
+int get_int(const json& body, const char* key, int lo, int hi, int fallback,
+            const char* whole_why = "") {
     if (!body.contains(key))
         return fallback;
     const json& v = body[key];
-    if (!v.is_number_integer())
+    double x = 0;
+    if (v.is_number_integer()) {
+        x = double(v.get<int64_t>());
+    } else if (v.is_number_float() && std::isfinite(v.get<double>())) {
+        x = v.get<double>();
+        if (x != std::floor(x))
+            throw error("field \"{}\" is {}; it must be a whole number{}", key, v.dump(),
+                        whole_why);
+    } else {
         throw error("field \"{}\" must be an integer, not {}", key, excerpt(v.dump(), 80));
-    int64_t x = v.get<int64_t>();
+    }
     if (x < lo || x > hi)
-        throw error("field \"{}\" is {}; it must be between {} and {}", key, x, lo, hi);
+        throw error("field \"{}\" is {}; it must be between {} and {}", key, v.dump(), lo, hi);
     return int(x);
+}
+
+// Unix seconds from a record's time: integer milliseconds (Ray's unit), a float of seconds
+// (records written before kiln spoke Ray's units), or null (not yet).
+double seconds_of(const json& v) {
+    if (v.is_number_integer())
+        return double(v.get<int64_t>()) / 1000;
+    return v.is_number() ? v.get<double>() : 0;
+}
+
+json millis_or_null(double seconds) {
+    return seconds > 0 ? json(int64_t(std::llround(seconds * 1000))) : json(nullptr);
+}
+
+// An object field that kiln honours only when empty (Ray's client sends {} or null).
+void refuse_unless_empty(const json& body, const char* key, const char* why) {
+    if (!body.contains(key))
+        return;
+    const json& v = body[key];
+    if (!v.is_object())
+        throw error("field \"{}\" must be an object, not {}", key, excerpt(v.dump(), 80));
+    if (!v.empty())
+        throw error("field \"{}\" ({}) cannot be honoured: {}", key, excerpt(v.dump(), 120), why);
+}
+
+// runtime_env: env_vars and working_dir; every other key of Ray's is refused by name.
+void parse_runtime_env(const json& env, JobSpec& s) {
+    if (env.is_null())
+        return;
+    if (!env.is_object())
+        throw error("field \"runtime_env\" must be an object, not {}", excerpt(env.dump(), 80));
+    for (const auto& [key, value] : env.items()) {
+        if (value.is_null())
+            continue;
+        if (key == "env_vars") {
+            if (!value.is_object())
+                throw error("runtime_env.env_vars must be an object of strings");
+            for (const auto& [name, v] : value.items()) {
+                if (!v.is_string())
+                    throw error("runtime_env.env_vars {} must be a string, not {}",
+                                excerpt(name, 128), excerpt(v.dump(), 80));
+                s.env_vars[name] = v.get<std::string>();
+            }
+            Sandbox::check_env(s.env_vars);
+        } else if (key == "working_dir") {
+            if (!value.is_string())
+                throw error("runtime_env.working_dir must be a string (a folder on the head)");
+            s.working_dir = value.get<std::string>();
+            if (s.working_dir.find("://") != std::string::npos)
+                throw error(
+                    "runtime_env.working_dir \"{}\" is a package URI; kiln serve fetches and "
+                    "unpacks no packages (a C++ trainer has no Python environment to ship): give "
+                    "a folder on the head node inside its runs folder or a data root",
+                    excerpt(s.working_dir, 200));
+        } else {
+            throw error(
+                "runtime_env.{} is not supported: kiln serve runs the kiln binary, not Python, so "
+                "there is no Python environment to build or package; runtime_env takes only "
+                "env_vars and working_dir (a folder on the head node)",
+                excerpt(key, 64));
+        }
+    }
 }
 
 Job job_from_json(const json& j) {
@@ -92,10 +165,16 @@ Job job_from_json(const json& j) {
     job.spec.priority = j.at("priority").get<int>();
     job.spec.max_failures = j.at("max_failures").get<int>();
     job.spec.metadata = j.at("metadata").get<std::map<std::string, std::string>>();
+    if (const json& env = j.value("runtime_env", json::object()); env.is_object()) {
+        job.spec.env_vars = env.value("env_vars", std::map<std::string, std::string>());
+        job.spec.working_dir = env.value("working_dir", "");
+    }
+    const json& memory = j.value("entrypoint_memory", json());
+    job.spec.memory_per_rank = memory.is_number_integer() ? memory.get<int64_t>() : 0;
     job.state = parse_state(j.at("status").get<std::string>());
-    job.submitted = j.at("submitted").get<double>();
-    job.started = j.at("start_time").get<double>();
-    job.ended = j.at("end_time").get<double>();
+    job.submitted = seconds_of(j.at("submitted"));
+    job.started = seconds_of(j.at("start_time"));
+    job.ended = seconds_of(j.at("end_time"));
     job.message = j.at("message").get<std::string>();
     job.exit_code = j.at("exit_code").get<int>();
     job.pid = j.at("pid").get<int>();
@@ -166,22 +245,40 @@ std::vector<std::string> split_entrypoint(const std::string& line) {
     return words;
 }
 
-JobSpec parse_spec(const json& body) {
-    if (!body.is_object())
-        throw error("the job must be a JSON object, not {}", body.type_name());
-    static const std::set<std::string> known = {
-        "entrypoint",          "submission_id", "ranks",        "entrypoint_num_cpus",
-        "entrypoint_num_gpus", "priority",      "max_failures", "metadata"};
+JobSpec parse_spec(const json& request) {
+    if (!request.is_object())
+        throw error("the job must be a JSON object, not {}", request.type_name());
+    // Ray's client sends every field of its JobSubmitRequest, null where not given.
+    json body = json::object();
+    for (const auto& [key, value] : request.items()) {
+        if (!value.is_null() || key == "entrypoint")
+            body[key] = value;
+    }
+    static const std::set<std::string> known = {"entrypoint",
+                                                "submission_id",
+                                                "job_id",
+                                                "ranks",
+                                                "entrypoint_num_cpus",
+                                                "entrypoint_num_gpus",
+                                                "entrypoint_memory",
+                                                "entrypoint_resources",
+                                                "entrypoint_label_selector",
+                                                "runtime_env",
+                                                "priority",
+                                                "max_failures",
+                                                "metadata",
+                                                "retry_policy"};
     for (const auto& [key, value] : body.items()) {
         if (!known.count(key)) {
             std::string names;
             for (const auto& k : known)
                 names += (names.empty() ? "" : ", ") + k;
-            throw error("unknown field \"{}\" in the job; the fields are {}", key, names);
+            throw error("unknown field \"{}\" in the job; the fields are {}", excerpt(key, 64),
+                        names);
         }
     }
     JobSpec s;
-    if (!body.contains("entrypoint"))
+    if (!body.contains("entrypoint") || body["entrypoint"].is_null())
         throw error("the job has no \"entrypoint\" (e.g. \"kiln train --set train.steps=100\")");
     const json& e = body["entrypoint"];
     if (e.is_string()) {
@@ -198,8 +295,11 @@ JobSpec parse_spec(const json& body) {
         std::string names;
         for (const auto& k : kJobCommands)
             names += (names.empty() ? "" : ", ") + k;
-        throw error("the entrypoint \"{}\" is not a kiln command; it must start with one of: {}",
-                    excerpt(e.is_string() ? e.get<std::string>() : e.dump(), 200), names);
+        throw error(
+            "the entrypoint \"{}\" is not a kiln command: kiln serve runs kiln's own commands, "
+            "never a shell line or a Python script; it must start with kiln and one of {} (e.g. "
+            "\"kiln train --config run.yaml\")",
+            excerpt(e.is_string() ? e.get<std::string>() : e.dump(), 200), names);
     }
     for (const auto& w : s.entrypoint) {
         if (w.find('\0') != std::string::npos || w.size() > 4096)
@@ -210,10 +310,13 @@ JobSpec parse_spec(const json& body) {
                 "folder RUNS/<job id>",
                 w);
     }
-    if (body.contains("submission_id")) {
-        const json& id = body["submission_id"];
+    // job_id is Ray's old name of submission_id; its client sends submission_id or job_id.
+    for (const char* key : {"job_id", "submission_id"}) {
+        if (!body.contains(key))
+            continue;
+        const json& id = body[key];
         if (!id.is_string())
-            throw error("field \"submission_id\" must be a string");
+            throw error("field \"{}\" must be a string", key);
         s.submission_id = id.get<std::string>();
         bool ok = !s.submission_id.empty() && s.submission_id.size() <= 64 &&
                   std::isalnum(static_cast<unsigned char>(s.submission_id[0]));
@@ -221,25 +324,56 @@ JobSpec parse_spec(const json& body) {
             ok = ok && (std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_');
         if (!ok)
             throw error(
-                "submission_id \"{}\" must be 1-64 letters, digits, - or _, starting with a "
-                "letter or digit",
-                s.submission_id);
+                "{} \"{}\" must be 1-64 letters, digits, - or _, starting with a letter or "
+                "digit",
+                key, excerpt(s.submission_id, 80));
     }
+    const char* whole = " (kiln gives each rank whole CPU slots and GPUs)";
     s.ranks = get_int(body, "ranks", 1, 1024, 1);
-    s.cpus_per_rank = get_int(body, "entrypoint_num_cpus", 1, 1024, 1);
-    s.gpus_per_rank = get_int(body, "entrypoint_num_gpus", 0, 64, 0);
+    s.cpus_per_rank = get_int(body, "entrypoint_num_cpus", 1, 1024, 1, whole);
+    s.gpus_per_rank = get_int(body, "entrypoint_num_gpus", 0, 64, 0, whole);
     s.priority = get_int(body, "priority", -1000, 1000, 0);
     s.max_failures = get_int(body, "max_failures", 0, 100, 0);
     if (s.ranks > 1 && s.entrypoint[0] != "train")
         throw error("only train runs on more than one rank; {} takes \"ranks\": 1",
                     s.entrypoint[0]);
+    if (body.contains("entrypoint_memory")) {
+        const json& m = body["entrypoint_memory"];
+        if (!m.is_number_integer() || m.get<int64_t>() < 0 || m.get<int64_t>() > (int64_t(1) << 50))
+            throw error("field \"entrypoint_memory\" must be a number of bytes from 0 to 2^50");
+        s.memory_per_rank = m.get<int64_t>();
+        const bool planned = s.entrypoint[0] == "train" || s.entrypoint[0] == "compile";
+        if (s.memory_per_rank > 0 && !planned)
+            throw error(
+                "field \"entrypoint_memory\" applies to train and compile jobs, whose memory "
+                "plan is checked against it; a {} job has no memory plan to check",
+                s.entrypoint[0]);
+        for (const auto& w : s.entrypoint) {
+            if (s.memory_per_rank > 0 && w.rfind("train.memory_limit_gb=", 0) == 0)
+                throw error("the job gives both entrypoint_memory and --set {}; give one of them",
+                            w);
+        }
+    }
+    refuse_unless_empty(body, "entrypoint_resources",
+                        "a kiln head has no custom resources; ask for CPU slots and GPUs per rank "
+                        "with entrypoint_num_cpus and entrypoint_num_gpus, memory with "
+                        "entrypoint_memory");
+    refuse_unless_empty(body, "entrypoint_label_selector",
+                        "a kiln head is one node and has no node labels to select");
+    if (body.contains("retry_policy"))
+        throw error(
+            "field \"retry_policy\" cannot be honoured: kiln restarts a failed job's whole gang "
+            "from its last checkpoint, up to \"max_failures\" times; give that instead");
+    if (body.contains("runtime_env"))
+        parse_runtime_env(body["runtime_env"], s);
     if (body.contains("metadata")) {
         const json& m = body["metadata"];
         if (!m.is_object() || m.size() > 64)
             throw error("field \"metadata\" must be an object of at most 64 strings");
         for (const auto& [k, v] : m.items()) {
             if (!v.is_string() || k.size() > 256 || v.get<std::string>().size() > 4096)
-                throw error("metadata \"{}\" must be a string of at most 4096 bytes", k);
+                throw error("metadata \"{}\" must be a string of at most 4096 bytes",
+                            excerpt(k, 256));
             s.metadata[k] = v.get<std::string>();
         }
     }
@@ -265,22 +399,42 @@ JobSpec parse_job_body(std::string_view body) {
 }
 
 json to_json(const Job& job) {
+    const JobSpec& s = job.spec;
+    json runtime_env = json::object();
+    if (!s.env_vars.empty())
+        runtime_env["env_vars"] = s.env_vars;
+    if (!s.working_dir.empty())
+        runtime_env["working_dir"] = s.working_dir;
+    const bool over = terminal(job.state);
     json j;
+    // Ray's JobDetails, with its types: times in integer milliseconds, null where Ray has none.
+    j["type"] = "SUBMISSION";
     j["job_id"] = job.id;
     j["submission_id"] = job.id;
-    j["entrypoint"] = join(job.spec.entrypoint);
-    j["argv"] = job.spec.entrypoint;
+    j["driver_info"] = nullptr;
     j["status"] = state_name(job.state);
+    j["entrypoint"] = join(s.entrypoint);
     j["message"] = job.message;
-    j["ranks"] = job.spec.ranks;
-    j["cpus_per_rank"] = job.spec.cpus_per_rank;
-    j["gpus_per_rank"] = job.spec.gpus_per_rank;
-    j["priority"] = job.spec.priority;
-    j["max_failures"] = job.spec.max_failures;
-    j["metadata"] = job.spec.metadata;
-    j["submitted"] = job.submitted;
-    j["start_time"] = job.started;
-    j["end_time"] = job.ended;
+    j["error_type"] = nullptr;
+    j["start_time"] = millis_or_null(job.started);
+    j["end_time"] = millis_or_null(over ? job.ended : 0);
+    j["metadata"] = s.metadata;
+    j["runtime_env"] = runtime_env;
+    j["driver_agent_http_address"] = nullptr;
+    j["driver_node_id"] = nullptr;
+    j["driver_exit_code"] = over && job.exit_code >= 0 ? json(job.exit_code) : json(nullptr);
+    j["entrypoint_num_cpus"] = s.cpus_per_rank;
+    j["entrypoint_num_gpus"] = s.gpus_per_rank;
+    j["entrypoint_memory"] = s.memory_per_rank > 0 ? json(s.memory_per_rank) : json(nullptr);
+    j["entrypoint_resources"] = nullptr;
+    // kiln's own.
+    j["argv"] = s.entrypoint;
+    j["ranks"] = s.ranks;
+    j["cpus_per_rank"] = s.cpus_per_rank;
+    j["gpus_per_rank"] = s.gpus_per_rank;
+    j["priority"] = s.priority;
+    j["max_failures"] = s.max_failures;
+    j["submitted"] = millis_or_null(job.submitted);
     j["exit_code"] = job.exit_code;
     j["pid"] = job.pid;
     j["gpus"] = job.gpus;
@@ -431,7 +585,12 @@ Capacity Queue::used() const {
 }
 
 Job Queue::submit(JobSpec spec) {
-    box_.check(spec.entrypoint);
+    Sandbox box = box_;
+    if (!spec.working_dir.empty()) {
+        spec.working_dir = box_.folder("runtime_env.working_dir", spec.working_dir);
+        box.cwd = spec.working_dir;  // where the job's relative arguments point
+    }
+    box.check(spec.entrypoint);
     Capacity need = demand(spec);
     if (need.cpus > options_.capacity.cpus || need.gpus > options_.capacity.gpus) {
         throw error(
@@ -618,6 +777,11 @@ void Queue::start(Job& job) {
         argv.push_back("--out");
         argv.push_back(dir);
     }
+    if (s.memory_per_rank > 0) {  // the job checks its memory plan against it before a step
+        argv.push_back("--set");
+        argv.push_back(fmt::format("train.memory_limit_gb={:.9g}",
+                                   double(s.memory_per_rank) / double(int64_t(1) << 30)));
+    }
     std::string log_path = job_log(job.id);
     try {
         fs::make_dirs(dir);
@@ -646,6 +810,8 @@ void Queue::start(Job& job) {
     env.push_back("OMP_NUM_THREADS=" + std::to_string(s.cpus_per_rank));
     env.push_back("CUDA_VISIBLE_DEVICES=" + job.gpus);
     env.push_back("KILN_JOB_ID=" + job.id);
+    for (const auto& [name, value] : s.env_vars)  // checked: none of the above
+        env.push_back(name + "=" + value);
 
     std::vector<char*> args, envp;
     for (auto& a : argv)
@@ -654,6 +820,7 @@ void Queue::start(Job& job) {
     for (auto& e : env)
         envp.push_back(e.data());
     envp.push_back(nullptr);
+    const std::string workdir = s.working_dir;
     pid_t pid = ::fork();
     if (pid == 0) {
         // Only async-signal-safe calls from here on: the server has other threads.
@@ -669,6 +836,11 @@ void Queue::start(Job& job) {
         ::dup2(null, STDIN_FILENO);
         ::dup2(fd, STDOUT_FILENO);
         ::dup2(fd, STDERR_FILENO);
+        if (!workdir.empty() && ::chdir(workdir.c_str()) != 0) {
+            const char why[] = "kiln serve: cannot enter the job's runtime_env.working_dir\n";
+            [[maybe_unused]] ssize_t n = ::write(STDERR_FILENO, why, sizeof why - 1);
+            ::_exit(126);
+        }
         if (!fence_->enter()) {
             const char why[] = "kiln serve: the kernel refused to fence this job's writes\n";
             [[maybe_unused]] ssize_t n = ::write(STDERR_FILENO, why, sizeof why - 1);

@@ -42,10 +42,20 @@ struct JobSpec {
     int priority = 0;  // higher starts first
     int max_failures = 0;
     std::map<std::string, std::string> metadata;
+    // runtime_env: variables set for every rank, and the folder its processes start in
+    // ("" -> the head's; Queue::submit resolves it and refuses one outside the head's roots).
+    std::map<std::string, std::string> env_vars;
+    std::string working_dir;
+    // entrypoint_memory: bytes one rank may plan for (train and compile jobs, where it becomes
+    // train.memory_limit_gb, checked against the job's memory plan before a step); 0: none.
+    int64_t memory_per_rank = 0;
 };
 
-// Parses and checks a submission body (the JSON of POST /api/jobs/). Throws Error naming the
-// field at fault: unknown fields, wrong types, an entrypoint that is not a kiln command.
+// Parses and checks a submission body (the JSON of POST /api/jobs/): kiln's fields and every
+// field of Ray's JobSubmitRequest (null meaning absent, as Ray's client sends them). Throws
+// Error naming the field at fault: unknown fields, wrong types, an entrypoint that is not a
+// kiln command, a runtime_env key or resource kiln cannot honour, an env var the job may not
+// set. Where files lie is checked by Queue::submit, against the head's roots.
 JobSpec parse_spec(const nlohmann::json& body);
 // The bytes of a submission body, as the head receives them: parsed without recursion, refused
 // past kMaxJobDepth levels of nesting (so that nothing later recurses through it), then checked
@@ -60,13 +70,17 @@ struct Job {
     std::string id;
     JobSpec spec;
     State state = State::pending;
-    double submitted = 0, started = 0, ended = 0;  // unix seconds; 0: not yet
+    double submitted = 0, started = 0, ended = 0;  // unix seconds; 0: not yet (JSON: ms)
     std::string message;                           // why it ended, in one sentence
     int exit_code = -1;
     pid_t pid = 0;
     std::string gpus;          // CUDA_VISIBLE_DEVICES given to it
     double stop_deadline = 0;  // stopped by request: SIGKILL after this time (0: not stopped)
 };
+// A job as the API gives it: Ray's JobDetails (type, job_id, submission_id, status,
+// entrypoint, message, error_type, start_time and end_time in integer unix milliseconds or
+// null, metadata, runtime_env, driver_* ...) with kiln's fields beside (ranks, priority, argv,
+// exit_code, pid, ...). It is also the record kept in the jobs database.
 nlohmann::json to_json(const Job& job);
 
 struct Capacity {
@@ -94,7 +108,9 @@ public:
     Queue(const Queue&) = delete;
     Queue& operator=(const Queue&) = delete;
 
-    Job submit(JobSpec spec);  // throws Error: duplicate id, demand over the whole capacity
+    // Throws Error: duplicate id, demand over the whole capacity, a file argument or
+    // working_dir outside the head's roots (relative arguments are relative to working_dir).
+    Job submit(JobSpec spec);
     std::vector<Job> list() const;
     std::optional<Job> get(const std::string& id) const;
     // PENDING -> STOPPED at once; RUNNING -> SIGTERM to its process group (STOPPED when it

@@ -41,6 +41,34 @@ bool beneath(const stdfs::path& p, const stdfs::path& root) {
     return r == root.end();
 }
 
+// Variables a job may not set, whole names and prefixes. Each loads code into the job or
+// changes which binaries run (outside the sandbox's reach), or belongs to the head and the
+// rank discovery, which would then start ranks that do not find each other.
+const std::set<std::string> kHeadVariables = {"PATH",
+                                              "HOME",
+                                              "SHELL",
+                                              "IFS",
+                                              "BASH_ENV",
+                                              "ENV",
+                                              "XDG_CACHE_HOME",
+                                              "TMPDIR",
+                                              "PYTHONPATH",
+                                              "PYTHONSTARTUP",
+                                              "MASTER_ADDR",
+                                              "MASTER_PORT",
+                                              "RANK",
+                                              "LOCAL_RANK",
+                                              "WORLD_SIZE",
+                                              "LOCAL_WORLD_SIZE",
+                                              "GROUP_RANK",
+                                              "OMP_NUM_THREADS",
+                                              "CUDA_VISIBLE_DEVICES",
+                                              "GLOO_SOCKET_IFNAME"};
+const char* const kHeadPrefixes[] = {"LD_",   "KILN_", "SLURM_", "OMPI_",   "PMI_",
+                                     "PMIX_", "VC_",   "GCONV_", "MALLOC_", "GLIBC_"};
+constexpr size_t kMaxEnvVars = 128, kMaxEnvName = 128, kMaxEnvValue = 16 << 10,
+                 kMaxEnvBytes = 64 << 10;
+
 }  // namespace
 
 Sandbox Sandbox::of(const std::string& runs, const std::vector<std::string>& data_roots) {
@@ -64,6 +92,57 @@ std::string Sandbox::describe() const {
     for (size_t i = 1; i < roots.size(); i++)
         s += (i > 1 ? ", " : "") + roots[i];
     return s;
+}
+
+std::string Sandbox::folder(const std::string& what, const std::string& path) const {
+    if (path.empty() || path.size() > 4096 || path.find('\0') != std::string::npos)
+        throw error("{} must be a folder path of 1-4096 bytes", what);
+    stdfs::path p = stdfs::path(path).is_absolute() ? stdfs::path(path) : stdfs::path(cwd) / path;
+    std::error_code ec;
+    stdfs::path real = stdfs::canonical(p, ec);
+    if (ec || !stdfs::is_directory(real, ec))
+        throw error("{} \"{}\" is not a folder on the head node", what, path);
+    for (const std::string& root : roots)
+        if (beneath(real, root))
+            return real.string();
+    throw error(
+        "{} \"{}\" resolves to {}, outside {}: a job works only there (kiln serve --data-root "
+        "DIR adds a folder)",
+        what, path, real.string(), describe());
+}
+
+void Sandbox::check_env(const std::map<std::string, std::string>& vars) {
+    if (vars.size() > kMaxEnvVars)
+        throw error("runtime_env.env_vars has {} variables; a job may set at most {}", vars.size(),
+                    kMaxEnvVars);
+    size_t bytes = 0;
+    for (const auto& [name, value] : vars) {
+        bool ok = !name.empty() && name.size() <= kMaxEnvName &&
+                  !std::isdigit(static_cast<unsigned char>(name[0]));
+        for (char c : name)
+            ok = ok && (std::isalnum(static_cast<unsigned char>(c)) || c == '_');
+        if (!ok)
+            throw error(
+                "runtime_env.env_vars name \"{}\" is not a variable name (1-{} letters, digits "
+                "or _, not starting with a digit)",
+                name.substr(0, kMaxEnvName), kMaxEnvName);
+        if (value.size() > kMaxEnvValue || value.find('\0') != std::string::npos)
+            throw error("runtime_env.env_vars {} is over {} bytes or holds a NUL byte", name,
+                        kMaxEnvValue);
+        bytes += name.size() + value.size();
+        if (bytes > kMaxEnvBytes)
+            throw error("runtime_env.env_vars holds over {} bytes", kMaxEnvBytes);
+        bool owned = kHeadVariables.count(name) > 0;
+        for (const char* prefix : kHeadPrefixes)
+            owned = owned || name.rfind(prefix, 0) == 0;
+        if (owned)
+            throw error(
+                "runtime_env.env_vars may not set {}: it would load code into the job, change "
+                "which programs it runs, or override what the head and the rank discovery set "
+                "(PATH, HOME, LD_*, KILN_*, MASTER_ADDR, RANK, WORLD_SIZE, OMP_NUM_THREADS, "
+                "CUDA_VISIBLE_DEVICES, Slurm and MPI variables)",
+                name);
+    }
 }
 
 void Sandbox::check(const std::vector<std::string>& entrypoint) const {

@@ -10,6 +10,7 @@
 //     config file names. Reading is not restricted by the kernel.
 #pragma once
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -26,6 +27,14 @@ struct Sandbox {
     // Throws Error naming the first file argument of `entrypoint` (a kiln command without
     // "kiln") that resolves outside every root.
     void check(const std::vector<std::string>& entrypoint) const;
+    // The folder `path` (relative to cwd) resolved, links and `..` followed. Throws Error
+    // naming `what` when it is not an existing folder inside a root.
+    std::string folder(const std::string& what, const std::string& path) const;
+    // Throws Error naming the first variable of a job's environment (runtime_env.env_vars)
+    // that it may not set: a malformed or oversized one, one that loads code into the job
+    // (LD_PRELOAD, ...) or moves its binaries (PATH), or one the head and the rank discovery
+    // own (KILN_*, RANK, WORLD_SIZE, MASTER_ADDR, OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES, ...).
+    static void check_env(const std::map<std::string, std::string>& vars);
     // "RUNS and the data roots A, B" (or "... and no data root") for messages and logs.
     std::string describe() const;
 };

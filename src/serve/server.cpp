@@ -4,6 +4,7 @@
 #include <httplib.h>
 #include <signal.h>
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -48,6 +49,148 @@ int64_t int_param(const httplib::Request& req, const char* key, int64_t fallback
     if (v.empty() || *end != '\0')
         throw error("query parameter {}={} is not an integer", key, v.substr(0, 40));
     return x;
+}
+
+// ---- WebSocket (RFC 6455), server side and one way: Ray's client follows a job's log with
+// aiohttp's ws_connect on /api/jobs/ID/logs/tail and reads text frames until a close frame.
+
+// SHA-1 (FIPS 180-4), for the handshake's Sec-WebSocket-Accept only: no secret depends on it.
+std::array<uint8_t, 20> sha1(const std::string& text) {
+    uint32_t h[5] = {0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476, 0xC3D2E1F0};
+    std::string m = text;
+    const uint64_t bits = uint64_t(text.size()) * 8;
+    m += char(0x80);
+    while (m.size() % 64 != 56)
+        m += char(0);
+    for (int i = 7; i >= 0; i--)
+        m += char((bits >> (8 * i)) & 0xff);
+    auto rotl = [](uint32_t x, int n) { return (x << n) | (x >> (32 - n)); };
+    for (size_t block = 0; block < m.size(); block += 64) {
+        uint32_t w[80];
+        for (int t = 0; t < 16; t++) {
+            const auto* p = reinterpret_cast<const unsigned char*>(m.data() + block + 4 * t);
+            w[t] = uint32_t(p[0]) << 24 | uint32_t(p[1]) << 16 | uint32_t(p[2]) << 8 | p[3];
+        }
+        for (int t = 16; t < 80; t++)
+            w[t] = rotl(w[t - 3] ^ w[t - 8] ^ w[t - 14] ^ w[t - 16], 1);
+        uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4];
+        for (int t = 0; t < 80; t++) {
+            uint32_t f, k;
+            if (t < 20) {
+                f = (b & c) | (~b & d), k = 0x5A827999;
+            } else if (t < 40) {
+                f = b ^ c ^ d, k = 0x6ED9EBA1;
+            } else if (t < 60) {
+                f = (b & c) | (b & d) | (c & d), k = 0x8F1BBCDC;
+            } else {
+                f = b ^ c ^ d, k = 0xCA62C1D6;
+            }
+            uint32_t next = rotl(a, 5) + f + e + k + w[t];
+            e = d, d = c, c = rotl(b, 30), b = a, a = next;
+        }
+        h[0] += a, h[1] += b, h[2] += c, h[3] += d, h[4] += e;
+    }
+    std::array<uint8_t, 20> out;
+    for (int i = 0; i < 20; i++)
+        out[size_t(i)] = uint8_t(h[i / 4] >> (24 - 8 * (i % 4)));
+    return out;
+}
+
+std::string base64(const uint8_t* data, size_t n) {
+    static const char* digits = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    std::string out;
+    for (size_t i = 0; i < n; i += 3) {
+        uint32_t v = uint32_t(data[i]) << 16;
+        if (i + 1 < n)
+            v |= uint32_t(data[i + 1]) << 8;
+        if (i + 2 < n)
+            v |= data[i + 2];
+        out += digits[(v >> 18) & 63];
+        out += digits[(v >> 12) & 63];
+        out += i + 1 < n ? digits[(v >> 6) & 63] : '=';
+        out += i + 2 < n ? digits[v & 63] : '=';
+    }
+    return out;
+}
+
+std::string websocket_accept(const std::string& key) {
+    auto digest = sha1(key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    return base64(digest.data(), digest.size());
+}
+
+bool has_token(const std::string& header, const std::string& token) {  // case-insensitive
+    std::string h = header;
+    for (char& c : h)
+        c = char(std::tolower(static_cast<unsigned char>(c)));
+    return h.find(token) != std::string::npos;
+}
+
+bool wants_websocket(const httplib::Request& req) {
+    return has_token(req.get_header_value("Upgrade"), "websocket") &&
+           has_token(req.get_header_value("Connection"), "upgrade");
+}
+
+// One unmasked frame from the server: FIN set, `opcode` (1 text, 8 close).
+std::string ws_frame(uint8_t opcode, std::string_view payload) {
+    std::string f(1, char(0x80 | opcode));
+    const size_t n = payload.size();
+    if (n < 126) {
+        f += char(n);
+    } else if (n < 65536) {
+        f += char(126);
+        f += char(n >> 8);
+        f += char(n & 0xff);
+    } else {
+        f += char(127);
+        for (int i = 7; i >= 0; i--)
+            f += char((uint64_t(n) >> (8 * i)) & 0xff);
+    }
+    f += payload;
+    return f;
+}
+
+// A text frame must hold UTF-8: `pending` + `bytes` up to the last whole character, with
+// malformed bytes as U+FFFD; an unfinished character at the end waits in `pending`.
+std::string utf8_text(std::string& pending, const std::string& bytes) {
+    std::string in = pending + bytes, out;
+    pending.clear();
+    size_t i = 0;
+    while (i < in.size()) {
+        const auto c = static_cast<unsigned char>(in[i]);
+        size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+        if (len == 0 || (len == 2 && c < 0xc2) || (len == 4 && c > 0xf4)) {
+            out += "\xEF\xBF\xBD";
+            i++;
+            continue;
+        }
+        if (i + len > in.size()) {
+            bool prefix = true;
+            for (size_t k = i + 1; k < in.size(); k++)
+                prefix = prefix && (static_cast<unsigned char>(in[k]) & 0xc0) == 0x80;
+            if (prefix) {
+                pending = in.substr(i);
+                break;
+            }
+        }
+        bool ok = i + len <= in.size();
+        for (size_t k = 1; ok && k < len; k++)
+            ok = (static_cast<unsigned char>(in[i + k]) & 0xc0) == 0x80;
+        if (ok && len == 3) {  // no overlong forms, no UTF-16 surrogates
+            const auto c1 = static_cast<unsigned char>(in[i + 1]);
+            ok = !(c == 0xe0 && c1 < 0xa0) && !(c == 0xed && c1 >= 0xa0);
+        } else if (ok && len == 4) {
+            const auto c1 = static_cast<unsigned char>(in[i + 1]);
+            ok = !(c == 0xf0 && c1 < 0x90) && !(c == 0xf4 && c1 >= 0x90);
+        }
+        if (!ok) {
+            out += "\xEF\xBF\xBD";
+            i++;
+            continue;
+        }
+        out.append(in, i, len);
+        i += len;
+    }
+    return out;
 }
 
 // Prometheus text: one gauge family at a time.
@@ -212,6 +355,16 @@ int serve(const ServeOptions& o) {
             fail(res, status, why);
             return httplib::Server::HandlerResponse::Handled;
         }
+        // Ray's client uploads a local runtime_env working_dir (or py_modules) as a zip here
+        // before it submits; refused before the body is read.
+        if (req.path.rfind("/api/packages/", 0) == 0) {
+            fail(res, 501,
+                 "kiln serve takes no uploaded packages: a C++ trainer has no Python environment "
+                 "to ship; give runtime_env.working_dir as a folder on the head node (inside its "
+                 "runs folder or a data root) through the REST API or kiln submit --working-dir, "
+                 "or leave it out");
+            return httplib::Server::HandlerResponse::Handled;
+        }
         // The page and its script hold no data; every data endpoint needs the token.
         if (o.token.empty() || req.path == "/" || req.path == "/static/chart.js" ||
             req.path == "/healthz")
@@ -230,6 +383,16 @@ int serve(const ServeOptions& o) {
             return httplib::Server::HandlerResponse::Handled;
         }
         return httplib::Server::HandlerResponse::Unhandled;
+    });
+    svr.set_post_routing_handler([](const httplib::Request&, httplib::Response& res) {
+        if (res.status != 101)
+            return;
+        // A handshake answer carries the upgrade headers and nothing of a body's.
+        for (const char* name : {"Content-Type", "Keep-Alive", "Content-Length"})
+            res.headers.erase(name);
+        auto [first, last] = res.headers.equal_range("Connection");
+        for (auto it = first; it != last;)
+            it = it->second == "Upgrade" ? std::next(it) : res.headers.erase(it);
     });
     svr.set_error_handler([&](const httplib::Request& req, httplib::Response& res) {
         if (!res.body.empty())
@@ -266,8 +429,17 @@ int serve(const ServeOptions& o) {
     svr.Get("/healthz", [](const httplib::Request&, httplib::Response& res) {
         res.set_content("ok\n", "text/plain");
     });
+    // Ray's VersionResponse: its client reads ray_version (the checks it makes before submit:
+    // 1.9, 2.0, 2.2 for entrypoint_num_cpus/gpus, 2.8 for entrypoint_memory, 3.0 for
+    // retry_policy, which kiln does not take) and parses version, Ray's jobs API level, as an
+    // integer (4: DELETE of jobs). ray_version is the Ray release whose jobs API kiln speaks.
     svr.Get("/api/version", [](const httplib::Request&, httplib::Response& res) {
-        reply(res, 200, {{"version", "kiln 0.1.0"}, {"api", 1}});
+        reply(res, 200,
+              {{"version", "4"},
+               {"ray_version", "2.8.0"},
+               {"ray_commit", "kiln"},
+               {"session_name", "kiln"},
+               {"kiln_version", "0.1.0"}});
     });
 
     // Jobs API.
@@ -301,9 +473,17 @@ int serve(const ServeOptions& o) {
                 if (auto job = find(req, res))
                     reply(res, 200, {{"logs", tail_of(queue.job_log(job->id), 4 << 20)}});
             });
-    // The log as a plain-text stream that follows the file until the job ends.
+    // The log, followed until the job ends: as WebSocket text frames and a close frame when
+    // the request asks to upgrade (Ray's client), else as a plain-text chunked stream.
     svr.Get(R"(/api/jobs/([A-Za-z0-9_-]+)/logs/tail)", [&](const httplib::Request& req,
                                                            httplib::Response& res) {
+        const bool websocket = wants_websocket(req);
+        const std::string key = req.get_header_value("Sec-WebSocket-Key");
+        if (websocket && (req.get_header_value("Sec-WebSocket-Version") != "13" || key.empty() ||
+                          key.size() > 64))
+            return fail(res, 400,
+                        "a WebSocket upgrade needs Sec-WebSocket-Version: 13 and a "
+                        "Sec-WebSocket-Key");
         auto job = find(req, res);
         if (!job)
             return;
@@ -320,26 +500,49 @@ int serve(const ServeOptions& o) {
         std::shared_ptr<void> ticket(nullptr, [&](void*) { followers--; });
         std::string id = job->id, path = queue.job_log(id);
         auto offset = std::make_shared<int64_t>(0);
-        res.set_chunked_content_provider(
-            "text/plain", [&queue, id, path, offset, ticket](size_t, httplib::DataSink& sink) {
-                for (int polls = 0; polls < 20; polls++) {
-                    auto now = queue.get(id);
-                    bool over = !now || terminal(now->state);
-                    std::string chunk = ServedFile(path).read(*offset, 1 << 16);
-                    if (!chunk.empty()) {
-                        *offset += int64_t(chunk.size());
+        auto pending = std::make_shared<std::string>();  // an unfinished UTF-8 character
+        auto follow = [&queue, id, path, offset, pending, ticket, websocket](
+                          size_t, httplib::DataSink& sink) {
+            for (int polls = 0; polls < 20; polls++) {
+                auto now = queue.get(id);
+                bool over = !now || terminal(now->state);
+                std::string chunk = ServedFile(path).read(*offset, 1 << 16);
+                if (!chunk.empty()) {
+                    *offset += int64_t(chunk.size());
+                    if (!websocket)
                         return sink.write(chunk.data(), chunk.size());
-                    }
-                    if (over) {
+                    std::string text = utf8_text(*pending, chunk);
+                    if (text.empty())
+                        continue;
+                    std::string frame = ws_frame(1, text);
+                    return sink.write(frame.data(), frame.size());
+                }
+                if (over) {
+                    if (!websocket) {
                         sink.done();
                         return true;
                     }
-                    if (!sink.is_writable())
-                        return false;
-                    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+                    // Close code 1000 (normal): Ray's client ends the tail without an
+                    // error. Returning false then makes the server drop the connection
+                    // rather than read the client's close frame as a request.
+                    std::string frame = (pending->empty() ? "" : ws_frame(1, "\xEF\xBF\xBD")) +
+                                        ws_frame(8, std::string("\x03\xe8", 2));
+                    sink.write(frame.data(), frame.size());
+                    return false;
                 }
-                return sink.is_writable();
-            });
+                if (!sink.is_writable())
+                    return false;
+                std::this_thread::sleep_for(std::chrono::milliseconds(200));
+            }
+            return sink.is_writable();
+        };
+        if (!websocket)
+            return res.set_chunked_content_provider("text/plain", follow);
+        res.status = 101;
+        res.set_header("Upgrade", "websocket");
+        res.set_header("Connection", "Upgrade");
+        res.set_header("Sec-WebSocket-Accept", websocket_accept(key));
+        res.set_content_provider("", follow);
     });
     svr.Post(R"(/api/jobs/([A-Za-z0-9_-]+)/stop)",
              [&](const httplib::Request& req, httplib::Response& res) {

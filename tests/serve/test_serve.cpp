@@ -1,19 +1,25 @@
 // kiln serve over real HTTP, against a real server process: the jobs API, gang admission,
 // a head restart, bad input, and the dashboard rendered by headless Chromium.
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <httplib.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -775,6 +781,419 @@ TEST(JobSpec, RandomBodiesAreAJobOrOneError) {
     }
     EXPECT_GT(jobs, 0);
     EXPECT_GT(errors, 0);
+}
+
+}  // namespace
+}  // namespace kiln
+
+namespace kiln {
+namespace {
+
+using json = nlohmann::json;
+using kiln::testing::TempDir;
+
+// ---- Ray's job client against kiln serve, replayed byte for byte over real HTTP.
+//
+// Ray cannot be installed here, so the requests its client makes are written out from Ray's
+// source (github.com/ray-project/ray, python/ray/dashboard/modules/, read at master in 2026: the
+// 2.x jobs API, level "4"/"5" of version.py):
+//   - dashboard_sdk.py SubmissionClient._check_connection_and_version_with_url: GET
+//     /api/version, then r.json()["ray_version"] compared with a minimum (1.9 and 2.0 in
+//     JobSubmissionClient.__init__, 2.2 in submit_job when entrypoint_num_cpus/gpus are given,
+//     2.8 for entrypoint_memory); get_version parses "version" with int() (job/cli.py submit).
+//   - SubmissionClient._do_request: one requests.request() per call, so one connection each,
+//     with requests' default headers (User-Agent python-requests/2.31.0, Accept-Encoding
+//     "gzip, deflate", Accept */*, Connection keep-alive), json= bodies as json.dumps writes them
+//     (", " and ": " separators, Content-Type application/json); POST and DELETE without a
+//     body carry Content-Length: 0.
+//   - job/common.py JobSubmitRequest (field order of dataclasses.asdict: entrypoint,
+//     submission_id, job_id, runtime_env, metadata, entrypoint_num_cpus, entrypoint_num_gpus,
+//     entrypoint_memory, entrypoint_resources). Ray 2.x clients send every field, null where
+//     unset; newer ones strip the nulls (job/utils.py strip_keys_with_value_none). Both are
+//     replayed. The CLI sends entrypoint_num_cpus as a float (click type=float) and the
+//     entrypoint as shlex.join(argv).
+//   - job/common.py JobSubmitResponse, JobStopResponse, JobDeleteResponse, JobLogsResponse are
+//     dataclasses built with **r.json(): their answers must hold exactly their keys.
+//   - job/pydantic_models.py JobDetails (get_job_info, list_jobs): type "SUBMISSION", status one
+//     of JobStatus, start_time/end_time Optional[int] in unix milliseconds, driver_exit_code
+//     Optional[int], metadata Dict[str, str], runtime_env dict; unknown keys are ignored.
+//   - job/sdk.py tail_job_logs: aiohttp ws_connect to /api/jobs/ID/logs/tail (aiohttp 3.9
+//     defaults: Upgrade, Connection, Sec-WebSocket-Version 13, a random Sec-WebSocket-Key,
+//     permessage-deflate offered); TEXT frames are log text, and a close with a code other than
+//     1006 ends the tail without an error.
+//   - job/cli.py: `ray job submit` = version x3, POST, version, tail, GET job; `status` =
+//     version x2, GET job; `logs` = version x2, GET logs; `list` = version x2, GET jobs;
+//     `stop` = version x2, POST stop, GET job until terminal; `delete` = version x2, DELETE.
+namespace ray {
+
+struct Answer {
+    int status = 0;
+    std::map<std::string, std::string> headers;  // names lower-cased
+    std::string body;                            // decoded when gzip
+    json j() const { return json::parse(body, nullptr, false); }
+};
+
+// One request on its own connection, as requests sends it; the answer read to its end.
+Answer round_trip(int port, const std::string& request) {
+    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(uint16_t(port));
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    Answer out;
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
+        ::send(fd, request.data(), request.size(), MSG_NOSIGNAL) != ssize_t(request.size())) {
+        ::close(fd);
+        ADD_FAILURE() << "cannot send to the head";
+        return out;
+    }
+    std::string raw;
+    char buf[65536];
+    size_t head_end = std::string::npos, length = 0;
+    for (;;) {
+        ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+        if (n <= 0)
+            break;
+        raw.append(buf, size_t(n));
+        if (head_end == std::string::npos &&
+            (head_end = raw.find("\r\n\r\n")) != std::string::npos) {
+            std::istringstream lines(raw.substr(0, head_end));
+            std::string line;
+            std::getline(lines, line);
+            out.status = std::atoi(line.substr(9, 3).c_str());
+            while (std::getline(lines, line)) {
+                if (!line.empty() && line.back() == '\r')
+                    line.pop_back();
+                size_t colon = line.find(':');
+                std::string name = line.substr(0, colon);
+                for (char& c : name)
+                    c = char(std::tolower(static_cast<unsigned char>(c)));
+                out.headers[name] = line.substr(colon + 2);
+            }
+            length = size_t(std::atoll(out.headers["content-length"].c_str()));
+        }
+        if (head_end != std::string::npos && out.status != 101 &&
+            raw.size() >= head_end + 4 + length)
+            break;
+    }
+    ::close(fd);
+    if (head_end == std::string::npos) {
+        ADD_FAILURE() << "no answer: " << raw;
+        return out;
+    }
+    out.body = raw.substr(head_end + 4);
+    if (out.headers["content-encoding"] == "gzip") {
+        std::string plain;
+        httplib::detail::gzip_decompressor gz;
+        gz.decompress(out.body.data(), out.body.size(), [&](const char* d, size_t n) {
+            plain.append(d, n);
+            return true;
+        });
+        out.body = plain;
+    }
+    return out;
+}
+
+std::string head(const std::string& method, const std::string& path, int port) {
+    return method + " " + path + " HTTP/1.1\r\nHost: 127.0.0.1:" + std::to_string(port) +
+           "\r\nUser-Agent: python-requests/2.31.0\r\nAccept-Encoding: gzip, deflate\r\n"
+           "Accept: */*\r\nConnection: keep-alive\r\n";
+}
+Answer get(int port, const std::string& path) {
+    return round_trip(port, head("GET", path, port) + "\r\n");
+}
+Answer bodiless(int port, const std::string& method, const std::string& path) {
+    return round_trip(port, head(method, path, port) + "Content-Length: 0\r\n\r\n");
+}
+Answer post(int port, const std::string& path, const std::string& body) {
+    return round_trip(port, head("POST", path, port) +
+                                "Content-Length: " + std::to_string(body.size()) +
+                                "\r\nContent-Type: application/json\r\n\r\n" + body);
+}
+
+// JSON as Python's json.dumps writes it (", " and ": "), for bodies written out below.
+std::string dumps(const json& j) {
+    if (j.is_object()) {
+        std::string s = "{";
+        for (auto it = j.begin(); it != j.end(); ++it)
+            s += (it == j.begin() ? "" : ", ") + json(it.key()).dump() + ": " + dumps(it.value());
+        return s + "}";
+    }
+    return j.dump();
+}
+
+// _check_connection_and_version_with_url: 200, ray_version at least `min`, and (cli.py)
+// int(version) > 0.
+void version_check(int port, int min_minor) {
+    Answer a = get(port, "/api/version");
+    ASSERT_EQ(a.status, 200) << a.body;
+    json v = a.j();
+    ASSERT_TRUE(v["ray_version"].is_string()) << a.body;
+    int major = 0, minor = 0;
+    std::sscanf(v["ray_version"].get<std::string>().c_str(), "%d.%d", &major, &minor);
+    EXPECT_TRUE(major == 2 && minor >= min_minor) << a.body;  // below 3.0: retry_policy is refused
+    ASSERT_TRUE(v["version"].is_string()) << a.body;
+    EXPECT_GT(std::stoi(v["version"].get<std::string>()), 0);
+    for (const char* key : {"ray_commit", "session_name"})
+        EXPECT_TRUE(v[key].is_string()) << key;
+}
+
+std::set<std::string> keys(const json& j) {
+    std::set<std::string> k;
+    for (const auto& [key, value] : j.items())
+        k.insert(key);
+    return k;
+}
+
+bool null_or(const json& v, bool (json::*is)() const noexcept) {
+    return v.is_null() || (v.*is)();
+}
+
+// JobDetails(**json), field by field, as pydantic would validate it.
+void expect_job_details(const json& j, double now_s) {
+    ASSERT_TRUE(j.is_object());
+    EXPECT_EQ(j["type"], "SUBMISSION");
+    EXPECT_TRUE(null_or(j["job_id"], &json::is_string));
+    EXPECT_TRUE(j["submission_id"].is_string());
+    EXPECT_TRUE(j["driver_info"].is_null() || j["driver_info"].is_object());
+    const std::set<std::string> states = {"PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED"};
+    EXPECT_TRUE(states.count(j["status"].get<std::string>())) << j["status"];
+    EXPECT_TRUE(j["entrypoint"].is_string());
+    for (const char* key : {"message", "error_type", "driver_agent_http_address", "driver_node_id"})
+        EXPECT_TRUE(null_or(j[key], &json::is_string)) << key << ": " << j[key];
+    for (const char* key : {"start_time", "end_time", "driver_exit_code"})
+        EXPECT_TRUE(null_or(j[key], &json::is_number_integer)) << key << ": " << j[key];
+    // Milliseconds, not seconds: within the last hour of this clock.
+    for (const char* key : {"start_time", "end_time"}) {
+        if (j[key].is_number_integer()) {
+            double s = double(j[key].get<int64_t>()) / 1000;
+            EXPECT_GT(s, now_s - 3600) << key;
+            EXPECT_LT(s, now_s + 60) << key;
+        }
+    }
+    EXPECT_TRUE(j["metadata"].is_object());
+    for (const auto& [k, v] : j["metadata"].items())
+        EXPECT_TRUE(v.is_string()) << k;
+    EXPECT_TRUE(null_or(j["runtime_env"], &json::is_object));
+}
+
+struct Frames {
+    int status = 0;
+    std::map<std::string, std::string> headers;
+    std::string text;
+    int close_code = -1;
+    bool masked = false;
+};
+
+// aiohttp's ws_connect, then every frame until the server closes.
+Frames tail(int port, const std::string& id, const std::string& key) {
+    std::string request = "GET /api/jobs/" + id +
+                          "/logs/tail HTTP/1.1\r\nHost: 127.0.0.1:" + std::to_string(port) +
+                          "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " +
+                          key +
+                          "\r\nSec-WebSocket-Extensions: permessage-deflate; "
+                          "client_max_window_bits\r\nAccept: */*\r\nAccept-Encoding: gzip, "
+                          "deflate\r\nUser-Agent: Python/3.11 aiohttp/3.9.5\r\n\r\n";
+    Answer a = round_trip(port, request);
+    Frames f;
+    f.status = a.status;
+    f.headers = a.headers;
+    const std::string& b = a.body;
+    size_t i = 0;
+    while (i + 2 <= b.size()) {
+        const int opcode = b[i] & 0x0f;
+        f.masked = f.masked || (b[i + 1] & 0x80);
+        uint64_t n = uint8_t(b[i + 1]) & 0x7f;
+        i += 2;
+        int extra = n == 126 ? 2 : n == 127 ? 8 : 0;
+        if (extra) {
+            n = 0;
+            for (int k = 0; k < extra; k++)
+                n = n << 8 | uint8_t(b[i + size_t(k)]);
+            i += size_t(extra);
+        }
+        std::string payload = b.substr(i, size_t(n));
+        i += size_t(n);
+        if (opcode == 1) {
+            f.text += payload;
+        } else if (opcode == 8 && payload.size() >= 2) {
+            f.close_code = uint8_t(payload[0]) << 8 | uint8_t(payload[1]);
+        }
+    }
+    return f;
+}
+
+bool valid_utf8(const std::string& s) {
+    for (size_t i = 0; i < s.size();) {
+        auto c = static_cast<unsigned char>(s[i]);
+        size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+        if (len == 0 || i + len > s.size())
+            return false;
+        for (size_t k = 1; k < len; k++)
+            if ((static_cast<unsigned char>(s[i + k]) & 0xc0) != 0x80)
+                return false;
+        i += len;
+    }
+    return true;
+}
+
+}  // namespace ray
+
+TEST(RayClient, EveryCallOfRaysJobClientIsAnsweredAsItExpects) {
+    TempDir dir;
+    fs::make_dirs(dir / "data/work");
+    Server s(dir / "runs", {"--data-root", dir / "data"});
+    const int port = s.port;
+    const double now = unix_seconds();
+
+    // `ray job submit --submission-id ray-1 --entrypoint-num-cpus 1 -- kiln train ...`, from a
+    // Ray 2.x client: every JobSubmitRequest field, the unset ones null.
+    ray::version_check(port, 0);  // JobSubmissionClient.__init__: at least 1.9, then 2.0
+    ray::version_check(port, 0);
+    ray::version_check(port, 2);  // submit_job with entrypoint_num_cpus: at least 2.2
+    const std::string entrypoint = kMicro + " --set train.steps=3";
+    std::string body = "{\"entrypoint\": " + json(entrypoint).dump() +
+                       ", \"submission_id\": \"ray-1\", \"job_id\": null, \"runtime_env\": {}, "
+                       "\"metadata\": {}, \"entrypoint_num_cpus\": 1.0, \"entrypoint_num_gpus\": "
+                       "null, \"entrypoint_memory\": null, \"entrypoint_resources\": null}";
+    ray::Answer a = ray::post(port, "/api/jobs/", body);
+    ASSERT_EQ(a.status, 200) << a.body;
+    EXPECT_EQ(ray::keys(a.j()), (std::set<std::string>{"job_id", "submission_id"})) << a.body;
+    EXPECT_EQ(a.j()["submission_id"], "ray-1");
+    ray::version_check(port, 0);
+    // tail_job_logs: the RFC 6455 handshake (the key and answer of RFC 6455 section 1.3), text
+    // frames of valid UTF-8, then a normal close when the job ends.
+    ray::Frames f = ray::tail(port, "ray-1", "dGhlIHNhbXBsZSBub25jZQ==");
+    EXPECT_EQ(f.status, 101);
+    EXPECT_EQ(f.headers["upgrade"], "websocket");
+    EXPECT_EQ(f.headers["connection"], "Upgrade");
+    EXPECT_EQ(f.headers["sec-websocket-accept"], "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    EXPECT_EQ(f.headers.count("sec-websocket-extensions"), 0u);  // no compression agreed
+    EXPECT_FALSE(f.masked);
+    EXPECT_EQ(f.close_code, 1000);
+    EXPECT_TRUE(ray::valid_utf8(f.text));
+    EXPECT_NE(f.text.find("step"), std::string::npos) << f.text;
+    a = ray::get(port, "/api/jobs/ray-1");
+    ASSERT_EQ(a.status, 200) << a.body;
+    ray::expect_job_details(a.j(), now);
+    EXPECT_EQ(a.j()["status"], "SUCCEEDED") << a.body;
+    EXPECT_EQ(a.j()["driver_exit_code"], 0);
+    EXPECT_EQ(a.j()["entrypoint"], entrypoint);
+
+    // `ray job status`, `ray job logs`, `ray job list`.
+    ray::version_check(port, 0);
+    a = ray::get(port, "/api/jobs/ray-1");
+    ray::expect_job_details(a.j(), now);
+    a = ray::get(port, "/api/jobs/ray-1/logs");
+    ASSERT_EQ(a.status, 200);
+    EXPECT_EQ(ray::keys(a.j()), (std::set<std::string>{"logs"}));
+    EXPECT_NE(a.j()["logs"].get<std::string>().find("step"), std::string::npos);
+    a = ray::get(port, "/api/jobs/");
+    ASSERT_EQ(a.status, 200);
+    ASSERT_TRUE(a.j().is_array());
+    for (const json& j : a.j())
+        ray::expect_job_details(j, now);
+
+    // A newer client strips the nulls. runtime_env: env_vars for every rank, working_dir a
+    // folder inside a root; the job runs there with them. Then `ray job stop` and `delete`.
+    json newer = {
+        {"entrypoint", kMicro + " --set train.steps=100000"},
+        {"submission_id", "ray-2"},
+        {"runtime_env",
+         {{"env_vars", {{"COMPAT_MARK", "from-ray"}}}, {"working_dir", dir / "data/work"}}},
+        {"metadata", {{"owner", "ray"}}},
+        {"entrypoint_num_cpus", 1},
+        {"entrypoint_memory", int64_t(8) << 30}};
+    ray::version_check(port, 8);  // entrypoint_memory needs 2.8
+    a = ray::post(port, "/api/jobs/", ray::dumps(newer));
+    ASSERT_EQ(a.status, 200) << a.body;
+    json running = s.wait("ray-2", "RUNNING");
+    const std::string proc = "/proc/" + std::to_string(running["pid"].get<int>());
+    // RUNNING comes at fork; the environment and folder are the job's once it has exec'd.
+    std::string environ_text;
+    for (int i = 0; i < 100 && environ_text.find("\nCOMPAT_MARK=from-ray\n") == std::string::npos;
+         i++) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        std::ifstream environ_file(proc + "/environ");
+        environ_text = "\n" + std::string(std::istreambuf_iterator<char>(environ_file), {});
+        std::replace(environ_text.begin(), environ_text.end(), '\0', '\n');
+    }
+    EXPECT_NE(environ_text.find("\nCOMPAT_MARK=from-ray\n"), std::string::npos);
+    EXPECT_EQ(std::filesystem::read_symlink(proc + "/cwd"),
+              std::filesystem::canonical(dir / "data/work"));
+    a = ray::get(port, "/api/jobs/ray-2");
+    ray::expect_job_details(a.j(), now);
+    EXPECT_EQ(a.j()["runtime_env"]["env_vars"]["COMPAT_MARK"], "from-ray");
+    EXPECT_EQ(a.j()["entrypoint_memory"], int64_t(8) << 30);
+    EXPECT_TRUE(a.j()["end_time"].is_null());
+    EXPECT_TRUE(a.j()["driver_exit_code"].is_null());
+    ray::version_check(port, 0);
+    a = ray::bodiless(port, "POST", "/api/jobs/ray-2/stop");
+    ASSERT_EQ(a.status, 200) << a.body;
+    EXPECT_EQ(a.j(), (json{{"stopped", true}}));
+    json stopped = s.wait("ray-2");
+    EXPECT_EQ(stopped["status"], "STOPPED");
+    ray::expect_job_details(stopped, now);
+    EXPECT_TRUE(stopped["end_time"].is_number_integer());
+    a = ray::bodiless(port, "DELETE", "/api/jobs/ray-2");
+    ASSERT_EQ(a.status, 200) << a.body;
+    EXPECT_EQ(a.j(), (json{{"deleted", true}}));
+    EXPECT_EQ(ray::get(port, "/api/jobs/ray-2").status, 404);
+
+    // entrypoint_memory is the per-rank limit the job checks its memory plan against.
+    json tight = {{"entrypoint", kMicro + " --set train.steps=3"}, {"entrypoint_memory", 1 << 20}};
+    a = ray::post(port, "/api/jobs/", ray::dumps(tight));
+    ASSERT_EQ(a.status, 200) << a.body;
+    json failed = s.wait(a.j()["job_id"].get<std::string>());
+    EXPECT_EQ(failed["status"], "FAILED");
+    std::string log =
+        ray::get(port, "/api/jobs/" + failed["job_id"].get<std::string>() + "/logs").j()["logs"];
+    EXPECT_NE(log.find("(train.memory_limit_gb)"), std::string::npos) << log;
+
+    // What kiln cannot honour is refused in one sentence naming it, never ignored.
+    auto refusal = [&](const json& patch) {
+        json b = {{"entrypoint", "kiln train --set train.steps=1"},
+                  {"submission_id", nullptr},
+                  {"runtime_env", json::object()}};
+        b.update(patch);
+        ray::Answer r = ray::post(port, "/api/jobs/", ray::dumps(b));
+        EXPECT_EQ(r.status, 400) << patch.dump() << ": " << r.body;
+        return r.j().value("error", "");
+    };
+    const std::pair<json, std::string> refused[] = {
+        {{{"runtime_env", {{"pip", {"torch"}}}}}, "runtime_env.pip is not supported"},
+        {{{"runtime_env", {{"conda", "env"}}}}, "runtime_env.conda is not supported"},
+        {{{"runtime_env", {{"container", {{"image", "x"}}}}}}, "runtime_env.container"},
+        {{{"runtime_env", {{"working_dir", "gcs://_ray_pkg_0123.zip"}}}}, "package URI"},
+        {{{"runtime_env", {{"working_dir", "/"}}}}, "outside the runs folder"},
+        {{{"runtime_env", {{"env_vars", {{"LD_PRELOAD", "/tmp/x.so"}}}}}},
+         "may not set LD_PRELOAD"},
+        {{{"runtime_env", {{"env_vars", {{"PATH", "/tmp"}}}}}}, "may not set PATH"},
+        {{{"runtime_env", {{"env_vars", {{"RANK", "3"}}}}}}, "may not set RANK"},
+        {{{"runtime_env", {{"env_vars", {{"KILN_JOB_ID", "x"}}}}}}, "may not set KILN_JOB_ID"},
+        {{{"runtime_env", {{"env_vars", {{"A=B", "x"}}}}}}, "is not a variable name"},
+        {{{"runtime_env", {{"env_vars", {{"A", 1}}}}}}, "must be a string"},
+        {{{"entrypoint", "python train.py --epochs 3"}}, "not a kiln command"},
+        {{{"entrypoint_num_gpus", 0.5}}, "whole number"},
+        {{{"entrypoint_resources", {{"TPU", 1}}}}, "custom resources"},
+        {{{"entrypoint_label_selector", {{"zone", "a"}}}}, "no node labels"},
+        {{{"retry_policy", {{"max_retries", 3}}}}, "max_failures"},
+        {{{"entrypoint", "kiln data --corpus builtin:stories --out x"},
+          {"entrypoint_memory", 1 << 30}},
+         "no memory plan"},
+    };
+    for (const auto& [patch, words] : refused) {
+        std::string why = refusal(patch);
+        EXPECT_NE(why.find(words), std::string::npos) << patch.dump() << ": " << why;
+    }
+    // A local working_dir is uploaded by Ray's client before it submits: refused at the first
+    // call, before anything is uploaded.
+    a = ray::get(port, "/api/packages/gcs/_ray_pkg_0123.zip");
+    EXPECT_EQ(a.status, 501);
+    EXPECT_NE(a.body.find("no uploaded packages"), std::string::npos) << a.body;
+    // An unknown job, as Ray's client sees it.
+    EXPECT_EQ(ray::get(port, "/api/jobs/nope").status, 404);
 }
 
 }  // namespace

@@ -14,9 +14,11 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <functional>
 #include <random>
 #include <vector>
 
+#include "kernels/cpu/cpu.h"
 #include "kernels/cuda/kernel_math.h"
 #include "kernels/reference/reference.h"
 
@@ -277,6 +279,135 @@ TEST(KernelMath, RopeAsTheReferenceAttentionRotates) {
     EXPECT_LT(rel_err(dqkv, dqkv_ref), 1e-6);
 }
 
+// The backward functions are the gradients of the forward functions, seen through the shared
+// functions alone: central differences of loss = sum(forward * dout) with step h, evaluated in
+// double from the fp32 forward, at 60 random entries plus `extra` (those carrying the gradient's
+// mass), as normalized squared error. The truncation error is of order h^2 of each derivative
+// and the rounding of the fp32 forward ~1e-7 |loss| / h; with the steps below NMSE was at most
+// 2e-8, so 1e-5 leaves room for other seeds and compilers, while a wrong term moves it above
+// 1e-3.
+double fd_nmse(std::vector<float>& x, const std::vector<float>& analytic,
+               const std::function<double()>& loss, float h, std::vector<size_t> extra = {}) {
+    std::mt19937_64 rng(7);
+    for (int k = 0; k < 60; k++)
+        extra.push_back(rng() % x.size());
+    double err = 0, norm = 0;
+    for (size_t i : extra) {
+        const float saved = x[i];
+        x[i] = saved + h;
+        const double up = loss();
+        x[i] = saved - h;
+        const double down = loss();
+        x[i] = saved;
+        const double fd = (up - down) / (double(saved + h) - double(saved - h));
+        err += (analytic[i] - fd) * (analytic[i] - fd);
+        norm += fd * fd;
+    }
+    return err / norm;
+}
+
+double weighted(const std::vector<float>& a, const std::vector<float>& b) {
+    double s = 0;
+    for (size_t i = 0; i < a.size(); i++)
+        s += double(a[i]) * b[i];
+    return s;
+}
+
+TEST(KernelMath, BackwardIsTheGradientOfForward) {
+    {  // RMSNorm, dx
+        const int64_t M = 3, C = 300;
+        auto x = randn(M * C, 1, 2.5f), w = randn(C, 2), dout = randn(M * C, 3);
+        auto forward = [&] {
+            std::vector<float> out(M * C);
+            for (int64_t m = 0; m < M; m++) {
+                const float* xr = x.data() + m * C;
+                const float r = rmsnorm_rstd(
+                    row_reduce([&](int t) { return rmsnorm_sumsq(xr, C, t, kRowThreads); }, 0.0f,
+                               Sum{}),
+                    C, 1e-5f);
+                for (int t = 0; t < kRowThreads; t++)
+                    rmsnorm_scale(out.data() + m * C, xr, w.data(), r, C, t, kRowThreads);
+            }
+            return weighted(out, dout);
+        };
+        std::vector<float> dx(M * C);
+        for (int64_t m = 0; m < M; m++) {
+            const float* xr = x.data() + m * C;
+            const float* dr = dout.data() + m * C;
+            const float r =
+                rmsnorm_rstd(row_reduce([&](int t) { return rmsnorm_sumsq(xr, C, t, kRowThreads); },
+                                        0.0f, Sum{}),
+                             C, 1e-5f);
+            const float d =
+                row_reduce([&](int t) { return rmsnorm_dot(dr, w.data(), xr, C, t, kRowThreads); },
+                           0.0f, Sum{});
+            for (int t = 0; t < kRowThreads; t++)
+                rmsnorm_dx(dx.data() + m * C, dr, w.data(), xr, r, d, C, t, kRowThreads);
+        }
+        EXPECT_LT(fd_nmse(x, dx, forward, 1e-2f), 1e-5) << "rmsnorm dx";
+    }
+    {  // SwiGLU, both halves of dgu
+        const int64_t M = 4, F = 50;
+        auto gu = randn(M * 2 * F, 4, 2.0f), dh = randn(M * F, 5);
+        auto forward = [&] {
+            std::vector<float> h(M * F);
+            grid_stride(M * F, [&](int64_t i) { swiglu_forward_at(h.data(), gu.data(), F, i); });
+            return weighted(h, dh);
+        };
+        std::vector<float> dgu(M * 2 * F);
+        grid_stride(M * F,
+                    [&](int64_t i) { swiglu_backward_at(dgu.data(), dh.data(), gu.data(), F, i); });
+        EXPECT_LT(fd_nmse(gu, dgu, forward, 1e-2f), 1e-5) << "swiglu dgu";
+    }
+    {  // cross-entropy: d(sum_m scale_m loss_m) / dlogits
+        // A vocabulary of 100, so that softmax entries (~1e-2) stand well above the rounding of
+        // the fp32 losses over 2h; the targets' entries (~ -scale) are always among the checked.
+        const int64_t M = 3, V = 100;
+        auto logits = randn(M * V, 6, 2.0f);
+        std::vector<int32_t> targets = {5, 99, 0};
+        std::vector<float> scale = {0.5f, 1.0f, 0.25f};
+        auto stats = [&](int64_t m) {
+            const float* row = logits.data() + m * V;
+            return row_reduce([&](int t) { return xent_fold(row, V, t, kRowThreads); },
+                              maxsum_identity(), MaxSumCombine{});
+        };
+        auto forward = [&] {
+            double total = 0;
+            for (int64_t m = 0; m < M; m++)
+                total += scale[m] * xent_loss(stats(m), logits[m * V + targets[m]], targets[m]);
+            return total;
+        };
+        std::vector<float> dlogits(M * V);
+        for (int64_t m = 0; m < M; m++) {
+            const MaxSum s = stats(m);
+            for (int t = 0; t < kRowThreads; t++) {
+                xent_gradient(dlogits.data() + m * V, logits.data() + m * V, V, targets[m], s.max,
+                              s.sum, scale[m], t, kRowThreads);
+            }
+        }
+        EXPECT_LT(fd_nmse(logits, dlogits, forward, 5e-2f, {5, V + 99, 2 * V}), 1e-5)
+            << "xent dlogits";
+    }
+    {  // RoPE is a rotation: its backward (sign -1) is its adjoint, <rope(x), d> = <x, rope^T d>
+        const int64_t T = 6, M = 12, n_heads = 3, D = 8, ld = n_heads * D + 5;
+        std::vector<float> cos(T * D / 2), sin(T * D / 2);
+        for (int64_t t = 0; t < T; t++) {
+            for (int64_t i = 0; i < D / 2; i++) {
+                cos[t * D / 2 + i] = float(std::cos(t * std::pow(10000.0, -2.0 * i / D)));
+                sin[t * D / 2 + i] = float(std::sin(t * std::pow(10000.0, -2.0 * i / D)));
+            }
+        }
+        auto x = randn(M * ld, 7), d = randn(M * ld, 8);
+        auto rx = x, rd = d;
+        grid_stride(M * n_heads * D / 2, [&](int64_t i) {
+            rope_at(rx.data(), ld, T, n_heads, D, cos.data(), sin.data(), 1.0f, i);
+            rope_at(rd.data(), ld, T, n_heads, D, cos.data(), sin.data(), -1.0f, i);
+        });
+        const double lhs = weighted(rx, d), rhs = weighted(x, rd);
+        EXPECT_NEAR(lhs, rhs, 1e-5 * std::sqrt(weighted(x, x) * weighted(d, d)));
+    }
+}
+
 // Rows of 5003 logits (not a multiple of the block), spread 3 so the running max of each
 // thread moves; one row ignored (-1), one with logits far from 0 (no overflow of exp).
 TEST(KernelMath, CrossEntropyRows) {
@@ -361,6 +492,26 @@ TEST(KernelMath, AdamW) {
     for (int64_t i = 0; i < n; i++)
         ASSERT_EQ(pb[i], f32_to_bf16(p[i]));
     expect_bf16_within_one_ulp(pb, pb_ref, "adamw bf16 weights");
+}
+
+// Product operands converted while packed dense: as the CPU backend packs them, bit for bit.
+TEST(KernelMath, PackOperands) {
+    const int64_t rows = 37, cols = 29, ld = 40;
+    auto x = randn(rows * ld, 1, 10.0f);
+    std::vector<uint16_t> got(rows * cols), want(rows * cols);
+    grid_stride(rows * cols, [&](int64_t i) { pack_at(got.data(), x.data(), cols, ld, i); });
+    cpu::pack_bf16(want.data(), x.data(), rows, cols, ld);
+    EXPECT_EQ(got, want);
+    std::vector<uint16_t> h(rows * ld);
+    for (size_t i = 0; i < h.size(); i++)
+        h[i] = f32_to_bf16(x[i]);
+    std::vector<float> wide(rows * cols), wide_want(rows * cols);
+    grid_stride(rows * cols, [&](int64_t i) { pack_at(wide.data(), h.data(), cols, ld, i); });
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t c = 0; c < cols; c++)
+            wide_want[r * cols + c] = bf16_to_f32(h[r * ld + c]);
+    }
+    EXPECT_EQ(wide, wide_want);
 }
 
 TEST(KernelMath, ToBf16) {

@@ -1,7 +1,8 @@
 #pragma once
-// The CUDA backend's ops so far: the row-wise and elementwise ops of the Kernels table, with the
-// table's signatures and contracts (table.h) on device pointers, their arithmetic in
-// kernel_math.h. Not a table yet: no products or attention, and the model does not run on CUDA.
+// The CUDA backend's ops so far: the row-wise and elementwise ops of the Kernels table and the
+// products, with the table's signatures and contracts (table.h) on device pointers, their
+// arithmetic in kernel_math.h. Not a table yet: no attention, and the model does not run on CUDA.
+#include <cstddef>
 #include <cstdint>
 
 #include "kernels/ops.h"
@@ -33,6 +34,13 @@ void cross_entropy(const float* logits, const int32_t* targets, const float* row
 void adamw(float* p, uint16_t* p_bf16, float* m, float* v, const float* g, int64_t n,
            const AdamWStep& s);
 void to_bf16(uint16_t* dst, const float* src, int64_t n);
+
+// Matrix products through cuBLASLt, with the Gemm contract of ops.h: bf16 products with fp32
+// accumulation under Precision::bf16 (f32 operands rounded to bf16 in the workspace first), fp32
+// throughout under Precision::fp32 (bf16 operands widened). `ws` is device memory of at least
+// gemm_workspace_bytes(max elements of one operand), 256-byte aligned.
+size_t gemm_workspace_bytes(int64_t max_operand);
+void gemm(const Gemm& g, Precision precision, Workspace ws);
 
 // Rotary embedding in place on the first n_heads heads (of D) of each row of x (M, ld), as the
 // Attention contract in ops.h defines it (rope_cos/rope_sin (T, D/2)); inverse rotates back,

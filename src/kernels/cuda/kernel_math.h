@@ -145,6 +145,15 @@ T block_reduce_host(const T* partials, int threads, T identity, Combine combine)
     return warp(lane);
 }
 
+// --- operands of a product, converted to the dtype it reads ---
+
+// Element i of dst (rows, cols), dense: src (rows, cols) with row stride ld, converted (f32 to
+// bf16 rounds to nearest even, bf16 to f32 is exact).
+template <typename Out, typename In>
+KILN_HD void pack_at(Out* dst, const In* src, int64_t cols, int64_t ld, int64_t i) {
+    store(dst + i, load(src + (i / cols) * ld + i % cols));
+}
+
 // --- embedding: out (M, C) = wte[tokens], dwte (V, C) += scatter of dout ---
 
 // Element i of out (M, C); a zero where the token is < 0 (held by another rank).

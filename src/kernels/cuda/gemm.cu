@@ -1,0 +1,178 @@
+// Matrix products through cuBLASLt, with the contract of kernels/ops.h's Gemm (row-major).
+//
+// cuBLASLt is column-major, and a row-major (r, c) matrix with row stride ld is the same memory
+// as a column-major (c, r) one with leading dimension ld. So row-major C = op(A) op(B) is
+// column-major C^T = op(B)^T op(A)^T: B goes first, A second, with the transpositions as given,
+// and C is (N, M) with leading dimension ldc. Operands in the dtype the precision reads (bf16
+// products with fp32 accumulation, or fp32 throughout) go straight in; the others are converted
+// into the workspace first (pack_at), as the CPU backend packs them.
+#include <cublasLt.h>
+
+#include <memory>
+
+#include "kernels/cuda/cuda.h"
+#include "kernels/cuda/launch.h"
+
+#define KILN_CUBLAS(call)                                                    \
+    do {                                                                     \
+        cublasStatus_t status_ = (call);                                     \
+        KILN_CHECK(status_ == CUBLAS_STATUS_SUCCESS, "{} failed: {}", #call, \
+                   cublasLtGetStatusString(status_));                        \
+    } while (0)
+
+namespace kiln::kernels::cuda {
+namespace {
+
+// cuBLASLt's own scratch per call; 32 MiB is what NVIDIA suggests for Hopper.
+constexpr size_t kLtWorkspace = size_t(32) << 20;
+constexpr size_t kAlign = 256;
+
+size_t round_up(size_t n) {
+    return (n + kAlign - 1) / kAlign * kAlign;
+}
+
+struct HandleDeleter {
+    void operator()(cublasLtContext* h) const { cublasLtDestroy(h); }
+};
+struct DescDeleter {
+    void operator()(cublasLtMatmulDescOpaque_t* d) const { cublasLtMatmulDescDestroy(d); }
+};
+struct LayoutDeleter {
+    void operator()(cublasLtMatrixLayoutOpaque_t* l) const { cublasLtMatrixLayoutDestroy(l); }
+};
+struct PreferenceDeleter {
+    void operator()(cublasLtMatmulPreferenceOpaque_t* p) const {
+        cublasLtMatmulPreferenceDestroy(p);
+    }
+};
+using Layout = std::unique_ptr<cublasLtMatrixLayoutOpaque_t, LayoutDeleter>;
+
+cublasLtHandle_t handle() {
+    static const std::unique_ptr<cublasLtContext, HandleDeleter> h = [] {
+        cublasLtHandle_t raw = nullptr;
+        KILN_CUBLAS(cublasLtCreate(&raw));
+        return std::unique_ptr<cublasLtContext, HandleDeleter>(raw);
+    }();
+    return h.get();
+}
+
+// Column-major (rows, cols) with leading dimension ld.
+Layout layout(cudaDataType_t type, int64_t rows, int64_t cols, int64_t ld) {
+    cublasLtMatrixLayout_t raw = nullptr;
+    KILN_CUBLAS(cublasLtMatrixLayoutCreate(&raw, type, uint64_t(rows), uint64_t(cols), ld));
+    return Layout(raw);
+}
+
+// The largest power of two (at most kAlign) that divides the address.
+uint32_t alignment(const void* p) {
+    uint32_t a = kAlign;
+    while (a > 1 && reinterpret_cast<uintptr_t>(p) % a)
+        a /= 2;
+    return a;
+}
+
+template <typename Out, typename In>
+__global__ void pack_kernel(Out* dst, const In* src, int64_t cols, int64_t ld, int64_t n) {
+    for (int64_t i = first_index(); i < n; i += stride())
+        pack_at(dst, src, cols, ld, i);
+}
+
+// A row-major operand stored (rows, cols) with row stride ld, in the dtype `want`: itself, or a
+// dense converted copy at `scratch` (then ld becomes cols).
+struct Operand {
+    const void* ptr;
+    int64_t ld;
+};
+Operand prepare(const void* src, DType type, int64_t rows, int64_t cols, int64_t ld, DType want,
+                void* scratch) {
+    if (type == want)
+        return {src, ld};
+    const int64_t n = rows * cols;
+    if (want == DType::bf16) {
+        pack_kernel<<<element_blocks(n), kElementThreads>>>(
+            static_cast<uint16_t*>(scratch), static_cast<const float*>(src), cols, ld, n);
+    } else {
+        pack_kernel<<<element_blocks(n), kElementThreads>>>(
+            static_cast<float*>(scratch), static_cast<const uint16_t*>(src), cols, ld, n);
+    }
+    KILN_CUDA(cudaGetLastError());
+    return {scratch, cols};
+}
+
+}  // namespace
+
+size_t gemm_workspace_bytes(int64_t max_operand) {
+    return 2 * round_up(size_t(max_operand) * 4) + kLtWorkspace;
+}
+
+void gemm(const Gemm& g, Precision precision, Workspace ws) {
+    if (g.M == 0 || g.N == 0)
+        return;
+    if (g.K == 0) {  // an empty sum: C = 0, or C unchanged when accumulating
+        if (!g.accumulate)
+            KILN_CUDA(cudaMemset2D(g.c, g.ldc * 4, 0, g.N * 4, g.M));
+        KILN_CUDA(cudaDeviceSynchronize());
+        return;
+    }
+    const DType want = compute_dtype(precision);
+    const cudaDataType_t type = want == DType::bf16 ? CUDA_R_16BF : CUDA_R_32F;
+    // Stored shapes, row-major.
+    const int64_t a_rows = g.trans_a ? g.K : g.M, a_cols = g.trans_a ? g.M : g.K;
+    const int64_t b_rows = g.trans_b ? g.N : g.K, b_cols = g.trans_b ? g.K : g.N;
+    char* scratch = static_cast<char*>(ws.ptr);
+    const size_t a_bytes = round_up(size_t(a_rows * a_cols) * 4);
+    const size_t b_bytes = round_up(size_t(b_rows * b_cols) * 4);
+    KILN_CHECK(ws.bytes >= a_bytes + b_bytes + kLtWorkspace,
+               "gemm workspace of {} bytes, {} needed", ws.bytes, a_bytes + b_bytes + kLtWorkspace);
+    const Operand a = prepare(g.a, g.a_type, a_rows, a_cols, g.lda, want, scratch);
+    const Operand b = prepare(g.b, g.b_type, b_rows, b_cols, g.ldb, want, scratch + a_bytes);
+    void* lt_workspace = scratch + a_bytes + b_bytes;
+
+    cublasLtMatmulDesc_t raw_desc = nullptr;
+    KILN_CUBLAS(cublasLtMatmulDescCreate(&raw_desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const std::unique_ptr<cublasLtMatmulDescOpaque_t, DescDeleter> desc(raw_desc);
+    // Column-major C^T (N, M) = op(B)^T (N, K) * op(A)^T (K, M): B's stored memory read
+    // column-major is B^T, so it is transposed exactly when B is stored (N, K); likewise A.
+    const cublasOperation_t op_first = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    const cublasOperation_t op_second = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+    KILN_CUBLAS(cublasLtMatmulDescSetAttribute(desc.get(), CUBLASLT_MATMUL_DESC_TRANSA, &op_first,
+                                               sizeof(op_first)));
+    KILN_CUBLAS(cublasLtMatmulDescSetAttribute(desc.get(), CUBLASLT_MATMUL_DESC_TRANSB, &op_second,
+                                               sizeof(op_second)));
+    const Layout first = layout(type, b_cols, b_rows, b.ld);
+    const Layout second = layout(type, a_cols, a_rows, a.ld);
+    const Layout out = layout(CUDA_R_32F, g.N, g.M, g.ldc);
+
+    cublasLtMatmulPreference_t raw_pref = nullptr;
+    KILN_CUBLAS(cublasLtMatmulPreferenceCreate(&raw_pref));
+    const std::unique_ptr<cublasLtMatmulPreferenceOpaque_t, PreferenceDeleter> pref(raw_pref);
+    const uint64_t max_ws = kLtWorkspace;
+    KILN_CUBLAS(cublasLtMatmulPreferenceSetAttribute(
+        pref.get(), CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &max_ws, sizeof(max_ws)));
+    // The algorithms offered must suit the pointers' actual alignment.
+    const uint32_t align_first = alignment(b.ptr), align_second = alignment(a.ptr),
+                   align_c = alignment(g.c);
+    KILN_CUBLAS(cublasLtMatmulPreferenceSetAttribute(
+        pref.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_first, sizeof(uint32_t)));
+    KILN_CUBLAS(cublasLtMatmulPreferenceSetAttribute(
+        pref.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_second, sizeof(uint32_t)));
+    KILN_CUBLAS(cublasLtMatmulPreferenceSetAttribute(
+        pref.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c, sizeof(uint32_t)));
+    KILN_CUBLAS(cublasLtMatmulPreferenceSetAttribute(
+        pref.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c, sizeof(uint32_t)));
+
+    cublasLtMatmulHeuristicResult_t result = {};
+    int found = 0;
+    KILN_CUBLAS(cublasLtMatmulAlgoGetHeuristic(handle(), desc.get(), first.get(), second.get(),
+                                               out.get(), out.get(), pref.get(), 1, &result,
+                                               &found));
+    KILN_CHECK(found > 0, "cuBLASLt has no algorithm for gemm M={} N={} K={} ({})", g.M, g.N, g.K,
+               precision == Precision::bf16 ? "bf16" : "fp32");
+    const float alpha = g.alpha, beta = g.accumulate ? 1.0f : 0.0f;
+    KILN_CUBLAS(cublasLtMatmul(handle(), desc.get(), &alpha, b.ptr, first.get(), a.ptr,
+                               second.get(), &beta, g.c, out.get(), g.c, out.get(), &result.algo,
+                               lt_workspace, kLtWorkspace, nullptr));
+    finish_launch();
+}
+
+}  // namespace kiln::kernels::cuda

@@ -1,7 +1,9 @@
 #pragma once
-// `kiln data`: corpus -> tokenizer -> packed shards + manifest. Documents are tokenized in
-// parallel batches and packed in corpus order, so the output is identical for any thread count;
-// memory stays flat (one batch and one shard in flight). Each document becomes BOS + tokens
+// `kiln data`: corpus -> tokenizer -> packed shards + manifest. A reader thread, encoder threads
+// and the packer overlap; large documents are encoded in segments cut where the tokenizer cannot
+// merge (just before a '\n'), with the ids of the whole; tokens are packed in corpus order, so
+// the output is identical for any thread count. Memory stays bounded on corpora of any size
+// (data.batch_bytes of text read ahead, one shard in flight). Each document becomes BOS + tokens
 // (+ EOS), concatenated and cut into seq_len rows; the short tail is dropped (counted) or padded
 // with EOS. Shards are written atomically one by one and manifest.json last: a folder whose
 // build was interrupted has no manifest and is not a data set; rerunning rebuilds it.
@@ -30,7 +32,7 @@ struct DataConfig {
     bool skip_bad_lines = false;
     int64_t max_line_bytes = 64 << 20;
     int64_t seed = 1;               // builtin corpora
-    int64_t batch_bytes = 4 << 20;  // text tokenized per parallel batch
+    int64_t batch_bytes = 4 << 20;  // text read ahead of the packer, at most
 
     CorpusOptions corpus_options() const;
 };

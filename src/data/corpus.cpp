@@ -145,6 +145,42 @@ struct Corpus::Source {
     std::string buffer;  // read-ahead
     size_t pos = 0;
     int64_t builtin_next = 0, builtin_count = 0;
+    bool started = false;  // .txt: the document's first part was returned
+    std::string carry;     // .txt: bytes read past the last cut
+
+    // Reads the next part of a .txt document into `out`: the text up to the last '\n' within
+    // part_bytes, else up to the first '\n' past it, else to the end of the file (`last`). The
+    // '\n' starts the next part; what was read past the cut waits in `carry`.
+    void read_part(std::string& out, bool& last, size_t part_bytes) {
+        constexpr size_t block = 1 << 20;
+        out.swap(carry);
+        carry.clear();
+        size_t scanned = 0;  // bytes past part_bytes already searched for a '\n'
+        while (true) {
+            if (part_bytes != std::string::npos && out.size() > part_bytes) {
+                size_t cut = out.rfind('\n', part_bytes);
+                if (cut == 0 || cut == std::string::npos) {
+                    cut = out.find('\n', std::max(part_bytes + 1, scanned));
+                    scanned = out.size();
+                }
+                if (cut != 0 && cut != std::string::npos) {
+                    carry.assign(out, cut, std::string::npos);
+                    out.resize(cut);
+                    last = false;
+                    return;
+                }
+            }
+            size_t had = out.size();
+            out.resize(had + block);
+            size_t got = stream->read(out.data() + had, block);
+            out.resize(had + got);
+            if (got == 0) {
+                done = true;
+                last = true;
+                return;
+            }
+        }
+    }
 
     // Reads the next line into `out` (without the newline); false at the end.
     bool read_line(std::string& out, int64_t max_bytes) {
@@ -277,7 +313,13 @@ bool Corpus::open_next_file() {
 }
 
 bool Corpus::next(std::string& text) {
+    bool first = true, last = true;
+    return next_part(text, first, last, std::string::npos);
+}
+
+bool Corpus::next_part(std::string& text, bool& first, bool& last, size_t part_bytes) {
     while (true) {
+        first = last = true;
         if (!source_ || source_->done) {
             if (!open_next_file())
                 return false;
@@ -333,19 +375,18 @@ bool Corpus::next(std::string& text) {
                             s.path, s.line, why);
             }
         } else {  // .txt: the whole file is one document
-            text.clear();
-            std::string chunk(1 << 20, '\0');
-            while (size_t got = s.stream->read(chunk.data(), chunk.size())) {
-                text.append(chunk.data(), got);
-            }
-            s.done = true;
+            first = !s.started;
+            s.started = true;
+            s.read_part(text, last, part_bytes);
         }
+        // A cut before a '\n' splits no UTF-8 sequence, valid or not: parts repair as the whole.
         stats_.replaced_utf8 += repair_utf8(text);
-        if (text.empty()) {
+        if (text.empty()) {  // only a document can be empty, never a part of one
             stats_.empty_documents++;
             continue;
         }
-        stats_.documents++;
+        if (first)
+            stats_.documents++;
         stats_.bytes += int64_t(text.size());
         return true;
     }

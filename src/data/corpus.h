@@ -39,6 +39,11 @@ public:
     ~Corpus();
     // The next non-empty document, valid UTF-8; false at the end. Throws Error naming file:line.
     bool next(std::string& text);
+    // The next part of a document: as next, but a .txt document longer than part_bytes comes in
+    // parts, each but the last cut just before a '\n' (the next part starts with it), so that a
+    // file of any size is read with bounded memory. `first` and `last` mark a document's first
+    // and last part. A part runs past part_bytes to the next '\n' (or to the end of the file).
+    bool next_part(std::string& text, bool& first, bool& last, size_t part_bytes);
     const CorpusStats& stats() const { return stats_; }
     int64_t bytes_read() const;  // input bytes consumed (compressed size for compressed files)
 

@@ -3,6 +3,7 @@
 #include <sentencepiece_processor.h>
 #include <sentencepiece_trainer.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <thread>
@@ -13,6 +14,90 @@
 #include "data/shard.h"
 
 namespace kiln::data {
+
+namespace {
+
+// The few fields of SentencePiece's ModelProto that decide whether a document may be cut at
+// newlines, read from the protobuf wire format (the library exposes only the serialized proto).
+struct ModelSpec {
+    int model_type = 1;                 // TrainerSpec.model_type (3): UNIGRAM=1 BPE=2 WORD=3 CHAR=4
+    bool whitespace_as_suffix = false;  // TrainerSpec.treat_whitespace_as_suffix (24)
+    bool charsmap = false;              // NormalizerSpec.precompiled_charsmap (2) non-empty
+    bool remove_extra_whitespaces = true;  // NormalizerSpec.remove_extra_whitespaces (4)
+    bool ok = true;                        // the bytes parsed
+};
+
+// Calls fn(field, wire_type, varint, bytes) for each field of one message; false on bad bytes.
+template <typename Fn>
+bool for_each_field(std::string_view m, Fn&& fn) {
+    size_t i = 0;
+    auto varint = [&](uint64_t& v) {
+        v = 0;
+        for (int shift = 0; shift < 64 && i < m.size(); shift += 7) {
+            auto b = static_cast<unsigned char>(m[i++]);
+            v |= uint64_t(b & 0x7F) << shift;
+            if ((b & 0x80) == 0)
+                return true;
+        }
+        return false;
+    };
+    while (i < m.size()) {
+        uint64_t key = 0, v = 0;
+        if (!varint(key))
+            return false;
+        std::string_view bytes;
+        switch (key & 7) {
+            case 0:
+                if (!varint(v))
+                    return false;
+                break;
+            case 1:
+                i += 8;
+                break;
+            case 2:
+                if (!varint(v) || v > m.size() - i)
+                    return false;
+                bytes = m.substr(i, v);
+                i += v;
+                break;
+            case 5:
+                i += 4;
+                break;
+            default:
+                return false;
+        }
+        if (i > m.size())
+            return false;
+        fn(int(key >> 3), int(key & 7), v, bytes);
+    }
+    return true;
+}
+
+ModelSpec read_spec(const std::string& proto) {
+    ModelSpec s;
+    s.ok = for_each_field(proto, [&](int field, int wire, uint64_t, std::string_view bytes) {
+        if (wire != 2)
+            return;
+        if (field == 2) {  // TrainerSpec
+            s.ok &= for_each_field(bytes, [&](int f, int w, uint64_t v, std::string_view) {
+                if (w == 0 && f == 3)
+                    s.model_type = int(v);
+                if (w == 0 && f == 24)
+                    s.whitespace_as_suffix = v != 0;
+            });
+        } else if (field == 3) {  // NormalizerSpec
+            s.ok &= for_each_field(bytes, [&](int f, int w, uint64_t v, std::string_view b) {
+                if (w == 2 && f == 2)
+                    s.charsmap = !b.empty();
+                if (w == 0 && f == 4)
+                    s.remove_extra_whitespaces = v != 0;
+            });
+        }
+    });
+    return s;
+}
+
+}  // namespace
 
 std::string tokenizer_identity(const std::string& model_path) {
     return fmt::format("xxh64:{:016x}", fs::xxh64_file(model_path));
@@ -27,6 +112,22 @@ Tokenizer::Tokenizer(const std::string& model_path)
         throw error("{} is not a SentencePiece model: {}", model_path, status.ToString());
     }
     identity_ = tokenizer_identity(model_path);
+
+    // A cut just before a '\n' changes no id when the normalizer leaves every character alone
+    // and BPE can merge nothing across the '\n': no piece holds one, so it is the byte token
+    // <0x0A>. The text after a cut then encodes as it does inside the document, once the dummy
+    // prefix its encoding starts with is taken off.
+    ModelSpec spec = read_spec(sp_->serialized_model_proto());
+    bool newline_in_piece = false;
+    for (int id = 0; id < vocab_size(); id++)
+        newline_in_piece |= sp_->IdToPiece(id).find('\n') != std::string::npos;
+    std::vector<int> nl = encode("\n");
+    int nl_byte = sp_->PieceToId("<0x0A>");
+    splits_ = spec.ok && spec.model_type == 2 && !spec.whitespace_as_suffix && !spec.charsmap &&
+              !spec.remove_extra_whitespaces && !newline_in_piece && !nl.empty() &&
+              nl.back() == nl_byte && sp_->IsByte(nl_byte);
+    if (splits_)
+        dummy_prefix_.assign(nl.begin(), nl.end() - 1);
 }
 
 Tokenizer::~Tokenizer() = default;
@@ -35,6 +136,19 @@ std::vector<int> Tokenizer::encode(std::string_view text) const {
     std::vector<int> ids;
     auto status = sp_->Encode(text, &ids);
     KILN_CHECK(status.ok(), "SentencePiece encode failed: {}", status.ToString());
+    return ids;
+}
+
+std::vector<int> Tokenizer::encode_part(std::string_view text, bool first) const {
+    if (first)
+        return encode(text);
+    KILN_CHECK(splits_ && !text.empty() && text[0] == '\n',
+               "encode_part: a document is cut only just before a newline");
+    std::vector<int> ids = encode(text);
+    KILN_CHECK(ids.size() > dummy_prefix_.size() &&
+                   std::equal(dummy_prefix_.begin(), dummy_prefix_.end(), ids.begin()),
+               "encode_part: the encoding does not start with the dummy prefix");
+    ids.erase(ids.begin(), ids.begin() + std::ptrdiff_t(dummy_prefix_.size()));
     return ids;
 }
 

@@ -20,6 +20,16 @@ public:
     ~Tokenizer();
     // Thread-safe: several threads may encode at once.
     std::vector<int> encode(std::string_view text) const;
+    // Whether a document may be encoded in parts cut just before a '\n' with the ids of the
+    // whole: the model is BPE, normalizes nothing (no character map, no whitespace removal), no
+    // piece holds a '\n' (so it becomes the byte token <0x0A>, which never merges), and the dummy
+    // prefix leads a document. Llama-2's model and those kiln trains qualify; others are
+    // encoded whole.
+    bool splits_at_newlines() const { return splits_; }
+    // The ids that `text` contributes to its document: `first` for the document's start (the same
+    // as encode); otherwise `text` must begin with '\n' and gets no dummy prefix. Requires
+    // splits_at_newlines() unless `first`.
+    std::vector<int> encode_part(std::string_view text, bool first) const;
     std::string decode(const std::vector<int>& ids) const;  // throws Error on an id out of range
     int vocab_size() const;
     int bos_id() const;
@@ -37,6 +47,8 @@ public:
 private:
     std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;
     std::string identity_;
+    bool splits_ = false;
+    std::vector<int> dummy_prefix_;  // what encode("\n") puts before <0x0A>
 };
 
 // The identity (as Tokenizer::identity) of a model file without loading it.

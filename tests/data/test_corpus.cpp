@@ -7,6 +7,8 @@
 
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
 #include <set>
 
 #include "core/error.h"
@@ -249,6 +251,257 @@ TEST(RealData, Llama2TokenizerMatchesSpmEncode) {
         lines++;
     }
     EXPECT_EQ(lines, 400);
+}
+
+// Large documents are encoded in parts cut just before a '\n'. The ids must be those of the
+// whole document: encode_part at every cut, or at any subset of them, gives encode(text).
+std::vector<int> encode_cut(const Tokenizer& t, std::string_view text, size_t every) {
+    std::vector<int> ids;
+    size_t begin = 0, newlines = 0;
+    while (begin < text.size()) {
+        size_t end = begin;
+        while (true) {
+            end = text.find('\n', end + 1);
+            if (end == std::string_view::npos || ++newlines % every == 0)
+                break;
+        }
+        end = std::min(end, text.size());
+        std::vector<int> part = t.encode_part(text.substr(begin, end - begin), begin == 0);
+        ids.insert(ids.end(), part.begin(), part.end());
+        begin = end;
+    }
+    return ids;
+}
+
+void expect_cuts_keep_ids(const Tokenizer& t, const std::string& text, const std::string& what) {
+    const std::vector<int> whole = t.encode(text);
+    for (size_t every : {1, 2, 7}) {
+        std::vector<int> cut = encode_cut(t, text, every);
+        ASSERT_EQ(cut.size(), whole.size()) << what << ", a cut at every " << every << " newlines";
+        ASSERT_TRUE(cut == whole) << what << ", a cut at every " << every << " newlines";
+    }
+}
+
+// Text shapes that stress the cut: what the corpus reader repairs (invalid UTF-8) is tested raw.
+std::vector<std::pair<std::string, std::string>> awkward_texts() {
+    std::mt19937_64 rng(7);
+    const std::vector<std::string> atoms = {
+        "the",  "Lily", " ",    "  ",   "\t", "\n",   "\n\n", "\r\n", " \n",           "\n ",
+        "ünï",  "✓",    "日本", "😀",    "12", "2024", ",",    ".",    "\xff",          "\xe2\x96",
+        "\xc3", "▁",    "<s>",  "\x01", "--", "  \n", "a",    "\n\t", "\xe2\x96\x81\n"};
+    auto random_text = [&](size_t n) {
+        std::string s;
+        while (s.size() < n)
+            s += atoms[rng() % atoms.size()];
+        return s;
+    };
+    std::vector<std::pair<std::string, std::string>> texts;
+    texts.push_back({"random atoms", random_text(20000)});
+    texts.push_back({"leading and trailing newlines", "\n\nLily\n \n" + random_text(300) + "\n\n"});
+    texts.push_back({"only newlines", "\n\n\n\n"});
+    texts.push_back({"a newline", "\n"});
+    texts.push_back({"one word", "word"});
+    std::string words;
+    for (int i = 0; i < 4000; i++)
+        words += builtin_story(3, i % 50).substr(0, 10 + i % 30) + (i % 3 ? " " : "");
+    texts.push_back({"a long line", words});
+    std::string crlf, tabs;
+    for (int i = 0; i < 300; i++) {
+        crlf += builtin_story(1, i) + "\r\n";
+        tabs += "\t" + builtin_story(2, i) + "\t\n\t";
+    }
+    texts.push_back({"CRLF lines", crlf});
+    texts.push_back({"tabs", tabs});
+    texts.push_back({"long lines", words + "\n" + words + "\n\n" + words});
+    return texts;
+}
+
+TEST_F(Trained, CutsAtNewlinesKeepTheIds) {
+    Tokenizer t(model());
+    ASSERT_TRUE(t.splits_at_newlines());
+    for (const auto& [what, text] : awkward_texts())
+        expect_cuts_keep_ids(t, text, what);
+    std::string stories;
+    for (int i = 0; i < 200; i++)
+        stories += builtin_story(1, i) + (i % 4 ? "\n" : "\n\n");
+    expect_cuts_keep_ids(t, stories, "stories");
+}
+
+// The same model file with one setting changed: a cut is no longer safe, or no longer known to
+// be, so documents must be encoded whole. Protobuf merges a repeated message field, so a field
+// appended to the file overrides the model's own.
+TEST_F(Trained, ModelsWithoutSafeCutsAreEncodedWhole) {
+    std::string bytes = fs::read_file(model());
+    const std::pair<std::string, std::string> variants[] = {
+        // normalizer_spec { remove_extra_whitespaces: true }
+        {"whitespace removal", std::string("\x1a\x02\x20\x01", 4)},
+        // trainer_spec { model_type: UNIGRAM }
+        {"unigram", std::string("\x12\x02\x18\x01", 4)},
+        // pieces { piece: "\n" type: USER_DEFINED }
+        {"a newline piece", std::string("\x0a\x05\x0a\x01\n\x18\x04", 7)},
+    };
+    TempDir dir;
+    std::string text;
+    for (int i = 0; i < 300; i++)
+        text += builtin_story(4, i) + "\n";
+    write(dir / "doc.txt", text);
+    for (const auto& [what, extra] : variants) {
+        write(dir / "m.model", bytes + extra);
+        Tokenizer t(dir / "m.model");
+        EXPECT_FALSE(t.splits_at_newlines()) << what;
+        DataConfig c;
+        c.seq_len = 16;
+        c.tail = "pad";
+        c.batch_bytes = 1000;
+        BuildResult r = build_dataset({dir / "doc.txt"}, t, dir / "out", c, true);
+        EXPECT_EQ(r.tokens, int64_t(t.encode(text).size()) + 2) << what;
+    }
+    write(dir / "m.model", bytes);
+    EXPECT_TRUE(Tokenizer(dir / "m.model").splits_at_newlines());
+}
+
+// A .txt document comes in parts cut before a '\n', bounded in size where newlines allow; the
+// parts make up the document exactly, invalid UTF-8 repaired as in the whole.
+TEST(Corpus, LargeTextDocumentsComeInParts) {
+    TempDir dir;
+    std::string text;
+    for (int i = 0; i < 3000; i++)
+        text += builtin_story(5, i) + (i % 100 == 0 ? "\xff\xe2\x96\n" : "\n");
+    text += std::string(3 << 20, 'x');  // a 3 MB line at the end
+    text += "\nend";
+    write(dir / "a.txt", text);
+    write(dir / "b.txt", std::string(10 << 20, 'y'));  // a 10 MB line, no newline at all
+    write(dir / "c.txt", "");
+    write(dir / "d.txt", "\n\nshort\n");
+    write_zst(dir / "e.txt.zst", text);
+    CorpusStats whole_stats;
+    std::vector<std::string> whole = read_all({dir.path}, {}, &whole_stats);
+    ASSERT_EQ(whole.size(), 4u);
+
+    Corpus c(expand_corpus({dir.path}), {});
+    std::vector<std::string> docs;
+    std::vector<std::vector<size_t>> sizes;
+    std::string part;
+    bool first = false, last = true;
+    while (c.next_part(part, first, last, 100000)) {
+        if (first) {
+            ASSERT_TRUE(docs.empty() || sizes.back().size() > 0);
+            docs.emplace_back();
+            sizes.emplace_back();
+        } else {
+            ASSERT_EQ(part[0], '\n');
+        }
+        docs.back() += part;
+        sizes.back().push_back(part.size());
+        if (!last)  // (the bound is on bytes read: a repair makes 1 invalid byte 3)
+            ASSERT_TRUE(part.size() <= 100100 || part.find('\n', 1) == std::string::npos);
+    }
+    EXPECT_EQ(docs, whole);
+    EXPECT_GT(sizes[0].size(), 10u);
+    EXPECT_EQ(sizes[1], std::vector<size_t>{10u << 20});
+    EXPECT_EQ(c.stats().documents, whole_stats.documents);
+    EXPECT_EQ(c.stats().bytes, whole_stats.bytes);
+    EXPECT_EQ(c.stats().replaced_utf8, whole_stats.replaced_utf8);
+    EXPECT_EQ(c.stats().replaced_utf8, 2 * 30 * 2);  // a.txt and e.txt.zst
+    EXPECT_EQ(c.stats().empty_documents, 1);
+}
+
+// The pipeline on large documents: shards hold BOS + encode(whole document) + EOS, the same for
+// 1 and 2 threads and for any read-ahead bound (which also bounds the parts read at once).
+TEST_F(Trained, LargeDocumentsPackAsIfEncodedWhole) {
+    Tokenizer t(model());
+    TempDir dir;
+    std::string big, line;
+    for (int i = 0; i < 600; i++)
+        big += builtin_story(6, i) + (i % 7 ? "\n" : "\r\n\n");
+    for (int i = 0; i < 300; i++)
+        line += builtin_story(7, i) + " ";  // a line without a newline
+    write(dir / "a.txt", big);
+    write(dir / "b.jsonl", "{\"text\": \"short one\"}\n{\"text\": \"two\\nlines\"}\n");
+    write(dir / "c.txt", line);
+    write(dir / "d.txt", "\n" + big.substr(0, 100000));
+    std::vector<uint32_t> stream;
+    for (const std::string& doc : read_all({dir.path})) {
+        stream.push_back(1);
+        for (int id : t.encode(doc))
+            stream.push_back(uint32_t(id));
+        stream.push_back(2);
+    }
+    DataConfig c;
+    c.seq_len = 128;
+    c.tail = "pad";
+    c.shard_tokens = 128 * 1000;
+    std::vector<std::string> sums;
+    for (auto [threads, ahead] : {std::pair{1, 4 << 20}, {2, 4 << 20}, {2, 5000}, {3, 1}}) {
+        omp_set_num_threads(threads);
+        c.batch_bytes = ahead;
+        BuildResult r = build_dataset({dir.path}, t, dir / "out", c, true);
+        EXPECT_EQ(r.tokens, int64_t(stream.size()));
+        ShardSet set(dir / "out", 400);
+        std::vector<int32_t> row(128);
+        for (int64_t i = 0; i < set.rows(); i++) {
+            set.read_row(i, row.data());
+            for (int k = 0; k < 128 && size_t(i * 128 + k) < stream.size(); k++)
+                ASSERT_EQ(uint32_t(row[k]), stream[i * 128 + k])
+                    << threads << " threads, row " << i;
+        }
+        std::string s;
+        for (const auto& e : r.manifest.shards)
+            s += std::to_string(e.xxh64) + " ";
+        sums.push_back(s);
+    }
+    omp_set_num_threads(2);
+    for (const auto& s : sums)
+        EXPECT_EQ(s, sums[0]);
+}
+
+// A reader's error ends the build with its sentence, never a crash or a hang.
+TEST_F(Trained, ReaderErrorsEndTheBuild) {
+    Tokenizer t(model());
+    TempDir dir;
+    std::string good;
+    for (int i = 0; i < 5000; i++)
+        good += nlohmann::json({{"text", builtin_story(8, i)}}).dump() + "\n";
+    write(dir / "a.jsonl", good + "{\"text\": broken\n" + good);
+    DataConfig c;
+    c.seq_len = 64;
+    c.batch_bytes = 10000;
+    std::string m = message_of([&] { build_dataset({dir / "a.jsonl"}, t, dir / "out", c, true); });
+    EXPECT_NE(m.find("a.jsonl:5001: line is not valid JSON"), std::string::npos) << m;
+    EXPECT_FALSE(fs::exists(dir / "out/manifest.json"));
+}
+
+// Every file of ../shared/data with the real Llama-2 tokenizer: cuts keep the ids.
+TEST(RealData, Llama2CutsAtNewlinesKeepTheIds) {
+    std::string shared = kiln::testing::source_dir() + "/../shared/data";
+    std::string model = shared + "/llama2-tokenizer.model";
+    if (!fs::exists(model))
+        GTEST_SKIP() << "shared data not present";
+    Tokenizer t(model);
+    ASSERT_TRUE(t.splits_at_newlines());
+    // "\nHello" is <0x0A> then "Hello" without the dummy prefix's "▁".
+    std::vector<int> ids = t.encode_part("\nHello world", false);
+    EXPECT_EQ(ids.front(), 13);
+    EXPECT_EQ(ids.size() + 1, t.encode("\nHello world").size());
+    for (const auto& [what, text] : awkward_texts())
+        expect_cuts_keep_ids(t, text, what);
+    std::vector<std::string> files;
+    for (const auto& e : std::filesystem::recursive_directory_iterator(shared)) {
+        if (e.path().extension() == ".txt")
+            files.push_back(e.path().string());
+    }
+    std::sort(files.begin(), files.end());
+    ASSERT_GE(files.size(), 15u);
+    std::vector<std::string> failed(files.size());
+#pragma omp parallel for schedule(dynamic, 1)
+    for (size_t i = 0; i < files.size(); i++) {
+        std::string text = fs::read_file(files[i]);  // raw bytes: invalid UTF-8 kept
+        std::vector<int> whole = t.encode(text);
+        if (encode_cut(t, text, 1) != whole)
+            failed[i] = files[i];
+    }
+    for (const auto& f : failed)
+        EXPECT_EQ(f, "");
 }
 
 TEST(Sampler, EverySequenceOncePerEpochForOneTwoThreeRanks) {

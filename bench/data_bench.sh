@@ -1,20 +1,32 @@
 #!/usr/bin/env bash
 # Tokenization throughput: `kiln data` (1 and 2 threads) against SentencePiece's own
-# `spm_encode` on the same text and the same tokenizer, in one run.
+# `spm_encode` on the same bytes and the same tokenizer, in one run, on two corpus shapes:
 #
-#   bash bench/data_bench.sh            (uses ../shared/data when present, else builtin stories)
+#   lines:  one document per line (a .jsonl), so both tools encode exactly the same strings;
+#   books:  a few large documents (English books concatenated into one .txt: one document),
+#           which kiln encodes in segments cut before newlines, ids unchanged, and spm_encode
+#           line by line.
 #
-# The text is one document per line, so both tools encode exactly the same strings; kiln's
-# count includes the BOS/EOS it adds per document.
+#   bash bench/data_bench.sh [REPEATS]   (default 3; medians. Uses ../shared/data when present,
+#                                         else generated text and a tokenizer trained on it)
+#
+# kiln's token counts are its own (BOS/EOS per document, and in the books the newlines, which
+# spm_encode drops with the line ends): the table gives both the ratio of tokens/s and that of
+# wall time on the same bytes.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 SHARED="${SHARED_DATA:-$ROOT/../shared/data}"
+REPEATS="${1:-3}"
 
 if [ -f "$SHARED/llama2-tokenizer.model" ]; then
     model="$SHARED/llama2-tokenizer.model"
     cat "$SHARED"/nltk-gutenberg/*.txt "$SHARED"/wikitext-2/*.txt "$SHARED/tinyshakespeare.txt" \
-        | grep -v '^[[:space:]]*$' > "$work/text.txt"
-    what="Llama-2 tokenizer (32000), English books + WikiText-2 + Shakespeare"
+        | grep -av '^[[:space:]]*$' > "$work/text.txt"
+    g="$SHARED/nltk-gutenberg"
+    cat "$g"/austen-*.txt "$g"/chesterton-*.txt "$g/melville-moby_dick.txt" > "$work/books.txt"
+    what="Llama-2 tokenizer (32000)"
+    lines_what="English books + WikiText-2 + Shakespeare, non-blank lines"
+    books_what="Austen, Chesterton, Melville concatenated: one document"
 else
     # No shared data: 8 MB of pseudo-English lines, and a tokenizer trained on them.
     /usr/bin/python3 - "$work/text.txt" <<'PY'
@@ -38,45 +50,70 @@ PY
     "$KILN" tokenizer train --corpus "$work/text.txt" --vocab-size 512 --out "$work/t.model" \
         >/dev/null 2>&1
     model="$work/t.model"
-    what="trained 512-piece tokenizer, generated English-like text"
+    # The large-document shape: the first 4.4 MB of the same text, as one .txt document.
+    head -c 4400000 "$work/text.txt" > "$work/books.txt"
+    what="trained 512-piece tokenizer"
+    lines_what="generated English-like text"
+    books_what="4.4 MB of the generated text: one document"
 fi
-/usr/bin/python3 - "$work/text.txt" "$work/corpus.jsonl" <<'PY'
+/usr/bin/python3 - "$work/text.txt" "$work/lines.jsonl" <<'PY'
 import json, sys
 with open(sys.argv[1], encoding="utf-8", errors="replace") as src, open(sys.argv[2], "w") as out:
     for line in src:
         out.write(json.dumps({"text": line.rstrip("\n")}) + "\n")
 PY
-bytes=$(stat -c %s "$work/text.txt")
-lines=$(wc -l < "$work/text.txt")
 
 now() { date +%s.%N; }
-t0=$(now)
-spm_encode --model "$model" --output_format=id < "$work/text.txt" > "$work/spm.ids"
-t1=$(now)
-spm_tokens=$(wc -w < "$work/spm.ids")
-spm_s=$(echo "$t1 - $t0" | bc -l)
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
-declare -A kiln_s
-for threads in 1 2; do
-    rm -rf "$work/out$threads"
-    t0=$(now)
-    "$KILN" data --corpus "$work/corpus.jsonl" --tokenizer "$model" --out "$work/out$threads" \
-        --threads "$threads" --set data.seq_len=1024 >/dev/null 2>&1
-    t1=$(now)
-    kiln_s[$threads]=$(echo "$t1 - $t0" | bc -l)
-done
-kiln_tokens=$(( spm_tokens + 2 * lines ))
-same=$(cmp -s "$work/out1/shard-00000.bin" "$work/out2/shard-00000.bin" && echo yes || echo NO)
+# bench SHAPE SPM_INPUT KILN_CORPUS DESCRIPTION
+bench() {
+    local shape="$1" spm_in="$2" corpus="$3" desc="$4"
+    local times=() t0 t1 threads spm_tokens kiln_tokens
+    for ((r = 0; r < REPEATS; r++)); do
+        t0=$(now)
+        spm_encode --model "$model" --output_format=id < "$spm_in" > "$work/spm.ids"
+        t1=$(now)
+        times+=("$(echo "$t1 - $t0" | bc -l)")
+    done
+    spm_tokens=$(wc -w < "$work/spm.ids")
+    local spm_s
+    spm_s=$(median "${times[@]}")
+    declare -A kiln_s
+    for threads in 1 2; do
+        times=()
+        for ((r = 0; r < REPEATS; r++)); do
+            rm -rf "$work/$shape$threads"
+            t0=$(now)
+            "$KILN" data --corpus "$corpus" --tokenizer "$model" --out "$work/$shape$threads" \
+                --threads "$threads" --set data.seq_len=1024 >/dev/null 2>"$work/kiln.log"
+            t1=$(now)
+            times+=("$(echo "$t1 - $t0" | bc -l)")
+        done
+        kiln_s[$threads]=$(median "${times[@]}")
+    done
+    kiln_tokens=$(grep -o '[0-9]* tokens ->' "$work/kiln.log" | grep -o '^[0-9]*')
+    local same=yes
+    for f in "$work/${shape}1"/shard-*.bin; do
+        cmp -s "$f" "$work/${shape}2/$(basename "$f")" || same=NO
+    done
+    printf '\n%s, %s: %.1f MB, %s lines; spm_encode %s tokens, kiln %s tokens\n\n' "$what" \
+        "$desc" "$(echo "$(stat -c %s "$spm_in")/1000000" | bc -l)" "$(wc -l < "$spm_in")" \
+        "$spm_tokens" "$kiln_tokens"
+    echo "| tool | threads | seconds (median of $REPEATS) | tokens/s | tokens/s vs spm_encode | time vs spm_encode |"
+    echo "|---|---:|---:|---:|---:|---:|"
+    local spm_rate rate
+    spm_rate=$(echo "$spm_tokens / $spm_s" | bc -l)
+    printf '| spm_encode | 1 | %.2f | %.0f | 1.00x | 1.00x |\n' "$spm_s" "$spm_rate"
+    for threads in 1 2; do
+        rate=$(echo "$kiln_tokens / ${kiln_s[$threads]}" | bc -l)
+        printf '| kiln data (tokenize+pack+write) | %s | %.2f | %.0f | %.2fx | %.2fx |\n' \
+            "$threads" "${kiln_s[$threads]}" "$rate" "$(echo "$rate / $spm_rate" | bc -l)" \
+            "$(echo "$spm_s / ${kiln_s[$threads]}" | bc -l)"
+    done
+    printf '\n2 threads / 1 thread: %.2fx; shards identical for 1 and 2 threads: %s\n' \
+        "$(echo "${kiln_s[1]} / ${kiln_s[2]}" | bc -l)" "$same"
+}
 
-printf '\n%s: %s lines, %.1f MB, %s spm tokens\n\n' "$what" "$lines" "$(echo "$bytes/1000000" | bc -l)" "$spm_tokens"
-echo "| tool | threads | seconds | tokens/s | vs spm_encode |"
-echo "|---|---:|---:|---:|---:|"
-spm_rate=$(echo "$spm_tokens / $spm_s" | bc -l)
-printf '| spm_encode | 1 | %.2f | %.0f | 1.00x |\n' "$spm_s" "$spm_rate"
-for threads in 1 2; do
-    rate=$(echo "$kiln_tokens / ${kiln_s[$threads]}" | bc -l)
-    printf '| kiln data (tokenize+pack+write) | %s | %.2f | %.0f | %.2fx |\n' "$threads" \
-        "${kiln_s[$threads]}" "$rate" "$(echo "$rate / $spm_rate" | bc -l)"
-done
-printf '\n2 threads / 1 thread: %.2fx; shards identical for 1 and 2 threads: %s\n' \
-    "$(echo "${kiln_s[1]} / ${kiln_s[2]}" | bc -l)" "$same"
+bench lines "$work/text.txt" "$work/lines.jsonl" "$lines_what"
+bench books "$work/books.txt" "$work/books.txt" "$books_what"

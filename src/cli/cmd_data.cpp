@@ -52,7 +52,8 @@ Action add_data(CLI::App& app) {
                    "train a Llama-2-style tokenizer of this vocabulary size on the corpus first "
                    "(written to OUT/tokenizer.model)");
     app.add_option("--out", o->out, "output folder for shards and manifest.json");
-    app.add_option("--threads", o->threads, "tokenizer threads (0: all cores)");
+    app.add_option("--threads", o->threads,
+                   "encoder threads (0: all cores); a reader and the packer run beside them");
     app.add_flag("--force", o->force, "replace a data set already in --out");
     add_config_options(app, o->config);
     CLI::App* verify = app.add_subcommand("verify",

@@ -117,7 +117,7 @@ struct Work {
     std::vector<Segment> segments;
     std::vector<uint32_t> tokens;
     int64_t read_bytes = 0;  // corpus bytes read when this work was complete
-    int64_t documents = 0;   // documents that end here
+    int64_t documents = 0;   // documents that start here
     bool encoded = false;
 };
 
@@ -232,7 +232,7 @@ private:
         size_t begin = work_->text.size();
         work_->text.append(text);
         work_->segments.push_back({begin, work_->text.size(), first, last});
-        work_->documents += last ? 1 : 0;
+        work_->documents += first ? 1 : 0;
         if (work_->text.size() >= work_bytes_)
             push();
     }

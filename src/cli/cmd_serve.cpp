@@ -83,7 +83,8 @@ Action add_submit(CLI::App& app) {
         Remote remote;
         std::vector<std::string> command;
         int ranks = 1, cpus = 1, gpus = 0, priority = 0, max_failures = 0;
-        std::string id;
+        std::string id, working_dir;
+        std::vector<std::string> env;
         bool follow = false;
     };
     auto o = std::make_shared<Options>();
@@ -94,6 +95,10 @@ Action add_submit(CLI::App& app) {
     app.add_option("--priority", o->priority, "higher starts first");
     app.add_option("--max-failures", o->max_failures, "gang restarts from the last checkpoint");
     app.add_option("--id", o->id, "the job's id (default: job-NNNN)");
+    app.add_option("--env", o->env, "NAME=VALUE set for every rank (repeatable; runtime_env)")
+        ->allow_extra_args(false);  // one value each, so that `--` still ends the options
+    app.add_option("--working-dir", o->working_dir,
+                   "a folder on the head, inside its roots, where the job starts");
     app.add_flag("-f,--follow", o->follow, "print the job's log until it ends; exit as it did");
     app.add_option("command", o->command, "the kiln command, after --")->required();
     app.footer("Example: kiln submit -n 2 -- kiln train --set train.steps=1000");
@@ -104,6 +109,16 @@ Action add_submit(CLI::App& app) {
                      {"priority", o->priority},        {"max_failures", o->max_failures}};
         if (!o->id.empty())
             body["submission_id"] = o->id;
+        json runtime_env = json::object();
+        for (const std::string& e : o->env) {
+            size_t eq = e.find('=');
+            if (eq == std::string::npos)
+                throw error("--env {} is not NAME=VALUE", e);
+            runtime_env["env_vars"][e.substr(0, eq)] = e.substr(eq + 1);
+        }
+        if (!o->working_dir.empty())
+            runtime_env["working_dir"] = o->working_dir;
+        body["runtime_env"] = runtime_env;
         json r = c.post("/api/jobs/", body);
         std::string id = r["job_id"];
         std::printf("%s\n", id.c_str());

@@ -578,6 +578,21 @@ TEST(Serve, ClientCommands) {
     EXPECT_NE(fs::read_file(out).find("no job named"), std::string::npos) << fs::read_file(out);
     EXPECT_NE(kiln::testing::run(k + " submit" + address + " -- rm -rf / >" + out + " 2>&1"), 0);
     EXPECT_NE(fs::read_file(out).find("not a kiln command"), std::string::npos);
+    // runtime_env from the command line: variables and a folder inside the head's roots.
+    EXPECT_NE(kiln::testing::run(k + " submit" + address + " --env LD_PRELOAD=/tmp/x.so -- " +
+                                 kMicro + " >" + out + " 2>&1"),
+              0);
+    EXPECT_NE(fs::read_file(out).find("may not set LD_PRELOAD"), std::string::npos)
+        << fs::read_file(out);
+    ASSERT_EQ(kiln::testing::run(k + " submit" + address + " --id with-env --env COMPAT=1 " +
+                                 "--working-dir " + s.runs + " -- " + kMicro +
+                                 " --set train.steps=1 >" + out + " 2>&1"),
+              0)
+        << fs::read_file(out);
+    json env = s.get("/api/jobs/with-env")["runtime_env"];
+    EXPECT_EQ(env["env_vars"]["COMPAT"], "1") << env.dump();
+    EXPECT_EQ(env["working_dir"], std::filesystem::canonical(s.runs).string()) << env.dump();
+    s.wait("with-env");
     // No server there: one sentence naming the address.
     EXPECT_NE(kiln::testing::run(k + " status --address http://127.0.0.1:1 >" + out + " 2>&1"), 0);
     EXPECT_NE(fs::read_file(out).find("cannot reach the head node at http://127.0.0.1:1"),

@@ -18,6 +18,7 @@
 
 #include "core/error.h"
 #include "core/progress.h"
+#include "launch/agents.h"
 
 namespace kiln::launch {
 namespace {
@@ -123,11 +124,12 @@ double quiet_for(const std::string& path, std::chrono::steady_clock::time_point 
 }
 
 Attempt run_once(const LaunchOptions& o, const std::vector<std::string>& command, int attempt,
-                 const std::string& heartbeat_dir) {
+                 const std::string& heartbeat_dir, Peers* peers) {
     const int port = o.master_port > 0 ? o.master_port : free_port();
-    for (int i = 0; i < o.ranks; i++) {
-        ::unlink((heartbeat_dir + "/rank-" + std::to_string(i)).c_str());
-    }
+    const int first = o.node_rank * o.ranks, world = o.nnodes * o.ranks;  // global rank numbers
+    auto heartbeat_of = [&](int i) { return heartbeat_dir + "/rank-" + std::to_string(first + i); };
+    for (int i = 0; i < o.ranks; i++)
+        ::unlink(heartbeat_of(i).c_str());
     std::vector<Rank> ranks(o.ranks);
     for (int i = 0; i < o.ranks; i++) {
         int fds[2];
@@ -141,10 +143,11 @@ Attempt run_once(const LaunchOptions& o, const std::vector<std::string>& command
             ::close(fds[1]);
             ::setenv("MASTER_ADDR", o.master_addr.c_str(), 1);
             ::setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
-            ::setenv("WORLD_SIZE", std::to_string(o.ranks).c_str(), 1);
-            ::setenv("RANK", std::to_string(i).c_str(), 1);
+            ::setenv("WORLD_SIZE", std::to_string(world).c_str(), 1);
+            ::setenv("RANK", std::to_string(first + i).c_str(), 1);
             ::setenv("LOCAL_RANK", std::to_string(i).c_str(), 1);
             ::setenv("LOCAL_WORLD_SIZE", std::to_string(o.ranks).c_str(), 1);
+            ::setenv("GROUP_RANK", std::to_string(o.node_rank).c_str(), 1);
             ::setenv("KILN_HEARTBEAT_DIR", heartbeat_dir.c_str(), 1);
             ::setenv("KILN_RESTARTS", std::to_string(attempt).c_str(), 1);
             // The ranks share this machine's cores (unless the user decided otherwise).
@@ -171,11 +174,14 @@ Attempt run_once(const LaunchOptions& o, const std::vector<std::string>& command
     bool stopping = false;
     auto start = std::chrono::steady_clock::now();
     auto stop_deadline = std::chrono::steady_clock::time_point::max();
-    auto stop_all = [&](const std::string& reason) {
+    // `local`: this host's news, which the other hosts' agents must hear.
+    auto stop_all = [&](const std::string& reason, bool local = true) {
         if (stopping)
             return;
         stopping = true;
         result.reason = reason;
+        if (peers && local)
+            peers->failed(reason, result.interrupted);
         for (auto& r : ranks) {
             if (r.running)
                 ::kill(r.pid, SIGTERM);
@@ -190,10 +196,17 @@ Attempt run_once(const LaunchOptions& o, const std::vector<std::string>& command
             fds.push_back({r.out, POLLIN, 0});
         ::poll(fds.data(), fds.size(), 100);
         for (int i = 0; i < o.ranks; i++)
-            drain(i, ranks[i], false);
+            drain(first + i, ranks[i], false);
         if (int sig = g_signal.exchange(0); sig != 0) {
             result.interrupted = true;
             stop_all(fmt::format("interrupted by signal {}; stopped all {} ranks", sig, o.ranks));
+        }
+        if (peers) {  // beats while stopping too
+            std::string why = peers->poll();
+            if (!why.empty() && !stopping) {
+                result.interrupted = peers->interrupted();
+                stop_all(fmt::format("{}; stopped this host's {} ranks", why, o.ranks), false);
+            }
         }
         for (int i = 0; i < o.ranks; i++) {
             Rank& r = ranks[i];
@@ -204,18 +217,18 @@ Attempt run_once(const LaunchOptions& o, const std::vector<std::string>& command
                 r.running = false;
                 r.status = status;
                 running--;
-                drain(i, r, true);
+                drain(first + i, r, true);
                 if (!(WIFEXITED(status) && WEXITSTATUS(status) == 0)) {
-                    stop_all(fmt::format("rank {} {}; stopped the other {} rank(s)", i,
-                                         describe(status), o.ranks - 1));
+                    stop_all(fmt::format("rank {} {}; stopped the other {} rank(s)", first + i,
+                                         describe(status), world - 1));
                 }
             } else if (o.hang_timeout_s > 0 && !stopping) {
-                double quiet = quiet_for(heartbeat_dir + "/rank-" + std::to_string(i), start);
+                double quiet = quiet_for(heartbeat_of(i), start);
                 if (quiet > o.hang_timeout_s) {
                     stop_all(
                         fmt::format("rank {} made no progress for {:.0f} s; stopped all {} "
                                     "ranks",
-                                    i, quiet, o.ranks));
+                                    first + i, quiet, world));
                 }
             }
         }
@@ -235,11 +248,22 @@ Attempt run_once(const LaunchOptions& o, const std::vector<std::string>& command
 
 }  // namespace
 
-int run_gang(const LaunchOptions& o) {
+int run_gang(const LaunchOptions& given) {
+    LaunchOptions o = given;
+    if (o.agent_port <= 0)
+        o.agent_port = o.master_port + 1;
     if (o.ranks < 1)
         throw error("-n {}: the gang needs at least one rank", o.ranks);
     if (o.command.empty())
         throw error("kiln launch needs a command after --, e.g. -- kiln train");
+    if (o.nnodes < 1 || o.node_rank < 0 || o.node_rank >= o.nnodes)
+        throw error("--node-rank {} is not one of the {} nodes (0 to {})", o.node_rank, o.nnodes,
+                    o.nnodes - 1);
+    if (o.nnodes > 1 && o.master_port <= 0)
+        throw error(
+            "--nnodes {} needs --master-port, the same on every host (and --master-addr, "
+            "node 0's address)",
+            o.nnodes);
     std::vector<std::string> command = o.command;
     if (command[0] == "kiln")
         command[0] = "/proc/self/exe";
@@ -254,9 +278,19 @@ int run_gang(const LaunchOptions& o) {
         throw error("cannot create a heartbeat folder in /tmp: {}", std::strerror(errno));
     }
     const std::string heartbeat_dir = pattern;
+    std::unique_ptr<Peers> peers = make_peers(o);
     Attempt a;
     for (int attempt = 0;; attempt++) {
-        a = run_once(o, command, attempt, heartbeat_dir);
+        if (peers)
+            attempt = peers->begin(attempt);
+        a = run_once(o, command, attempt, heartbeat_dir, peers.get());
+        if (peers) {  // the whole gang's outcome, the same on every host
+            Outcome gang = peers->end(a.ok);
+            a.ok = gang.ok;
+            a.interrupted = a.interrupted || gang.interrupted;
+            if (!gang.ok && a.reason.empty())
+                a.reason = gang.reason;
+        }
         if (a.ok || a.interrupted || attempt >= o.max_failures)
             break;
         std::fprintf(stderr, "kiln launch: %s; restarting the gang (restart %d of %d)\n",

@@ -7,7 +7,9 @@
 // newest good checkpoint), up to F times; a rank that makes no progress for --hang-timeout
 // seconds counts as failed. Progress is a heartbeat file each rank rewrites every step
 // (KILN_HEARTBEAT_DIR/rank-N); the attempt number reaches the ranks as KILN_RESTARTS.
-// Without restarts left, the launch exits non-zero with a one-line reason.
+// Without restarts left, the launch exits non-zero with a one-line reason. On several hosts
+// (--nnodes), each host's launch runs its own ranks, and a failure, hang or silence anywhere
+// stops and restarts the gang on every host.
 #include <string>
 #include <vector>
 
@@ -21,6 +23,11 @@ struct LaunchOptions {
     double grace_s = 10;          // after a failure, seconds before SIGKILL
     int max_failures = 0;         // gang restarts allowed
     double hang_timeout_s = 600;  // no heartbeat for this long: the rank counts as failed
+    // Several hosts (launch/agents.h): this host runs ranks node_rank x ranks ... + ranks - 1 of
+    // nnodes x ranks; master_addr is node 0's address, where its agent listens on agent_port.
+    int nnodes = 1;
+    int node_rank = 0;
+    int agent_port = 0;  // 0: master_port + 1
 };
 
 // Runs the gang to completion; returns the exit status for the launcher (0: every rank

@@ -126,6 +126,58 @@ TEST(TwoHosts, DataParallelRanksConnectWhereHostNamesDoNotResolve) {
         << fs::read_file(bad);
 }
 
+// kiln launch on each host (--nnodes 2), one rank each. The link between the hosts goes down
+// mid-run for longer than --hang-timeout: both hosts' agents notice, stop their ranks, and when
+// the link is back the gang restarts from the newest checkpoint and ends with the loss of a run
+// that was never cut.
+TEST(TwoHosts, APartitionedHostIsDetectedAndTheGangRestarts) {
+    TwoHosts hosts;
+    if (!hosts.why.empty())
+        GTEST_SKIP() << hosts.why;
+    TempDir dir;
+    const std::string kiln = kiln::testing::kiln_binary();
+    const std::string steps =
+        " --set train.steps=100 --set train.checkpoint_every=10 --set train.log_every=50"
+        " --set train.autotune=false";
+    const std::string run = dir / "run";
+    const int port = launch::free_port();
+    std::string lines;
+    for (int node = 0; node < 2; node++) {
+        const std::string launch = fmt::format(
+            "{} launch --nnodes 2 --node-rank {} --master-addr {} --master-port {} -n 1 "
+            "--max-failures 2 --hang-timeout 4 --grace 2 -- {}{} --set run.dir={}",
+            kiln, node, hosts.address('a'), port, kTrain, steps, run);
+        lines += hosts.on(node == 0 ? 'a' : 'b', launch, dir / ("node" + std::to_string(node)));
+    }
+    lines += fmt::format(
+        "for i in $(seq 6000); do [ -f {0}/metrics.jsonl ] && "
+        "[ $(wc -l <{0}/metrics.jsonl) -ge 25 ] && break; sleep 0.01; done\n"
+        "ip -n {1}b link set {1}bv down\nsleep 8\nip -n {1}b link set {1}bv up\nwait\n",
+        run, hosts.tag);
+    ASSERT_EQ(script(dir / "partition.sh", lines, 240), 0)
+        << fs::read_file(dir / "partition.sh.out");
+    for (int node = 0; node < 2; node++) {
+        const std::string log = fs::read_file(dir / ("node" + std::to_string(node)));
+        EXPECT_EQ(status_of(dir / ("node" + std::to_string(node))), 0) << log;
+        EXPECT_NE(log.find("restarting the gang (restart 1 of 2)"), std::string::npos) << log;
+    }
+    const std::string why = fs::read_file(dir / "node0") + fs::read_file(dir / "node1");
+    EXPECT_TRUE(why.find("was silent for") != std::string::npos ||
+                why.find("made no progress for") != std::string::npos)
+        << why;
+
+    const std::string loopback = dir / "loopback";
+    ASSERT_EQ(kiln::testing::run(kiln + " launch -n 2 -- " + kTrain + steps +
+                                 " --set parallel.transport=tcp --set run.dir=" + loopback + " >" +
+                                 (dir / "loopback.log") + " 2>&1"),
+              0)
+        << fs::read_file(dir / "loopback.log");
+    const auto cut = losses(run), whole = losses(loopback);
+    ASSERT_EQ(whole.size(), 100u);
+    ASSERT_GT(cut.size(), 100u);  // metrics.jsonl appends: the steps after the checkpoint again
+    EXPECT_EQ(cut.back(), whole.back());
+}
+
 // A head on one host, a client on the other: off loopback the head needs its token, and a job
 // submitted with it runs.
 TEST(TwoHosts, RemoteClientNeedsTheHeadsToken) {

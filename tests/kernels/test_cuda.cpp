@@ -259,6 +259,58 @@ TEST(Cuda, GemmMatchesReference) {
     }
 }
 
+// Grouped-query attention with RoPE (tables on the device) against the reference, in both
+// precisions, with T = 300 longer than a block; tolerances as test_kernel_math.cpp's host replay
+// of the same arithmetic, times 4 (device expf). A bf16 gradient is its f32 value rounded.
+TEST(Cuda, AttentionMatchesReference) {
+    KILN_REQUIRE_CUDA();
+    const int64_t B = 2, T = 300, H = 4, Hkv = 2, D = 32;
+    std::vector<float> cos(T * D / 2), sin(T * D / 2);
+    for (int64_t t = 0; t < T; t++) {
+        for (int64_t i = 0; i < D / 2; i++) {
+            const double angle = t * std::pow(10000.0, -2.0 * i / D);
+            cos[t * D / 2 + i] = float(std::cos(angle)),
+                            sin[t * D / 2 + i] = float(std::sin(angle));
+        }
+    }
+    Attention a{B, T, H, Hkv, D, (H + 2 * Hkv) * D};
+    const int64_t M = B * T;
+    auto qkv = randn(M * a.ldqkv, 1), dout = randn(M * H * D, 2);
+    Dev<float> d_cos(cos), d_sin(sin), d_qkv(qkv), d_dout(dout);
+    Dev<char> ws{cuda::attention_workspace_bytes(a)};
+    for (Precision prec : {Precision::fp32, Precision::bf16}) {
+        Attention host = a;
+        host.rope_cos = cos.data(), host.rope_sin = sin.data();
+        Attention dev = a;
+        dev.rope_cos = d_cos.ptr, dev.rope_sin = d_sin.ptr;
+        const Kernels& r = reference_kernels(prec);
+        std::vector<char> saved(r.attention_saved_bytes(host));
+        std::vector<float> out(M * H * D), dqkv(M * a.ldqkv);
+        r.attention_forward(out.data(), saved.data(), qkv.data(), host, {});
+        r.attention_backward(dqkv.data(), DType::f32, dout.data(), qkv.data(), saved.data(), host,
+                             {});
+        ASSERT_EQ(cuda::attention_saved_bytes(a, prec), saved.size());
+        Dev<char> d_saved{saved.size()};
+        Dev<float> d_out{size_t(M * H * D)}, d_dqkv{size_t(M * a.ldqkv)};
+        cuda::attention_forward(d_out.ptr, d_saved.ptr, d_qkv.ptr, dev, prec, {ws.ptr, ws.n});
+        cuda::attention_backward(d_dqkv.ptr, DType::f32, d_dout.ptr, d_qkv.ptr, d_saved.ptr, dev,
+                                 prec, {ws.ptr, ws.n});
+        const bool bf16 = prec == Precision::bf16;
+        EXPECT_LT(rel_err(d_out.host(), out), bf16 ? 4e-3 : kTol) << precision_name(prec);
+        EXPECT_LT(rel_err(d_dqkv.host(), dqkv), bf16 ? 4e-5 : kTol) << precision_name(prec);
+        if (bf16) {
+            Dev<uint16_t> d_dqkv_bf{size_t(M * a.ldqkv)};
+            cuda::attention_backward(d_dqkv_bf.ptr, DType::bf16, d_dout.ptr, d_qkv.ptr, d_saved.ptr,
+                                     dev, prec, {ws.ptr, ws.n});
+            const auto f32 = d_dqkv.host();
+            std::vector<uint16_t> want(f32.size());
+            for (size_t i = 0; i < f32.size(); i++)
+                want[i] = f32_to_bf16(f32[i]);
+            EXPECT_EQ(d_dqkv_bf.host(), want);
+        }
+    }
+}
+
 // Forward then inverse rotation gives the input back; the values' heads are left alone.
 TEST(Cuda, RopeRoundTrip) {
     KILN_REQUIRE_CUDA();

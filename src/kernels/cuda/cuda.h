@@ -1,7 +1,7 @@
 #pragma once
-// The CUDA backend's ops so far: the row-wise and elementwise ops of the Kernels table and the
-// products, with the table's signatures and contracts (table.h) on device pointers, their
-// arithmetic in kernel_math.h. Not a table yet: no attention, and the model does not run on CUDA.
+// The CUDA backend's ops: those of the Kernels table, with the table's signatures and contracts
+// (table.h) on device pointers, their arithmetic in kernel_math.h and attention_math.h. Not a
+// table yet (autotuning, streams): the model does not run on CUDA.
 #include <cstddef>
 #include <cstdint>
 
@@ -41,6 +41,16 @@ void to_bf16(uint16_t* dst, const float* src, int64_t n);
 // gemm_workspace_bytes(max elements of one operand), 256-byte aligned.
 size_t gemm_workspace_bytes(int64_t max_operand);
 void gemm(const Gemm& g, Precision precision, Workspace ws);
+
+// Causal attention with the contract of the table's entries (table.h, ops.h; rope_cos/rope_sin
+// device pointers when set), the precision choosing the dtype of the probabilities kept in
+// `saved` (attention_saved_bytes). `ws` is device memory of attention_workspace_bytes(a).
+size_t attention_saved_bytes(const Attention& a, Precision precision);
+size_t attention_workspace_bytes(const Attention& a);
+void attention_forward(float* out, void* saved, const float* qkv, const Attention& a,
+                       Precision precision, Workspace ws);
+void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const float* qkv,
+                        const void* saved, const Attention& a, Precision precision, Workspace ws);
 
 // Rotary embedding in place on the first n_heads heads (of D) of each row of x (M, ld), as the
 // Attention contract in ops.h defines it (rope_cos/rope_sin (T, D/2)); inverse rotates back,

@@ -3,8 +3,10 @@
 // backend, and the recompute policies against each other.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 #include <random>
 #include <vector>
 
@@ -49,6 +51,16 @@ LlamaConfig small_config() {
     c.dim = 32, c.n_layers = 2, c.n_heads = 4, c.n_kv_heads = 2, c.vocab_size = 50;
     c.multiple_of = 16;
     return c;
+}
+
+// ||a - b|| / ||b|| over the whole tensor: every entry counts, the small ones too.
+double normalized_error(const float* a, const float* b, int64_t n) {
+    double diff = 0, norm = 0;
+    for (int64_t i = 0; i < n; i++) {
+        diff += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+        norm += double(b[i]) * b[i];
+    }
+    return norm > 0 ? std::sqrt(diff / norm) : std::sqrt(diff);
 }
 
 double max_rel_diff(const float* a, const float* b, int64_t n, double floor) {
@@ -126,6 +138,11 @@ TEST_P(ReferenceFixture, LogitsLossAndGradientsMatchPyTorch) {
                 EXPECT_LT(max_rel_diff(model.grads() + p.offset, g, p.numel, scale),
                           bf16 ? 6e-2 : 1e-4)
                     << p.name;
+                // Over the whole tensor, where the check above only bounds the largest entries:
+                // measured at most 6e-7 (fp32) and 0.9% (bf16, whose unit roundoff is 0.4%).
+                EXPECT_LT(normalized_error(model.grads() + p.offset, g, p.numel),
+                          bf16 ? 2e-2 : 1e-5)
+                    << p.name;
             }
         }
     }
@@ -142,8 +159,26 @@ TEST(Llama, GradientsMatchFiniteDifferences) {
     std::vector<float> grads(model.grads(), model.grads() + model.layout().total());
     std::mt19937_64 rng(5);
     for (const auto& p : model.layout().params()) {
-        for (int check = 0; check < 3; check++) {
-            int64_t i = p.offset + int64_t(rng() % p.numel);
+        // The entries to check: the tensor's 4 largest gradients, and 6 drawn at random among
+        // those that can have one (for the embedding, the rows of tokens in the batch; the rest
+        // are zero by construction and prove nothing).
+        std::vector<int64_t> picks(size_t(p.numel));
+        std::iota(picks.begin(), picks.end(), p.offset);
+        std::partial_sort(picks.begin(), picks.begin() + 4, picks.end(), [&](int64_t a, int64_t b) {
+            return std::fabs(grads[size_t(a)]) > std::fabs(grads[size_t(b)]);
+        });
+        std::vector<int64_t> live;
+        for (int64_t i = p.offset; i < p.offset + p.numel; i++) {
+            const int64_t row = (i - p.offset) / c.dim;
+            if (p.name != "tok_embeddings" ||
+                std::count(batch.tokens.begin(), batch.tokens.end(), int32_t(row)) > 0)
+                live.push_back(i);
+        }
+        picks.resize(4);
+        for (int k = 0; k < 6; k++)
+            picks.push_back(live[rng() % live.size()]);
+        double err = 0, norm = 0;
+        for (int64_t i : picks) {
             float saved = model.params()[i];
             const float h = 1e-2f;
             model.params()[i] = saved + h;
@@ -153,7 +188,12 @@ TEST(Llama, GradientsMatchFiniteDifferences) {
             model.params()[i] = saved;
             double fd = (up - down) / (2 * h);
             EXPECT_NEAR(grads[i], fd, 2e-3 + 3e-2 * std::fabs(fd)) << p.name << " element " << i;
+            err += std::fabs(grads[i] - fd);
+            norm += std::fabs(fd);
         }
+        EXPECT_LT(err, 3e-2 * norm) << p.name
+                                    << ": the sampled gradients against their finite "
+                                       "differences, relative to their size";
     }
 }
 

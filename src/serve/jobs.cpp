@@ -182,6 +182,27 @@ Job job_from_json(const json& j) {
     return job;
 }
 
+// Why a job failed, from the end of its log: the last error a rank reported ("[rank R] kiln:
+// ..."), which says what to change, rather than the launcher's closing line after it; else
+// the last line.
+std::string failure_line(const std::string& tail) {
+    std::string last;
+    size_t end = tail.size();
+    while (end > 0) {
+        size_t start = tail.rfind('\n', end - 1);
+        start = start == std::string::npos ? 0 : start + 1;
+        std::string line = tail.substr(start, end - start);
+        while (!line.empty() && std::isspace(static_cast<unsigned char>(line.back())))
+            line.pop_back();
+        if (line.rfind("[rank ", 0) == 0 && line.find("] kiln: ") != std::string::npos)
+            return line;
+        if (last.empty())
+            last = line;
+        end = start == 0 ? 0 : start - 1;
+    }
+    return last;
+}
+
 void sql_check(sqlite3* db, int rc, const char* what) {
     if (rc != SQLITE_OK && rc != SQLITE_DONE && rc != SQLITE_ROW)
         throw error("jobs database: {} failed: {}", what, sqlite3_errmsg(db));
@@ -715,7 +736,7 @@ void Queue::reap() {
             job.message = "finished";
         } else {
             job.state = State::failed;
-            std::string line = excerpt(last_line(job_log(id)), 300);
+            std::string line = excerpt(failure_line(tail_of(job_log(id), 1 << 16)), 400);
             job.message = fmt::format("exited with status {}{}{}", job.exit_code,
                                       line.empty() ? "" : ": ", line);
         }

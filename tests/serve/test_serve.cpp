@@ -1165,6 +1165,10 @@ TEST(RayClient, EveryCallOfRaysJobClientIsAnsweredAsItExpects) {
     std::string log =
         ray::get(port, "/api/jobs/" + failed["job_id"].get<std::string>() + "/logs").j()["logs"];
     EXPECT_NE(log.find("(train.memory_limit_gb)"), std::string::npos) << log;
+    // Ray's CLI prints the message of a failed job: it is the rank's reason, not the launcher's.
+    EXPECT_NE(failed["message"].get<std::string>().find("(train.memory_limit_gb)"),
+              std::string::npos)
+        << failed["message"];
 
     // What kiln cannot honour is refused in one sentence naming it, never ignored.
     auto refusal = [&](const json& patch) {

@@ -643,6 +643,10 @@ Job Queue::submit(JobSpec spec) {
         sql_check(db_, rc, "numbering a job");
         job.spec = std::move(spec);
         job.submitted = unix_seconds();
+        job.message = fmt::format(
+            "queued: it starts when {} CPU slots and {} GPUs are free and the jobs ahead of it "
+            "have started",
+            need.cpus, need.gpus);
         save(job);
         jobs_[job.id] = job;
     }

@@ -1213,6 +1213,18 @@ TEST(RayClient, EveryCallOfRaysJobClientIsAnsweredAsItExpects) {
     EXPECT_NE(a.body.find("no uploaded packages"), std::string::npos) << a.body;
     // An unknown job, as Ray's client sees it.
     EXPECT_EQ(ray::get(port, "/api/jobs/nope").status, 404);
+
+    // A head with a token: Ray's client sends it as a header (JobSubmissionClient(headers=...)
+    // or RAY_JOB_HEADERS), on the WebSocket upgrade too.
+    const std::string token = "0123456789abcdef0123";
+    Server guarded(dir / "guarded", {"--token", token});
+    EXPECT_EQ(ray::tail(guarded.port, "nope", "dGhlIHNhbXBsZSBub25jZQ==").status, 401);
+    std::string upgrade =
+        "GET /api/jobs/nope/logs/tail HTTP/1.1\r\nHost: 127.0.0.1:" + std::to_string(guarded.port) +
+        "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer " +
+        token + "\r\n\r\n";
+    EXPECT_EQ(ray::round_trip(guarded.port, upgrade).status, 404);  // past the token check
 }
 
 }  // namespace

@@ -29,7 +29,6 @@ namespace kiln::kernels::cuda {
 namespace {
 
 constexpr int kBlocks = 3, kThreads = 64;  // a small grid: stride 192, so loops go round
-constexpr int kRowThreads = 256;           // what rows.cu launches per row
 
 std::vector<float> randn(size_t n, uint64_t seed, float scale = 1.0f) {
     std::mt19937_64 rng(seed);

@@ -32,6 +32,10 @@
 
 namespace kiln::kernels::cuda {
 
+// Threads of the block that runs one row of a row op; the host replay uses the same count, so it
+// reduces in the same order.
+constexpr int kRowThreads = 256;
+
 // --- bf16, bit for bit as core/dtype.h converts (round to nearest even, NaN stays NaN) ---
 
 KILN_HD uint32_t float_bits(float f) {

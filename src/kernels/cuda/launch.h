@@ -10,7 +10,7 @@
 namespace kiln::kernels::cuda {
 
 constexpr int kElementThreads = 256;
-constexpr int kRowThreads = 256;  // threads per row: a multiple of 32, at most 1024
+static_assert(kRowThreads % 32 == 0 && kRowThreads <= 1024, "whole warps, one block");
 
 // Blocks of kElementThreads for n elements; past 65535 blocks the grid-stride loop goes round.
 inline unsigned element_blocks(int64_t n) {

@@ -17,11 +17,13 @@
 #include <functional>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/backends.h"
 #include "kernels/cpu/cpu.h"
 #include "kernels/cuda/attention_math.h"
+#include "kernels/cuda/gemm_layout.h"
 #include "kernels/cuda/kernel_math.h"
 #include "kernels/reference/reference.h"
 
@@ -589,6 +591,54 @@ TEST(KernelMath, AdamW) {
     for (int64_t i = 0; i < n; i++)
         ASSERT_EQ(pb[i], f32_to_bf16(p[i]));
     expect_bf16_within_one_ulp(pb, pb_ref, "adamw bf16 weights");
+}
+
+// gemm.cu's hand-over to cuBLASLt: a column-major product, written here as cuBLASLt defines it
+// (op(X)(r, c) = X(c, r) when transposed, X(r, c) = x[r + c ld]), run on the memory of A, B and
+// C as column_major() describes it, must compute the reference's row-major product, for every
+// transposition with row strides past the dense ones. Exact shapes are checked first, as
+// cuBLASLt would refuse a mismatch.
+TEST(KernelMath, GemmColumnMajorMapping) {
+    const int64_t M = 7, N = 5, K = 11;
+    for (int ta = 0; ta < 2; ta++) {
+        for (int tb = 0; tb < 2; tb++) {
+            for (int acc = 0; acc < 2; acc++) {
+                const int64_t lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 2, ldc = N + 1;
+                auto a = randn((ta ? K : M) * lda, 1), b = randn((tb ? N : K) * ldb, 2);
+                auto c = randn(M * ldc, 3), want = c;
+                Gemm g;
+                g.M = M, g.N = N, g.K = K, g.trans_a = ta, g.trans_b = tb, g.alpha = 0.5f;
+                g.a = a.data(), g.lda = lda, g.b = b.data(), g.ldb = ldb, g.c = want.data();
+                g.ldc = ldc, g.accumulate = acc;
+                ref().gemm(g, {});
+
+                const ColumnMajorProduct p = column_major(g, lda, ldb);
+                auto op_shape = [](const ColumnMajor& x) {
+                    return x.trans ? std::make_pair(x.cols, x.rows)
+                                   : std::make_pair(x.rows, x.cols);
+                };
+                ASSERT_EQ(op_shape(p.first), std::make_pair(p.m, p.k));
+                ASSERT_EQ(op_shape(p.second), std::make_pair(p.k, p.n));
+                ASSERT_EQ(op_shape(p.out), std::make_pair(p.m, p.n));
+                ASSERT_GE(p.first.ld, p.first.rows);
+                ASSERT_GE(p.second.ld, p.second.rows);
+                ASSERT_GE(p.out.ld, p.out.rows);
+                auto at = [](const float* x, const ColumnMajor& l, int64_t r, int64_t col) {
+                    return l.trans ? x[col + r * l.ld] : x[r + col * l.ld];
+                };
+                for (int64_t i = 0; i < p.m; i++) {
+                    for (int64_t j = 0; j < p.n; j++) {
+                        double d = 0;
+                        for (int64_t k = 0; k < p.k; k++)
+                            d += double(at(b.data(), p.first, i, k)) * at(a.data(), p.second, k, j);
+                        float& out = c[i + j * p.out.ld];
+                        out = float(g.alpha * d + (acc ? out : 0.0f));
+                    }
+                }
+                EXPECT_EQ(c, want) << "ta=" << ta << " tb=" << tb << " acc=" << acc;
+            }
+        }
+    }
 }
 
 // Product operands converted while packed dense: as the CPU backend packs them, bit for bit.

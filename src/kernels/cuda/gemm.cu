@@ -1,16 +1,13 @@
-// Matrix products through cuBLASLt, with the contract of kernels/ops.h's Gemm (row-major).
-//
-// cuBLASLt is column-major, and a row-major (r, c) matrix with row stride ld is the same memory
-// as a column-major (c, r) one with leading dimension ld. So row-major C = op(A) op(B) is
-// column-major C^T = op(B)^T op(A)^T: B goes first, A second, with the transpositions as given,
-// and C is (N, M) with leading dimension ldc. Operands in the dtype the precision reads (bf16
-// products with fp32 accumulation, or fp32 throughout) go straight in; the others are converted
-// into the workspace first (pack_at), as the CPU backend packs them.
+// Matrix products through cuBLASLt, with the contract of kernels/ops.h's Gemm (row-major), in
+// cuBLASLt's column-major terms as gemm_layout.h maps them. Operands in the dtype the precision
+// reads (bf16 products with fp32 accumulation, or fp32 throughout) go straight in; the others
+// are converted into the workspace first (pack_at), as the CPU backend packs them.
 #include <cublasLt.h>
 
 #include <memory>
 
 #include "kernels/cuda/cuda.h"
+#include "kernels/cuda/gemm_layout.h"
 #include "kernels/cuda/launch.h"
 
 #define KILN_CUBLAS(call)                                                    \
@@ -128,20 +125,19 @@ void gemm(const Gemm& g, Precision precision, Workspace ws) {
     const Operand b = prepare(g.b, g.b_type, b_rows, b_cols, g.ldb, want, scratch + a_bytes);
     void* lt_workspace = scratch + a_bytes + b_bytes;
 
+    const ColumnMajorProduct p = column_major(g, a.ld, b.ld);
     cublasLtMatmulDesc_t raw_desc = nullptr;
     KILN_CUBLAS(cublasLtMatmulDescCreate(&raw_desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const std::unique_ptr<cublasLtMatmulDescOpaque_t, DescDeleter> desc(raw_desc);
-    // Column-major C^T (N, M) = op(B)^T (N, K) * op(A)^T (K, M): B's stored memory read
-    // column-major is B^T, so it is transposed exactly when B is stored (N, K); likewise A.
-    const cublasOperation_t op_first = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-    const cublasOperation_t op_second = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+    const cublasOperation_t op_first = p.first.trans ? CUBLAS_OP_T : CUBLAS_OP_N;
+    const cublasOperation_t op_second = p.second.trans ? CUBLAS_OP_T : CUBLAS_OP_N;
     KILN_CUBLAS(cublasLtMatmulDescSetAttribute(desc.get(), CUBLASLT_MATMUL_DESC_TRANSA, &op_first,
                                                sizeof(op_first)));
     KILN_CUBLAS(cublasLtMatmulDescSetAttribute(desc.get(), CUBLASLT_MATMUL_DESC_TRANSB, &op_second,
                                                sizeof(op_second)));
-    const Layout first = layout(type, b_cols, b_rows, b.ld);
-    const Layout second = layout(type, a_cols, a_rows, a.ld);
-    const Layout out = layout(CUDA_R_32F, g.N, g.M, g.ldc);
+    const Layout first = layout(type, p.first.rows, p.first.cols, p.first.ld);
+    const Layout second = layout(type, p.second.rows, p.second.cols, p.second.ld);
+    const Layout out = layout(CUDA_R_32F, p.out.rows, p.out.cols, p.out.ld);
 
     cublasLtMatmulPreference_t raw_pref = nullptr;
     KILN_CUBLAS(cublasLtMatmulPreferenceCreate(&raw_pref));

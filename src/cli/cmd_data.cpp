@@ -41,6 +41,7 @@ Action add_data(CLI::App& app) {
         std::string tokenizer, out, verify_dir;
         int train_tokenizer = 0;
         int threads = 0;
+        std::string encoder = "kiln";
         bool force = false;
         ConfigOptions config;
     };
@@ -54,6 +55,10 @@ Action add_data(CLI::App& app) {
     app.add_option("--out", o->out, "output folder for shards and manifest.json");
     app.add_option("--threads", o->threads,
                    "encoder threads (0: all cores); a reader and the packer run beside them");
+    app.add_option("--encoder", o->encoder,
+                   "kiln (the same ids as SentencePiece, faster; SentencePiece for models it "
+                   "does not reproduce) or sentencepiece")
+        ->check(CLI::IsMember({"kiln", "sentencepiece"}));
     app.add_flag("--force", o->force, "replace a data set already in --out");
     add_config_options(app, o->config);
     CLI::App* verify = app.add_subcommand("verify",
@@ -92,6 +97,12 @@ Action add_data(CLI::App& app) {
             }
         }
         data::Tokenizer tokenizer(model);
+        if (o->encoder == "kiln" && !tokenizer.use_encoder(data::Tokenizer::Encoder::kiln)) {
+            log::info("tokenizer",
+                      "{} is not a model kiln's encoder reproduces exactly; encoding with "
+                      "SentencePiece",
+                      model);
+        }
         data::BuildResult r =
             data::build_dataset(o->corpus, tokenizer, o->out, config.data, o->force);
         if (r.reused) {

@@ -14,10 +14,19 @@ class SentencePieceProcessor;
 
 namespace kiln::data {
 
+class BpeEncoder;
+
 class Tokenizer {
 public:
     explicit Tokenizer(const std::string& model_path);  // throws Error naming the file
     ~Tokenizer();
+    // Which implementation encodes: SentencePiece (the default, and the reference), or kiln's
+    // own BPE encoder, which gives the same ids faster for the models it reproduces: those
+    // splits_at_newlines() holds for, with byte fallback and no user-defined or unused pieces
+    // (Llama-2's, and those kiln trains). For another model, asking for kiln's returns false
+    // and SentencePiece stays. Text that is not valid UTF-8 always goes to SentencePiece.
+    enum class Encoder { sentencepiece, kiln };
+    bool use_encoder(Encoder encoder);
     // Thread-safe: several threads may encode at once.
     std::vector<int> encode(std::string_view text) const;
     // Whether a document may be encoded in parts cut just before a '\n' with the ids of the
@@ -48,7 +57,9 @@ private:
     std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;
     std::string identity_;
     bool splits_ = false;
-    std::vector<int> dummy_prefix_;  // what encode("\n") puts before <0x0A>
+    std::vector<int> dummy_prefix_;    // what encode("\n") puts before <0x0A>
+    std::unique_ptr<BpeEncoder> bpe_;  // null for models it does not reproduce
+    bool use_bpe_ = false;
 };
 
 // The identity (as Tokenizer::identity) of a model file without loading it.

@@ -273,13 +273,23 @@ std::vector<int> encode_cut(const Tokenizer& t, std::string_view text, size_t ev
     return ids;
 }
 
-void expect_cuts_keep_ids(const Tokenizer& t, const std::string& text, const std::string& what) {
-    const std::vector<int> whole = t.encode(text);
+// `sp` encodes with SentencePiece, `own` with kiln's encoder: both give SentencePiece's ids for
+// the whole text, and for the text cut at newlines.
+void expect_cuts_keep_ids(const Tokenizer& sp, const Tokenizer& own, const std::string& text,
+                          const std::string& what) {
+    const std::vector<int> whole = sp.encode(text);
+    ASSERT_TRUE(own.encode(text) == whole) << what << ", kiln's encoder";
     for (size_t every : {1, 2, 7}) {
-        std::vector<int> cut = encode_cut(t, text, every);
-        ASSERT_EQ(cut.size(), whole.size()) << what << ", a cut at every " << every << " newlines";
-        ASSERT_TRUE(cut == whole) << what << ", a cut at every " << every << " newlines";
+        for (const Tokenizer* t : {&sp, &own}) {
+            std::vector<int> cut = encode_cut(*t, text, every);
+            ASSERT_EQ(cut.size(), whole.size()) << what << ", a cut at every " << every;
+            ASSERT_TRUE(cut == whole) << what << ", a cut at every " << every << " newlines";
+        }
     }
+}
+
+void use_own(Tokenizer& t) {
+    EXPECT_TRUE(t.use_encoder(Tokenizer::Encoder::kiln));
 }
 
 // Text shapes that stress the cut: what the corpus reader repairs (invalid UTF-8) is tested raw.
@@ -297,7 +307,13 @@ std::vector<std::pair<std::string, std::string>> awkward_texts() {
     };
     std::vector<std::pair<std::string, std::string>> texts;
     texts.push_back({"random atoms", random_text(20000)});
-    texts.push_back({"leading and trailing newlines", "\n\nLily\n \n" + random_text(300) + "\n\n"});
+    std::string valid = random_text(20000);  // without invalid UTF-8, which SentencePiece encodes
+    repair_utf8(valid);
+    texts.push_back({"random valid atoms", valid});
+    std::string edges = "\n\nLily\n \n";
+    edges += random_text(300);
+    edges += "\n\n";
+    texts.push_back({"leading and trailing newlines", edges});
     texts.push_back({"only newlines", "\n\n\n\n"});
     texts.push_back({"a newline", "\n"});
     texts.push_back({"one word", "word"});
@@ -308,7 +324,9 @@ std::vector<std::pair<std::string, std::string>> awkward_texts() {
     std::string crlf, tabs;
     for (int i = 0; i < 300; i++) {
         crlf += builtin_story(1, i) + "\r\n";
-        tabs += "\t" + builtin_story(2, i) + "\t\n\t";
+        tabs += '\t';
+        tabs += builtin_story(2, i);
+        tabs += "\t\n\t";
     }
     texts.push_back({"CRLF lines", crlf});
     texts.push_back({"tabs", tabs});
@@ -317,14 +335,19 @@ std::vector<std::pair<std::string, std::string>> awkward_texts() {
 }
 
 TEST_F(Trained, CutsAtNewlinesKeepTheIds) {
-    Tokenizer t(model());
+    Tokenizer t(model()), own(model());
+    use_own(own);
     ASSERT_TRUE(t.splits_at_newlines());
     for (const auto& [what, text] : awkward_texts())
-        expect_cuts_keep_ids(t, text, what);
+        expect_cuts_keep_ids(t, own, text, what);
     std::string stories;
     for (int i = 0; i < 200; i++)
         stories += builtin_story(1, i) + (i % 4 ? "\n" : "\n\n");
-    expect_cuts_keep_ids(t, stories, "stories");
+    expect_cuts_keep_ids(t, own, stories, "stories");
+    for (int i = 0; i < 2000; i++) {
+        std::string story = builtin_story(9, i).substr(0, size_t(i % 200));
+        ASSERT_EQ(own.encode(story), t.encode(story)) << story;
+    }
 }
 
 // The same model file with one setting changed: a cut is no longer safe, or no longer known to
@@ -349,6 +372,7 @@ TEST_F(Trained, ModelsWithoutSafeCutsAreEncodedWhole) {
         write(dir / "m.model", bytes + extra);
         Tokenizer t(dir / "m.model");
         EXPECT_FALSE(t.splits_at_newlines()) << what;
+        EXPECT_FALSE(t.use_encoder(Tokenizer::Encoder::kiln)) << what;
         DataConfig c;
         c.seq_len = 16;
         c.tail = "pad";
@@ -393,8 +417,9 @@ TEST(Corpus, LargeTextDocumentsComeInParts) {
         }
         docs.back() += part;
         sizes.back().push_back(part.size());
-        if (!last)  // (the bound is on bytes read: a repair makes 1 invalid byte 3)
+        if (!last) {  // (the bound is on bytes read: a repair makes 1 invalid byte 3)
             ASSERT_TRUE(part.size() <= 100100 || part.find('\n', 1) == std::string::npos);
+        }
     }
     EXPECT_EQ(docs, whole);
     EXPECT_GT(sizes[0].size(), 10u);
@@ -409,7 +434,8 @@ TEST(Corpus, LargeTextDocumentsComeInParts) {
 // The pipeline on large documents: shards hold BOS + encode(whole document) + EOS, the same for
 // 1 and 2 threads and for any read-ahead bound (which also bounds the parts read at once).
 TEST_F(Trained, LargeDocumentsPackAsIfEncodedWhole) {
-    Tokenizer t(model());
+    Tokenizer t(model()), own(model());
+    use_own(own);
     TempDir dir;
     std::string big, line;
     for (int i = 0; i < 600; i++)
@@ -435,7 +461,7 @@ TEST_F(Trained, LargeDocumentsPackAsIfEncodedWhole) {
     for (auto [threads, ahead] : {std::pair{1, 4 << 20}, {2, 4 << 20}, {2, 5000}, {3, 1}}) {
         omp_set_num_threads(threads);
         c.batch_bytes = ahead;
-        BuildResult r = build_dataset({dir.path}, t, dir / "out", c, true);
+        BuildResult r = build_dataset({dir.path}, threads == 2 ? own : t, dir / "out", c, true);
         EXPECT_EQ(r.tokens, int64_t(stream.size()));
         ShardSet set(dir / "out", 400);
         std::vector<int32_t> row(128);
@@ -477,14 +503,15 @@ TEST(RealData, Llama2CutsAtNewlinesKeepTheIds) {
     std::string model = shared + "/llama2-tokenizer.model";
     if (!fs::exists(model))
         GTEST_SKIP() << "shared data not present";
-    Tokenizer t(model);
+    Tokenizer t(model), own(model);
+    use_own(own);
     ASSERT_TRUE(t.splits_at_newlines());
     // "\nHello" is <0x0A> then "Hello" without the dummy prefix's "▁".
     std::vector<int> ids = t.encode_part("\nHello world", false);
     EXPECT_EQ(ids.front(), 13);
     EXPECT_EQ(ids.size() + 1, t.encode("\nHello world").size());
     for (const auto& [what, text] : awkward_texts())
-        expect_cuts_keep_ids(t, text, what);
+        expect_cuts_keep_ids(t, own, text, what);
     std::vector<std::string> files;
     for (const auto& e : std::filesystem::recursive_directory_iterator(shared)) {
         if (e.path().extension() == ".txt")
@@ -497,7 +524,8 @@ TEST(RealData, Llama2CutsAtNewlinesKeepTheIds) {
     for (size_t i = 0; i < files.size(); i++) {
         std::string text = fs::read_file(files[i]);  // raw bytes: invalid UTF-8 kept
         std::vector<int> whole = t.encode(text);
-        if (encode_cut(t, text, 1) != whole)
+        if (encode_cut(t, text, 1) != whole || encode_cut(own, text, 1) != whole ||
+            own.encode(text) != whole)
             failed[i] = files[i];
     }
     for (const auto& f : failed)

@@ -50,8 +50,8 @@ void build_schema(ConfigSchema& s, RunConfig& c) {
     s.add("train.keep_checkpoints", &t.keep_checkpoints, "newest checkpoints kept (0: all)",
           non_negative(&t.keep_checkpoints));
     s.add("train.peak_gflops", &t.peak_gflops,
-          "peak matmul GFLOP/s for MFU (0: measured at start, a 1024-square product in the "
-          "compute precision)",
+          "peak matmul GFLOP/s for MFU (0: measured: the best rate of a 1024-square product "
+          "in the compute precision this machine has shown, now or in an earlier run)",
           non_negative(&t.peak_gflops));
     s.add("train.memory_limit_gb", &t.memory_limit_gb,
           "memory one rank may plan for, GiB (0: this machine's memory / its ranks)",

@@ -19,7 +19,9 @@ struct TrainResult {
 // `resolved_yaml` is written to the run folder as config.yaml.
 TrainResult train(const RunConfig& config, const std::string& resolved_yaml);
 
-// Peak GFLOP/s of this machine's bf16/fp32 matrix product, measured on a square product.
+// Peak GFLOP/s of this machine's bf16/fp32 matrix product: the best rate of a 1024-square
+// product timed for a quarter of a second now, or shown before on the same platform (CPU,
+// threads, library; kept in fs::cache_dir()/peaks), whichever is higher.
 double measure_peak_gflops(const std::string& backend, kernels::Precision precision);
 
 }  // namespace kiln::train

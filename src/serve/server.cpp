@@ -15,6 +15,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "serve/assets.h"
+#include "serve/pool.h"
 #include "serve/runs.h"
 
 namespace kiln::serve {
@@ -22,7 +23,10 @@ namespace {
 
 using json = nlohmann::json;
 
-constexpr int kMaxFollowers = 8;  // of the 32 server threads
+// Connection threads (serve/pool.h): enough that clients which send their headers slowly, or
+// hold keep-alive connections open, do not take the last one from the API and the dashboard.
+constexpr size_t kMaxConnectionThreads = 256;
+constexpr int kMaxFollowers = 8;  // log followers, each holding a thread while its job runs
 
 void reply(httplib::Response& res, int status, const json& body) {
     res.status = status;
@@ -340,7 +344,7 @@ int serve(const ServeOptions& o) {
     Runs runs(o.runs);
     Queue queue({o.runs, o.data_roots, o.capacity, o.kiln});
     httplib::Server svr;
-    svr.new_task_queue = [] { return new httplib::ThreadPool(32); };
+    svr.new_task_queue = [] { return new ConnectionPool(16, kMaxConnectionThreads); };
     svr.set_payload_max_length(o.max_body);
     svr.set_keep_alive_max_count(10000);
     svr.set_tcp_nodelay(true);  // headers and body go out in separate writes
@@ -586,6 +590,7 @@ int serve(const ServeOptions& o) {
 
     if (!svr.bind_to_port(o.host, o.port))
         throw error("cannot listen on {}:{}: {}", o.host, o.port, std::strerror(errno));
+    widen_listen_backlog(o.port);
     std::string url = fmt::format("http://{}:{}/", o.host, o.port);
     log::info("serve",
               "dashboard and jobs API on {} (runs folder {}, capacity {} CPU slots, {} GPUs)", url,

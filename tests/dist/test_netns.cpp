@@ -178,6 +178,40 @@ TEST(TwoHosts, APartitionedHostIsDetectedAndTheGangRestarts) {
     EXPECT_EQ(cut.back(), whole.back());
 }
 
+// The same two hosts with 50 ms of round trip and 1% loss between them (tc netem, 25 ms and
+// 0.5% each way): the gang trains the loopback curve, step for step.
+TEST(TwoHosts, DelayAndLossLeaveTheCurveAsItWas) {
+    TwoHosts hosts;
+    if (!hosts.why.empty())
+        GTEST_SKIP() << hosts.why;
+    for (char h : {'a', 'b'})
+        if (kiln::testing::run(fmt::format("ip netns exec {0}{1} tc qdisc add dev {0}{1}v root "
+                                           "netem delay 25ms loss 0.5% >/dev/null 2>&1",
+                                           hosts.tag, h)) != 0)
+            GTEST_SKIP() << "this kernel has no netem queueing discipline (sch_netem): "
+                            "tc qdisc add ... netem failed";
+    TempDir dir;
+    const std::string kiln = kiln::testing::kiln_binary();
+    const int port = launch::free_port();
+    std::string lines;
+    for (int node = 0; node < 2; node++)
+        lines += hosts.on(node == 0 ? 'a' : 'b',
+                          fmt::format("{} launch --nnodes 2 --node-rank {} --master-addr {} "
+                                      "--master-port {} -n 1 -- {} --set run.dir={}",
+                                      kiln, node, hosts.address('a'), port, kTrain, dir / "run"),
+                          dir / ("node" + std::to_string(node)));
+    ASSERT_EQ(script(dir / "netem.sh", lines + "wait\n", 240), 0);
+    for (int node = 0; node < 2; node++)
+        EXPECT_EQ(status_of(dir / ("node" + std::to_string(node))), 0)
+            << fs::read_file(dir / ("node" + std::to_string(node)));
+    const std::string loopback = dir / "loopback";
+    ASSERT_EQ(kiln::testing::run(kiln + " launch -n 2 -- " + kTrain +
+                                 " --set parallel.transport=tcp --set run.dir=" + loopback +
+                                 " >/dev/null 2>&1"),
+              0);
+    EXPECT_EQ(losses(dir / "run"), losses(loopback));
+}
+
 // A head on one host, a client on the other: off loopback the head needs its token, and a job
 // submitted with it runs.
 TEST(TwoHosts, RemoteClientNeedsTheHeadsToken) {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Tokenization throughput: `kiln data` (1 and 2 threads) against SentencePiece's own
-# `spm_encode` on the same bytes and the same tokenizer, in one run, on two corpus shapes:
+# Tokenization throughput: `kiln data` (1 and 2 threads with kiln's encoder, 2 threads with
+# SentencePiece's) against SentencePiece's own `spm_encode` on the same bytes and the same
+# tokenizer, in one run, on two corpus shapes:
 #
 #   lines:  one document per line (a .jsonl), so both tools encode exactly the same strings;
 #   books:  a few large documents (English books concatenated into one .txt: one document),
@@ -69,33 +70,40 @@ median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1
 # bench SHAPE SPM_INPUT KILN_CORPUS DESCRIPTION
 bench() {
     local shape="$1" spm_in="$2" corpus="$3" desc="$4"
-    local times=() t0 t1 threads spm_tokens kiln_tokens
+    local t0 t1 run spm_tokens kiln_tokens spm_times=()
+    local -A times
+    local runs=(1:kiln 2:kiln 2:sentencepiece)
+    # The tools take turns in each round, so that load from elsewhere on a shared machine falls
+    # on all of them alike.
     for ((r = 0; r < REPEATS; r++)); do
         t0=$(now)
         spm_encode --model "$model" --output_format=id < "$spm_in" > "$work/spm.ids"
         t1=$(now)
-        times+=("$(echo "$t1 - $t0" | bc -l)")
+        spm_times+=("$(echo "$t1 - $t0" | bc -l)")
+        for run in "${runs[@]}"; do
+            rm -rf "$work/$shape-$run"
+            t0=$(now)
+            "$KILN" data --corpus "$corpus" --tokenizer "$model" --out "$work/$shape-$run" \
+                --threads "${run%:*}" --encoder "${run#*:}" --set data.seq_len=1024 \
+                >/dev/null 2>"$work/kiln.log"
+            t1=$(now)
+            times[$run]+=" $(echo "$t1 - $t0" | bc -l)"
+        done
     done
     spm_tokens=$(wc -w < "$work/spm.ids")
     local spm_s
-    spm_s=$(median "${times[@]}")
-    declare -A kiln_s
-    for threads in 1 2; do
-        times=()
-        for ((r = 0; r < REPEATS; r++)); do
-            rm -rf "$work/$shape$threads"
-            t0=$(now)
-            "$KILN" data --corpus "$corpus" --tokenizer "$model" --out "$work/$shape$threads" \
-                --threads "$threads" --set data.seq_len=1024 >/dev/null 2>"$work/kiln.log"
-            t1=$(now)
-            times+=("$(echo "$t1 - $t0" | bc -l)")
-        done
-        kiln_s[$threads]=$(median "${times[@]}")
+    spm_s=$(median "${spm_times[@]}")
+    local -A kiln_s
+    for run in "${runs[@]}"; do
+        # shellcheck disable=SC2086
+        kiln_s[$run]=$(median ${times[$run]})
     done
     kiln_tokens=$(grep -o '[0-9]* tokens ->' "$work/kiln.log" | grep -o '^[0-9]*')
     local same=yes
-    for f in "$work/${shape}1"/shard-*.bin; do
-        cmp -s "$f" "$work/${shape}2/$(basename "$f")" || same=NO
+    for f in "$work/$shape-1:kiln"/shard-*.bin; do
+        for run in 2:kiln 2:sentencepiece; do
+            cmp -s "$f" "$work/$shape-$run/$(basename "$f")" || same=NO
+        done
     done
     printf '\n%s, %s: %.1f MB, %s lines; spm_encode %s tokens, kiln %s tokens\n\n' "$what" \
         "$desc" "$(echo "$(stat -c %s "$spm_in")/1000000" | bc -l)" "$(wc -l < "$spm_in")" \
@@ -105,14 +113,14 @@ bench() {
     local spm_rate rate
     spm_rate=$(echo "$spm_tokens / $spm_s" | bc -l)
     printf '| spm_encode | 1 | %.2f | %.0f | 1.00x | 1.00x |\n' "$spm_s" "$spm_rate"
-    for threads in 1 2; do
-        rate=$(echo "$kiln_tokens / ${kiln_s[$threads]}" | bc -l)
-        printf '| kiln data (tokenize+pack+write) | %s | %.2f | %.0f | %.2fx | %.2fx |\n' \
-            "$threads" "${kiln_s[$threads]}" "$rate" "$(echo "$rate / $spm_rate" | bc -l)" \
-            "$(echo "$spm_s / ${kiln_s[$threads]}" | bc -l)"
+    for run in "${runs[@]}"; do
+        rate=$(echo "$kiln_tokens / ${kiln_s[$run]}" | bc -l)
+        printf '| kiln data --encoder %s (tokenize+pack+write) | %s | %.2f | %.0f | %.2fx | %.2fx |\n' \
+            "${run#*:}" "${run%:*}" "${kiln_s[$run]}" "$rate" "$(echo "$rate / $spm_rate" | bc -l)" \
+            "$(echo "$spm_s / ${kiln_s[$run]}" | bc -l)"
     done
-    printf '\n2 threads / 1 thread: %.2fx; shards identical for 1 and 2 threads: %s\n' \
-        "$(echo "${kiln_s[1]} / ${kiln_s[2]}" | bc -l)" "$same"
+    printf '\n2 threads / 1 thread: %.2fx; shards identical for every row: %s\n' \
+        "$(echo "${kiln_s[1:kiln]} / ${kiln_s[2:kiln]}" | bc -l)" "$same"
 }
 
 bench lines "$work/text.txt" "$work/lines.jsonl" "$lines_what"

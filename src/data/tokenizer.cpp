@@ -221,8 +221,14 @@ public:
     bool encode(std::string_view text, bool dummy_prefix, std::vector<int>& out) const {
         if (text.empty())
             return true;
+        if (text.size() >= (uint64_t(1) << 32))
+            return false;
         thread_local std::vector<Symbol> symbols;
         thread_local std::vector<Candidate> heap;
+        if (symbols.capacity() > (size_t(1) << 20)) {  // a huge line: keep no such buffers
+            symbols = {};
+            heap = {};
+        }
         symbols.clear();
         heap.clear();
         if (dummy_prefix && dummy_prefix_)

@@ -395,7 +395,8 @@ int64_t write_training_lines(const std::vector<std::string>& corpus, const DataC
         throw error("cannot write {}", path);
     int64_t written = 0;
     std::string text;
-    while (written < max_bytes && reader.next(text)) {
+    bool first = true, last = true;  // parts cut before a '\n' split no line
+    while (written < max_bytes && reader.next_part(text, first, last, 1 << 20)) {
         size_t start = 0;
         while (start < text.size()) {
             size_t nl = text.find('\n', start);

@@ -429,6 +429,16 @@ TEST(Corpus, LargeTextDocumentsComeInParts) {
     EXPECT_EQ(c.stats().replaced_utf8, whole_stats.replaced_utf8);
     EXPECT_EQ(c.stats().replaced_utf8, 2 * 30 * 2);  // a.txt and e.txt.zst
     EXPECT_EQ(c.stats().empty_documents, 1);
+    // Tokenizer training reads the same parts: its lines are the document's.
+    int64_t wrote = write_training_lines({dir / "a.txt"}, DataConfig{}, dir / "lines", 1 << 30);
+    std::string want;
+    for (size_t at = 0, nl; at < whole[0].size(); at = nl + 1) {
+        nl = std::min(whole[0].find('\n', at), whole[0].size());
+        if (nl > at)
+            want += whole[0].substr(at, nl - at) + "\n";
+    }
+    EXPECT_EQ(fs::read_file(dir / "lines"), want);
+    EXPECT_EQ(wrote, int64_t(want.size()));
 }
 
 // The pipeline on large documents: shards hold BOS + encode(whole document) + EOS, the same for

@@ -122,11 +122,12 @@ struct Work {
 };
 
 // The reader, the encoders and the packer overlap. A reader thread cuts the corpus into Work of
-// about work_bytes: a document longer than segment_bytes goes to SentencePiece in segments cut
+// about work_bytes: a document longer than segment_bytes goes to the encoder in segments cut
 // just before a '\n' (where the tokenizer allows it: ids do not change), so one large document
 // keeps every encoder busy. Encoder threads tokenize; the caller takes the Work back in corpus
 // order, so the output does not depend on the thread count. At most `ahead_limit` bytes of text
-// are read and not yet taken, which bounds memory on corpora of any size.
+// (or one Work, when a line or an uncut document is longer) are read and not yet taken, which
+// bounds memory on corpora of any size.
 class Pipeline {
 public:
     Pipeline(Corpus& reader, const Tokenizer& tokenizer, bool add_eos, int64_t ahead_limit,
@@ -170,9 +171,9 @@ public:
         return w;
     }
 
-    // Text handed to SentencePiece at once. Its BPE slows down as the text grows: on English
-    // books, a line (or 64 bytes) at a time encodes 600K tokens/s per thread, 4 KB 510K, 16 KB
-    // 450K, a whole 4.4 MB book 124K.
+    // Text handed to the encoder at once. SentencePiece's BPE slows down as the text grows: on
+    // English books, a line (or 64 bytes) at a time encodes 600K tokens/s per thread, 4 KB
+    // 510K, 16 KB 450K, a whole 4.4 MB book 124K.
     static constexpr size_t segment_bytes = 64;
 
 private:

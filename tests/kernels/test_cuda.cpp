@@ -13,6 +13,7 @@
 
 #include "kernels/backends.h"
 #include "kernels/reference/reference.h"
+#include "kernels/tensors.h"
 
 #ifdef KILN_HAVE_CUDA
 #include <cuda_runtime.h>
@@ -22,6 +23,10 @@
 
 namespace kiln::kernels {
 namespace {
+
+using kiln::testing::expect_bf16_within_one_ulp;
+using kiln::testing::randn;
+using kiln::testing::rel_err;
 
 #ifdef KILN_HAVE_CUDA
 #define KILN_REQUIRE_CUDA() \
@@ -52,35 +57,6 @@ struct Dev {
     Dev(const Dev&) = delete;
     Dev& operator=(const Dev&) = delete;
 };
-
-std::vector<float> randn(size_t n, uint64_t seed, float scale = 1.0f) {
-    std::mt19937_64 rng(seed);
-    std::normal_distribution<float> d(0.0f, scale);
-    std::vector<float> v(n);
-    for (auto& x : v)
-        x = d(rng);
-    return v;
-}
-
-double rel_err(const std::vector<float>& got, const std::vector<float>& ref) {
-    EXPECT_EQ(got.size(), ref.size());
-    double err = 0, norm = 0;
-    for (size_t i = 0; i < got.size(); i++) {
-        err += (double(got[i]) - ref[i]) * (double(got[i]) - ref[i]);
-        norm += double(ref[i]) * ref[i];
-    }
-    return norm > 0 ? std::sqrt(err / norm) : std::sqrt(err);
-}
-
-// bf16 tensors rounded from nearly equal f32 values: at most one unit in the last place apart.
-void expect_bf16_within_one_ulp(const std::vector<uint16_t>& got, const std::vector<uint16_t>& ref,
-                                const char* what) {
-    ASSERT_EQ(got.size(), ref.size());
-    int bad = 0;
-    for (size_t i = 0; i < got.size(); i++)
-        bad += std::abs(int(got[i]) - int(ref[i])) > 1;
-    EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << got.size() << " more than 1 ulp apart";
-}
 
 const Kernels& ref() {
     return reference_kernels(Precision::fp32);

@@ -12,18 +12,12 @@
 #include "kernels/cpu/cpu.h"
 #include "kernels/products.h"
 #include "kernels/reference/reference.h"
+#include "kernels/tensors.h"
 
 namespace kiln::kernels {
 namespace {
 
-std::vector<float> randn(size_t n, uint64_t seed, float scale = 1.0f) {
-    std::mt19937_64 rng(seed);
-    std::normal_distribution<float> d(0.0f, scale);
-    std::vector<float> v(n);
-    for (auto& x : v)
-        x = d(rng);
-    return v;
-}
+using kiln::testing::randn;
 
 // |got - ref| <= atol + rtol |ref| elementwise.
 std::vector<uint16_t> to_bf16(const std::vector<float>& x) {

@@ -20,9 +20,12 @@
 #include "export/gguf.h"
 #include "export/gguf_export.h"
 #include "fixture.h"
+#include "kernels/tensors.h"
 
 namespace kiln::exporter {
 namespace {
+
+using kiln::testing::randn;
 
 using kiln::testing::TempDir;
 
@@ -38,15 +41,6 @@ Result kiln(const std::string& args) {
     return {rc, fs::read_file(tmp / "out")};
 }
 
-std::vector<float> random_values(int64_t n, uint64_t seed, float scale = 1.0f) {
-    std::mt19937_64 rng(seed);
-    std::normal_distribution<float> d(0.0f, scale);
-    std::vector<float> x(n);
-    for (auto& v : x)
-        v = d(rng);
-    return x;
-}
-
 TEST(GgufFormat, WriterAndReaderAgreeOnEveryTypeAndValue) {
     TempDir dir;
     const std::string path = dir / "t.gguf";
@@ -58,7 +52,7 @@ TEST(GgufFormat, WriterAndReaderAgreeOnEveryTypeAndValue) {
     w.set("t.bool", GgufValue::boolean(true));
     w.set("t.strings", GgufValue::array(GgufType::string, {GgufValue::string("a\nb"),
                                                            GgufValue::string("\xe2\x96\x81x")}));
-    const std::vector<float> x = random_values(3 * 64, 1);
+    const std::vector<float> x = randn(3 * 64, 1);
     const GgmlType types[] = {GgmlType::f32, GgmlType::f16, GgmlType::bf16, GgmlType::q8_0};
     for (GgmlType t : types)
         w.add_tensor(std::string("w.") + std::string(ggml_type_name(t)), {64, 3}, t);
@@ -208,14 +202,14 @@ std::vector<double> rope(const std::vector<double>& x, int pos, bool adjacent) {
 
 TEST(GgufExport, ReorderedQAndKGiveTheSameAttentionScores) {
     const int64_t H = 3, D = 8, C = 5;
-    const std::vector<float> wq = random_values(H * D * C, 2), wk = random_values(H * D * C, 3);
+    const std::vector<float> wq = randn(H * D * C, 2), wk = randn(H * D * C, 3);
     std::vector<float> pq(wq.size()), pk(wk.size()), back(wq.size());
     permute_rotary_rows(wq.data(), pq.data(), H, D, C);
     permute_rotary_rows(wk.data(), pk.data(), H, D, C);
     unpermute_rotary_rows(pq.data(), back.data(), H, D, C);
     EXPECT_EQ(back, wq);
     EXPECT_NE(pq, wq);
-    const std::vector<float> x1 = random_values(C, 4), x2 = random_values(C, 5);
+    const std::vector<float> x1 = randn(C, 4), x2 = randn(C, 5);
     auto head = [&](const std::vector<float>& w, const std::vector<float>& x, int64_t h) {
         std::vector<double> y(D, 0.0);
         for (int64_t d = 0; d < D; d++)

@@ -29,6 +29,19 @@ using kiln::testing::randn;
 using kiln::testing::rel_err;
 
 #ifdef KILN_HAVE_CUDA
+// Rotary tables of T positions and D / 2 frequencies (base 10000), as the model makes them.
+std::pair<std::vector<float>, std::vector<float>> rope_tables(int64_t T, int64_t D) {
+    std::vector<float> cos(T * D / 2), sin(T * D / 2);
+    for (int64_t t = 0; t < T; t++) {
+        for (int64_t i = 0; i < D / 2; i++) {
+            const double angle = t * std::pow(10000.0, -2.0 * i / D);
+            cos[t * D / 2 + i] = float(std::cos(angle));
+            sin[t * D / 2 + i] = float(std::sin(angle));
+        }
+    }
+    return {cos, sin};
+}
+
 #define KILN_REQUIRE_CUDA() \
     if (!cuda_available())  \
     GTEST_SKIP() << "no CUDA device here (cudaGetDeviceCount found none)"
@@ -241,14 +254,7 @@ TEST(Cuda, GemmMatchesReference) {
 TEST(Cuda, AttentionMatchesReference) {
     KILN_REQUIRE_CUDA();
     const int64_t B = 2, T = 300, H = 4, Hkv = 2, D = 32;
-    std::vector<float> cos(T * D / 2), sin(T * D / 2);
-    for (int64_t t = 0; t < T; t++) {
-        for (int64_t i = 0; i < D / 2; i++) {
-            const double angle = t * std::pow(10000.0, -2.0 * i / D);
-            cos[t * D / 2 + i] = float(std::cos(angle)),
-                            sin[t * D / 2 + i] = float(std::sin(angle));
-        }
-    }
+    const auto [cos, sin] = rope_tables(T, D);
     Attention a{B, T, H, Hkv, D, (H + 2 * Hkv) * D};
     const int64_t M = B * T;
     auto qkv = randn(M * a.ldqkv, 1), dout = randn(M * H * D, 2);
@@ -291,14 +297,7 @@ TEST(Cuda, AttentionMatchesReference) {
 TEST(Cuda, RopeRoundTrip) {
     KILN_REQUIRE_CUDA();
     const int64_t T = 16, M = 2 * T, H = 4, Hkv = 2, D = 64, ld = (H + 2 * Hkv) * D;
-    std::vector<float> cos(T * D / 2), sin(T * D / 2);
-    for (int64_t t = 0; t < T; t++) {
-        for (int64_t i = 0; i < D / 2; i++) {
-            const double angle = t * std::pow(10000.0, -2.0 * i / D);
-            cos[t * D / 2 + i] = float(std::cos(angle)),
-                            sin[t * D / 2 + i] = float(std::sin(angle));
-        }
-    }
+    const auto [cos, sin] = rope_tables(T, D);
     auto x = randn(M * ld, 1);
     Dev<float> d_x(x), d_cos(cos), d_sin(sin);
     cuda::rope(d_x.ptr, ld, M, T, H + Hkv, D, d_cos.ptr, d_sin.ptr, false);

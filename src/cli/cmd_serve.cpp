@@ -66,8 +66,10 @@ Action add_serve(CLI::App& app) {
     app.add_option("--gpus", o->capacity.gpus, "GPUs the queue hands out (default: all)")
         ->capture_default_str();
     app.footer(
-        "The dashboard is at http://HOST:PORT/; the jobs API at /api/jobs/ (Ray's shape); "
-        "Prometheus metrics at /metrics.");
+        "The dashboard is at http://HOST:PORT/; the jobs API at /api/jobs/ speaks Ray's Jobs "
+        "REST API, as `ray job submit --address http://HOST:PORT -- kiln train ...` sends it; "
+        "Prometheus metrics at /metrics. Jobs run kiln commands only, and read and write files "
+        "only inside --runs and the --data-root folders (docs/operations.md, section 4).");
     return [o] {
         char self[4096];
         ssize_t n = ::readlink("/proc/self/exe", self, sizeof self - 1);

@@ -24,7 +24,8 @@ Action add_launch(CLI::App& app) {
         "--max-failures", o->max_failures,
         "restart the whole gang (from the newest good checkpoint) up to this many times");
     app.add_option("--hang-timeout", o->hang_timeout_s,
-                   "a rank without progress for this many seconds counts as failed (0: never)");
+                   "a rank without progress, or with --nnodes a silent host, for this many seconds "
+                   "counts as failed (0: never for a rank, 600 s for a host)");
     app.add_option("command", o->command, "the command of every rank, after --")->required();
     app.footer(
         "Example: kiln launch -n 2 -- kiln train --set run.dir=runs/dp2\n"

@@ -328,9 +328,18 @@ void Context::wait(Done&& done, milliseconds timeout) {
         next_check = now + milliseconds(100);
         for (auto& p : pairs_) {
             const auto* pair = static_cast<const Pair*>(p.get());
-            if (pair && pair->peer_pid() && !alive(pair->peer_pid()))
-                throw error("rank {} (pid {}) exited while rank {} waited in a collective",
-                            pair->peer(), pair->peer_pid(), rank);
+            if (!pair || !pair->peer_pid() || alive(pair->peer_pid()))
+                continue;
+            // A peer may post its last message and exit between our progress above and this
+            // check: drain once more, now that nothing new can come from it.
+            std::lock_guard lock(mutex_);
+            for (auto& q : pairs_)
+                if (q)
+                    static_cast<Pair&>(*q).progress();
+            if (done())
+                return;
+            throw error("rank {} (pid {}) exited while rank {} waited in a collective",
+                        pair->peer(), pair->peer_pid(), rank);
         }
         if (timeout > milliseconds(0) && now - start > timeout)
             throw error("rank {} waited in a collective for more than {} s (parallel.timeout_s)",

@@ -149,10 +149,12 @@ TEST(Collective, EveryOperationOverTcpAndSharedMemory) {
             });
             if (unreachable(out[0]))
                 GTEST_SKIP() << out[0];
+            std::string reports;  // every rank's, as the first to fail may only name another
+            for (int r = 0; r < ranks; r++)
+                reports += fmt::format("\nrank {}: {}", r, out[size_t(r)].substr(0, 300));
             for (int r = 0; r < ranks; r++) {
                 ASSERT_EQ(out[size_t(r)].substr(0, 1), "\n")
-                    << transport << ", " << ranks << " ranks, rank " << r << ": "
-                    << out[size_t(r)].substr(0, 300);
+                    << transport << ", " << ranks << " ranks, rank " << r << reports;
                 EXPECT_TRUE(out[size_t(r)] == out[0])
                     << transport << ": rank " << r << " summed random floats to other bits";
             }

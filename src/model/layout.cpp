@@ -23,13 +23,22 @@ int64_t Layout::add(std::string name, std::string hf_name, std::vector<int64_t> 
     return params_.back().offset;
 }
 
-Layout::Layout(const LlamaConfig& c, int tp_size, int rank) : tp(tp_size), tp_rank(rank) {
+std::pair<int64_t, int64_t> Layout::stage_layers(int64_t n_layers, int pp, int stage) {
+    return {stage * n_layers / pp, (stage + 1) * n_layers / pp};
+}
+
+Layout::Layout(const LlamaConfig& c, int tp_size, int rank, int pp_size, int stage)
+    : tp(tp_size), tp_rank(rank), pp(pp_size), pp_rank(stage) {
     const int64_t C = c.dim, D = c.head_dim(), F = c.ffn_dim();
     const int64_t H = c.n_heads, Hkv = c.n_kv_heads, V = c.vocab_size;
     vocab_begin = rank * (V / tp);
     const double residual_scale = 1.0 / std::sqrt(2.0 * double(c.n_layers));
-    embedding = add("tok_embeddings", "model.embed_tokens.weight", {V, C}, SplitAxis::rows, true);
-    for (int64_t l = 0; l < c.n_layers; l++) {
+    const auto [first, last] = stage_layers(c.n_layers, pp, pp_rank);
+    first_layer = first;
+    if (first_stage())
+        embedding =
+            add("tok_embeddings", "model.embed_tokens.weight", {V, C}, SplitAxis::rows, true);
+    for (int64_t l = first; l < last; l++) {
         auto n = [l](const char* s) { return fmt::format("layers.{}.{}", l, s); };
         auto hf = [l](const char* s) { return fmt::format("model.layers.{}.{}.weight", l, s); };
         BlockParams b;
@@ -48,6 +57,8 @@ Layout::Layout(const LlamaConfig& c, int tp_size, int rank) : tp(tp_size), tp_ra
         params_.back().init_scale = residual_scale;
         blocks.push_back(b);
     }
+    if (!last_stage())
+        return;
     final_norm = add("norm", "model.norm.weight", {C}, SplitAxis::none, false);
     output = add("output", "lm_head.weight", {V, C}, SplitAxis::rows, true);
 }

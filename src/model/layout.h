@@ -7,6 +7,7 @@
 // (gate|up, one fused 2F x C product).
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "model/config.h"
@@ -37,21 +38,33 @@ struct BlockParams {
     int64_t attention_norm, wqkv, wo, ffn_norm, w13, w2;
 };
 
-// The layout of one tensor-parallel rank's shard of the model (tp = 1: the whole model).
-// Column-parallel tensors (wq, wk, wv, w1, w3, embedding and output by vocabulary) keep rows
-// [r*n/tp, (r+1)*n/tp); row-parallel ones (wo, w2) keep those columns; norms are whole on every
-// rank.
+// The layout of one rank's shard of the model (tp = pp = 1: the whole model).
+//
+// Tensor parallelism: column-parallel tensors (wq, wk, wv, w1, w3, embedding and output by
+// vocabulary) keep rows [r*n/tp, (r+1)*n/tp); row-parallel ones (wo, w2) keep those columns;
+// norms are whole on every rank.
+//
+// Pipeline parallelism: stage s of pp holds blocks [s*L/pp, (s+1)*L/pp) (stage_layers()); the
+// first stage also the embedding, the last the final norm and the output. A parameter's name
+// is the same whatever stage holds it, which is how checkpoints move between layouts.
 class Layout {
 public:
-    explicit Layout(const LlamaConfig& config, int tp = 1, int tp_rank = 0);
+    explicit Layout(const LlamaConfig& config, int tp = 1, int tp_rank = 0, int pp = 1,
+                    int pp_rank = 0);
+    // The global layers [first, last) of stage `stage` of `pp`.
+    static std::pair<int64_t, int64_t> stage_layers(int64_t n_layers, int pp, int stage);
+    bool first_stage() const { return pp_rank == 0; }
+    bool last_stage() const { return pp_rank == pp - 1; }
 
     const std::vector<ParamInfo>& params() const { return params_; }
     int64_t total() const { return total_; }
     const ParamInfo* find(const std::string& name) const;
 
-    int64_t embedding = 0, final_norm = 0, output = 0;  // element offsets
-    std::vector<BlockParams> blocks;                    // [layer]
-    int tp = 1, tp_rank = 0;
+    // Element offsets; -1 for a tensor another pipeline stage holds.
+    int64_t embedding = -1, final_norm = -1, output = -1;
+    std::vector<BlockParams> blocks;  // [layer - first_layer], this stage's blocks
+    int64_t first_layer = 0;          // the global index of blocks[0]
+    int tp = 1, tp_rank = 0, pp = 1, pp_rank = 0;
     int64_t vocab_begin = 0;  // first token id of this rank's vocabulary slice
 
     // Copies between a whole tensor (full_shape) and this rank's shard of it (shape).

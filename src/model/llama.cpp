@@ -29,30 +29,35 @@ Recompute parse_recompute(const std::string& name) {
 }
 
 Llama::Llama(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t B, int64_t T,
-             Recompute recompute, int64_t capacity, Collective* tp)
-    : Llama(config, kernels, B, T, recompute, tp, tp ? tp->size() : 1, tp ? tp->rank() : 0) {
+             Recompute recompute, int64_t capacity, Collective* tp, const Split& split)
+    : Llama(config, kernels, B, T, recompute, tp, tp ? tp->size() : 1, tp ? tp->rank() : 0, split) {
     build(capacity, true);
 }
 
 ModelBytes Llama::bytes(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t B,
-                        int64_t T, Recompute recompute, int64_t capacity, int tp_size) {
-    Llama plan(config, kernels, B, T, recompute, nullptr, tp_size, 0);
+                        int64_t T, Recompute recompute, int64_t capacity, int tp_size,
+                        const Split& split) {
+    Llama plan(config, kernels, B, T, recompute, nullptr, tp_size, 0, split);
     plan.build(capacity, false);
     return {int64_t(plan.params_.bytes()), int64_t(plan.grads_.bytes()),
             int64_t(plan.params_bf16_.bytes()), int64_t(plan.acts_.bytes())};
 }
 
 Llama::Llama(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t B, int64_t T,
-             Recompute recompute, Collective* tp, int tp_size, int tp_rank)
+             Recompute recompute, Collective* tp, int tp_size, int tp_rank, const Split& split)
     : config_(config),
       tp_(tp),
       tp_size_(tp_size),
       tp_rank_(tp_rank),
-      layout_(config, tp_size_, tp_rank_),
+      split_(split),
+      sp_(split.sp && tp_size > 1),
+      layout_(config, tp_size_, tp_rank_, split.pp, split.pp_rank),
       k_(kernels),
       B_(B),
       T_(T),
       M_(B * T),
+      Ml_(sp_ ? B * T / tp_size : B * T),
+      L_(int64_t(layout_.blocks.size())),
       recompute_(recompute),
       bf16_(kernels.precision == kernels::Precision::bf16) {}
 
@@ -63,11 +68,16 @@ void Llama::build(int64_t capacity, bool allocate) {
     const Recompute recompute = recompute_;
     config_.validate(tp_size_);
     KILN_CHECK(B > 0 && T > 0, "micro-batch {}x{}", B, T);
+    KILN_CHECK(!sp_ || M_ % tp_size_ == 0, "{} rows do not split over {} ranks", M_, tp_size_);
+    KILN_CHECK(split_.pp >= 1 && split_.pp_rank >= 0 && split_.pp_rank < split_.pp &&
+                   split_.pp <= config.n_layers && split_.inflight >= 1,
+               "pipeline stage {} of {} with {} in flight", split_.pp_rank, split_.pp,
+               split_.inflight);
     C_ = config.dim, D_ = config.head_dim();
     H_ = config.n_heads / tp_size_, Hkv_ = config.n_kv_heads / tp_size_;
     F_ = config.ffn_dim() / tp_size_, V_ = config.vocab_size / tp_size_;
     QKV_ = (H_ + 2 * Hkv_) * D_;
-    const int64_t C = C_, L = config.n_layers, H = H_, D = D_, F = F_, V = V_, QKV = QKV_;
+    const int64_t C = C_, L = L_, H = H_, D = D_, F = F_, V = V_, QKV = QKV_;
     // LM head in equal row chunks of at most ~32M logits, so the full (M, V) logits never
     // exist at once. Fewer, larger chunks read the head's weight and accumulate its gradient
     // (V x C fp32) fewer times; equal ones give each product one shape.
@@ -82,23 +92,26 @@ void Llama::build(int64_t capacity, bool allocate) {
     if (bf16_)
         params_bf16_.add("params", capacity, DType::bf16);
 
-    // Activations: declare every region, allocate once, then resolve pointers.
-    const int64_t M = M_;
-    const int64_t sets = recompute == Recompute::full ? 1 : L;
-    const int64_t attention_sets = recompute == Recompute::none ? L : 1;
-    size_t o_res = acts_.add("residual", (L + 1) * M * C, DType::f32);
+    // Activations: declare every region, allocate once, then resolve pointers. What the
+    // backward reads is kept per micro-batch in flight (slot); scratch exists once.
+    const int64_t M = M_, Ml = Ml_, S = split_.inflight;
+    const int64_t sets = recompute == Recompute::full ? 1 : S * L;
+    const int64_t attention_sets = recompute == Recompute::none ? S * L : 1;
+    std::vector<size_t> o_res(S);
+    for (auto& o : o_res)
+        o = acts_.add("residual", (L + 1) * Ml * C, DType::f32);
     const int64_t bf = bf16_ ? 1 : 0;  // bf16 copies of product inputs exist in bf16 only
     const DType ct = compute_type();
     std::vector<std::array<size_t, 10>> o_block(sets);
     for (auto& o : o_block) {
-        o = {acts_.add("rstd1", M, DType::f32),
+        o = {acts_.add("rstd1", Ml, DType::f32),
              acts_.add("qkv", M * QKV, DType::f32),
              acts_.add("att", M * H * D, DType::f32),
-             acts_.add("x2", M * C, DType::f32),
-             acts_.add("rstd2", M, DType::f32),
+             acts_.add("x2", Ml * C, DType::f32),
+             acts_.add("rstd2", Ml, DType::f32),
              acts_.add("gu", M * 2 * F, DType::f32),
-             acts_.add("xn1", M * C, ct),
-             acts_.add("xn2", M * C, ct),
+             acts_.add("xn1", Ml * C, ct),
+             acts_.add("xn2", Ml * C, ct),
              acts_.add("h", M * F, ct),
              acts_.add("att_bf", bf * M * H * D, DType::bf16)};
     }
@@ -108,10 +121,10 @@ void Llama::build(int64_t capacity, bool allocate) {
         o = acts_.add("attention_saved", (saved_bytes + 1) / 2, DType::u16);  // bytes / 2
     size_t o_cos = acts_.add("rope_cos", T * D / 2, DType::f32);
     size_t o_sin = acts_.add("rope_sin", T * D / 2, DType::f32);
-    size_t o_rstdf = acts_.add("rstdf", M, DType::f32);
+    size_t o_rstdf = acts_.add("rstdf", Ml, DType::f32);
     size_t o_norm_w = acts_.add("norm_weight", C, DType::f32);
-    size_t o_xnf = acts_.add("xnf", M * C, ct);
-    size_t o_dres = acts_.add("dres", M * C, DType::f32);
+    size_t o_xnf = acts_.add("xnf", Ml * C, ct);
+    size_t o_dres = acts_.add("dres", Ml * C, DType::f32);
     size_t o_dxn = acts_.add("dxn", M * C, DType::f32);
     size_t o_dqkv = acts_.add("dqkv", M * QKV, ct);
     size_t o_datt = acts_.add("datt", M * H * D, DType::f32);
@@ -120,8 +133,11 @@ void Llama::build(int64_t capacity, bool allocate) {
     size_t o_logits = acts_.add("logits", head_rows_ * V, DType::f32);
     size_t o_losses = acts_.add("losses", M, DType::f32);
     size_t o_rows = acts_.add("row_stats", 4 * M, DType::f32);
-    size_t o_local = acts_.add("local_ids", 2 * M, DType::i32);
-    size_t o_dy_bf = acts_.add("dy_bf", bf * M * C, DType::bf16);
+    size_t o_local = acts_.add("local_ids", (S + 1) * M, DType::i32);
+    size_t o_dy_bf = acts_.add("dy_bf", bf * Ml * C, DType::bf16);
+    const int64_t sp = sp_ ? 1 : 0;
+    size_t o_gathered = acts_.add("gathered", sp * M * C, ct);
+    size_t o_partial = acts_.add("partial", sp * M * C, DType::f32);
     size_t o_dlogits_bf = acts_.add("dlogits_bf", bf * head_rows_ * V, DType::bf16);
     int64_t max_operand = std::max({M * std::max({C, QKV, 2 * F}), head_rows_ * V});
     ws_.bytes = k_.workspace_bytes(max_operand, attn_);
@@ -134,18 +150,21 @@ void Llama::build(int64_t capacity, bool allocate) {
         params_bf16_.allocate();
     acts_.allocate();
 
-    res_ = acts_.get<float>(o_res);
-    for (int64_t l = 0; l < L; l++) {
-        const auto& o = o_block[recompute == Recompute::full ? 0 : l];
+    for (int64_t s = 0; s < S; s++) {
+        res_.push_back(acts_.get<float>(o_res[s]));
+        local_tokens_.push_back(acts_.get<int32_t>(o_local) + s * M);
+    }
+    for (int64_t i = 0; i < sets; i++) {
+        const auto& o = o_block[i];
         BlockActs b;
         float** fields[] = {&b.rstd1, &b.qkv, &b.att, &b.x2, &b.rstd2, &b.gu};
-        for (int i = 0; i < 6; i++)
-            *fields[i] = acts_.get<float>(o[i]);
+        for (int f = 0; f < 6; f++)
+            *fields[f] = acts_.get<float>(o[f]);
         void** inputs[] = {&b.xn1, &b.xn2, &b.h};
-        for (int i = 0; i < 3; i++)
-            *inputs[i] = acts_.get<void>(o[6 + i]);
+        for (int f = 0; f < 3; f++)
+            *inputs[f] = acts_.get<void>(o[6 + f]);
         b.att_bf = bf16_ ? acts_.get<uint16_t>(o[9]) : nullptr;
-        b.attention = acts_.get<void>(o_saved[recompute == Recompute::none ? l : 0]);
+        b.attention = acts_.get<void>(o_saved[recompute == Recompute::none ? i : 0]);
         blocks_.push_back(b);
     }
     rope_cos_ = acts_.get<float>(o_cos);
@@ -163,8 +182,9 @@ void Llama::build(int64_t capacity, bool allocate) {
     losses_ = acts_.get<float>(o_losses);
     row_max_ = acts_.get<float>(o_rows);
     row_sum_ = row_max_ + M, row_target_ = row_sum_ + M, row_scale_ = row_target_ + M;
-    local_tokens_ = acts_.get<int32_t>(o_local);
-    local_targets_ = local_tokens_ + M;
+    local_targets_ = acts_.get<int32_t>(o_local) + S * M;
+    gathered_ = sp_ ? acts_.get<void>(o_gathered) : nullptr;
+    partial_ = sp_ ? acts_.get<float>(o_partial) : nullptr;
     ws_.ptr = acts_.get<void>(o_ws);
     dy_bf_ = bf16_ ? acts_.get<uint16_t>(o_dy_bf) : nullptr;
     dlogits_bf_ = bf16_ ? acts_.get<uint16_t>(o_dlogits_bf) : nullptr;
@@ -271,10 +291,37 @@ void Llama::tp_all_reduce(float* data, int64_t n) {
         tp_->all_reduce_sum(data, size_t(n));
 }
 
+Llama::Operand Llama::gather_rows(const void* local, void* full, DType type) {
+    if (!sp_)
+        return {local, type};
+    const size_t bytes = size_t(Ml_ * C_) * dtype_size(type);
+    std::memcpy(static_cast<char*>(full) + size_t(tp_rank_) * bytes, local, bytes);
+    tp_->all_gather_bytes(full, bytes);
+    return {full, type};
+}
+
+float* Llama::sum_rows(float* full) {
+    if (!sp_) {
+        tp_all_reduce(full, M_ * C_);
+        return full;
+    }
+    tp_->reduce_scatter_sum(full, size_t(Ml_ * C_));
+    return full + tp_rank_ * Ml_ * C_;
+}
+
 // Rank 0 of the group adds the residual and every rank its partial product; the all-reduce sums
-// them. With one rank the residual rides on the product's accumulate.
+// them. With one rank the residual rides on the product's accumulate. With sequence parallelism
+// the partial products are reduce-scattered over the rows, and each rank adds its rows of the
+// residual.
 void Llama::row_parallel(float* y, const float* residual, Operand x, Operand w, int64_t M,
                          int64_t K, int64_t N) {
+    if (sp_) {
+        linear_forward(partial_, x, w, M, K, N);
+        const float* mine = sum_rows(partial_);
+        for (int64_t i = 0; i < Ml_ * N; i++)
+            y[i] = residual[i] + mine[i];
+        return;
+    }
     bool with_residual = tp_rank_ == 0;
     if (with_residual)
         std::memcpy(y, residual, size_t(M * N) * sizeof(float));
@@ -282,73 +329,93 @@ void Llama::row_parallel(float* y, const float* residual, Operand x, Operand w, 
     tp_all_reduce(y, M * N);
 }
 
-void Llama::block_forward(int64_t l, const float* x, float* out) {
+const Llama::BlockActs& Llama::acts(int slot, int64_t l) const {
+    return blocks_[recompute_ == Recompute::full ? 0 : size_t(slot * L_ + l)];
+}
+
+float* Llama::residual(int slot) const {
+    return res_[size_t(slot)];
+}
+
+void Llama::block_forward(int slot, int64_t l, const float* x, float* out) {
     const BlockParams& p = layout_.blocks[l];
-    const BlockActs& a = blocks_[l];
-    const int64_t M = M_, C = C_, H = H_, D = D_, F = F_, QKV = QKV_;
+    const BlockActs& a = acts(slot, l);
+    const int64_t M = M_, Ml = Ml_, C = C_, H = H_, D = D_, F = F_, QKV = QKV_;
     const float eps = static_cast<float>(config_.norm_eps);
 
     // attention (this rank's heads)
     const DType ct = compute_type();
-    k_.rmsnorm_forward(a.xn1, ct, a.rstd1, x, norm_weight(p.attention_norm), M, C, eps);
-    linear_forward(a.qkv, input(a.xn1), weight(p.wqkv), M, C, QKV);
+    k_.rmsnorm_forward(a.xn1, ct, a.rstd1, x, norm_weight(p.attention_norm), Ml, C, eps);
+    linear_forward(a.qkv, gather_rows(a.xn1, gathered_, ct), weight(p.wqkv), M, C, QKV);
     k_.attention_forward(a.att, a.attention, a.qkv, attn_, ws_);
     row_parallel(a.x2, x, operand(a.att, a.att_bf, M * H * D), weight(p.wo), M, H * D, C);
     // feed-forward (this rank's slice of the hidden width)
-    k_.rmsnorm_forward(a.xn2, ct, a.rstd2, a.x2, norm_weight(p.ffn_norm), M, C, eps);
-    linear_forward(a.gu, input(a.xn2), weight(p.w13), M, C, 2 * F);
+    k_.rmsnorm_forward(a.xn2, ct, a.rstd2, a.x2, norm_weight(p.ffn_norm), Ml, C, eps);
+    linear_forward(a.gu, gather_rows(a.xn2, gathered_, ct), weight(p.w13), M, C, 2 * F);
     k_.swiglu_forward(a.h, ct, a.gu, M, F);
     row_parallel(out, a.x2, input(a.h), weight(p.w2), M, F, C);
 }
 
-// dres (M, C): on entry the gradient w.r.t. the block's output, on exit w.r.t. its input.
-void Llama::block_backward(int64_t l, float* dres, bool accumulate) {
+// dres (Ml, C): on entry the gradient w.r.t. the block's output, on exit w.r.t. its input.
+void Llama::block_backward(int slot, int64_t l, float* dres, bool accumulate) {
     const BlockParams& p = layout_.blocks[l];
-    const BlockActs& a = blocks_[l];
-    const float* x = res_ + l * M_ * C_;
+    const BlockActs& a = acts(slot, l);
+    const int64_t M = M_, Ml = Ml_, C = C_, H = H_, D = D_, F = F_, QKV = QKV_;
+    const float* x = residual(slot) + l * Ml * C;
     if (recompute_ == Recompute::full) {
-        block_forward(l, x, res_ + (l + 1) * M_ * C_);  // same values as before
+        block_forward(slot, l, x, residual(slot) + (l + 1) * Ml * C);  // same values as before
     } else if (recompute_ == Recompute::selective) {
         k_.attention_forward(a.att, a.attention, a.qkv, attn_, ws_);  // refills the shared set
     }
     float* g = grads();
-    const int64_t M = M_, C = C_, H = H_, D = D_, F = F_, QKV = QKV_;
+    const DType ct = compute_type();
+    // The output gradient as the products read it: every rank's rows under sequence parallelism.
+    auto dy = [&] { return gather_rows(operand(dres, dy_bf_, Ml * C).ptr, gathered_, ct); };
 
     // feed-forward: out = x2 + h W2^T, h = swiglu(xn2 W13^T), xn2 = rmsnorm(x2)
-    linear_backward(dh_, g + p.w2, operand(dres, dy_bf_, M * C), input(a.h), weight(p.w2), M, F, C,
-                    accumulate);
-    k_.swiglu_backward(dgu_, compute_type(), dh_, a.gu, M, F);
-    linear_backward(dxn_, g + p.w13, input(dgu_), input(a.xn2), weight(p.w13), M, C, 2 * F,
-                    accumulate);
-    tp_all_reduce(dxn_, M * C);  // xn2 fed every rank's slice
-    k_.rmsnorm_backward(dres, g + p.ffn_norm, dxn_, a.x2, norm_weight(p.ffn_norm), a.rstd2, M, C);
+    linear_backward(dh_, g + p.w2, dy(), input(a.h), weight(p.w2), M, F, C, accumulate);
+    k_.swiglu_backward(dgu_, ct, dh_, a.gu, M, F);
+    // xn2's rows are gathered again (the forward's gathered copy is gone): the bytes of an
+    // all-gather instead of a (M, C) activation kept per block.
+    const Operand xn2 = gather_rows(a.xn2, gathered_, ct);
+    linear_backward(dxn_, g + p.w13, input(dgu_), xn2, weight(p.w13), M, C, 2 * F, accumulate);
+    const float* dxn2 = sum_rows(dxn_);  // xn2 fed every rank's slice
+    k_.rmsnorm_backward(dres, g + p.ffn_norm, dxn2, a.x2, norm_weight(p.ffn_norm), a.rstd2, Ml, C);
     // attention: x2 = x + att Wo^T, att = attention(xn1 Wqkv^T) (RoPE inside), xn1 = rmsnorm(x)
-    linear_backward(datt_, g + p.wo, operand(dres, dy_bf_, M * C), saved(a.att, a.att_bf),
-                    weight(p.wo), M, H * D, C, accumulate);
-    k_.attention_backward(dqkv_, compute_type(), datt_, a.qkv, a.attention, attn_, ws_);
-    linear_backward(dxn_, g + p.wqkv, input(dqkv_), input(a.xn1), weight(p.wqkv), M, C, QKV,
+    linear_backward(datt_, g + p.wo, dy(), saved(a.att, a.att_bf), weight(p.wo), M, H * D, C,
                     accumulate);
-    tp_all_reduce(dxn_, M * C);  // xn1 fed every rank's heads
-    k_.rmsnorm_backward(dres, g + p.attention_norm, dxn_, x, norm_weight(p.attention_norm), a.rstd1,
-                        M, C);
+    k_.attention_backward(dqkv_, ct, datt_, a.qkv, a.attention, attn_, ws_);
+    const Operand xn1 = gather_rows(a.xn1, gathered_, ct);
+    linear_backward(dxn_, g + p.wqkv, input(dqkv_), xn1, weight(p.wqkv), M, C, QKV, accumulate);
+    const float* dxn1 = sum_rows(dxn_);  // xn1 fed every rank's heads
+    k_.rmsnorm_backward(dres, g + p.attention_norm, dxn1, x, norm_weight(p.attention_norm), a.rstd1,
+                        Ml, C);
 }
 
-void Llama::embed(const int32_t* tokens) {
+void Llama::embed(int slot, const int32_t* tokens) {
     // Vocabulary-parallel: each rank looks up the tokens of its slice; the sum is the lookup.
     const int64_t vb = layout_.vocab_begin;
+    int32_t* local = local_tokens_[size_t(slot)];
     for (int64_t m = 0; m < M_; m++) {
         KILN_CHECK(tokens[m] >= 0 && tokens[m] < config_.vocab_size, "token {} out of range",
                    tokens[m]);
-        local_tokens_[m] = tokens[m] >= vb && tokens[m] < vb + V_ ? int32_t(tokens[m] - vb) : -1;
+        local[m] = tokens[m] >= vb && tokens[m] < vb + V_ ? int32_t(tokens[m] - vb) : -1;
     }
     const Operand wte = weight(layout_.embedding);
-    k_.embedding_forward(res_, local_tokens_, wte.ptr, wte.type, M_, C_);
-    tp_all_reduce(res_, M_ * C_);
-    for (int64_t l = 0; l < config_.n_layers; l++) {
-        block_forward(l, res_ + l * M_ * C_, res_ + (l + 1) * M_ * C_);
+    float* x = residual(slot);
+    if (!sp_) {
+        k_.embedding_forward(x, local, wte.ptr, wte.type, M_, C_);
+        tp_all_reduce(x, M_ * C_);
+        return;
     }
-    k_.rmsnorm_forward(xnf_, compute_type(), rstdf_, res_ + config_.n_layers * M_ * C_,
-                       norm_weight(layout_.final_norm), M_, C_,
+    k_.embedding_forward(partial_, local, wte.ptr, wte.type, M_, C_);
+    const float* mine = sum_rows(partial_);
+    std::copy(mine, mine + Ml_ * C_, x);
+}
+
+void Llama::final_norm(int slot) {
+    k_.rmsnorm_forward(xnf_, compute_type(), rstdf_, residual(slot) + L_ * Ml_ * C_,
+                       norm_weight(layout_.final_norm), Ml_, C_,
                        static_cast<float>(config_.norm_eps));
 }
 
@@ -358,11 +425,13 @@ void Llama::embed(const int32_t* tokens) {
 // dxn_ (d xnf) and the output weight's gradient.
 LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out, bool accumulate) {
     const int64_t C = C_, V = V_, vb = layout_.vocab_begin;
+    // Every rank's rows of the final norm's output, under sequence parallelism.
+    const void* xnf_all = gather_rows(xnf_, gathered_, compute_type()).ptr;
     if (logits_out) {
         KILN_CHECK(tp_size_ == 1, "full logits need the whole vocabulary on one rank");
         for (int64_t r0 = 0; r0 < M_; r0 += head_rows_) {
             int64_t rows = std::min(head_rows_, M_ - r0);
-            Operand xnf = input(xnf_, r0 * C);
+            Operand xnf = input(xnf_all, r0 * C);
             linear_forward(logits_out + r0 * V, xnf, weight(layout_.output), rows, C, V);
         }
         return {};
@@ -374,7 +443,7 @@ LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out,
     }
     for (int64_t r0 = 0; r0 < M_; r0 += head_rows_) {
         int64_t rows = std::min(head_rows_, M_ - r0);
-        Operand xnf = input(xnf_, r0 * C);
+        Operand xnf = input(xnf_all, r0 * C);
         linear_forward(logits_, xnf, weight(layout_.output), rows, C, V);
         // The gradient goes straight to the dtype the backward products read (f32 in place).
         Operand dlogits = bf16_ ? Operand{dlogits_bf_, DType::bf16} : Operand{logits_, DType::f32};
@@ -406,7 +475,7 @@ LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out,
         }
     }
     if (grad_scale != 0)
-        tp_all_reduce(dxn_, M_ * C);  // xnf fed every rank's vocabulary
+        dxnf_ = sum_rows(dxn_);  // xnf fed every rank's vocabulary
     LossSum loss;
     for (int64_t m = 0; m < M_; m++) {
         if (targets[m] >= 0) {
@@ -417,33 +486,90 @@ LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out,
     return loss;
 }
 
+void Llama::zero_added_grads() {
+    // The products overwrite their weights' gradients; the embedding's scatter and the norms'
+    // sums only add, so theirs start from zero.
+    for (const auto& p : layout_.params()) {
+        if (p.shape.size() == 1 || p.offset == layout_.embedding)
+            std::fill(grads() + p.offset, grads() + p.offset + p.numel, 0.0f);
+    }
+}
+
+void Llama::forward(int slot, const int32_t* tokens, const float* input) {
+    KILN_CHECK(slot >= 0 && slot < split_.inflight, "slot {} of {}", slot, split_.inflight);
+    float* x = residual(slot);
+    if (layout_.first_stage())
+        embed(slot, tokens);
+    else
+        std::copy(input, input + Ml_ * C_, x);
+    for (int64_t l = 0; l < L_; l++)
+        block_forward(slot, l, x + l * Ml_ * C_, x + (l + 1) * Ml_ * C_);
+    if (layout_.last_stage())
+        final_norm(slot);
+}
+
+const float* Llama::output(int slot) const {
+    return residual(slot) + L_ * Ml_ * C_;
+}
+
+LossSum Llama::loss(const int32_t* targets, float grad_scale, Grads mode) {
+    KILN_CHECK(layout_.last_stage(), "the loss is the last stage's");
+    if (mode == Grads::overwrite && grad_scale != 0)
+        zero_added_grads();
+    return head(targets, grad_scale, nullptr, mode == Grads::accumulate);
+}
+
+void Llama::backward(int slot, const float* doutput, Grads mode) {
+    const bool accumulate = mode == Grads::accumulate;
+    const int64_t C = C_;
+    if (layout_.last_stage()) {
+        std::fill(dres_, dres_ + Ml_ * C, 0.0f);
+        k_.rmsnorm_backward(dres_, grads() + layout_.final_norm, dxnf_, output(slot),
+                            norm_weight(layout_.final_norm), rstdf_, Ml_, C);
+    } else {
+        if (!accumulate)
+            zero_added_grads();
+        std::copy(doutput, doutput + Ml_ * C, dres_);
+    }
+    for (int64_t l = L_ - 1; l >= 0; l--)
+        block_backward(slot, l, dres_, accumulate);
+    if (layout_.first_stage()) {
+        const float* dx = static_cast<const float*>(gather_rows(dres_, partial_, DType::f32).ptr);
+        k_.embedding_backward(grads() + layout_.embedding, dx, local_tokens_[size_t(slot)], M_, C);
+    }
+}
+
 LossSum Llama::forward_backward(const int32_t* tokens, const int32_t* targets, float grad_scale,
                                 Grads mode) {
-    const bool accumulate = mode == Grads::accumulate;
-    if (!accumulate && grad_scale != 0) {
-        // The products overwrite their weights' gradients; the embedding's scatter and the
-        // norms' sums only add, so theirs start from zero.
-        for (const auto& p : layout_.params()) {
-            if (p.shape.size() == 1 || p.offset == layout_.embedding)
-                std::fill(grads() + p.offset, grads() + p.offset + p.numel, 0.0f);
-        }
-    }
-    embed(tokens);
-    LossSum loss = head(targets, grad_scale, nullptr, accumulate);
-    if (grad_scale == 0)
-        return loss;
-    const int64_t C = C_, L = config_.n_layers;
-    std::fill(dres_, dres_ + M_ * C, 0.0f);
-    k_.rmsnorm_backward(dres_, grads() + layout_.final_norm, dxn_, res_ + L * M_ * C,
-                        norm_weight(layout_.final_norm), rstdf_, M_, C);
-    for (int64_t l = L - 1; l >= 0; l--)
-        block_backward(l, dres_, accumulate);
-    k_.embedding_backward(grads() + layout_.embedding, dres_, local_tokens_, M_, C);
+    KILN_CHECK(split_.pp == 1,
+               "forward_backward() runs the whole model; stages run forward(), "
+               "loss() and backward()");
+    forward(0, tokens, nullptr);
+    LossSum loss = this->loss(targets, grad_scale, mode);
+    if (grad_scale != 0)
+        backward(0, nullptr, mode);
     return loss;
 }
 
+void Llama::sum_norm_grads() {
+    if (!sp_)
+        return;
+    std::vector<float> norms;
+    for (const auto& p : layout_.params())
+        if (p.shape.size() == 1)
+            norms.insert(norms.end(), grads() + p.offset, grads() + p.offset + p.numel);
+    tp_->all_reduce_sum(norms.data(), norms.size());
+    const float* from = norms.data();
+    for (const auto& p : layout_.params())
+        if (p.shape.size() == 1) {
+            std::copy(from, from + p.numel, grads() + p.offset);
+            from += p.numel;
+        }
+}
+
 void Llama::forward_logits(const int32_t* tokens, float* logits) {
-    embed(tokens);
+    KILN_CHECK(split_.pp == 1, "full logits need every stage in one model");
+    forward(0, tokens, nullptr);
     head(nullptr, 0, logits, true);
 }
 

@@ -32,6 +32,16 @@ struct LossSum {
 
 enum class Grads { accumulate, overwrite };
 
+// How one rank's model is split beyond tensor parallelism (whose group the model is given).
+struct Split {
+    // Sequence parallelism (tp > 1): between the tensor-parallel products, the residual stream,
+    // the norms and the residual adds hold this rank's 1/tp of the rows; an all-gather comes
+    // before each column-parallel product and a reduce-scatter after each row-parallel one.
+    bool sp = false;
+    int pp = 1, pp_rank = 0;  // pipeline stages, and which one this model is (model/layout.h)
+    int inflight = 1;         // micro-batches whose activations the stage keeps at once
+};
+
 class Llama {
 public:
     // `capacity` >= layout().total(): the flat buffers' length (padding lets data parallelism
@@ -40,11 +50,13 @@ public:
     // QKV and gate/up, row-parallel O and down, vocabulary-parallel embedding and LM head) and
     // calls tp's all-reduces in forward and backward.
     Llama(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t B, int64_t T,
-          Recompute recompute, int64_t capacity = 0, Collective* tp = nullptr);
+          Recompute recompute, int64_t capacity = 0, Collective* tp = nullptr,
+          const Split& split = {});
     // The bytes such a model holds on one rank of a tensor-parallel group of `tp_size`, computed
     // from the same declarations, without allocating them.
     static ModelBytes bytes(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t B,
-                            int64_t T, Recompute recompute, int64_t capacity, int tp_size);
+                            int64_t T, Recompute recompute, int64_t capacity, int tp_size,
+                            const Split& split = {});
 
     const LlamaConfig& config() const { return config_; }
     const Layout& layout() const { return layout_; }
@@ -69,12 +81,33 @@ public:
     LossSum forward_backward(const int32_t* tokens, const int32_t* targets, float grad_scale,
                              Grads mode = Grads::accumulate);
     // Forward only, writing the full logits (B, T, V) to `logits` (tests and sampling; one
-    // tensor-parallel rank only).
+    // tensor-parallel rank and one stage only).
     void forward_logits(const int32_t* tokens, float* logits);
+
+    // After a step's last micro-batch: with sequence parallelism each rank has the norm weights'
+    // gradients of its own rows only; this sums them over the tensor-parallel group. A no-op
+    // without it.
+    void sum_norm_grads();
+
+    // A pipeline stage, one micro-batch at a time; forward_backward() is these in a row on the
+    // only stage. Between stages travel this rank's rows of the residual stream: (rows(), C)
+    // fp32. `slot` < Split::inflight names the micro-batch whose activations are kept.
+    int64_t rows() const { return Ml_; }  // B*T, or B*T / tp with sequence parallelism
+    // From `tokens` (B, T) on the first stage, else from `input` (rows(), C).
+    void forward(int slot, const int32_t* tokens, const float* input);
+    const float* output(int slot) const;  // what forward() left for the next stage
+    // Last stage, right after forward(): the loss of the micro-batch, and with grad_scale != 0
+    // the head's backward (the start of backward()).
+    LossSum loss(const int32_t* targets, float grad_scale, Grads mode);
+    // From `doutput` (rows(), C), the gradient of output(slot), on a stage that is not the last;
+    // on the last, from loss(). On the first stage it ends in the embedding's gradient; on the
+    // others input_grad() is then the gradient of the stage's input.
+    void backward(int slot, const float* doutput, Grads mode);
+    const float* input_grad() const { return dres_; }
 
 private:
     Llama(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t B, int64_t T,
-          Recompute recompute, Collective* tp, int tp_size, int tp_rank);
+          Recompute recompute, Collective* tp, int tp_size, int tp_rank, const Split& split);
     void build(int64_t capacity, bool allocate);
     struct BlockActs {  // one block's saved activations; pointers into acts_
         float *rstd1, *qkv, *att, *x2, *rstd2, *gu;
@@ -100,10 +133,21 @@ private:
     DType compute_type() const { return kernels::compute_dtype(k_.precision); }
     // An activation kept in compute_type(), from element `offset` on.
     Operand input(const void* x, int64_t offset = 0) const;
-    void block_forward(int64_t l, const float* x, float* out);
-    void block_backward(int64_t l, float* dres, bool accumulate);
-    void embed(const int32_t* tokens);
+    // Saved activations of micro-batch `slot`: block l (local index) and the residual stream.
+    const BlockActs& acts(int slot, int64_t l) const;
+    float* residual(int slot) const;  // (local layers + 1, rows(), C)
+    void block_forward(int slot, int64_t l, const float* x, float* out);
+    void block_backward(int slot, int64_t l, float* dres, bool accumulate);
+    void embed(int slot, const int32_t* tokens);
+    void final_norm(int slot);
     LossSum head(const int32_t* targets, float grad_scale, float* logits_out, bool accumulate);
+    void zero_added_grads();  // the gradients only ever added to: norms and the embedding
+    // Sequence parallelism: this rank's rows `local` (rows(), C) of dtype `type` gathered from
+    // every rank into `full` (M, C); without it, `local` itself.
+    Operand gather_rows(const void* local, void* full, DType type);
+    // Sequence parallelism: `full` (M, C) summed over the group, this rank's rows of the sum
+    // returned (a pointer into `full`); without it, `full` summed in place.
+    float* sum_rows(float* full);
     void linear_forward(float* y, Operand x, Operand w, int64_t M, int64_t K, int64_t N,
                         bool accumulate = false);
     // dw += (or = without accumulate_dw) the weight's gradient
@@ -117,9 +161,11 @@ private:
     LlamaConfig config_;
     Collective* tp_;  // [nullable] the tensor-parallel group
     int tp_size_, tp_rank_;
+    Split split_;
+    bool sp_;  // sequence parallelism (split_.sp with more than one tensor-parallel rank)
     Layout layout_;
     const kernels::Kernels& k_;
-    int64_t B_, T_, M_, head_rows_;
+    int64_t B_, T_, M_, Ml_, head_rows_, L_;  // Ml_: rows of the residual stream; L_: local layers
     // This rank's dims: C, D whole; heads, kv heads, FFN width and vocabulary divided by tp.
     int64_t C_, D_, H_, Hkv_, F_, V_, QKV_;
     Recompute recompute_;
@@ -129,18 +175,26 @@ private:
     Arena acts_{"activations"};
     bool bf16_;
 
-    float* res_;  // (L+1, M, C) residual stream: block inputs, then the final block's output
-    std::vector<BlockActs> blocks_;     // [layer] (aliases one set when recomputing everything)
+    // [slot] (L+1, Ml, C) residual stream: block inputs, then the final block's output
+    std::vector<float*> res_;
+    std::vector<BlockActs> blocks_;     // [slot * L + layer] (one set when recomputing all)
     float *rope_cos_, *rope_sin_;       // (T, D/2)
-    float* rstdf_;                      // (M) final norm
-    void* xnf_;                         // (M, C) final norm output, compute_type()
+    float* rstdf_;                      // (Ml) final norm
+    void* xnf_;                         // (Ml, C) final norm output, compute_type()
     float* norm_w_;                     // (C) norm_weight's widened copy
-    float *dres_, *dxn_, *datt_, *dh_;  // backward scratch
+    float *dres_, *dxn_, *datt_, *dh_;  // backward scratch; dres_ (Ml, C), dxn_ (M, C)
+    const float* dxnf_ = nullptr;       // (Ml, C) the head's gradient of xnf, in dxn_
     void *dqkv_, *dgu_;                 // backward scratch in compute_type()
     float *logits_, *losses_;           // (head_rows, V), (M)
     float *row_max_, *row_sum_, *row_target_, *row_scale_;  // (M) cross-entropy statistics
-    int32_t *local_tokens_, *local_targets_;  // (M) ids in this rank's vocabulary slice, or -1
-    uint16_t *dy_bf_, *dlogits_bf_;           // bf16 precision: dy scratch, (rows, V)
+    // [slot] (M) token ids in this rank's vocabulary slice, or -1; (M) the same for targets
+    std::vector<int32_t*> local_tokens_;
+    int32_t* local_targets_;
+    uint16_t *dy_bf_, *dlogits_bf_;  // bf16 precision: dy scratch (Ml, C), (rows, V)
+    // Sequence parallelism: the gathered rows of a product's input (M, C) in compute_type(), and
+    // a row-parallel product's (M, C) fp32 partial sum before its reduce-scatter.
+    void* gathered_;
+    float* partial_;
     kernels::Workspace ws_;
 };
 

@@ -164,13 +164,19 @@ std::string commit(const RunDir& run, const model::LlamaConfig& config, const Tr
     manifest["adam_step"] = state.adam_step;
     manifest["loss"] = state.loss;
     manifest["model"] = config_json(config);
-    manifest["layout"] = {
-        {"world", layout.world}, {"tp", layout.tp}, {"dp", layout.dp}, {"zero", zero}};
-    const int64_t local_total = model::Layout(config, layout.tp, 0).total();
-    const int64_t chunk = (local_total + layout.dp - 1) / layout.dp;
+    manifest["layout"] = {{"world", layout.world},
+                          {"tp", layout.tp},
+                          {"pp", layout.pp},
+                          {"dp", layout.dp},
+                          {"zero", zero}};
     manifest["files"] = nlohmann::json::array();
     for (int r = 0; r < layout.world; r++) {
-        int tp_rank = r % layout.tp, dp_rank = r / layout.tp;
+        // The grid's rank order (dist/communicator.h): TP innermost, then PP, then DP.
+        const int tp_rank = r % layout.tp, pp_rank = r / layout.tp % layout.pp,
+                  dp_rank = r / (layout.tp * layout.pp);
+        const int64_t local_total =
+            model::Layout(config, layout.tp, tp_rank, layout.pp, pp_rank).total();
+        const int64_t chunk = (local_total + layout.dp - 1) / layout.dp;
         // ZeRO-1: each DP rank holds its shard; otherwise DP rank 0 saves the replicated whole.
         int64_t begin = zero ? dp_rank * chunk : 0;
         int64_t end =
@@ -178,6 +184,7 @@ std::string commit(const RunDir& run, const model::LlamaConfig& config, const Tr
         manifest["files"].push_back({{"file", files[r].file},
                                      {"rank", r},
                                      {"tp_rank", tp_rank},
+                                     {"pp_rank", pp_rank},
                                      {"dp_rank", dp_rank},
                                      {"params", dp_rank == 0},
                                      {"moments", {begin, end}},
@@ -261,11 +268,19 @@ Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
             throw error("{}: layout.tp={} is not a tensor-parallel size", path, tp);
         saved_tp_ = int(tp);
         config_.validate(saved_tp_);
-        const int64_t total = model::Layout(config_, saved_tp_, 0).total();
+        // Checkpoints from before pipeline parallelism have no pp: one stage.
+        const nlohmann::json& layout = j.at("layout");
+        const int64_t pp = layout.contains("pp") ? whole(layout, "pp", path) : 1;
+        if (pp < 1 || pp > config_.n_layers)
+            throw error("{}: layout.pp={} is not a pipeline of the model's {} layers", path, pp,
+                        config_.n_layers);
+        saved_pp_ = int(pp);
         for (const auto& f : j.at("files")) {
             File file;
             file.place.rank = int(whole(f, "rank", path, 0, INT32_MAX));
             file.place.tp_rank = int(whole(f, "tp_rank", path, 0, INT32_MAX));
+            file.place.pp_rank =
+                f.contains("pp_rank") ? int(whole(f, "pp_rank", path, 0, INT32_MAX)) : 0;
             file.place.dp_rank = int(whole(f, "dp_rank", path, 0, INT32_MAX));
             file.has_params = f.at("params").get<bool>();
             const nlohmann::json& moments = f.at("moments");
@@ -274,6 +289,10 @@ Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
             if (file.place.tp_rank < 0 || file.place.tp_rank >= saved_tp_)
                 throw error("{}: a file's tp_rank {} is outside layout.tp={}", path,
                             file.place.tp_rank, saved_tp_);
+            if (file.place.pp_rank >= saved_pp_)
+                throw error("{}: a file's pp_rank {} is outside layout.pp={}", path,
+                            file.place.pp_rank, saved_pp_);
+            const int64_t total = saved_layout(file.place.pp_rank, file.place.tp_rank).total();
             if (file.begin < 0 || file.end < file.begin || file.end > total)
                 throw error("{}: a file's moments [{}, {}) lie outside the model's {} values", path,
                             file.begin, file.end, total);
@@ -303,50 +322,60 @@ Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
     } catch (const nlohmann::json::exception& e) {
         throw error("{}: missing or malformed key: {}", path, e.what());
     }
-    // Each tensor-parallel rank's moments must tile its shard exactly once, and one file must
-    // hold its parameters.
-    const int64_t total = model::Layout(config_, saved_tp_, 0).total();
-    for (int t = 0; t < saved_tp_; t++) {
-        std::vector<std::pair<int64_t, int64_t>> ranges;
-        int params = 0;
-        for (const auto& f : files_) {
-            if (f.place.tp_rank != t)
-                continue;
-            params += f.has_params;
-            if (f.end > f.begin)
-                ranges.emplace_back(f.begin, f.end);
+    // Each saved shard's moments must tile it exactly once, and one file must hold its
+    // parameters.
+    for (int stage = 0; stage < saved_pp_; stage++)
+        for (int t = 0; t < saved_tp_; t++) {
+            const int64_t total = saved_layout(stage, t).total();
+            std::vector<std::pair<int64_t, int64_t>> ranges;
+            int params = 0;
+            for (const auto& f : files_) {
+                if (f.place.tp_rank != t || f.place.pp_rank != stage)
+                    continue;
+                params += f.has_params;
+                if (f.end > f.begin)
+                    ranges.emplace_back(f.begin, f.end);
+            }
+            std::sort(ranges.begin(), ranges.end());
+            int64_t at = 0;
+            bool tiled = true;
+            for (const auto& [b, e] : ranges) {
+                tiled = tiled && b == at;
+                at = e;
+            }
+            if (params != 1 || !tiled || at != total)
+                throw error(
+                    "{}/manifest.json: the files of pipeline stage {}, tensor-parallel rank {} do "
+                    "not hold its state exactly once",
+                    dir_, stage, t);
         }
-        std::sort(ranges.begin(), ranges.end());
-        int64_t at = 0;
-        bool tiled = true;
-        for (const auto& [b, e] : ranges) {
-            tiled = tiled && b == at;
-            at = e;
-        }
-        if (params != 1 || !tiled || at != total)
-            throw error(
-                "{}/manifest.json: the files of tensor-parallel rank {} do not hold its "
-                "state exactly once",
-                dir_, t);
-    }
 }
 
-void Checkpoint::assemble(int tp_rank, const model::Layout& saved, std::vector<float>& params,
+model::Layout Checkpoint::saved_layout(int pp_rank, int tp_rank) const {
+    return model::Layout(config_, saved_tp_, tp_rank, saved_pp_, pp_rank);
+}
+
+const float* Checkpoint::saved_params(const model::Layout& saved) const {
+    for (const auto& f : files_) {
+        if (f.place.tp_rank == saved.tp_rank && f.place.pp_rank == saved.pp_rank && f.has_params)
+            return static_cast<const float*>(f.st->data("param", DType::f32, {saved.total()}));
+    }
+    KILN_CHECK(false, "the constructor checked that stage {}, tp_rank {} has a parameter file",
+               saved.pp_rank, saved.tp_rank);
+    return nullptr;
+}
+
+void Checkpoint::assemble(const model::Layout& saved, std::vector<float>& params,
                           std::vector<float>& m, std::vector<float>& v) const {
     const int64_t n = saved.total();
-    params.assign(size_t(n), 0.0f);
+    const float* p = saved_params(saved);
+    params.assign(p, p + n);
     m.assign(size_t(n), 0.0f);
     v.assign(size_t(n), 0.0f);
     int64_t covered = 0;
-    bool have_params = false;
     for (const auto& f : files_) {
-        if (f.place.tp_rank != tp_rank)
+        if (f.place.tp_rank != saved.tp_rank || f.place.pp_rank != saved.pp_rank)
             continue;
-        if (f.has_params) {
-            const float* p = static_cast<const float*>(f.st->data("param", DType::f32, {n}));
-            std::copy(p, p + n, params.begin());
-            have_params = true;
-        }
         const int64_t range = f.end - f.begin;
         if (range <= 0)
             continue;
@@ -356,69 +385,63 @@ void Checkpoint::assemble(int tp_rank, const model::Layout& saved, std::vector<f
         std::copy(fv, fv + range, v.begin() + f.begin);
         covered += range;
     }
-    if (!have_params || covered != n) {
-        throw error("{}: the files of tensor-parallel rank {} do not hold its whole state", dir_,
-                    tp_rank);
+    if (covered != n) {
+        throw error(
+            "{}: the files of pipeline stage {}, tensor-parallel rank {} do not hold its "
+            "whole state",
+            dir_, saved.pp_rank, saved.tp_rank);
     }
 }
 
 void Checkpoint::load(const model::Layout& now, float* params, float* m, float* v, int64_t begin,
                       int64_t end) const {
-    std::vector<float> sp, sm, sv;  // one saved TP rank's buffers
-    std::vector<float> local_m, local_v;
-    const float *src_p, *src_m, *src_v;
-    if (saved_tp_ == now.tp) {
-        // Same tensor-parallel split: this rank's shard was written as one piece.
-        assemble(now.tp_rank, now, sp, sm, sv);
-        src_p = sp.data(), src_m = sm.data(), src_v = sv.data();
+    std::vector<float> sp, sm, sv;  // one saved shard's buffers
+    if (saved_tp_ == now.tp && saved_pp_ == now.pp) {
+        // The same split: this rank's shard was written as one piece.
+        assemble(saved_layout(now.pp_rank, now.tp_rank), sp, sm, sv);
     } else {
-        // Another split: whole tensors first, then this layout's shard of each.
+        // Another split: whole tensors first, found by name, then this layout's shard of each.
         model::Layout whole(config_);
         std::vector<float> wp(whole.total()), wm(whole.total()), wv(whole.total());
-        for (int s = 0; s < saved_tp_; s++) {
-            model::Layout saved(config_, saved_tp_, s);
-            assemble(s, saved, sp, sm, sv);
-            for (size_t i = 0; i < saved.params().size(); i++) {
-                const auto& p = saved.params()[i];
-                int64_t dst = whole.params()[i].offset;
-                saved.full_from_shard(p, sp.data() + p.offset, s, wp.data() + dst);
-                saved.full_from_shard(p, sm.data() + p.offset, s, wm.data() + dst);
-                saved.full_from_shard(p, sv.data() + p.offset, s, wv.data() + dst);
+        for (int stage = 0; stage < saved_pp_; stage++)
+            for (int t = 0; t < saved_tp_; t++) {
+                const model::Layout saved = saved_layout(stage, t);
+                assemble(saved, sp, sm, sv);
+                for (const auto& p : saved.params()) {
+                    const int64_t dst = whole.find(p.name)->offset;
+                    saved.full_from_shard(p, sp.data() + p.offset, t, wp.data() + dst);
+                    saved.full_from_shard(p, sm.data() + p.offset, t, wm.data() + dst);
+                    saved.full_from_shard(p, sv.data() + p.offset, t, wv.data() + dst);
+                }
             }
-        }
         sp.assign(now.total(), 0.0f), sm.assign(now.total(), 0.0f), sv.assign(now.total(), 0.0f);
-        for (size_t i = 0; i < now.params().size(); i++) {
-            const auto& p = now.params()[i];
-            int64_t off = whole.params()[i].offset;
+        for (const auto& p : now.params()) {
+            const int64_t off = whole.find(p.name)->offset;
             now.shard_from_full(p, wp.data() + off, sp.data() + p.offset);
             now.shard_from_full(p, wm.data() + off, sm.data() + p.offset);
             now.shard_from_full(p, wv.data() + off, sv.data() + p.offset);
         }
-        src_p = sp.data(), src_m = sm.data(), src_v = sv.data();
     }
-    std::copy(src_p, src_p + now.total(), params);
+    std::copy(sp.begin(), sp.begin() + now.total(), params);
     if (m)
-        std::copy(src_m + begin, src_m + end, m);
+        std::copy(sm.begin() + begin, sm.begin() + end, m);
     if (v)
-        std::copy(src_v + begin, src_v + end, v);
+        std::copy(sv.begin() + begin, sv.begin() + end, v);
 }
 
 void Checkpoint::read_tensor(const model::ParamInfo& p, float* full) const {
-    for (int s = 0; s < saved_tp_; s++) {
-        model::Layout saved(config_, saved_tp_, s);
-        const model::ParamInfo* sp = saved.find(p.name);
-        KILN_CHECK(sp && sp->full_shape == p.full_shape, "{} is not a parameter of this model",
-                   p.name);
-        const File* holder = nullptr;
-        for (const auto& f : files_) {
-            if (f.place.tp_rank == s && f.has_params)
-                holder = &f;
+    bool found = false;
+    for (int stage = 0; stage < saved_pp_; stage++)
+        for (int t = 0; t < saved_tp_; t++) {
+            const model::Layout saved = saved_layout(stage, t);
+            const model::ParamInfo* sp = saved.find(p.name);
+            if (!sp)
+                continue;  // another stage's
+            KILN_CHECK(sp->full_shape == p.full_shape, "{} has another shape in {}", p.name, dir_);
+            saved.full_from_shard(*sp, saved_params(saved) + sp->offset, t, full);
+            found = true;
         }
-        KILN_CHECK(holder, "the constructor checked that tp_rank {} has a parameter file", s);
-        const float* shard =
-            static_cast<const float*>(holder->st->data("param", DType::f32, {saved.total()}));
-        saved.full_from_shard(*sp, shard + sp->offset, s, full);
-    }
+    KILN_CHECK(found, "{} is not a parameter of this model", p.name);
 }
 
 }  // namespace kiln::checkpoint

@@ -1,11 +1,12 @@
 #pragma once
 // Checkpoints: checkpoints/step-NNNNNNNN/ holds manifest.json (step, model config, the layout
 // that wrote it, and every rank file with its size and xxh64) and one safetensors file per rank:
-// rank-RRRRR.safetensors with that rank's tensor-parallel shard of the fp32 weights (written by
-// data-parallel rank 0 of each TP group) and its range of the AdamW moments (its ZeRO-1 shard,
-// or everything). Every rank writes its own file in the background into a temporary folder;
-// rank 0 then writes the manifest, renames the folder into place and updates `latest`. A
-// checkpoint loads into any other DP x TP layout. Format: docs/formats.md.
+// rank-RRRRR.safetensors with that rank's shard (its pipeline stage's tensors, split by tensor
+// parallelism) of the fp32 weights (written by data-parallel rank 0 of each shard) and its range
+// of the AdamW moments (its ZeRO-1 part, or everything). Every rank writes its own file in the
+// background into a temporary folder; rank 0 then writes the manifest, renames the folder into
+// place and updates `latest`. A checkpoint loads into any other DP x PP x TP layout.
+// Format: docs/formats.md.
 #include <atomic>
 #include <cstdint>
 #include <exception>
@@ -33,6 +34,7 @@ struct RankPlace {
     int rank = 0, world = 1;
     int tp = 1, tp_rank = 0;
     int dp = 1, dp_rank = 0;
+    int pp = 1, pp_rank = 0;
 };
 
 // What one rank saves. The moments cover [begin, end) of its layout's flat buffers.
@@ -106,7 +108,7 @@ public:
     const std::string& dir() const { return dir_; }
     // Fills `params` (layout.total()) with this layout's shard of the weights and m/v (each
     // end - begin, may be null) with the moments of [begin, end) of this layout, whatever the
-    // DP x TP layout that wrote the checkpoint.
+    // DP x PP x TP layout that wrote the checkpoint.
     void load(const model::Layout& layout, float* params, float* m, float* v, int64_t begin,
               int64_t end) const;
     // Fills `full` (p.full_shape) with the whole weight tensor named p.name, gathered from the
@@ -121,13 +123,17 @@ private:
         bool has_params = false;
         std::unique_ptr<SafetensorsFile> st;
     };
-    // One saved TP rank's whole local buffers (params, m, v), assembled from its files.
-    void assemble(int tp_rank, const model::Layout& saved, std::vector<float>& params,
-                  std::vector<float>& m, std::vector<float>& v) const;
+    // The layout of one saved shard (pipeline stage, TP rank).
+    model::Layout saved_layout(int pp_rank, int tp_rank) const;
+    // One saved shard's whole local buffers (params, m, v), assembled from its files.
+    void assemble(const model::Layout& saved, std::vector<float>& params, std::vector<float>& m,
+                  std::vector<float>& v) const;
+    // The file holding the parameters of a saved shard.
+    const float* saved_params(const model::Layout& saved) const;
     std::string dir_;
     model::LlamaConfig config_;
     TrainState state_;
-    int saved_tp_ = 1;
+    int saved_tp_ = 1, saved_pp_ = 1;
     std::vector<File> files_;
 };
 

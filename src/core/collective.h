@@ -30,6 +30,12 @@ public:
     // bytes (n) of `root` copied to every rank.
     virtual void broadcast(void* bytes, size_t n, int root) = 0;
     virtual void barrier() = 0;
+    // Point to point: sends `send_bytes` at `send` to group rank `to` while it receives
+    // `recv_bytes` into `recv` from group rank `from`; returns when both are done. Either side
+    // may be empty (0 bytes). Messages between two ranks arrive in the order they were sent.
+    // Posting both before waiting lets neighbours that send to each other proceed.
+    virtual void exchange(const void* send, size_t send_bytes, int to, void* recv,
+                          size_t recv_bytes, int from) = 0;
 
     // Bytes handed to collectives so far (the payload; what travels depends on the algorithm).
     uint64_t payload_bytes() const { return payload_bytes_; }

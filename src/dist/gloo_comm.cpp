@@ -98,7 +98,29 @@ public:
         gloo::barrier(opts);
     }
 
+    void exchange(const void* send, size_t send_bytes, int to, void* recv, size_t recv_bytes,
+                  int from) override {
+        // One slot for every point-to-point message of the group, outside gloo's collectives'
+        // prefixes: between two ranks they match in order.
+        const uint64_t slot = gloo::Slot::build(kPointToPointPrefix, 0);
+        std::unique_ptr<gloo::transport::UnboundBuffer> in, out;
+        if (recv_bytes > 0) {
+            in = ctx_->createUnboundBuffer(recv, recv_bytes);
+            in->recv(from, slot);
+        }
+        if (send_bytes > 0) {
+            payload_bytes_ += send_bytes;
+            out = ctx_->createUnboundBuffer(const_cast<void*>(send), send_bytes);
+            out->send(to, slot);
+        }
+        if (in)
+            in->waitRecv(ctx_->getTimeout());
+        if (out)
+            out->waitSend(ctx_->getTimeout());
+    }
+
 private:
+    static constexpr uint8_t kPointToPointPrefix = 0x40;
     using Reduce = void (*)(void*, const void*, const void*, size_t);
     template <typename T>
     void all_reduce(T* data, size_t n, Reduce reduce = static_cast<Reduce>(&gloo::sum<T>)) {
@@ -130,6 +152,9 @@ public:
     void all_gather_bytes(void*, size_t) override {}
     void broadcast(void*, size_t, int) override {}
     void barrier() override {}
+    void exchange(const void*, size_t send_bytes, int, void*, size_t recv_bytes, int) override {
+        KILN_CHECK(send_bytes == 0 && recv_bytes == 0, "a point-to-point message within one rank");
+    }
 };
 
 std::unique_ptr<Collective> connect(TcpStore& store,
@@ -151,27 +176,31 @@ std::unique_ptr<Collective> connect(TcpStore& store,
 
 }  // namespace
 
-Grid make_grid(int world_size, int rank, int tp) {
-    if (tp < 1 || world_size % tp != 0) {
-        throw error("world size {} is not divisible by parallel.tp={}", world_size, tp);
+Grid make_grid(int world_size, int rank, int tp, int pp) {
+    if (tp < 1 || pp < 1 || world_size % (tp * pp) != 0) {
+        throw error("world size {} is not divisible by parallel.tp={} x parallel.pp={}", world_size,
+                    tp, pp);
     }
     Grid g;
     g.world = world_size;
     g.rank = rank;
     g.tp = tp;
     g.tp_rank = rank % tp;
-    g.dp = world_size / tp;
-    g.dp_rank = rank / tp;
+    g.pp = pp;
+    g.pp_rank = rank / tp % pp;
+    g.dp = world_size / (tp * pp);
+    g.dp_rank = rank / (tp * pp);
     return g;
 }
 
 Job::Job(const Placement& p, int tp, std::chrono::milliseconds timeout,
-         const std::string& transport)
-    : grid_(make_grid(p.world_size, p.rank, tp)) {
+         const std::string& transport, int pp)
+    : grid_(make_grid(p.world_size, p.rank, tp, pp)) {
     if (p.world_size == 1) {
         world_ = std::make_unique<SoloCollective>();
         dp_ = std::make_unique<SoloCollective>();
         tp_ = std::make_unique<SoloCollective>();
+        pp_ = std::make_unique<SoloCollective>();
         return;
     }
     // Found before the rendezvous, so that a wrong interface or address fails at once.
@@ -210,10 +239,16 @@ Job::Job(const Placement& p, int tp, std::chrono::milliseconds timeout,
     }
     const Grid& g = grid_;
     world_ = connect(*store_, device, "world", g.rank, g.world, timeout);
-    dp_ = connect(*store_, device, "dp" + std::to_string(g.tp_rank), g.dp_rank, g.dp, timeout);
-    tp_ = connect(*store_, device, "tp" + std::to_string(g.dp_rank), g.tp_rank, g.tp, timeout);
-    log::info("dist", "rank {} of {} connected ({}) through {}: dp {}/{}, tp {}/{}", g.rank,
-              g.world, p.source, via, g.dp_rank, g.dp, g.tp_rank, g.tp);
+    // Each group is named by the grid coordinates its ranks share.
+    const std::string stage = g.pp > 1 ? fmt::format(".{}", g.pp_rank) : "";
+    dp_ =
+        connect(*store_, device, fmt::format("dp{}{}", g.tp_rank, stage), g.dp_rank, g.dp, timeout);
+    tp_ =
+        connect(*store_, device, fmt::format("tp{}{}", g.dp_rank, stage), g.tp_rank, g.tp, timeout);
+    pp_ = connect(*store_, device, fmt::format("pp{}.{}", g.dp_rank, g.tp_rank), g.pp_rank, g.pp,
+                  timeout);
+    log::info("dist", "rank {} of {} connected ({}) through {}: dp {}/{}, pp {}/{}, tp {}/{}",
+              g.rank, g.world, p.source, via, g.dp_rank, g.dp, g.pp_rank, g.pp, g.tp_rank, g.tp);
 }
 
 Job::~Job() = default;

@@ -67,6 +67,17 @@ public:
     void barrier() override {
         run(ncclAllReduce(scratch_, scratch_, 1, ncclFloat, ncclSum, comm_, stream_), 0);
     }
+    // NCCL's point-to-point pair, grouped so that neither side waits for the other to start.
+    void exchange(const void* send, size_t send_bytes, int to, void* recv, size_t recv_bytes,
+                  int from) override {
+        ncclResult_t r = ncclGroupStart();
+        if (r == ncclSuccess && send_bytes > 0)
+            r = ncclSend(send, send_bytes, ncclChar, to, comm_, stream_);
+        if (r == ncclSuccess && recv_bytes > 0)
+            r = ncclRecv(recv, recv_bytes, ncclChar, from, comm_, stream_);
+        const ncclResult_t ended = ncclGroupEnd();
+        run(r == ncclSuccess ? ended : r, send_bytes);
+    }
 
 private:
     void run(ncclResult_t launched, size_t bytes) {

@@ -203,21 +203,25 @@ void Llama::build(int64_t capacity, bool allocate) {
 }
 
 void Llama::init_weights(uint64_t seed, double std) {
-    // Every rank draws every whole tensor in the same order and keeps its shard.
+    // Every rank draws every whole tensor of the whole model in the same order and keeps its
+    // shard of those its stage holds.
     std::mt19937_64 rng(seed);
     std::normal_distribution<float> normal(0.0f, static_cast<float>(std));
     std::vector<float> full;
-    for (const auto& info : layout_.params()) {
-        float* w = params() + info.offset;
+    const Layout whole(config_);
+    for (const auto& info : whole.params()) {
+        const ParamInfo* mine = layout_.find(info.name);
         if (info.shape.size() == 1) {
-            std::fill(w, w + info.numel, 1.0f);
+            if (mine)
+                std::fill(params() + mine->offset, params() + mine->offset + mine->numel, 1.0f);
             continue;
         }
         full.resize(size_t(info.full_shape[0] * info.full_shape[1]));
         const float scale = static_cast<float>(info.init_scale);
         for (float& x : full)
             x = normal(rng) * scale;
-        layout_.shard_from_full(info, full.data(), w);
+        if (mine)
+            layout_.shard_from_full(*mine, full.data(), params() + mine->offset);
     }
     sync_compute_weights();
 }

@@ -16,8 +16,19 @@ using json = nlohmann::ordered_json;
 constexpr const char* kFormat = "kiln-plan/1";
 
 // What a plan holds for: anything that changes the products' shapes or their speed.
-json plan_key(const RunConfig& cfg, const kernels::Kernels& k, int dp) {
+json plan_key(const RunConfig& cfg, const kernels::Kernels& k, int dp, int pp_rank) {
     const model::LlamaConfig& m = cfg.model;
+    json layout = {{"tp", cfg.tp},
+                   {"dp", dp},
+                   {"micro_batch", cfg.train.micro_batch},
+                   {"seq_len", cfg.train.seq_len},
+                   {"recompute", cfg.train.recompute}};
+    if (cfg.pp > 1) {  // stages run different products: each has its own plan
+        layout["pp"] = cfg.pp;
+        layout["stage"] = pp_rank;
+    }
+    if (cfg.sp)
+        layout["sp"] = true;
     return {{"platform", k.platform()},
             {"backend", k.name},
             {"model",
@@ -27,12 +38,7 @@ json plan_key(const RunConfig& cfg, const kernels::Kernels& k, int dp) {
               {"n_kv_heads", m.n_kv_heads},
               {"ffn_dim", m.ffn_dim()},
               {"vocab_size", m.vocab_size}}},
-            {"layout",
-             {{"tp", cfg.tp},
-              {"dp", dp},
-              {"micro_batch", cfg.train.micro_batch},
-              {"seq_len", cfg.train.seq_len},
-              {"recompute", cfg.train.recompute}}}};
+            {"layout", layout}};
 }
 
 // The plan in `path` when it was made for `key`; otherwise nothing, and `why` says what is
@@ -102,7 +108,7 @@ AutotuneResult autotune(const RunConfig& cfg, const kernels::Kernels& k, model::
         r.outcome = "off";
         return r;
     }
-    const json key = plan_key(cfg, k, dp);
+    const json key = plan_key(cfg, k, dp, model.layout().pp_rank);
     const std::string text = key.dump();
     const uint64_t key_hash = fs::xxh64(text.data(), text.size());
     const std::string dir = plan_cache_dir(cfg);
@@ -135,15 +141,27 @@ AutotuneResult autotune(const RunConfig& cfg, const kernels::Kernels& k, model::
         targets[size_t(i)] =
             (i % T) + 1 < T ? int32_t(((i + 1) * 7919 + 13) % cfg.model.vocab_size) : -1;
     }
+    // A pipeline stage's pass on its own: zero input and output gradient, no neighbours.
+    std::vector<float> zeros(size_t(model.rows() * cfg.model.dim), 0.0f);
+    auto pass = [&](model::Grads mode) {
+        if (cfg.pp == 1) {
+            model.forward_backward(tokens.data(), targets.data(), 1.0f, mode);
+            return;
+        }
+        model.forward(0, tokens.data(), zeros.data());
+        if (model.layout().last_stage())
+            model.loss(targets.data(), 1.0f, mode);
+        model.backward(0, zeros.data(), mode);
+    };
     k.tune(same ? world.rank() : 0, same ? world.size() : 1);
     // Passes go on until every rank is done (tensor-parallel passes are collective).
     double more = 0;
     do {
         // A step's products: its first micro-batch writes the weight gradients, the others
         // add to them (other products, tuned apart).
-        model.forward_backward(tokens.data(), targets.data(), 1.0f, model::Grads::overwrite);
+        pass(model::Grads::overwrite);
         if (cfg.train.grad_accum > 1)
-            model.forward_backward(tokens.data(), targets.data(), 1.0f);
+            pass(model::Grads::accumulate);
         r.passes++;
         progress();
         more = k.tune_next() ? 1 : 0;

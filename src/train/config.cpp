@@ -1,5 +1,7 @@
 #include "train/config.h"
 
+#include <algorithm>
+
 #include "core/error.h"
 #include "kernels/backends.h"
 
@@ -62,7 +64,15 @@ void build_schema(ConfigSchema& s, RunConfig& c) {
     s.add("train.plan_cache", &t.plan_cache,
           "folder of plan caches, shared by all ranks (empty: $XDG_CACHE_HOME/kiln/plans or "
           "~/.cache/kiln/plans)");
-    s.add("parallel.tp", &c.tp, "tensor-parallel ranks (DP = world size / TP)", positive(&c.tp));
+    s.add("parallel.tp", &c.tp, "tensor-parallel ranks (DP = world size / (TP x PP))",
+          positive(&c.tp));
+    s.add("parallel.sp", &c.sp,
+          "sequence parallelism (needs parallel.tp > 1): norms and residual adds run on 1/tp of "
+          "the rows, and each TP all-reduce becomes a reduce-scatter and an all-gather");
+    s.add("parallel.pp", &c.pp,
+          "pipeline stages: the blocks split into this many stages, run on a 1F1B schedule over "
+          "the step's train.grad_accum micro-batches",
+          positive(&c.pp));
     s.add("parallel.zero", &c.zero, "1: shard optimizer state over DP (ZeRO-1), 0: replicate",
           [&c] { return c.zero == 0 || c.zero == 1 ? "" : "must be 0 or 1"; });
     s.add("parallel.timeout_s", &c.timeout_s,
@@ -79,6 +89,16 @@ void build_schema(ConfigSchema& s, RunConfig& c) {
     s.add("run.log_level", &c.log_level,
           "debug | info | warn | error (debug: each rank logs its step split, every step)",
           one_of(&c.log_level, {"debug", "info", "warn", "error"}));
+}
+
+model::Split RunConfig::split(int pp_rank) const {
+    model::Split s;
+    s.sp = sp;
+    s.pp = int(pp);
+    s.pp_rank = pp_rank;
+    // 1F1B: stage s starts pp - s forwards before its first backward frees one.
+    s.inflight = int(std::min<int64_t>(pp - pp_rank, train.grad_accum));
+    return s;
 }
 
 kernels::Precision compute_precision(const TrainConfig& t) {
@@ -103,6 +123,7 @@ void RunConfig::validate() const {
     at_most("train.grad_accum", train.grad_accum, int64_t(1) << 20);
     at_most("train.steps", train.steps, int64_t(1) << 40);
     at_most("parallel.tp", tp, 1 << 16);
+    at_most("parallel.pp", pp, 1 << 16);
     at_most("train.threads", train.threads, 1 << 16);
     model.validate(static_cast<int>(tp));
     if (train.seq_len > model.max_seq_len) {
@@ -111,6 +132,20 @@ void RunConfig::validate() const {
     }
     at_most("train.micro_batch x train.seq_len", train.micro_batch * train.seq_len,
             int64_t(1) << 31);
+    if (sp && tp == 1)
+        throw error(
+            "parallel.sp=true needs parallel.tp > 1: it splits the rows over the "
+            "tensor-parallel ranks");
+    if (sp && (train.micro_batch * train.seq_len) % tp != 0) {
+        throw error(
+            "parallel.sp=true splits the {} rows of a micro-batch (train.micro_batch x "
+            "train.seq_len) over parallel.tp={} ranks, which does not divide them",
+            train.micro_batch * train.seq_len, tp);
+    }
+    if (pp > model.n_layers) {
+        throw error("parallel.pp={} is more stages than the model's {} layers (model.n_layers)", pp,
+                    model.n_layers);
+    }
     if (schedule.min_lr > schedule.lr) {
         throw error("train.min_lr={} is above train.lr={}", schedule.min_lr, schedule.lr);
     }

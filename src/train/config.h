@@ -8,6 +8,7 @@
 #include "data/build.h"
 #include "kernels/ops.h"
 #include "model/config.h"
+#include "model/llama.h"
 #include "optim/adamw.h"
 #include "optim/schedule.h"
 
@@ -41,6 +42,8 @@ struct RunConfig {
     optim::Schedule schedule;
     optim::AdamWConfig adamw;
     int64_t tp = 1;
+    bool sp = false;  // sequence parallelism within the tensor-parallel group
+    int64_t pp = 1;   // pipeline stages
     int64_t zero = 1;
     double timeout_s = 300;          // rendezvous and collective timeout
     std::string transport = "auto";  // auto | shm | tcp: how gloo moves collectives
@@ -49,6 +52,9 @@ struct RunConfig {
     std::string log_level = "info";
 
     void validate() const;  // cross-key checks; throws Error naming the keys
+    // What this config splits a rank's model into beyond TP: SP, its pipeline stage of pp,
+    // and how many micro-batches that stage keeps in flight under the 1F1B schedule.
+    model::Split split(int pp_rank) const;
     // Settles what depends on this machine: train.precision "auto" becomes bf16 where the
     // backend has native bf16 products, else fp32; an explicit bf16 the CPU lacks throws.
     void resolve();

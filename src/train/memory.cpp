@@ -53,33 +53,40 @@ std::string MemoryPlan::table() const {
 }
 
 MemoryPlan memory_plan(const RunConfig& config, int world) {
-    const int tp = int(config.tp);
-    if (world < 1 || world % tp != 0)
-        throw error("parallel.tp={} does not divide the {} ranks", tp, world);
+    const int tp = int(config.tp), pp = int(config.pp);
+    if (world < 1 || world % (tp * pp) != 0)
+        throw error("parallel.tp={} x parallel.pp={} does not divide the {} ranks", tp, pp, world);
     config.model.validate(tp);
-    const int dp = world / tp;
+    const int dp = world / (tp * pp);
     const TrainConfig& t = config.train;
     const bool zero = config.zero == 1 && dp > 1;
-    const int64_t total = model::Layout(config.model, tp, 0).total();
-    const Shards sh = shard_layout(total, dp, 0, zero);
-    const int64_t range = sh.end - sh.begin;
     // The reference backend declares the same buffers; only its workspace may differ.
     const kernels::Kernels& k =
         kernels::select_kernels(t.backend == "cuda" ? "cpu" : t.backend, compute_precision(t));
-    model::ModelBytes m = model::Llama::bytes(config.model, k, t.micro_batch, t.seq_len,
-                                              model::parse_recompute(t.recompute), sh.padded, tp);
-    MemoryPlan p;
-    p.params = m.params;
-    p.params_bf16 = m.params_bf16;
-    p.grads = m.grads;
-    p.activations = m.activations;
-    p.optimizer = 2 * range * int64_t(sizeof(float));
-    p.checkpoint = (total + 2 * range) * int64_t(sizeof(float));  // DP rank 0: params + m + v
-    // gloo's halving-doubling reduce-scatter (ZeRO-1) holds two gradient-sized buffers; its
-    // all-reduce (no ZeRO) reduces in place (measured: bench/RESULTS.md, memory plan).
-    p.communication = zero ? 2 * m.grads : 0;
-    p.runtime = kRuntimeBytes;
-    return p;
+    // The most loaded stage: the first keeps the most micro-batches in flight, the last the head.
+    MemoryPlan most;
+    for (int stage = 0; stage < pp; stage++) {
+        const int64_t total = model::Layout(config.model, tp, 0, pp, stage).total();
+        const Shards sh = shard_layout(total, dp, 0, zero);
+        const int64_t range = sh.end - sh.begin;
+        model::ModelBytes m = model::Llama::bytes(config.model, k, t.micro_batch, t.seq_len,
+                                                  model::parse_recompute(t.recompute), sh.padded,
+                                                  tp, config.split(stage));
+        MemoryPlan p;
+        p.params = m.params;
+        p.params_bf16 = m.params_bf16;
+        p.grads = m.grads;
+        p.activations = m.activations;
+        p.optimizer = 2 * range * int64_t(sizeof(float));
+        p.checkpoint = (total + 2 * range) * int64_t(sizeof(float));  // DP rank 0: params + m + v
+        // gloo's halving-doubling reduce-scatter (ZeRO-1) holds two gradient-sized buffers; its
+        // all-reduce (no ZeRO) reduces in place (measured: bench/RESULTS.md, memory plan).
+        p.communication = zero ? 2 * m.grads : 0;
+        p.runtime = kRuntimeBytes;
+        if (p.total() > most.total())
+            most = p;
+    }
+    return most;
 }
 
 int64_t memory_limit(const RunConfig& config, int local_ranks) {
@@ -102,8 +109,8 @@ void check_fits(const MemoryPlan& plan, int64_t limit, const RunConfig& config) 
                       ", or lower train.micro_batch (raise train.grad_accum to keep the "
                       "batch)";
     } else {
-        advice = config.zero == 0 ? "set parallel.zero=1, or raise parallel.tp"
-                                  : "raise parallel.tp, or use more ranks";
+        advice = config.zero == 0 ? "set parallel.zero=1, or raise parallel.tp or parallel.pp"
+                                  : "raise parallel.tp or parallel.pp, or use more ranks";
     }
     throw error(
         "the run needs {:.2f} GiB per rank (parameters, gradients and optimizer state {:.2f} GiB, "

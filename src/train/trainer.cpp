@@ -31,6 +31,7 @@
 #include "train/autotune.h"
 #include "train/memory.h"
 #include "train/metrics.h"
+#include "train/pipeline.h"
 
 namespace kiln::train {
 namespace {
@@ -100,7 +101,8 @@ private:
 // ranks/rank-N.json: this rank's step, time and memory, for the dashboard; after a step, that
 // step's forward and backward time, which tells the rank a straggler's peers wait for.
 void write_rank_status(const checkpoint::RunDir& run, const dist::Grid& g, int64_t step,
-                       std::optional<double> compute_s = std::nullopt) {
+                       std::optional<double> compute_s = std::nullopt,
+                       std::optional<double> stage_wait_s = std::nullopt) {
     int64_t rss = 0, peak = 0;
     if (std::FILE* f = std::fopen("/proc/self/status", "r")) {
         char line[256];
@@ -117,6 +119,7 @@ void write_rank_status(const checkpoint::RunDir& run, const dist::Grid& g, int64
     j["rank"] = g.rank;
     j["dp_rank"] = g.dp_rank;
     j["tp_rank"] = g.tp_rank;
+    j["pp_rank"] = g.pp_rank;
     j["step"] = step;
     j["pid"] = static_cast<int64_t>(::getpid());
     j["updated"] = unix_seconds();
@@ -124,6 +127,8 @@ void write_rank_status(const checkpoint::RunDir& run, const dist::Grid& g, int64
     j["peak_rss_bytes"] = peak;
     if (compute_s)
         j["compute_s"] = *compute_s;
+    if (stage_wait_s)  // of compute_s, the time this pipeline stage waited for its neighbours
+        j["stage_wait_s"] = *stage_wait_s;
     fs::write_file_replace(run.rank_status(g.rank), j.dump() + "\n");
 }
 
@@ -224,7 +229,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     if (!cfg.interface.empty())
         place.interface = cfg.interface;
     dist::Job job(place, static_cast<int>(cfg.tp),
-                  std::chrono::milliseconds(int64_t(cfg.timeout_s * 1000)), cfg.transport);
+                  std::chrono::milliseconds(int64_t(cfg.timeout_s * 1000)), cfg.transport,
+                  static_cast<int>(cfg.pp));
     const dist::Grid& g = job.grid();
     const bool lead = g.rank == 0;
     heartbeat(g.rank, 0);
@@ -272,10 +278,10 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     const MemoryPlan plan = memory_plan(cfg, g.world);
     check_fits(plan, memory_limit(cfg, local ? std::max(1, std::atoi(local)) : 1), cfg);
     const bool zero = cfg.zero == 1 && g.dp > 1;
-    const Shards sh =
-        shard_layout(model::Layout(cfg.model, g.tp, g.tp_rank).total(), g.dp, g.dp_rank, zero);
+    const Shards sh = shard_layout(
+        model::Layout(cfg.model, g.tp, g.tp_rank, g.pp, g.pp_rank).total(), g.dp, g.dp_rank, zero);
     model::Llama model(cfg.model, k, t.micro_batch, t.seq_len, model::parse_recompute(t.recompute),
-                       sh.padded, &job.tp());
+                       sh.padded, &job.tp(), cfg.split(g.pp_rank));
     optim::AdamW adamw(model.layout(), cfg.adamw, sh.begin, sh.end);
     optim::Schedule schedule = cfg.schedule;
     schedule.total_steps = t.steps;
@@ -315,10 +321,11 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     const double mib = 1048576.0;
     log::info("train",
               "memory plan per rank: {:.0f} MiB (parameters {:.1f}, gradients {:.1f}, optimizer "
-              "state {:.1f} ({}; dp {} x tp {}), activations {:.1f}, checkpoint staging {:.1f})",
+              "state {:.1f} ({}; dp {} x pp {} x tp {}{}), activations {:.1f}, checkpoint "
+              "staging {:.1f})",
               plan.total() / mib, (plan.params + plan.params_bf16) / mib, plan.grads / mib,
-              plan.optimizer / mib, zero ? "ZeRO-1 shard" : "replicated", g.dp, g.tp,
-              plan.activations / mib, plan.checkpoint / mib);
+              plan.optimizer / mib, zero ? "ZeRO-1 shard" : "replicated", g.dp, g.pp, g.tp,
+              cfg.sp && g.tp > 1 ? " with SP" : "", plan.activations / mib, plan.checkpoint / mib);
     log::info("train", "precision: {}", precision.why);
     double peak =
         t.peak_gflops > 0 ? t.peak_gflops : measure_peak_gflops(t.backend, precision.precision);
@@ -362,6 +369,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     TrainResult result;
     result.run_dir = run.root;
     int64_t skipped = 0, bad_in_a_row = 0;
+    double stage_wait_s = 0;  // the last step's wait for neighbouring pipeline stages
     double last_loss = 0;
     std::optional<StatusHeartbeat> beat;
     if (lead) {
@@ -389,7 +397,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     // commits the manifest. Collective.
     checkpoint::RankWriter writer;
     std::optional<checkpoint::TrainState> pending;
-    const checkpoint::RankPlace here{g.rank, g.world, g.tp, g.tp_rank, g.dp, g.dp_rank};
+    const checkpoint::RankPlace here{g.rank, g.world,   g.tp, g.tp_rank,
+                                     g.dp,   g.dp_rank, g.pp, g.pp_rank};
     auto finish_checkpoint = [&] {
         if (!pending)
             return;
@@ -439,7 +448,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     };
 
     // What the steps move, without the tuning passes, the set-up before them and checkpoints.
-    const uint64_t dp_payload0 = job.dp().payload_bytes(), tp_payload0 = job.tp().payload_bytes();
+    const uint64_t dp_payload0 = job.dp().payload_bytes(), tp_payload0 = job.tp().payload_bytes(),
+                   pp_payload0 = job.pp().payload_bytes();
     for (int64_t step = start_step; step < t.steps; step++) {
         const auto step_start = Clock::now();
         auto lap_start = step_start;
@@ -451,23 +461,35 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
         };
         heartbeat(g.rank, step);
         double loss_sum[2] = {0, 0};  // summed loss, tokens
-        for (int64_t micro = 0; micro < t.grad_accum; micro++) {
+        auto read = [&](int64_t micro, int32_t* tokens, int32_t* targets) {
             auto rows = sampler.micro_batch(step, t.grad_accum, micro, g.dp_rank, g.dp, B);
             for (int64_t b = 0; b < B; b++) {
-                source->read_row(rows[b], tokens.data() + b * T);
+                source->read_row(rows[b], tokens + b * T);
             }
             for (int64_t i = 0; i < B * T; i++) {
                 targets[i] = (i % T) + 1 < T ? tokens[i + 1] : -1;
             }
-            model::LossSum l = model.forward_backward(
-                tokens.data(), targets.data(), grad_scale,
-                micro == 0 ? model::Grads::overwrite : model::Grads::accumulate);
-            loss_sum[0] += l.sum;
-            loss_sum[1] += double(l.tokens);
+        };
+        if (g.pp == 1) {
+            for (int64_t micro = 0; micro < t.grad_accum; micro++) {
+                read(micro, tokens.data(), targets.data());
+                model::LossSum l = model.forward_backward(
+                    tokens.data(), targets.data(), grad_scale,
+                    micro == 0 ? model::Grads::overwrite : model::Grads::accumulate);
+                loss_sum[0] += l.sum;
+                loss_sum[1] += double(l.tokens);
+            }
+        } else {
+            PipelineStats p = run_pipeline(model, job.pp(), t.grad_accum, grad_scale, read, B * T);
+            loss_sum[0] = p.loss.sum, loss_sum[1] = double(p.loss.tokens);
+            stage_wait_s = p.wait_s;
         }
+        model.sum_norm_grads();
         const double compute_s = lap();
-        // Data parallel: sum gradients (each rank keeps its shard under ZeRO-1) and losses.
+        // Data parallel: sum gradients (each rank keeps its shard under ZeRO-1) and losses; the
+        // losses are the last stage's, which the pipeline then shares.
         job.dp().all_reduce_sum(loss_sum, 2);
+        job.pp().all_reduce_sum(loss_sum, 2);
         const double wait_s = lap();
         if (zero) {
             job.dp().reduce_scatter_sum(model.grads(), sh.chunk);
@@ -479,6 +501,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
             job.dp().all_reduce_sum(&sq, 1);
         if (g.tp > 1)
             job.tp().all_reduce_sum(&sq, 1);
+        if (g.pp > 1)  // each stage holds its own blocks
+            job.pp().all_reduce_sum(&sq, 1);
         const double reduce_s = lap();
         double loss = loss_sum[0] / loss_sum[1];
         double norm = std::sqrt(sq);
@@ -548,7 +572,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
             write_status(run, "running", step + 1, t.steps, loss);
         }
         if ((step + 1) % t.log_every == 0 || step + 1 == t.steps)
-            write_rank_status(run, g, step + 1, compute_s);
+            write_rank_status(run, g, step + 1, compute_s,
+                              g.pp > 1 ? std::optional<double>(stage_wait_s) : std::nullopt);
         bool last = step + 1 == t.steps;
         // No checkpoint while steps are being skipped: the newest one stays the last good state.
         bool periodic = t.checkpoint_every > 0 && (step + 1) % t.checkpoint_every == 0;
@@ -565,10 +590,13 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     result.last_loss = last_loss;
     if (g.world > 1) {
         double steps_run = double(std::max<int64_t>(1, t.steps - start_step));
-        log::info("train", "collective payload per step on this rank: dp {:.2f} MiB, tp {:.2f} MiB",
+        log::info("train",
+                  "collective payload per step on this rank: dp {:.2f} MiB, tp {:.2f} MiB, "
+                  "pp {:.2f} MiB",
                   double(job.dp().payload_bytes() - dp_payload0 - checkpoint_payload) / steps_run /
                       1048576.0,
-                  double(job.tp().payload_bytes() - tp_payload0) / steps_run / 1048576.0);
+                  double(job.tp().payload_bytes() - tp_payload0) / steps_run / 1048576.0,
+                  double(job.pp().payload_bytes() - pp_payload0) / steps_run / 1048576.0);
     }
     if (lead)
         write_status(run, "finished", t.steps, t.steps, last_loss);

@@ -82,6 +82,26 @@ std::string exercise(dist::Job& job) {
     for (size_t i = 0; i < cast.size(); i++)
         if (cast[i] != n - 1)
             return fail("broadcast", i, cast[i], n - 1);
+    // Point to point, as pipeline stages use it: around the ring both ways at once, twice (the
+    // messages between two ranks arrive in order), then down a chain where the ends only send
+    // or only receive.
+    const size_t p2p = (size_t(3) << 18) + 5;  // 768 KiB of floats and a bit
+    std::vector<float> out(p2p), in(p2p), in2(p2p);
+    const int right = (r + 1) % n, left = (r + n - 1) % n;
+    for (int round = 0; round < 2; round++) {
+        for (size_t i = 0; i < p2p; i++)
+            out[i] = float(r * 1000 + round * 100 + int(i % 97));
+        c.exchange(out.data(), p2p * sizeof(float), right, in.data(), p2p * sizeof(float), left);
+        for (size_t i = 0; i < p2p; i++)
+            if (in[i] != float(left * 1000 + round * 100 + int(i % 97)))
+                return fail("exchange around the ring", i, in[i],
+                            left * 1000 + round * 100 + int(i % 97));
+    }
+    c.exchange(out.data(), r + 1 < n ? p2p * sizeof(float) : 0, r + 1, in2.data(),
+               r > 0 ? p2p * sizeof(float) : 0, r - 1);
+    for (size_t i = 0; r > 0 && i < p2p; i++)
+        if (in2[i] != float((r - 1) * 1000 + 100 + int(i % 97)))
+            return fail("exchange down a chain", i, in2[i], (r - 1) * 1000 + 100 + int(i % 97));
     c.barrier();
     if (c.payload_bytes() == 0)
         return "no payload counted";

@@ -138,11 +138,24 @@ TEST(Parallel, LayoutsMatchOneProcess) {
         std::string args;
         const char* memory;  // the per-rank memory line's ending
     } layouts[] = {
-        {"dp2-zero1", 2, " --set parallel.zero=1", "(ZeRO-1 shard; dp 2 x tp 1)"},
+        {"dp2-zero1", 2, " --set parallel.zero=1", "(ZeRO-1 shard; dp 2 x pp 1 x tp 1)"},
         {"dp2-zero0", 2, " --set parallel.zero=0 --set parallel.transport=tcp",
-         "(replicated; dp 2 x tp 1)"},
-        {"tp2", 2, " --set parallel.tp=2 --set train.grad_accum=2", "(replicated; dp 1 x tp 2)"},
-        {"dp2-tp2", 4, " --set parallel.tp=2", "(ZeRO-1 shard; dp 2 x tp 2)"},
+         "(replicated; dp 2 x pp 1 x tp 1)"},
+        {"tp2", 2, " --set parallel.tp=2 --set train.grad_accum=2",
+         "(replicated; dp 1 x pp 1 x tp 2)"},
+        {"dp2-tp2", 4, " --set parallel.tp=2", "(ZeRO-1 shard; dp 2 x pp 1 x tp 2)"},
+        // Pipelines: two stages on a 1F1B schedule, with data parallelism, with tensor and
+        // sequence parallelism, over TCP, and with more micro-batches than stages (a steady
+        // phase between warm-up and cool-down).
+        {"pp2", 2, " --set parallel.pp=2 --set train.grad_accum=2",
+         "(replicated; dp 1 x pp 2 x tp 1)"},
+        {"pp2-dp2", 4, " --set parallel.pp=2", "(ZeRO-1 shard; dp 2 x pp 2 x tp 1)"},
+        {"pp2-tp2-sp", 4,
+         " --set parallel.pp=2 --set parallel.tp=2 --set parallel.sp=true --set "
+         "train.grad_accum=2",
+         "(replicated; dp 1 x pp 2 x tp 2 with SP)"},
+        {"pp2-tcp", 2, " --set parallel.pp=2 --set train.grad_accum=2 --set parallel.transport=tcp",
+         "(replicated; dp 1 x pp 2 x tp 1)"},
     };
     for (const auto& l : layouts) {
         std::string out = expect_layout_matches(dir, l.name, l.ranks, l.args, batch8, 1e-4);
@@ -151,14 +164,18 @@ TEST(Parallel, LayoutsMatchOneProcess) {
             EXPECT_NE(out.find("through TCP"), std::string::npos) << out;
         }
     }
+    expect_layout_matches(dir, "pp2-m4", 2,
+                          " --set parallel.pp=2 --set train.micro_batch=2 --set train.grad_accum=4",
+                          batch8, 1e-4);
     // DP=4: gloo's reduce-scatter leaves a rank's chunk elsewhere than with two ranks.
     expect_layout_matches(dir, "dp4", 4, " --set train.micro_batch=2", batch8, 1e-4);
     // DP=3, not a power of two: a global batch of 6.
     expect_layout_matches(dir, "dp3", 3, " --set train.micro_batch=2",
                           " --set train.micro_batch=2 --set train.grad_accum=3", 1e-4);
     // Checkpoints are layout-free: a run resumed under another layout for 4 steps, then under
-    // its own again, follows the same run resumed twice under its own. DP=2 through DP=1, and
-    // TP=2 through DP=2 (a global batch of 8 throughout).
+    // its own again, follows the same run resumed twice under its own. DP=2 through DP=1, TP=2
+    // through DP=2, PP=2 through one process, PP=2 x DP=2 through DP=2, and DP=2 through PP=2
+    // (a global batch of 8 throughout).
     std::string kiln = kiln::testing::kiln_binary();
     auto resume = [&](const std::string& run, int steps, int ranks, const std::string& layout) {
         Result r =
@@ -168,12 +185,18 @@ TEST(Parallel, LayoutsMatchOneProcess) {
         EXPECT_NE(r.out.find("resuming from"), std::string::npos) << r.out;
     };
     const std::string tp2 = " --set parallel.tp=2 --set train.grad_accum=2";
+    const std::string pp2 = " --set parallel.pp=2 --set train.grad_accum=2";
+    const std::string zero0 = " --set parallel.zero=0 --set parallel.transport=tcp";
     const struct {
         const char* run;
         int ranks;
         std::string own, other;
         int other_ranks;
-    } changes[] = {{"dp2-zero1", 2, "", " --set train.grad_accum=2", 1}, {"tp2", 2, tp2, "", 2}};
+    } changes[] = {{"dp2-zero1", 2, "", " --set train.grad_accum=2", 1},
+                   {"tp2", 2, tp2, "", 2},
+                   {"pp2", 2, pp2, " --set train.grad_accum=2", 1},
+                   {"pp2-dp2", 4, " --set parallel.pp=2", "", 2},
+                   {"dp2-zero0", 2, zero0, pp2, 2}};
     for (const auto& c : changes) {
         const std::string unchanged = dir / (std::string(c.run) + "-unchanged");
         std::filesystem::copy(dir / c.run, unchanged, std::filesystem::copy_options::recursive);
@@ -187,6 +210,29 @@ TEST(Parallel, LayoutsMatchOneProcess) {
         for (size_t i = 20; i < 28; i++)
             EXPECT_NEAR(b[i], a[i], 1e-4 * a[i]) << c.run << ", step " << i + 1;
     }
+}
+
+// Sequence parallelism changes where the tensor-parallel sums happen (a reduce-scatter and an
+// all-gather instead of an all-reduce), not what is summed: TP=2 with SP follows TP=2 without
+// it to fp32 rounding (losses seen within 1e-7 relative), its norms' gradients summed over the
+// group.
+TEST(Parallel, SequenceParallelFollowsTensorParallel) {
+    TempDir dir;
+    const std::string kiln = kiln::testing::kiln_binary();
+    const std::string tp2 = " --set parallel.tp=2 --set train.grad_accum=2";
+    for (const char* sp : {"false", "true"}) {
+        Result r = sh(kiln + " launch -n 2 -- kiln train" + kModel + tp2 +
+                      " --set parallel.sp=" + sp + " --set run.dir=" + (dir / sp));
+        ASSERT_EQ(r.rc, 0) << r.out;
+    }
+    auto a = losses(dir / "false"), b = losses(dir / "true");
+    ASSERT_EQ(a.size(), 20u);
+    ASSERT_EQ(b.size(), 20u);
+    for (size_t i = 0; i < a.size(); i++)
+        EXPECT_NEAR(b[i], a[i], 1e-6 * a[i]) << "step " << i + 1;
+    // As in LayoutsMatchOneProcess, Adam amplifies rounding in near-zero gradients (seen:
+    // 1.6e-4 of a tensor's largest weight).
+    EXPECT_LT(weight_difference(dir / "true", dir / "false"), 1e-3);
 }
 
 int listening_socket(int& port) {
@@ -235,6 +281,14 @@ TEST(Parallel, FailuresAreOneSentenceAndNeverHang) {
     EXPECT_NE(world.rc, 0);
     EXPECT_NE(world.out.find("world size 3 is not divisible by parallel.tp=2"), std::string::npos)
         << world.out;
+    Result stages = sh(kiln + " launch -n 2 -- kiln train" + quick + " --set parallel.pp=3");
+    EXPECT_NE(stages.rc, 0);
+    EXPECT_NE(stages.out.find("parallel.pp=3 is more stages than the model's 2 layers"),
+              std::string::npos)
+        << stages.out;
+    Result sp = sh(kiln + " train" + quick + " --set parallel.sp=true");
+    EXPECT_NE(sp.rc, 0);
+    EXPECT_NE(sp.out.find("parallel.sp=true needs parallel.tp > 1"), std::string::npos) << sp.out;
     // One rank failing while the other works: stopped, one line, non-zero.
     Result fail = sh(kiln +
                      " launch -n 2 --grace 2 -- sh -c 'if [ \"$RANK\" = 1 ]; then echo "

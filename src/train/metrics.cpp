@@ -35,6 +35,8 @@ void MetricsFile::write(const StepMetrics& m) {
     j["wait_s"] = m.wait_s;
     j["reduce_s"] = m.reduce_s;
     j["update_s"] = m.update_s;
+    if (m.stage_wait_s > 0)  // pipeline runs only
+        j["stage_wait_s"] = m.stage_wait_s;
     std::string line = j.dump() + "\n";
     std::fwrite(line.data(), 1, line.size(), f_);
     std::fflush(f_);
@@ -61,6 +63,7 @@ std::vector<StepMetrics> read_metrics(const std::string& path) {
         m.wait_s = j.value("wait_s", 0.0);
         m.reduce_s = j.value("reduce_s", 0.0);
         m.update_s = j.value("update_s", 0.0);
+        m.stage_wait_s = j.value("stage_wait_s", 0.0);
         out.push_back(m);
     }
     return out;

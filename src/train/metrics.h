@@ -20,6 +20,9 @@ struct StepMetrics {
     // micro-batches (the loss all-reduce); the gradient reduce-scatter or all-reduce with the
     // gradient norm; the optimizer with the weight all-gather.
     double compute_s = 0, wait_s = 0, reduce_s = 0, update_s = 0;
+    // Pipelines: of compute_s, the time rank 0's stage (the first) waited for its neighbours:
+    // the pipeline bubble and the transfers.
+    double stage_wait_s = 0;
 };
 
 class MetricsFile {

@@ -560,6 +560,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
         m.wait_s = wait_s;
         m.reduce_s = reduce_s;
         m.update_s = update_s;
+        m.stage_wait_s = g.pp > 1 ? stage_wait_s : 0;
         if (lead)
             metrics->write(m);
         if (lead && ((step + 1) % t.log_every == 0 || step + 1 == t.steps || step == start_step)) {

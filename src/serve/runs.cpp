@@ -8,6 +8,8 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
+#include <map>
 
 #include "checkpoint/rundir.h"
 #include "core/error.h"
@@ -73,6 +75,68 @@ json judged(json status, int64_t mtime_ns) {
         "its trainer (pid {} on {}) stopped without a word {} ago: killed, or its host went away",
         pid, host.empty() ? "an unnamed host" : host, human_duration(now - beat));
     return status;
+}
+
+// Fills in each rank's pipeline stage where its file lacks one (files from before pipeline
+// parallelism: stage 0) and adds per stage its rank count and the mean compute_s and
+// stage_wait_s of the ranks that report them. The stage whose ranks wait least is the slowest,
+// since its neighbours wait for it; it is named once there are two stages or more and each has
+// reported a wait (from its first step on), else "slowest_stage" is null.
+void add_stages(json& detail) {
+    struct Sums {
+        int ranks = 0, timed = 0, waited = 0;
+        double compute_s = 0, wait_s = 0;
+    };
+    std::map<int64_t, Sums> by_stage;  // [pp_rank]
+    for (json& r : detail["ranks"]) {
+        if (!r.is_object())
+            continue;
+        if (!r.contains("pp_rank") || !r["pp_rank"].is_number_integer())
+            r["pp_rank"] = 0;
+        Sums& s = by_stage[r["pp_rank"].get<int64_t>()];
+        s.ranks++;
+        if (r.contains("compute_s") && r["compute_s"].is_number()) {
+            s.timed++;
+            s.compute_s += r["compute_s"].get<double>();
+        }
+        if (r.contains("stage_wait_s") && r["stage_wait_s"].is_number()) {
+            s.waited++;
+            s.wait_s += r["stage_wait_s"].get<double>();
+        }
+    }
+    json stages = json::array();
+    bool all_waited = by_stage.size() > 1;
+    for (const auto& [stage, s] : by_stage) {
+        json st = {{"pp_rank", stage}, {"ranks", s.ranks}};
+        if (s.timed > 0)
+            st["compute_s"] = s.compute_s / s.timed;
+        if (s.waited > 0)
+            st["stage_wait_s"] = s.wait_s / s.waited;
+        all_waited = all_waited && s.waited > 0;
+        stages.push_back(std::move(st));
+    }
+    detail["stages"] = stages;
+    detail["slowest_stage"] = nullptr;
+    if (!all_waited)
+        return;
+    auto wait_of = [](const std::pair<const int64_t, Sums>& e) {
+        return e.second.wait_s / e.second.waited;
+    };
+    auto slowest =
+        std::min_element(by_stage.begin(), by_stage.end(),
+                         [&](const auto& a, const auto& b) { return wait_of(a) < wait_of(b); });
+    // Its neighbours: the stages just before and after it among those that reported.
+    std::vector<double> neighbour_waits;
+    if (slowest != by_stage.begin())
+        neighbour_waits.push_back(wait_of(*std::prev(slowest)));
+    if (std::next(slowest) != by_stage.end())
+        neighbour_waits.push_back(wait_of(*std::next(slowest)));
+    double neighbour_wait_s = 0;
+    for (double w : neighbour_waits)
+        neighbour_wait_s += w / double(neighbour_waits.size());
+    detail["slowest_stage"] = {{"pp_rank", slowest->first},
+                               {"stage_wait_s", wait_of(*slowest)},
+                               {"neighbour_wait_s", neighbour_wait_s}};
 }
 
 }  // namespace
@@ -229,6 +293,7 @@ json Runs::detail(const std::string& name) {
             ranks.push_back(read_json(f.string()));
     }
     j["ranks"] = ranks;
+    add_stages(j);
     json checkpoints = json::array();
     std::vector<std::string> steps;
     for (const auto& e : stdfs::directory_iterator(run.checkpoints(), ec)) {

@@ -29,7 +29,9 @@ public:
     std::string folder(const std::string& name) const;
     // Every run, newest first; rescanned at most once a second, files reread only on change.
     std::vector<RunSummary> list();
-    // status, resolved config, per-rank status, checkpoints (step, size, complete).
+    // status, resolved config, per-rank status (pp_rank 0 where a rank file has none),
+    // pipeline stages (per stage: ranks, mean compute_s and stage_wait_s) with the slowest one
+    // named (null with one stage), checkpoints (step, size, complete).
     nlohmann::json detail(const std::string& name);
     // Complete metrics lines from byte `offset` (at most ~2 MiB of them): {"offset": next,
     // "lines": [...]}.

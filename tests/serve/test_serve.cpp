@@ -684,6 +684,103 @@ TEST(Serve, DashboardRendersInHeadlessChromium) {
     EXPECT_GT(std::filesystem::file_size(artifacts + "/dashboard-run.png"), 10000u);
 }
 
+// A run folder as a pipeline run leaves it: each rank's stage and wait reach the runs API and
+// the dashboard, and the stage that waits least is named the slowest. Rank files from before
+// pipeline parallelism still read (stage 0, no wait), and so does a pipeline run before its
+// first step (no stage named yet).
+TEST(Serve, PipelineStagesNameTheSlowest) {
+    TempDir dir;
+    Server s(dir / "runs");
+    auto write_run = [&](const std::string& name, const std::vector<json>& ranks) {
+        const std::string folder = s.runs + "/" + name;
+        fs::make_dirs(folder + "/ranks");
+        fs::write_file_replace(folder + "/status.json",
+                               R"({"state":"finished","step":5,"steps":5})");
+        for (const json& r : ranks) {
+            json full = {{"dp_rank", 0},     {"tp_rank", 0},
+                         {"step", 5},        {"pid", 1},
+                         {"updated", 1.0e9}, {"rss_bytes", 1 << 20},
+                         {"compute_s", 1.0}, {"peak_rss_bytes", 2 << 20}};
+            full.update(r);
+            fs::write_file_replace(
+                folder + "/ranks/rank-" + std::to_string(r["rank"].get<int>()) + ".json",
+                full.dump());
+        }
+    };
+    // Three stages of two ranks: stage 1 waits least, so stages 0 and 2 wait for it.
+    const double waits[6] = {0.30, 0.34, 0.01, 0.03, 0.20, 0.24};  // [rank]
+    std::vector<json> pipe;
+    for (int r = 0; r < 6; r++)
+        pipe.push_back(
+            {{"rank", r}, {"dp_rank", r % 2}, {"pp_rank", r / 2}, {"stage_wait_s", waits[r]}});
+    write_run("pipe", pipe);
+    json detail = s.get("/api/run?name=pipe");
+    ASSERT_EQ(detail["ranks"].size(), 6u) << detail.dump();
+    for (const json& r : detail["ranks"]) {
+        const int rank = r["rank"];
+        EXPECT_EQ(r["pp_rank"], rank / 2) << r.dump();
+        EXPECT_DOUBLE_EQ(r["stage_wait_s"].get<double>(), waits[rank]) << r.dump();
+    }
+    ASSERT_EQ(detail["stages"].size(), 3u) << detail.dump();
+    EXPECT_EQ(detail["stages"][2]["pp_rank"], 2);
+    EXPECT_EQ(detail["stages"][2]["ranks"], 2);
+    EXPECT_NEAR(detail["stages"][2]["stage_wait_s"].get<double>(), 0.22, 1e-12);
+    EXPECT_NEAR(detail["stages"][2]["compute_s"].get<double>(), 1.0, 1e-12);
+    const json slowest = detail["slowest_stage"];
+    ASSERT_TRUE(slowest.is_object()) << detail.dump();
+    EXPECT_EQ(slowest["pp_rank"], 1);
+    EXPECT_NEAR(slowest["stage_wait_s"].get<double>(), 0.02, 1e-12);
+    EXPECT_NEAR(slowest["neighbour_wait_s"].get<double>(), (0.32 + 0.22) / 2, 1e-12);
+
+    // Before pipeline parallelism: no pp_rank, no stage_wait_s.
+    write_run("old", {{{"rank", 0}}, {{"rank", 1}, {"dp_rank", 1}}});
+    json old = s.get("/api/run?name=old");
+    ASSERT_EQ(old["ranks"].size(), 2u) << old.dump();
+    for (const json& r : old["ranks"]) {
+        EXPECT_EQ(r["pp_rank"], 0) << r.dump();
+        EXPECT_FALSE(r.contains("stage_wait_s")) << r.dump();
+    }
+    ASSERT_EQ(old["stages"].size(), 1u) << old.dump();
+    EXPECT_EQ(old["stages"][0]["ranks"], 2);
+    EXPECT_FALSE(old["stages"][0].contains("stage_wait_s")) << old.dump();
+    EXPECT_TRUE(old["slowest_stage"].is_null()) << old.dump();
+
+    // Two stages before their first step: nothing to compare yet.
+    write_run("starting", {{{"rank", 0}, {"pp_rank", 0}}, {{"rank", 1}, {"pp_rank", 1}}});
+    json starting = s.get("/api/run?name=starting");
+    EXPECT_EQ(starting["stages"].size(), 2u) << starting.dump();
+    EXPECT_TRUE(starting["slowest_stage"].is_null()) << starting.dump();
+
+    // The dashboard shows each rank's stage and wait, and names the slowest stage.
+    std::string chromium = find_chromium();
+    if (chromium.empty())
+        GTEST_SKIP() << "no chromium (scripts/setup.sh installs it)";
+    auto dom = [&](const std::string& run) {
+        std::string out = dir / "dom.html";
+        EXPECT_EQ(kiln::testing::run(chromium + " --headless --no-sandbox --disable-gpu " +
+                                     "--no-first-run --user-data-dir=" + (dir / "profile") +
+                                     " --virtual-time-budget=3000 --dump-dom 'http://127.0.0.1:" +
+                                     std::to_string(s.port) + "/#run=" + run + "' >" + out +
+                                     " 2>/dev/null"),
+                  0);
+        return fs::read_file(out);
+    };
+    std::string page = dom("pipe");
+    EXPECT_NE(page.find("slowest stage: 1 (its neighbours wait 0.270 s a step, it waits 0.020 s)"),
+              std::string::npos)
+        << page;
+    // Rank 4: stage 2, 0.2 s of its 1 s waited.
+    EXPECT_NE(page.find("<td>4</td><td>0, 0</td><td>2</td><td>5</td><td>1.000 s</td>"
+                        "<td>0.200 s (20%)</td>"),
+              std::string::npos)
+        << page;
+    page = dom("old");
+    EXPECT_NE(page.find("<td>1</td><td>1, 0</td><td>0</td><td>5</td><td>1.000 s</td><td>-</td>"),
+              std::string::npos)
+        << page;
+    EXPECT_NE(page.find("<p id=\"stage-line\" class=\"muted\" hidden"), std::string::npos) << page;
+}
+
 }  // namespace
 }  // namespace kiln
 

@@ -19,6 +19,7 @@
 #include <deque>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <random>
 #include <sstream>
 
@@ -300,12 +301,15 @@ private:
 
 // --- Context ------------------------------------------------------------------------------
 
+constexpr milliseconds kExitedPeerGrace{3000};
+
 template <typename Done>
 void Context::wait(Done&& done, milliseconds timeout) {
     if (timeout == gloo::transport::kUnsetTimeout)
         timeout = getTimeout();
     const auto start = Clock::now();
     auto next_check = start + milliseconds(100);
+    std::optional<Clock::time_point> dead_seen;  // when a peer was first seen to have exited
     for (int idle = 0;;) {
         {
             std::lock_guard lock(mutex_);
@@ -326,20 +330,19 @@ void Context::wait(Done&& done, milliseconds timeout) {
         if (now < next_check)
             continue;
         next_check = now + milliseconds(100);
+        // A peer that exited fails the wait unless the wait ends soon after. It may have posted
+        // its last message and exited between our progress above and this check, or finished
+        // its part of the collective (the last barrier of a job) while we wait for a live peer.
+        // What we waited for from the dead one never comes, so a short grace tells them apart.
         for (auto& p : pairs_) {
             const auto* pair = static_cast<const Pair*>(p.get());
             if (!pair || !pair->peer_pid() || alive(pair->peer_pid()))
                 continue;
-            // A peer may post its last message and exit between our progress above and this
-            // check: drain once more, now that nothing new can come from it.
-            std::lock_guard lock(mutex_);
-            for (auto& q : pairs_)
-                if (q)
-                    static_cast<Pair&>(*q).progress();
-            if (done())
-                return;
-            throw error("rank {} (pid {}) exited while rank {} waited in a collective",
-                        pair->peer(), pair->peer_pid(), rank);
+            if (!dead_seen)
+                dead_seen = now;
+            if (now - *dead_seen > kExitedPeerGrace)
+                throw error("rank {} (pid {}) exited while rank {} waited in a collective",
+                            pair->peer(), pair->peer_pid(), rank);
         }
         if (timeout > milliseconds(0) && now - start > timeout)
             throw error("rank {} waited in a collective for more than {} s (parallel.timeout_s)",

@@ -15,7 +15,8 @@ Action add_compile(CLI::App& app) {
         compile::CompileOptions compile;
     };
     auto o = std::make_shared<Options>();
-    app.add_option("--ranks", o->compile.ranks, "ranks of the run (default: parallel.tp)");
+    app.add_option("--ranks", o->compile.ranks,
+                   "ranks of the run (default: parallel.tp x parallel.pp)");
     app.add_option("--dry-steps", o->compile.dry_steps, "steps of the dry run (0: none)")
         ->capture_default_str();
     add_config_options(app, o->config);
@@ -53,8 +54,8 @@ Action add_plan(CLI::App& app) {
     app.add_option("--seq-len", o->seq_len, "tokens per sequence")->capture_default_str();
     app.add_option("--show", o->show, "layouts to list")->capture_default_str();
     app.add_flag("--fixed", o->fixed,
-                 "estimate only the config's own layout (parallel.tp, train.micro_batch, "
-                 "train.grad_accum, train.recompute)");
+                 "estimate only the config's own layout (parallel.tp, parallel.pp, parallel.sp, "
+                 "train.micro_batch, train.grad_accum, train.recompute)");
     add_config_options(app, o->config);
     app.footer("Example: kiln plan --model llama2-7b --cluster 2xtrn1.32xlarge --tokens 1e10");
     return [o] {
@@ -79,14 +80,17 @@ Action add_plan(CLI::App& app) {
                 "no layout of {} devices divides the model's {} heads and the global "
                 "batch of {}; change --global-batch or the cluster",
                 cluster.devices(), config.model.n_heads, o->global_batch);
-        std::printf("\n%4s %4s %5s %5s %-9s %12s %5s %9s %11s %6s\n", "TP", "DP", "micro", "accum",
-                    "recompute", "GB/device", "fits", "step (s)", "tokens/s", "MFU");
+        std::printf("\n%4s %4s %4s %-3s %5s %5s %-9s %10s %5s %6s %9s %11s %6s\n", "TP", "PP", "DP",
+                    "SP", "micro", "accum", "recompute", "GB/device", "fits", "bubble", "step (s)",
+                    "tokens/s", "MFU");
         for (int i = 0; i < int(all.size()) && i < o->show; i++) {
             const auto& e = all[size_t(i)];
-            std::printf("%4d %4d %5lld %5lld %-9s %12.1f %5s %9.2f %11.0f %5.1f%%\n", e.tp, e.dp,
-                        static_cast<long long>(e.micro_batch), static_cast<long long>(e.grad_accum),
-                        e.recompute.c_str(), double(e.memory.total()) / 1e9, e.fits ? "yes" : "no",
-                        e.step_s(), e.tokens_per_s, 100 * e.mfu);
+            std::printf(
+                "%4d %4d %4d %-3s %5lld %5lld %-9s %10.1f %5s %5.1f%% %9.2f %11.0f %5.1f%%\n", e.tp,
+                e.pp, e.dp, e.sp ? "on" : "off", static_cast<long long>(e.micro_batch),
+                static_cast<long long>(e.grad_accum), e.recompute.c_str(),
+                double(e.memory.total()) / 1e9, e.fits ? "yes" : "no", 100 * e.bubble, e.step_s(),
+                e.tokens_per_s, 100 * e.mfu);
         }
         const auto& best = all.front();
         if (!best.fits)
@@ -98,15 +102,17 @@ Action add_plan(CLI::App& app) {
                                       : double(config.train.steps) * double(o->global_batch) *
                                             double(o->seq_len);
         std::printf(
-            "\nrecommended: --set parallel.tp=%d --set train.micro_batch=%lld --set "
-            "train.grad_accum=%lld --set train.recompute=%s on %d ranks\n"
-            "  step %.2f s (compute %.2f, TP %.2f, DP %.2f), %.0f tokens/s (%.0f per node), "
-            "MFU %.1f%%, %.1f GB per device\n  %.3g tokens in %s\n",
-            best.tp, static_cast<long long>(best.micro_batch),
+            "\nrecommended: --set parallel.tp=%d --set parallel.pp=%d --set parallel.sp=%s --set "
+            "train.micro_batch=%lld --set train.grad_accum=%lld --set train.recompute=%s on %d "
+            "ranks\n"
+            "  step %.2f s (compute %.2f, TP %.2f, PP %.2f, bubble %.2f = %.1f%%, DP %.2f), "
+            "%.0f tokens/s (%.0f per node), MFU %.1f%%, %.1f GB per device\n  %.3g tokens in %s\n",
+            best.tp, best.pp, best.sp ? "true" : "false", static_cast<long long>(best.micro_batch),
             static_cast<long long>(best.grad_accum), best.recompute.c_str(), cluster.devices(),
-            best.step_s(), best.compute_s, best.tp_s, best.dp_s, best.tokens_per_s,
-            best.tokens_per_s / cluster.nodes, 100 * best.mfu, double(best.memory.total()) / 1e9,
-            budget, human_duration(budget / best.tokens_per_s).c_str());
+            best.step_s(), best.compute_s, best.tp_s, best.pp_s, best.bubble_s, 100 * best.bubble,
+            best.dp_s, best.tokens_per_s, best.tokens_per_s / cluster.nodes, 100 * best.mfu,
+            double(best.memory.total()) / 1e9, budget,
+            human_duration(budget / best.tokens_per_s).c_str());
         return 0;
     };
 }

@@ -31,14 +31,15 @@ double median(std::vector<double> v) {
 }  // namespace
 
 json compile(const train::RunConfig& config, const std::string& yaml, const CompileOptions& o) {
-    const int ranks = o.ranks > 0 ? o.ranks : int(config.tp);
-    const int dp = ranks / int(std::max<int64_t>(1, config.tp));
-    train::MemoryPlan plan = train::memory_plan(config, ranks);
+    const int ranks = o.ranks > 0 ? o.ranks : int(config.tp * config.pp);
+    train::MemoryPlan plan = train::memory_plan(config, ranks);  // throws unless tp x pp divides
+    const int dp = ranks / int(config.tp * config.pp);
     const int64_t limit = train::memory_limit(config, 1);
     std::printf(
-        "layout: %d ranks = DP %d x TP %lld, ZeRO-%lld, micro-batch %lld x %lld tokens, "
-        "grad accumulation %lld, recompute %s, %s\n",
-        ranks, dp, static_cast<long long>(config.tp), static_cast<long long>(config.zero),
+        "layout: %d ranks = DP %d x PP %lld x TP %lld%s, ZeRO-%lld, micro-batch %lld x %lld "
+        "tokens, grad accumulation %lld, recompute %s, %s\n",
+        ranks, dp, static_cast<long long>(config.pp), static_cast<long long>(config.tp),
+        config.sp ? " with SP" : "", static_cast<long long>(config.zero),
         static_cast<long long>(config.train.micro_batch),
         static_cast<long long>(config.train.seq_len),
         static_cast<long long>(config.train.grad_accum), config.train.recompute.c_str(),
@@ -53,6 +54,8 @@ json compile(const train::RunConfig& config, const std::string& yaml, const Comp
     report["ranks"] = ranks;
     report["dp"] = dp;
     report["tp"] = config.tp;
+    report["pp"] = config.pp;
+    report["sp"] = config.sp;
     report["memory_plan_bytes"] = {{"params", plan.params},
                                    {"params_bf16", plan.params_bf16},
                                    {"grads", plan.grads},

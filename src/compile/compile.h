@@ -13,7 +13,7 @@
 namespace kiln::compile {
 
 struct CompileOptions {
-    int ranks = 0;      // ranks of the run (0: parallel.tp, i.e. DP 1)
+    int ranks = 0;      // ranks of the run (0: parallel.tp x parallel.pp, i.e. DP 1)
     int dry_steps = 4;  // optimizer steps of the dry run (0: none)
 };
 

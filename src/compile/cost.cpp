@@ -11,6 +11,7 @@
 #include "core/fs.h"
 #include "core/threads.h"
 #include "kernels/backends.h"
+#include "model/layout.h"
 #include "train/metrics.h"
 #include "train/trainer.h"
 
@@ -47,10 +48,12 @@ Accelerator this_machine() {
     set_num_threads(threads);
     a.per_node = int(std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN)));
     a.memory_gb = double(train::machine_memory()) / 1e9 / a.per_node;
-    // kiln's MFU against this peak for tiny on one core a rank (bench/plan_bench.sh, 2026-11-29;
-    // 0.42 before the kernels got faster, 0.66 while the collectives' cost went partly into it,
-    // 0.72 while the peak timed the operands' rounding to bf16 too, ~20% lower).
-    a.efficiency = 0.57;
+    // kiln's MFU against this peak for tiny on one core a rank (bench/plan_bench.sh, 2026-12-05,
+    // AMD EPYC with avx512_bf16: DP 2's step). 0.57 on the AMX machine of 2026-11-29, whose
+    // peak measured ~25% higher for about the same step; 0.42 before the kernels got faster,
+    // 0.66 while the collectives' cost went partly into it, 0.72 while the peak timed the
+    // operands' rounding to bf16 too.
+    a.efficiency = 0.67;
     // Ranks on one host exchange through gloo's shared-memory transport: an fp32 reduce-scatter
     // plus bf16 all-gather of small's weights ran at ~3 GB/s by this model's count (one-way
     // bytes). Each collective also waits for the other rank on these shared cores (fitted with
@@ -69,6 +72,57 @@ double positive_field(const YAML::Node& y, const char* key, const std::string& f
     if (!(v > 0))
         throw error("{}: {} must be positive, not {}", file, key, v);
     return v;
+}
+
+// FLOPs per token of pipeline stage `stage` of `pp`: its blocks' products and attention, the LM
+// head on the last stage, and the forward work recompute reruns in the blocks (the attention
+// scores for selective, the whole block for full). Summed over the stages without recompute:
+// train::flops_per_token, the count MFU is reported in.
+double stage_flops_per_token(const model::LlamaConfig& m, int64_t T, int pp, int stage,
+                             const std::string& recompute) {
+    const double C = double(m.dim), D = double(m.head_dim()), F = double(m.ffn_dim());
+    const double block_params =
+        C * double(m.n_heads + 2 * m.n_kv_heads) * D + double(m.n_heads) * D * C + 3 * C * F;
+    const auto [first, last] = model::Layout::stage_layers(m.n_layers, pp, stage);
+    const double L = double(last - first);
+    double blocks = L * (6 * block_params + 12 * C * double(T));
+    if (recompute == "full")
+        blocks *= 4.0 / 3.0;
+    else if (recompute == "selective")
+        blocks += 2 * L * C * double(T);
+    return blocks + (stage == pp - 1 ? 6 * double(m.vocab_size) * C : 0.0);
+}
+
+// Seconds of one block's tensor-parallel collectives for one micro-batch of `rows` rows. Without
+// SP: an all-reduce of the fp32 (rows, C) activations after each row-parallel product in the
+// forward and of each input gradient in the backward. With SP: a reduce-scatter (fp32) instead of
+// each of those four, and an all-gather in the compute precision before each column-parallel
+// product (2), of the output gradient before each row-parallel product's backward (2), and of
+// the two norms' outputs again in the backward, which SP gathers instead of keeping them. Full
+// recompute reruns the forward's collectives.
+double block_tp_seconds(const Accelerator& a, int tp, bool sp, bool bf16, bool full, double rows,
+                        int64_t C) {
+    if (tp == 1)
+        return 0;
+    const double ring = double(tp - 1) / tp, bw = a.intra_gbps * 1e9, latency = a.latency_us * 1e-6;
+    const double fp32 = rows * double(C) * 4, compute = rows * double(C) * (bf16 ? 2 : 4);
+    if (!sp) {
+        const double reduces = full ? 6 : 4;
+        return reduces * (2 * ring * fp32 / bw + latency);
+    }
+    const double scatters = full ? 6 : 4, gathers = full ? 8 : 6;
+    return (scatters * fp32 + gathers * compute) * ring / bw + (scatters + gathers) * latency;
+}
+
+// Whether some pipeline's stages sit on different nodes: a pipeline is tp x pp consecutive ranks
+// (TP innermost, then PP, then DP), so one of its stage boundaries may fall on a node's edge.
+bool pipeline_spans_nodes(const Cluster& c, int tp, int pp) {
+    const int span = tp * pp, per_node = c.device.per_node;
+    for (int first = 0; first < c.devices(); first += span) {
+        if (first / per_node != (first + span - 1) / per_node)
+            return true;
+    }
+    return false;
 }
 
 }  // namespace
@@ -141,9 +195,14 @@ Estimate estimate(const train::RunConfig& given, const Cluster& cluster) {
     Estimate e;
     const int world = cluster.devices();
     e.tp = int(config.tp);
-    if (world % e.tp != 0)
-        throw error("parallel.tp={} does not divide the cluster's {} devices", e.tp, world);
-    e.dp = world / e.tp;
+    e.pp = int(config.pp);
+    e.sp = config.sp;
+    if (world % (e.tp * e.pp) != 0) {
+        throw error("parallel.tp={} x parallel.pp={} does not divide the cluster's {} devices",
+                    e.tp, e.pp, world);
+    }
+    config.validate();  // SP's rows, stages no more than layers, heads divisible by TP
+    e.dp = world / (e.tp * e.pp);
     e.micro_batch = config.train.micro_batch;
     e.grad_accum = config.train.grad_accum;
     e.recompute = config.train.recompute;
@@ -156,33 +215,55 @@ Estimate estimate(const train::RunConfig& given, const Cluster& cluster) {
     e.fits = double(e.memory.total()) <= cluster.device.memory_gb * 1e9;
 
     const model::LlamaConfig& m = config.model;
-    const int64_t T = config.train.seq_len, B = e.micro_batch;
-    const double tokens = double(B * T * e.grad_accum * e.dp);
-    double flops = train::flops_per_token(m, T) * tokens;
-    // Recompute reruns forward work: the attention scores (selective) or the whole block (full).
-    if (e.recompute == "full")
-        flops *= 4.0 / 3.0;
-    else if (e.recompute == "selective")
-        flops += 2.0 * m.n_layers * m.dim * T * tokens;
     const Accelerator& a = cluster.device;
-    e.compute_s = flops / (double(world) * a.peak_tflops * 1e12 * a.efficiency);
-    const double act_bytes = double(B * T * m.dim) * 4;  // fp32 activations all-reduced
-    if (e.tp > 1) {
-        const double calls = 4.0 * double(m.n_layers);
-        double per_micro = calls * 2.0 * (e.tp - 1) / e.tp * act_bytes / (a.intra_gbps * 1e9) +
-                           calls * a.latency_us * 1e-6;
-        e.tp_s = per_micro * double(e.grad_accum);
+    const int64_t T = config.train.seq_len;
+    const double rows = double(e.micro_batch * T), micro = double(e.grad_accum);
+    // Each stage boundary carries the fp32 activation forward and its gradient back; each TP rank
+    // sends its own rows (1/tp of them under SP).
+    double p2p = 0;
+    if (e.pp > 1) {
+        const double bytes = rows / (e.sp ? e.tp : 1) * double(m.dim) * 4;
+        const double bw = pipeline_spans_nodes(cluster, e.tp, e.pp) ? a.inter_gbps : a.intra_gbps;
+        p2p = 2 * (bytes / (bw * 1e9) + a.latency_us * 1e-6);
     }
+    // One micro-batch's forward and backward on each stage. 1F1B runs the slowest stage's m
+    // micro-batches back to back; the pipeline fills and drains through the others first and
+    // after, which is the bubble: (pp-1)/(m+pp-1) of the pipelined time when the stages are
+    // equal. A stage that is lighter (no head) shortens it: the last of 2 stages of `tiny`, its
+    // head 57% of the FLOPs, ran 4 micro-batches in 2.1 s while the first waited 1.5 s of them.
+    const double block_tp =
+        block_tp_seconds(a, e.tp, e.sp, bf16, e.recompute == "full", rows, m.dim);
+    double slowest = 0, all_stages = 0, slowest_compute = 0, slowest_tp = 0;
+    for (int s = 0; s < e.pp; s++) {
+        const auto [first, last] = model::Layout::stage_layers(m.n_layers, e.pp, s);
+        const double compute = rows * stage_flops_per_token(m, T, e.pp, s, e.recompute) /
+                               (e.tp * a.peak_tflops * 1e12 * a.efficiency);
+        const double tp = double(last - first) * block_tp;
+        all_stages += compute + tp + p2p;
+        if (compute + tp + p2p > slowest) {
+            slowest = compute + tp + p2p;
+            slowest_compute = compute;
+            slowest_tp = tp;
+        }
+    }
+    e.compute_s = micro * slowest_compute;
+    e.tp_s = micro * slowest_tp;
+    e.pp_s = micro * p2p;
+    e.bubble_s = all_stages - slowest;
+    e.bubble = e.bubble_s / (micro * slowest + e.bubble_s);
     if (e.dp > 1) {
         // ZeRO-1 reduce-scatters the fp32 gradients and all-gathers the weights the steps read
-        // (the bf16 copy in bf16); without ZeRO the gradients are all-reduced.
-        const double params = double(m.n_params()) / e.tp;
+        // (the bf16 copy in bf16); without ZeRO the gradients are all-reduced. The largest
+        // stage's TP shard (the embedding or the head rides on an end stage).
+        double params = 0;
+        for (int s = 0; s < e.pp; s++)
+            params = std::max(params, double(model::Layout(m, e.tp, 0, e.pp, s).total()));
         const double bytes = config.zero == 1 ? params * (4 + (bf16 ? 2 : 4)) : params * 8;
-        // The DP group spans nodes when TP does not fill a node's devices times the DP count.
-        bool across = cluster.nodes > 1;
-        double bw = across ? a.inter_gbps : a.intra_gbps;
+        // With TP and PP innermost, a DP group of more than one rank spans every node.
+        const double bw = cluster.nodes > 1 ? a.inter_gbps : a.intra_gbps;
         e.dp_s = double(e.dp - 1) / e.dp * bytes / (bw * 1e9);
     }
+    const double tokens = rows * micro * e.dp;
     e.tokens_per_s = tokens / e.step_s();
     e.mfu = train::flops_per_token(m, T) * e.tokens_per_s / (double(world) * a.peak_tflops * 1e12);
     return e;
@@ -192,23 +273,34 @@ std::vector<Estimate> candidates(const train::RunConfig& config, const Cluster& 
                                  int64_t global_batch) {
     std::vector<Estimate> out;
     const int world = cluster.devices();
+    const model::LlamaConfig& m = config.model;
     for (int tp = 1; tp <= cluster.device.per_node; tp *= 2) {
-        if (world % tp != 0 || config.model.n_heads % tp != 0 || config.model.n_kv_heads % tp != 0)
+        if (world % tp != 0 || m.n_heads % tp != 0 || m.n_kv_heads % tp != 0)
             continue;
-        const int dp = world / tp;
-        if (global_batch % dp != 0)
-            continue;
-        const int64_t per_rank = global_batch / dp;
-        for (int64_t mb : {1, 2, 4, 8}) {
-            if (per_rank % mb != 0)
+        // Powers of two: once one does not divide the devices, no larger one does.
+        for (int pp = 1; pp <= m.n_layers && world % (tp * pp) == 0; pp *= 2) {
+            const int dp = world / (tp * pp);
+            if (global_batch % dp != 0)
                 continue;
-            for (const char* rc : {"none", "selective", "full"}) {
-                train::RunConfig c = config;
-                c.tp = tp;
-                c.train.micro_batch = mb;
-                c.train.grad_accum = per_rank / mb;
-                c.train.recompute = rc;
-                out.push_back(estimate(c, cluster));
+            const int64_t per_rank = global_batch / dp;
+            for (int64_t mb : {1, 2, 4, 8}) {
+                if (per_rank % mb != 0)
+                    continue;
+                for (bool sp : {false, true}) {
+                    // SP splits the micro-batch's rows over the TP ranks.
+                    if (sp && (tp == 1 || (mb * config.train.seq_len) % tp != 0))
+                        continue;
+                    for (const char* rc : {"none", "selective", "full"}) {
+                        train::RunConfig c = config;
+                        c.tp = tp;
+                        c.pp = pp;
+                        c.sp = sp;
+                        c.train.micro_batch = mb;
+                        c.train.grad_accum = per_rank / mb;
+                        c.train.recompute = rc;
+                        out.push_back(estimate(c, cluster));
+                    }
+                }
             }
         }
     }

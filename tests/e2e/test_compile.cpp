@@ -249,6 +249,8 @@ TEST(Plan, RecommendsALayoutAndRefusesBadInput) {
     Result layout = kiln("plan --cluster 2xh200 --fixed --set parallel.tp=3");
     EXPECT_NE(layout.rc, 0);
     EXPECT_NE(layout.out.find("parallel.tp=3"), std::string::npos) << layout.out;
+    // 70B's weights, gradients and AdamW state alone (18 bytes a parameter) exceed one node's
+    // 512 GB, however it is split.
     Result big = kiln("plan --model llama2-70b --cluster 1xtrn1.32xlarge");
     EXPECT_NE(big.rc, 0);
     EXPECT_NE(big.out.find("no layout fits 16 GB per device"), std::string::npos) << big.out;
@@ -259,6 +261,23 @@ TEST(Plan, RecommendsALayoutAndRefusesBadInput) {
     Result bad = kiln("plan --cluster " + file);
     EXPECT_NE(bad.rc, 0);
     EXPECT_NE(bad.out.find("memory_gb must be positive"), std::string::npos) << bad.out;
+}
+
+// Llama-2-70B on 16 trn1 nodes (512 NeuronCores of 16 GB) and on 2 H200 nodes: the planner
+// splits it into pipeline stages and recommends a layout that fits, with its bubble.
+TEST(Plan, RecommendsPipelineStagesForLlama70B) {
+    for (const char* cluster : {"16xtrn1.32xlarge", "2xh200"}) {
+        Result r = kiln(std::string("plan --model llama2-70b --cluster ") + cluster);
+        ASSERT_EQ(r.rc, 0) << cluster << ": " << r.out;
+        std::smatch m;
+        ASSERT_TRUE(std::regex_search(
+            r.out, m,
+            std::regex("recommended: --set parallel.tp=([0-9]+) --set parallel.pp=([0-9]+) --set "
+                       "parallel.sp=(true|false) ")))
+            << r.out;
+        EXPECT_GT(std::stoi(m[2]), 1) << r.out;
+        EXPECT_NE(r.out.find("bubble"), std::string::npos) << r.out;
+    }
 }
 
 }  // namespace

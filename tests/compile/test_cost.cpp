@@ -1,0 +1,133 @@
+// kiln plan's cost model: pipeline stages make Llama-2-70B fit where no layout without them
+// does, the bubble is 1F1B's (p-1)/(m+p-1), and sequence parallelism shortens the tensor-parallel
+// collectives in bf16 and shrinks the activations.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+
+#include "compile/cost.h"
+#include "fixture.h"
+#include "model/config.h"
+
+namespace kiln::compile {
+namespace {
+
+train::RunConfig model_config(const std::string& preset, int64_t seq_len = 4096) {
+    train::RunConfig c;
+    c.model = model::preset(preset);
+    c.train.seq_len = seq_len;
+    return c;
+}
+
+train::RunConfig layout(train::RunConfig c, int tp, int pp, bool sp, int64_t micro_batch,
+                        int64_t grad_accum, const std::string& recompute) {
+    c.tp = tp;
+    c.pp = pp;
+    c.sp = sp;
+    c.train.micro_batch = micro_batch;
+    c.train.grad_accum = grad_accum;
+    c.train.recompute = recompute;
+    return c;
+}
+
+TEST(Plan, Llama70BOnSixteenTrn1FitsOnlyWithPipelineStages) {
+    const Cluster cluster = parse_cluster("16xtrn1.32xlarge");
+    const std::vector<Estimate> all = candidates(model_config("llama2-70b"), cluster, 256);
+    ASSERT_FALSE(all.empty());
+    const Estimate& best = all.front();
+    EXPECT_TRUE(best.fits);
+    EXPECT_GT(best.pp, 1);
+    EXPECT_LE(double(best.memory.total()), cluster.device.memory_gb * 1e9);
+    EXPECT_EQ(best.dp * best.tp * best.pp, cluster.devices());
+    // Without stages, every layout's replica of the weights, gradients and optimizer state is
+    // too large for a 16 GB NeuronCore: PP is what makes it fit.
+    EXPECT_TRUE(std::none_of(all.begin(), all.end(),
+                             [](const Estimate& e) { return e.pp == 1 && e.fits; }));
+    EXPECT_TRUE(std::any_of(all.begin(), all.end(), [](const Estimate& e) { return e.sp; }));
+}
+
+TEST(Plan, BubbleIsOneF1BsShareOfThePipelinedTime) {
+    const Cluster cluster = parse_cluster("2xtrn1.32xlarge");  // 64 devices
+    // Equal stages: 32 blocks split evenly, and a head too small to weigh on the last stage.
+    train::RunConfig base = model_config("llama2-7b");
+    base.model.vocab_size = 32;
+    for (int p : {1, 2, 4, 8}) {
+        for (int64_t m : {1, 4, 16, 32}) {
+            const Estimate e = estimate(layout(base, 8, p, true, 1, m, "full"), cluster);
+            const double expected = double(p - 1) / double(m + p - 1);
+            EXPECT_NEAR(e.bubble, expected, 1e-4) << "pp " << p << ", " << m << " micro-batches";
+            // The idle slots are that share of the pipelined part of the step (all but DP).
+            EXPECT_NEAR(e.bubble_s / (e.step_s() - e.dp_s), e.bubble, 1e-12);
+            EXPECT_EQ(e.pp_s > 0, p > 1);
+        }
+    }
+    // A last stage made heavy by the head runs its micro-batches back to back while the lighter
+    // first stage fills and drains the pipeline in less time: a smaller bubble than 1/(m+1).
+    const Estimate tiny = estimate(layout(model_config("tiny", 256), 1, 2, false, 8, 4, "none"),
+                                   parse_cluster("1xh200"));
+    EXPECT_GT(tiny.bubble, 0);
+    EXPECT_LT(tiny.bubble, 0.5 * 1.0 / 5.0);
+}
+
+TEST(Plan, StagesDivideTheComputePerDevice) {
+    // The same replicas and batch on twice the devices, pipelined over 2 stages: each device
+    // runs half the blocks (and the last the head, a little more).
+    const train::RunConfig base = model_config("llama2-7b");
+    const Estimate one =
+        estimate(layout(base, 8, 1, true, 1, 16, "none"), parse_cluster("2xtrn1.32xlarge"));
+    const Estimate two =
+        estimate(layout(base, 8, 2, true, 1, 16, "none"), parse_cluster("4xtrn1.32xlarge"));
+    ASSERT_EQ(one.dp, two.dp);
+    EXPECT_GT(two.compute_s / one.compute_s, 0.5);
+    EXPECT_LT(two.compute_s / one.compute_s, 0.52);
+    EXPECT_NEAR(two.tp_s / one.tp_s, 0.5, 1e-9);
+    EXPECT_LT(two.memory.params, one.memory.params);
+    // 80 blocks over 32 stages are 2 or 3 a stage: the step waits for a stage of 3 (3/5 of one
+    // of 16 stages' 5, the head aside), not 2.5.
+    const train::RunConfig big = model_config("llama2-70b");
+    const Estimate sixteen =
+        estimate(layout(big, 8, 16, true, 1, 64, "full"), parse_cluster("8xtrn1.32xlarge"));
+    const Estimate thirty_two =
+        estimate(layout(big, 8, 32, true, 1, 64, "full"), parse_cluster("16xtrn1.32xlarge"));
+    ASSERT_EQ(sixteen.dp, thirty_two.dp);
+    EXPECT_GT(thirty_two.compute_s / sixteen.compute_s, 0.6);
+    EXPECT_LT(thirty_two.compute_s / sixteen.compute_s, 0.63);
+}
+
+TEST(Plan, SequenceParallelismShortensBf16TensorParallelTimeAndActivations) {
+    const Cluster cluster = parse_cluster("2xtrn1.32xlarge");
+    const train::RunConfig base = model_config("llama2-7b");  // bf16 on an accelerator
+    const Estimate off = estimate(layout(base, 8, 1, false, 1, 32, "none"), cluster);
+    const Estimate on = estimate(layout(base, 8, 1, true, 1, 32, "none"), cluster);
+    // 4 fp32 reduce-scatters and 6 bf16 all-gathers carry 7/8 of 4 fp32 all-reduces' bytes.
+    EXPECT_LT(on.tp_s, 0.9 * off.tp_s);
+    EXPECT_GT(on.tp_s, 0.85 * off.tp_s);
+    EXPECT_LT(on.memory.activations, off.memory.activations);
+    EXPECT_GT(on.tokens_per_s, off.tokens_per_s);
+    EXPECT_EQ(on.compute_s, off.compute_s);
+
+    // In fp32 the gathers are as wide as the scatters, and SP's re-gathers in the backward make
+    // it more traffic than the all-reduces it replaces: its gain there is memory alone.
+    train::RunConfig fp32 = base;
+    fp32.train.precision = "fp32";
+    const Estimate off32 = estimate(layout(fp32, 8, 1, false, 1, 32, "none"), cluster);
+    const Estimate on32 = estimate(layout(fp32, 8, 1, true, 1, 32, "none"), cluster);
+    EXPECT_GT(on32.tp_s, off32.tp_s);
+    EXPECT_LT(on32.memory.activations, off32.memory.activations);
+}
+
+TEST(Plan, RefusesLayoutsThatCannotRun) {
+    const Cluster cluster = parse_cluster("2xtrn1.32xlarge");
+    const train::RunConfig base = model_config("llama2-7b");
+    EXPECT_NE(kiln::testing::message_of([&] {
+                  estimate(layout(base, 1, 1, true, 1, 1, "none"), cluster);
+              }).find("parallel.sp=true needs parallel.tp > 1"),
+              std::string::npos);
+    EXPECT_NE(kiln::testing::message_of([&] {
+                  estimate(layout(base, 8, 3, false, 1, 1, "none"), cluster);
+              }).find("parallel.pp=3"),
+              std::string::npos);
+}
+
+}  // namespace
+}  // namespace kiln::compile

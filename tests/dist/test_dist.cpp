@@ -271,24 +271,19 @@ TEST(Parallel, FailuresAreOneSentenceAndNeverHang) {
         << busy.out;
     EXPECT_LT(busy.seconds, 15);
     // Layouts that cannot split: one sentence (from whichever rank says it first), non-zero.
-    Result heads = sh(kiln + " launch -n 2 -- kiln train" + quick + " --set model.n_kv_heads=1" +
-                      " --set parallel.tp=2");
-    EXPECT_NE(heads.rc, 0);
-    EXPECT_NE(heads.out.find("kiln: model.n_kv_heads=1 is not divisible by parallel.tp=2"),
-              std::string::npos)
-        << heads.out;
-    Result world = sh(kiln + " launch -n 3 -- kiln train" + quick + " --set parallel.tp=2");
-    EXPECT_NE(world.rc, 0);
-    EXPECT_NE(world.out.find("world size 3 is not divisible by parallel.tp=2"), std::string::npos)
-        << world.out;
-    Result stages = sh(kiln + " launch -n 2 -- kiln train" + quick + " --set parallel.pp=3");
-    EXPECT_NE(stages.rc, 0);
-    EXPECT_NE(stages.out.find("parallel.pp=3 is more stages than the model's 2 layers"),
-              std::string::npos)
-        << stages.out;
-    Result sp = sh(kiln + " train" + quick + " --set parallel.sp=true");
-    EXPECT_NE(sp.rc, 0);
-    EXPECT_NE(sp.out.find("parallel.sp=true needs parallel.tp > 1"), std::string::npos) << sp.out;
+    auto refused = [&](const std::string& command, const std::string& sentence) {
+        Result r = sh(command);
+        EXPECT_NE(r.rc, 0) << command;
+        EXPECT_NE(r.out.find(sentence), std::string::npos) << r.out;
+    };
+    const std::string two = kiln + " launch -n 2 -- kiln train" + quick;
+    refused(two + " --set model.n_kv_heads=1 --set parallel.tp=2",
+            "kiln: model.n_kv_heads=1 is not divisible by parallel.tp=2");
+    refused(kiln + " launch -n 3 -- kiln train" + quick + " --set parallel.tp=2",
+            "world size 3 is not divisible by parallel.tp=2");
+    refused(two + " --set parallel.pp=3", "parallel.pp=3 is more stages than the model's 2 layers");
+    refused(kiln + " train" + quick + " --set parallel.sp=true",
+            "parallel.sp=true needs parallel.tp > 1");
     // One rank failing while the other works: stopped, one line, non-zero.
     Result fail = sh(kiln +
                      " launch -n 2 --grace 2 -- sh -c 'if [ \"$RANK\" = 1 ]; then echo "

@@ -10,11 +10,9 @@
 
 namespace kiln {
 
-void AlignedDeleter::operator()(void* p) const {
-    std::free(p);
-}
+namespace {
 
-AlignedBuffer aligned_alloc_zeroed(size_t bytes, const char* what) {
+void* host_alloc(size_t bytes, const char* what) {
     // Large buffers are 2 MiB-aligned and offered to the kernel for transparent huge pages
     // (Debian's default mode is "madvise"): their first touch faults 512 times less often, and
     // the kernels that stream them miss the TLB less.
@@ -28,8 +26,16 @@ AlignedBuffer aligned_alloc_zeroed(size_t bytes, const char* what) {
     if (align == kHuge)
         ::madvise(p, rounded, MADV_HUGEPAGE);  // advice only: failure changes nothing
     std::memset(p, 0, rounded);
-    return AlignedBuffer(p);
+    return p;
 }
+
+void host_release(void* p) {
+    std::free(p);
+}
+
+}  // namespace
+
+const Memory host_memory = {"host", host_alloc, host_release};
 
 size_t Arena::add(const std::string& region, int64_t count, DType dtype) {
     KILN_CHECK(!base_, "arena {}: region {} added after allocation", name_, region);
@@ -40,7 +46,7 @@ size_t Arena::add(const std::string& region, int64_t count, DType dtype) {
 }
 
 void Arena::allocate() {
-    base_ = aligned_alloc_zeroed(bytes_, name_.c_str());
+    base_.reset(memory_->alloc(bytes_, name_.c_str()));
 }
 
 }  // namespace kiln

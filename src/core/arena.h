@@ -1,6 +1,7 @@
 #pragma once
 // Arena: one aligned allocation per kind of tensor (params, grads, activations, ...), carved
-// into named regions. Regions are declared first, then the memory is allocated once.
+// into named regions. Regions are declared first, then the memory is allocated once, from host
+// memory or from the memory a kernel backend gives (a device's: kernels/table.h).
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -11,21 +12,26 @@
 
 namespace kiln {
 
-struct AlignedDeleter {
-    void operator()(void* p) const;
+// Where an arena's bytes live. alloc returns zero-filled memory, at least 64-byte aligned, or
+// throws Error naming `what`; release frees what alloc returned.
+struct Memory {
+    const char* name;  // "host", "cuda", ...
+    void* (*alloc)(size_t bytes, const char* what);
+    void (*release)(void* p);
 };
-using AlignedBuffer = std::unique_ptr<void, AlignedDeleter>;
-// Zero-filled, 64-byte aligned; from 2 MiB on, 2 MiB-aligned and offered to the kernel for
-// transparent huge pages. Throws Error naming `what` when the memory is not there.
-AlignedBuffer aligned_alloc_zeroed(size_t bytes, const char* what);
+// Host memory: 64-byte aligned; from 2 MiB on, 2 MiB-aligned and offered to the kernel for
+// transparent huge pages.
+extern const Memory host_memory;
 
 class Arena {
 public:
-    explicit Arena(std::string name) : name_(std::move(name)) {}
+    explicit Arena(std::string name, const Memory& memory = host_memory)
+        : name_(std::move(name)), memory_(&memory), base_(nullptr, memory.release) {}
 
     // Declares a region of `count` elements; returns its byte offset. Only before allocate().
     size_t add(const std::string& region, int64_t count, DType dtype);
     void allocate();  // one allocation for all regions, zero-filled
+    const Memory& memory() const { return *memory_; }
 
     template <typename T>
     T* get(size_t offset) const {
@@ -37,8 +43,9 @@ public:
 
 private:
     std::string name_;
+    const Memory* memory_;
     size_t bytes_ = 0;
-    AlignedBuffer base_;
+    std::unique_ptr<void, void (*)(void*)> base_;
 };
 
 }  // namespace kiln

@@ -1,6 +1,12 @@
 #pragma once
 // The backend seam: a table of function pointers, one per op (see ops.h for the conventions).
 // cpu/ and reference/ fill one each (cuda/ when built with CUDA); model/ receives a table.
+//
+// Every pointer an op takes is the backend's memory (`memory`: host memory for the CPU tables,
+// device memory for CUDA), except `copy`'s, either side of which may be host memory. A caller
+// holding the backend's memory touches it only through these ops, so the same caller runs on
+// every backend.
+#include "core/arena.h"
 #include "kernels/ops.h"
 
 namespace kiln::kernels {
@@ -80,6 +86,31 @@ struct Kernels {
 
     // dst (n) = bf16(src), round to nearest even
     void (*to_bf16)(uint16_t* dst, const float* src, int64_t n);
+
+    // --- Memory, and the small ops around the products that touch it ---
+    const Memory* memory;  // where arenas of this backend's tensors are allocated
+    // dst = src, `bytes` of them; either may be host memory (the only op that takes it). Done
+    // when it returns.
+    void (*copy)(void* dst, const void* src, size_t bytes);
+    void (*zero)(void* dst, size_t bytes);
+    // dst (n) = f32(src), bf16 widened
+    void (*widen)(float* dst, const uint16_t* src, int64_t n);
+    // y (n) = a + b; y may alias a or b
+    void (*add)(float* y, const float* a, const float* b, int64_t n);
+    // local (n) = ids - begin where begin <= ids < begin + count, else -1: the ids of one
+    // tensor-parallel rank's vocabulary slice. With `weight` not null also weight (n) = value
+    // where ids >= 0, else 0 (the cross-entropy's row weights).
+    void (*slice_ids)(int32_t* local, float* weight, const int32_t* ids, int64_t n, int64_t begin,
+                      int64_t count, float value);
+    // Cross-entropy over a vocabulary split over tensor-parallel ranks, between and after the
+    // all-reduces of logit_stats' statistics (max by maximum, the others by sum):
+    // sumexp (M) *= exp(local_max - max), where local_max is this rank's max before its
+    // all-reduce; then losses (M) = log(sumexp) + max - target_logit where targets >= 0, else 0.
+    void (*rescale_sumexp)(float* sumexp, const float* local_max, const float* max, int64_t M);
+    void (*row_losses)(float* losses, const float* max, const float* sumexp,
+                       const float* target_logit, const int32_t* targets, int64_t M);
+    // Sum of x (n) squared, accumulated in double (the gradient norm), returned to the host.
+    double (*sum_squares)(const float* x, int64_t n);
 
     // Autotuning of the products (gemm and attention's). platform: what a plan holds for (the
     // hardware, the threads, the libraries' versions); null when there is nothing to tune.

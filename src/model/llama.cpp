@@ -132,12 +132,18 @@ void Llama::build(int64_t capacity, bool allocate) {
     size_t o_dh = acts_.add("dh", M * F, DType::f32);
     size_t o_logits = acts_.add("logits", head_rows_ * V, DType::f32);
     size_t o_losses = acts_.add("losses", M, DType::f32);
-    size_t o_rows = acts_.add("row_stats", 4 * M, DType::f32);
+    size_t o_rows = acts_.add("row_stats", 5 * M, DType::f32);
+    // Token ids and targets as given, and in this rank's vocabulary slice (one set per slot).
+    size_t o_ids = acts_.add("ids", M, DType::i32);
     size_t o_local = acts_.add("local_ids", (S + 1) * M, DType::i32);
     size_t o_dy_bf = acts_.add("dy_bf", bf * Ml * C, DType::bf16);
     const int64_t sp = sp_ ? 1 : 0;
     size_t o_gathered = acts_.add("gathered", sp * M * C, ct);
     size_t o_partial = acts_.add("partial", sp * M * C, DType::f32);
+    int64_t norm_numel = 0;
+    for (const auto& p : layout_.params())
+        norm_numel += p.shape.size() == 1 ? p.numel : 0;
+    size_t o_norm_grads = acts_.add("norm_grads", sp * norm_numel, DType::f32);
     size_t o_dlogits_bf = acts_.add("dlogits_bf", bf * head_rows_ * V, DType::bf16);
     int64_t max_operand = std::max({M * std::max({C, QKV, 2 * F}), head_rows_ * V});
     ws_.bytes = k_.workspace_bytes(max_operand, attn_);
@@ -182,7 +188,10 @@ void Llama::build(int64_t capacity, bool allocate) {
     losses_ = acts_.get<float>(o_losses);
     row_max_ = acts_.get<float>(o_rows);
     row_sum_ = row_max_ + M, row_target_ = row_sum_ + M, row_scale_ = row_target_ + M;
+    row_local_max_ = row_scale_ + M;
+    ids_ = acts_.get<int32_t>(o_ids);
     local_targets_ = acts_.get<int32_t>(o_local) + S * M;
+    norm_grads_ = sp_ ? acts_.get<float>(o_norm_grads) : nullptr;
     gathered_ = sp_ ? acts_.get<void>(o_gathered) : nullptr;
     partial_ = sp_ ? acts_.get<float>(o_partial) : nullptr;
     ws_.ptr = acts_.get<void>(o_ws);
@@ -190,13 +199,16 @@ void Llama::build(int64_t capacity, bool allocate) {
     dlogits_bf_ = bf16_ ? acts_.get<uint16_t>(o_dlogits_bf) : nullptr;
 
     // Rotary tables, HF convention: angle(t, i) = t * theta^(-2i/D), i < D/2.
+    std::vector<float> cos_table(size_t(T * D / 2)), sin_table(cos_table.size());
     for (int64_t t = 0; t < T; t++) {
         for (int64_t i = 0; i < D / 2; i++) {
             double angle = t * std::pow(config.rope_theta, -2.0 * i / D);
-            rope_cos_[t * D / 2 + i] = static_cast<float>(std::cos(angle));
-            rope_sin_[t * D / 2 + i] = static_cast<float>(std::sin(angle));
+            cos_table[size_t(t * D / 2 + i)] = static_cast<float>(std::cos(angle));
+            sin_table[size_t(t * D / 2 + i)] = static_cast<float>(std::sin(angle));
         }
     }
+    k_.copy(rope_cos_, cos_table.data(), cos_table.size() * sizeof(float));
+    k_.copy(rope_sin_, sin_table.data(), sin_table.size() * sizeof(float));
     // Attention rotates the queries and keys itself, on the way into its products.
     attn_.rope_cos = rope_cos_;
     attn_.rope_sin = rope_sin_;
@@ -204,24 +216,27 @@ void Llama::build(int64_t capacity, bool allocate) {
 
 void Llama::init_weights(uint64_t seed, double std) {
     // Every rank draws every whole tensor of the whole model in the same order and keeps its
-    // shard of those its stage holds.
+    // shard of those its stage holds, made on the host and copied to the backend's memory.
     std::mt19937_64 rng(seed);
     std::normal_distribution<float> normal(0.0f, static_cast<float>(std));
-    std::vector<float> full;
+    std::vector<float> full, shard;
     const Layout whole(config_);
     for (const auto& info : whole.params()) {
         const ParamInfo* mine = layout_.find(info.name);
-        if (info.shape.size() == 1) {
-            if (mine)
-                std::fill(params() + mine->offset, params() + mine->offset + mine->numel, 1.0f);
-            continue;
-        }
-        full.resize(size_t(info.full_shape[0] * info.full_shape[1]));
-        const float scale = static_cast<float>(info.init_scale);
-        for (float& x : full)
-            x = normal(rng) * scale;
         if (mine)
-            layout_.shard_from_full(*mine, full.data(), params() + mine->offset);
+            shard.resize(size_t(mine->numel));
+        if (info.shape.size() == 1) {
+            std::fill(shard.begin(), shard.end(), 1.0f);
+        } else {
+            full.resize(size_t(info.full_shape[0] * info.full_shape[1]));
+            const float scale = static_cast<float>(info.init_scale);
+            for (float& x : full)
+                x = normal(rng) * scale;
+            if (mine)
+                layout_.shard_from_full(*mine, full.data(), shard.data());
+        }
+        if (mine)
+            k_.copy(params() + mine->offset, shard.data(), shard.size() * sizeof(float));
     }
     sync_compute_weights();
 }
@@ -234,9 +249,7 @@ void Llama::sync_compute_weights() {
 const float* Llama::norm_weight(int64_t offset) {
     if (!bf16_)
         return params() + offset;
-    const uint16_t* w = params_bf16() + offset;
-    for (int64_t c = 0; c < C_; c++)
-        norm_w_[c] = bf16_to_f32(w[c]);
+    k_.widen(norm_w_, params_bf16() + offset, C_);
     return norm_w_;
 }
 
@@ -299,7 +312,7 @@ Llama::Operand Llama::gather_rows(const void* local, void* full, DType type) {
     if (!sp_)
         return {local, type};
     const size_t bytes = size_t(Ml_ * C_) * dtype_size(type);
-    std::memcpy(static_cast<char*>(full) + size_t(tp_rank_) * bytes, local, bytes);
+    k_.copy(static_cast<char*>(full) + size_t(tp_rank_) * bytes, local, bytes);
     tp_->all_gather_bytes(full, bytes);
     return {full, type};
 }
@@ -321,14 +334,12 @@ void Llama::row_parallel(float* y, const float* residual, Operand x, Operand w, 
                          int64_t K, int64_t N) {
     if (sp_) {
         linear_forward(partial_, x, w, M, K, N);
-        const float* mine = sum_rows(partial_);
-        for (int64_t i = 0; i < Ml_ * N; i++)
-            y[i] = residual[i] + mine[i];
+        k_.add(y, residual, sum_rows(partial_), Ml_ * N);
         return;
     }
     bool with_residual = tp_rank_ == 0;
     if (with_residual)
-        std::memcpy(y, residual, size_t(M * N) * sizeof(float));
+        k_.copy(y, residual, size_t(M * N) * sizeof(float));
     linear_forward(y, x, w, M, K, N, with_residual);
     tp_all_reduce(y, M * N);
 }
@@ -398,13 +409,13 @@ void Llama::block_backward(int slot, int64_t l, float* dres, bool accumulate) {
 
 void Llama::embed(int slot, const int32_t* tokens) {
     // Vocabulary-parallel: each rank looks up the tokens of its slice; the sum is the lookup.
-    const int64_t vb = layout_.vocab_begin;
-    int32_t* local = local_tokens_[size_t(slot)];
     for (int64_t m = 0; m < M_; m++) {
         KILN_CHECK(tokens[m] >= 0 && tokens[m] < config_.vocab_size, "token {} out of range",
                    tokens[m]);
-        local[m] = tokens[m] >= vb && tokens[m] < vb + V_ ? int32_t(tokens[m] - vb) : -1;
     }
+    int32_t* local = local_tokens_[size_t(slot)];
+    k_.copy(ids_, tokens, size_t(M_) * sizeof(int32_t));
+    k_.slice_ids(local, nullptr, ids_, M_, layout_.vocab_begin, V_, 0.0f);
     const Operand wte = weight(layout_.embedding);
     float* x = residual(slot);
     if (!sp_) {
@@ -413,8 +424,7 @@ void Llama::embed(int slot, const int32_t* tokens) {
         return;
     }
     k_.embedding_forward(partial_, local, wte.ptr, wte.type, M_, C_);
-    const float* mine = sum_rows(partial_);
-    std::copy(mine, mine + Ml_ * C_, x);
+    k_.copy(x, sum_rows(partial_), size_t(Ml_ * C_) * sizeof(float));
 }
 
 void Llama::final_norm(int slot) {
@@ -428,7 +438,7 @@ void Llama::final_norm(int slot) {
 // rank ever holds full-vocabulary logits. With grad_scale != 0 also the head's backward into
 // dxn_ (d xnf) and the output weight's gradient.
 LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out, bool accumulate) {
-    const int64_t C = C_, V = V_, vb = layout_.vocab_begin;
+    const int64_t C = C_, V = V_;
     // Every rank's rows of the final norm's output, under sequence parallelism.
     const void* xnf_all = gather_rows(xnf_, gathered_, compute_type()).ptr;
     if (logits_out) {
@@ -436,15 +446,13 @@ LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out,
         for (int64_t r0 = 0; r0 < M_; r0 += head_rows_) {
             int64_t rows = std::min(head_rows_, M_ - r0);
             Operand xnf = input(xnf_all, r0 * C);
-            linear_forward(logits_out + r0 * V, xnf, weight(layout_.output), rows, C, V);
+            linear_forward(logits_, xnf, weight(layout_.output), rows, C, V);
+            k_.copy(logits_out + r0 * V, logits_, size_t(rows * V) * sizeof(float));
         }
         return {};
     }
-    for (int64_t m = 0; m < M_; m++) {
-        int32_t t = targets[m];
-        local_targets_[m] = t >= vb && t < vb + V ? int32_t(t - vb) : -1;
-        row_scale_[m] = t >= 0 ? grad_scale : 0.0f;
-    }
+    k_.copy(ids_, targets, size_t(M_) * sizeof(int32_t));
+    k_.slice_ids(local_targets_, row_scale_, ids_, M_, layout_.vocab_begin, V, grad_scale);
     for (int64_t r0 = 0; r0 < M_; r0 += head_rows_) {
         int64_t rows = std::min(head_rows_, M_ - r0);
         Operand xnf = input(xnf_all, r0 * C);
@@ -459,15 +467,13 @@ LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out,
             // A split vocabulary: each rank's row statistics are combined over the group first.
             float *mx = row_max_ + r0, *se = row_sum_ + r0, *tl = row_target_ + r0;
             k_.logit_stats(logits_, local_targets_ + r0, rows, V, mx, se, tl);
-            std::vector<float> local_max(mx, mx + rows);
+            float* local_max = row_local_max_ + r0;
+            k_.copy(local_max, mx, size_t(rows) * sizeof(float));
             tp_->all_reduce_max(mx, size_t(rows));
-            for (int64_t i = 0; i < rows; i++)
-                se[i] *= std::exp(local_max[i] - mx[i]);
+            k_.rescale_sumexp(se, local_max, mx, rows);
             tp_->all_reduce_sum(se, size_t(rows));
             tp_->all_reduce_sum(tl, size_t(rows));
-            for (int64_t i = 0; i < rows; i++) {
-                losses_[r0 + i] = targets[r0 + i] >= 0 ? std::log(se[i]) + mx[i] - tl[i] : 0.0f;
-            }
+            k_.row_losses(losses_ + r0, mx, se, tl, ids_ + r0, rows);
             if (dlogits_out) {
                 k_.cross_entropy_backward(logits_, local_targets_ + r0, mx, se, row_scale_ + r0,
                                           rows, V, dlogits_out, dlogits.type);
@@ -480,10 +486,12 @@ LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out,
     }
     if (grad_scale != 0)
         dxnf_ = sum_rows(dxn_);  // xnf fed every rank's vocabulary
+    host_losses_.resize(size_t(M_));
+    k_.copy(host_losses_.data(), losses_, size_t(M_) * sizeof(float));
     LossSum loss;
     for (int64_t m = 0; m < M_; m++) {
         if (targets[m] >= 0) {
-            loss.sum += losses_[m];
+            loss.sum += host_losses_[size_t(m)];
             loss.tokens++;
         }
     }
@@ -495,7 +503,7 @@ void Llama::zero_added_grads() {
     // sums only add, so theirs start from zero.
     for (const auto& p : layout_.params()) {
         if (p.shape.size() == 1 || p.offset == layout_.embedding)
-            std::fill(grads() + p.offset, grads() + p.offset + p.numel, 0.0f);
+            k_.zero(grads() + p.offset, size_t(p.numel) * sizeof(float));
     }
 }
 
@@ -505,7 +513,7 @@ void Llama::forward(int slot, const int32_t* tokens, const float* input) {
     if (layout_.first_stage())
         embed(slot, tokens);
     else
-        std::copy(input, input + Ml_ * C_, x);
+        k_.copy(x, input, size_t(Ml_ * C_) * sizeof(float));
     for (int64_t l = 0; l < L_; l++)
         block_forward(slot, l, x + l * Ml_ * C_, x + (l + 1) * Ml_ * C_);
     if (layout_.last_stage())
@@ -527,13 +535,13 @@ void Llama::backward(int slot, const float* doutput, Grads mode) {
     const bool accumulate = mode == Grads::accumulate;
     const int64_t C = C_;
     if (layout_.last_stage()) {
-        std::fill(dres_, dres_ + Ml_ * C, 0.0f);
+        k_.zero(dres_, size_t(Ml_ * C) * sizeof(float));
         k_.rmsnorm_backward(dres_, grads() + layout_.final_norm, dxnf_, output(slot),
                             norm_weight(layout_.final_norm), rstdf_, Ml_, C);
     } else {
         if (!accumulate)
             zero_added_grads();
-        std::copy(doutput, doutput + Ml_ * C, dres_);
+        k_.copy(dres_, doutput, size_t(Ml_ * C) * sizeof(float));
     }
     for (int64_t l = L_ - 1; l >= 0; l--)
         block_backward(slot, l, dres_, accumulate);
@@ -558,16 +566,19 @@ LossSum Llama::forward_backward(const int32_t* tokens, const int32_t* targets, f
 void Llama::sum_norm_grads() {
     if (!sp_)
         return;
-    std::vector<float> norms;
-    for (const auto& p : layout_.params())
-        if (p.shape.size() == 1)
-            norms.insert(norms.end(), grads() + p.offset, grads() + p.offset + p.numel);
-    tp_->all_reduce_sum(norms.data(), norms.size());
-    const float* from = norms.data();
+    // The norms' gradients side by side, summed in one all-reduce, copied back.
+    int64_t n = 0;
     for (const auto& p : layout_.params())
         if (p.shape.size() == 1) {
-            std::copy(from, from + p.numel, grads() + p.offset);
-            from += p.numel;
+            k_.copy(norm_grads_ + n, grads() + p.offset, size_t(p.numel) * sizeof(float));
+            n += p.numel;
+        }
+    tp_->all_reduce_sum(norm_grads_, size_t(n));
+    n = 0;
+    for (const auto& p : layout_.params())
+        if (p.shape.size() == 1) {
+            k_.copy(grads() + p.offset, norm_grads_ + n, size_t(p.numel) * sizeof(float));
+            n += p.numel;
         }
 }
 

@@ -2,6 +2,10 @@
 // The Llama-2 model on one device: parameters, gradients and activations in one arena each,
 // forward and backward of a micro-batch through a kernel table (kernels/table.h).
 //
+// Memory: the arenas are the kernel backend's memory (a device's for CUDA), touched only through
+// the table's ops; so is every pointer the model hands out (params(), grads(), output(), ...)
+// or takes for a stage's input and gradient. Token ids, targets and full logits are host memory.
+//
 // Shapes: B sequences x T tokens per micro-batch, M = B*T rows; see kernels/ops.h for letters.
 #include <cstdint>
 #include <string>
@@ -60,8 +64,9 @@ public:
 
     const LlamaConfig& config() const { return config_; }
     const Layout& layout() const { return layout_; }
-    float* params() { return params_.get<float>(0); }  // (layout().total()) fp32
-    float* grads() { return grads_.get<float>(0); }    // (layout().total()) fp32, accumulated
+    float* params() { return params_.get<float>(0); }       // (layout().total()) fp32
+    float* grads() { return grads_.get<float>(0); }         // (layout().total()) fp32, accumulated
+    const kernels::Kernels& kernels() const { return k_; }  // and so the memory it lives in
     // The bf16 copy of params() that the forward and backward read in bf16 precision (every
     // weight: products, embedding and norms; layout().total()); null in fp32.
     uint16_t* params_bf16() { return bf16_ ? params_bf16_.get<uint16_t>(0) : nullptr; }
@@ -171,8 +176,8 @@ private:
     Recompute recompute_;
     kernels::Attention attn_;
 
-    Arena params_{"parameters"}, grads_{"gradients"}, params_bf16_{"bf16 weights"};
-    Arena acts_{"activations"};
+    Arena params_{"parameters", *k_.memory}, grads_{"gradients", *k_.memory};
+    Arena params_bf16_{"bf16 weights", *k_.memory}, acts_{"activations", *k_.memory};
     bool bf16_;
 
     // [slot] (L+1, Ml, C) residual stream: block inputs, then the final block's output
@@ -186,10 +191,14 @@ private:
     const float* dxnf_ = nullptr;       // (Ml, C) the head's gradient of xnf, in dxn_
     void *dqkv_, *dgu_;                 // backward scratch in compute_type()
     float *logits_, *losses_;           // (head_rows, V), (M)
-    float *row_max_, *row_sum_, *row_target_, *row_scale_;  // (M) cross-entropy statistics
+    // (M) cross-entropy statistics; row_local_max_: this rank's max before the group's
+    float *row_max_, *row_sum_, *row_target_, *row_scale_, *row_local_max_;
+    std::vector<float> host_losses_;  // (M) losses_ copied out to be summed
+    int32_t* ids_;                    // (M) the last token ids or targets copied in
     // [slot] (M) token ids in this rank's vocabulary slice, or -1; (M) the same for targets
     std::vector<int32_t*> local_tokens_;
     int32_t* local_targets_;
+    float* norm_grads_;              // sequence parallelism: the norms' gradients, side by side
     uint16_t *dy_bf_, *dlogits_bf_;  // bf16 precision: dy scratch (Ml, C), (rows, V)
     // Sequence parallelism: the gathered rows of a product's input (M, C) in compute_type(), and
     // a row-parallel product's (M, C) fp32 partial sum before its reduce-scatter.

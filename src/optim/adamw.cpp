@@ -2,27 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <mutex>
-
-#include "core/threads.h"
 
 namespace kiln::optim {
-
-double sum_squares(const float* x, int64_t n) {
-    std::mutex mutex;
-    double total = 0;
-    parallel_range(n, 1 << 16, [&](int64_t i0, int64_t i1) {
-        // A local pointer: through the lambda's capture GCC vectorized this with gathers.
-        const float* __restrict p = x;
-        double s = 0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t i = i0; i < i1; i++)
-            s += double(p[i]) * p[i];
-        std::lock_guard<std::mutex> lock(mutex);
-        total += s;
-    });
-    return total;
-}
 
 float clip_factor(double norm, double max_norm) {
     if (max_norm <= 0)
@@ -30,8 +11,14 @@ float clip_factor(double norm, double max_norm) {
     return static_cast<float>(std::min(1.0, max_norm / (norm + 1e-6)));
 }
 
-AdamW::AdamW(const model::Layout& layout, const AdamWConfig& config, int64_t begin, int64_t end)
-    : layout_(layout), config_(config), begin_(begin), end_(std::min(end, layout.total())) {
+AdamW::AdamW(const model::Layout& layout, const AdamWConfig& config, int64_t begin, int64_t end,
+             const kernels::Kernels& k)
+    : layout_(layout),
+      config_(config),
+      begin_(begin),
+      end_(std::min(end, layout.total())),
+      k_(k),
+      state_("optimizer state", *k.memory) {
     int64_t n = std::max<int64_t>(0, end_ - begin_);
     state_.add("m", n, DType::f32);
     m_bytes_ = state_.add("v", n, DType::f32);
@@ -39,7 +26,7 @@ AdamW::AdamW(const model::Layout& layout, const AdamWConfig& config, int64_t beg
 }
 
 void AdamW::update(float* params, uint16_t* params_bf16, const float* grads, float grad_scale,
-                   double lr, const kernels::Kernels& k) {
+                   double lr) {
     step_++;
     kernels::AdamWStep s;
     s.lr = static_cast<float>(lr);
@@ -53,8 +40,8 @@ void AdamW::update(float* params, uint16_t* params_bf16, const float* grads, flo
         if (lo >= hi)
             continue;  // the tensor is outside this rank's range
         s.weight_decay = p.decay ? static_cast<float>(config_.weight_decay) : 0.0f;
-        k.adamw(params + lo, params_bf16 ? params_bf16 + lo : nullptr, m() + (lo - begin_),
-                v() + (lo - begin_), grads + lo, hi - lo, s);
+        k_.adamw(params + lo, params_bf16 ? params_bf16 + lo : nullptr, m() + (lo - begin_),
+                 v() + (lo - begin_), grads + lo, hi - lo, s);
     }
 }
 

@@ -1,7 +1,7 @@
 #pragma once
-// AdamW over the model's flat fp32 buffers: m and v in one arena, decay applied per tensor by
-// the layout's tag (norm weights are not decayed), global gradient-norm clipping.
-#include <cmath>
+// AdamW over the model's flat fp32 buffers: m and v in one arena of the kernel backend's memory,
+// decay applied per tensor by the layout's tag (norm weights are not decayed), global
+// gradient-norm clipping.
 #include <cstdint>
 
 #include "core/arena.h"
@@ -18,11 +18,6 @@ struct AdamWConfig {
     double grad_clip = 1.0;  // max global L2 norm; 0 disables clipping
 };
 
-// Sum of squares of n floats, accumulated in double; threaded. l2_norm is its square root.
-double sum_squares(const float* x, int64_t n);
-inline double l2_norm(const float* x, int64_t n) {
-    return std::sqrt(sum_squares(x, n));
-}
 // The factor clipping multiplies gradients by: min(1, max_norm / (norm + 1e-6)), PyTorch's
 // clip_grad_norm_ rule; 1 when max_norm is 0 (clipping off).
 float clip_factor(double norm, double max_norm);
@@ -31,17 +26,19 @@ float clip_factor(double norm, double max_norm);
 // whole buffer without sharding). m and v exist for that range only.
 class AdamW {
 public:
-    AdamW(const model::Layout& layout, const AdamWConfig& config, int64_t begin, int64_t end);
+    AdamW(const model::Layout& layout, const AdamWConfig& config, int64_t begin, int64_t end,
+          const kernels::Kernels& k);
 
     // One update of params[begin, end) from grad_scale * grads at learning rate lr; increments
     // step(). params_bf16 (nullable) receives the bf16 copy of the updated range in the same pass.
-    // Pointers are to the whole flat buffers.
+    // Pointers are to the whole flat buffers, in the backend's memory.
     void update(float* params, uint16_t* params_bf16, const float* grads, float grad_scale,
-                double lr, const kernels::Kernels& k);
+                double lr);
 
     int64_t step() const { return step_; }
     void set_step(int64_t step) { step_ = step; }
-    float* m() { return state_.get<float>(0); }  // (end - begin): moments of the range
+    // (end - begin): moments of the range, in the backend's memory
+    float* m() { return state_.get<float>(0); }
     float* v() { return state_.get<float>(m_bytes_); }
     int64_t begin() const { return begin_; }
     int64_t end() const { return end_; }
@@ -50,7 +47,8 @@ private:
     const model::Layout& layout_;
     AdamWConfig config_;
     int64_t begin_, end_;
-    Arena state_{"optimizer state"};
+    const kernels::Kernels& k_;
+    Arena state_;
     size_t m_bytes_ = 0;
     int64_t step_ = 0;
 };

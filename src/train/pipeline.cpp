@@ -15,8 +15,14 @@ PipelineStats run_pipeline(model::Llama& model, Collective& pp, int64_t m, float
     const bool first = s == 0, last = s == p - 1;
     const int64_t inflight = std::min<int64_t>(p - s, m);
     const int64_t warmup = std::min<int64_t>(p - s - 1, m);
-    const size_t bytes = size_t(model.rows() * model.config().dim) * sizeof(float);
-    std::vector<float> x(bytes / sizeof(float)), g(bytes / sizeof(float));
+    const int64_t numel = model.rows() * model.config().dim;
+    const size_t bytes = size_t(numel) * sizeof(float);
+    // What a stage receives: an activation and a gradient, in the model's memory.
+    Arena io("pipeline stage inputs", *model.kernels().memory);
+    const size_t x_at = io.add("activation", numel, DType::f32);
+    const size_t g_at = io.add("gradient", numel, DType::f32);
+    io.allocate();
+    float *x = io.get<float>(x_at), *g = io.get<float>(g_at);
     const size_t n = size_t(tokens_per_micro_batch);
     std::vector<int32_t> tokens(n), targets(n);
     PipelineStats stats;
@@ -37,37 +43,37 @@ PipelineStats run_pipeline(model::Llama& model, Collective& pp, int64_t m, float
     // Forward of micro-batch k from x (ignored on the first stage); on the last, its loss.
     auto forward = [&](int64_t k) {
         read(k, tokens.data(), targets.data());
-        model.forward(slot(k), tokens.data(), x.data());
+        model.forward(slot(k), tokens.data(), x);
         if (last) {
             const model::LossSum l = model.loss(targets.data(), grad_scale, mode(k));
             stats.loss.sum += l.sum;
             stats.loss.tokens += l.tokens;
         }
     };
-    auto backward = [&](int64_t k) { model.backward(slot(k), g.data(), mode(k)); };
+    auto backward = [&](int64_t k) { model.backward(slot(k), g, mode(k)); };
     auto output = [&](int64_t k) { return last ? nullptr : model.output(slot(k)); };
     auto input_grad = [&] { return first ? nullptr : model.input_grad(); };
 
     for (int64_t k = 0; k < warmup; k++) {
-        exchange(nullptr, -1, x.data(), prev);
+        exchange(nullptr, -1, x, prev);
         forward(k);
         exchange(output(k), next, nullptr, -1);
     }
     const int64_t steady = m - warmup;
     if (steady > 0)
-        exchange(nullptr, -1, x.data(), prev);
+        exchange(nullptr, -1, x, prev);
     for (int64_t k = 0; k < steady; k++) {
         const int64_t f = warmup + k;
         forward(f);
-        exchange(output(f), next, g.data(), next);  // send activation f, receive gradient k
+        exchange(output(f), next, g, next);  // send activation f, receive gradient k
         backward(k);
         if (k + 1 < steady)
-            exchange(input_grad(), prev, x.data(), prev);  // gradient k back, activation f + 1 in
+            exchange(input_grad(), prev, x, prev);  // gradient k back, activation f + 1 in
         else
             exchange(input_grad(), prev, nullptr, -1);
     }
     for (int64_t k = steady; k < m; k++) {
-        exchange(nullptr, -1, g.data(), next);
+        exchange(nullptr, -1, g, next);
         backward(k);
         exchange(input_grad(), prev, nullptr, -1);
     }

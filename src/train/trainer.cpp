@@ -195,14 +195,14 @@ namespace {
 // Sum of squares of the gradients in [begin, end), counting a tensor that every tensor-parallel
 // rank holds whole (the norms) on tp rank 0 only, so that the sums over ranks add up to the
 // model's.
-double grad_sum_squares(const model::Layout& layout, const float* grads, int64_t begin,
-                        int64_t end) {
+double grad_sum_squares(const model::Layout& layout, const float* grads, int64_t begin, int64_t end,
+                        const kernels::Kernels& k) {
     double sq = 0;
     for (const auto& p : layout.params()) {
         int64_t lo = std::max(begin, p.offset), hi = std::min(end, p.offset + p.numel);
         if (lo >= hi || (p.tp_split == model::SplitAxis::none && layout.tp_rank != 0))
             continue;
-        sq += optim::sum_squares(grads + lo, hi - lo);
+        sq += k.sum_squares(grads + lo, hi - lo);
     }
     return sq;
 }
@@ -282,7 +282,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
         model::Layout(cfg.model, g.tp, g.tp_rank, g.pp, g.pp_rank).total(), g.dp, g.dp_rank, zero);
     model::Llama model(cfg.model, k, t.micro_batch, t.seq_len, model::parse_recompute(t.recompute),
                        sh.padded, &job.tp(), cfg.split(g.pp_rank));
-    optim::AdamW adamw(model.layout(), cfg.adamw, sh.begin, sh.end);
+    optim::AdamW adamw(model.layout(), cfg.adamw, sh.begin, sh.end, k);
     optim::Schedule schedule = cfg.schedule;
     schedule.total_steps = t.steps;
 
@@ -496,7 +496,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
         } else {
             job.dp().all_reduce_sum(model.grads(), sh.padded);
         }
-        double sq = grad_sum_squares(model.layout(), model.grads(), sh.begin, sh.end);
+        double sq = grad_sum_squares(model.layout(), model.grads(), sh.begin, sh.end, k);
         if (zero)
             job.dp().all_reduce_sum(&sq, 1);
         if (g.tp > 1)
@@ -527,7 +527,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
         } else {
             bad_in_a_row = 0;
             adamw.update(model.params(), model.params_bf16(), model.grads(),
-                         optim::clip_factor(norm, cfg.adamw.grad_clip), lr, k);
+                         optim::clip_factor(norm, cfg.adamw.grad_clip), lr);
             if (zero)
                 gather_compute_weights();
         }

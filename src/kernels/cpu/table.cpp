@@ -1,6 +1,7 @@
 // Fills the CPU backend's kernel table (see kernels/table.h).
 #include "kernels/cpu/cpu.h"
 #include "kernels/cpu/matmul.h"
+#include "kernels/host.h"
 
 namespace kiln::kernels::cpu {
 
@@ -59,6 +60,15 @@ const Kernels table = {
     cross_entropy,
     adamw,
     to_bf16,
+    &host_memory,
+    host::copy,
+    host::zero,
+    host::widen,
+    host::add,
+    host::slice_ids,
+    host::rescale_sumexp,
+    host::row_losses,
+    host::sum_squares,
     platform,
     tune,
     tune_next,

@@ -3,6 +3,8 @@
 #include <cmath>
 #include <vector>
 
+#include "kernels/host.h"
+
 namespace kiln::kernels {
 namespace {
 
@@ -329,6 +331,15 @@ const Kernels table = {
     cross_entropy,
     adamw,
     to_bf16,
+    &host_memory,
+    host::copy,
+    host::zero,
+    host::widen,
+    host::add,
+    host::slice_ids,
+    host::rescale_sumexp,
+    host::row_losses,
+    host::sum_squares,
     nullptr,  // nothing to tune
     nullptr,
     nullptr,

@@ -1,0 +1,251 @@
+// The model and the optimizer on memory the host cannot touch, as on a device: a kernel table
+// that is the CPU table, except that its memory is mapped without access and opened only while
+// one of its ops runs. A host loop over the model's tensors anywhere but in the table faults, so
+// these tests prove that the model, its pipeline stages and AdamW reach their memory only
+// through the table (kernels/table.h), which is what lets a CUDA table run them. The results
+// must be the CPU table's, bit for bit.
+#include <gtest/gtest.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cmath>
+#include <mutex>
+#include <random>
+#include <vector>
+
+#include "core/error.h"
+#include "kernels/cpu/cpu.h"
+#include "kernels/products.h"
+#include "model/llama.h"
+#include "optim/adamw.h"
+
+namespace kiln::model {
+namespace {
+
+using kernels::Kernels;
+using kernels::Precision;
+
+// Every mapping the guarded memory has handed out, and how many ops are running on it.
+struct Guard {
+    std::mutex mutex;
+    std::vector<std::pair<void*, size_t>> maps;
+    int open = 0;
+
+    void protect(int prot) {
+        for (auto [p, n] : maps)
+            KILN_CHECK(::mprotect(p, n, prot) == 0, "mprotect");
+    }
+};
+Guard& guard() {
+    static Guard g;
+    return g;
+}
+
+struct Opened {  // the memory is readable and writable while one of these lives
+    Opened() {
+        std::lock_guard<std::mutex> lock(guard().mutex);
+        if (guard().open++ == 0)
+            guard().protect(PROT_READ | PROT_WRITE);
+    }
+    ~Opened() {
+        std::lock_guard<std::mutex> lock(guard().mutex);
+        if (--guard().open == 0)
+            guard().protect(PROT_NONE);
+    }
+};
+
+size_t page_round(size_t bytes) {
+    const size_t page = 4096;
+    return (std::max<size_t>(bytes, 1) + page - 1) / page * page;
+}
+
+void* guarded_alloc(size_t bytes, const char* what) {
+    std::lock_guard<std::mutex> lock(guard().mutex);
+    const size_t n = page_round(bytes);
+    const int prot = guard().open > 0 ? PROT_READ | PROT_WRITE : PROT_NONE;
+    void* p = ::mmap(nullptr, n, prot, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);  // zero-filled
+    KILN_CHECK(p != MAP_FAILED, "mapping {} bytes for {}", n, what);
+    guard().maps.emplace_back(p, n);
+    return p;
+}
+
+void guarded_release(void* p) {
+    std::lock_guard<std::mutex> lock(guard().mutex);
+    auto& maps = guard().maps;
+    auto it = std::find_if(maps.begin(), maps.end(), [&](const auto& m) { return m.first == p; });
+    KILN_CHECK(it != maps.end(), "releasing memory that was not allocated here");
+    ::munmap(it->first, it->second);
+    maps.erase(it);
+}
+
+const Memory guarded_memory = {"guarded", guarded_alloc, guarded_release};
+
+template <Precision P>
+const Kernels& inner() {
+    return kernels::cpu_kernels(P);
+}
+
+// Each op of the guarded table: the CPU table's, with the memory opened around it.
+template <Precision P, auto Member, typename R, typename... A>
+R opened_call(A... a) {
+    Opened o;
+    return (inner<P>().*Member)(a...);
+}
+template <Precision P, auto Member, typename R, typename... A>
+constexpr auto opened(R (*Kernels::*)(A...)) {
+    return &opened_call<P, Member, R, A...>;
+}
+#define OPENED(f) opened<P, &Kernels::f>(&Kernels::f)
+
+template <Precision P>
+const Kernels guarded_table = {
+    P == Precision::bf16 ? "guarded-bf16" : "guarded-fp32",
+    P,
+    inner<P>().workspace_bytes,  // a size: touches no memory
+    OPENED(gemm),
+    OPENED(embedding_forward),
+    OPENED(embedding_backward),
+    OPENED(rmsnorm_forward),
+    OPENED(rmsnorm_backward),
+    inner<P>().attention_saved_bytes,
+    OPENED(attention_forward),
+    OPENED(attention_backward),
+    OPENED(swiglu_forward),
+    OPENED(swiglu_backward),
+    OPENED(logit_stats),
+    OPENED(cross_entropy_backward),
+    OPENED(cross_entropy),
+    OPENED(adamw),
+    OPENED(to_bf16),
+    &guarded_memory,
+    OPENED(copy),
+    OPENED(zero),
+    OPENED(widen),
+    OPENED(add),
+    OPENED(slice_ids),
+    OPENED(rescale_sumexp),
+    OPENED(row_losses),
+    OPENED(sum_squares),
+    nullptr,  // nothing to tune
+    nullptr,
+    nullptr,
+    nullptr,
+    nullptr,
+};
+
+const Kernels& guarded(Precision p) {
+    return p == Precision::bf16 ? guarded_table<Precision::bf16> : guarded_table<Precision::fp32>;
+}
+
+// n floats of the backend's memory, copied out to the host.
+std::vector<float> host_copy(const Kernels& k, const float* x, int64_t n) {
+    std::vector<float> out(static_cast<size_t>(n));
+    k.copy(out.data(), x, out.size() * sizeof(float));
+    return out;
+}
+
+LlamaConfig config() {
+    LlamaConfig c;
+    c.dim = 32, c.n_layers = 2, c.n_heads = 4, c.n_kv_heads = 2, c.vocab_size = 50;
+    c.multiple_of = 16;
+    return c;
+}
+
+struct Batch {
+    std::vector<int32_t> tokens, targets;
+};
+Batch batch(int64_t B, int64_t T, int64_t V, uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    Batch b{std::vector<int32_t>(size_t(B * T)), std::vector<int32_t>(size_t(B * T))};
+    for (auto& t : b.tokens)
+        t = static_cast<int32_t>(rng() % V);
+    for (int64_t i = 0; i < B * T; i++)
+        b.targets[size_t(i)] = (i % T) + 1 < T ? b.tokens[size_t(i + 1)] : -1;
+    return b;
+}
+
+// Everything a step leaves behind, copied to the host: the losses of two micro-batches and a
+// forward-only pass, the gradients, the updated weights, the gradient norm and full logits.
+struct Outcome {
+    std::vector<double> losses;
+    std::vector<float> grads, params, logits;
+    double grad_sq = 0;
+};
+
+Outcome train_step(const Kernels& k, Recompute recompute) {
+    const LlamaConfig c = config();
+    const int64_t B = 2, T = 8;
+    Llama m(c, k, B, T, recompute);
+    optim::AdamW adamw(m.layout(), {}, 0, m.layout().total(), k);
+    m.init_weights(5, 0.1);
+    const Batch a = batch(B, T, c.vocab_size, 1), b = batch(B, T, c.vocab_size, 2);
+    Outcome out;
+    out.losses.push_back(
+        m.forward_backward(a.tokens.data(), a.targets.data(), 0.01f, Grads::overwrite).sum);
+    out.losses.push_back(m.forward_backward(b.tokens.data(), b.targets.data(), 0.01f).sum);
+    out.losses.push_back(m.forward_backward(a.tokens.data(), a.targets.data(), 0).sum);
+    const int64_t n = m.layout().total();
+    out.grads = host_copy(k, m.grads(), n);
+    out.grad_sq = k.sum_squares(m.grads(), n);
+    adamw.update(m.params(), m.params_bf16(), m.grads(), 0.5f, 1e-2);
+    out.params = host_copy(k, m.params(), n);
+    out.logits.resize(size_t(B * T * c.vocab_size));
+    m.forward_logits(a.tokens.data(), out.logits.data());
+    return out;
+}
+
+class DeviceMemory : public ::testing::TestWithParam<Precision> {};
+INSTANTIATE_TEST_SUITE_P(Precision, DeviceMemory,
+                         ::testing::Values(Precision::fp32, Precision::bf16),
+                         kiln::testing::precision_param_name);
+
+TEST_P(DeviceMemory, TheModelReachesItsMemoryOnlyThroughTheTable) {
+    KILN_REQUIRE_PRODUCTS(GetParam());
+    for (Recompute r : {Recompute::none, Recompute::full}) {
+        const Outcome cpu = train_step(kernels::cpu_kernels(GetParam()), r);
+        const Outcome dev = train_step(guarded(GetParam()), r);
+        EXPECT_EQ(dev.losses, cpu.losses);
+        EXPECT_EQ(dev.grads, cpu.grads);
+        EXPECT_EQ(dev.grad_sq, cpu.grad_sq);
+        EXPECT_EQ(dev.params, cpu.params);
+        EXPECT_EQ(dev.logits, cpu.logits);
+    }
+    EXPECT_TRUE(guard().maps.empty()) << "every arena is released";
+}
+
+// Two pipeline stages in one process, handing the residual stream and its gradient from one
+// model's memory to the other's as the stage exchange does, against the whole model.
+TEST_P(DeviceMemory, PipelineStagesReachTheirMemoryOnlyThroughTheTable) {
+    KILN_REQUIRE_PRODUCTS(GetParam());
+    const Kernels& k = guarded(GetParam());
+    const LlamaConfig c = config();
+    const int64_t B = 2, T = 8;
+    const Batch a = batch(B, T, c.vocab_size, 3);
+    Llama whole(c, k, B, T, Recompute::selective);
+    whole.init_weights(7, 0.1);
+    const double loss =
+        whole.forward_backward(a.tokens.data(), a.targets.data(), 0.01f, Grads::overwrite).sum;
+    Llama first(c, k, B, T, Recompute::selective, 0, nullptr, {false, 2, 0, 1});
+    Llama last(c, k, B, T, Recompute::selective, 0, nullptr, {false, 2, 1, 1});
+    first.init_weights(7, 0.1);
+    last.init_weights(7, 0.1);
+    first.forward(0, a.tokens.data(), nullptr);
+    last.forward(0, nullptr, first.output(0));
+    EXPECT_EQ(last.loss(a.targets.data(), 0.01f, Grads::overwrite).sum, loss);
+    last.backward(0, nullptr, Grads::overwrite);
+    first.backward(0, last.input_grad(), Grads::overwrite);
+    const std::vector<float> g = host_copy(k, whole.grads(), whole.layout().total());
+    for (Llama* stage : {&first, &last}) {
+        const std::vector<float> mine = host_copy(k, stage->grads(), stage->layout().total());
+        for (const auto& p : stage->layout().params()) {
+            const ParamInfo* w = whole.layout().find(p.name);
+            ASSERT_NE(w, nullptr) << p.name;
+            EXPECT_TRUE(std::equal(mine.begin() + p.offset, mine.begin() + p.offset + p.numel,
+                                   g.begin() + w->offset))
+                << p.name;
+        }
+    }
+}
+
+}  // namespace
+}  // namespace kiln::model

@@ -100,14 +100,18 @@ void RankWriter::stage(const model::Layout& layout, const RankPlace& place, cons
         staged_.reset(new float[size_t(n)]);
         staged_capacity_ = n;
     }
-    // Training waits for this copy, so it runs on the threads the steps use.
+    // Training waits for this copy, so host memory is copied on the threads the steps use.
     float* dst = staged_.get();
     const float* parts[3] = {t.params, t.m, t.v};
     const int64_t sizes[3] = {n_params_, range, range};
     for (int i = 0; i < 3; i++) {
-        parallel_range(sizes[i], 1 << 20, [&, src = parts[i]](int64_t i0, int64_t i1) {
-            std::memcpy(dst + i0, src + i0, size_t(i1 - i0) * sizeof(float));
-        });
+        if (t.copy) {
+            t.copy(dst, parts[i], size_t(sizes[i]) * sizeof(float));
+        } else {
+            parallel_range(sizes[i], 1 << 20, [&, src = parts[i]](int64_t i0, int64_t i1) {
+                std::memcpy(dst + i0, src + i0, size_t(i1 - i0) * sizeof(float));
+            });
+        }
         dst += sizes[i];
     }
 }
@@ -394,7 +398,7 @@ void Checkpoint::assemble(const model::Layout& saved, std::vector<float>& params
 }
 
 void Checkpoint::load(const model::Layout& now, float* params, float* m, float* v, int64_t begin,
-                      int64_t end) const {
+                      int64_t end, CopyFn copy) const {
     std::vector<float> sp, sm, sv;  // one saved shard's buffers
     if (saved_tp_ == now.tp && saved_pp_ == now.pp) {
         // The same split: this rank's shard was written as one piece.
@@ -422,11 +426,17 @@ void Checkpoint::load(const model::Layout& now, float* params, float* m, float* 
             now.shard_from_full(p, wv.data() + off, sv.data() + p.offset);
         }
     }
-    std::copy(sp.begin(), sp.begin() + now.total(), params);
+    auto put = [copy](float* dst, const float* src, int64_t n) {
+        if (copy)
+            copy(dst, src, size_t(n) * sizeof(float));
+        else
+            std::copy(src, src + n, dst);
+    };
+    put(params, sp.data(), now.total());
     if (m)
-        std::copy(sm.begin() + begin, sm.begin() + end, m);
+        put(m, sm.data() + begin, end - begin);
     if (v)
-        std::copy(sv.begin() + begin, sv.begin() + end, v);
+        put(v, sv.data() + begin, end - begin);
 }
 
 void Checkpoint::read_tensor(const model::ParamInfo& p, float* full) const {

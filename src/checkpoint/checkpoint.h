@@ -37,12 +37,18 @@ struct RankPlace {
     int pp = 1, pp_rank = 0;
 };
 
+// Copies bytes between host memory and the memory training tensors live in: a kernel table's
+// copy (kernels/table.h), through which a device's tensors are read and written. Null where they
+// are host memory.
+using CopyFn = void (*)(void* dst, const void* src, size_t bytes);
+
 // What one rank saves. The moments cover [begin, end) of its layout's flat buffers.
 struct RankTensors {
     const float* params = nullptr;  // (layout.total()) this rank's shard; saved by dp_rank 0
     const float* m = nullptr;       // (end - begin)
     const float* v = nullptr;
     int64_t begin = 0, end = 0;
+    CopyFn copy = nullptr;  // the tensors' memory (null: host memory)
 };
 
 // One rank file as the manifest lists it.
@@ -108,9 +114,10 @@ public:
     const std::string& dir() const { return dir_; }
     // Fills `params` (layout.total()) with this layout's shard of the weights and m/v (each
     // end - begin, may be null) with the moments of [begin, end) of this layout, whatever the
-    // DP x PP x TP layout that wrote the checkpoint.
+    // DP x PP x TP layout that wrote the checkpoint. `copy` writes them where they are not host
+    // memory (RankTensors::copy).
     void load(const model::Layout& layout, float* params, float* m, float* v, int64_t begin,
-              int64_t end) const;
+              int64_t end, CopyFn copy = nullptr) const;
     // Fills `full` (p.full_shape) with the whole weight tensor named p.name, gathered from the
     // saved tensor-parallel shards as they lie in the mapped files: one tensor at a time, for
     // exports that must not hold the model twice.

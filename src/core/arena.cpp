@@ -35,13 +35,14 @@ void host_release(void* p) {
 
 }  // namespace
 
-const Memory host_memory = {"host", host_alloc, host_release};
+const Memory host_memory = {"host", 64, host_alloc, host_release};
 
 size_t Arena::add(const std::string& region, int64_t count, DType dtype) {
     KILN_CHECK(!base_, "arena {}: region {} added after allocation", name_, region);
     KILN_CHECK(count >= 0, "arena {}: region {} has negative size", name_, region);
     size_t offset = bytes_;
-    bytes_ += (static_cast<size_t>(count) * dtype_size(dtype) + 63) / 64 * 64;
+    const size_t align = memory_->align;
+    bytes_ += (static_cast<size_t>(count) * dtype_size(dtype) + align - 1) / align * align;
     return offset;
 }
 

@@ -12,10 +12,11 @@
 
 namespace kiln {
 
-// Where an arena's bytes live. alloc returns zero-filled memory, at least 64-byte aligned, or
-// throws Error naming `what`; release frees what alloc returned.
+// Where an arena's bytes live. alloc returns zero-filled memory aligned to `align`, or throws
+// Error naming `what`; release frees what alloc returned.
 struct Memory {
     const char* name;  // "host", "cuda", ...
+    size_t align;      // bytes; every region of an arena starts at a multiple of it
     void* (*alloc)(size_t bytes, const char* what);
     void (*release)(void* p);
 };

@@ -28,9 +28,17 @@ const Kernels& select_kernels(const std::string& backend, Precision precision) {
     if (backend == "reference")
         return reference_kernels(precision);
     if (backend == "cuda") {
-        throw error("train.backend=cuda: the CUDA training path is not available yet; use cpu");
+#ifdef KILN_HAVE_CUDA
+        if (cuda_available())
+            return cuda_kernels(precision);
+        throw error("train.backend=cuda: no CUDA device is visible to this process; use cpu");
+#else
+        throw error(
+            "train.backend=cuda: this kiln was built without CUDA (no nvcc at build "
+            "time); use cpu");
+#endif
     }
-    throw error("train.backend={} is not one of cpu, reference", backend);
+    throw error("train.backend={} is not one of cpu, reference, cuda", backend);
 }
 
 const char* precision_name(Precision p) {

@@ -1,6 +1,6 @@
 #pragma once
 // Picks a kernel table by backend name: "cpu" (fast), "reference" (the double-precision
-// oracle), "cuda" when built with CUDA.
+// oracle), "cuda" when built with CUDA and a device is visible.
 #include <string>
 
 #include "kernels/table.h"

@@ -142,25 +142,32 @@ double measure_peak_gflops(const std::string& backend, kernels::Precision p) {
     const kernels::Kernels& k = kernels::select_kernels(backend, p);
     const int64_t n = backend == "reference" ? 256 : 1024;
     const bool bf16 = p == kernels::Precision::bf16;
-    std::vector<float> a(size_t(n * n), 0.5f), b(size_t(n * n), 0.25f), c(size_t(n * n));
-    std::vector<uint16_t> a16, b16;
+    const DType type = bf16 ? DType::bf16 : DType::f32;
+    // Operands in the backend's memory, filled from the host.
+    Arena mem("peak measurement", *k.memory);
+    const size_t a_at = mem.add("a", n * n, type), b_at = mem.add("b", n * n, type);
+    const size_t c_at = mem.add("c", n * n, DType::f32);
+    const size_t ws_bytes = k.workspace_bytes(n * n, kernels::Attention{});
+    const size_t ws_at = mem.add("workspace", int64_t(ws_bytes + 1) / 2, DType::u16);
+    mem.allocate();
+    for (auto [at, value] : {std::pair{a_at, 0.5f}, std::pair{b_at, 0.25f}}) {
+        std::vector<float> x(size_t(n * n), value);
+        std::vector<uint16_t> x16(bf16 ? x.size() : 0);
+        if (bf16)
+            convert_f32_to_bf16(x16.data(), x.data(), int64_t(x.size()));
+        k.copy(mem.get<void>(at), bf16 ? static_cast<void*>(x16.data()) : x.data(),
+               x.size() * dtype_size(type));
+    }
     kernels::Gemm g;
     g.M = g.N = g.K = n;
-    g.a = a.data(), g.b = b.data(), g.c = c.data();
+    g.a = mem.get<void>(a_at), g.b = mem.get<void>(b_at), g.c = mem.get<float>(c_at);
+    g.a_type = g.b_type = type;
     g.lda = g.ldb = g.ldc = n;
-    if (bf16) {
-        a16.resize(a.size()), b16.resize(b.size());
-        convert_f32_to_bf16(a16.data(), a.data(), int64_t(a.size()));
-        convert_f32_to_bf16(b16.data(), b.data(), int64_t(b.size()));
-        g.a = a16.data(), g.b = b16.data();
-        g.a_type = g.b_type = DType::bf16;
-    }
-    std::vector<char> ws(k.workspace_bytes(n * n, kernels::Attention{}) + 64);
     double best = 0;
     const auto start = Clock::now();
     for (int rep = 0; rep < 6 || (rep < 200 && seconds_since(start) < 0.25); rep++) {
         auto t0 = Clock::now();
-        k.gemm(g, {ws.data(), ws.size()});
+        k.gemm(g, {mem.get<void>(ws_at), ws_bytes});
         if (rep > 0)
             best = std::max(best, 2.0 * double(n * n * n) / seconds_since(t0) / 1e9);
     }
@@ -241,6 +248,14 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     if (!t.precision_why.empty())
         precision.why = t.precision_why;  // how RunConfig::resolve() settled an "auto"
     const kernels::Kernels& k = kernels::select_kernels(t.backend, precision.precision);
+    // A device's tensors reach checkpoints through the host.
+    const checkpoint::CopyFn device_copy = k.memory == &host_memory ? nullptr : k.copy;
+    if (device_copy && g.world > 1) {
+        throw error(
+            "train.backend={} trains on one rank for now ({} ranks here): its tensor "
+            "collectives over NCCL are not wired into training yet",
+            t.backend, g.world);
+    }
     auto source = data::open_source(cfg.data.source, t.seq_len, cfg.model.vocab_size,
                                     static_cast<uint64_t>(t.seed));
     if (auto* shards = dynamic_cast<data::ShardSet*>(source.get())) {
@@ -297,7 +312,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
         }
         // Each rank takes its shard of the saved state, whatever layout saved it.
         auto load_start = Clock::now();
-        ck.load(model.layout(), model.params(), adamw.m(), adamw.v(), sh.begin, sh.end);
+        ck.load(model.layout(), model.params(), adamw.m(), adamw.v(), sh.begin, sh.end,
+                device_copy);
         adamw.set_step(ck.state().adam_step);
         start_step = ck.state().step;
         model.sync_compute_weights();
@@ -435,7 +451,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
         const bool saves_moments = zero || g.dp_rank == 0;
         writer.stage(model.layout(), here,
                      {model.params(), adamw.m(), adamw.v(), saves_moments ? sh.begin : 0,
-                      saves_moments ? sh.end : 0});
+                      saves_moments ? sh.end : 0, device_copy});
         writer.start(run, steps_done);
         pending = checkpoint::TrainState{steps_done, adamw.step(), loss};
         const double mib = double((g.dp_rank == 0 ? model.layout().total() : 0) +

@@ -642,5 +642,51 @@ TEST(KernelMath, ToBf16) {
     EXPECT_EQ(got, want);
 }
 
+// The ops around the products: the host tables' results bit for bit (they run the same fp32
+// operations), and the sum of squares in double to rounding.
+TEST(KernelMath, SmallOpsAroundTheProducts) {
+    const Kernels& host = cpu_kernels(Precision::fp32);
+    const int64_t n = 700, begin = 100, count = 250;
+    std::vector<int32_t> ids(n);
+    std::mt19937 rng(5);
+    for (auto& id : ids)
+        id = int32_t(rng() % 500) - 20;  // some negative: ignored targets
+    std::vector<int32_t> local(n), local_want(n);
+    std::vector<float> weight(n), weight_want(n);
+    grid_stride(n, [&](int64_t i) {
+        slice_id_at(local.data(), weight.data(), ids.data(), begin, count, 0.25f, i);
+    });
+    host.slice_ids(local_want.data(), weight_want.data(), ids.data(), n, begin, count, 0.25f);
+    EXPECT_EQ(local, local_want);
+    EXPECT_EQ(weight, weight_want);
+
+    auto max = randn(n, 2), local_max = randn(n, 3), target_logit = randn(n, 4);
+    for (int64_t i = 0; i < n; i++)
+        max[i] = std::max(max[i], local_max[i]);
+    auto sumexp = randn(n, 5);
+    for (auto& x : sumexp)
+        x = 1.0f + std::fabs(x);
+    auto rescaled = sumexp, rescaled_want = sumexp;
+    grid_stride(
+        n, [&](int64_t i) { rescale_sumexp_at(rescaled.data(), local_max.data(), max.data(), i); });
+    host.rescale_sumexp(rescaled_want.data(), local_max.data(), max.data(), n);
+    EXPECT_EQ(rescaled, rescaled_want);
+
+    std::vector<float> losses(n), losses_want(n);
+    grid_stride(n, [&](int64_t i) {
+        row_loss_at(losses.data(), max.data(), rescaled.data(), target_logit.data(), ids.data(), i);
+    });
+    host.row_losses(losses_want.data(), max.data(), rescaled.data(), target_logit.data(),
+                    ids.data(), n);
+    EXPECT_EQ(losses, losses_want);
+
+    const auto x = randn(100000, 6);
+    double sum = 0;
+    for (int64_t first = 0; first < kBlocks * kThreads; first++)
+        sum += sum_squares_share(x.data(), int64_t(x.size()), first, kBlocks * kThreads);
+    const double want = host.sum_squares(x.data(), int64_t(x.size()));
+    EXPECT_NEAR(sum, want, 1e-12 * want);
+}
+
 }  // namespace
 }  // namespace kiln::kernels::cuda

@@ -78,7 +78,7 @@ void guarded_release(void* p) {
     maps.erase(it);
 }
 
-const Memory guarded_memory = {"guarded", guarded_alloc, guarded_release};
+const Memory guarded_memory = {"guarded", 64, guarded_alloc, guarded_release};
 
 template <Precision P>
 const Kernels& inner() {

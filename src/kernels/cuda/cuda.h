@@ -1,15 +1,35 @@
 #pragma once
 // The CUDA backend's ops: those of the Kernels table, with the table's signatures and contracts
-// (table.h) on device pointers, their arithmetic in kernel_math.h and attention_math.h. Not a
-// table yet (autotuning, streams): the model does not run on CUDA.
+// (table.h) on device pointers, their arithmetic in kernel_math.h and attention_math.h;
+// cuda_kernels() assembles them into the table.
 #include <cstddef>
 #include <cstdint>
 
-#include "kernels/ops.h"
+#include "kernels/table.h"
+
+namespace kiln::kernels {
+// The CUDA table in a precision (table.h); its memory is the current device's.
+const Kernels& cuda_kernels(Precision precision);
+}  // namespace kiln::kernels
 
 namespace kiln::kernels::cuda {
 
 int device_count();  // 0 when there is no usable device or driver
+
+// Device memory, 256-byte aligned, zero-filled; out of memory is an Error naming the config keys
+// that shrink a rank's share.
+extern const Memory device_memory;
+void copy(void* dst, const void* src, size_t bytes);  // either side host or device
+void zero(void* dst, size_t bytes);
+void widen(float* dst, const uint16_t* src, int64_t n);
+void add(float* y, const float* a, const float* b, int64_t n);
+void slice_ids(int32_t* local, float* weight, const int32_t* ids, int64_t n, int64_t begin,
+               int64_t count, float value);
+void rescale_sumexp(float* sumexp, const float* local_max, const float* max, int64_t M);
+void row_losses(float* losses, const float* max, const float* sumexp, const float* target_logit,
+                const int32_t* targets, int64_t M);
+// Blocks' double partials in a fixed order, summed on the host in block order.
+double sum_squares(const float* x, int64_t n);
 
 // Each call launches on the default stream and waits for it, converting a failure into
 // KILN_CUDA's check. Pointers are device memory; the host-side scalars (AdamWStep) are not.

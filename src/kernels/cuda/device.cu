@@ -1,7 +1,46 @@
+// The CUDA backend's memory: device allocations for arenas, copies between host and device, and
+// the reductions whose result the host reads (the gradient's sum of squares).
+#include <algorithm>
+
 #include "kernels/cuda/cuda.h"
-#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/launch.h"
 
 namespace kiln::kernels::cuda {
+namespace {
+
+constexpr int kSumBlocks = 256;  // blocks of the sum of squares; their partials meet on the host
+
+__global__ void sum_squares_kernel(double* partials, const float* x, int64_t n) {
+    const double s = block_reduce(sum_squares_share(x, n, first_index(), stride()), 0.0, Sum{});
+    if (threadIdx.x == 0)
+        partials[blockIdx.x] = s;
+}
+
+void* device_alloc(size_t bytes, const char* what) {
+    const size_t n = std::max<size_t>(bytes, 1);
+    void* p = nullptr;
+    const cudaError_t status = cudaMalloc(&p, n);
+    if (status == cudaErrorMemoryAllocation) {
+        cudaGetLastError();  // not sticky: the device stays usable
+        size_t free = 0, total = 0;
+        cudaMemGetInfo(&free, &total);
+        throw error(
+            "out of GPU memory allocating {:.1f} MiB for {} ({:.0f} of {:.0f} MiB free); lower "
+            "train.micro_batch, set train.recompute=selective or full, or raise parallel.tp",
+            n / 1048576.0, what, free / 1048576.0, total / 1048576.0);
+    }
+    KILN_CUDA(status);
+    KILN_CUDA(cudaMemset(p, 0, n));
+    return p;
+}
+
+void device_release(void* p) {
+    cudaFree(p);  // in a destructor: a failure here has nowhere to go
+}
+
+}  // namespace
+
+const Memory device_memory = {"cuda", 256, device_alloc, device_release};
 
 int device_count() {
     int n = 0;
@@ -10,6 +49,36 @@ int device_count() {
         return 0;
     }
     return n;
+}
+
+void copy(void* dst, const void* src, size_t bytes) {
+    if (bytes > 0)
+        KILN_CUDA(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
+}
+
+void zero(void* dst, size_t bytes) {
+    if (bytes > 0) {
+        KILN_CUDA(cudaMemset(dst, 0, bytes));
+        KILN_CUDA(cudaDeviceSynchronize());
+    }
+}
+
+double sum_squares(const float* x, int64_t n) {
+    static double* partials = [] {
+        double* p = nullptr;
+        KILN_CUDA(cudaMalloc(&p, kSumBlocks * sizeof(double)));
+        return p;
+    }();
+    if (n == 0)
+        return 0;
+    sum_squares_kernel<<<kSumBlocks, kElementThreads>>>(partials, x, n);
+    finish_launch();
+    double host[kSumBlocks];
+    KILN_CUDA(cudaMemcpy(host, partials, sizeof(host), cudaMemcpyDeviceToHost));
+    double total = 0;
+    for (double s : host)
+        total += s;
+    return total;
 }
 
 }  // namespace kiln::kernels::cuda

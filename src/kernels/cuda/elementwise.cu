@@ -1,5 +1,6 @@
 // The CUDA backend's elementwise ops: grid-stride loops over kernel_math.h's per-element
-// functions (embedding, SwiGLU, rotary embedding, AdamW, bf16 rounding).
+// functions (embedding, SwiGLU, rotary embedding, AdamW, bf16 rounding, and the small ops around
+// the products).
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/launch.h"
 
@@ -49,7 +50,74 @@ __global__ void to_bf16_kernel(uint16_t* dst, const float* src, int64_t n) {
         dst[i] = bf16_round(src[i]);
 }
 
+__global__ void widen_kernel(float* dst, const uint16_t* src, int64_t n) {
+    for (int64_t i = first_index(); i < n; i += stride())
+        dst[i] = bf16_widen(src[i]);
+}
+
+__global__ void add_kernel(float* y, const float* a, const float* b, int64_t n) {
+    for (int64_t i = first_index(); i < n; i += stride())
+        y[i] = a[i] + b[i];
+}
+
+__global__ void slice_ids_kernel(int32_t* local, float* weight, const int32_t* ids, int64_t begin,
+                                 int64_t count, float value, int64_t n) {
+    for (int64_t i = first_index(); i < n; i += stride())
+        slice_id_at(local, weight, ids, begin, count, value, i);
+}
+
+__global__ void rescale_sumexp_kernel(float* sumexp, const float* local_max, const float* max,
+                                      int64_t n) {
+    for (int64_t i = first_index(); i < n; i += stride())
+        rescale_sumexp_at(sumexp, local_max, max, i);
+}
+
+__global__ void row_losses_kernel(float* losses, const float* max, const float* sumexp,
+                                  const float* target_logit, const int32_t* targets, int64_t n) {
+    for (int64_t i = first_index(); i < n; i += stride())
+        row_loss_at(losses, max, sumexp, target_logit, targets, i);
+}
+
 }  // namespace
+
+void widen(float* dst, const uint16_t* src, int64_t n) {
+    if (n == 0)
+        return;
+    widen_kernel<<<element_blocks(n), kElementThreads>>>(dst, src, n);
+    finish_launch();
+}
+
+void add(float* y, const float* a, const float* b, int64_t n) {
+    if (n == 0)
+        return;
+    add_kernel<<<element_blocks(n), kElementThreads>>>(y, a, b, n);
+    finish_launch();
+}
+
+void slice_ids(int32_t* local, float* weight, const int32_t* ids, int64_t n, int64_t begin,
+               int64_t count, float value) {
+    if (n == 0)
+        return;
+    slice_ids_kernel<<<element_blocks(n), kElementThreads>>>(local, weight, ids, begin, count,
+                                                             value, n);
+    finish_launch();
+}
+
+void rescale_sumexp(float* sumexp, const float* local_max, const float* max, int64_t M) {
+    if (M == 0)
+        return;
+    rescale_sumexp_kernel<<<element_blocks(M), kElementThreads>>>(sumexp, local_max, max, M);
+    finish_launch();
+}
+
+void row_losses(float* losses, const float* max, const float* sumexp, const float* target_logit,
+                const int32_t* targets, int64_t M) {
+    if (M == 0)
+        return;
+    row_losses_kernel<<<element_blocks(M), kElementThreads>>>(losses, max, sumexp, target_logit,
+                                                              targets, M);
+    finish_launch();
+}
 
 void embedding_forward(float* out, const int32_t* tokens, const void* wte, DType wte_type,
                        int64_t M, int64_t C) {

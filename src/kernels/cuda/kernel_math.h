@@ -90,7 +90,10 @@ KILN_HD float sigmoid(float x) {
 // --- block reductions: the combining steps, and their host replay ---
 
 struct Sum {
-    KILN_HD float operator()(float a, float b) const { return a + b; }
+    template <typename T>
+    KILN_HD T operator()(T a, T b) const {
+        return a + b;
+    }
 };
 
 // A softmax denominator folded online: sum = sum_j exp(x_j - max) over the elements seen.
@@ -285,6 +288,36 @@ KILN_HD void xent_gradient(Out* out, const float* row, int64_t V, int32_t target
         const float p = expf(row[v] - max) / sumexp;
         store(out + v, scale * (v == target ? p - 1.0f : p));
     }
+}
+
+// --- the small ops around the products (table.h, "Memory"), element by element ---
+
+KILN_HD void slice_id_at(int32_t* local, float* weight, const int32_t* ids, int64_t begin,
+                         int64_t count, float value, int64_t i) {
+    const int32_t t = ids[i];
+    local[i] = t >= begin && t < begin + count ? static_cast<int32_t>(t - begin) : -1;
+    if (weight)
+        weight[i] = t >= 0 ? value : 0.0f;
+}
+
+// A row's sum of exponentials moved from this rank's maximum to the group's.
+KILN_HD void rescale_sumexp_at(float* sumexp, const float* local_max, const float* max, int64_t i) {
+    sumexp[i] *= expf(local_max[i] - max[i]);
+}
+
+KILN_HD void row_loss_at(float* losses, const float* max, const float* sumexp,
+                         const float* target_logit, const int32_t* targets, int64_t i) {
+    losses[i] = xent_loss(MaxSum{max[i], sumexp[i]}, target_logit[i], targets[i]);
+}
+
+// Thread `first` of a grid-stride loop of `stride` threads: its share of the sum of squares, in
+// double, in index order. The shares are combined as block_reduce orders them, then the blocks'
+// sums in block order.
+KILN_HD double sum_squares_share(const float* x, int64_t n, int64_t first, int64_t stride) {
+    double s = 0;
+    for (int64_t i = first; i < n; i += stride)
+        s += double(x[i]) * double(x[i]);
+    return s;
 }
 
 // --- AdamW, element by element (see Kernels::adamw), with fp32 master weights ---

@@ -29,6 +29,9 @@ __device__ __forceinline__ int64_t stride() {
 __device__ __forceinline__ float shfl_xor(float v, int o) {
     return __shfl_xor_sync(0xffffffffu, v, o);
 }
+__device__ __forceinline__ double shfl_xor(double v, int o) {
+    return __shfl_xor_sync(0xffffffffu, v, o);
+}
 __device__ __forceinline__ MaxSum shfl_xor(MaxSum v, int o) {
     return {__shfl_xor_sync(0xffffffffu, v.max, o), __shfl_xor_sync(0xffffffffu, v.sum, o)};
 }

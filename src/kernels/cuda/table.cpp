@@ -1,0 +1,84 @@
+// Fills the CUDA backend's kernel table (see kernels/table.h) from the ops of cuda.h. Every op
+// waits for its launches, so the host may read what it wrote. Products keep cuBLASLt's own
+// choice: nothing to tune yet.
+#include <algorithm>
+
+#include "kernels/cuda/cuda.h"
+
+namespace kiln::kernels::cuda {
+namespace {
+
+// gemm and attention share the model's one workspace.
+size_t workspace_bytes(int64_t max_operand, const Attention& a) {
+    return std::max(gemm_workspace_bytes(max_operand), attention_workspace_bytes(a));
+}
+
+template <Precision P>
+void gemm_in(const Gemm& g, Workspace ws) {
+    gemm(g, P, ws);
+}
+
+template <Precision P>
+size_t saved_bytes_in(const Attention& a) {
+    return attention_saved_bytes(a, P);
+}
+
+template <Precision P>
+void attention_forward_in(float* out, void* saved, const float* qkv, const Attention& a,
+                          Workspace ws) {
+    attention_forward(out, saved, qkv, a, P, ws);
+}
+
+template <Precision P>
+void attention_backward_in(void* dqkv, DType dqkv_type, const float* dout, const float* qkv,
+                           const void* saved, const Attention& a, Workspace ws) {
+    attention_backward(dqkv, dqkv_type, dout, qkv, saved, a, P, ws);
+}
+
+template <Precision P>
+const Kernels table = {
+    P == Precision::bf16 ? "cuda-bf16" : "cuda-fp32",
+    P,
+    workspace_bytes,
+    gemm_in<P>,
+    embedding_forward,
+    embedding_backward,
+    rmsnorm_forward,
+    rmsnorm_backward,
+    saved_bytes_in<P>,
+    attention_forward_in<P>,
+    attention_backward_in<P>,
+    swiglu_forward,
+    swiglu_backward,
+    logit_stats,
+    cross_entropy_backward,
+    cross_entropy,
+    adamw,
+    to_bf16,
+    &device_memory,
+    copy,
+    zero,
+    widen,
+    add,
+    slice_ids,
+    rescale_sumexp,
+    row_losses,
+    sum_squares,
+    nullptr,  // nothing to tune
+    nullptr,
+    nullptr,
+    nullptr,
+    nullptr,
+};
+
+}  // namespace
+}  // namespace kiln::kernels::cuda
+
+namespace kiln::kernels {
+
+const Kernels& cuda_kernels(Precision precision) {
+    return precision == Precision::bf16 ? cuda::table<Precision::bf16>
+                                        : cuda::table<Precision::fp32>;
+}
+
+}  // namespace kiln::kernels

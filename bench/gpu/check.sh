@@ -2,8 +2,9 @@
 # The prepared device check, run on the GPU machine from the repository root with the folder
 # that bench/gpu/bundle.sh made carried along (bench/gpu/bundle). Finds the CUDA libraries the
 # binaries need among that machine's CUDA toolkit and PyTorch's pip packages (nvidia-*), says
-# which it used, then runs the CUDA op tests, the NCCL test and a short CPU training of the
-# bundled kiln; each step has a time limit, and the whole stays under ~8 minutes.
+# which it used, then runs the CUDA op tests, the NCCL test, and the bundled kiln training `tiny`
+# for 30 steps in fp32 on the GPU and on the CPUs, comparing their loss curves; each step has a
+# time limit, and the whole stays under ~8 minutes.
 # Figures go to $OUT (when set) and to stdout.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -51,8 +52,49 @@ step() {  # step NAME SECONDS COMMAND...
     tail -5 "$out/$name.log"
     [ "$rc" = 0 ] || status=1
 }
-step cuda_ops 120 "$b/bin/test_cuda"
-step nccl 120 "$b/bin/test_nccl"
-step train_cpu 180 "$b/bin/kiln" train --set train.steps=5 --set train.micro_batch=2 \
-    --set run.dir="$out/run"
+k="$b/bin/kiln"
+step cuda_ops 90 "$b/bin/test_cuda"
+step nccl 60 "$b/bin/test_nccl"
+# A small real data set: the built-in stories, a 512-piece tokenizer trained on them.
+data="$out/data"
+step data 60 "$k" data --corpus builtin:stories:2000 --train-tokenizer 512 --out "$data" \
+    --set data.seq_len=256
+# tiny, 30 steps in fp32 on the GPU and on this machine's CPUs from the same seed: the curves
+# must agree (relative difference <= 1e-4 at every step).
+tiny=(--set model.vocab_size=512 --set data.source="$data" --set data.tokenizer="$data/tokenizer.model"
+      --set train.steps=30 --set train.precision=fp32 --set train.autotune=false
+      --set train.log_every=10 --set train.checkpoint_every=0)
+step train_cuda 90 "$k" train "${tiny[@]}" --set train.backend=cuda --set run.dir="$out/tiny-cuda"
+step train_cpu 120 "$k" train "${tiny[@]}" --set run.dir="$out/tiny-cpu"
+step curves 20 python3 - "$out/tiny-cpu/metrics.jsonl" "$out/tiny-cuda/metrics.jsonl" <<'PY'
+import json, sys
+cpu, gpu = ([json.loads(l) for l in open(p)] for p in sys.argv[1:3])
+assert len(cpu) == len(gpu) == 30, (len(cpu), len(gpu))
+worst = 0.0
+for c, g in zip(cpu, gpu):
+    rel = abs(c["loss"] - g["loss"]) / abs(c["loss"])
+    worst = max(worst, rel)
+    print(f"step {c['step']:3d}  cpu {c['loss']:.6f}  cuda {g['loss']:.6f}  rel {rel:.2e}  "
+          f"cuda tok/s {g['tokens_per_s']:.0f}")
+print(f"worst relative difference {worst:.2e} (bound 1e-4)")
+sys.exit(0 if worst <= 1e-4 else 1)
+PY
+# The GPU run's Hugging Face export read by this machine's transformers, against `kiln eval`.
+step export 60 "$k" export --checkpoint "$out/tiny-cuda" --format hf --out "$out/hf" \
+    --tokenizer "$data/tokenizer.model"
+step eval 60 bash -c "'$k' eval --checkpoint '$out/tiny-cuda' --data '$data' --max-rows 8 \
+    --precision fp32 >'$out/eval.json'"
+text="Once upon a time there was a little fox who loved the sea."
+{ echo "$text"; echo "$text" | "$k" tokenizer encode --tokenizer "$data/tokenizer.model"; } \
+    >"$out/ids.txt"
+step hf 120 python3 bench/gpu/hf_check.py "$out/hf" "$data/shard-00000.bin" 8 "$out/eval.json" \
+    "$out/ids.txt"
+# The 1.1B Llama at sequence 4096 in bf16: kiln, then PyTorch in the same run.
+b11=(--set model.dim=2048 --set model.n_layers=22 --set model.n_heads=32 --set model.n_kv_heads=4
+     --set model.vocab_size=32000 --set model.multiple_of=256 --set train.seq_len=4096
+     --set train.micro_batch=2 --set train.precision=bf16 --set train.recompute=selective
+     --set train.steps=12 --set train.log_every=1 --set train.checkpoint_every=0
+     --set train.peak_gflops=989000 --set train.backend=cuda)
+step kiln_1b 150 "$k" train "${b11[@]}" --set run.dir="$out/kiln-1b"
+step torch_1b 240 python3 bench/gpu/torch_llama.py --batch 2 --seq 4096
 exit $status

@@ -79,6 +79,10 @@ for c, g in zip(cpu, gpu):
 print(f"worst relative difference {worst:.2e} (bound 1e-4)")
 sys.exit(0 if worst <= 1e-4 else 1)
 PY
+if [ "$status" != 0 ]; then  # the same run with every launch waited for names the op at fault
+    KILN_CUDA_SYNC=1 step train_cuda_sync 120 "$k" train "${tiny[@]}" --set train.backend=cuda \
+        --set run.dir="$out/tiny-cuda-sync"
+fi
 # The GPU run's Hugging Face export read by this machine's transformers, against `kiln eval`.
 step export 60 "$k" export --checkpoint "$out/tiny-cuda" --format hf --out "$out/hf" \
     --tokenizer "$data/tokenizer.model"

@@ -31,10 +31,12 @@ class NcclCollective : public Collective {
 public:
     NcclCollective(ncclComm_t comm, int rank, int size) : comm_(comm), rank_(rank), size_(size) {
         KILN_CUDA_RT(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+        KILN_CUDA_RT(cudaEventCreateWithFlags(&device_work_, cudaEventDisableTiming));
         KILN_CUDA_RT(cudaMalloc(&scratch_, sizeof(float)));
     }
     ~NcclCollective() override {
         cudaFree(scratch_);
+        cudaEventDestroy(device_work_);
         cudaStreamDestroy(stream_);
         ncclCommDestroy(comm_);
     }
@@ -42,45 +44,70 @@ public:
     int size() const override { return size_; }
 
     void all_reduce_sum(float* data, size_t n) override {
-        run(ncclAllReduce(data, data, n, ncclFloat, ncclSum, comm_, stream_), n * 4);
+        run([&] { return ncclAllReduce(data, data, n, ncclFloat, ncclSum, comm_, stream_); },
+            n * 4);
     }
     void all_reduce_sum(double* data, size_t n) override {
-        run(ncclAllReduce(data, data, n, ncclDouble, ncclSum, comm_, stream_), n * 8);
+        run([&] { return ncclAllReduce(data, data, n, ncclDouble, ncclSum, comm_, stream_); },
+            n * 8);
     }
     void all_reduce_max(float* data, size_t n) override {
-        run(ncclAllReduce(data, data, n, ncclFloat, ncclMax, comm_, stream_), n * 4);
+        run([&] { return ncclAllReduce(data, data, n, ncclFloat, ncclMax, comm_, stream_); },
+            n * 4);
     }
     // In place: NCCL's result for rank r lands at data + r * chunk, as the contract says.
     void reduce_scatter_sum(float* data, size_t chunk) override {
-        run(ncclReduceScatter(data, data + size_t(rank_) * chunk, chunk, ncclFloat, ncclSum, comm_,
-                              stream_),
+        run(
+            [&] {
+                return ncclReduceScatter(data, data + size_t(rank_) * chunk, chunk, ncclFloat,
+                                         ncclSum, comm_, stream_);
+            },
             chunk * size_t(size_) * 4);
     }
     void all_gather_bytes(void* data, size_t chunk) override {
         char* bytes = static_cast<char*>(data);
-        run(ncclAllGather(bytes + size_t(rank_) * chunk, bytes, chunk, ncclChar, comm_, stream_),
+        run(
+            [&] {
+                return ncclAllGather(bytes + size_t(rank_) * chunk, bytes, chunk, ncclChar, comm_,
+                                     stream_);
+            },
             chunk * size_t(size_));
     }
     void broadcast(void* bytes, size_t n, int root) override {
-        run(ncclBroadcast(bytes, bytes, n, ncclChar, root, comm_, stream_), n);
+        run([&] { return ncclBroadcast(bytes, bytes, n, ncclChar, root, comm_, stream_); }, n);
     }
     void barrier() override {
-        run(ncclAllReduce(scratch_, scratch_, 1, ncclFloat, ncclSum, comm_, stream_), 0);
+        run(
+            [&] {
+                return ncclAllReduce(scratch_, scratch_, 1, ncclFloat, ncclSum, comm_, stream_);
+            },
+            0);
     }
     // NCCL's point-to-point pair, grouped so that neither side waits for the other to start.
     void exchange(const void* send, size_t send_bytes, int to, void* recv, size_t recv_bytes,
                   int from) override {
-        ncclResult_t r = ncclGroupStart();
-        if (r == ncclSuccess && send_bytes > 0)
-            r = ncclSend(send, send_bytes, ncclChar, to, comm_, stream_);
-        if (r == ncclSuccess && recv_bytes > 0)
-            r = ncclRecv(recv, recv_bytes, ncclChar, from, comm_, stream_);
-        const ncclResult_t ended = ncclGroupEnd();
-        run(r == ncclSuccess ? ended : r, send_bytes);
+        run(
+            [&] {
+                ncclResult_t r = ncclGroupStart();
+                if (r == ncclSuccess && send_bytes > 0)
+                    r = ncclSend(send, send_bytes, ncclChar, to, comm_, stream_);
+                if (r == ncclSuccess && recv_bytes > 0)
+                    r = ncclRecv(recv, recv_bytes, ncclChar, from, comm_, stream_);
+                const ncclResult_t ended = ncclGroupEnd();
+                return r == ncclSuccess ? ended : r;
+            },
+            send_bytes);
     }
 
 private:
-    void run(ncclResult_t launched, size_t bytes) {
+    // Launches an operation once the device work already queued on this process's streams is
+    // done (the kernels' stream is a blocking one, so the legacy stream's event follows it),
+    // and waits for it.
+    template <typename Launch>
+    void run(Launch launch, size_t bytes) {
+        KILN_CUDA_RT(cudaEventRecord(device_work_, cudaStreamLegacy));
+        KILN_CUDA_RT(cudaStreamWaitEvent(stream_, device_work_, 0));
+        const ncclResult_t launched = launch();
         if (launched != ncclSuccess) {
             throw error("NCCL collective failed: {}", ncclGetErrorString(launched));
         }
@@ -90,6 +117,7 @@ private:
     ncclComm_t comm_;
     int rank_, size_;
     cudaStream_t stream_ = nullptr;
+    cudaEvent_t device_work_ = nullptr;
     float* scratch_ = nullptr;  // [device] one float for the barrier
 };
 

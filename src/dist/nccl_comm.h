@@ -11,7 +11,9 @@ namespace kiln::dist {
 class TcpStore;
 
 // Connects `size` ranks under `name` (one device each: the current CUDA device). Every call of
-// the returned Collective takes device pointers and returns when the operation is complete.
+// the returned Collective takes device pointers, starts once the device work queued before it
+// on this process's blocking streams (the kernel table's) is done, and returns when the
+// operation is complete.
 std::unique_ptr<Collective> connect_nccl(TcpStore& store, const std::string& name, int rank,
                                          int size);
 

@@ -43,7 +43,8 @@ const float* rotated(const float* qkv, const Attention& a, float* copy) {
     if (!a.rope_cos)
         return qkv;
     const int64_t M = a.B * a.T;
-    KILN_CUDA(cudaMemcpy(copy, qkv, size_t(M * a.ldqkv) * 4, cudaMemcpyDeviceToDevice));
+    KILN_CUDA(
+        cudaMemcpyAsync(copy, qkv, size_t(M * a.ldqkv) * 4, cudaMemcpyDeviceToDevice, stream()));
     rope(copy, a.ldqkv, M, a.T, a.H + a.Hkv, a.D, a.rope_cos, a.rope_sin, false);
     return copy;
 }
@@ -99,10 +100,11 @@ __global__ void convert_kernel(Out* dst, const float* src, int64_t n) {
 template <typename P>
 void forward(float* out, P* probs, const float* qkv, const Attention& a) {
     const unsigned rows = static_cast<unsigned>(a.B * a.H * a.T);
-    probs_kernel<P><<<rows, kRowThreads, row_shared_bytes(probs_kernel<P>, a)>>>(probs, qkv, a);
+    probs_kernel<P>
+        <<<rows, kRowThreads, row_shared_bytes(probs_kernel<P>, a), stream()>>>(probs, qkv, a);
     KILN_CUDA(cudaGetLastError());
     const int64_t n = a.B * a.T * a.H * a.D;
-    output_kernel<<<element_blocks(n), kElementThreads>>>(out, probs, qkv, a, n);
+    output_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(out, probs, qkv, a, n);
     finish_launch();
 }
 
@@ -110,11 +112,13 @@ template <typename P>
 void backward(float* grad, float* ds, const float* dout, const float* qkv, const P* probs,
               const Attention& a) {
     const unsigned rows = static_cast<unsigned>(a.B * a.H * a.T);
-    ds_kernel<P><<<rows, kRowThreads, row_shared_bytes(ds_kernel<P>, a)>>>(ds, probs, dout, qkv, a);
+    ds_kernel<P><<<rows, kRowThreads, row_shared_bytes(ds_kernel<P>, a), stream()>>>(ds, probs,
+                                                                                     dout, qkv, a);
     KILN_CUDA(cudaGetLastError());
     const int64_t nq = a.B * a.T * a.H * a.D, nkv = a.B * a.T * a.Hkv * a.D;
-    dq_kernel<<<element_blocks(nq), kElementThreads>>>(grad, ds, qkv, a, nq);
-    dkv_kernel<<<element_blocks(nkv), kElementThreads>>>(grad, ds, probs, dout, qkv, a, nkv);
+    dq_kernel<<<element_blocks(nq), kElementThreads, 0, stream()>>>(grad, ds, qkv, a, nq);
+    dkv_kernel<<<element_blocks(nkv), kElementThreads, 0, stream()>>>(grad, ds, probs, dout, qkv, a,
+                                                                      nkv);
     finish_launch();
 }
 
@@ -159,8 +163,8 @@ void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const fl
         rope(grad, a.ldqkv, M, a.T, a.H + a.Hkv, a.D, a.rope_cos, a.rope_sin, true);
     if (dqkv_type == DType::bf16) {
         const int64_t n = M * a.ldqkv;
-        convert_kernel<<<element_blocks(n), kElementThreads>>>(static_cast<uint16_t*>(dqkv), grad,
-                                                               n);
+        convert_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(
+            static_cast<uint16_t*>(dqkv), grad, n);
         finish_launch();
     }
 }

@@ -31,8 +31,10 @@ void row_losses(float* losses, const float* max, const float* sumexp, const floa
 // Blocks' double partials in a fixed order, summed on the host in block order.
 double sum_squares(const float* x, int64_t n);
 
-// Each call launches on the default stream and waits for it, converting a failure into
-// KILN_CUDA's check. Pointers are device memory; the host-side scalars (AdamWStep) are not.
+// Each call queues its work on the process's one stream (launch.h) and returns, converting a
+// launch failure into KILN_CUDA's check; the host waits only where it reads or lends memory
+// (copy() with a host side, sum_squares()), or after every launch with KILN_CUDA_SYNC=1.
+// Pointers are device memory; the host-side scalars (AdamWStep) are not.
 void embedding_forward(float* out, const int32_t* tokens, const void* wte, DType wte_type,
                        int64_t M, int64_t C);
 void embedding_backward(float* dwte, const float* dout, const int32_t* tokens, int64_t M,

@@ -1,6 +1,8 @@
 // The CUDA backend's memory: device allocations for arenas, copies between host and device, and
 // the reductions whose result the host reads (the gradient's sum of squares).
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/launch.h"
@@ -42,6 +44,23 @@ void device_release(void* p) {
 
 const Memory device_memory = {"cuda", 256, device_alloc, device_release};
 
+cudaStream_t stream() {
+    static cudaStream_t s = [] {
+        cudaStream_t created = nullptr;
+        KILN_CUDA(cudaStreamCreateWithFlags(&created, cudaStreamDefault));
+        return created;
+    }();
+    return s;
+}
+
+bool sync_each_launch() {
+    static const bool sync = [] {
+        const char* v = std::getenv("KILN_CUDA_SYNC");
+        return v && std::strcmp(v, "0") != 0 && *v != '\0';
+    }();
+    return sync;
+}
+
 int device_count() {
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess) {
@@ -51,16 +70,30 @@ int device_count() {
     return n;
 }
 
+namespace {
+bool on_device(const void* p) {
+    cudaPointerAttributes a = {};
+    if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+        cudaGetLastError();
+        return false;
+    }
+    return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
+}
+}  // namespace
+
+// In stream order; the host waits only where host memory is a side (its bytes must be read
+// before, or be there after, the call).
 void copy(void* dst, const void* src, size_t bytes) {
-    if (bytes > 0)
-        KILN_CUDA(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
+    if (bytes == 0)
+        return;
+    KILN_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream()));
+    if (!on_device(dst) || !on_device(src))
+        KILN_CUDA(cudaStreamSynchronize(stream()));
 }
 
 void zero(void* dst, size_t bytes) {
-    if (bytes > 0) {
-        KILN_CUDA(cudaMemset(dst, 0, bytes));
-        KILN_CUDA(cudaDeviceSynchronize());
-    }
+    if (bytes > 0)
+        KILN_CUDA(cudaMemsetAsync(dst, 0, bytes, stream()));
 }
 
 double sum_squares(const float* x, int64_t n) {
@@ -71,10 +104,10 @@ double sum_squares(const float* x, int64_t n) {
     }();
     if (n == 0)
         return 0;
-    sum_squares_kernel<<<kSumBlocks, kElementThreads>>>(partials, x, n);
+    sum_squares_kernel<<<kSumBlocks, kElementThreads, 0, stream()>>>(partials, x, n);
     finish_launch();
     double host[kSumBlocks];
-    KILN_CUDA(cudaMemcpy(host, partials, sizeof(host), cudaMemcpyDeviceToHost));
+    copy(host, partials, sizeof(host));
     double total = 0;
     for (double s : host)
         total += s;

@@ -83,14 +83,14 @@ __global__ void row_losses_kernel(float* losses, const float* max, const float* 
 void widen(float* dst, const uint16_t* src, int64_t n) {
     if (n == 0)
         return;
-    widen_kernel<<<element_blocks(n), kElementThreads>>>(dst, src, n);
+    widen_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(dst, src, n);
     finish_launch();
 }
 
 void add(float* y, const float* a, const float* b, int64_t n) {
     if (n == 0)
         return;
-    add_kernel<<<element_blocks(n), kElementThreads>>>(y, a, b, n);
+    add_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(y, a, b, n);
     finish_launch();
 }
 
@@ -98,15 +98,16 @@ void slice_ids(int32_t* local, float* weight, const int32_t* ids, int64_t n, int
                int64_t count, float value) {
     if (n == 0)
         return;
-    slice_ids_kernel<<<element_blocks(n), kElementThreads>>>(local, weight, ids, begin, count,
-                                                             value, n);
+    slice_ids_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(local, weight, ids, begin,
+                                                                          count, value, n);
     finish_launch();
 }
 
 void rescale_sumexp(float* sumexp, const float* local_max, const float* max, int64_t M) {
     if (M == 0)
         return;
-    rescale_sumexp_kernel<<<element_blocks(M), kElementThreads>>>(sumexp, local_max, max, M);
+    rescale_sumexp_kernel<<<element_blocks(M), kElementThreads, 0, stream()>>>(sumexp, local_max,
+                                                                               max, M);
     finish_launch();
 }
 
@@ -114,8 +115,8 @@ void row_losses(float* losses, const float* max, const float* sumexp, const floa
                 const int32_t* targets, int64_t M) {
     if (M == 0)
         return;
-    row_losses_kernel<<<element_blocks(M), kElementThreads>>>(losses, max, sumexp, target_logit,
-                                                              targets, M);
+    row_losses_kernel<<<element_blocks(M), kElementThreads, 0, stream()>>>(
+        losses, max, sumexp, target_logit, targets, M);
     finish_launch();
 }
 
@@ -123,10 +124,10 @@ void embedding_forward(float* out, const int32_t* tokens, const void* wte, DType
                        int64_t M, int64_t C) {
     const int64_t n = M * C;
     if (wte_type == DType::bf16) {
-        embedding_forward_kernel<<<element_blocks(n), kElementThreads>>>(
+        embedding_forward_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(
             out, tokens, static_cast<const uint16_t*>(wte), C, n);
     } else {
-        embedding_forward_kernel<<<element_blocks(n), kElementThreads>>>(
+        embedding_forward_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(
             out, tokens, static_cast<const float*>(wte), C, n);
     }
     finish_launch();
@@ -134,18 +135,19 @@ void embedding_forward(float* out, const int32_t* tokens, const void* wte, DType
 
 void embedding_backward(float* dwte, const float* dout, const int32_t* tokens, int64_t M,
                         int64_t C) {
-    embedding_backward_kernel<<<element_blocks(C), kElementThreads>>>(dwte, dout, tokens, M, C);
+    embedding_backward_kernel<<<element_blocks(C), kElementThreads, 0, stream()>>>(dwte, dout,
+                                                                                   tokens, M, C);
     finish_launch();
 }
 
 void swiglu_forward(void* h, DType h_type, const float* gu, int64_t M, int64_t F) {
     const int64_t n = M * F;
     if (h_type == DType::bf16) {
-        swiglu_forward_kernel<<<element_blocks(n), kElementThreads>>>(static_cast<uint16_t*>(h), gu,
-                                                                      F, n);
+        swiglu_forward_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(
+            static_cast<uint16_t*>(h), gu, F, n);
     } else {
-        swiglu_forward_kernel<<<element_blocks(n), kElementThreads>>>(static_cast<float*>(h), gu, F,
-                                                                      n);
+        swiglu_forward_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(
+            static_cast<float*>(h), gu, F, n);
     }
     finish_launch();
 }
@@ -154,11 +156,11 @@ void swiglu_backward(void* dgu, DType dgu_type, const float* dh, const float* gu
                      int64_t F) {
     const int64_t n = M * F;
     if (dgu_type == DType::bf16) {
-        swiglu_backward_kernel<<<element_blocks(n), kElementThreads>>>(static_cast<uint16_t*>(dgu),
-                                                                       dh, gu, F, n);
+        swiglu_backward_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(
+            static_cast<uint16_t*>(dgu), dh, gu, F, n);
     } else {
-        swiglu_backward_kernel<<<element_blocks(n), kElementThreads>>>(static_cast<float*>(dgu), dh,
-                                                                       gu, F, n);
+        swiglu_backward_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(
+            static_cast<float*>(dgu), dh, gu, F, n);
     }
     finish_launch();
 }
@@ -166,19 +168,20 @@ void swiglu_backward(void* dgu, DType dgu_type, const float* dh, const float* gu
 void rope(float* x, int64_t ld, int64_t M, int64_t T, int64_t n_heads, int64_t D,
           const float* rope_cos, const float* rope_sin, bool inverse) {
     const int64_t n = M * n_heads * (D / 2);
-    rope_kernel<<<element_blocks(n), kElementThreads>>>(x, ld, T, n_heads, D, rope_cos, rope_sin,
-                                                        inverse ? -1.0f : 1.0f, n);
+    rope_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(
+        x, ld, T, n_heads, D, rope_cos, rope_sin, inverse ? -1.0f : 1.0f, n);
     finish_launch();
 }
 
 void adamw(float* p, uint16_t* p_bf16, float* m, float* v, const float* g, int64_t n,
            const AdamWStep& s) {
-    adamw_kernel<<<element_blocks(n), kElementThreads>>>(p, p_bf16, m, v, g, n, adamw_scalars(s));
+    adamw_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(p, p_bf16, m, v, g, n,
+                                                                      adamw_scalars(s));
     finish_launch();
 }
 
 void to_bf16(uint16_t* dst, const float* src, int64_t n) {
-    to_bf16_kernel<<<element_blocks(n), kElementThreads>>>(dst, src, n);
+    to_bf16_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(dst, src, n);
     finish_launch();
 }
 

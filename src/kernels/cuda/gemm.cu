@@ -86,10 +86,10 @@ Operand prepare(const void* src, DType type, int64_t rows, int64_t cols, int64_t
         return {src, ld};
     const int64_t n = rows * cols;
     if (want == DType::bf16) {
-        pack_kernel<<<element_blocks(n), kElementThreads>>>(
+        pack_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(
             static_cast<uint16_t*>(scratch), static_cast<const float*>(src), cols, ld, n);
     } else {
-        pack_kernel<<<element_blocks(n), kElementThreads>>>(
+        pack_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(
             static_cast<float*>(scratch), static_cast<const uint16_t*>(src), cols, ld, n);
     }
     KILN_CUDA(cudaGetLastError());
@@ -107,8 +107,7 @@ void gemm(const Gemm& g, Precision precision, Workspace ws) {
         return;
     if (g.K == 0) {  // an empty sum: C = 0, or C unchanged when accumulating
         if (!g.accumulate)
-            KILN_CUDA(cudaMemset2D(g.c, g.ldc * 4, 0, g.N * 4, g.M));
-        KILN_CUDA(cudaDeviceSynchronize());
+            KILN_CUDA(cudaMemset2DAsync(g.c, g.ldc * 4, 0, g.N * 4, g.M, stream()));
         return;
     }
     const DType want = compute_dtype(precision);
@@ -167,7 +166,7 @@ void gemm(const Gemm& g, Precision precision, Workspace ws) {
     const float alpha = g.alpha, beta = g.accumulate ? 1.0f : 0.0f;
     KILN_CUBLAS(cublasLtMatmul(handle(), desc.get(), &alpha, b.ptr, first.get(), a.ptr,
                                second.get(), &beta, g.c, out.get(), g.c, out.get(), &result.algo,
-                               lt_workspace, kLtWorkspace, nullptr));
+                               lt_workspace, kLtWorkspace, stream()));
     finish_launch();
 }
 

@@ -60,10 +60,19 @@ __device__ T block_reduce(T v, T identity, Combine combine) {
     return result;
 }
 
-// After a launch: the launch's own error, then the kernel's (the call waits for it).
+// The stream every op of this process runs on, in order (created on first use). A blocking
+// stream: work on the legacy default stream (a plain cudaMemcpy) and on other blocking streams
+// (NCCL's) is ordered with it, so no op waits for another's kernels but where the host reads.
+cudaStream_t stream();
+// Whether every launch waits for its kernel: KILN_CUDA_SYNC=1 in the environment, to name the
+// op whose kernel failed at the cost of speed. Read once.
+bool sync_each_launch();
+
+// After a launch: the launch's own error; with sync_each_launch(), the kernel's too.
 inline void finish_launch() {
     KILN_CUDA(cudaGetLastError());
-    KILN_CUDA(cudaDeviceSynchronize());
+    if (sync_each_launch())
+        KILN_CUDA(cudaStreamSynchronize(stream()));
 }
 
 }  // namespace kiln::kernels::cuda

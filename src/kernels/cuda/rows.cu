@@ -83,11 +83,11 @@ void rmsnorm_forward(void* out, DType out_type, float* rstd, const float* x, con
     if (M == 0)
         return;
     if (out_type == DType::bf16) {
-        rmsnorm_forward_kernel<<<static_cast<unsigned>(M), kRowThreads>>>(
+        rmsnorm_forward_kernel<<<static_cast<unsigned>(M), kRowThreads, 0, stream()>>>(
             static_cast<uint16_t*>(out), rstd, x, w, C, eps);
     } else {
-        rmsnorm_forward_kernel<<<static_cast<unsigned>(M), kRowThreads>>>(static_cast<float*>(out),
-                                                                          rstd, x, w, C, eps);
+        rmsnorm_forward_kernel<<<static_cast<unsigned>(M), kRowThreads, 0, stream()>>>(
+            static_cast<float*>(out), rstd, x, w, C, eps);
     }
     finish_launch();
 }
@@ -96,8 +96,9 @@ void rmsnorm_backward(float* dx, float* dw, const float* dout, const float* x, c
                       const float* rstd, int64_t M, int64_t C) {
     if (M == 0)
         return;
-    rmsnorm_dx_kernel<<<static_cast<unsigned>(M), kRowThreads>>>(dx, dout, x, w, rstd, C);
-    rmsnorm_dw_kernel<<<element_blocks(C), kElementThreads>>>(dw, dout, x, rstd, M, C);
+    rmsnorm_dx_kernel<<<static_cast<unsigned>(M), kRowThreads, 0, stream()>>>(dx, dout, x, w, rstd,
+                                                                              C);
+    rmsnorm_dw_kernel<<<element_blocks(C), kElementThreads, 0, stream()>>>(dw, dout, x, rstd, M, C);
     finish_launch();
 }
 
@@ -105,8 +106,8 @@ void logit_stats(const float* logits, const int32_t* targets, int64_t M, int64_t
                  float* sumexp, float* target_logit) {
     if (M == 0)
         return;
-    logit_stats_kernel<<<static_cast<unsigned>(M), kRowThreads>>>(logits, targets, V, max, sumexp,
-                                                                  target_logit);
+    logit_stats_kernel<<<static_cast<unsigned>(M), kRowThreads, 0, stream()>>>(
+        logits, targets, V, max, sumexp, target_logit);
     finish_launch();
 }
 
@@ -116,10 +117,10 @@ void cross_entropy_backward(const float* logits, const int32_t* targets, const f
     if (M == 0)
         return;
     if (dlogits_type == DType::bf16) {
-        cross_entropy_backward_kernel<<<static_cast<unsigned>(M), kRowThreads>>>(
+        cross_entropy_backward_kernel<<<static_cast<unsigned>(M), kRowThreads, 0, stream()>>>(
             logits, targets, max, sumexp, row_scale, V, static_cast<uint16_t*>(dlogits));
     } else {
-        cross_entropy_backward_kernel<<<static_cast<unsigned>(M), kRowThreads>>>(
+        cross_entropy_backward_kernel<<<static_cast<unsigned>(M), kRowThreads, 0, stream()>>>(
             logits, targets, max, sumexp, row_scale, V, static_cast<float*>(dlogits));
     }
     finish_launch();
@@ -130,10 +131,10 @@ void cross_entropy(const float* logits, const int32_t* targets, const float* row
     if (M == 0)
         return;
     if (dlogits_type == DType::bf16) {
-        cross_entropy_kernel<<<static_cast<unsigned>(M), kRowThreads>>>(
+        cross_entropy_kernel<<<static_cast<unsigned>(M), kRowThreads, 0, stream()>>>(
             logits, targets, row_scale, V, losses, static_cast<uint16_t*>(dlogits));
     } else {
-        cross_entropy_kernel<<<static_cast<unsigned>(M), kRowThreads>>>(
+        cross_entropy_kernel<<<static_cast<unsigned>(M), kRowThreads, 0, stream()>>>(
             logits, targets, row_scale, V, losses, static_cast<float*>(dlogits));
     }
     finish_launch();

@@ -1,6 +1,5 @@
-// Fills the CUDA backend's kernel table (see kernels/table.h) from the ops of cuda.h. Every op
-// waits for its launches, so the host may read what it wrote. Products keep cuBLASLt's own
-// choice: nothing to tune yet.
+// Fills the CUDA backend's kernel table (see kernels/table.h) from the ops of cuda.h, which run
+// in order on one stream. Products keep cuBLASLt's own choice: nothing to tune yet.
 #include <algorithm>
 
 #include "kernels/cuda/cuda.h"

@@ -18,6 +18,9 @@
 #include "dist/communicator.h"
 #include "dist/shm_transport.h"
 #include "dist/store.h"
+#ifdef KILN_HAVE_NCCL
+#include "dist/nccl_comm.h"
+#endif
 
 namespace kiln::dist {
 namespace {
@@ -194,8 +197,12 @@ Grid make_grid(int world_size, int rank, int tp, int pp) {
 }
 
 Job::Job(const Placement& p, int tp, std::chrono::milliseconds timeout,
-         const std::string& transport, int pp)
+         const std::string& transport, int pp, Tensors tensors)
     : grid_(make_grid(p.world_size, p.rank, tp, pp)) {
+#ifndef KILN_HAVE_NCCL
+    if (tensors == Tensors::device && p.world_size > 1)
+        throw error("{} ranks on GPUs need NCCL, and this kiln was built without it", p.world_size);
+#endif
     if (p.world_size == 1) {
         world_ = std::make_unique<SoloCollective>();
         dp_ = std::make_unique<SoloCollective>();
@@ -247,6 +254,20 @@ Job::Job(const Placement& p, int tp, std::chrono::milliseconds timeout,
         connect(*store_, device, fmt::format("tp{}{}", g.dp_rank, stage), g.tp_rank, g.tp, timeout);
     pp_ = connect(*store_, device, fmt::format("pp{}.{}", g.dp_rank, g.tp_rank), g.pp_rank, g.pp,
                   timeout);
+#ifdef KILN_HAVE_NCCL
+    if (tensors == Tensors::device) {
+        auto nccl = [&](const std::string& name, int rank,
+                        int size) -> std::unique_ptr<Collective> {
+            if (size == 1)
+                return std::make_unique<SoloCollective>();
+            return connect_nccl(*store_, name, rank, size);
+        };
+        dp_nccl_ = nccl(fmt::format("nccl-dp{}{}", g.tp_rank, stage), g.dp_rank, g.dp);
+        tp_nccl_ = nccl(fmt::format("nccl-tp{}{}", g.dp_rank, stage), g.tp_rank, g.tp);
+        pp_nccl_ = nccl(fmt::format("nccl-pp{}.{}", g.dp_rank, g.tp_rank), g.pp_rank, g.pp);
+        via += "; tensors over NCCL";
+    }
+#endif
     log::info("dist", "rank {} of {} connected ({}) through {}: dp {}/{}, pp {}/{}, tp {}/{}",
               g.rank, g.world, p.source, via, g.dp_rank, g.dp, g.pp_rank, g.pp, g.tp_rank, g.tp);
 }

@@ -22,20 +22,41 @@ bool cuda_available() {
     return cuda_devices() > 0;
 }
 
+namespace {
+// Why train.backend=cuda cannot run here, when it cannot.
+void require_cuda() {
+#ifndef KILN_HAVE_CUDA
+    throw error(
+        "train.backend=cuda: this kiln was built without CUDA (no nvcc at build time); use cpu");
+#endif
+    if (!cuda_available())
+        throw error("train.backend=cuda: no CUDA device is visible to this process; use cpu");
+}
+}  // namespace
+
+void use_cuda_device(int local_rank) {
+    require_cuda();
+    const int n = cuda_devices();
+    if (local_rank >= n) {
+        throw error(
+            "train.backend=cuda: this rank is rank {} on its host (LOCAL_RANK), but {} GPU(s) "
+            "are visible to it; start at most {} ranks per host",
+            local_rank, n, n);
+    }
+#ifdef KILN_HAVE_CUDA
+    cuda::set_device(local_rank);
+#endif
+}
+
 const Kernels& select_kernels(const std::string& backend, Precision precision) {
     if (backend == "cpu")
         return cpu_kernels(precision);
     if (backend == "reference")
         return reference_kernels(precision);
     if (backend == "cuda") {
+        require_cuda();
 #ifdef KILN_HAVE_CUDA
-        if (cuda_available())
-            return cuda_kernels(precision);
-        throw error("train.backend=cuda: no CUDA device is visible to this process; use cpu");
-#else
-        throw error(
-            "train.backend=cuda: this kiln was built without CUDA (no nvcc at build "
-            "time); use cpu");
+        return cuda_kernels(precision);
 #endif
     }
     throw error("train.backend={} is not one of cpu, reference, cuda", backend);

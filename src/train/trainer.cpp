@@ -235,9 +235,14 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     dist::Placement place = dist::discover();
     if (!cfg.interface.empty())
         place.interface = cfg.interface;
+    // On GPUs each rank takes its host's GPU LOCAL_RANK before anything is allocated, and NCCL
+    // carries the tensors.
+    const bool on_gpu = t.backend == "cuda";
+    if (on_gpu)
+        kernels::use_cuda_device(place.local_rank);
     dist::Job job(place, static_cast<int>(cfg.tp),
                   std::chrono::milliseconds(int64_t(cfg.timeout_s * 1000)), cfg.transport,
-                  static_cast<int>(cfg.pp));
+                  static_cast<int>(cfg.pp), on_gpu ? dist::Tensors::device : dist::Tensors::host);
     const dist::Grid& g = job.grid();
     const bool lead = g.rank == 0;
     heartbeat(g.rank, 0);
@@ -250,12 +255,6 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     const kernels::Kernels& k = kernels::select_kernels(t.backend, precision.precision);
     // A device's tensors reach checkpoints through the host.
     const checkpoint::CopyFn device_copy = k.memory == &host_memory ? nullptr : k.copy;
-    if (device_copy && g.world > 1) {
-        throw error(
-            "train.backend={} trains on one rank for now ({} ranks here): its tensor "
-            "collectives over NCCL are not wired into training yet",
-            t.backend, g.world);
-    }
     auto source = data::open_source(cfg.data.source, t.seq_len, cfg.model.vocab_size,
                                     static_cast<uint64_t>(t.seed));
     if (auto* shards = dynamic_cast<data::ShardSet*>(source.get())) {
@@ -296,7 +295,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     const Shards sh = shard_layout(
         model::Layout(cfg.model, g.tp, g.tp_rank, g.pp, g.pp_rank).total(), g.dp, g.dp_rank, zero);
     model::Llama model(cfg.model, k, t.micro_batch, t.seq_len, model::parse_recompute(t.recompute),
-                       sh.padded, &job.tp(), cfg.split(g.pp_rank));
+                       sh.padded, &job.tp_tensors(), cfg.split(g.pp_rank));
     optim::AdamW adamw(model.layout(), cfg.adamw, sh.begin, sh.end, k);
     optim::Schedule schedule = cfg.schedule;
     schedule.total_steps = t.steps;
@@ -400,9 +399,9 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     // checkpoint gathers them); in fp32 the weights themselves.
     auto gather_compute_weights = [&] {
         if (uint16_t* bf16 = model.params_bf16()) {
-            job.dp().all_gather_bytes(bf16, sh.chunk * sizeof(uint16_t));
+            job.dp_tensors().all_gather_bytes(bf16, sh.chunk * sizeof(uint16_t));
         } else {
-            job.dp().all_gather(model.params(), sh.chunk);
+            job.dp_tensors().all_gather(model.params(), sh.chunk);
         }
     };
 
@@ -439,9 +438,9 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     auto save_checkpoint = [&](int64_t steps_done, double loss) {
         finish_checkpoint();
         if (zero && model.params_bf16()) {  // the master weights, saved whole
-            const uint64_t before = job.dp().payload_bytes();
-            job.dp().all_gather(model.params(), sh.chunk);
-            checkpoint_payload += job.dp().payload_bytes() - before;
+            const uint64_t before = job.dp_tensors().payload_bytes();
+            job.dp_tensors().all_gather(model.params(), sh.chunk);
+            checkpoint_payload += job.dp_tensors().payload_bytes() - before;
         }
         auto staging_start = Clock::now();
         if (lead)
@@ -464,8 +463,13 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     };
 
     // What the steps move, without the tuning passes, the set-up before them and checkpoints.
-    const uint64_t dp_payload0 = job.dp().payload_bytes(), tp_payload0 = job.tp().payload_bytes(),
-                   pp_payload0 = job.pp().payload_bytes();
+    // Host scalars and device tensors together, where they travel apart.
+    auto payload = [](Collective& host, Collective& tensors) {
+        return host.payload_bytes() + (&tensors == &host ? 0 : tensors.payload_bytes());
+    };
+    const uint64_t dp_payload0 = payload(job.dp(), job.dp_tensors()),
+                   tp_payload0 = payload(job.tp(), job.tp_tensors()),
+                   pp_payload0 = payload(job.pp(), job.pp_tensors());
     for (int64_t step = start_step; step < t.steps; step++) {
         const auto step_start = Clock::now();
         auto lap_start = step_start;
@@ -496,7 +500,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
                 loss_sum[1] += double(l.tokens);
             }
         } else {
-            PipelineStats p = run_pipeline(model, job.pp(), t.grad_accum, grad_scale, read, B * T);
+            PipelineStats p =
+                run_pipeline(model, job.pp_tensors(), t.grad_accum, grad_scale, read, B * T);
             loss_sum[0] = p.loss.sum, loss_sum[1] = double(p.loss.tokens);
             stage_wait_s = p.wait_s;
         }
@@ -508,9 +513,9 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
         job.pp().all_reduce_sum(loss_sum, 2);
         const double wait_s = lap();
         if (zero) {
-            job.dp().reduce_scatter_sum(model.grads(), sh.chunk);
+            job.dp_tensors().reduce_scatter_sum(model.grads(), sh.chunk);
         } else {
-            job.dp().all_reduce_sum(model.grads(), sh.padded);
+            job.dp_tensors().all_reduce_sum(model.grads(), sh.padded);
         }
         double sq = grad_sum_squares(model.layout(), model.grads(), sh.begin, sh.end, k);
         if (zero)
@@ -607,13 +612,14 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     result.last_loss = last_loss;
     if (g.world > 1) {
         double steps_run = double(std::max<int64_t>(1, t.steps - start_step));
-        log::info("train",
-                  "collective payload per step on this rank: dp {:.2f} MiB, tp {:.2f} MiB, "
-                  "pp {:.2f} MiB",
-                  double(job.dp().payload_bytes() - dp_payload0 - checkpoint_payload) / steps_run /
-                      1048576.0,
-                  double(job.tp().payload_bytes() - tp_payload0) / steps_run / 1048576.0,
-                  double(job.pp().payload_bytes() - pp_payload0) / steps_run / 1048576.0);
+        log::info(
+            "train",
+            "collective payload per step on this rank: dp {:.2f} MiB, tp {:.2f} MiB, "
+            "pp {:.2f} MiB",
+            double(payload(job.dp(), job.dp_tensors()) - dp_payload0 - checkpoint_payload) /
+                steps_run / 1048576.0,
+            double(payload(job.tp(), job.tp_tensors()) - tp_payload0) / steps_run / 1048576.0,
+            double(payload(job.pp(), job.pp_tensors()) - pp_payload0) / steps_run / 1048576.0);
     }
     if (lead)
         write_status(run, "finished", t.steps, t.steps, last_loss);

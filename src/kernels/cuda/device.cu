@@ -83,6 +83,10 @@ bool on_device(const void* p) {
 
 // In stream order; the host waits only where host memory is a side (its bytes must be read
 // before, or be there after, the call).
+void set_device(int device) {
+    KILN_CUDA(cudaSetDevice(device));
+}
+
 void copy(void* dst, const void* src, size_t bytes) {
     if (bytes == 0)
         return;

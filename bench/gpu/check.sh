@@ -102,6 +102,6 @@ b11=(--set model.dim=2048 --set model.n_layers=22 --set model.n_heads=32 --set m
      --set train.micro_batch=2 --set train.precision=bf16 --set train.recompute=selective
      --set train.steps=12 --set train.log_every=1 --set train.checkpoint_every=0
      --set train.peak_gflops=989000 --set train.backend=cuda)
-step kiln_1b 150 "$k" train "${b11[@]}" --set run.dir="$out/kiln-1b"
+step kiln_1b 200 "$k" train "${b11[@]}" --set run.dir="$out/kiln-1b"
 step torch_1b 240 python3 bench/gpu/torch_llama.py --batch 2 --seq 4096
 exit $status

@@ -34,7 +34,7 @@ json compile(const train::RunConfig& config, const std::string& yaml, const Comp
     const int ranks = o.ranks > 0 ? o.ranks : int(config.tp * config.pp);
     train::MemoryPlan plan = train::memory_plan(config, ranks);  // throws unless tp x pp divides
     const int dp = ranks / int(config.tp * config.pp);
-    const int64_t limit = train::memory_limit(config, 1);
+    const train::MemoryLimit limit = train::memory_limit(config, 1);
     std::printf(
         "layout: %d ranks = DP %d x PP %lld x TP %lld%s, ZeRO-%lld, micro-batch %lld x %lld "
         "tokens, grad accumulation %lld, recompute %s, %s\n",
@@ -44,9 +44,8 @@ json compile(const train::RunConfig& config, const std::string& yaml, const Comp
         static_cast<long long>(config.train.seq_len),
         static_cast<long long>(config.train.grad_accum), config.train.recompute.c_str(),
         config.train.precision.c_str());
-    std::printf("memory plan per rank (limit %.1f GiB%s):\n%s", double(limit) / (1 << 30),
-                config.train.memory_limit_gb > 0 ? ", train.memory_limit_gb" : "",
-                plan.table().c_str());
+    std::printf("memory plan per rank (limit %.1f GiB, %s):\n%s", double(limit.bytes) / (1 << 30),
+                limit.source.c_str(), plan.table().c_str());
     std::fflush(stdout);
     train::check_fits(plan, limit, config);
 
@@ -65,7 +64,7 @@ json compile(const train::RunConfig& config, const std::string& yaml, const Comp
                                    {"communication", plan.communication},
                                    {"runtime", plan.runtime},
                                    {"total", plan.total()}};
-    report["memory_limit_bytes"] = limit;
+    report["memory_limit_bytes"] = limit.bytes;
     report["config_xxh64"] = fmt::format("{:016x}", fs::xxh64(yaml.data(), yaml.size()));
 
     // The dry run: the real training, a few steps, on this machine's ranks.

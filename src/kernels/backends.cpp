@@ -62,6 +62,25 @@ const Kernels& select_kernels(const std::string& backend, Precision precision) {
     throw error("train.backend={} is not one of cpu, reference, cuda", backend);
 }
 
+const Kernels& sizing_kernels(const std::string& backend, Precision precision) {
+    if (backend != "cuda")
+        return select_kernels(backend, precision);
+#ifdef KILN_HAVE_CUDA
+    return cuda_kernels(precision);
+#else
+    return cpu_kernels(precision);
+#endif
+}
+
+int64_t cuda_device_memory(int device) {
+#ifdef KILN_HAVE_CUDA
+    if (device < cuda_devices())
+        return cuda::device_memory_bytes(device);
+#endif
+    (void)device;
+    return 0;
+}
+
 const char* precision_name(Precision p) {
     return p == Precision::bf16 ? "bf16" : "fp32";
 }

@@ -8,6 +8,10 @@
 namespace kiln::kernels {
 
 const Kernels& select_kernels(const std::string& backend, Precision precision);  // throws Error
+// A table whose sizes (workspace, saved attention) are `backend`'s, for plans made where its
+// device may be absent: the CUDA table's size functions touch no device. A build without CUDA
+// sizes a CUDA run as the CPU backend would.
+const Kernels& sizing_kernels(const std::string& backend, Precision precision);
 
 // The precision of a backend's products on this machine, and why.
 struct PrecisionChoice {
@@ -26,5 +30,6 @@ int cuda_devices();                       // how many (0 without CUDA)
 // Makes GPU `local_rank` (this host's rank, LOCAL_RANK) the current device of this process, for
 // the CUDA table's memory and streams and for NCCL. Throws Error when there is no such GPU.
 void use_cuda_device(int local_rank);
+int64_t cuda_device_memory(int device);  // bytes of GPU `device`; 0 without it
 
 }  // namespace kiln::kernels

@@ -18,6 +18,9 @@ constexpr double kMiB = 1048576.0;
 // Code, shared libraries, oneDNN's JIT kernels, OpenMP and gloo threads, heap slack: measured
 // on this build as the peak resident memory of a micro model (bench/RESULTS.md, memory plan).
 constexpr int64_t kRuntimeBytes = int64_t(96) << 20;
+// On a GPU: the CUDA context, cuBLASLt's and NCCL's own buffers. An estimate (about 0.5 GiB of
+// context on Hopper plus NCCL's channels), not yet measured against a device.
+constexpr int64_t kCudaRuntimeBytes = int64_t(1) << 30;
 
 }  // namespace
 
@@ -60,9 +63,9 @@ MemoryPlan memory_plan(const RunConfig& config, int world) {
     const int dp = world / (tp * pp);
     const TrainConfig& t = config.train;
     const bool zero = config.zero == 1 && dp > 1;
-    // The reference backend declares the same buffers; only its workspace may differ.
-    const kernels::Kernels& k =
-        kernels::select_kernels(t.backend == "cuda" ? "cpu" : t.backend, compute_precision(t));
+    // Every backend declares the same buffers; only the workspace and saved attention differ.
+    const kernels::Kernels& k = kernels::sizing_kernels(t.backend, compute_precision(t));
+    const bool gpu = t.backend == "cuda";
     // The most loaded stage: the first keeps the most micro-batches in flight, the last the head.
     MemoryPlan most;
     for (int stage = 0; stage < pp; stage++) {
@@ -78,25 +81,38 @@ MemoryPlan memory_plan(const RunConfig& config, int world) {
         p.grads = m.grads;
         p.activations = m.activations;
         p.optimizer = 2 * range * int64_t(sizeof(float));
-        p.checkpoint = (total + 2 * range) * int64_t(sizeof(float));  // DP rank 0: params + m + v
-        // gloo's halving-doubling reduce-scatter (ZeRO-1) holds two gradient-sized buffers; its
-        // all-reduce (no ZeRO) reduces in place (measured: bench/RESULTS.md, memory plan).
-        p.communication = zero ? 2 * m.grads : 0;
-        p.runtime = kRuntimeBytes;
+        if (gpu) {
+            // The device's memory: the checkpoint staging copy is the host's, and NCCL reduces
+            // in place.
+            p.runtime = kCudaRuntimeBytes;
+        } else {
+            p.checkpoint = (total + 2 * range) * int64_t(sizeof(float));  // params + m + v
+            // gloo's halving-doubling reduce-scatter (ZeRO-1) holds two gradient-sized
+            // buffers; its all-reduce (no ZeRO) reduces in place (measured: bench/RESULTS.md).
+            p.communication = zero ? 2 * m.grads : 0;
+            p.runtime = kRuntimeBytes;
+        }
         if (p.total() > most.total())
             most = p;
     }
     return most;
 }
 
-int64_t memory_limit(const RunConfig& config, int local_ranks) {
+MemoryLimit memory_limit(const RunConfig& config, int local_ranks) {
     if (config.train.memory_limit_gb > 0)
-        return int64_t(config.train.memory_limit_gb * 1024 * kMiB);
-    return machine_memory() / std::max(1, local_ranks);
+        return {int64_t(config.train.memory_limit_gb * 1024 * kMiB), "train.memory_limit_gb"};
+    if (config.train.backend == "cuda") {
+        if (int64_t gpu = kernels::cuda_device_memory(0); gpu > 0)
+            return {gpu, "its GPU's memory"};  // one rank per GPU
+    }
+    const int ranks = std::max(1, local_ranks);
+    return {machine_memory() / ranks, ranks > 1
+                                          ? fmt::format("this machine's memory / {} ranks", ranks)
+                                          : std::string("this machine's memory")};
 }
 
-void check_fits(const MemoryPlan& plan, int64_t limit, const RunConfig& config) {
-    if (plan.total() <= limit)
+void check_fits(const MemoryPlan& plan, const MemoryLimit& limit, const RunConfig& config) {
+    if (plan.total() <= limit.bytes)
         return;
     std::string advice;
     if (plan.activations > plan.total() / 3) {
@@ -114,11 +130,11 @@ void check_fits(const MemoryPlan& plan, int64_t limit, const RunConfig& config) 
     }
     throw error(
         "the run needs {:.2f} GiB per rank (parameters, gradients and optimizer state {:.2f} GiB, "
-        "activations {:.2f} GiB) but a rank may use {:.2f} GiB{}; {}",
+        "activations {:.2f} GiB) but a rank may use {:.2f} GiB ({}); {}",
         double(plan.total()) / (1024 * kMiB),
         double(plan.params + plan.params_bf16 + plan.grads + plan.optimizer) / (1024 * kMiB),
-        double(plan.activations) / (1024 * kMiB), double(limit) / (1024 * kMiB),
-        config.train.memory_limit_gb > 0 ? " (train.memory_limit_gb)" : "", advice);
+        double(plan.activations) / (1024 * kMiB), double(limit.bytes) / (1024 * kMiB), limit.source,
+        advice);
 }
 
 }  // namespace kiln::train

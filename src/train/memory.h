@@ -42,11 +42,17 @@ int64_t machine_memory();  // this machine's physical memory in bytes
 // layout that cannot run (world not a multiple of tp, heads not divisible, ...).
 MemoryPlan memory_plan(const RunConfig& config, int world);
 
-// What one rank may use: train.memory_limit_gb when set, else this machine's memory divided
-// among the ranks that share it (`local_ranks`).
-int64_t memory_limit(const RunConfig& config, int local_ranks);
+// What one rank may use: train.memory_limit_gb when set, else its GPU's memory on the cuda
+// backend (when this machine has the GPU), else this machine's memory divided among the ranks
+// that share it (`local_ranks`). On the cuda backend the plan counts device memory: the
+// checkpoint staging copy lives on the host.
+struct MemoryLimit {
+    int64_t bytes = 0;
+    std::string source;  // where it comes from, e.g. "train.memory_limit_gb", "its GPU's memory"
+};
+MemoryLimit memory_limit(const RunConfig& config, int local_ranks);
 
 // Throws Error when the plan exceeds `limit`, naming the biggest parts and what to change.
-void check_fits(const MemoryPlan& plan, int64_t limit, const RunConfig& config);
+void check_fits(const MemoryPlan& plan, const MemoryLimit& limit, const RunConfig& config);
 
 }  // namespace kiln::train

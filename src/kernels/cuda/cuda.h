@@ -16,6 +16,7 @@ namespace kiln::kernels::cuda {
 
 int device_count();           // 0 when there is no usable device or driver
 void set_device(int device);  // the current device of this process, before any allocation
+int64_t device_memory_bytes(int device);  // its total memory
 
 // Device memory, 256-byte aligned, zero-filled; out of memory is an Error naming the config keys
 // that shrink a rank's share.

@@ -87,6 +87,12 @@ void set_device(int device) {
     KILN_CUDA(cudaSetDevice(device));
 }
 
+int64_t device_memory_bytes(int device) {
+    cudaDeviceProp prop = {};
+    KILN_CUDA(cudaGetDeviceProperties(&prop, device));
+    return int64_t(prop.totalGlobalMem);
+}
+
 void copy(void* dst, const void* src, size_t bytes) {
     if (bytes == 0)
         return;

@@ -12,4 +12,8 @@ void check_failed(const char* file, int line, const char* condition, const std::
     std::abort();
 }
 
+void library_failed(const char* library, const char* call, const std::string& message) {
+    throw Error(fmt::format("{}: {} failed: {}", library, call, message));
+}
+
 }  // namespace kiln

@@ -8,20 +8,19 @@
 #include "core/error.h"
 #include "dist/store.h"
 
-#define KILN_NCCL(call)                                                               \
-    do {                                                                              \
-        ncclResult_t status_ = (call);                                                \
-        if (status_ != ncclSuccess) {                                                 \
-            throw ::kiln::error("{} failed: {}", #call, ncclGetErrorString(status_)); \
-        }                                                                             \
+// Failed calls end the run with one sentence, as the kernels' CUDA failures do (core/error.h).
+#define KILN_NCCL(call)                                                         \
+    do {                                                                        \
+        ncclResult_t status_ = (call);                                          \
+        if (status_ != ncclSuccess)                                             \
+            ::kiln::library_failed("NCCL", #call, ncclGetErrorString(status_)); \
     } while (0)
 
-#define KILN_CUDA_RT(call)                                                            \
-    do {                                                                              \
-        cudaError_t status_ = (call);                                                 \
-        if (status_ != cudaSuccess) {                                                 \
-            throw ::kiln::error("{} failed: {}", #call, cudaGetErrorString(status_)); \
-        }                                                                             \
+#define KILN_CUDA_RT(call)                                                      \
+    do {                                                                        \
+        cudaError_t status_ = (call);                                           \
+        if (status_ != cudaSuccess)                                             \
+            ::kiln::library_failed("CUDA", #call, cudaGetErrorString(status_)); \
     } while (0)
 
 namespace kiln::dist {
@@ -108,9 +107,8 @@ private:
         KILN_CUDA_RT(cudaEventRecord(device_work_, cudaStreamLegacy));
         KILN_CUDA_RT(cudaStreamWaitEvent(stream_, device_work_, 0));
         const ncclResult_t launched = launch();
-        if (launched != ncclSuccess) {
-            throw error("NCCL collective failed: {}", ncclGetErrorString(launched));
-        }
+        if (launched != ncclSuccess)
+            library_failed("NCCL", "a collective", ncclGetErrorString(launched));
         KILN_CUDA_RT(cudaStreamSynchronize(stream_));
         payload_bytes_ += bytes;
     }

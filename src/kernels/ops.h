@@ -9,7 +9,8 @@
 //
 // Conventions: row-major; `ld*` is the distance in elements between consecutive rows; outputs
 // are overwritten (=) unless the comment says they accumulate (+=); no op allocates, logs or
-// throws; inputs and outputs never alias unless the comment says in place.
+// throws, except that a device's failure (CUDA, cuBLAS) is an Error (core/error.h's
+// library_failed); inputs and outputs never alias unless the comment says in place.
 #include <cstddef>
 #include <cstdint>
 #include <map>

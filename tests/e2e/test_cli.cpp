@@ -226,7 +226,7 @@ TEST(Cli, TamperedCheckpointManifestIsOneSentence) {
     };
     for (const auto& c : cases) {
         tamper(c.change);
-        for (const std::string cmd :
+        for (const std::string& cmd :
              {"export --checkpoint " + (dir / "run") + " --out " + (dir / "hf"),
               "eval --checkpoint " + (dir / "run") + " --data " + (dir / "data")}) {
             Result r = kiln(cmd);

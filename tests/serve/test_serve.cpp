@@ -526,8 +526,9 @@ TEST(Serve, BrowsersOnOtherSitesAreTurnedAway) {
         "application/json");
     // The head answers 411 and closes; the client may still be writing then and see the
     // connection reset instead of the answer. Either way nothing was taken (checked below).
-    if (chunked)
+    if (chunked) {
         EXPECT_EQ(chunked->status, 411) << chunked->body;
+    }
     // Nothing of the above made a job; the head's own page and a plain client still work.
     EXPECT_EQ(s.get("/api/jobs/").size(), 0u);
     auto own =

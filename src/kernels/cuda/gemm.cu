@@ -10,11 +10,11 @@
 #include "kernels/cuda/gemm_layout.h"
 #include "kernels/cuda/launch.h"
 
-#define KILN_CUBLAS(call)                                                    \
-    do {                                                                     \
-        cublasStatus_t status_ = (call);                                     \
-        KILN_CHECK(status_ == CUBLAS_STATUS_SUCCESS, "{} failed: {}", #call, \
-                   cublasLtGetStatusString(status_));                        \
+#define KILN_CUBLAS(call)                                                                \
+    do {                                                                                 \
+        cublasStatus_t status_ = (call);                                                 \
+        if (status_ != CUBLAS_STATUS_SUCCESS)                                            \
+            ::kiln::library_failed("cuBLASLt", #call, cublasLtGetStatusString(status_)); \
     } while (0)
 
 namespace kiln::kernels::cuda {

@@ -253,7 +253,8 @@ TEST(Cuda, GemmMatchesReference) {
 
 // Grouped-query attention with RoPE (tables on the device) against the reference, in both
 // precisions, with T = 300 longer than a block; tolerances as test_kernel_math.cpp's host replay
-// of the same arithmetic, times 4 (device expf). A bf16 gradient is its f32 value rounded.
+// of the same decomposition: in fp32 times 4 (device expf, cuBLASLt's summation order), in bf16
+// as there (the operands' rounding dominates). A bf16 gradient is its f32 value rounded.
 TEST(Cuda, AttentionMatchesReference) {
     KILN_REQUIRE_CUDA();
     const int64_t B = 2, T = 300, H = 4, Hkv = 2, D = 32;
@@ -262,8 +263,8 @@ TEST(Cuda, AttentionMatchesReference) {
     const int64_t M = B * T;
     auto qkv = randn(M * a.ldqkv, 1), dout = randn(M * H * D, 2);
     Dev<float> d_cos(cos), d_sin(sin), d_qkv(qkv), d_dout(dout);
-    Dev<char> ws{cuda::attention_workspace_bytes(a)};
     for (Precision prec : {Precision::fp32, Precision::bf16}) {
+        Dev<char> ws{cuda::attention_workspace_bytes(a, prec)};
         Attention host = a;
         host.rope_cos = cos.data(), host.rope_sin = sin.data();
         Attention dev = a;
@@ -281,8 +282,8 @@ TEST(Cuda, AttentionMatchesReference) {
         cuda::attention_backward(d_dqkv.ptr, DType::f32, d_dout.ptr, d_qkv.ptr, d_saved.ptr, dev,
                                  prec, {ws.ptr, ws.n});
         const bool bf16 = prec == Precision::bf16;
-        EXPECT_LT(rel_err(d_out.host(), out), bf16 ? 4e-3 : kTol) << precision_name(prec);
-        EXPECT_LT(rel_err(d_dqkv.host(), dqkv), bf16 ? 4e-5 : kTol) << precision_name(prec);
+        EXPECT_LT(rel_err(d_out.host(), out), bf16 ? 1e-2 : kTol) << precision_name(prec);
+        EXPECT_LT(rel_err(d_dqkv.host(), dqkv), bf16 ? 1e-2 : kTol) << precision_name(prec);
         if (bf16) {
             Dev<uint16_t> d_dqkv_bf{size_t(M * a.ldqkv)};
             cuda::attention_backward(d_dqkv_bf.ptr, DType::bf16, d_dout.ptr, d_qkv.ptr, d_saved.ptr,

@@ -1,7 +1,9 @@
-// Causal attention on CUDA, the simple rung (attention_math.h): one block per query row for the
-// softmax and its backward, elementwise kernels for the products with v, k and q. Queries and
-// keys are rotated in a copy in the workspace, and their gradients rotated back there.
-#include "kernels/cuda/attention_math.h"
+// Causal attention on CUDA, the products rung: every (sequence, head) pair's products through
+// cuBLASLt on the tensor cores (attention_products.h), with one block per query row for the
+// masked softmax and its backward (attention_math.h) in between. Queries and keys are rotated in
+// a copy in the workspace and their gradients rotated back there; in bf16 the products read bf16
+// copies of their operands, made once per call.
+#include "kernels/cuda/attention_products.h"
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/launch.h"
 
@@ -12,31 +14,110 @@ size_t round_up(size_t n) {
     return (n + 255) / 256 * 256;
 }
 
-// Workspace: the rotated qkv (M, ldqkv), the f32 gradient (M, ldqkv), ds (B, H, T, T).
+// Workspace: the rotated qkv and the f32 gradient (M, ldqkv), the scores or their gradient
+// (B, H, T, T) f32; in bf16 also bf16 copies of qkv, dout and ds; then the products' own.
 struct Scratch {
-    float* rotated;
-    float* grad;
-    float* ds;
-    Scratch(Workspace ws, const Attention& a) {
-        const size_t qkv = round_up(size_t(a.B * a.T * a.ldqkv) * 4);
-        char* base = static_cast<char*>(ws.ptr);
-        KILN_CHECK(ws.bytes >= attention_workspace_bytes(a), "attention workspace of {} bytes",
-                   ws.bytes);
-        rotated = reinterpret_cast<float*>(base);
-        grad = reinterpret_cast<float*>(base + qkv);
-        ds = reinterpret_cast<float*>(base + 2 * qkv);
+    float *rotated, *grad, *scores;
+    uint16_t *qkv16 = nullptr, *dout16 = nullptr, *ds16 = nullptr;
+    Workspace products;
+
+    static size_t bytes(const Attention& a, Precision p, Scratch* s = nullptr,
+                        char* base = nullptr) {
+        const int64_t M = a.B * a.T, squares = a.B * a.H * a.T * a.T;
+        const bool bf16 = p == Precision::bf16;
+        const size_t sizes[] = {round_up(size_t(M * a.ldqkv) * 4),
+                                round_up(size_t(M * a.ldqkv) * 4),
+                                round_up(size_t(squares) * 4),
+                                bf16 ? round_up(size_t(M * a.ldqkv) * 2) : 0,
+                                bf16 ? round_up(size_t(M * a.H * a.D) * 2) : 0,
+                                bf16 ? round_up(size_t(squares) * 2) : 0};
+        size_t at = 0;
+        char* parts[6];
+        for (int i = 0; i < 6; i++) {
+            parts[i] = base ? base + at : nullptr;
+            at += sizes[i];
+        }
+        const size_t products = gemm_workspace_bytes(std::max(a.T * a.T, a.T * a.ldqkv));
+        if (s) {
+            s->rotated = reinterpret_cast<float*>(parts[0]);
+            s->grad = reinterpret_cast<float*>(parts[1]);
+            s->scores = reinterpret_cast<float*>(parts[2]);
+            if (bf16) {
+                s->qkv16 = reinterpret_cast<uint16_t*>(parts[3]);
+                s->dout16 = reinterpret_cast<uint16_t*>(parts[4]);
+                s->ds16 = reinterpret_cast<uint16_t*>(parts[5]);
+            }
+            s->products = {base + at, products};
+        }
+        return at + products;
+    }
+    Scratch(Workspace ws, const Attention& a, Precision p) {
+        KILN_CHECK(ws.bytes >= bytes(a, p), "attention workspace of {} bytes, {} needed", ws.bytes,
+                   bytes(a, p));
+        bytes(a, p, this, static_cast<char*>(ws.ptr));
     }
 };
 
-// The softmax row's scores live in shared memory: T floats, beside the block reduction's slots;
-// past 48 KiB in all a kernel must ask for more (up to 227 KiB on Hopper: T up to ~58K).
-template <typename Kernel>
-size_t row_shared_bytes(Kernel kernel, const Attention& a) {
-    const size_t bytes = size_t(a.T) * 4;
-    KILN_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   static_cast<int>(bytes)));
-    return bytes;
+template <typename Out>
+__global__ void convert_kernel(Out* dst, const float* src, int64_t n) {
+    for (int64_t i = first_index(); i < n; i += stride())
+        store(dst + i, src[i]);
 }
+
+// dst (n) = src in dst's dtype: src itself in f32, else a bf16 copy into `copy`.
+const void* as_operand(const float* src, int64_t n, uint16_t* copy) {
+    if (!copy)
+        return src;
+    convert_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(copy, src, n);
+    finish_launch();
+    return copy;
+}
+
+template <typename P>
+__global__ void softmax_kernel(P* probs, float* scores, Attention a) {
+    const QueryRow r(a, blockIdx.x);
+    float* s = scores + int64_t(blockIdx.x) * a.T;
+    const float mx =
+        block_reduce(attention_row_max(s, r.t, threadIdx.x, blockDim.x), -INFINITY, Max{});
+    const float sum = block_reduce(attention_exp(s, r.t, mx, threadIdx.x, blockDim.x), 0.0f, Sum{});
+    attention_store_probs(probs + int64_t(blockIdx.x) * a.T, s, a.T, r.t, sum, threadIdx.x,
+                          blockDim.x);
+}
+
+template <typename P, typename Out>
+__global__ void softmax_backward_kernel(Out* ds, const float* dp, const P* probs, Attention a) {
+    const QueryRow r(a, blockIdx.x);
+    const int64_t row = int64_t(blockIdx.x) * a.T;
+    const float rowdot = block_reduce(
+        attention_rowdot(dp + row, probs + row, r.t, threadIdx.x, blockDim.x), 0.0f, Sum{});
+    attention_ds_row(ds + row, dp + row, probs + row, a.T, r.t, rowdot, attention_scale(a),
+                     threadIdx.x, blockDim.x);
+}
+
+// attention_products.h's executor on the device; P is the probabilities' dtype.
+template <typename P>
+struct Device {
+    const Attention& a;
+    Precision precision;
+    Workspace products;
+
+    unsigned rows() const { return static_cast<unsigned>(a.B * a.H * a.T); }
+    void gemm(const Gemm& g) { cuda::gemm(g, precision, products); }
+    void softmax(void* probs, float* scores) {
+        softmax_kernel<P><<<rows(), kRowThreads, 0, stream()>>>(static_cast<P*>(probs), scores, a);
+        finish_launch();
+    }
+    void softmax_backward(void* ds, float* dp, const void* probs) {
+        const P* p = static_cast<const P*>(probs);
+        if (ds == dp) {
+            softmax_backward_kernel<P, float><<<rows(), kRowThreads, 0, stream()>>>(dp, dp, p, a);
+        } else {
+            softmax_backward_kernel<P, uint16_t>
+                <<<rows(), kRowThreads, 0, stream()>>>(static_cast<uint16_t*>(ds), dp, p, a);
+        }
+        finish_launch();
+    }
+};
 
 // qkv with queries and keys rotated (a copy in the workspace) when `a` has rope tables.
 const float* rotated(const float* qkv, const Attention& a, float* copy) {
@@ -49,99 +130,29 @@ const float* rotated(const float* qkv, const Attention& a, float* copy) {
     return copy;
 }
 
-template <typename P>
-__global__ void probs_kernel(P* probs, const float* qkv, Attention a) {
-    extern __shared__ float s[];
-    const QueryRow r(a, blockIdx.x);
-    const float mx =
-        block_reduce(attention_scores(s, qkv, a, r, threadIdx.x, blockDim.x), -INFINITY, Max{});
-    const float sum = block_reduce(attention_exp(s, r.t, mx, threadIdx.x, blockDim.x), 0.0f, Sum{});
-    attention_store_probs(probs + int64_t(blockIdx.x) * a.T, s, a.T, r.t, sum, threadIdx.x,
-                          blockDim.x);
-}
-
-template <typename P>
-__global__ void output_kernel(float* out, const P* probs, const float* qkv, Attention a,
-                              int64_t n) {
-    for (int64_t i = first_index(); i < n; i += stride())
-        attention_output_at(out, probs, qkv, a, i);
-}
-
-template <typename P>
-__global__ void ds_kernel(float* ds, const P* probs, const float* dout, const float* qkv,
-                          Attention a) {
-    extern __shared__ float s[];
-    const QueryRow r(a, blockIdx.x);
-    const P* row = probs + int64_t(blockIdx.x) * a.T;
-    const float rowdot =
-        block_reduce(attention_dp(s, row, dout, qkv, a, r, threadIdx.x, blockDim.x), 0.0f, Sum{});
-    attention_ds(ds + int64_t(blockIdx.x) * a.T, s, row, r.t, rowdot, attention_scale(a),
-                 threadIdx.x, blockDim.x);
-}
-
-__global__ void dq_kernel(float* grad, const float* ds, const float* qkv, Attention a, int64_t n) {
-    for (int64_t i = first_index(); i < n; i += stride())
-        attention_dq_at(grad, ds, qkv, a, i);
-}
-
-template <typename P>
-__global__ void dkv_kernel(float* grad, const float* ds, const P* probs, const float* dout,
-                           const float* qkv, Attention a, int64_t n) {
-    for (int64_t i = first_index(); i < n; i += stride())
-        attention_dkv_at(grad, ds, probs, dout, qkv, a, i);
-}
-
-template <typename Out>
-__global__ void convert_kernel(Out* dst, const float* src, int64_t n) {
-    for (int64_t i = first_index(); i < n; i += stride())
-        store(dst + i, src[i]);
-}
-
-template <typename P>
-void forward(float* out, P* probs, const float* qkv, const Attention& a) {
-    const unsigned rows = static_cast<unsigned>(a.B * a.H * a.T);
-    probs_kernel<P>
-        <<<rows, kRowThreads, row_shared_bytes(probs_kernel<P>, a), stream()>>>(probs, qkv, a);
-    KILN_CUDA(cudaGetLastError());
-    const int64_t n = a.B * a.T * a.H * a.D;
-    output_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(out, probs, qkv, a, n);
-    finish_launch();
-}
-
-template <typename P>
-void backward(float* grad, float* ds, const float* dout, const float* qkv, const P* probs,
-              const Attention& a) {
-    const unsigned rows = static_cast<unsigned>(a.B * a.H * a.T);
-    ds_kernel<P><<<rows, kRowThreads, row_shared_bytes(ds_kernel<P>, a), stream()>>>(ds, probs,
-                                                                                     dout, qkv, a);
-    KILN_CUDA(cudaGetLastError());
-    const int64_t nq = a.B * a.T * a.H * a.D, nkv = a.B * a.T * a.Hkv * a.D;
-    dq_kernel<<<element_blocks(nq), kElementThreads, 0, stream()>>>(grad, ds, qkv, a, nq);
-    dkv_kernel<<<element_blocks(nkv), kElementThreads, 0, stream()>>>(grad, ds, probs, dout, qkv, a,
-                                                                      nkv);
-    finish_launch();
-}
-
 }  // namespace
 
 size_t attention_saved_bytes(const Attention& a, Precision precision) {
     return size_t(a.B * a.H * a.T * a.T) * dtype_size(compute_dtype(precision));
 }
 
-size_t attention_workspace_bytes(const Attention& a) {
-    return 2 * round_up(size_t(a.B * a.T * a.ldqkv) * 4) + size_t(a.B * a.H * a.T * a.T) * 4;
+size_t attention_workspace_bytes(const Attention& a, Precision precision) {
+    return Scratch::bytes(a, precision);
 }
 
 void attention_forward(float* out, void* saved, const float* qkv, const Attention& a,
                        Precision precision, Workspace ws) {
     if (a.B * a.T == 0)
         return;
-    const Scratch scratch(ws, a);
-    const float* x = rotated(qkv, a, scratch.rotated);
+    const Scratch s(ws, a, precision);
+    const DType ct = compute_dtype(precision);
+    const void* x = as_operand(rotated(qkv, a, s.rotated), a.B * a.T * a.ldqkv, s.qkv16);
     if (precision == Precision::bf16) {
-        forward(out, static_cast<uint16_t*>(saved), x, a);
+        Device<uint16_t> device{a, precision, s.products};
+        attention_products_forward(device, out, saved, ct, x, ct, a, s.scores);
     } else {
-        forward(out, static_cast<float*>(saved), x, a);
+        Device<float> device{a, precision, s.products};
+        attention_products_forward(device, out, saved, ct, x, ct, a, s.scores);
     }
 }
 
@@ -149,16 +160,22 @@ void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const fl
                         const void* saved, const Attention& a, Precision precision, Workspace ws) {
     if (a.B * a.T == 0)
         return;
-    const Scratch scratch(ws, a);
-    const float* x = rotated(qkv, a, scratch.rotated);
-    // An f32 gradient is written in place; a bf16 one goes through the f32 scratch.
-    float* grad = dqkv_type == DType::f32 ? static_cast<float*>(dqkv) : scratch.grad;
-    if (precision == Precision::bf16) {
-        backward(grad, scratch.ds, dout, x, static_cast<const uint16_t*>(saved), a);
-    } else {
-        backward(grad, scratch.ds, dout, x, static_cast<const float*>(saved), a);
-    }
+    const Scratch s(ws, a, precision);
+    const DType ct = compute_dtype(precision);
     const int64_t M = a.B * a.T;
+    const void* x = as_operand(rotated(qkv, a, s.rotated), M * a.ldqkv, s.qkv16);
+    const void* dO = as_operand(dout, M * a.H * a.D, s.dout16);
+    // An f32 gradient is written in place; a bf16 one goes through the f32 scratch.
+    float* grad = dqkv_type == DType::f32 ? static_cast<float*>(dqkv) : s.grad;
+    // ds: over dp itself in f32, a bf16 copy the products read in bf16.
+    void* ds = s.ds16 ? static_cast<void*>(s.ds16) : static_cast<void*>(s.scores);
+    if (precision == Precision::bf16) {
+        Device<uint16_t> device{a, precision, s.products};
+        attention_products_backward(device, grad, dO, ct, x, ct, saved, ct, a, s.scores, ds, ct);
+    } else {
+        Device<float> device{a, precision, s.products};
+        attention_products_backward(device, grad, dO, ct, x, ct, saved, ct, a, s.scores, ds, ct);
+    }
     if (a.rope_cos)  // back through the rotation: its inverse, on the gradient
         rope(grad, a.ldqkv, M, a.T, a.H + a.Hkv, a.D, a.rope_cos, a.rope_sin, true);
     if (dqkv_type == DType::bf16) {

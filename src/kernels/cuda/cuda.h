@@ -68,9 +68,10 @@ void gemm(const Gemm& g, Precision precision, Workspace ws);
 
 // Causal attention with the contract of the table's entries (table.h, ops.h; rope_cos/rope_sin
 // device pointers when set), the precision choosing the dtype of the probabilities kept in
-// `saved` (attention_saved_bytes). `ws` is device memory of attention_workspace_bytes(a).
+// `saved` (attention_saved_bytes) and the dtype the products read. `ws` is device memory of
+// attention_workspace_bytes(a, precision).
 size_t attention_saved_bytes(const Attention& a, Precision precision);
-size_t attention_workspace_bytes(const Attention& a);
+size_t attention_workspace_bytes(const Attention& a, Precision precision);
 void attention_forward(float* out, void* saved, const float* qkv, const Attention& a,
                        Precision precision, Workspace ws);
 void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const float* qkv,

@@ -4,6 +4,8 @@
 // are converted into the workspace first (pack_at), as the CPU backend packs them.
 #include <cublasLt.h>
 
+#include <array>
+#include <map>
 #include <memory>
 
 #include "kernels/cuda/cuda.h"
@@ -68,6 +70,74 @@ uint32_t alignment(const void* p) {
     return a;
 }
 
+// What cuBLASLt needs for one product shape: its descriptors and the algorithm its heuristic
+// chose, made once per shape (a step runs the same few shapes again and again; attention runs
+// one per head) and kept for the process.
+struct Plan {
+    std::unique_ptr<cublasLtMatmulDescOpaque_t, DescDeleter> desc;
+    Layout first, second, out;
+    cublasLtMatmulAlgo_t algo;
+};
+
+const Plan& plan_for(cudaDataType_t type, const ColumnMajorProduct& p, uint32_t align_first,
+                     uint32_t align_second, uint32_t align_c) {
+    using Key = std::array<int64_t, 14>;
+    static std::map<Key, Plan> plans;
+    const Key key = {int64_t(type),
+                     p.first.rows,
+                     p.first.cols,
+                     p.first.ld,
+                     p.first.trans,
+                     p.second.rows,
+                     p.second.cols,
+                     p.second.ld,
+                     p.second.trans,
+                     p.out.rows,
+                     p.out.cols,
+                     p.out.ld,
+                     int64_t(align_first) << 32 | align_second,
+                     align_c};
+    if (auto it = plans.find(key); it != plans.end())
+        return it->second;
+    Plan plan;
+    cublasLtMatmulDesc_t raw_desc = nullptr;
+    KILN_CUBLAS(cublasLtMatmulDescCreate(&raw_desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    plan.desc.reset(raw_desc);
+    const cublasOperation_t op_first = p.first.trans ? CUBLAS_OP_T : CUBLAS_OP_N;
+    const cublasOperation_t op_second = p.second.trans ? CUBLAS_OP_T : CUBLAS_OP_N;
+    KILN_CUBLAS(cublasLtMatmulDescSetAttribute(plan.desc.get(), CUBLASLT_MATMUL_DESC_TRANSA,
+                                               &op_first, sizeof(op_first)));
+    KILN_CUBLAS(cublasLtMatmulDescSetAttribute(plan.desc.get(), CUBLASLT_MATMUL_DESC_TRANSB,
+                                               &op_second, sizeof(op_second)));
+    plan.first = layout(type, p.first.rows, p.first.cols, p.first.ld);
+    plan.second = layout(type, p.second.rows, p.second.cols, p.second.ld);
+    plan.out = layout(CUDA_R_32F, p.out.rows, p.out.cols, p.out.ld);
+
+    cublasLtMatmulPreference_t raw_pref = nullptr;
+    KILN_CUBLAS(cublasLtMatmulPreferenceCreate(&raw_pref));
+    const std::unique_ptr<cublasLtMatmulPreferenceOpaque_t, PreferenceDeleter> pref(raw_pref);
+    const uint64_t max_ws = kLtWorkspace;
+    KILN_CUBLAS(cublasLtMatmulPreferenceSetAttribute(
+        pref.get(), CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &max_ws, sizeof(max_ws)));
+    KILN_CUBLAS(cublasLtMatmulPreferenceSetAttribute(
+        pref.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_first, sizeof(uint32_t)));
+    KILN_CUBLAS(cublasLtMatmulPreferenceSetAttribute(
+        pref.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_second, sizeof(uint32_t)));
+    KILN_CUBLAS(cublasLtMatmulPreferenceSetAttribute(
+        pref.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c, sizeof(uint32_t)));
+    KILN_CUBLAS(cublasLtMatmulPreferenceSetAttribute(
+        pref.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c, sizeof(uint32_t)));
+    cublasLtMatmulHeuristicResult_t result = {};
+    int found = 0;
+    KILN_CUBLAS(cublasLtMatmulAlgoGetHeuristic(handle(), plan.desc.get(), plan.first.get(),
+                                               plan.second.get(), plan.out.get(), plan.out.get(),
+                                               pref.get(), 1, &result, &found));
+    KILN_CHECK(found > 0, "cuBLASLt has no algorithm for the column-major product m={} n={} k={}",
+               p.m, p.n, p.k);
+    plan.algo = result.algo;
+    return plans.emplace(key, std::move(plan)).first->second;
+}
+
 template <typename Out, typename In>
 __global__ void pack_kernel(Out* dst, const In* src, int64_t cols, int64_t ld, int64_t n) {
     for (int64_t i = first_index(); i < n; i += stride())
@@ -125,48 +195,12 @@ void gemm(const Gemm& g, Precision precision, Workspace ws) {
     void* lt_workspace = scratch + a_bytes + b_bytes;
 
     const ColumnMajorProduct p = column_major(g, a.ld, b.ld);
-    cublasLtMatmulDesc_t raw_desc = nullptr;
-    KILN_CUBLAS(cublasLtMatmulDescCreate(&raw_desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    const std::unique_ptr<cublasLtMatmulDescOpaque_t, DescDeleter> desc(raw_desc);
-    const cublasOperation_t op_first = p.first.trans ? CUBLAS_OP_T : CUBLAS_OP_N;
-    const cublasOperation_t op_second = p.second.trans ? CUBLAS_OP_T : CUBLAS_OP_N;
-    KILN_CUBLAS(cublasLtMatmulDescSetAttribute(desc.get(), CUBLASLT_MATMUL_DESC_TRANSA, &op_first,
-                                               sizeof(op_first)));
-    KILN_CUBLAS(cublasLtMatmulDescSetAttribute(desc.get(), CUBLASLT_MATMUL_DESC_TRANSB, &op_second,
-                                               sizeof(op_second)));
-    const Layout first = layout(type, p.first.rows, p.first.cols, p.first.ld);
-    const Layout second = layout(type, p.second.rows, p.second.cols, p.second.ld);
-    const Layout out = layout(CUDA_R_32F, p.out.rows, p.out.cols, p.out.ld);
-
-    cublasLtMatmulPreference_t raw_pref = nullptr;
-    KILN_CUBLAS(cublasLtMatmulPreferenceCreate(&raw_pref));
-    const std::unique_ptr<cublasLtMatmulPreferenceOpaque_t, PreferenceDeleter> pref(raw_pref);
-    const uint64_t max_ws = kLtWorkspace;
-    KILN_CUBLAS(cublasLtMatmulPreferenceSetAttribute(
-        pref.get(), CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &max_ws, sizeof(max_ws)));
     // The algorithms offered must suit the pointers' actual alignment.
-    const uint32_t align_first = alignment(b.ptr), align_second = alignment(a.ptr),
-                   align_c = alignment(g.c);
-    KILN_CUBLAS(cublasLtMatmulPreferenceSetAttribute(
-        pref.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_first, sizeof(uint32_t)));
-    KILN_CUBLAS(cublasLtMatmulPreferenceSetAttribute(
-        pref.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_second, sizeof(uint32_t)));
-    KILN_CUBLAS(cublasLtMatmulPreferenceSetAttribute(
-        pref.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c, sizeof(uint32_t)));
-    KILN_CUBLAS(cublasLtMatmulPreferenceSetAttribute(
-        pref.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c, sizeof(uint32_t)));
-
-    cublasLtMatmulHeuristicResult_t result = {};
-    int found = 0;
-    KILN_CUBLAS(cublasLtMatmulAlgoGetHeuristic(handle(), desc.get(), first.get(), second.get(),
-                                               out.get(), out.get(), pref.get(), 1, &result,
-                                               &found));
-    KILN_CHECK(found > 0, "cuBLASLt has no algorithm for gemm M={} N={} K={} ({})", g.M, g.N, g.K,
-               precision == Precision::bf16 ? "bf16" : "fp32");
+    const Plan& plan = plan_for(type, p, alignment(b.ptr), alignment(a.ptr), alignment(g.c));
     const float alpha = g.alpha, beta = g.accumulate ? 1.0f : 0.0f;
-    KILN_CUBLAS(cublasLtMatmul(handle(), desc.get(), &alpha, b.ptr, first.get(), a.ptr,
-                               second.get(), &beta, g.c, out.get(), g.c, out.get(), &result.algo,
-                               lt_workspace, kLtWorkspace, stream()));
+    KILN_CUBLAS(cublasLtMatmul(handle(), plan.desc.get(), &alpha, b.ptr, plan.first.get(), a.ptr,
+                               plan.second.get(), &beta, g.c, plan.out.get(), g.c, plan.out.get(),
+                               &plan.algo, lt_workspace, kLtWorkspace, stream()));
     finish_launch();
 }
 

@@ -8,8 +8,9 @@ namespace kiln::kernels::cuda {
 namespace {
 
 // gemm and attention share the model's one workspace.
+template <Precision P>
 size_t workspace_bytes(int64_t max_operand, const Attention& a) {
-    return std::max(gemm_workspace_bytes(max_operand), attention_workspace_bytes(a));
+    return std::max(gemm_workspace_bytes(max_operand), attention_workspace_bytes(a, P));
 }
 
 template <Precision P>
@@ -38,7 +39,7 @@ template <Precision P>
 const Kernels table = {
     P == Precision::bf16 ? "cuda-bf16" : "cuda-fp32",
     P,
-    workspace_bytes,
+    workspace_bytes<P>,
     gemm_in<P>,
     embedding_forward,
     embedding_backward,

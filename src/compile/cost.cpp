@@ -94,24 +94,26 @@ double stage_flops_per_token(const model::LlamaConfig& m, int64_t T, int pp, int
 }
 
 // Seconds of one block's tensor-parallel collectives for one micro-batch of `rows` rows. Without
-// SP: an all-reduce of the fp32 (rows, C) activations after each row-parallel product in the
-// forward and of each input gradient in the backward. With SP: a reduce-scatter (fp32) instead of
-// each of those four, and an all-gather in the compute precision before each column-parallel
-// product (2), of the output gradient before each row-parallel product's backward (2), and of
-// the two norms' outputs again in the backward, which SP gathers instead of keeping them. Full
-// recompute reruns the forward's collectives.
-double block_tp_seconds(const Accelerator& a, int tp, bool sp, bool bf16, bool full, double rows,
-                        int64_t C) {
+// SP: an all-reduce of the (rows, C) activations after each row-parallel product in the forward
+// and of each input gradient in the backward, in f32 or, with `wire_bf16`
+// (parallel.tp_wire), bf16. With SP: a reduce-scatter (the same dtype) instead of each of those
+// four, and an all-gather in the compute precision before each column-parallel product (2), of
+// the output gradient before each row-parallel product's backward (2), and of the two norms'
+// outputs again in the backward, which SP gathers instead of keeping them. Full recompute
+// reruns the forward's collectives.
+double block_tp_seconds(const Accelerator& a, int tp, bool sp, bool bf16, bool wire_bf16, bool full,
+                        double rows, int64_t C) {
     if (tp == 1)
         return 0;
     const double ring = double(tp - 1) / tp, bw = a.intra_gbps * 1e9, latency = a.latency_us * 1e-6;
-    const double fp32 = rows * double(C) * 4, compute = rows * double(C) * (bf16 ? 2 : 4);
+    const double sums = rows * double(C) * (wire_bf16 ? 2 : 4);
+    const double compute = rows * double(C) * (bf16 ? 2 : 4);
     if (!sp) {
         const double reduces = full ? 6 : 4;
-        return reduces * (2 * ring * fp32 / bw + latency);
+        return reduces * (2 * ring * sums / bw + latency);
     }
     const double scatters = full ? 6 : 4, gathers = full ? 8 : 6;
-    return (scatters * fp32 + gathers * compute) * ring / bw + (scatters + gathers) * latency;
+    return (scatters * sums + gathers * compute) * ring / bw + (scatters + gathers) * latency;
 }
 
 // Whether some pipeline's stages sit on different nodes: a pipeline is tp x pp consecutive ranks
@@ -231,8 +233,8 @@ Estimate estimate(const train::RunConfig& given, const Cluster& cluster) {
     // after, which is the bubble: (pp-1)/(m+pp-1) of the pipelined time when the stages are
     // equal. A stage that is lighter (no head) shortens it: the last of 2 stages of `tiny`, its
     // head 57% of the FLOPs, ran 4 micro-batches in 2.1 s while the first waited 1.5 s of them.
-    const double block_tp =
-        block_tp_seconds(a, e.tp, e.sp, bf16, e.recompute == "full", rows, m.dim);
+    const double block_tp = block_tp_seconds(a, e.tp, e.sp, bf16, config.bf16_wire(),
+                                             e.recompute == "full", rows, m.dim);
     double slowest = 0, all_stages = 0, slowest_compute = 0, slowest_tp = 0;
     for (int s = 0; s < e.pp; s++) {
         const auto [first, last] = model::Layout::stage_layers(m.n_layers, e.pp, s);

@@ -5,6 +5,9 @@
 // the same order with the same sizes. Buffers are host memory, float32 unless stated.
 #include <cstddef>
 #include <cstdint>
+#include <vector>
+
+#include "core/dtype.h"
 
 namespace kiln {
 
@@ -23,6 +26,25 @@ public:
     // over the group of everyone's chunk r; the other chunks hold unspecified values. Callers
     // reduce the same buffer again and again; an implementation may keep state per buffer.
     virtual void reduce_scatter_sum(float* data, size_t chunk) = 0;
+    // The same sums of bf16 values (activations in the compute precision), each result rounded
+    // to bf16. How the partial sums travel is the implementation's: NCCL carries bf16; this
+    // default, for host memory, widens to f32, reduces that and rounds back (on one host the
+    // conversions inside gloo's reductions measured slower than the f32 bytes they save).
+    virtual void all_reduce_sum_bf16(uint16_t* data, size_t n) {
+        if (size() == 1)
+            return;
+        float* wide = widened(data, n);
+        all_reduce_sum(wide, n);
+        convert_f32_to_bf16(data, wide, int64_t(n));
+    }
+    virtual void reduce_scatter_sum_bf16(uint16_t* data, size_t chunk) {
+        if (size() == 1)
+            return;
+        float* wide = widened(data, chunk * size_t(size()));
+        reduce_scatter_sum(wide, chunk);
+        const size_t mine = size_t(rank()) * chunk;
+        convert_f32_to_bf16(data + mine, wide + mine, int64_t(chunk));
+    }
     // data (size() * chunk_bytes): rank r's chunk r is sent to all; on return every chunk holds
     // its owner's bytes. In place.
     virtual void all_gather_bytes(void* data, size_t chunk_bytes) = 0;
@@ -42,6 +64,17 @@ public:
 
 protected:
     uint64_t payload_bytes_ = 0;
+
+private:
+    // `data` (n) widened into a buffer kept for the next call of the same size, so that an
+    // implementation keeping state per buffer (gloo's reduce-scatter) finds it again.
+    float* widened(const uint16_t* data, size_t n) {
+        if (wide_.size() != n)
+            wide_.assign(n, 0.0f);
+        convert_bf16_to_f32(wide_.data(), data, int64_t(n));
+        return wide_.data();
+    }
+    std::vector<float> wide_;
 };
 
 }  // namespace kiln

@@ -50,6 +50,19 @@ public:
         run([&] { return ncclAllReduce(data, data, n, ncclDouble, ncclSum, comm_, stream_); },
             n * 8);
     }
+    // bf16 on the wire: NCCL sums bf16 as it goes.
+    void all_reduce_sum_bf16(uint16_t* data, size_t n) override {
+        run([&] { return ncclAllReduce(data, data, n, ncclBfloat16, ncclSum, comm_, stream_); },
+            n * 2);
+    }
+    void reduce_scatter_sum_bf16(uint16_t* data, size_t chunk) override {
+        run(
+            [&] {
+                return ncclReduceScatter(data, data + size_t(rank_) * chunk, chunk, ncclBfloat16,
+                                         ncclSum, comm_, stream_);
+            },
+            chunk * size_t(size_) * 2);
+    }
     void all_reduce_max(float* data, size_t n) override {
         run([&] { return ncclAllReduce(data, data, n, ncclFloat, ncclMax, comm_, stream_); },
             n * 4);

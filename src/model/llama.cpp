@@ -51,6 +51,7 @@ Llama::Llama(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t
       tp_rank_(tp_rank),
       split_(split),
       sp_(split.sp && tp_size > 1),
+      wire_bf16_(split.bf16_wire && tp_size > 1),
       layout_(config, tp_size_, tp_rank_, split.pp, split.pp_rank),
       k_(kernels),
       B_(B),
@@ -137,9 +138,10 @@ void Llama::build(int64_t capacity, bool allocate) {
     size_t o_ids = acts_.add("ids", M, DType::i32);
     size_t o_local = acts_.add("local_ids", (S + 1) * M, DType::i32);
     size_t o_dy_bf = acts_.add("dy_bf", bf * Ml * C, DType::bf16);
-    const int64_t sp = sp_ ? 1 : 0;
+    const int64_t sp = sp_ ? 1 : 0, wire = wire_bf16_ ? 1 : 0;
     size_t o_gathered = acts_.add("gathered", sp * M * C, ct);
-    size_t o_partial = acts_.add("partial", sp * M * C, DType::f32);
+    size_t o_partial = acts_.add("partial", std::max(sp, wire) * M * C, DType::f32);
+    size_t o_wire = acts_.add("wire", wire * M * C, DType::bf16);
     int64_t norm_numel = 0;
     for (const auto& p : layout_.params())
         norm_numel += p.shape.size() == 1 ? p.numel : 0;
@@ -193,7 +195,8 @@ void Llama::build(int64_t capacity, bool allocate) {
     local_targets_ = acts_.get<int32_t>(o_local) + S * M;
     norm_grads_ = sp_ ? acts_.get<float>(o_norm_grads) : nullptr;
     gathered_ = sp_ ? acts_.get<void>(o_gathered) : nullptr;
-    partial_ = sp_ ? acts_.get<float>(o_partial) : nullptr;
+    partial_ = sp_ || wire_bf16_ ? acts_.get<float>(o_partial) : nullptr;
+    wire_ = wire_bf16_ ? acts_.get<uint16_t>(o_wire) : nullptr;
     ws_.ptr = acts_.get<void>(o_ws);
     dy_bf_ = bf16_ ? acts_.get<uint16_t>(o_dy_bf) : nullptr;
     dlogits_bf_ = bf16_ ? acts_.get<uint16_t>(o_dlogits_bf) : nullptr;
@@ -318,6 +321,16 @@ Llama::Operand Llama::gather_rows(const void* local, void* full, DType type) {
 }
 
 float* Llama::sum_rows(float* full) {
+    if (wire_) {
+        const int64_t n = M_ * C_, mine = sp_ ? tp_rank_ * Ml_ * C_ : 0, rows = Ml_ * C_;
+        k_.to_bf16(wire_, full, n);
+        if (sp_)
+            tp_->reduce_scatter_sum_bf16(wire_, size_t(rows));
+        else
+            tp_->all_reduce_sum_bf16(wire_, size_t(n));
+        k_.widen(full + mine, wire_ + mine, rows);
+        return full + mine;
+    }
     if (!sp_) {
         tp_all_reduce(full, M_ * C_);
         return full;
@@ -329,10 +342,10 @@ float* Llama::sum_rows(float* full) {
 // Rank 0 of the group adds the residual and every rank its partial product; the all-reduce sums
 // them. With one rank the residual rides on the product's accumulate. With sequence parallelism
 // the partial products are reduce-scattered over the rows, and each rank adds its rows of the
-// residual.
+// residual; so with bf16 on the wire, which must not round the residual stream.
 void Llama::row_parallel(float* y, const float* residual, Operand x, Operand w, int64_t M,
                          int64_t K, int64_t N) {
-    if (sp_) {
+    if (sp_ || wire_) {
         linear_forward(partial_, x, w, M, K, N);
         k_.add(y, residual, sum_rows(partial_), Ml_ * N);
         return;
@@ -418,7 +431,7 @@ void Llama::embed(int slot, const int32_t* tokens) {
     k_.slice_ids(local, nullptr, ids_, M_, layout_.vocab_begin, V_, 0.0f);
     const Operand wte = weight(layout_.embedding);
     float* x = residual(slot);
-    if (!sp_) {
+    if (!sp_ && !wire_) {
         k_.embedding_forward(x, local, wte.ptr, wte.type, M_, C_);
         tp_all_reduce(x, M_ * C_);
         return;

@@ -44,6 +44,11 @@ struct Split {
     bool sp = false;
     int pp = 1, pp_rank = 0;  // pipeline stages, and which one this model is (model/layout.h)
     int inflight = 1;         // micro-batches whose activations the stage keeps at once
+    // The tensor-parallel sums of activations (a row-parallel product's output, the embedding,
+    // the input gradients of the column-parallel products) carried in bf16: the partial sums
+    // rounded to bf16, summed, widened back. Only with bf16 products; the residual stream, the
+    // cross-entropy's statistics and the gradients of weights stay f32.
+    bool bf16_wire = false;
 };
 
 class Llama {
@@ -151,7 +156,8 @@ private:
     // every rank into `full` (M, C); without it, `local` itself.
     Operand gather_rows(const void* local, void* full, DType type);
     // Sequence parallelism: `full` (M, C) summed over the group, this rank's rows of the sum
-    // returned (a pointer into `full`); without it, `full` summed in place.
+    // returned (a pointer into `full`); without it, `full` summed in place. In bf16 on the wire
+    // with Split::bf16_wire.
     float* sum_rows(float* full);
     void linear_forward(float* y, Operand x, Operand w, int64_t M, int64_t K, int64_t N,
                         bool accumulate = false);
@@ -167,7 +173,8 @@ private:
     Collective* tp_;  // [nullable] the tensor-parallel group
     int tp_size_, tp_rank_;
     Split split_;
-    bool sp_;  // sequence parallelism (split_.sp with more than one tensor-parallel rank)
+    bool sp_;         // sequence parallelism (split_.sp with more than one tensor-parallel rank)
+    bool wire_bf16_;  // split_.bf16_wire with more than one tensor-parallel rank
     Layout layout_;
     const kernels::Kernels& k_;
     int64_t B_, T_, M_, Ml_, head_rows_, L_;  // Ml_: rows of the residual stream; L_: local layers
@@ -203,7 +210,8 @@ private:
     // Sequence parallelism: the gathered rows of a product's input (M, C) in compute_type(), and
     // a row-parallel product's (M, C) fp32 partial sum before its reduce-scatter.
     void* gathered_;
-    float* partial_;
+    float* partial_;  // also without sequence parallelism when activations travel in bf16
+    uint16_t* wire_;  // (M, C) bf16 partial sums on the wire (Split::bf16_wire), else null
     kernels::Workspace ws_;
 };
 

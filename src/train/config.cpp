@@ -70,6 +70,10 @@ void build_schema(ConfigSchema& s, RunConfig& c) {
     s.add("parallel.sp", &c.sp,
           "sequence parallelism (needs parallel.tp > 1): norms and residual adds run on 1/tp of "
           "the rows, and each TP all-reduce becomes a reduce-scatter and an all-gather");
+    s.add("parallel.tp_wire", &c.tp_wire,
+          "dtype of the tensor-parallel sums of activations: bf16 (with bf16 products), fp32, "
+          "auto (bf16 on the cuda backend with bf16 products, else fp32)",
+          one_of(&c.tp_wire, {"auto", "fp32", "bf16"}));
     s.add("parallel.pp", &c.pp,
           "pipeline stages: the blocks split into this many stages, run on a 1F1B schedule over "
           "the step's train.grad_accum micro-batches",
@@ -99,7 +103,15 @@ model::Split RunConfig::split(int pp_rank) const {
     s.pp_rank = pp_rank;
     // 1F1B: stage s starts pp - s forwards before its first backward frees one.
     s.inflight = int(std::min<int64_t>(pp - pp_rank, train.grad_accum));
+    s.bf16_wire = bf16_wire();
     return s;
+}
+
+bool RunConfig::bf16_wire() const {
+    const bool bf16 = compute_precision(train) == kernels::Precision::bf16;
+    if (tp_wire == "auto")
+        return bf16 && train.backend == "cuda";
+    return tp_wire == "bf16";
 }
 
 kernels::Precision compute_precision(const TrainConfig& t) {
@@ -142,6 +154,12 @@ void RunConfig::validate() const {
             "parallel.sp=true splits the {} rows of a micro-batch (train.micro_batch x "
             "train.seq_len) over parallel.tp={} ranks, which does not divide them",
             train.micro_batch * train.seq_len, tp);
+    }
+    if (tp_wire == "bf16" && compute_precision(train) != kernels::Precision::bf16) {
+        throw error(
+            "parallel.tp_wire=bf16 carries activations in the products' dtype, and "
+            "train.precision={} runs them in fp32",
+            train.precision);
     }
     if (pp > model.n_layers) {
         throw error("parallel.pp={} is more stages than the model's {} layers (model.n_layers)", pp,

@@ -42,8 +42,9 @@ struct RunConfig {
     optim::Schedule schedule;
     optim::AdamWConfig adamw;
     int64_t tp = 1;
-    bool sp = false;  // sequence parallelism within the tensor-parallel group
-    int64_t pp = 1;   // pipeline stages
+    bool sp = false;               // sequence parallelism within the tensor-parallel group
+    int64_t pp = 1;                // pipeline stages
+    std::string tp_wire = "auto";  // auto | fp32 | bf16: the dtype TP's activation sums travel in
     int64_t zero = 1;
     double timeout_s = 300;          // rendezvous and collective timeout
     std::string transport = "auto";  // auto | shm | tcp: how gloo moves collectives
@@ -55,6 +56,10 @@ struct RunConfig {
     // What this config splits a rank's model into beyond TP: SP, its pipeline stage of pp,
     // and how many micro-batches that stage keeps in flight under the 1F1B schedule.
     model::Split split(int pp_rank) const;
+    // Whether the tensor-parallel sums of activations travel in bf16: parallel.tp_wire=bf16, or
+    // auto on the cuda backend with bf16 products (NCCL sums bf16 natively; gloo widens to f32,
+    // which measured faster on one host, so auto keeps f32 on CPUs).
+    bool bf16_wire() const;
     // Settles what depends on this machine: train.precision "auto" becomes bf16 where the
     // backend has native bf16 products, else fp32; an explicit bf16 the CPU lacks throws.
     void resolve();

@@ -79,10 +79,10 @@ double weight_difference(const std::string& run_a, const std::string& run_b) {
 
 // Trains `ranks` ranks with `layout_args` and one process with `reference_args` (the same global
 // batch and seed; one reference run per distinct args), and expects the same loss curve and
-// final weights within `tol`, relative. Returns the launch's output.
+// (with `weights`) final weights within `tol`, relative. Returns the launch's output.
 std::string expect_layout_matches(const TempDir& dir, const std::string& name, int ranks,
                                   const std::string& layout_args, const std::string& reference_args,
-                                  double tol) {
+                                  double tol, bool weights = true) {
     static std::map<std::string, std::string> references;  // args -> run folder
     std::string kiln = kiln::testing::kiln_binary();
     std::string& ref = references[dir.path + reference_args];
@@ -101,7 +101,7 @@ std::string expect_layout_matches(const TempDir& dir, const std::string& name, i
     for (size_t i = 0; i < std::min(a.size(), b.size()); i++) {
         EXPECT_NEAR(b[i], a[i], tol * a[i]) << name << " step " << i + 1;
     }
-    if (a.size() == 20 && b.size() == 20) {
+    if (weights && a.size() == 20 && b.size() == 20) {
         // Weights get at least 1e-3: Adam moves a weight whose gradient is at
         // rounding level by up to lr a step whatever its sign, so one such unit drifts apart.
         EXPECT_LT(weight_difference(run, ref), std::max(tol, 1e-3)) << name;
@@ -120,6 +120,27 @@ TEST(Parallel, Bf16DataParallelMatchesOneProcess) {
     TempDir dir;
     const std::string bf16 = " --set train.precision=bf16 --set train.autotune=false";
     expect_layout_matches(dir, "dp2-bf16", 2, bf16, " --set train.grad_accum=2" + bf16, 1e-2);
+}
+
+// Tensor-parallel sums of activations in bf16 (parallel.tp_wire=bf16), with and without SP:
+// the partial sums are rounded to bf16 before they are added, so the curve follows one process
+// as bf16 products do (losses seen within 4.2e-3, against 1.7e-3 with the sums in f32); held to
+// the same 1e-2 as DP in bf16. Only the curve: bf16 products split over two ranks round
+// otherwise than whole ones from the first step, and Adam moves a weight whose gradient is at
+// rounding level by the full lr whatever its sign (seen: 0.26 of the largest embedding weight
+// for TP=2 in bf16 with the sums in f32), so final weights say nothing about the sums.
+TEST(Parallel, Bf16TensorParallelSumsMatchOneProcess) {
+    const std::string why = kiln::testing::without_bf16_products();
+    if (!why.empty())
+        GTEST_SKIP() << why;
+    TempDir dir;
+    const std::string bf16 = " --set train.precision=bf16 --set train.autotune=false";
+    const std::string tp2 =
+        " --set parallel.tp=2 --set train.grad_accum=2 --set parallel.tp_wire=bf16";
+    const std::string ref = " --set train.grad_accum=2" + bf16;
+    expect_layout_matches(dir, "tp2-wire-bf16", 2, tp2 + bf16, ref, 1e-2, false);
+    expect_layout_matches(dir, "tp2-sp-wire-bf16", 2, tp2 + " --set parallel.sp=true" + bf16, ref,
+                          1e-2, false);
 }
 
 // The same global batch and seed as one process with micro-batches, on DP, TP and DP x TP

@@ -25,6 +25,8 @@ done | sort -u | while read -r name path; do
 done
 sort -u -o "$out/cuda-libs.txt" "$out/cuda-libs.txt"
 strip --strip-unneeded "$out"/bin/* "$out"/lib/* 2>/dev/null || true
+# Libraries over 16 MiB travel gzipped (oneDNN: ~40 MiB, ~11 gzipped); check.sh unpacks them.
+find "$out/lib" -type f -size +16M -exec gzip -9 {} +
 git rev-parse --short HEAD >"$out/commit.txt"
 echo "bundle: $(du -sh "$out" | cut -f1) in $out (the carry limit is 64 MiB); CUDA libraries the GPU machine must provide:"
 sed 's/^/  /' "$out/cuda-libs.txt"

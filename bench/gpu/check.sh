@@ -12,7 +12,13 @@ b=bench/gpu/bundle
 out=${OUT:-/tmp/kiln-gpu-check}
 mkdir -p "$out"
 [ -x "$b/bin/kiln" ] || { echo "check: no $b/bin/kiln; run bench/gpu/bundle.sh first and carry $b"; exit 2; }
-dirs=("$PWD/$b/lib")
+libs="$PWD/$b/lib"
+if compgen -G "$libs/*.gz" >/dev/null; then  # bundle.sh gzips the largest libraries
+    unpacked=$(mktemp -d)
+    cp -a "$libs/." "$unpacked/" && gunzip "$unpacked"/*.gz
+    libs=$unpacked
+fi
+dirs=("$libs")
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
     [ -d "$d" ] && dirs+=("$d")
 done

@@ -97,11 +97,19 @@ void RankWriter::stage(const model::Layout& layout, const RankPlace& place, cons
     const int64_t range = end_ - begin_;
     const int64_t n = n_params_ + 2 * range;
     if (n > staged_capacity_) {
-        staged_.reset(new float[size_t(n)]);
+        if (t.staging) {
+            pinned_ = std::make_unique<Arena>("checkpoint staging", *t.staging);
+            pinned_->add("tensors", n, DType::f32);
+            pinned_->allocate();
+            staged_ = pinned_->get<float>(0);
+        } else {
+            plain_.reset(new float[size_t(n)]);
+            staged_ = plain_.get();
+        }
         staged_capacity_ = n;
     }
     // Training waits for this copy, so host memory is copied on the threads the steps use.
-    float* dst = staged_.get();
+    float* dst = staged_;
     const float* parts[3] = {t.params, t.m, t.v};
     const int64_t sizes[3] = {n_params_, range, range};
     for (int i = 0; i < 3; i++) {
@@ -128,7 +136,7 @@ void RankWriter::start(const RunDir& run, int64_t step) {
         try {
             auto t0 = std::chrono::steady_clock::now();
             const int64_t range = end_ - begin_;
-            const float* base = staged_.get();
+            const float* base = staged_;
             SafetensorsWriter w;
             if (n_params_ > 0)
                 w.add("param", DType::f32, {n_params_}, base);

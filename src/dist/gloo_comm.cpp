@@ -260,7 +260,7 @@ Job::Job(const Placement& p, int tp, std::chrono::milliseconds timeout,
                         int size) -> std::unique_ptr<Collective> {
             if (size == 1)
                 return std::make_unique<SoloCollective>();
-            return connect_nccl(*store_, name, rank, size);
+            return connect_nccl(*store_, name, rank, size, timeout);
         };
         dp_nccl_ = nccl(fmt::format("nccl-dp{}{}", g.tp_rank, stage), g.dp_rank, g.dp);
         tp_nccl_ = nccl(fmt::format("nccl-tp{}{}", g.dp_rank, stage), g.tp_rank, g.tp);

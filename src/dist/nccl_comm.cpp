@@ -3,7 +3,9 @@
 #include <cuda_runtime.h>
 #include <nccl.h>
 
+#include <chrono>
 #include <cstring>
+#include <thread>
 
 #include "core/error.h"
 #include "dist/store.h"
@@ -28,7 +30,8 @@ namespace {
 
 class NcclCollective : public Collective {
 public:
-    NcclCollective(ncclComm_t comm, int rank, int size) : comm_(comm), rank_(rank), size_(size) {
+    NcclCollective(ncclComm_t comm, int rank, int size, std::chrono::milliseconds timeout)
+        : comm_(comm), rank_(rank), size_(size), timeout_(timeout) {
         KILN_CUDA_RT(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
         KILN_CUDA_RT(cudaEventCreateWithFlags(&device_work_, cudaEventDisableTiming));
         KILN_CUDA_RT(cudaMalloc(&scratch_, sizeof(float)));
@@ -37,7 +40,12 @@ public:
         cudaFree(scratch_);
         cudaEventDestroy(device_work_);
         cudaStreamDestroy(stream_);
-        ncclCommDestroy(comm_);
+        // A communicator whose operation failed may never finish one: abort it rather than
+        // wait in its destruction.
+        if (failed_)
+            ncclCommAbort(comm_);
+        else
+            ncclCommDestroy(comm_);
     }
     int rank() const override { return rank_; }
     int size() const override { return size_; }
@@ -120,13 +128,46 @@ private:
         KILN_CUDA_RT(cudaEventRecord(device_work_, cudaStreamLegacy));
         KILN_CUDA_RT(cudaStreamWaitEvent(stream_, device_work_, 0));
         const ncclResult_t launched = launch();
-        if (launched != ncclSuccess)
+        if (launched != ncclSuccess) {
+            failed_ = true;
             library_failed("NCCL", "a collective", ncclGetErrorString(launched));
-        KILN_CUDA_RT(cudaStreamSynchronize(stream_));
+        }
+        wait();
         payload_bytes_ += bytes;
+    }
+    // Waits for the operation. A peer that died leaves NCCL's kernels waiting for ever, so the
+    // wait polls NCCL's own error and gives up after the job's timeout.
+    void wait() {
+        const auto deadline = std::chrono::steady_clock::now() + timeout_;
+        for (int polls = 0;; polls++) {
+            const cudaError_t done = cudaStreamQuery(stream_);
+            if (done == cudaSuccess)
+                return;
+            if (done != cudaErrorNotReady) {
+                failed_ = true;
+                library_failed("CUDA", "an NCCL collective", cudaGetErrorString(done));
+            }
+            ncclResult_t async = ncclSuccess;
+            ncclCommGetAsyncError(comm_, &async);
+            if (async != ncclSuccess && async != ncclInProgress) {
+                failed_ = true;
+                library_failed("NCCL", "a collective", ncclGetErrorString(async));
+            }
+            if (std::chrono::steady_clock::now() > deadline) {
+                failed_ = true;
+                throw error(
+                    "an NCCL collective of {} ranks did not finish in {} s (parallel.timeout_s): "
+                    "a peer stopped or is stuck",
+                    size_, timeout_.count() / 1000);
+            }
+            if (polls > 1000)  // spin briefly for short operations, then sleep between polls
+                std::this_thread::sleep_for(std::chrono::microseconds(50));
+        }
     }
     ncclComm_t comm_;
     int rank_, size_;
+    std::chrono::milliseconds timeout_;
+    bool failed_ = false;
     cudaStream_t stream_ = nullptr;
     cudaEvent_t device_work_ = nullptr;
     float* scratch_ = nullptr;  // [device] one float for the barrier
@@ -135,7 +176,7 @@ private:
 }  // namespace
 
 std::unique_ptr<Collective> connect_nccl(TcpStore& store, const std::string& name, int rank,
-                                         int size) {
+                                         int size, std::chrono::milliseconds timeout) {
     ncclUniqueId id;
     const std::string key = name + "/nccl-id";
     if (rank == 0) {
@@ -150,7 +191,7 @@ std::unique_ptr<Collective> connect_nccl(TcpStore& store, const std::string& nam
     }
     ncclComm_t comm;
     KILN_NCCL(ncclCommInitRank(&comm, size, id, rank));
-    return std::make_unique<NcclCollective>(comm, rank, size);
+    return std::make_unique<NcclCollective>(comm, rank, size, timeout);
 }
 
 }  // namespace kiln::dist

@@ -89,6 +89,9 @@ struct Kernels {
 
     // --- Memory, and the small ops around the products that touch it ---
     const Memory* memory;  // where arenas of this backend's tensors are allocated
+    // Host memory that copies of those tensors are best staged in: pinned memory for a device
+    // (copies run at the link's speed), plain host memory for the host tables.
+    const Memory* staging;
     // dst = src, `bytes` of them; either may be host memory (the only op that takes it). Done
     // when it returns.
     void (*copy)(void* dst, const void* src, size_t bytes);
@@ -113,7 +116,8 @@ struct Kernels {
     double (*sum_squares)(const float* x, int64_t n);
 
     // Autotuning of the products (gemm and attention's). platform: what a plan holds for (the
-    // hardware, the threads, the libraries' versions); null when there is nothing to tune.
+    // hardware, the threads, the libraries' versions), also the key of the measured peak; null
+    // when there is nothing to name. tune and the rest: null when there is nothing to tune.
     std::string (*platform)();
     // Tuning runs as passes of the caller's work (a training step's forward and backward, the
     // same products in the same order each time): tune(part, parts) starts the first, in which

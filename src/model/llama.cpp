@@ -149,7 +149,7 @@ void Llama::build(int64_t capacity, bool allocate) {
     size_t o_dlogits_bf = acts_.add("dlogits_bf", bf * head_rows_ * V, DType::bf16);
     int64_t max_operand = std::max({M * std::max({C, QKV, 2 * F}), head_rows_ * V});
     ws_.bytes = k_.workspace_bytes(max_operand, attn_);
-    size_t o_ws = acts_.add("workspace", int64_t(ws_.bytes), DType::u16);  // counted in bytes/2
+    size_t o_ws = acts_.add("workspace", int64_t(ws_.bytes + 1) / 2, DType::u16);  // bytes / 2
     if (!allocate)
         return;
     params_.allocate();

@@ -104,7 +104,7 @@ std::string plan_cache_dir(const RunConfig& cfg) {
 AutotuneResult autotune(const RunConfig& cfg, const kernels::Kernels& k, model::Llama& model,
                         Collective& world, int dp, const std::function<void()>& progress) {
     AutotuneResult r;
-    if (!cfg.train.autotune || k.platform == nullptr) {
+    if (!cfg.train.autotune || k.platform == nullptr || k.tune == nullptr) {
         r.outcome = "off";
         return r;
     }

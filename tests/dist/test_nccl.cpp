@@ -22,7 +22,7 @@ TEST(Nccl, CollectivesOnDeviceMemory) {
     if (!kernels::cuda_available())
         GTEST_SKIP() << "no CUDA device";
     dist::TcpStore store("127.0.0.1", launch::free_port(), true, std::chrono::seconds(10));
-    auto comm = dist::connect_nccl(store, "test", 0, 1);
+    auto comm = dist::connect_nccl(store, "test", 0, 1, std::chrono::seconds(30));
     std::vector<float> host = {1, -2, 3, 4, 5, 6, 7, 8}, back(8);
     float* dev = nullptr;
     ASSERT_EQ(cudaMalloc(&dev, host.size() * 4), cudaSuccess);

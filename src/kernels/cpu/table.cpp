@@ -61,6 +61,7 @@ const Kernels table = {
     adamw,
     to_bf16,
     &host_memory,
+    &host_memory,
     host::copy,
     host::zero,
     host::widen,

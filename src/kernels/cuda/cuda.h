@@ -4,6 +4,7 @@
 // cuda_kernels() assembles them into the table.
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "kernels/table.h"
 
@@ -17,10 +18,13 @@ namespace kiln::kernels::cuda {
 int device_count();           // 0 when there is no usable device or driver
 void set_device(int device);  // the current device of this process, before any allocation
 int64_t device_memory_bytes(int device);  // its total memory
+// The current GPU's name, compute capability, driver and CUDA runtime and cuBLASLt versions.
+std::string device_platform();
 
 // Device memory, 256-byte aligned, zero-filled; out of memory is an Error naming the config keys
 // that shrink a rank's share.
 extern const Memory device_memory;
+extern const Memory pinned_memory;                    // page-locked host memory, for staging copies
 void copy(void* dst, const void* src, size_t bytes);  // either side host or device
 void zero(void* dst, size_t bytes);
 void widen(float* dst, const uint16_t* src, int64_t n);

@@ -40,9 +40,26 @@ void device_release(void* p) {
     cudaFree(p);  // in a destructor: a failure here has nowhere to go
 }
 
+void* pinned_alloc(size_t bytes, const char* what) {
+    const size_t n = std::max<size_t>(bytes, 1);
+    void* p = nullptr;
+    if (cudaHostAlloc(&p, n, cudaHostAllocDefault) != cudaSuccess) {
+        cudaGetLastError();
+        throw error("out of page-locked host memory allocating {:.1f} MiB for {}", n / 1048576.0,
+                    what);
+    }
+    std::memset(p, 0, n);
+    return p;
+}
+
+void pinned_release(void* p) {
+    cudaFreeHost(p);
+}
+
 }  // namespace
 
 const Memory device_memory = {"cuda", 256, device_alloc, device_release};
+const Memory pinned_memory = {"cuda-pinned", 64, pinned_alloc, pinned_release};
 
 cudaStream_t stream() {
     static cudaStream_t s = [] {

@@ -168,6 +168,17 @@ Operand prepare(const void* src, DType type, int64_t rows, int64_t cols, int64_t
 
 }  // namespace
 
+std::string device_platform() {
+    int device = 0, driver = 0, runtime = 0;
+    KILN_CUDA(cudaGetDevice(&device));
+    cudaDeviceProp prop = {};
+    KILN_CUDA(cudaGetDeviceProperties(&prop, device));
+    KILN_CUDA(cudaDriverGetVersion(&driver));
+    KILN_CUDA(cudaRuntimeGetVersion(&runtime));
+    return fmt::format("{} (sm_{}{}); driver {}; CUDA runtime {}; cuBLASLt {}", prop.name,
+                       prop.major, prop.minor, driver, runtime, cublasLtGetVersion());
+}
+
 size_t gemm_workspace_bytes(int64_t max_operand) {
     return 2 * round_up(size_t(max_operand) * 4) + kLtWorkspace;
 }
@@ -186,8 +197,10 @@ void gemm(const Gemm& g, Precision precision, Workspace ws) {
     const int64_t a_rows = g.trans_a ? g.K : g.M, a_cols = g.trans_a ? g.M : g.K;
     const int64_t b_rows = g.trans_b ? g.N : g.K, b_cols = g.trans_b ? g.K : g.N;
     char* scratch = static_cast<char*>(ws.ptr);
-    const size_t a_bytes = round_up(size_t(a_rows * a_cols) * 4);
-    const size_t b_bytes = round_up(size_t(b_rows * b_cols) * 4);
+    // Room to convert an operand only where its dtype is not the one the product reads (weights
+    // and activations the model keeps in the compute dtype go straight in).
+    const size_t a_bytes = g.a_type == want ? 0 : round_up(size_t(a_rows * a_cols) * 4);
+    const size_t b_bytes = g.b_type == want ? 0 : round_up(size_t(b_rows * b_cols) * 4);
     KILN_CHECK(ws.bytes >= a_bytes + b_bytes + kLtWorkspace,
                "gemm workspace of {} bytes, {} needed", ws.bytes, a_bytes + b_bytes + kLtWorkspace);
     const Operand a = prepare(g.a, g.a_type, a_rows, a_cols, g.lda, want, scratch);

@@ -1,11 +1,17 @@
 // Fills the CUDA backend's kernel table (see kernels/table.h) from the ops of cuda.h, which run
 // in order on one stream. Products keep cuBLASLt's own choice: nothing to tune yet.
 #include <algorithm>
+#include <string>
 
 #include "kernels/cuda/cuda.h"
 
 namespace kiln::kernels::cuda {
 namespace {
+
+// The GPU, its driver and the libraries: what a measured peak holds for.
+std::string platform() {
+    return device_platform();
+}
 
 // gemm and attention share the model's one workspace.
 template <Precision P>
@@ -56,6 +62,7 @@ const Kernels table = {
     adamw,
     to_bf16,
     &device_memory,
+    &pinned_memory,
     copy,
     zero,
     widen,
@@ -64,8 +71,8 @@ const Kernels table = {
     rescale_sumexp,
     row_losses,
     sum_squares,
-    nullptr,  // nothing to tune
-    nullptr,
+    platform,
+    nullptr,  // nothing to tune yet
     nullptr,
     nullptr,
     nullptr,

@@ -8,21 +8,26 @@
 
 namespace kiln::train {
 
-PipelineStats run_pipeline(model::Llama& model, Collective& pp, int64_t m, float grad_scale,
-                           const std::function<void(int64_t, int32_t*, int32_t*)>& read,
-                           int64_t tokens_per_micro_batch) {
+Pipeline::Pipeline(model::Llama& model, Collective& pp)
+    : model_(model), pp_(pp), io_("pipeline stage inputs", *model.kernels().memory) {
+    const int64_t numel = model.rows() * model.config().dim;
+    const size_t x_at = io_.add("activation", numel, DType::f32);
+    const size_t g_at = io_.add("gradient", numel, DType::f32);
+    io_.allocate();
+    x_ = io_.get<float>(x_at), g_ = io_.get<float>(g_at);
+}
+
+PipelineStats Pipeline::run(int64_t m, float grad_scale,
+                            const std::function<void(int64_t, int32_t*, int32_t*)>& read,
+                            int64_t tokens_per_micro_batch) {
+    model::Llama& model = model_;
+    Collective& pp = pp_;
     const int p = pp.size(), s = pp.rank();
     const bool first = s == 0, last = s == p - 1;
     const int64_t inflight = std::min<int64_t>(p - s, m);
     const int64_t warmup = std::min<int64_t>(p - s - 1, m);
-    const int64_t numel = model.rows() * model.config().dim;
-    const size_t bytes = size_t(numel) * sizeof(float);
-    // What a stage receives: an activation and a gradient, in the model's memory.
-    Arena io("pipeline stage inputs", *model.kernels().memory);
-    const size_t x_at = io.add("activation", numel, DType::f32);
-    const size_t g_at = io.add("gradient", numel, DType::f32);
-    io.allocate();
-    float *x = io.get<float>(x_at), *g = io.get<float>(g_at);
+    const size_t bytes = size_t(model.rows() * model.config().dim) * sizeof(float);
+    float *x = x_, *g = g_;
     const size_t n = size_t(tokens_per_micro_batch);
     std::vector<int32_t> tokens(n), targets(n);
     PipelineStats stats;

@@ -19,13 +19,25 @@ struct PipelineStats {
     double wait_s = 0;    // time spent waiting for neighbouring stages
 };
 
-// Runs `micro_batches` forward and backward passes of `model` (one stage of the pipeline
-// `pp`). `read(k, tokens, targets)` fills micro-batch k's (B, T) tokens and targets; it is
-// called on every stage, which reads only what it needs. The first backward overwrites the
-// gradients (model::Grads::overwrite), the others add to them.
-PipelineStats run_pipeline(model::Llama& model, Collective& pp, int64_t micro_batches,
-                           float grad_scale,
-                           const std::function<void(int64_t, int32_t*, int32_t*)>& read,
-                           int64_t rows_per_micro_batch);
+// One stage of the pipeline `pp`, running `model`; it holds what the stage receives (an
+// activation and a gradient, in the model's memory) from one step to the next.
+class Pipeline {
+public:
+    Pipeline(model::Llama& model, Collective& pp);
+
+    // Runs `micro_batches` forward and backward passes. `read(k, tokens, targets)` fills
+    // micro-batch k's (B, T) tokens and targets; it is called on every stage, which reads only
+    // what it needs. The first backward overwrites the gradients (model::Grads::overwrite), the
+    // others add to them.
+    PipelineStats run(int64_t micro_batches, float grad_scale,
+                      const std::function<void(int64_t, int32_t*, int32_t*)>& read,
+                      int64_t rows_per_micro_batch);
+
+private:
+    model::Llama& model_;
+    Collective& pp_;
+    Arena io_;
+    float *x_, *g_;  // the activation and the gradient received, (rows(), dim)
+};
 
 }  // namespace kiln::train

@@ -303,6 +303,9 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     model::Llama model(cfg.model, k, t.micro_batch, t.seq_len, model::parse_recompute(t.recompute),
                        sh.padded, &job.tp_tensors(), cfg.split(g.pp_rank));
     optim::AdamW adamw(model.layout(), cfg.adamw, sh.begin, sh.end, k);
+    std::optional<Pipeline> pipeline;
+    if (g.pp > 1)
+        pipeline.emplace(model, job.pp_tensors());
     optim::Schedule schedule = cfg.schedule;
     schedule.total_steps = t.steps;
 
@@ -506,8 +509,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
                 loss_sum[1] += double(l.tokens);
             }
         } else {
-            PipelineStats p =
-                run_pipeline(model, job.pp_tensors(), t.grad_accum, grad_scale, read, B * T);
+            PipelineStats p = pipeline->run(t.grad_accum, grad_scale, read, B * T);
             loss_sum[0] = p.loss.sum, loss_sum[1] = double(p.loss.tokens);
             stage_wait_s = p.wait_s;
         }

@@ -118,6 +118,7 @@ const Kernels guarded_table = {
     OPENED(adamw),
     OPENED(to_bf16),
     &guarded_memory,
+    &host_memory,
     OPENED(copy),
     OPENED(zero),
     OPENED(widen),

@@ -40,7 +40,7 @@ void build_schema(ConfigSchema& s, RunConfig& c) {
     s.add("train.recompute", &t.recompute, "none | selective (attention) | full (whole block)",
           one_of(&t.recompute, {"none", "selective", "full"}));
     s.add("train.backend", &t.backend,
-          "kernel backend: cpu | reference | cuda (one rank, on the current GPU)",
+          "kernel backend: cpu | reference | cuda (each rank on its host's GPU LOCAL_RANK)",
           one_of(&t.backend, {"cpu", "reference", "cuda"}));
     s.add("train.threads", &t.threads, "CPU threads (0: all cores)", non_negative(&t.threads));
     s.add("train.init_std", &t.init_std,

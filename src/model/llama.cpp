@@ -226,20 +226,28 @@ void Llama::init_weights(uint64_t seed, double std) {
     const Layout whole(config_);
     for (const auto& info : whole.params()) {
         const ParamInfo* mine = layout_.find(info.name);
-        if (mine)
-            shard.resize(size_t(mine->numel));
+        // Host memory takes the shard straight in; another memory through a copy of it (which
+        // on the host would hold a second tensor-sized buffer at the peak).
+        float* dst = nullptr;
+        if (mine) {
+            const bool host = k_.memory == &host_memory;
+            if (!host)
+                shard.resize(size_t(mine->numel));
+            dst = host ? params() + mine->offset : shard.data();
+        }
         if (info.shape.size() == 1) {
-            std::fill(shard.begin(), shard.end(), 1.0f);
+            if (mine)
+                std::fill(dst, dst + mine->numel, 1.0f);
         } else {
             full.resize(size_t(info.full_shape[0] * info.full_shape[1]));
             const float scale = static_cast<float>(info.init_scale);
             for (float& x : full)
                 x = normal(rng) * scale;
             if (mine)
-                layout_.shard_from_full(*mine, full.data(), shard.data());
+                layout_.shard_from_full(*mine, full.data(), dst);
         }
-        if (mine)
-            k_.copy(params() + mine->offset, shard.data(), shard.size() * sizeof(float));
+        if (mine && dst != params() + mine->offset)
+            k_.copy(params() + mine->offset, dst, size_t(mine->numel) * sizeof(float));
     }
     sync_compute_weights();
 }

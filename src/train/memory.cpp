@@ -18,6 +18,13 @@ constexpr double kMiB = 1048576.0;
 // Code, shared libraries, oneDNN's JIT kernels, OpenMP and gloo threads, heap slack: measured
 // on this build as the peak resident memory of a micro model (bench/RESULTS.md, memory plan).
 constexpr int64_t kRuntimeBytes = int64_t(96) << 20;
+// A build with CUDA maps cuBLASLt, NCCL and the CUDA runtime into every process, CPU runs too:
+// the same tiny run peaked at 1162 MiB built with CUDA and 1004 MiB without (same commit).
+#ifdef KILN_HAVE_CUDA
+constexpr int64_t kCudaLibrariesBytes = int64_t(150) << 20;
+#else
+constexpr int64_t kCudaLibrariesBytes = 0;
+#endif
 // On a GPU: the CUDA context, cuBLASLt's and NCCL's own buffers. An estimate (about 0.5 GiB of
 // context on Hopper plus NCCL's channels), not yet measured against a device.
 constexpr int64_t kCudaRuntimeBytes = int64_t(1) << 30;
@@ -90,7 +97,7 @@ MemoryPlan memory_plan(const RunConfig& config, int world) {
             // gloo's halving-doubling reduce-scatter (ZeRO-1) holds two gradient-sized
             // buffers; its all-reduce (no ZeRO) reduces in place (measured: bench/RESULTS.md).
             p.communication = zero ? 2 * m.grads : 0;
-            p.runtime = kRuntimeBytes;
+            p.runtime = kRuntimeBytes + kCudaLibrariesBytes;
         }
         if (p.total() > most.total())
             most = p;

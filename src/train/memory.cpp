@@ -122,7 +122,8 @@ void check_fits(const MemoryPlan& plan, const MemoryLimit& limit, const RunConfi
     if (plan.total() <= limit.bytes)
         return;
     std::string advice;
-    if (plan.activations > plan.total() / 3) {
+    // Activations against what the run's choices can shrink (not the process's own runtime).
+    if (plan.activations > (plan.total() - plan.runtime) / 3) {
         advice =
             config.train.recompute == "full"
                 ? "lower train.micro_batch or train.seq_len (raise train.grad_accum to keep "

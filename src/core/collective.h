@@ -26,6 +26,10 @@ public:
     // over the group of everyone's chunk r; the other chunks hold unspecified values. Callers
     // reduce the same buffer again and again; an implementation may keep state per buffer.
     virtual void reduce_scatter_sum(float* data, size_t chunk) = 0;
+    // data (n): on return the root's holds the sum over the group of everyone's data; the
+    // others' hold unspecified values. ZeRO-1 with overlap reduces each bucket of gradients to
+    // the rank whose shard it lies in.
+    virtual void reduce_sum(float* data, size_t n, int root) = 0;
     // The same sums of bf16 values (activations in the compute precision), each result rounded
     // to bf16. How the partial sums travel is the implementation's: NCCL carries bf16; this
     // default, for host memory, widens to f32, reduces that and rounds back (on one host the

@@ -4,6 +4,7 @@
 #include <gloo/barrier.h>
 #include <gloo/broadcast.h>
 #include <gloo/math.h>
+#include <gloo/reduce.h>
 #include <gloo/reduce_scatter.h>
 #include <gloo/rendezvous/context.h>
 #include <gloo/rendezvous/prefix_store.h>
@@ -69,6 +70,19 @@ public:
         it->second->run();
         if (n > 2 && rank() > 0)
             std::memcpy(data + size_t(rank()) * chunk, data, chunk * sizeof(float));
+    }
+
+    // gloo's ring: a reduce-scatter, then each chunk of the sum sent to the root.
+    void reduce_sum(float* data, size_t n, int root) override {
+        if (size() == 1 || n == 0)
+            return;
+        payload_bytes_ += n * sizeof(float);
+        gloo::ReduceOptions opts(ctx_);
+        opts.setOutput(data, n);
+        opts.setRoot(root);
+        opts.setReduceFunction(static_cast<Reduce>(&gloo::sum<float>));
+        opts.setTag(next_tag());
+        gloo::reduce(opts);
     }
 
     void all_gather_bytes(void* data, size_t chunk) override {
@@ -152,6 +166,7 @@ public:
     void all_reduce_sum(double*, size_t) override {}
     void all_reduce_max(float*, size_t) override {}
     void reduce_scatter_sum(float*, size_t) override {}
+    void reduce_sum(float*, size_t, int) override {}
     void all_gather_bytes(void*, size_t) override {}
     void broadcast(void*, size_t, int) override {}
     void barrier() override {}

@@ -32,6 +32,7 @@ class NcclCollective : public Collective {
 public:
     NcclCollective(ncclComm_t comm, int rank, int size, std::chrono::milliseconds timeout)
         : comm_(comm), rank_(rank), size_(size), timeout_(timeout) {
+        KILN_CUDA_RT(cudaGetDevice(&device_));
         KILN_CUDA_RT(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
         KILN_CUDA_RT(cudaEventCreateWithFlags(&device_work_, cudaEventDisableTiming));
         KILN_CUDA_RT(cudaMalloc(&scratch_, sizeof(float)));
@@ -84,6 +85,10 @@ public:
             },
             chunk * size_t(size_) * 4);
     }
+    void reduce_sum(float* data, size_t n, int root) override {
+        run([&] { return ncclReduce(data, data, n, ncclFloat, ncclSum, root, comm_, stream_); },
+            n * 4);
+    }
     void all_gather_bytes(void* data, size_t chunk) override {
         char* bytes = static_cast<char*>(data);
         run(
@@ -122,9 +127,11 @@ public:
 private:
     // Launches an operation once the device work already queued on this process's streams is
     // done (the kernels' stream is a blocking one, so the legacy stream's event follows it),
-    // and waits for it.
+    // and waits for it. Any host thread may call it (the trainer reduces gradients from one of
+    // its own while the backward goes on): the device is per thread, so it is set each time.
     template <typename Launch>
     void run(Launch launch, size_t bytes) {
+        KILN_CUDA_RT(cudaSetDevice(device_));
         KILN_CUDA_RT(cudaEventRecord(device_work_, cudaStreamLegacy));
         KILN_CUDA_RT(cudaStreamWaitEvent(stream_, device_work_, 0));
         const ncclResult_t launched = launch();
@@ -166,6 +173,7 @@ private:
     }
     ncclComm_t comm_;
     int rank_, size_;
+    int device_ = 0;  // the GPU this rank took when the group connected
     std::chrono::milliseconds timeout_;
     bool failed_ = false;
     cudaStream_t stream_ = nullptr;

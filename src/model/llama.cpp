@@ -142,10 +142,7 @@ void Llama::build(int64_t capacity, bool allocate) {
     size_t o_gathered = acts_.add("gathered", sp * M * C, ct);
     size_t o_partial = acts_.add("partial", std::max(sp, wire) * M * C, DType::f32);
     size_t o_wire = acts_.add("wire", wire * M * C, DType::bf16);
-    int64_t norm_numel = 0;
-    for (const auto& p : layout_.params())
-        norm_numel += p.shape.size() == 1 ? p.numel : 0;
-    size_t o_norm_grads = acts_.add("norm_grads", sp * norm_numel, DType::f32);
+    size_t o_norm_grads = acts_.add("norm_grads", sp * 2 * C, DType::f32);  // a block's two
     size_t o_dlogits_bf = acts_.add("dlogits_bf", bf * head_rows_ * V, DType::bf16);
     int64_t max_operand = std::max({M * std::max({C, QKV, 2 * F}), head_rows_ * V});
     ws_.bytes = k_.workspace_bytes(max_operand, attn_);
@@ -552,55 +549,64 @@ LossSum Llama::loss(const int32_t* targets, float grad_scale, Grads mode) {
     return head(targets, grad_scale, nullptr, mode == Grads::accumulate);
 }
 
-void Llama::backward(int slot, const float* doutput, Grads mode) {
+void Llama::backward(int slot, const float* doutput, Grads mode, const GradsReady* last) {
     const bool accumulate = mode == Grads::accumulate;
     const int64_t C = C_;
+    // On the step's last micro-batch: [offset, total) is final once `norms` (their gradients
+    // are partial sums of each rank's rows under sequence parallelism) are summed.
+    auto final_from = [&](int64_t offset, std::initializer_list<int64_t> norms) {
+        if (!last)
+            return;
+        sum_norm_grads(norms);
+        (*last)(offset);
+    };
     if (layout_.last_stage()) {
         k_.zero(dres_, size_t(Ml_ * C) * sizeof(float));
         k_.rmsnorm_backward(dres_, grads() + layout_.final_norm, dxnf_, output(slot),
                             norm_weight(layout_.final_norm), rstdf_, Ml_, C);
+        final_from(layout_.final_norm, {layout_.final_norm});  // and the head above it
     } else {
         if (!accumulate)
             zero_added_grads();
         k_.copy(dres_, doutput, size_t(Ml_ * C) * sizeof(float));
     }
-    for (int64_t l = L_ - 1; l >= 0; l--)
+    for (int64_t l = L_ - 1; l >= 0; l--) {
         block_backward(slot, l, dres_, accumulate);
+        const BlockParams& p = layout_.blocks[size_t(l)];
+        final_from(p.attention_norm, {p.attention_norm, p.ffn_norm});  // the block's first
+    }
     if (layout_.first_stage()) {
         const float* dx = static_cast<const float*>(gather_rows(dres_, partial_, DType::f32).ptr);
         k_.embedding_backward(grads() + layout_.embedding, dx, local_tokens_[size_t(slot)], M_, C);
     }
+    final_from(0, {});
 }
 
 LossSum Llama::forward_backward(const int32_t* tokens, const int32_t* targets, float grad_scale,
-                                Grads mode) {
+                                Grads mode, const GradsReady* last) {
     KILN_CHECK(split_.pp == 1,
                "forward_backward() runs the whole model; stages run forward(), "
                "loss() and backward()");
     forward(0, tokens, nullptr);
     LossSum loss = this->loss(targets, grad_scale, mode);
     if (grad_scale != 0)
-        backward(0, nullptr, mode);
+        backward(0, nullptr, mode, last);
     return loss;
 }
 
-void Llama::sum_norm_grads() {
-    if (!sp_)
+void Llama::sum_norm_grads(std::initializer_list<int64_t> offsets) {
+    if (!sp_ || offsets.size() == 0)
         return;
-    // The norms' gradients side by side, summed in one all-reduce, copied back.
+    KILN_CHECK(offsets.size() <= 2, "{} norms summed at once", offsets.size());
+    // Side by side, summed in one all-reduce, copied back.
+    const size_t bytes = size_t(C_) * sizeof(float);
     int64_t n = 0;
-    for (const auto& p : layout_.params())
-        if (p.shape.size() == 1) {
-            k_.copy(norm_grads_ + n, grads() + p.offset, size_t(p.numel) * sizeof(float));
-            n += p.numel;
-        }
-    tp_->all_reduce_sum(norm_grads_, size_t(n));
+    for (int64_t offset : offsets)
+        k_.copy(norm_grads_ + C_ * n++, grads() + offset, bytes);
+    tp_->all_reduce_sum(norm_grads_, size_t(C_ * n));
     n = 0;
-    for (const auto& p : layout_.params())
-        if (p.shape.size() == 1) {
-            k_.copy(grads() + p.offset, norm_grads_ + n, size_t(p.numel) * sizeof(float));
-            n += p.numel;
-        }
+    for (int64_t offset : offsets)
+        k_.copy(grads() + offset, norm_grads_ + C_ * n++, bytes);
 }
 
 void Llama::forward_logits(const int32_t* tokens, float* logits) {

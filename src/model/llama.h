@@ -8,6 +8,8 @@
 //
 // Shapes: B sequences x T tokens per micro-batch, M = B*T rows; see kernels/ops.h for letters.
 #include <cstdint>
+#include <functional>
+#include <initializer_list>
 #include <string>
 
 #include "core/arena.h"
@@ -35,6 +37,12 @@ struct LossSum {
 };
 
 enum class Grads { accumulate, overwrite };
+
+// Given to the backward of a step's last micro-batch, and called each time this rank's gradients
+// at [offset, layout().total()) have become final for the step: from the top of the layout
+// (the head, backpropagated first) down to offset 0. The data-parallel reduction of a region
+// may start while the backward goes on below it.
+using GradsReady = std::function<void(int64_t offset)>;
 
 // How one rank's model is split beyond tensor parallelism (whose group the model is given).
 struct Split {
@@ -87,17 +95,13 @@ public:
     // One micro-batch. tokens, targets (B, T); a target < 0 is ignored. grads() += the
     // gradient of grad_scale * (summed loss), or = it with Grads::overwrite (a step's first
     // micro-batch: the products write the weight gradients instead of adding to them, so the
-    // buffer is never cleared whole). grad_scale 0: forward only, grads untouched.
+    // buffer is never cleared whole). grad_scale 0: forward only, grads untouched. `last`: see
+    // backward().
     LossSum forward_backward(const int32_t* tokens, const int32_t* targets, float grad_scale,
-                             Grads mode = Grads::accumulate);
+                             Grads mode = Grads::accumulate, const GradsReady* last = nullptr);
     // Forward only, writing the full logits (B, T, V) to `logits` (tests and sampling; one
     // tensor-parallel rank and one stage only).
     void forward_logits(const int32_t* tokens, float* logits);
-
-    // After a step's last micro-batch: with sequence parallelism each rank has the norm weights'
-    // gradients of its own rows only; this sums them over the tensor-parallel group. A no-op
-    // without it.
-    void sum_norm_grads();
 
     // A pipeline stage, one micro-batch at a time; forward_backward() is these in a row on the
     // only stage. Between stages travel this rank's rows of the residual stream: (rows(), C)
@@ -112,7 +116,13 @@ public:
     // From `doutput` (rows(), C), the gradient of output(slot), on a stage that is not the last;
     // on the last, from loss(). On the first stage it ends in the embedding's gradient; on the
     // others input_grad() is then the gradient of the stage's input.
-    void backward(int slot, const float* doutput, Grads mode);
+    //
+    // `last` marks the step's last micro-batch: the gradients are then made final as the
+    // backward goes (with sequence parallelism each rank holds its rows' share of the norm
+    // weights' gradients, summed here over the tensor-parallel group block by block) and `last`
+    // is told of each region that is. With sequence parallelism the step's last micro-batch
+    // must pass it.
+    void backward(int slot, const float* doutput, Grads mode, const GradsReady* last = nullptr);
     const float* input_grad() const { return dres_; }
 
 private:
@@ -152,6 +162,9 @@ private:
     void final_norm(int slot);
     LossSum head(const int32_t* targets, float grad_scale, float* logits_out, bool accumulate);
     void zero_added_grads();  // the gradients only ever added to: norms and the embedding
+    // Sequence parallelism: the norm weights' gradients at `offsets` (C each, at most two)
+    // summed over the tensor-parallel group; without it a no-op.
+    void sum_norm_grads(std::initializer_list<int64_t> offsets);
     // Sequence parallelism: this rank's rows `local` (rows(), C) of dtype `type` gathered from
     // every rank into `full` (M, C); without it, `local` itself.
     Operand gather_rows(const void* local, void* full, DType type);

@@ -80,6 +80,11 @@ void build_schema(ConfigSchema& s, RunConfig& c) {
           positive(&c.pp));
     s.add("parallel.zero", &c.zero, "1: shard optimizer state over DP (ZeRO-1), 0: replicate",
           [&c] { return c.zero == 0 || c.zero == 1 ? "" : "must be 0 or 1"; });
+    s.add("parallel.dp_bucket_mb", &c.dp_bucket_mb,
+          "data parallelism: the gradients are summed over the DP ranks during the backward, "
+          "as soon as this many MiB of them are final, on a thread (a stream on GPUs) of their "
+          "own; 0: all at once after the backward",
+          non_negative(&c.dp_bucket_mb));
     s.add("parallel.timeout_s", &c.timeout_s,
           "seconds to wait for every rank at rendezvous and in a collective",
           positive(&c.timeout_s));

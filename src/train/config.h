@@ -47,6 +47,7 @@ struct RunConfig {
     std::string tp_wire = "auto";  // auto | fp32 | bf16: the dtype TP's activation sums travel in
     int64_t zero = 1;
     double timeout_s = 300;          // rendezvous and collective timeout
+    double dp_bucket_mb = 25;        // gradients reduced during the backward, this many MiB at once
     std::string transport = "auto";  // auto | shm | tcp: how gloo moves collectives
     std::string interface;           // network interface for TCP pairs (empty: see dist::Placement)
     std::string run_dir;             // empty: runs/<generated id>

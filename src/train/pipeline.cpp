@@ -19,7 +19,7 @@ Pipeline::Pipeline(model::Llama& model, Collective& pp)
 
 PipelineStats Pipeline::run(int64_t m, float grad_scale,
                             const std::function<void(int64_t, int32_t*, int32_t*)>& read,
-                            int64_t tokens_per_micro_batch) {
+                            int64_t tokens_per_micro_batch, const model::GradsReady& ready) {
     model::Llama& model = model_;
     Collective& pp = pp_;
     const int p = pp.size(), s = pp.rank();
@@ -55,7 +55,9 @@ PipelineStats Pipeline::run(int64_t m, float grad_scale,
             stats.loss.tokens += l.tokens;
         }
     };
-    auto backward = [&](int64_t k) { model.backward(slot(k), g, mode(k)); };
+    auto backward = [&](int64_t k) {
+        model.backward(slot(k), g, mode(k), k + 1 == m ? &ready : nullptr);
+    };
     auto output = [&](int64_t k) { return last ? nullptr : model.output(slot(k)); };
     auto input_grad = [&] { return first ? nullptr : model.input_grad(); };
 

@@ -28,10 +28,10 @@ public:
     // Runs `micro_batches` forward and backward passes. `read(k, tokens, targets)` fills
     // micro-batch k's (B, T) tokens and targets; it is called on every stage, which reads only
     // what it needs. The first backward overwrites the gradients (model::Grads::overwrite), the
-    // others add to them.
+    // others add to them; the last is given `ready` (model::Llama::backward).
     PipelineStats run(int64_t micro_batches, float grad_scale,
                       const std::function<void(int64_t, int32_t*, int32_t*)>& read,
-                      int64_t rows_per_micro_batch);
+                      int64_t rows_per_micro_batch, const model::GradsReady& ready);
 
 private:
     model::Llama& model_;

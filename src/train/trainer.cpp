@@ -29,6 +29,7 @@
 #include "model/llama.h"
 #include "optim/adamw.h"
 #include "train/autotune.h"
+#include "train/grad_reduce.h"
 #include "train/memory.h"
 #include "train/metrics.h"
 #include "train/pipeline.h"
@@ -306,6 +307,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     std::optional<Pipeline> pipeline;
     if (g.pp > 1)
         pipeline.emplace(model, job.pp_tensors());
+    GradientReduce reducer(job.dp_tensors(), model.grads(), sh.chunk, zero,
+                           int64_t(cfg.dp_bucket_mb * 1048576 / sizeof(float)));
     optim::Schedule schedule = cfg.schedule;
     schedule.total_steps = t.steps;
 
@@ -350,6 +353,11 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
               plan.total() / mib, (plan.params + plan.params_bf16) / mib, plan.grads / mib,
               plan.optimizer / mib, zero ? "ZeRO-1 shard" : "replicated", g.dp, g.pp, g.tp,
               cfg.sp && g.tp > 1 ? " with SP" : "", plan.activations / mib, plan.checkpoint / mib);
+    if (reducer.overlapped())
+        log::info("train",
+                  "gradients summed over {} DP ranks during the backward, {:g} MiB at a time "
+                  "(parallel.dp_bucket_mb)",
+                  g.dp, cfg.dp_bucket_mb);
     log::info("train", "precision: {}", precision.why);
     double peak =
         t.peak_gflops > 0 ? t.peak_gflops : measure_peak_gflops(t.backend, precision.precision);
@@ -499,32 +507,35 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
                 targets[i] = (i % T) + 1 < T ? tokens[i + 1] : -1;
             }
         };
+        // The last backward hands each final region of the gradients to the data-parallel sum.
+        const model::GradsReady ready = [&](int64_t offset) { reducer.ready(offset); };
         if (g.pp == 1) {
             for (int64_t micro = 0; micro < t.grad_accum; micro++) {
                 read(micro, tokens.data(), targets.data());
                 model::LossSum l = model.forward_backward(
                     tokens.data(), targets.data(), grad_scale,
-                    micro == 0 ? model::Grads::overwrite : model::Grads::accumulate);
+                    micro == 0 ? model::Grads::overwrite : model::Grads::accumulate,
+                    micro + 1 == t.grad_accum ? &ready : nullptr);
                 loss_sum[0] += l.sum;
                 loss_sum[1] += double(l.tokens);
             }
         } else {
-            PipelineStats p = pipeline->run(t.grad_accum, grad_scale, read, B * T);
+            PipelineStats p = pipeline->run(t.grad_accum, grad_scale, read, B * T, ready);
             loss_sum[0] = p.loss.sum, loss_sum[1] = double(p.loss.tokens);
             stage_wait_s = p.wait_s;
         }
-        model.sum_norm_grads();
         const double compute_s = lap();
-        // Data parallel: sum gradients (each rank keeps its shard under ZeRO-1) and losses; the
-        // losses are the last stage's, which the pipeline then shares.
+        // Data parallel: sum the losses (the last stage's, which the pipeline then shares) and
+        // the gradients (each rank keeps its shard's under ZeRO-1). The first to finish over DP
+        // waits for the slowest rank: the losses, or the gradients where the backward has been
+        // summing them (they share the group).
+        if (reducer.overlapped())
+            reducer.finish();
         job.dp().all_reduce_sum(loss_sum, 2);
         job.pp().all_reduce_sum(loss_sum, 2);
         const double wait_s = lap();
-        if (zero) {
-            job.dp_tensors().reduce_scatter_sum(model.grads(), sh.chunk);
-        } else {
-            job.dp_tensors().all_reduce_sum(model.grads(), sh.padded);
-        }
+        if (!reducer.overlapped())
+            reducer.finish();
         double sq = grad_sum_squares(model.layout(), model.grads(), sh.begin, sh.end, k);
         if (zero)
             job.dp().all_reduce_sum(&sq, 1);

@@ -67,6 +67,20 @@ std::string exercise(dist::Job& job) {
         if (g[size_t(r) * chunk + i] != want)
             return fail("reduce_scatter_sum", i, g[size_t(r) * chunk + i], want);
     }
+    // A reduce to each root in turn over a region that is no multiple of anything, as ZeRO-1's
+    // overlapped buckets reduce to the rank whose shard they lie in.
+    for (int root = 0; root < n; root++) {
+        const size_t len = 700001;
+        std::vector<float> h(len);
+        for (size_t i = 0; i < len; i++)
+            h[i] = float((r + 1) * (root + 2) + int(i % 11));
+        c.reduce_sum(h.data(), len, root);
+        for (size_t i = 0; r == root && i < len; i++) {
+            double want = (root + 2) * n * (n + 1) / 2 + n * double(i % 11);
+            if (h[i] != want)
+                return fail("reduce_sum", i, h[i], want);
+        }
+    }
     const size_t bytes = (size_t(5) << 19) + 3;  // 2.5 MiB and 3 bytes
     std::vector<unsigned char> b(bytes * size_t(n), 0);
     for (size_t i = 0; i < bytes; i++)

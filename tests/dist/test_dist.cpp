@@ -256,6 +256,44 @@ TEST(Parallel, SequenceParallelFollowsTensorParallel) {
     EXPECT_LT(weight_difference(dir / "true", dir / "false"), 1e-3);
 }
 
+// The gradients summed over DP during the backward, a bucket per block (parallel.dp_bucket_mb
+// small enough that every block is one), against the whole sum after it (0): the same sums of
+// the same two ranks' values, so the same bits, under ZeRO-1 (each bucket reduced to the rank
+// whose shard it lies in, split where it crosses one), without it (all-reduced), with pipeline
+// stages (each stage's last backward) and with sequence parallelism (each block's norm
+// gradients summed over TP before its bucket goes).
+TEST(Parallel, GradientSumsOverlappedWithTheBackwardAreTheSumAfterIt) {
+    TempDir dir;
+    const std::string kiln = kiln::testing::kiln_binary();
+    const struct {
+        const char* name;
+        int ranks;
+        std::string args;
+    } layouts[] = {
+        {"dp2-zero1", 2, ""},
+        {"dp2-zero0", 2, " --set parallel.zero=0 --set parallel.transport=tcp"},
+        {"pp2-dp2", 4, " --set parallel.pp=2"},
+        {"tp2-sp-dp2", 4, " --set parallel.tp=2 --set parallel.sp=true"},
+    };
+    for (const auto& l : layouts) {
+        std::string runs[2];
+        for (int overlap = 0; overlap < 2; overlap++) {
+            runs[overlap] = dir / (std::string(l.name) + (overlap ? "-overlapped" : "-after"));
+            Result r =
+                sh(kiln + " launch -n " + std::to_string(l.ranks) + " -- kiln train" + kModel +
+                   l.args + " --set parallel.dp_bucket_mb=" + (overlap ? "0.01" : "0") +
+                   " --set run.dir=" + runs[overlap]);
+            ASSERT_EQ(r.rc, 0) << r.out;
+            EXPECT_EQ(r.out.find("during the backward") != std::string::npos, overlap == 1)
+                << r.out;
+        }
+        auto a = losses(runs[0]), b = losses(runs[1]);
+        ASSERT_EQ(a.size(), 20u) << l.name;
+        EXPECT_EQ(a, b) << l.name;
+        EXPECT_EQ(weight_difference(runs[1], runs[0]), 0.0) << l.name;
+    }
+}
+
 int listening_socket(int& port) {
     int fd = ::socket(AF_INET, SOCK_STREAM, 0);
     sockaddr_in addr{};

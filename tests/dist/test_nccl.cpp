@@ -2,6 +2,7 @@
 // called on device memory and checked. Skipped without CUDA or a device.
 #include <gtest/gtest.h>
 
+#include <thread>
 #include <vector>
 
 #include "kernels/backends.h"
@@ -30,6 +31,8 @@ TEST(Nccl, CollectivesOnDeviceMemory) {
     comm->all_reduce_sum(dev, 8);
     comm->all_reduce_max(dev, 8);
     comm->reduce_scatter_sum(dev, 8);
+    // From another host thread, as the trainer reduces gradient buckets during the backward.
+    std::thread([&] { comm->reduce_sum(dev, 8, 0); }).join();
     comm->all_gather(dev, 8);
     comm->broadcast(dev, 32, 0);
     comm->barrier();

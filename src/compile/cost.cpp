@@ -254,16 +254,35 @@ Estimate estimate(const train::RunConfig& given, const Cluster& cluster) {
     e.bubble_s = all_stages - slowest;
     e.bubble = e.bubble_s / (micro * slowest + e.bubble_s);
     if (e.dp > 1) {
-        // ZeRO-1 reduce-scatters the fp32 gradients and all-gathers the weights the steps read
-        // (the bf16 copy in bf16); without ZeRO the gradients are all-reduced. The largest
-        // stage's TP shard (the embedding or the head rides on an end stage).
+        // The largest stage's TP shard (the embedding or the head rides on an end stage). With
+        // TP and PP innermost, a DP group of more than one rank spans every node.
         double params = 0;
         for (int s = 0; s < e.pp; s++)
             params = std::max(params, double(model::Layout(m, e.tp, 0, e.pp, s).total()));
-        const double bytes = config.zero == 1 ? params * (4 + (bf16 ? 2 : 4)) : params * 8;
-        // With TP and PP innermost, a DP group of more than one rank spans every node.
-        const double bw = cluster.nodes > 1 ? a.inter_gbps : a.intra_gbps;
-        e.dp_s = double(e.dp - 1) / e.dp * bytes / (bw * 1e9);
+        const double bw = (cluster.nodes > 1 ? a.inter_gbps : a.intra_gbps) * 1e9;
+        const double ring = double(e.dp - 1) / e.dp;
+        // ZeRO-1 all-gathers the weights the steps read (the bf16 copy in bf16) after the
+        // update; nothing hides it.
+        const double gather = config.zero == 1 ? ring * params * (bf16 ? 2 : 4) / bw : 0;
+        // The fp32 gradients' sum.
+        if (const int64_t bucket = config.dp_bucket(!cluster.device.host)) {
+            // During the last micro-batch's backward (parallel.dp_overlap), each region as
+            // soon as it is final: a reduce to its shard's owner under ZeRO-1 (a ring carries
+            // it over each link once), an all-reduce without (twice). What shows is what the
+            // slowest stage's backward of one micro-batch (2/3 of its work, 3/4 with full
+            // recompute) cannot hide, and at least what is final only at the end: the first
+            // stage's embedding, its backward's last product, and one bucket.
+            const double sum = (config.zero == 1 ? 1 : 2 * ring) * params * 4 / bw;
+            const double backward = (e.recompute == "full" ? 0.75 : 2.0 / 3) * slowest;
+            const double last_region = double(m.vocab_size) / e.tp * double(m.dim) + double(bucket);
+            const double tail =
+                std::min(sum, (config.zero == 1 ? 1 : 2 * ring) * last_region * 4 / bw);
+            e.dp_s = gather + std::max(sum - backward, tail);
+        } else {
+            // After the backward (parallel.dp_overlap): a reduce-scatter under ZeRO-1, an
+            // all-reduce without.
+            e.dp_s = gather + (config.zero == 1 ? 1 : 2) * ring * params * 4 / bw;
+        }
     }
     const double tokens = rows * micro * e.dp;
     e.tokens_per_s = tokens / e.step_s();

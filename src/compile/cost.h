@@ -12,9 +12,15 @@
 //   PP       = the activation and its gradient sent to the next / previous stage per micro-batch
 //   bubble   = the other stages' time for one micro-batch, while 1F1B fills and drains the
 //              pipeline: (pp-1)/(m+pp-1) of the pipelined time for m equal micro-batch slots
-//   DP       = gradient reduce-scatter + parameter all-gather (2 (dp-1)/dp of the stage's TP
-//              shard) over the slowest link the DP group spans, once per step
-// with nothing overlapped (kiln does not overlap communication with compute yet).
+//   DP       = the weights' all-gather after the update ((dp-1)/dp of the stage's TP shard)
+//              over the slowest link the DP group spans, and what the gradients' sum leaves
+//              exposed: it runs during the last micro-batch's backward, region by region
+//              (parallel.dp_overlap; a reduce to each shard's owner carries the shard's
+//              gradients over each link once), so what the slowest stage's backward of one
+//              micro-batch cannot hide, and at least the region made final last (the first
+//              stage's embedding and one bucket); without the overlap (on CPUs), the whole
+//              reduce-scatter after the backward
+// with the TP and PP transfers not overlapped (kiln runs them in line with the compute).
 #include <cstdint>
 #include <string>
 #include <vector>

@@ -80,11 +80,15 @@ void build_schema(ConfigSchema& s, RunConfig& c) {
           positive(&c.pp));
     s.add("parallel.zero", &c.zero, "1: shard optimizer state over DP (ZeRO-1), 0: replicate",
           [&c] { return c.zero == 0 || c.zero == 1 ? "" : "must be 0 or 1"; });
+    s.add("parallel.dp_overlap", &c.dp_overlap,
+          "sum the gradients over the DP ranks during the backward, each bucket as soon as it is "
+          "final, on a thread (NCCL: a stream) of its own: true, false (all at once after the "
+          "backward), auto (true on the cuda backend; on CPUs the thread takes cores the "
+          "backward computes on)",
+          one_of(&c.dp_overlap, {"auto", "true", "false"}));
     s.add("parallel.dp_bucket_mb", &c.dp_bucket_mb,
-          "data parallelism: the gradients are summed over the DP ranks during the backward, "
-          "as soon as this many MiB of them are final, on a thread (a stream on GPUs) of their "
-          "own; 0: all at once after the backward",
-          non_negative(&c.dp_bucket_mb));
+          "MiB of final gradients that parallel.dp_overlap sums at once",
+          positive(&c.dp_bucket_mb));
     s.add("parallel.timeout_s", &c.timeout_s,
           "seconds to wait for every rank at rendezvous and in a collective",
           positive(&c.timeout_s));
@@ -117,6 +121,12 @@ bool RunConfig::bf16_wire() const {
     if (tp_wire == "auto")
         return bf16 && train.backend == "cuda";
     return tp_wire == "bf16";
+}
+
+int64_t RunConfig::dp_bucket(bool device) const {
+    if (dp_overlap == "false" || (dp_overlap == "auto" && !device))
+        return 0;
+    return std::max<int64_t>(1, int64_t(dp_bucket_mb * 1048576 / sizeof(float)));
 }
 
 kernels::Precision compute_precision(const TrainConfig& t) {

@@ -308,7 +308,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     if (g.pp > 1)
         pipeline.emplace(model, job.pp_tensors());
     GradientReduce reducer(job.dp_tensors(), model.grads(), sh.chunk, zero,
-                           int64_t(cfg.dp_bucket_mb * 1048576 / sizeof(float)));
+                           cfg.dp_bucket(t.backend == "cuda"));
     optim::Schedule schedule = cfg.schedule;
     schedule.total_steps = t.steps;
 
@@ -356,7 +356,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     if (reducer.overlapped())
         log::info("train",
                   "gradients summed over {} DP ranks during the backward, {:g} MiB at a time "
-                  "(parallel.dp_bucket_mb)",
+                  "(parallel.dp_overlap, parallel.dp_bucket_mb)",
                   g.dp, cfg.dp_bucket_mb);
     log::info("train", "precision: {}", precision.why);
     double peak =

@@ -257,7 +257,7 @@ TEST(Parallel, SequenceParallelFollowsTensorParallel) {
 }
 
 // The gradients summed over DP during the backward, a bucket per block (parallel.dp_bucket_mb
-// small enough that every block is one), against the whole sum after it (0): the same sums of
+// small enough that every block is one), against the whole sum after it: the same sums of
 // the same two ranks' values, so the same bits, under ZeRO-1 (each bucket reduced to the rank
 // whose shard it lies in, split where it crosses one), without it (all-reduced), with pipeline
 // stages (each stage's last backward) and with sequence parallelism (each block's norm
@@ -281,8 +281,8 @@ TEST(Parallel, GradientSumsOverlappedWithTheBackwardAreTheSumAfterIt) {
             runs[overlap] = dir / (std::string(l.name) + (overlap ? "-overlapped" : "-after"));
             Result r =
                 sh(kiln + " launch -n " + std::to_string(l.ranks) + " -- kiln train" + kModel +
-                   l.args + " --set parallel.dp_bucket_mb=" + (overlap ? "0.01" : "0") +
-                   " --set run.dir=" + runs[overlap]);
+                   l.args + " --set parallel.dp_bucket_mb=0.01 --set parallel.dp_overlap=" +
+                   (overlap ? "true" : "false") + " --set run.dir=" + runs[overlap]);
             ASSERT_EQ(r.rc, 0) << r.out;
             EXPECT_EQ(r.out.find("during the backward") != std::string::npos, overlap == 1)
                 << r.out;

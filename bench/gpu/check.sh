@@ -97,6 +97,15 @@ step export 60 "$k" export --checkpoint "$out/tiny-cuda" --format hf --out "$out
     --tokenizer "$data/tokenizer.model"
 step eval 60 bash -c "'$k' eval --checkpoint '$out/tiny-cuda' --data '$data' --max-rows 8 \
     --precision fp32 >'$out/eval.json'"
+# The same checkpoint read by eval and sample on the GPU: eval's loss within 1e-5 of the CPU's.
+step eval_cuda 60 bash -c "'$k' eval --checkpoint '$out/tiny-cuda' --data '$data' --max-rows 8 \
+    --precision fp32 --backend cuda >'$out/eval-cuda.json'"
+step eval_agree 10 python3 -c "import json, sys
+a, b = (json.load(open(f))['loss'] for f in sys.argv[1:])
+print('eval loss: cpu', a, 'cuda', b); sys.exit(abs(a - b) > 1e-5 * abs(a))" \
+    "$out/eval.json" "$out/eval-cuda.json"
+step sample_cuda 60 "$k" sample --checkpoint "$out/tiny-cuda" --backend cuda --precision fp32 \
+    --tokenizer "$data/tokenizer.model" --prompt "Once upon a time" --tokens 24 --temperature 0
 text="Once upon a time there was a little fox who loved the sea."
 { echo "$text"; echo "$text" | "$k" tokenizer encode --tokenizer "$data/tokenizer.model"; } \
     >"$out/ids.txt"

@@ -19,6 +19,7 @@
 #include "checkpoint/rundir.h"
 #include "core/arena.h"
 #include "core/safetensors.h"
+#include "kernels/table.h"
 #include "model/config.h"
 #include "model/layout.h"
 
@@ -42,6 +43,10 @@ struct RankPlace {
 // copy (kernels/table.h), through which a device's tensors are read and written. Null where they
 // are host memory.
 using CopyFn = void (*)(void* dst, const void* src, size_t bytes);
+// That copy for the tensors of kernel table `k`.
+inline CopyFn tensor_copy(const kernels::Kernels& k) {
+    return k.memory == &host_memory ? nullptr : k.copy;
+}
 
 // What one rank saves. The moments cover [begin, end) of its layout's flat buffers.
 struct RankTensors {

@@ -10,7 +10,7 @@ namespace kiln::cli {
 
 Action add_eval(CLI::App& app) {
     struct Options {
-        std::string checkpoint, data, precision = "auto";
+        std::string checkpoint, data, precision = "auto", backend = "cpu";
         int64_t max_rows = 0, batch = 8;
     };
     auto o = std::make_shared<Options>();
@@ -23,9 +23,14 @@ Action add_eval(CLI::App& app) {
                    "matrix products: auto (bf16 where the CPU has native bf16), bf16, fp32")
         ->check(CLI::IsMember({"auto", "fp32", "bf16"}))
         ->capture_default_str();
+    app.add_option("--backend", o->backend,
+                   "kernels: cpu, or cuda (GPU 0 of those CUDA_VISIBLE_DEVICES shows); any "
+                   "checkpoint, whatever backend trained it")
+        ->check(CLI::IsMember({"cpu", "cuda"}))
+        ->capture_default_str();
     return [o] {
-        train::EvalResult r =
-            train::evaluate(o->checkpoint, o->data, o->max_rows, o->precision, o->batch);
+        train::EvalResult r = train::evaluate(o->checkpoint, o->data, o->max_rows, o->precision,
+                                              o->batch, o->backend);
         nlohmann::ordered_json j;
         j["loss"] = r.loss;
         j["perplexity"] = std::exp(r.loss);

@@ -43,7 +43,7 @@ std::string run_tokenizer(const std::string& checkpoint) {
 
 Action add_sample(CLI::App& app) {
     struct Options {
-        std::string checkpoint, tokenizer, prompt, precision = "auto";
+        std::string checkpoint, tokenizer, prompt, precision = "auto", backend = "cpu";
         int samples = 1;
         bool ids = false;
         train::SampleOptions sample;
@@ -71,8 +71,13 @@ Action add_sample(CLI::App& app) {
                    "matrix products: auto (bf16 where the CPU has native bf16), bf16, fp32")
         ->check(CLI::IsMember({"auto", "fp32", "bf16"}))
         ->capture_default_str();
+    app.add_option("--backend", o->backend,
+                   "kernels: cpu, or cuda (GPU 0 of those CUDA_VISIBLE_DEVICES shows); any "
+                   "checkpoint, whatever backend trained it")
+        ->check(CLI::IsMember({"cpu", "cuda"}))
+        ->capture_default_str();
     return [o] {
-        train::Sampler sampler(o->checkpoint, o->precision);
+        train::Sampler sampler(o->checkpoint, o->precision, o->backend);
         std::string model = o->tokenizer.empty() ? run_tokenizer(o->checkpoint) : o->tokenizer;
         data::Tokenizer tok(model);
         if (tok.vocab_size() != sampler.vocab_size())

@@ -23,14 +23,13 @@ bool cuda_available() {
 }
 
 namespace {
-// Why train.backend=cuda cannot run here, when it cannot.
-void require_cuda() {
+// Why `key`=cuda cannot run here, when it cannot.
+void require_cuda(const std::string& key = "train.backend") {
 #ifndef KILN_HAVE_CUDA
-    throw error(
-        "train.backend=cuda: this kiln was built without CUDA (no nvcc at build time); use cpu");
+    throw error("{}=cuda: this kiln was built without CUDA (no nvcc at build time); use cpu", key);
 #endif
     if (!cuda_available())
-        throw error("train.backend=cuda: no CUDA device is visible to this process; use cpu");
+        throw error("{}=cuda: no CUDA device is visible to this process; use cpu", key);
 }
 }  // namespace
 
@@ -48,18 +47,19 @@ void use_cuda_device(int local_rank) {
 #endif
 }
 
-const Kernels& select_kernels(const std::string& backend, Precision precision) {
+const Kernels& select_kernels(const std::string& backend, Precision precision,
+                              const std::string& key) {
     if (backend == "cpu")
         return cpu_kernels(precision);
     if (backend == "reference")
         return reference_kernels(precision);
     if (backend == "cuda") {
-        require_cuda();
+        require_cuda(key);
 #ifdef KILN_HAVE_CUDA
         return cuda_kernels(precision);
 #endif
     }
-    throw error("train.backend={} is not one of cpu, reference, cuda", backend);
+    throw error("{}={} is not one of cpu, reference, cuda", key, backend);
 }
 
 const Kernels& sizing_kernels(const std::string& backend, Precision precision) {

@@ -7,7 +7,9 @@
 
 namespace kiln::kernels {
 
-const Kernels& select_kernels(const std::string& backend, Precision precision);  // throws Error
+// Throws Error naming `key` (where `backend` came from) when it cannot run here.
+const Kernels& select_kernels(const std::string& backend, Precision precision,
+                              const std::string& key = "train.backend");
 // A table whose sizes (workspace, saved attention) are `backend`'s, for plans made where its
 // device may be absent: the CUDA table's size functions touch no device. A build without CUDA
 // sizes a CUDA run as the CPU backend would.

@@ -12,9 +12,11 @@
 namespace kiln::train {
 
 EvalResult evaluate(const std::string& checkpoint_dir, const std::string& data_dir,
-                    int64_t max_rows, const std::string& precision, int64_t batch) {
+                    int64_t max_rows, const std::string& precision, int64_t batch,
+                    const std::string& backend) {
     const kernels::Precision prec =
-        kernels::resolve_precision("cpu", precision, "--precision").precision;
+        kernels::resolve_precision(backend, precision, "--precision").precision;
+    const kernels::Kernels& k = kernels::select_kernels(backend, prec, "--backend");
     checkpoint::Checkpoint ck(checkpoint_dir);
     data::ShardSet shards(data_dir, ck.config().vocab_size);
     shards.verify();  // a damaged shard would give a wrong loss, not an error
@@ -25,9 +27,8 @@ EvalResult evaluate(const std::string& checkpoint_dir, const std::string& data_d
     }
     int64_t rows = max_rows > 0 ? std::min(max_rows, shards.rows()) : shards.rows();
     const int64_t B = std::max<int64_t>(1, std::min(batch, rows));
-    model::Llama model(ck.config(), kernels::select_kernels("cpu", prec), B, T,
-                       model::Recompute::none);
-    ck.load(model.layout(), model.params(), nullptr, nullptr, 0, 0);
+    model::Llama model(ck.config(), k, B, T, model::Recompute::none);
+    ck.load(model.layout(), model.params(), nullptr, nullptr, 0, 0, checkpoint::tensor_copy(k));
     model.sync_compute_weights();
 
     std::vector<int32_t> tokens(B * T), targets(B * T);

@@ -12,8 +12,10 @@ struct EvalResult {
     int64_t rows = 0;
 };
 
-// precision as train.precision: auto (the CPU's best), bf16 or fp32.
+// precision as train.precision: auto (the backend's best), bf16 or fp32; backend as
+// train.backend (cpu, reference, cuda: the current GPU, 0 unless CUDA_VISIBLE_DEVICES says).
 EvalResult evaluate(const std::string& checkpoint_dir, const std::string& data_dir,
-                    int64_t max_rows, const std::string& precision, int64_t batch);
+                    int64_t max_rows, const std::string& precision, int64_t batch,
+                    const std::string& backend = "cpu");
 
 }  // namespace kiln::train

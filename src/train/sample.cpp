@@ -19,15 +19,18 @@ struct Sampler::Impl {
     std::unique_ptr<model::Llama> model;
 };
 
-Sampler::Sampler(const std::string& checkpoint, const std::string& precision) : impl_(new Impl) {
+Sampler::Sampler(const std::string& checkpoint, const std::string& precision,
+                 const std::string& backend)
+    : impl_(new Impl) {
     const kernels::Precision prec =
-        kernels::resolve_precision("cpu", precision, "--precision").precision;
+        kernels::resolve_precision(backend, precision, "--precision").precision;
+    const kernels::Kernels& k = kernels::select_kernels(backend, prec, "--backend");
     impl_->ck = std::make_unique<checkpoint::Checkpoint>(checkpoint);
     const model::LlamaConfig& c = impl_->ck->config();
     impl_->T = std::min<int64_t>(c.max_seq_len, 256);
-    impl_->model = std::make_unique<model::Llama>(c, kernels::select_kernels("cpu", prec), 1,
-                                                  impl_->T, model::Recompute::none);
-    impl_->ck->load(impl_->model->layout(), impl_->model->params(), nullptr, nullptr, 0, 0);
+    impl_->model = std::make_unique<model::Llama>(c, k, 1, impl_->T, model::Recompute::none);
+    impl_->ck->load(impl_->model->layout(), impl_->model->params(), nullptr, nullptr, 0, 0,
+                    checkpoint::tensor_copy(k));
     impl_->model->sync_compute_weights();
 }
 

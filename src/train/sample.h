@@ -18,8 +18,10 @@ struct SampleOptions {
 
 class Sampler {
 public:
-    // A checkpoint or run folder; precision as train.precision (auto, bf16, fp32).
-    explicit Sampler(const std::string& checkpoint, const std::string& precision = "auto");
+    // A checkpoint or run folder; precision and backend as train.precision (auto, bf16, fp32)
+    // and train.backend (cpu, reference, cuda).
+    explicit Sampler(const std::string& checkpoint, const std::string& precision = "auto",
+                     const std::string& backend = "cpu");
     ~Sampler();
     // The prompt's ids (BOS first) followed by the new ones; stops after `eos` when it is drawn.
     std::vector<int32_t> continue_(std::vector<int32_t> prompt, const SampleOptions& options,

@@ -261,7 +261,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
         precision.why = t.precision_why;  // how RunConfig::resolve() settled an "auto"
     const kernels::Kernels& k = kernels::select_kernels(t.backend, precision.precision);
     // A device's tensors reach checkpoints through the host.
-    const checkpoint::CopyFn device_copy = k.memory == &host_memory ? nullptr : k.copy;
+    const checkpoint::CopyFn device_copy = checkpoint::tensor_copy(k);
     auto source = data::open_source(cfg.data.source, t.seq_len, cfg.model.vocab_size,
                                     static_cast<uint64_t>(t.seed));
     if (auto* shards = dynamic_cast<data::ShardSet*>(source.get())) {

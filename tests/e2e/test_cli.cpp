@@ -13,6 +13,7 @@
 #include "core/fs.h"
 #include "data/shard.h"
 #include "fixture.h"
+#include "kernels/backends.h"
 
 namespace kiln {
 namespace {
@@ -248,6 +249,20 @@ TEST(Cli, EvalAndExportAgreeWithPyTorch) {
     ASSERT_EQ(e.rc, 0) << e.out;
     auto ej = nlohmann::json::parse(e.out.substr(e.out.find('{')));
     EXPECT_EQ(ej["tokens"].get<int64_t>(), 6 * 31);
+    // The same checkpoint on a GPU, where there is one: the same loss to fp32 rounding; else one
+    // sentence naming the option.
+    Result g = kiln("eval --precision fp32 --backend cuda --checkpoint " + (dir / "run") +
+                    " --data " + (dir / "data"));
+    if (kernels::cuda_available()) {
+        ASSERT_EQ(g.rc, 0) << g.out;
+        auto gj = nlohmann::json::parse(g.out.substr(g.out.find('{')));
+        EXPECT_NEAR(gj["loss"].get<double>(), ej["loss"].get<double>(),
+                    1e-5 * ej["loss"].get<double>());
+    } else {
+        EXPECT_NE(g.rc, 0);
+        EXPECT_NE(g.out.find("--backend=cuda: "), std::string::npos) << g.out;
+        EXPECT_EQ(std::count(g.out.begin(), g.out.end(), '\n'), 1) << g.out;
+    }
     Result x = kiln("export --checkpoint " + (dir / "run") + " --format hf --out " + (dir / "hf"));
     ASSERT_EQ(x.rc, 0) << x.out;
     auto config = nlohmann::json::parse(fs::read_file(dir / "hf/config.json"));

@@ -11,6 +11,7 @@
 #include "core/fs.h"
 #include "core/threads.h"
 #include "kernels/backends.h"
+#include "kernels/cpu/cpu.h"
 #include "model/layout.h"
 #include "train/metrics.h"
 #include "train/trainer.h"
@@ -48,12 +49,13 @@ Accelerator this_machine() {
     set_num_threads(threads);
     a.per_node = int(std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN)));
     a.memory_gb = double(train::machine_memory()) / 1e9 / a.per_node;
-    // kiln's MFU against this peak for tiny on one core a rank (bench/plan_bench.sh, 2026-12-05,
-    // AMD EPYC with avx512_bf16: DP 2's step). 0.57 on the AMX machine of 2026-11-29, whose
-    // peak measured ~25% higher for about the same step; 0.42 before the kernels got faster,
-    // 0.66 while the collectives' cost went partly into it, 0.72 while the peak timed the
-    // operands' rounding to bf16 too.
-    a.efficiency = 0.67;
+    // kiln's MFU against this peak for tiny on one core a rank (bench/plan_bench.sh, DP 2's
+    // step). tiny's step runs at about the same rate on every CPU measured, 280-310 GFLOP/s a
+    // core, while the product peak does not: AMD EPYC with avx512_bf16 (peak 0.42 TFLOP/s),
+    // 0.67 (2026-12-05); Xeons with AMX, 0.57 at a peak of 0.53 (2026-11-29) and 0.45 at 0.68
+    // (2026-12-06). Earlier fits: 0.42 before the kernels got faster, 0.66 while the
+    // collectives' cost went partly into it, 0.72 while the peak timed the operands' rounding.
+    a.efficiency = kernels::cpu::cpu_info().isa.find("amx") != std::string::npos ? 0.45 : 0.67;
     // Ranks on one host exchange through gloo's shared-memory transport: an fp32 reduce-scatter
     // plus bf16 all-gather of small's weights ran at ~3 GB/s by this model's count (one-way
     // bytes). Each collective also waits for the other rank on these shared cores (fitted with

@@ -16,5 +16,6 @@ void rescale_sumexp(float* sumexp, const float* local_max, const float* max, int
 void row_losses(float* losses, const float* max, const float* sumexp, const float* target_logit,
                 const int32_t* targets, int64_t M);
 double sum_squares(const float* x, int64_t n);  // threaded
+inline void wait() {}                           // host ops end when they return
 
 }  // namespace kiln::kernels::host

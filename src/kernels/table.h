@@ -114,6 +114,9 @@ struct Kernels {
                        const float* target_logit, const int32_t* targets, int64_t M);
     // Sum of x (n) squared, accumulated in double (the gradient norm), returned to the host.
     double (*sum_squares)(const float* x, int64_t n);
+    // Returns once every op called so far has run: a device's ops only queue their work. For
+    // timings that say where a step's time went; host tables' ops are done when they return.
+    void (*wait)();
 
     // Autotuning of the products (gemm and attention's). platform: what a plan holds for (the
     // hardware, the threads, the libraries' versions), also the key of the measured peak; null

@@ -524,6 +524,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
             loss_sum[0] = p.loss.sum, loss_sum[1] = double(p.loss.tokens);
             stage_wait_s = p.wait_s;
         }
+        k.wait();  // a device's backward has only been queued; its time is the compute's
         const double compute_s = lap();
         // Data parallel: sum the losses (the last stage's, which the pipeline then shares) and
         // the gradients (each rank keeps its shard's under ZeRO-1). The first to finish over DP
@@ -571,6 +572,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
             if (zero)
                 gather_compute_weights();
         }
+        k.wait();
         const double update_s = lap();
         log::debug("train",
                    "step {}: compute {:.3f} s, wait {:.3f} s, reduce {:.3f} s, update {:.3f} s",

@@ -70,6 +70,7 @@ const Kernels table = {
     host::rescale_sumexp,
     host::row_losses,
     host::sum_squares,
+    host::wait,
     platform,
     tune,
     tune_next,

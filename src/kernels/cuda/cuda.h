@@ -36,6 +36,7 @@ void row_losses(float* losses, const float* max, const float* sumexp, const floa
                 const int32_t* targets, int64_t M);
 // Blocks' double partials in a fixed order, summed on the host in block order.
 double sum_squares(const float* x, int64_t n);
+void wait();  // for the stream's queued work
 
 // Each call queues its work on the process's one stream (launch.h) and returns, converting a
 // launch failure into KILN_CUDA's check; the host waits only where it reads or lends memory

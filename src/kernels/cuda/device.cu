@@ -123,6 +123,10 @@ void zero(void* dst, size_t bytes) {
         KILN_CUDA(cudaMemsetAsync(dst, 0, bytes, stream()));
 }
 
+void wait() {
+    KILN_CUDA(cudaStreamSynchronize(stream()));
+}
+
 double sum_squares(const float* x, int64_t n) {
     static double* partials = [] {
         double* p = nullptr;

@@ -71,6 +71,7 @@ const Kernels table = {
     rescale_sumexp,
     row_losses,
     sum_squares,
+    wait,
     platform,
     nullptr,  // nothing to tune yet
     nullptr,

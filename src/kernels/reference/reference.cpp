@@ -341,6 +341,7 @@ const Kernels table = {
     host::rescale_sumexp,
     host::row_losses,
     host::sum_squares,
+    host::wait,
     nullptr,  // nothing to tune
     nullptr,
     nullptr,

@@ -66,4 +66,11 @@ double sum_squares(const float* x, int64_t n) {
     return total;
 }
 
+double sum_squares(const float* x, const std::vector<Range>& ranges) {
+    double total = 0;
+    for (const Range& r : ranges)
+        total += sum_squares(x + r.begin, r.end - r.begin);
+    return total;
+}
+
 }  // namespace kiln::kernels::host

@@ -3,6 +3,9 @@
 // and the small elementwise ops around the products (table.h, "Memory").
 #include <cstddef>
 #include <cstdint>
+#include <vector>
+
+#include "kernels/table.h"
 
 namespace kiln::kernels::host {
 
@@ -16,6 +19,7 @@ void rescale_sumexp(float* sumexp, const float* local_max, const float* max, int
 void row_losses(float* losses, const float* max, const float* sumexp, const float* target_logit,
                 const int32_t* targets, int64_t M);
 double sum_squares(const float* x, int64_t n);  // threaded
-inline void wait() {}                           // host ops end when they return
+double sum_squares(const float* x, const std::vector<Range>& ranges);
+inline void wait() {}  // host ops end when they return
 
 }  // namespace kiln::kernels::host

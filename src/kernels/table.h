@@ -6,10 +6,16 @@
 // device memory for CUDA), except `copy`'s, either side of which may be host memory. A caller
 // holding the backend's memory touches it only through these ops, so the same caller runs on
 // every backend.
+#include <vector>
+
 #include "core/arena.h"
 #include "kernels/ops.h"
 
 namespace kiln::kernels {
+
+struct Range {  // elements [begin, end)
+    int64_t begin = 0, end = 0;
+};
 
 struct Kernels {
     const char* name;
@@ -112,8 +118,9 @@ struct Kernels {
     void (*rescale_sumexp)(float* sumexp, const float* local_max, const float* max, int64_t M);
     void (*row_losses)(float* losses, const float* max, const float* sumexp,
                        const float* target_logit, const int32_t* targets, int64_t M);
-    // Sum of x (n) squared, accumulated in double (the gradient norm), returned to the host.
-    double (*sum_squares)(const float* x, int64_t n);
+    // Sum of the squares of x's elements in `ranges`, accumulated in double (the gradient
+    // norm), returned to the host: one wait on a device, however many ranges.
+    double (*sum_squares)(const float* x, const std::vector<Range>& ranges);
     // Returns once every op called so far has run: a device's ops only queue their work. For
     // timings that say where a step's time went; host tables' ops are done when they return.
     void (*wait)();

@@ -208,17 +208,18 @@ namespace {
 
 // Sum of squares of the gradients in [begin, end), counting a tensor that every tensor-parallel
 // rank holds whole (the norms) on tp rank 0 only, so that the sums over ranks add up to the
-// model's.
+// model's. A range per tensor, summed in turn (the CPU's sum of one tensor is its own
+// threaded reduction, whose rounding a merged range would change).
 double grad_sum_squares(const model::Layout& layout, const float* grads, int64_t begin, int64_t end,
                         const kernels::Kernels& k) {
-    double sq = 0;
+    std::vector<kernels::Range> ranges;
     for (const auto& p : layout.params()) {
         int64_t lo = std::max(begin, p.offset), hi = std::min(end, p.offset + p.numel);
         if (lo >= hi || (p.tp_split == model::SplitAxis::none && layout.tp_rank != 0))
             continue;
-        sq += k.sum_squares(grads + lo, hi - lo);
+        ranges.push_back({lo, hi});
     }
-    return sq;
+    return k.sum_squares(grads, ranges);
 }
 
 // Rank 0 chooses the run folder (a generated one when run.dir is empty) and tells the others.

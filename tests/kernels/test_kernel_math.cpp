@@ -716,7 +716,7 @@ TEST(KernelMath, SmallOpsAroundTheProducts) {
     double sum = 0;
     for (int64_t first = 0; first < kBlocks * kThreads; first++)
         sum += sum_squares_share(x.data(), int64_t(x.size()), first, kBlocks * kThreads);
-    const double want = host.sum_squares(x.data(), int64_t(x.size()));
+    const double want = host.sum_squares(x.data(), {{0, int64_t(x.size())}});
     EXPECT_NEAR(sum, want, 1e-12 * want);
 }
 

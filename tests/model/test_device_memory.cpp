@@ -188,7 +188,7 @@ Outcome train_step(const Kernels& k, Recompute recompute) {
     out.losses.push_back(m.forward_backward(a.tokens.data(), a.targets.data(), 0).sum);
     const int64_t n = m.layout().total();
     out.grads = host_copy(k, m.grads(), n);
-    out.grad_sq = k.sum_squares(m.grads(), n);
+    out.grad_sq = k.sum_squares(m.grads(), {{0, n}});
     adamw.update(m.params(), m.params_bf16(), m.grads(), 0.5f, 1e-2);
     out.params = host_copy(k, m.params(), n);
     out.logits.resize(size_t(B * T * c.vocab_size));

@@ -69,7 +69,7 @@ const Kernels table = {
     host::slice_ids,
     host::rescale_sumexp,
     host::row_losses,
-    host::sum_squares,
+    static_cast<double (*)(const float*, const std::vector<Range>&)>(host::sum_squares),
     host::wait,
     platform,
     tune,

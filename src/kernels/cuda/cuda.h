@@ -34,8 +34,9 @@ void slice_ids(int32_t* local, float* weight, const int32_t* ids, int64_t n, int
 void rescale_sumexp(float* sumexp, const float* local_max, const float* max, int64_t M);
 void row_losses(float* losses, const float* max, const float* sumexp, const float* target_logit,
                 const int32_t* targets, int64_t M);
-// Blocks' double partials in a fixed order, summed on the host in block order.
-double sum_squares(const float* x, int64_t n);
+// Each block's double partial accumulated over the ranges in order, summed on the host in block
+// order: one wait.
+double sum_squares(const float* x, const std::vector<Range>& ranges);
 void wait();  // for the stream's queued work
 
 // Each call queues its work on the process's one stream (launch.h) and returns, converting a

@@ -15,7 +15,7 @@ constexpr int kSumBlocks = 256;  // blocks of the sum of squares; their partials
 __global__ void sum_squares_kernel(double* partials, const float* x, int64_t n) {
     const double s = block_reduce(sum_squares_share(x, n, first_index(), stride()), 0.0, Sum{});
     if (threadIdx.x == 0)
-        partials[blockIdx.x] = s;
+        partials[blockIdx.x] += s;  // launches on one stream: one range after another
 }
 
 void* device_alloc(size_t bytes, const char* what) {
@@ -127,16 +127,20 @@ void wait() {
     KILN_CUDA(cudaStreamSynchronize(stream()));
 }
 
-double sum_squares(const float* x, int64_t n) {
+double sum_squares(const float* x, const std::vector<Range>& ranges) {
     static double* partials = [] {
         double* p = nullptr;
         KILN_CUDA(cudaMalloc(&p, kSumBlocks * sizeof(double)));
         return p;
     }();
-    if (n == 0)
-        return 0;
-    sum_squares_kernel<<<kSumBlocks, kElementThreads, 0, stream()>>>(partials, x, n);
-    finish_launch();
+    zero(partials, kSumBlocks * sizeof(double));
+    for (const Range& r : ranges) {
+        if (r.end <= r.begin)
+            continue;
+        sum_squares_kernel<<<kSumBlocks, kElementThreads, 0, stream()>>>(partials, x + r.begin,
+                                                                         r.end - r.begin);
+        finish_launch();
+    }
     double host[kSumBlocks];
     copy(host, partials, sizeof(host));
     double total = 0;

@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "kernels/backends.h"
@@ -21,6 +22,7 @@
 #ifdef KILN_HAVE_CUDA
 #include <cuda_runtime.h>
 
+#include "kernels/cuda/attention_flash.h"
 #include "kernels/cuda/cuda.h"
 #endif
 
@@ -252,47 +254,63 @@ TEST(Cuda, GemmMatchesReference) {
 }
 
 // Grouped-query attention with RoPE (tables on the device) against the reference, in both
-// precisions, with T = 300 longer than a block; tolerances as test_kernel_math.cpp's host replay
-// of the same decomposition: in fp32 times 4 (device expf, cuBLASLt's summation order), in bf16
-// as there (the operands' rounding dominates). A bf16 gradient is its f32 value rounded.
+// precisions; tolerances as test_kernel_math.cpp's host replays: in fp32 times 4 (device expf,
+// cuBLASLt's summation order), in bf16 as there (the operands' rounding dominates). Shapes: T =
+// 300, longer than a row block and 4 tiles and a part of the fused kernels; the widest fused head
+// (D = 128, the most shared memory); D = 8, which bf16 runs as products. A bf16 gradient is its
+// f32 value rounded.
 TEST(Cuda, AttentionMatchesReference) {
     KILN_REQUIRE_CUDA();
-    const int64_t B = 2, T = 300, H = 4, Hkv = 2, D = 32;
-    const auto [cos, sin] = rope_tables(T, D);
-    Attention a{B, T, H, Hkv, D, (H + 2 * Hkv) * D};
-    const int64_t M = B * T;
-    auto qkv = randn(M * a.ldqkv, 1), dout = randn(M * H * D, 2);
-    Dev<float> d_cos(cos), d_sin(sin), d_qkv(qkv), d_dout(dout);
-    for (Precision prec : {Precision::fp32, Precision::bf16}) {
-        Dev<char> ws{cuda::attention_workspace_bytes(a, prec)};
-        Attention host = a;
-        host.rope_cos = cos.data(), host.rope_sin = sin.data();
-        Attention dev = a;
-        dev.rope_cos = d_cos.ptr, dev.rope_sin = d_sin.ptr;
-        const Kernels& r = reference_kernels(prec);
-        std::vector<char> saved(r.attention_saved_bytes(host));
-        std::vector<float> out(M * H * D), dqkv(M * a.ldqkv);
-        r.attention_forward(out.data(), saved.data(), qkv.data(), host, {});
-        r.attention_backward(dqkv.data(), DType::f32, dout.data(), qkv.data(), saved.data(), host,
-                             {});
-        ASSERT_EQ(cuda::attention_saved_bytes(a, prec), saved.size());
-        Dev<char> d_saved{saved.size()};
-        Dev<float> d_out{size_t(M * H * D)}, d_dqkv{size_t(M * a.ldqkv)};
-        cuda::attention_forward(d_out.ptr, d_saved.ptr, d_qkv.ptr, dev, prec, {ws.ptr, ws.n});
-        cuda::attention_backward(d_dqkv.ptr, DType::f32, d_dout.ptr, d_qkv.ptr, d_saved.ptr, dev,
-                                 prec, {ws.ptr, ws.n});
-        const bool bf16 = prec == Precision::bf16;
-        EXPECT_LT(rel_err(d_out.host(), out), bf16 ? 1e-2 : kTol) << precision_name(prec);
-        EXPECT_LT(rel_err(d_dqkv.host(), dqkv), bf16 ? 1e-2 : kTol) << precision_name(prec);
-        if (bf16) {
-            Dev<uint16_t> d_dqkv_bf{size_t(M * a.ldqkv)};
-            cuda::attention_backward(d_dqkv_bf.ptr, DType::bf16, d_dout.ptr, d_qkv.ptr, d_saved.ptr,
+    struct Shape {
+        int64_t B, T, H, Hkv, D;
+    };
+    for (const Shape sh :
+         {Shape{2, 300, 4, 2, 32}, Shape{1, 130, 4, 1, 128}, Shape{1, 40, 2, 1, 8}}) {
+        const auto [cos, sin] = rope_tables(sh.T, sh.D);
+        Attention a{sh.B, sh.T, sh.H, sh.Hkv, sh.D, (sh.H + 2 * sh.Hkv) * sh.D};
+        const int64_t M = a.B * a.T, HD = a.H * a.D;
+        auto qkv = randn(M * a.ldqkv, 1), dout = randn(M * HD, 2);
+        Dev<float> d_cos(cos), d_sin(sin), d_qkv(qkv), d_dout(dout);
+        for (Precision prec : {Precision::fp32, Precision::bf16}) {
+            const std::string what = std::string(precision_name(prec)) +
+                                     " T=" + std::to_string(a.T) + " D=" + std::to_string(a.D);
+            Dev<char> ws{cuda::attention_workspace_bytes(a, prec)};
+            Attention host = a;
+            host.rope_cos = cos.data(), host.rope_sin = sin.data();
+            Attention dev = a;
+            dev.rope_cos = d_cos.ptr, dev.rope_sin = d_sin.ptr;
+            const Kernels& r = reference_kernels(prec);
+            std::vector<char> saved(r.attention_saved_bytes(host));
+            std::vector<float> out(M * HD), dqkv(M * a.ldqkv);
+            r.attention_forward(out.data(), saved.data(), qkv.data(), host, {});
+            r.attention_backward(dqkv.data(), DType::f32, dout.data(), qkv.data(), saved.data(),
+                                 host, {});
+            if (!cuda::flash_attention(a, prec)) {  // the products rung keeps the probabilities
+                ASSERT_EQ(cuda::attention_saved_bytes(a, prec), saved.size()) << what;
+            }
+            Dev<char> d_saved{cuda::attention_saved_bytes(a, prec)};
+            Dev<float> d_out{size_t(M * HD)}, d_dqkv{size_t(M * a.ldqkv)};
+            cuda::attention_forward(d_out.ptr, d_saved.ptr, d_qkv.ptr, dev, prec, {ws.ptr, ws.n});
+            cuda::attention_backward(d_dqkv.ptr, DType::f32, d_dout.ptr, d_qkv.ptr, d_saved.ptr,
                                      dev, prec, {ws.ptr, ws.n});
-            const auto f32 = d_dqkv.host();
-            std::vector<uint16_t> want(f32.size());
-            for (size_t i = 0; i < f32.size(); i++)
-                want[i] = f32_to_bf16(f32[i]);
-            EXPECT_EQ(d_dqkv_bf.host(), want);
+            const bool bf16 = prec == Precision::bf16;
+            EXPECT_LT(rel_err(d_out.host(), out), bf16 ? 1e-2 : kTol) << what;
+            EXPECT_LT(rel_err(d_dqkv.host(), dqkv), bf16 ? 1e-2 : kTol) << what;
+            if (bf16) {
+                // The same bits on a second run (no atomics), and a bf16 gradient is the f32
+                // one rounded.
+                const auto f32 = d_dqkv.host();
+                cuda::attention_backward(d_dqkv.ptr, DType::f32, d_dout.ptr, d_qkv.ptr, d_saved.ptr,
+                                         dev, prec, {ws.ptr, ws.n});
+                EXPECT_EQ(d_dqkv.host(), f32) << what;
+                Dev<uint16_t> d_dqkv_bf{size_t(M * a.ldqkv)};
+                cuda::attention_backward(d_dqkv_bf.ptr, DType::bf16, d_dout.ptr, d_qkv.ptr,
+                                         d_saved.ptr, dev, prec, {ws.ptr, ws.n});
+                std::vector<uint16_t> want(f32.size());
+                for (size_t i = 0; i < f32.size(); i++)
+                    want[i] = f32_to_bf16(f32[i]);
+                EXPECT_EQ(d_dqkv_bf.host(), want) << what;
+            }
         }
     }
 }

@@ -1,8 +1,14 @@
-// Causal attention on CUDA, the products rung: every (sequence, head) pair's products through
-// cuBLASLt on the tensor cores (attention_products.h), with one block per query row for the
-// masked softmax and its backward (attention_math.h) in between. Queries and keys are rotated in
-// a copy in the workspace and their gradients rotated back there; in bf16 the products read bf16
-// copies of their operands, made once per call.
+// Causal attention on CUDA. bf16 with a head size of at most 128 in steps of 16 runs fused
+// (attention_flash.h): three kernels whose tiles stay in shared memory, their products on the
+// tensor cores through WMMA. Otherwise, and always in f32 (exact products), the products rung:
+// every (sequence, head) pair's products through cuBLASLt (attention_products.h), with one block
+// per query row for the masked softmax and its backward (attention_math.h) in between. Queries
+// and keys are rotated in a copy in the workspace and their gradients rotated back there; in bf16
+// the products read bf16 copies of their operands, made once per call.
+#include <cuda_bf16.h>
+#include <mma.h>
+
+#include "kernels/cuda/attention_flash.h"
 #include "kernels/cuda/attention_products.h"
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/launch.h"
@@ -14,30 +20,34 @@ size_t round_up(size_t n) {
     return (n + 255) / 256 * 256;
 }
 
-// Workspace: the rotated qkv and the f32 gradient (M, ldqkv), the scores or their gradient
-// (B, H, T, T) f32; in bf16 also bf16 copies of qkv, dout and ds; then the products' own.
+// Workspace: the rotated qkv and the f32 gradient (M, ldqkv); unfused, the scores or their
+// gradient (B, H, T, T) f32; in bf16 also bf16 copies of qkv and dout, and unfused of ds, fused
+// the rows' rowdot (B, H, T) f32; then the products' own, unfused.
 struct Scratch {
-    float *rotated, *grad, *scores;
+    float *rotated, *grad, *scores, *rowdot = nullptr;
     uint16_t *qkv16 = nullptr, *dout16 = nullptr, *ds16 = nullptr;
     Workspace products;
 
     static size_t bytes(const Attention& a, Precision p, Scratch* s = nullptr,
                         char* base = nullptr) {
-        const int64_t M = a.B * a.T, squares = a.B * a.H * a.T * a.T;
-        const bool bf16 = p == Precision::bf16;
+        const int64_t M = a.B * a.T, rows = a.B * a.H * a.T;
+        const bool bf16 = p == Precision::bf16, fused = flash_attention(a, p);
+        const int64_t squares = fused ? 0 : rows * a.T;
         const size_t sizes[] = {round_up(size_t(M * a.ldqkv) * 4),
                                 round_up(size_t(M * a.ldqkv) * 4),
                                 round_up(size_t(squares) * 4),
                                 bf16 ? round_up(size_t(M * a.ldqkv) * 2) : 0,
                                 bf16 ? round_up(size_t(M * a.H * a.D) * 2) : 0,
-                                bf16 ? round_up(size_t(squares) * 2) : 0};
+                                bf16 ? round_up(size_t(squares) * 2) : 0,
+                                fused ? round_up(size_t(rows) * 4) : 0};
         size_t at = 0;
-        char* parts[6];
-        for (int i = 0; i < 6; i++) {
+        char* parts[7];
+        for (int i = 0; i < 7; i++) {
             parts[i] = base ? base + at : nullptr;
             at += sizes[i];
         }
-        const size_t products = gemm_workspace_bytes(std::max(a.T * a.T, a.T * a.ldqkv));
+        const size_t products =
+            fused ? 0 : gemm_workspace_bytes(std::max(a.T * a.T, a.T * a.ldqkv));
         if (s) {
             s->rotated = reinterpret_cast<float*>(parts[0]);
             s->grad = reinterpret_cast<float*>(parts[1]);
@@ -47,6 +57,8 @@ struct Scratch {
                 s->dout16 = reinterpret_cast<uint16_t*>(parts[4]);
                 s->ds16 = reinterpret_cast<uint16_t*>(parts[5]);
             }
+            if (fused)
+                s->rowdot = reinterpret_cast<float*>(parts[6]);
             s->products = {base + at, products};
         }
         return at + products;
@@ -130,9 +142,104 @@ const float* rotated(const float* qkv, const Attention& a, float* copy) {
     return copy;
 }
 
+// attention_flash.h's executor on the device: the block's threads and barrier, and the tile
+// products as WMMA bf16 16 x 16 x 16 steps with f32 accumulators, warp w taking rows
+// [16 w, 16 w + 16) of every product.
+struct FlashDevice {
+    template <typename F>
+    __device__ void each(int n, F f) {
+        for (int i = threadIdx.x; i < n; i += blockDim.x)
+            f(i);
+        __syncthreads();
+    }
+    template <bool ACol, bool BCol>
+    __device__ void product(float* c, int ldc, const uint16_t* a, int lda, const uint16_t* b,
+                            int ldb, int n, int k, bool accumulate) {
+        namespace wmma = nvcuda::wmma;
+        using ALayout = std::conditional_t<ACol, wmma::col_major, wmma::row_major>;
+        using BLayout = std::conditional_t<BCol, wmma::col_major, wmma::row_major>;
+        const auto* A = reinterpret_cast<const __nv_bfloat16*>(a);
+        const auto* B = reinterpret_cast<const __nv_bfloat16*>(b);
+        const int row = 16 * int(threadIdx.x / 32);
+        for (int j = 0; j < n; j += 16) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> sum;
+            if (accumulate)
+                wmma::load_matrix_sync(sum, c + row * ldc + j, ldc, wmma::mem_row_major);
+            else
+                wmma::fill_fragment(sum, 0.0f);
+            for (int kk = 0; kk < k; kk += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, ALayout> fa;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, BLayout> fb;
+                wmma::load_matrix_sync(fa, A + (ACol ? kk * lda + row : row * lda + kk), lda);
+                wmma::load_matrix_sync(fb, B + (BCol ? j * ldb + kk : kk * ldb + j), ldb);
+                wmma::mma_sync(sum, fa, fb, sum);
+            }
+            wmma::store_matrix_sync(c + row * ldc + j, sum, ldc, wmma::mem_row_major);
+        }
+        __syncthreads();
+    }
+};
+
+static_assert(kFlashThreads == 32 * kTile / 16, "a warp per 16 rows of a tile");
+
+__device__ FlashTiles flash_tiles(const Attention& a, FlashPass pass) {
+    extern __shared__ __align__(128) char tiles[];
+    FlashTiles s;
+    s.place(tiles, a.D, pass);
+    return s;
+}
+
+__global__ void __launch_bounds__(kFlashThreads)
+    flash_forward_kernel(Attention a, const uint16_t* qkv16, float* out, float* saved_out,
+                         float* lse) {
+    FlashDevice x;
+    flash_forward_block(x, flash_tiles(a, FlashPass::forward), a, qkv16, out, saved_out, lse,
+                        FlashBlock(a, a.H, blockIdx.x, true));
+}
+
+__global__ void __launch_bounds__(kFlashThreads)
+    flash_dq_kernel(Attention a, const uint16_t* qkv16, const uint16_t* dout16, const float* dout,
+                    const float* saved_out, const float* lse, float* rowdot, float* grad) {
+    FlashDevice x;
+    flash_dq_block(x, flash_tiles(a, FlashPass::dq), a, qkv16, dout16, dout, saved_out, lse, rowdot,
+                   grad, FlashBlock(a, a.H, blockIdx.x, true));
+}
+
+__global__ void __launch_bounds__(kFlashThreads)
+    flash_dkdv_kernel(Attention a, const uint16_t* qkv16, const uint16_t* dout16, const float* lse,
+                      const float* rowdot, float* grad) {
+    FlashDevice x;
+    flash_dkdv_block(x, flash_tiles(a, FlashPass::dkdv), a, qkv16, dout16, lse, rowdot, grad,
+                     FlashBlock(a, a.Hkv, blockIdx.x, false));
+}
+
+// Launches `kernel` over heads x B x tiles blocks with the pass's shared memory.
+template <typename Kernel, typename... Args>
+void launch_flash(Kernel kernel, FlashPass pass, int64_t heads, const Attention& a, Args... args) {
+    const size_t shared = FlashTiles().place(nullptr, a.D, pass);
+    KILN_CUDA(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
+    const int64_t blocks = a.B * heads * ((a.T + kTile - 1) / kTile);
+    kernel<<<unsigned(blocks), kFlashThreads, shared, stream()>>>(a, args...);
+    finish_launch();
+}
+
+// The fused path's saved activation: lse (B, H, T) f32, then the output (M, H*D) f32.
+struct FlashSaved {
+    float *lse, *out;
+    FlashSaved(const void* saved, const Attention& a)
+        : lse(static_cast<float*>(const_cast<void*>(saved))),
+          out(lse + round_up(size_t(a.B * a.H * a.T) * 4) / 4) {}
+    static size_t bytes(const Attention& a) {
+        return round_up(size_t(a.B * a.H * a.T) * 4) + size_t(a.B * a.T * a.H * a.D) * 4;
+    }
+};
+
 }  // namespace
 
 size_t attention_saved_bytes(const Attention& a, Precision precision) {
+    if (flash_attention(a, precision))
+        return FlashSaved::bytes(a);
     return size_t(a.B * a.H * a.T * a.T) * dtype_size(compute_dtype(precision));
 }
 
@@ -147,7 +254,11 @@ void attention_forward(float* out, void* saved, const float* qkv, const Attentio
     const Scratch s(ws, a, precision);
     const DType ct = compute_dtype(precision);
     const void* x = as_operand(rotated(qkv, a, s.rotated), a.B * a.T * a.ldqkv, s.qkv16);
-    if (precision == Precision::bf16) {
+    if (flash_attention(a, precision)) {
+        const FlashSaved keep(saved, a);
+        launch_flash(flash_forward_kernel, FlashPass::forward, a.H, a,
+                     static_cast<const uint16_t*>(x), out, keep.out, keep.lse);
+    } else if (precision == Precision::bf16) {
         Device<uint16_t> device{a, precision, s.products};
         attention_products_forward(device, out, saved, ct, x, ct, a, s.scores);
     } else {
@@ -169,7 +280,17 @@ void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const fl
     float* grad = dqkv_type == DType::f32 ? static_cast<float*>(dqkv) : s.grad;
     // ds: over dp itself in f32, a bf16 copy the products read in bf16.
     void* ds = s.ds16 ? static_cast<void*>(s.ds16) : static_cast<void*>(s.scores);
-    if (precision == Precision::bf16) {
+    if (flash_attention(a, precision)) {
+        const FlashSaved kept(saved, a);
+        const auto* x16 = static_cast<const uint16_t*>(x);
+        const auto* dout16 = static_cast<const uint16_t*>(dO);
+        launch_flash(flash_dq_kernel, FlashPass::dq, a.H, a, x16, dout16, dout,
+                     static_cast<const float*>(kept.out), static_cast<const float*>(kept.lse),
+                     s.rowdot, grad);
+        launch_flash(flash_dkdv_kernel, FlashPass::dkdv, a.Hkv, a, x16, dout16,
+                     static_cast<const float*>(kept.lse), static_cast<const float*>(s.rowdot),
+                     grad);
+    } else if (precision == Precision::bf16) {
         Device<uint16_t> device{a, precision, s.products};
         attention_products_backward(device, grad, dO, ct, x, ct, saved, ct, a, s.scores, ds, ct);
     } else {

@@ -73,9 +73,10 @@ size_t gemm_workspace_bytes(int64_t max_operand);
 void gemm(const Gemm& g, Precision precision, Workspace ws);
 
 // Causal attention with the contract of the table's entries (table.h, ops.h; rope_cos/rope_sin
-// device pointers when set), the precision choosing the dtype of the probabilities kept in
-// `saved` (attention_saved_bytes) and the dtype the products read. `ws` is device memory of
-// attention_workspace_bytes(a, precision).
+// device pointers when set), the precision choosing the dtype the products read. Fused where
+// flash_attention(a, precision) (attention_flash.h): `saved` keeps each row's log-sum-exp and
+// the output; otherwise the probabilities in the compute dtype (attention_saved_bytes). `ws` is
+// device memory of attention_workspace_bytes(a, precision).
 size_t attention_saved_bytes(const Attention& a, Precision precision);
 size_t attention_workspace_bytes(const Attention& a, Precision precision);
 void attention_forward(float* out, void* saved, const float* qkv, const Attention& a,
@@ -85,7 +86,7 @@ void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const fl
 
 // Rotary embedding in place on the first n_heads heads (of D) of each row of x (M, ld), as the
 // Attention contract in ops.h defines it (rope_cos/rope_sin (T, D/2)); inverse rotates back,
-// which is the backward on gradients. For a fused attention kernel to come.
+// which is the backward on gradients.
 void rope(float* x, int64_t ld, int64_t M, int64_t T, int64_t n_heads, int64_t D,
           const float* rope_cos, const float* rope_sin, bool inverse);
 

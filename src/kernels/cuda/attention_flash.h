@@ -1,0 +1,311 @@
+#pragma once
+// Fused causal attention for bf16 products (flash attention): the bodies of attention.cu's three
+// kernels, written once against an executor, so that test_kernel_math.cpp replays them block by
+// block on the host over the same grid and compares them with the reference backend on every CI
+// run. Only the executor's tile products (tensor cores on the device) and its barrier differ.
+//
+// A block owns kTile = 64 rows of one head, queries (forward, dq) or keys (dkdv), and walks the
+// tiles of the other side that the causal mask leaves, in the block's shared memory: no T x T
+// square exists anywhere, and the saved activation is a row's log-sum-exp and the output.
+//   forward (b, h, query tile): for each key tile up to the diagonal, s = q k^T (a product); per
+//     row the online softmax: the new max m', p = exp(s / sqrt(D) - m') (0 where masked), rounded
+//     to bf16 as the product reads it, l = l exp(m - m') + sum p, the output row scaled by
+//     exp(m - m'); then o += p v (a product). At the end out = o / l, and lse = m + log l.
+//   dq (b, h, query tile): rowdot = sum_d dout out per row (out kept by the forward, in f32);
+//     for each key tile up to the diagonal, s = q k^T and dp = dout v^T, per row
+//     p = exp(s / sqrt(D) - lse) and ds = p (dp - rowdot) / sqrt(D) in bf16, then dq += ds k.
+//     It writes rowdot for dkdv.
+//   dkdv (b, kv head, key tile): for each query head of the group and each query tile from the
+//     diagonal on, the same p and ds, then dv += p^T dout and dk += ds^T q.
+// Every gradient row is written once, by the one block that owns it: no atomics, the same bits
+// every run. The backward recomputes s and dp in both passes, the price of that determinism.
+//
+// The executor X of a block:
+//   x.each(n, f)     f(i) for i in [0, n), spread over the block's threads; then the barrier
+//   x.product<ACol, BCol>(c, ldc, a, lda, b, ldb, n, k, accumulate)
+//                    c (kTile x n, f32) = a b, or += with accumulate, a (kTile x k) and b (k x n)
+//                    bf16 tiles of the block's memory, row-major, or with Col the transposed view
+//                    of a row-major tile (element (i, j) at j * ld + i); f32 sums; then the
+//                    barrier. n and k are multiples of 16.
+#include <type_traits>
+
+#include "kernels/cuda/attention_math.h"
+
+#if defined(__CUDACC__)
+#define KILN_BLOCK __device__ __forceinline__
+#else
+#define KILN_BLOCK inline
+#endif
+
+namespace kiln::kernels::cuda {
+
+constexpr int kTile = 64;
+constexpr int kFlashThreads = 128;  // 4 warps, each a 16-row strip of every product
+constexpr int kFlashMaxHead = 128;
+
+// Whether attention in this precision and shape runs fused; otherwise the products rung
+// (attention_products.h), which also keeps f32 exact.
+inline bool flash_attention(const Attention& a, Precision precision) {
+    return precision == Precision::bf16 && a.D % 16 == 0 && a.D <= kFlashMaxHead;
+}
+
+enum class FlashPass { forward, dq, dkdv };
+
+// The tiles of one block's shared memory, for head size D. Rows are padded (8 bf16, 4 f32) so
+// that rows start on different banks, and every tile starts 128-byte aligned as the tensor
+// cores' loads ask.
+struct FlashTiles {
+    int ldh = 0, ldp = 0, lds = 0,
+        ldo = 0;  // strides: (row, D) bf16, (row, key) bf16 and f32, (row, D) f32
+    uint16_t *q = nullptr, *k = nullptr, *v = nullptr, *dout = nullptr, *p = nullptr, *ds = nullptr;
+    float *s = nullptr, *dp = nullptr, *acc = nullptr, *acc2 = nullptr;
+    float *m = nullptr, *l = nullptr, *alpha = nullptr, *lse = nullptr, *rowdot = nullptr;
+
+    // Lays the pass's tiles out from `base` (nullptr: only counts); returns the bytes.
+    KILN_HD size_t place(char* base, int64_t D, FlashPass pass) {
+        const bool fwd = pass == FlashPass::forward, dkdv = pass == FlashPass::dkdv;
+        ldh = int(D) + 8, ldp = kTile + 8, lds = kTile + 4, ldo = int(D) + 4;
+        size_t at = 0;
+        auto take = [&](auto*& ptr, size_t elements, bool needed) {
+            using T = std::remove_reference_t<decltype(*ptr)>;
+            if (!needed)
+                return;
+            ptr = base ? reinterpret_cast<T*>(base + at) : nullptr;
+            at += (elements * sizeof(T) + 127) / 128 * 128;
+        };
+        take(q, size_t(kTile) * ldh, true);
+        take(k, size_t(kTile) * ldh, true);
+        take(v, size_t(kTile) * ldh, true);
+        take(dout, size_t(kTile) * ldh, !fwd);
+        take(p, size_t(kTile) * ldp, fwd || dkdv);
+        take(ds, size_t(kTile) * ldp, !fwd);
+        take(s, size_t(kTile) * lds, true);
+        take(dp, size_t(kTile) * lds, !fwd);
+        take(acc, size_t(kTile) * ldo, true);
+        take(acc2, size_t(kTile) * ldo, dkdv);
+        take(m, kTile, fwd);
+        take(l, kTile, fwd);
+        take(alpha, kTile, fwd);
+        take(lse, kTile, !fwd);
+        take(rowdot, kTile, !fwd);
+        return at;
+    }
+};
+
+// The block of a grid of B x heads x ceil(T / kTile): sequence b, head h, and the first row of
+// its tile, the tiles with the most work (the last queries, the first keys) first.
+struct FlashBlock {
+    int64_t b, h, row0;
+    KILN_HD FlashBlock(const Attention& a, int64_t heads, int64_t block, bool last_first) {
+        const int64_t tiles = (a.T + kTile - 1) / kTile, tile = block % tiles;
+        b = block / tiles / heads, h = block / tiles % heads;
+        row0 = (last_first ? tiles - 1 - tile : tile) * kTile;
+    }
+};
+
+KILN_HD int tile_rows(const Attention& a, int64_t row0) {
+    return int(a.T - row0 < kTile ? a.T - row0 : kTile);
+}
+
+// Keys k0 .. k0 + kTile of which query row r of the tile at q0 sees the first `visible` (causal);
+// rows past the sequence see none.
+KILN_HD int visible_keys(int r, int rows, int64_t q0, int64_t k0) {
+    if (r >= rows)
+        return 0;
+    const int64_t n = q0 + r - k0 + 1;
+    return int(n < 0 ? 0 : n > kTile ? kTile : n);
+}
+
+// Forward, row r of the scores tile: the online softmax step (see the top).
+KILN_HD void flash_online_row(const FlashTiles& s, int r, int visible, float scale) {
+    const float* sr = s.s + r * s.lds;
+    uint16_t* pr = s.p + r * s.ldp;
+    if (visible == 0) {
+        for (int c = 0; c < kTile; c++)
+            pr[c] = 0;
+        s.alpha[r] = 1.0f;
+        return;
+    }
+    float mx = s.m[r];
+    for (int c = 0; c < visible; c++)
+        mx = fmaxf(mx, sr[c] * scale);
+    const float alpha = expf(s.m[r] - mx);  // 0 on the first tile, where m = -inf
+    float sum = 0.0f;
+    for (int c = 0; c < kTile; c++) {
+        const uint16_t p = c < visible ? bf16_round(expf(sr[c] * scale - mx)) : uint16_t(0);
+        pr[c] = p;
+        sum += bf16_widen(p);  // the weights the product sums, so they sum to 1 after / l
+    }
+    s.l[r] = s.l[r] * alpha + sum;
+    s.m[r] = mx;
+    s.alpha[r] = alpha;
+}
+
+// Backward, row r of the scores and dp tiles: ds (bf16), and p (bf16) where the tiles keep it.
+KILN_HD void flash_ds_row(const FlashTiles& s, int r, int visible, float scale) {
+    for (int c = 0; c < kTile; c++) {
+        const float p = c < visible ? expf(s.s[r * s.lds + c] * scale - s.lse[r]) : 0.0f;
+        if (s.p)
+            s.p[r * s.ldp + c] = bf16_round(p);
+        s.ds[r * s.ldp + c] = bf16_round(p * (s.dp[r * s.lds + c] - s.rowdot[r]) * scale);
+    }
+}
+
+// Rows [row0, row0 + n) of head vectors (offsets at(m) in src, D wide) into a tile, zeros past n.
+template <typename At>
+KILN_HD void tile_element(uint16_t* tile, int ld, const uint16_t* src, int64_t D, int n, int64_t m0,
+                          At at, int i) {
+    const int r = i / int(D), d = i % int(D);
+    tile[r * ld + d] = r < n ? src[at(m0 + r) + d] : uint16_t(0);
+}
+
+// qkv16: the rotated qkv (M, ldqkv) in bf16. out (M, H*D) f32; saved_out the same, kept for the
+// backward; lse (B, H, T).
+template <typename X>
+KILN_BLOCK void flash_forward_block(X& x, const FlashTiles& s, const Attention& a,
+                                    const uint16_t* qkv16, float* out, float* saved_out, float* lse,
+                                    const FlashBlock& at) {
+    const int64_t D = a.D, HD = a.H * a.D, q0 = at.row0, m0 = at.b * a.T;
+    const int rows = tile_rows(a, q0);
+    const float scale = attention_scale(a);
+    x.each(kTile * int(D), [&](int i) {
+        tile_element(
+            s.q, s.ldh, qkv16, D, rows, m0 + q0, [&](int64_t m) { return q_at(a, m, at.h); }, i);
+        s.acc[i / D * s.ldo + i % D] = 0.0f;
+        if (i < kTile)
+            s.m[i] = -INFINITY, s.l[i] = 0.0f;
+    });
+    for (int64_t k0 = 0; k0 < q0 + rows; k0 += kTile) {
+        const int cols = tile_rows(a, k0);
+        x.each(kTile * int(D), [&](int i) {
+            tile_element(
+                s.k, s.ldh, qkv16, D, cols, m0 + k0, [&](int64_t m) { return k_at(a, m, at.h); },
+                i);
+            tile_element(
+                s.v, s.ldh, qkv16, D, cols, m0 + k0, [&](int64_t m) { return v_at(a, m, at.h); },
+                i);
+        });
+        x.template product<false, true>(s.s, s.lds, s.q, s.ldh, s.k, s.ldh, kTile, int(D), false);
+        x.each(kTile, [&](int r) { flash_online_row(s, r, visible_keys(r, rows, q0, k0), scale); });
+        x.each(kTile * int(D), [&](int i) { s.acc[i / D * s.ldo + i % D] *= s.alpha[i / D]; });
+        x.template product<false, false>(s.acc, s.ldo, s.p, s.ldp, s.v, s.ldh, int(D), kTile, true);
+    }
+    x.each(kTile * int(D), [&](int i) {
+        const int r = int(i / D), d = int(i % D);
+        if (r >= rows)
+            return;
+        const int64_t o = (m0 + q0 + r) * HD + at.h * D + d;
+        out[o] = saved_out[o] = s.acc[r * s.ldo + d] / s.l[r];
+        if (d == 0)
+            lse[(at.b * a.H + at.h) * a.T + q0 + r] = s.m[r] + logf(s.l[r]);
+    });
+}
+
+// The query rows' gradient into grad (M, ldqkv) f32; rowdot (B, H, T) written for dkdv. dout16
+// is dout (M, H*D) in bf16, read by the products; dout itself (f32) and saved_out give rowdot.
+template <typename X>
+KILN_BLOCK void flash_dq_block(X& x, const FlashTiles& s, const Attention& a, const uint16_t* qkv16,
+                               const uint16_t* dout16, const float* dout, const float* saved_out,
+                               const float* lse, float* rowdot, float* grad, const FlashBlock& at) {
+    const int64_t D = a.D, HD = a.H * a.D, q0 = at.row0, m0 = at.b * a.T;
+    const int64_t row_at = (at.b * a.H + at.h) * a.T + q0;
+    const int rows = tile_rows(a, q0);
+    const float scale = attention_scale(a);
+    auto out_at = [&](int64_t m) { return m * HD + at.h * D; };
+    x.each(kTile * int(D), [&](int i) {
+        tile_element(
+            s.q, s.ldh, qkv16, D, rows, m0 + q0, [&](int64_t m) { return q_at(a, m, at.h); }, i);
+        tile_element(s.dout, s.ldh, dout16, D, rows, m0 + q0, out_at, i);
+        s.acc[i / D * s.ldo + i % D] = 0.0f;
+    });
+    x.each(kTile, [&](int r) {
+        float dot = 0.0f;
+        if (r < rows) {
+            const int64_t o = out_at(m0 + q0 + r);
+            for (int64_t d = 0; d < D; d++)
+                dot += dout[o + d] * saved_out[o + d];
+            rowdot[row_at + r] = dot;
+        }
+        s.rowdot[r] = dot;
+        s.lse[r] = r < rows ? lse[row_at + r] : 0.0f;
+    });
+    for (int64_t k0 = 0; k0 < q0 + rows; k0 += kTile) {
+        const int cols = tile_rows(a, k0);
+        x.each(kTile * int(D), [&](int i) {
+            tile_element(
+                s.k, s.ldh, qkv16, D, cols, m0 + k0, [&](int64_t m) { return k_at(a, m, at.h); },
+                i);
+            tile_element(
+                s.v, s.ldh, qkv16, D, cols, m0 + k0, [&](int64_t m) { return v_at(a, m, at.h); },
+                i);
+        });
+        x.template product<false, true>(s.s, s.lds, s.q, s.ldh, s.k, s.ldh, kTile, int(D), false);
+        x.template product<false, true>(s.dp, s.lds, s.dout, s.ldh, s.v, s.ldh, kTile, int(D),
+                                        false);
+        x.each(kTile, [&](int r) { flash_ds_row(s, r, visible_keys(r, rows, q0, k0), scale); });
+        x.template product<false, false>(s.acc, s.ldo, s.ds, s.ldp, s.k, s.ldh, int(D), kTile,
+                                         true);
+    }
+    x.each(kTile * int(D), [&](int i) {
+        const int r = int(i / D), d = int(i % D);
+        if (r < rows)
+            grad[q_at(a, m0 + q0 + r, at.h) + d] = s.acc[r * s.ldo + d];
+    });
+}
+
+// The key and value rows' gradient of kv head at.h into grad, summed over the group's query
+// heads in order; lse and rowdot (B, H, T) as the forward and dq left them.
+template <typename X>
+KILN_BLOCK void flash_dkdv_block(X& x, const FlashTiles& s, const Attention& a,
+                                 const uint16_t* qkv16, const uint16_t* dout16, const float* lse,
+                                 const float* rowdot, float* grad, const FlashBlock& at) {
+    const int64_t D = a.D, HD = a.H * a.D, k0 = at.row0, m0 = at.b * a.T, G = a.H / a.Hkv;
+    const int cols = tile_rows(a, k0);
+    const float scale = attention_scale(a);
+    const int64_t h0 =
+        at.h * G;  // the group's first query head, whose k_at / v_at are the kv head's
+    x.each(kTile * int(D), [&](int i) {
+        tile_element(
+            s.k, s.ldh, qkv16, D, cols, m0 + k0, [&](int64_t m) { return k_at(a, m, h0); }, i);
+        tile_element(
+            s.v, s.ldh, qkv16, D, cols, m0 + k0, [&](int64_t m) { return v_at(a, m, h0); }, i);
+        s.acc[i / D * s.ldo + i % D] = 0.0f;
+        s.acc2[i / D * s.ldo + i % D] = 0.0f;
+    });
+    for (int64_t h = h0; h < h0 + G; h++) {
+        for (int64_t q0 = k0; q0 < a.T; q0 += kTile) {
+            const int rows = tile_rows(a, q0);
+            const int64_t row_at = (at.b * a.H + h) * a.T + q0;
+            x.each(kTile * int(D), [&](int i) {
+                tile_element(
+                    s.q, s.ldh, qkv16, D, rows, m0 + q0, [&](int64_t m) { return q_at(a, m, h); },
+                    i);
+                tile_element(
+                    s.dout, s.ldh, dout16, D, rows, m0 + q0,
+                    [&](int64_t m) { return m * HD + h * D; }, i);
+                if (i < kTile) {
+                    s.lse[i] = i < rows ? lse[row_at + i] : 0.0f;
+                    s.rowdot[i] = i < rows ? rowdot[row_at + i] : 0.0f;
+                }
+            });
+            x.template product<false, true>(s.s, s.lds, s.q, s.ldh, s.k, s.ldh, kTile, int(D),
+                                            false);
+            x.template product<false, true>(s.dp, s.lds, s.dout, s.ldh, s.v, s.ldh, kTile, int(D),
+                                            false);
+            x.each(kTile, [&](int r) { flash_ds_row(s, r, visible_keys(r, rows, q0, k0), scale); });
+            x.template product<true, false>(s.acc2, s.ldo, s.p, s.ldp, s.dout, s.ldh, int(D), kTile,
+                                            true);
+            x.template product<true, false>(s.acc, s.ldo, s.ds, s.ldp, s.q, s.ldh, int(D), kTile,
+                                            true);
+        }
+    }
+    x.each(kTile * int(D), [&](int i) {
+        const int r = int(i / D), d = int(i % D);
+        if (r < cols) {
+            grad[k_at(a, m0 + k0 + r, h0) + d] = s.acc[r * s.ldo + d];
+            grad[v_at(a, m0 + k0 + r, h0) + d] = s.acc2[r * s.ldo + d];
+        }
+    });
+}
+
+}  // namespace kiln::kernels::cuda

@@ -253,6 +253,47 @@ TEST(Cuda, GemmMatchesReference) {
     }
 }
 
+// Autotuning the products: two shapes (one accumulating) tuned over passes as the trainer runs
+// them; every shape gets a choice among cuBLASLt's ranks, and the chosen algorithms give the
+// default's bits, through tune_next()'s choice and again through use() of the plan.
+TEST(Cuda, TunedProductsKeepTheDefaultsBits) {
+    KILN_REQUIRE_CUDA();
+    const int64_t M = 512, N = 384, K = 1024;
+    auto a = randn(M * K, 1), b = randn(N * K, 2), c0 = randn(M * N, 3);
+    Dev<float> d_a(a), d_b(b), d_c(c0);
+    Dev<char> ws{cuda::gemm_workspace_bytes(M * K + N * K)};
+    auto pass = [&] {
+        std::vector<std::vector<float>> outs;
+        for (int acc = 0; acc < 2; acc++) {
+            EXPECT_EQ(cudaMemcpy(d_c.ptr, c0.data(), c0.size() * 4, cudaMemcpyHostToDevice),
+                      cudaSuccess);
+            Gemm g;
+            g.M = M, g.N = N, g.K = K, g.trans_b = true, g.lda = K, g.ldb = K, g.ldc = N;
+            g.accumulate = acc;
+            g.a = d_a.ptr, g.b = d_b.ptr, g.c = d_c.ptr;
+            cuda::gemm(g, Precision::bf16, {ws.ptr, ws.n});
+            outs.push_back(d_c.host());
+        }
+        return outs;
+    };
+    cuda::use({});
+    const auto want = pass();
+    cuda::tune(0, 1);
+    int passes = 1;
+    pass();
+    while (cuda::tune_next())
+        pass(), passes++;
+    const Plan plan = cuda::tuned();
+    ASSERT_EQ(plan.size(), 1u) << "the two products share a shape, accumulating or not";
+    for (const auto& [shape, choice] : plan)
+        EXPECT_EQ(choice.rfind("heuristic ", 0), 0u) << shape << ": " << choice;
+    EXPECT_GE(passes, 1);
+    EXPECT_EQ(pass(), want) << "the tuned choice";
+    cuda::use(plan);
+    EXPECT_EQ(pass(), want) << "the plan used";
+    cuda::use({});
+}
+
 // Grouped-query attention with RoPE (tables on the device) against the reference, in both
 // precisions; tolerances as test_kernel_math.cpp's host replays: in fp32 times 4 (device expf,
 // cuBLASLt's summation order), in bf16 as there (the operands' rounding dominates). Shapes: T =

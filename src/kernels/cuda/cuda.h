@@ -71,6 +71,12 @@ void to_bf16(uint16_t* dst, const float* src, int64_t n);
 // gemm_workspace_bytes(max elements of one operand), 256-byte aligned.
 size_t gemm_workspace_bytes(int64_t max_operand);
 void gemm(const Gemm& g, Precision precision, Workspace ws);
+// Autotuning of those products, with the table's contract (table.h): among the algorithms
+// cuBLASLt's heuristic ranks first for a shape, those with the default's bits, each timed.
+void tune(int part, int parts);
+bool tune_next();
+Plan tuned();
+void use(const Plan& plan);
 
 // Causal attention with the contract of the table's entries (table.h, ops.h; rope_cos/rope_sin
 // device pointers when set), the precision choosing the dtype the products read. Fused where

@@ -2,11 +2,21 @@
 // cuBLASLt's column-major terms as gemm_layout.h maps them. Operands in the dtype the precision
 // reads (bf16 products with fp32 accumulation, or fp32 throughout) go straight in; the others
 // are converted into the workspace first (pack_at), as the CPU backend packs them.
+//
+// Autotuning (table.h's tune .. use): a product shape's candidates are the algorithms cuBLASLt's
+// heuristic ranks first for it (at most kCandidates), named by their rank ("heuristic 2"), which
+// a plan holds for the platform it names (GPU, driver, cuBLASLt version): the same library on
+// the same GPU ranks the same algorithms. Only those whose result has the default's bits are
+// kept (split-K and other reduction orders are not), so a tuned run computes the numbers of an
+// untuned one. Each is timed by events around its products, where the training step runs them.
 #include <cublasLt.h>
 
 #include <array>
 #include <map>
 #include <memory>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/gemm_layout.h"
@@ -70,19 +80,70 @@ uint32_t alignment(const void* p) {
     return a;
 }
 
-// What cuBLASLt needs for one product shape: its descriptors and the algorithm its heuristic
-// chose, made once per shape (a step runs the same few shapes again and again; attention runs
-// one per head) and kept for the process.
-struct Plan {
+// What cuBLASLt needs for one product shape: its descriptors, the algorithms its heuristic
+// ranks first, and the one it runs (the plan's choice, else the first), made once per shape (a
+// step runs the same few shapes again and again; attention's products rung one per head) and
+// kept until a plan is chosen.
+struct Product {
+    std::string name;
     std::unique_ptr<cublasLtMatmulDescOpaque_t, DescDeleter> desc;
     Layout first, second, out;
+    std::vector<cublasLtMatmulAlgo_t> ranked;
     cublasLtMatmulAlgo_t algo;
 };
 
-const Plan& plan_for(cudaDataType_t type, const ColumnMajorProduct& p, uint32_t align_first,
+constexpr int kCandidates = 6;    // heuristic ranks tried
+constexpr int kRounds = 2;        // passes each candidate is timed in
+constexpr double kMargin = 0.03;  // another than the first must be this much faster
+
+using Key = std::array<int64_t, 14>;
+
+// A shape being tuned: its candidates (ranks; [0] is the default) and their least time in one
+// pass, the events around this pass's products.
+struct Trial {
+    std::vector<int> ranks;
+    std::vector<double> fastest;
+    std::vector<std::pair<cudaEvent_t, cudaEvent_t>> timed;
+};
+
+struct State {
+    std::map<Key, Product> products;
+    bool tuning = false;
+    int part = 0, parts = 1, pass = 0;    // pass 0: the pass that finds the shapes
+    std::map<std::string, Trial> trials;  // by product name
+    kernels::Plan plan, tuned;
+};
+
+State& state() {
+    static State s;
+    return s;
+}
+
+// Which of `parts` tunes a shape: FNV-1a of its name, the same on every rank.
+int part_of(const std::string& name, int parts) {
+    uint64_t h = 14695981039346656037ull;
+    for (unsigned char c : name)
+        h = (h ^ c) * 1099511628211ull;
+    return int(h % uint64_t(parts));
+}
+
+std::string choice_name(int rank) {
+    return fmt::format("heuristic {}", rank);
+}
+
+// The rank a plan's choice names, or 0 (the default) for one this library does not offer.
+int chosen_rank(const Product& p, const kernels::Plan& plan) {
+    const auto it = plan.find(p.name);
+    for (int r = 1; it != plan.end() && r < int(p.ranked.size()); r++) {
+        if (it->second == choice_name(r))
+            return r;
+    }
+    return 0;
+}
+
+Product& product_for(cudaDataType_t type, const ColumnMajorProduct& p, uint32_t align_first,
                      uint32_t align_second, uint32_t align_c) {
-    using Key = std::array<int64_t, 14>;
-    static std::map<Key, Plan> plans;
+    State& st = state();
     const Key key = {int64_t(type),
                      p.first.rows,
                      p.first.cols,
@@ -97,9 +158,13 @@ const Plan& plan_for(cudaDataType_t type, const ColumnMajorProduct& p, uint32_t 
                      p.out.ld,
                      int64_t(align_first) << 32 | align_second,
                      align_c};
-    if (auto it = plans.find(key); it != plans.end())
+    if (auto it = st.products.find(key); it != st.products.end())
         return it->second;
-    Plan plan;
+    Product plan;
+    plan.name = fmt::format("{} {}x{}x{} {}{} ld {} {} {} align {} {} {}",
+                            type == CUDA_R_16BF ? "bf16" : "f32", p.m, p.n, p.k,
+                            p.first.trans ? "T" : "N", p.second.trans ? "T" : "N", p.first.ld,
+                            p.second.ld, p.out.ld, align_first, align_second, align_c);
     cublasLtMatmulDesc_t raw_desc = nullptr;
     KILN_CUBLAS(cublasLtMatmulDescCreate(&raw_desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     plan.desc.reset(raw_desc);
@@ -127,15 +192,21 @@ const Plan& plan_for(cudaDataType_t type, const ColumnMajorProduct& p, uint32_t 
         pref.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c, sizeof(uint32_t)));
     KILN_CUBLAS(cublasLtMatmulPreferenceSetAttribute(
         pref.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c, sizeof(uint32_t)));
-    cublasLtMatmulHeuristicResult_t result = {};
+    cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
     int found = 0;
     KILN_CUBLAS(cublasLtMatmulAlgoGetHeuristic(handle(), plan.desc.get(), plan.first.get(),
                                                plan.second.get(), plan.out.get(), plan.out.get(),
-                                               pref.get(), 1, &result, &found));
+                                               pref.get(), kCandidates, results, &found));
     KILN_CHECK(found > 0, "cuBLASLt has no algorithm for the column-major product m={} n={} k={}",
                p.m, p.n, p.k);
-    plan.algo = result.algo;
-    return plans.emplace(key, std::move(plan)).first->second;
+    for (int i = 0; i < found; i++) {
+        if (results[i].state == CUBLAS_STATUS_SUCCESS)
+            plan.ranked.push_back(results[i].algo);
+    }
+    KILN_CHECK(!plan.ranked.empty(), "cuBLASLt's algorithms for the product {} all failed",
+               plan.name);
+    plan.algo = plan.ranked[size_t(chosen_rank(plan, st.plan))];
+    return st.products.emplace(key, std::move(plan)).first->second;
 }
 
 template <typename Out, typename In>
@@ -164,6 +235,53 @@ Operand prepare(const void* src, DType type, int64_t rows, int64_t cols, int64_t
     }
     KILN_CUDA(cudaGetLastError());
     return {scratch, cols};
+}
+
+// differs = 1 where got and want (M, N) row stride ld differ in any bit.
+__global__ void differ_kernel(int* differs, const float* got, const float* want, int64_t M,
+                              int64_t N, int64_t ld) {
+    for (int64_t i = first_index(); i < M * N; i += stride()) {
+        const int64_t at = i / N * ld + i % N;
+        if (float_bits(got[at]) != float_bits(want[at]))
+            *differs = 1;
+    }
+}
+
+// One run of the product with `algo` into c (beta 0: c is only written).
+using Run = cublasStatus_t (*)(const void* ctx, const cublasLtMatmulAlgo_t& algo, void* c,
+                               float beta);
+
+// The ranks whose result has the default's bits, each run once with beta 0 into scratch and
+// compared on the device; only the default when the scratch cannot be had.
+Trial discover(const Product& prod, const Gemm& g, Run run, const void* ctx) {
+    Trial t;
+    t.ranks = {0};
+    const size_t bytes = size_t(g.M * g.ldc) * 4;
+    float *want = nullptr, *got = nullptr;
+    int* differs = nullptr;
+    if (cudaMalloc(&want, bytes) == cudaSuccess && cudaMalloc(&got, bytes) == cudaSuccess &&
+        cudaMalloc(&differs, sizeof(int)) == cudaSuccess &&
+        run(ctx, prod.ranked[0], want, 0.0f) == CUBLAS_STATUS_SUCCESS) {
+        for (int r = 1; r < int(prod.ranked.size()); r++) {
+            if (run(ctx, prod.ranked[size_t(r)], got, 0.0f) != CUBLAS_STATUS_SUCCESS)
+                continue;
+            int host = 1;
+            KILN_CUDA(cudaMemsetAsync(differs, 0, sizeof(int), stream()));
+            differ_kernel<<<element_blocks(g.M * g.N), kElementThreads, 0, stream()>>>(
+                differs, got, want, g.M, g.N, g.ldc);
+            KILN_CUDA(cudaGetLastError());
+            KILN_CUDA(
+                cudaMemcpyAsync(&host, differs, sizeof(int), cudaMemcpyDeviceToHost, stream()));
+            KILN_CUDA(cudaStreamSynchronize(stream()));
+            if (host == 0)
+                t.ranks.push_back(r);
+        }
+    }
+    (void)cudaGetLastError();  // a failed allocation: the default alone
+    KILN_CUDA(cudaStreamSynchronize(stream()));
+    cudaFree(want), cudaFree(got), cudaFree(differs);
+    t.fastest.assign(t.ranks.size(), 1e300);
+    return t;
 }
 
 }  // namespace
@@ -209,12 +327,107 @@ void gemm(const Gemm& g, Precision precision, Workspace ws) {
 
     const ColumnMajorProduct p = column_major(g, a.ld, b.ld);
     // The algorithms offered must suit the pointers' actual alignment.
-    const Plan& plan = plan_for(type, p, alignment(b.ptr), alignment(a.ptr), alignment(g.c));
-    const float alpha = g.alpha, beta = g.accumulate ? 1.0f : 0.0f;
-    KILN_CUBLAS(cublasLtMatmul(handle(), plan.desc.get(), &alpha, b.ptr, plan.first.get(), a.ptr,
-                               plan.second.get(), &beta, g.c, plan.out.get(), g.c, plan.out.get(),
-                               &plan.algo, lt_workspace, kLtWorkspace, stream()));
+    const Product& prod = product_for(type, p, alignment(b.ptr), alignment(a.ptr), alignment(g.c));
+    struct Context {
+        const Product& prod;
+        float alpha;
+        Operand a, b;
+        void* lt_workspace;
+    } ctx{prod, g.alpha, a, b, lt_workspace};
+    const Run run = [](const void* raw, const cublasLtMatmulAlgo_t& algo, void* c, float beta) {
+        const auto& x = *static_cast<const Context*>(raw);
+        return cublasLtMatmul(handle(), x.prod.desc.get(), &x.alpha, x.b.ptr, x.prod.first.get(),
+                              x.a.ptr, x.prod.second.get(), &beta, c, x.prod.out.get(), c,
+                              x.prod.out.get(), &algo, x.lt_workspace, kLtWorkspace, stream());
+    };
+    const float beta = g.accumulate ? 1.0f : 0.0f;
+    State& st = state();
+    if (st.tuning) {
+        auto trial = st.trials.find(prod.name);
+        if (st.pass == 0 && trial == st.trials.end() && part_of(prod.name, st.parts) == st.part) {
+            st.trials.emplace(prod.name, discover(prod, g, run, &ctx));
+        } else if (st.pass > 0 && trial != st.trials.end()) {
+            Trial& t = trial->second;
+            const int rank = t.ranks[size_t(st.pass - 1) % t.ranks.size()];
+            std::pair<cudaEvent_t, cudaEvent_t> ev;
+            KILN_CUDA(cudaEventCreate(&ev.first));
+            KILN_CUDA(cudaEventCreate(&ev.second));
+            KILN_CUDA(cudaEventRecord(ev.first, stream()));
+            KILN_CUBLAS(run(&ctx, prod.ranked[size_t(rank)], g.c, beta));
+            KILN_CUDA(cudaEventRecord(ev.second, stream()));
+            t.timed.push_back(ev);
+            finish_launch();
+            return;
+        }
+    }
+    KILN_CUBLAS(run(&ctx, prod.algo, g.c, beta));
     finish_launch();
+}
+
+void tune(int part, int parts) {
+    State& st = state();
+    use({});  // drops any earlier trial; the shapes not tuned here run their default
+    st.tuning = true;
+    st.part = part;
+    st.parts = std::max(1, parts);
+    st.pass = 0;
+    st.tuned.clear();
+}
+
+bool tune_next() {
+    State& st = state();
+    if (!st.tuning)
+        return false;
+    KILN_CUDA(cudaStreamSynchronize(stream()));
+    size_t most = 1;
+    for (auto& [name, t] : st.trials) {
+        most = std::max(most, t.ranks.size());
+        double pass_ms = 0;
+        for (auto [start, stop] : t.timed) {
+            float ms = 0;
+            KILN_CUDA(cudaEventElapsedTime(&ms, start, stop));
+            pass_ms += ms;
+            cudaEventDestroy(start), cudaEventDestroy(stop);
+        }
+        if (st.pass > 0 && !t.timed.empty()) {
+            double& f = t.fastest[size_t(st.pass - 1) % t.ranks.size()];
+            f = std::min(f, pass_ms);
+        }
+        t.timed.clear();
+    }
+    if (most > 1 && ++st.pass <= kRounds * int(most))
+        return true;
+    // Each shape keeps the rank with the least time in a pass (interference only ever adds
+    // time), and the default unless another beats it by kMargin (noise is not a gain).
+    for (auto& [name, t] : st.trials) {
+        size_t best = 0;
+        for (size_t i = 1; i < t.ranks.size(); i++) {
+            if (t.fastest[i] < t.fastest[best] && t.fastest[i] < (1 - kMargin) * t.fastest[0])
+                best = i;
+        }
+        st.tuned[name] = choice_name(t.ranks[best]);
+    }
+    for (auto& [key, prod] : st.products)
+        prod.algo = prod.ranked[size_t(chosen_rank(prod, st.tuned))];
+    st.trials.clear();
+    st.tuning = false;
+    return false;
+}
+
+kernels::Plan tuned() {
+    return state().tuned;
+}
+
+void use(const kernels::Plan& plan) {
+    State& st = state();
+    for (auto& [name, t] : st.trials) {
+        for (auto [start, stop] : t.timed)
+            cudaEventDestroy(start), cudaEventDestroy(stop);
+    }
+    st.trials.clear();
+    st.tuning = false;
+    st.plan = plan;
+    st.products.clear();  // each shape is made again, with the plan's choice
 }
 
 }  // namespace kiln::kernels::cuda

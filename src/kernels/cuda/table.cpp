@@ -1,5 +1,5 @@
 // Fills the CUDA backend's kernel table (see kernels/table.h) from the ops of cuda.h, which run
-// in order on one stream. Products keep cuBLASLt's own choice: nothing to tune yet.
+// in order on one stream; autotuning picks among cuBLASLt's algorithms (gemm.cu).
 #include <algorithm>
 #include <string>
 
@@ -8,9 +8,14 @@
 namespace kiln::kernels::cuda {
 namespace {
 
-// The GPU, its driver and the libraries: what a measured peak holds for.
+// The products this backend issues, as a revision: a plan tuned for other products would leave
+// these untuned, so a plan cache entry holds for one revision. Raise it with any change to the
+// products gemm or attention issue (2: bf16 attention fused, without products).
+constexpr int kProductsRevision = 2;
+
+// The GPU, its driver and the libraries: what a measured peak and a tuned plan hold for.
 std::string platform() {
-    return device_platform();
+    return device_platform() + "; products r" + std::to_string(kProductsRevision);
 }
 
 // gemm and attention share the model's one workspace.
@@ -73,10 +78,10 @@ const Kernels table = {
     sum_squares,
     wait,
     platform,
-    nullptr,  // nothing to tune yet
-    nullptr,
-    nullptr,
-    nullptr,
+    tune,
+    tune_next,
+    tuned,
+    use,
 };
 
 }  // namespace

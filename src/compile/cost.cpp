@@ -30,9 +30,9 @@ const std::map<std::string, Accelerator>& presets() {
         {"trn1.32xlarge", {"trn1.32xlarge NeuronCore-v2", 95, 16, 0.35, 32, 48, 3.125}},
         // 8 x H100 SXM: 989 TFLOP/s bf16 dense, 80 GB, NVLink 450 GB/s per direction, 3.2 Tbit/s
         // EFA.
-        {"p5.48xlarge", {"H100 SXM", 989, 80, 0.45, 8, 450, 50}},
+        {"p5.48xlarge", {"H100 SXM", 989, 80, 0.45, 8, 450, 50, 10, false, "cuda"}},
         // 8 x H200 SXM: same compute as H100, 141 GB HBM3e.
-        {"h200", {"H200 SXM", 989, 141, 0.45, 8, 450, 50}},
+        {"h200", {"H200 SXM", 989, 141, 0.45, 8, 450, 50, 10, false, "cuda"}},
     };
     return p;
 }
@@ -170,6 +170,14 @@ Cluster parse_cluster(const std::string& spec) {
         a.efficiency = y["efficiency"] ? positive_field(y, "efficiency", name) : 0.4;
         if (a.efficiency > 1)
             throw error("{}: efficiency is a share of peak (0-1), not {}", name, a.efficiency);
+        if (y["backend"]) {
+            a.backend = y["backend"].as<std::string>();
+            if (a.backend != "cpu" && a.backend != "cuda")
+                throw error(
+                    "{}: backend is cpu or cuda (the kernels whose memory is planned), "
+                    "not {}",
+                    name, a.backend);
+        }
         if (y["nodes"] && x == std::string::npos)
             c.nodes = int(positive_field(y, "nodes", name));
         return c;
@@ -193,8 +201,11 @@ Estimate estimate(const train::RunConfig& given, const Cluster& cluster) {
     // The devices' precision: this machine's own choice on "this"; an accelerator multiplies
     // in bf16 unless fp32 is asked.
     train::RunConfig config = given;
-    if (!cluster.device.host && config.train.precision == "auto")
-        config.train.precision = "bf16";
+    if (!cluster.device.host) {
+        config.train.backend = cluster.device.backend;
+        if (config.train.precision == "auto")
+            config.train.precision = "bf16";
+    }
     const bool bf16 = train::compute_precision(config.train) == kernels::Precision::bf16;
     Estimate e;
     const int world = cluster.devices();

@@ -40,6 +40,9 @@ struct Accelerator {
     double inter_gbps = 0;   // GB/s per device between nodes
     double latency_us = 10;  // fixed cost of one collective
     bool host = false;       // the device is the host (CPU): its memory holds everything
+    // The kiln backend whose buffers the memory plan counts: cuda on NVIDIA GPUs (fused
+    // attention keeps O(T) a row); cpu elsewhere, trn1 included, which kiln has no kernels for.
+    std::string backend = "cpu";
 };
 
 struct Cluster {

@@ -2,6 +2,7 @@
 
 #include "core/error.h"
 #include "kernels/cpu/cpu.h"
+#include "kernels/cuda/sizes.h"
 #include "kernels/reference/reference.h"
 
 #ifdef KILN_HAVE_CUDA
@@ -65,11 +66,7 @@ const Kernels& select_kernels(const std::string& backend, Precision precision,
 const Kernels& sizing_kernels(const std::string& backend, Precision precision) {
     if (backend != "cuda")
         return select_kernels(backend, precision);
-#ifdef KILN_HAVE_CUDA
-    return cuda_kernels(precision);
-#else
-    return cpu_kernels(precision);
-#endif
+    return cuda_sizing_kernels(precision);  // the same sizes with or without a CUDA build
 }
 
 int64_t cuda_device_memory(int device) {

@@ -11,8 +11,7 @@ namespace kiln::kernels {
 const Kernels& select_kernels(const std::string& backend, Precision precision,
                               const std::string& key = "train.backend");
 // A table whose sizes (workspace, saved attention) are `backend`'s, for plans made where its
-// device may be absent: the CUDA table's size functions touch no device. A build without CUDA
-// sizes a CUDA run as the CPU backend would.
+// device may be absent: for cuda, kernels/cuda/sizes.h's, the same with or without a CUDA build.
 const Kernels& sizing_kernels(const std::string& backend, Precision precision);
 
 // The precision of a backend's products on this machine, and why.

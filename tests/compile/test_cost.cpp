@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "compile/cost.h"
+#include "core/fs.h"
 #include "fixture.h"
 #include "model/config.h"
 
@@ -126,6 +127,33 @@ TEST(Plan, RefusesLayoutsThatCannotRun) {
     EXPECT_NE(kiln::testing::message_of([&] {
                   estimate(layout(base, 8, 3, false, 1, 1, "none"), cluster);
               }).find("parallel.pp=3"),
+              std::string::npos);
+}
+
+// A GPU cluster's memory is the cuda backend's: its bf16 attention is fused and keeps O(T) a row,
+// where the CPU's keeps the (T, T) probabilities, so the same layout on the same GPU plans less
+// activation memory than sized as the CPU; a cluster file chooses with `backend`, and a backend
+// kiln has no kernels of is refused in one sentence.
+TEST(Plan, GpuClustersAreSizedWithTheCudaBackendsBuffers) {
+    kiln::testing::TempDir dir;
+    auto cluster_file = [&](const std::string& backend) {
+        const std::string path = dir.path + "/" + backend + ".yaml";
+        fs::write_file_replace(path,
+                               "peak_tflops: 989\nmemory_gb: 141\nper_node: 8\n"
+                               "intra_gbps: 450\nbackend: " +
+                                   backend + "\n");
+        return path;
+    };
+    const train::RunConfig run = layout(model_config("llama2-7b"), 1, 1, false, 1, 1, "none");
+    const Estimate preset = estimate(run, parse_cluster("1xh200"));
+    const Estimate cuda = estimate(run, parse_cluster(cluster_file("cuda")));
+    const Estimate cpu = estimate(run, parse_cluster(cluster_file("cpu")));
+    EXPECT_EQ(preset.memory.activations, cuda.memory.activations);
+    // 32 layers of 32 heads' (4096, 4096) bf16 probabilities are 32 GiB alone.
+    EXPECT_GT(cpu.memory.activations - cuda.memory.activations, int64_t(30) << 30);
+    EXPECT_NE(kiln::testing::message_of([&] {
+                  parse_cluster(cluster_file("neuron"));
+              }).find("backend is cpu or cuda"),
               std::string::npos);
 }
 

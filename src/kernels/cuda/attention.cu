@@ -16,57 +16,30 @@
 namespace kiln::kernels::cuda {
 namespace {
 
-size_t round_up(size_t n) {
-    return (n + 255) / 256 * 256;
-}
-
-// Workspace: the rotated qkv and the f32 gradient (M, ldqkv); unfused, the scores or their
-// gradient (B, H, T, T) f32; in bf16 also bf16 copies of qkv and dout, and unfused of ds, fused
-// the rows' rowdot (B, H, T) f32; then the products' own, unfused.
+// The workspace carved as attention_scratch (sizes.h) lays it out.
 struct Scratch {
     float *rotated, *grad, *scores, *rowdot = nullptr;
     uint16_t *qkv16 = nullptr, *dout16 = nullptr, *ds16 = nullptr;
     Workspace products;
 
-    static size_t bytes(const Attention& a, Precision p, Scratch* s = nullptr,
-                        char* base = nullptr) {
-        const int64_t M = a.B * a.T, rows = a.B * a.H * a.T;
-        const bool bf16 = p == Precision::bf16, fused = flash_attention(a, p);
-        const int64_t squares = fused ? 0 : rows * a.T;
-        const size_t sizes[] = {round_up(size_t(M * a.ldqkv) * 4),
-                                round_up(size_t(M * a.ldqkv) * 4),
-                                round_up(size_t(squares) * 4),
-                                bf16 ? round_up(size_t(M * a.ldqkv) * 2) : 0,
-                                bf16 ? round_up(size_t(M * a.H * a.D) * 2) : 0,
-                                bf16 ? round_up(size_t(squares) * 2) : 0,
-                                fused ? round_up(size_t(rows) * 4) : 0};
-        size_t at = 0;
-        char* parts[7];
-        for (int i = 0; i < 7; i++) {
-            parts[i] = base ? base + at : nullptr;
-            at += sizes[i];
-        }
-        const size_t products =
-            fused ? 0 : gemm_workspace_bytes(std::max(a.T * a.T, a.T * a.ldqkv));
-        if (s) {
-            s->rotated = reinterpret_cast<float*>(parts[0]);
-            s->grad = reinterpret_cast<float*>(parts[1]);
-            s->scores = reinterpret_cast<float*>(parts[2]);
-            if (bf16) {
-                s->qkv16 = reinterpret_cast<uint16_t*>(parts[3]);
-                s->dout16 = reinterpret_cast<uint16_t*>(parts[4]);
-                s->ds16 = reinterpret_cast<uint16_t*>(parts[5]);
-            }
-            if (fused)
-                s->rowdot = reinterpret_cast<float*>(parts[6]);
-            s->products = {base + at, products};
-        }
-        return at + products;
-    }
     Scratch(Workspace ws, const Attention& a, Precision p) {
-        KILN_CHECK(ws.bytes >= bytes(a, p), "attention workspace of {} bytes, {} needed", ws.bytes,
-                   bytes(a, p));
-        bytes(a, p, this, static_cast<char*>(ws.ptr));
+        const AttentionScratch sizes = attention_scratch(a, p);
+        KILN_CHECK(ws.bytes >= sizes.total(), "attention workspace of {} bytes, {} needed",
+                   ws.bytes, sizes.total());
+        char* parts[AttentionScratch::kParts];
+        char* at = static_cast<char*>(ws.ptr);
+        for (int i = 0; i < AttentionScratch::kParts; i++) {
+            parts[i] = sizes.parts[size_t(i)] ? at : nullptr;
+            at += sizes.parts[size_t(i)];
+        }
+        rotated = reinterpret_cast<float*>(parts[0]);
+        grad = reinterpret_cast<float*>(parts[1]);
+        scores = reinterpret_cast<float*>(parts[2]);
+        qkv16 = reinterpret_cast<uint16_t*>(parts[3]);
+        dout16 = reinterpret_cast<uint16_t*>(parts[4]);
+        ds16 = reinterpret_cast<uint16_t*>(parts[5]);
+        rowdot = reinterpret_cast<float*>(parts[6]);
+        products = {at, sizes.products};
     }
 };
 
@@ -224,28 +197,15 @@ void launch_flash(Kernel kernel, FlashPass pass, int64_t heads, const Attention&
     finish_launch();
 }
 
-// The fused path's saved activation: lse (B, H, T) f32, then the output (M, H*D) f32.
+// The fused path's saved activation (sizes.h): lse (B, H, T) f32, then the output (M, H*D) f32.
 struct FlashSaved {
     float *lse, *out;
     FlashSaved(const void* saved, const Attention& a)
         : lse(static_cast<float*>(const_cast<void*>(saved))),
-          out(lse + round_up(size_t(a.B * a.H * a.T) * 4) / 4) {}
-    static size_t bytes(const Attention& a) {
-        return round_up(size_t(a.B * a.H * a.T) * 4) + size_t(a.B * a.T * a.H * a.D) * 4;
-    }
+          out(lse + flash_saved_out_offset(a) / 4) {}
 };
 
 }  // namespace
-
-size_t attention_saved_bytes(const Attention& a, Precision precision) {
-    if (flash_attention(a, precision))
-        return FlashSaved::bytes(a);
-    return size_t(a.B * a.H * a.T * a.T) * dtype_size(compute_dtype(precision));
-}
-
-size_t attention_workspace_bytes(const Attention& a, Precision precision) {
-    return Scratch::bytes(a, precision);
-}
 
 void attention_forward(float* out, void* saved, const float* qkv, const Attention& a,
                        Precision precision, Workspace ws) {

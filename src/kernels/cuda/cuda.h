@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <string>
 
+#include "kernels/cuda/sizes.h"
 #include "kernels/table.h"
 
 namespace kiln::kernels {
@@ -68,8 +69,7 @@ void to_bf16(uint16_t* dst, const float* src, int64_t n);
 // Matrix products through cuBLASLt, with the Gemm contract of ops.h: bf16 products with fp32
 // accumulation under Precision::bf16 (f32 operands rounded to bf16 in the workspace first), fp32
 // throughout under Precision::fp32 (bf16 operands widened). `ws` is device memory of at least
-// gemm_workspace_bytes(max elements of one operand), 256-byte aligned.
-size_t gemm_workspace_bytes(int64_t max_operand);
+// gemm_workspace_bytes(max elements of one operand) (sizes.h), 256-byte aligned.
 void gemm(const Gemm& g, Precision precision, Workspace ws);
 // Autotuning of those products, with the table's contract (table.h): among the algorithms
 // cuBLASLt's heuristic ranks first for a shape, those with the default's bits, each timed.
@@ -82,9 +82,7 @@ void use(const Plan& plan);
 // device pointers when set), the precision choosing the dtype the products read. Fused where
 // flash_attention(a, precision) (attention_flash.h): `saved` keeps each row's log-sum-exp and
 // the output; otherwise the probabilities in the compute dtype (attention_saved_bytes). `ws` is
-// device memory of attention_workspace_bytes(a, precision).
-size_t attention_saved_bytes(const Attention& a, Precision precision);
-size_t attention_workspace_bytes(const Attention& a, Precision precision);
+// device memory of attention_workspace_bytes(a, precision) (sizes.h).
 void attention_forward(float* out, void* saved, const float* qkv, const Attention& a,
                        Precision precision, Workspace ws);
 void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const float* qkv,

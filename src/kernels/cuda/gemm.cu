@@ -32,14 +32,6 @@
 namespace kiln::kernels::cuda {
 namespace {
 
-// cuBLASLt's own scratch per call; 32 MiB is what NVIDIA suggests for Hopper.
-constexpr size_t kLtWorkspace = size_t(32) << 20;
-constexpr size_t kAlign = 256;
-
-size_t round_up(size_t n) {
-    return (n + kAlign - 1) / kAlign * kAlign;
-}
-
 struct HandleDeleter {
     void operator()(cublasLtContext* h) const { cublasLtDestroy(h); }
 };
@@ -295,10 +287,6 @@ std::string device_platform() {
     KILN_CUDA(cudaRuntimeGetVersion(&runtime));
     return fmt::format("{} (sm_{}{}); driver {}; CUDA runtime {}; cuBLASLt {}", prop.name,
                        prop.major, prop.minor, driver, runtime, cublasLtGetVersion());
-}
-
-size_t gemm_workspace_bytes(int64_t max_operand) {
-    return 2 * round_up(size_t(max_operand) * 4) + kLtWorkspace;
 }
 
 void gemm(const Gemm& g, Precision precision, Workspace ws) {

@@ -18,10 +18,9 @@ std::string platform() {
     return device_platform() + "; products r" + std::to_string(kProductsRevision);
 }
 
-// gemm and attention share the model's one workspace.
 template <Precision P>
-size_t workspace_bytes(int64_t max_operand, const Attention& a) {
-    return std::max(gemm_workspace_bytes(max_operand), attention_workspace_bytes(a, P));
+size_t workspace_in(int64_t max_operand, const Attention& a) {
+    return workspace_bytes(max_operand, a, P);
 }
 
 template <Precision P>
@@ -50,7 +49,7 @@ template <Precision P>
 const Kernels table = {
     P == Precision::bf16 ? "cuda-bf16" : "cuda-fp32",
     P,
-    workspace_bytes<P>,
+    workspace_in<P>,
     gemm_in<P>,
     embedding_forward,
     embedding_backward,

@@ -27,6 +27,7 @@
 //                    bf16 tiles of the block's memory, row-major, or with Col the transposed view
 //                    of a row-major tile (element (i, j) at j * ld + i); f32 sums; then the
 //                    barrier. n and k are multiples of 16.
+#include <cstring>
 #include <type_traits>
 
 #include "kernels/cuda/attention_math.h"
@@ -151,12 +152,40 @@ KILN_HD void flash_ds_row(const FlashTiles& s, int r, int visible, float scale) 
     }
 }
 
-// Rows [row0, row0 + n) of head vectors (offsets at(m) in src, D wide) into a tile, zeros past n.
+// Tiles load in chunks of 8 bf16 (16 bytes: one vector load on the device; every row offset in
+// qkv, dout and a tile is a multiple of 8 elements, D being one of 16).
+constexpr int kChunk = 8;
+
+KILN_HD void copy_chunk(uint16_t* dst, const uint16_t* src) {
+#if defined(__CUDA_ARCH__)
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#else
+    std::memcpy(dst, src, kChunk * sizeof(uint16_t));
+#endif
+}
+
+// Chunk i of a tile's rows: row r = i / (D / 8), elements [d, d + 8). tile_chunk copies it from
+// the head vectors of rows m0 + r (offsets at(m) in src), zeros past n rows; zero_chunk clears
+// it in an f32 tile.
+struct Chunk {
+    int r, d;
+    KILN_HD Chunk(int64_t D, int i) : r(i / int(D / kChunk)), d(i % int(D / kChunk) * kChunk) {}
+};
 template <typename At>
-KILN_HD void tile_element(uint16_t* tile, int ld, const uint16_t* src, int64_t D, int n, int64_t m0,
-                          At at, int i) {
-    const int r = i / int(D), d = i % int(D);
-    tile[r * ld + d] = r < n ? src[at(m0 + r) + d] : uint16_t(0);
+KILN_HD void tile_chunk(uint16_t* tile, int ld, const uint16_t* src, int64_t D, int n, int64_t m0,
+                        At at, int i) {
+    const Chunk c(D, i);
+    if (c.r < n) {
+        copy_chunk(tile + c.r * ld + c.d, src + at(m0 + c.r) + c.d);
+    } else {
+        for (int j = 0; j < kChunk; j++)
+            tile[c.r * ld + c.d + j] = 0;
+    }
+}
+KILN_HD void zero_chunk(float* tile, int ld, int64_t D, int i) {
+    const Chunk c(D, i);
+    for (int j = 0; j < kChunk; j++)
+        tile[c.r * ld + c.d + j] = 0.0f;
 }
 
 // qkv16: the rotated qkv (M, ldqkv) in bf16. out (M, H*D) f32; saved_out the same, kept for the
@@ -168,20 +197,21 @@ KILN_BLOCK void flash_forward_block(X& x, const FlashTiles& s, const Attention& 
     const int64_t D = a.D, HD = a.H * a.D, q0 = at.row0, m0 = at.b * a.T;
     const int rows = tile_rows(a, q0);
     const float scale = attention_scale(a);
-    x.each(kTile * int(D), [&](int i) {
-        tile_element(
+    const int chunks = kTile * int(D) / kChunk;
+    x.each(chunks, [&](int i) {
+        tile_chunk(
             s.q, s.ldh, qkv16, D, rows, m0 + q0, [&](int64_t m) { return q_at(a, m, at.h); }, i);
-        s.acc[i / D * s.ldo + i % D] = 0.0f;
+        zero_chunk(s.acc, s.ldo, D, i);
         if (i < kTile)
             s.m[i] = -INFINITY, s.l[i] = 0.0f;
     });
     for (int64_t k0 = 0; k0 < q0 + rows; k0 += kTile) {
         const int cols = tile_rows(a, k0);
-        x.each(kTile * int(D), [&](int i) {
-            tile_element(
+        x.each(chunks, [&](int i) {
+            tile_chunk(
                 s.k, s.ldh, qkv16, D, cols, m0 + k0, [&](int64_t m) { return k_at(a, m, at.h); },
                 i);
-            tile_element(
+            tile_chunk(
                 s.v, s.ldh, qkv16, D, cols, m0 + k0, [&](int64_t m) { return v_at(a, m, at.h); },
                 i);
         });
@@ -212,11 +242,12 @@ KILN_BLOCK void flash_dq_block(X& x, const FlashTiles& s, const Attention& a, co
     const int rows = tile_rows(a, q0);
     const float scale = attention_scale(a);
     auto out_at = [&](int64_t m) { return m * HD + at.h * D; };
-    x.each(kTile * int(D), [&](int i) {
-        tile_element(
+    const int chunks = kTile * int(D) / kChunk;
+    x.each(chunks, [&](int i) {
+        tile_chunk(
             s.q, s.ldh, qkv16, D, rows, m0 + q0, [&](int64_t m) { return q_at(a, m, at.h); }, i);
-        tile_element(s.dout, s.ldh, dout16, D, rows, m0 + q0, out_at, i);
-        s.acc[i / D * s.ldo + i % D] = 0.0f;
+        tile_chunk(s.dout, s.ldh, dout16, D, rows, m0 + q0, out_at, i);
+        zero_chunk(s.acc, s.ldo, D, i);
     });
     x.each(kTile, [&](int r) {
         float dot = 0.0f;
@@ -231,11 +262,11 @@ KILN_BLOCK void flash_dq_block(X& x, const FlashTiles& s, const Attention& a, co
     });
     for (int64_t k0 = 0; k0 < q0 + rows; k0 += kTile) {
         const int cols = tile_rows(a, k0);
-        x.each(kTile * int(D), [&](int i) {
-            tile_element(
+        x.each(chunks, [&](int i) {
+            tile_chunk(
                 s.k, s.ldh, qkv16, D, cols, m0 + k0, [&](int64_t m) { return k_at(a, m, at.h); },
                 i);
-            tile_element(
+            tile_chunk(
                 s.v, s.ldh, qkv16, D, cols, m0 + k0, [&](int64_t m) { return v_at(a, m, at.h); },
                 i);
         });
@@ -264,23 +295,24 @@ KILN_BLOCK void flash_dkdv_block(X& x, const FlashTiles& s, const Attention& a,
     const float scale = attention_scale(a);
     const int64_t h0 =
         at.h * G;  // the group's first query head, whose k_at / v_at are the kv head's
-    x.each(kTile * int(D), [&](int i) {
-        tile_element(
+    const int chunks = kTile * int(D) / kChunk;
+    x.each(chunks, [&](int i) {
+        tile_chunk(
             s.k, s.ldh, qkv16, D, cols, m0 + k0, [&](int64_t m) { return k_at(a, m, h0); }, i);
-        tile_element(
+        tile_chunk(
             s.v, s.ldh, qkv16, D, cols, m0 + k0, [&](int64_t m) { return v_at(a, m, h0); }, i);
-        s.acc[i / D * s.ldo + i % D] = 0.0f;
-        s.acc2[i / D * s.ldo + i % D] = 0.0f;
+        zero_chunk(s.acc, s.ldo, D, i);
+        zero_chunk(s.acc2, s.ldo, D, i);
     });
     for (int64_t h = h0; h < h0 + G; h++) {
         for (int64_t q0 = k0; q0 < a.T; q0 += kTile) {
             const int rows = tile_rows(a, q0);
             const int64_t row_at = (at.b * a.H + h) * a.T + q0;
-            x.each(kTile * int(D), [&](int i) {
-                tile_element(
+            x.each(chunks, [&](int i) {
+                tile_chunk(
                     s.q, s.ldh, qkv16, D, rows, m0 + q0, [&](int64_t m) { return q_at(a, m, h); },
                     i);
-                tile_element(
+                tile_chunk(
                     s.dout, s.ldh, dout16, D, rows, m0 + q0,
                     [&](int64_t m) { return m * HD + h * D; }, i);
                 if (i < kTile) {

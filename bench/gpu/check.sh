@@ -3,8 +3,9 @@
 # that bench/gpu/bundle.sh made carried along (bench/gpu/bundle). Finds the CUDA libraries the
 # binaries need among that machine's CUDA toolkit and PyTorch's pip packages (nvidia-*), says
 # which it used, then runs the CUDA op tests, the NCCL test, and the bundled kiln training `tiny`
-# for 30 steps in fp32 on the GPU and on the CPUs, comparing their loss curves; each step has a
-# time limit, and the whole stays under ~8 minutes.
+# for 30 steps in fp32 on the GPU and on the CPUs, comparing their loss curves, then a 1.1B Llama
+# in bf16 against PyTorch, and where its step's device time goes; each step has a time limit,
+# and the whole stays under ~8 minutes.
 # Figures go to $OUT (when set) and to stdout.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -124,4 +125,9 @@ step kiln_1b 200 "$k" train "${b11[@]}" --set run.dir="$out/kiln-1b"
 [ "$last" = 0 ] || step kiln_1b_untuned 200 "$k" train "${b11[@]}" --set train.autotune=false \
     --set run.dir="$out/kiln-1b-untuned"
 step torch_1b 240 python3 bench/gpu/torch_llama.py --batch 2 --seq 4096
+# Where the 1.1B step's device time goes: 3 steps with each op marked by events, summed per op
+# (the products per shape) into profile-1b.txt.
+KILN_CUDA_PROFILE="$out/profile-1b.txt" step kiln_1b_profile 120 "$k" train "${b11[@]}" \
+    --set train.steps=3 --set train.autotune=false --set run.dir="$out/kiln-1b-profile"
+head -30 "$out/profile-1b.txt" 2>/dev/null
 exit $status

@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "core/fs.h"
+#include "fixture.h"
 #include "kernels/backends.h"
 #include "kernels/cpu/cpu.h"
 #include "kernels/reference/reference.h"
@@ -412,6 +414,38 @@ TEST(Cuda, TableMemoryAndSmallOps) {
     dev.zero(a, n * 4);
     dev.copy(got.data(), a, n * 4);
     EXPECT_EQ(got, std::vector<float>(n, 0.0f));
+}
+
+// The profiled table runs the same ops (the same bits) and, at each wait, writes each op's
+// calls and device time to its file, the products by shape.
+TEST(Cuda, ProfiledTableReportsEachOpsDeviceTime) {
+    KILN_REQUIRE_CUDA();
+    kiln::testing::TempDir dir;
+    const std::string path = dir.path + "/profile.txt";
+    const Kernels& dev = cuda::profiled_kernels(Precision::fp32, path);
+    const int64_t n = 4096, M = 64, N = 32, K = 64;
+    const auto x = randn(n, 1), y = randn(n, 2);
+    Dev<float> a(x), b(y), c{size_t(n)};
+    dev.add(c.ptr, a.ptr, b.ptr, n);
+    dev.add(c.ptr, c.ptr, b.ptr, n);
+    Dev<char> ws{cuda::gemm_workspace_bytes(M * K)};
+    Gemm g;
+    g.M = M, g.N = N, g.K = K, g.lda = K, g.ldb = N, g.ldc = N;
+    g.a = a.ptr, g.b = b.ptr, g.c = c.ptr;
+    dev.gemm(g, {ws.ptr, ws.n});
+    dev.wait();
+    std::vector<float> want(M * N);
+    g.a = x.data(), g.b = y.data(), g.c = want.data();
+    cpu_kernels(Precision::fp32).gemm(g, {});
+    std::vector<float> got = c.host();
+    got.resize(want.size());
+    EXPECT_LT(rel_err(got, want), 1e-5);
+    const std::string report = fs::read_file(path);
+    EXPECT_NE(report.find("device time per op"), std::string::npos) << report;
+    EXPECT_NE(report.find("gemm 64x32x64 NN"), std::string::npos) << report;
+    const size_t add = report.find("\nadd ");
+    ASSERT_NE(add, std::string::npos) << report;
+    EXPECT_EQ(std::stoi(report.substr(add + 5, 50)), 2) << report;  // its calls
 }
 
 // The whole model on the CUDA table against the CPU table: losses, every gradient, the update.

@@ -16,6 +16,13 @@ const Kernels& cuda_kernels(Precision precision);
 
 namespace kiln::kernels::cuda {
 
+// The table cuda_kernels() hands out: this, unless KILN_CUDA_PROFILE names a file (profile_path),
+// then profiled_kernels(): the same ops, each marked by events on the stream, their device time
+// summed per op (the products per shape) into that file at every `wait` (profile.cu).
+const Kernels& unprofiled_kernels(Precision precision);
+const char* profile_path();  // KILN_CUDA_PROFILE, or null
+const Kernels& profiled_kernels(Precision precision, const std::string& path);
+
 int device_count();           // 0 when there is no usable device or driver
 void set_device(int device);  // the current device of this process, before any allocation
 int64_t device_memory_bytes(int device);  // its total memory

@@ -84,13 +84,19 @@ const Kernels table = {
 };
 
 }  // namespace
+
+const Kernels& unprofiled_kernels(Precision precision) {
+    return precision == Precision::bf16 ? table<Precision::bf16> : table<Precision::fp32>;
+}
+
 }  // namespace kiln::kernels::cuda
 
 namespace kiln::kernels {
 
 const Kernels& cuda_kernels(Precision precision) {
-    return precision == Precision::bf16 ? cuda::table<Precision::bf16>
-                                        : cuda::table<Precision::fp32>;
+    if (const char* path = cuda::profile_path())
+        return cuda::profiled_kernels(precision, path);
+    return cuda::unprofiled_kernels(precision);
 }
 
 }  // namespace kiln::kernels

@@ -1,0 +1,245 @@
+// Device time per table op, to see where a GPU step goes. profiled_kernels() wraps each op of the
+// CUDA table in a pair of events on the stream (they mark it; they do not make the host wait);
+// the table's `wait`, which the trainer calls after each backward and update, then reads the
+// finished pairs, adds them up per op (the products per shape, from the Gemm) and rewrites the
+// report file. The span from the first op to the last of each wait's window counts too, so the
+// device's idle time between ops (launch overhead, the host's own waits) shows beside the ops.
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/cuda.h"
+#include "kernels/cuda/launch.h"
+
+namespace kiln::kernels::cuda {
+namespace {
+
+struct Totals {
+    int64_t calls = 0;
+    double ms = 0;
+};
+
+struct Mark {
+    const char* op;
+    std::string shape;  // products only
+    cudaEvent_t start, stop;
+};
+
+struct Profile {
+    std::mutex mutex;
+    std::string path;
+    std::vector<cudaEvent_t> spare, spare_later;
+    std::vector<Mark> pending;
+    cudaEvent_t span_start = nullptr, span_stop = nullptr;
+    std::map<std::string, Totals> totals;
+    double span_ms = 0, ops_ms = 0;
+    int64_t windows = 0;
+
+    cudaEvent_t event() {
+        if (spare.empty()) {
+            cudaEvent_t e;
+            KILN_CUDA(cudaEventCreate(&e));
+            return e;
+        }
+        const cudaEvent_t e = spare.back();
+        spare.pop_back();
+        return e;
+    }
+
+    // Adds up the pairs that are done (after the table's wait, all but those another thread
+    // queued since) and rewrites the report.
+    void fold() {
+        std::vector<Mark> later;
+        bool first = true;
+        float span = 0;
+        for (Mark& m : pending) {
+            float ms = 0;
+            if (cudaEventQuery(m.stop) != cudaSuccess ||
+                cudaEventElapsedTime(&ms, m.start, m.stop) != cudaSuccess) {
+                later.push_back(std::move(m));
+                continue;
+            }
+            if (first)
+                span_start = m.start, first = false;
+            span_stop = m.stop;
+            Totals& t = totals[m.shape.empty() ? m.op : m.shape];
+            t.calls++;
+            t.ms += ms;
+            ops_ms += ms;
+            spare_later.push_back(m.start);
+            spare_later.push_back(m.stop);
+        }
+        (void)cudaGetLastError();
+        pending = std::move(later);
+        if (first)
+            return;
+        if (cudaEventElapsedTime(&span, span_start, span_stop) == cudaSuccess) {
+            span_ms += span;
+            windows++;
+        }
+        // The window's ends are reused only now that the span has been read.
+        spare.insert(spare.end(), spare_later.begin(), spare_later.end());
+        spare_later.clear();
+        write();
+    }
+
+    void write() const {
+        std::vector<std::pair<std::string, Totals>> rows(totals.begin(), totals.end());
+        std::sort(rows.begin(), rows.end(),
+                  [](const auto& a, const auto& b) { return a.second.ms > b.second.ms; });
+        std::string text = fmt::format(
+            "device time per op (KILN_CUDA_PROFILE), {} windows between waits\n"
+            "span {:.1f} ms from each window's first op to its last; ops {:.1f} ms ({:.1f}%); "
+            "idle between them {:.1f} ms\n\n{:<44} {:>8} {:>11} {:>7} {:>10}\n",
+            windows, span_ms, ops_ms, span_ms > 0 ? 100 * ops_ms / span_ms : 0.0,
+            std::max(0.0, span_ms - ops_ms), "op", "calls", "total ms", "share", "mean us");
+        for (const auto& [name, t] : rows) {
+            text += fmt::format("{:<44} {:>8} {:>11.2f} {:>6.1f}% {:>10.1f}\n", name, t.calls, t.ms,
+                                ops_ms > 0 ? 100 * t.ms / ops_ms : 0.0, 1000 * t.ms / t.calls);
+        }
+        if (std::FILE* f = std::fopen(path.c_str(), "w")) {
+            std::fputs(text.c_str(), f);
+            std::fclose(f);
+        }
+    }
+};
+
+Profile& profile() {
+    static Profile p;
+    return p;
+}
+
+// Marks one op's work on the stream.
+class Span {
+public:
+    explicit Span(const char* op, std::string shape = {}) : mark_{op, std::move(shape), {}, {}} {
+        Profile& p = profile();
+        const std::lock_guard<std::mutex> lock(p.mutex);
+        mark_.start = p.event();
+        mark_.stop = p.event();
+        KILN_CUDA(cudaEventRecord(mark_.start, stream()));
+    }
+    ~Span() {
+        Profile& p = profile();
+        const std::lock_guard<std::mutex> lock(p.mutex);
+        cudaEventRecord(mark_.stop, stream());  // in a destructor: nowhere for a failure to go
+        p.pending.push_back(std::move(mark_));
+    }
+    Span(const Span&) = delete;
+    Span& operator=(const Span&) = delete;
+
+private:
+    Mark mark_;
+};
+
+template <Precision P>
+const Kernels& base() {
+    return unprofiled_kernels(P);
+}
+
+// Timed<op's type>::call<P, &Kernels::op, name>: the op of the precision's table, marked.
+template <typename F>
+struct Timed;
+template <typename R, typename... A>
+struct Timed<R (*)(A...)> {
+    template <Precision P, R (*Kernels::*Member)(A...), const char* Name>
+    static R call(A... a) {
+        const Span span(Name);
+        return (base<P>().*Member)(a...);
+    }
+};
+
+template <Precision P>
+void gemm_timed(const Gemm& g, Workspace ws) {
+    const Span span("gemm",
+                    fmt::format("gemm {}x{}x{} {}{}{}", g.M, g.N, g.K, g.trans_a ? "T" : "N",
+                                g.trans_b ? "T" : "N", g.accumulate ? " +=" : ""));
+    base<P>().gemm(g, ws);
+}
+
+template <Precision P>
+void wait_folded() {
+    base<P>().wait();
+    Profile& p = profile();
+    const std::lock_guard<std::mutex> lock(p.mutex);
+    p.fold();
+}
+
+#define KILN_OP_NAME(op) constexpr char k_##op[] = #op;
+KILN_OP_NAME(embedding_forward)
+KILN_OP_NAME(embedding_backward)
+KILN_OP_NAME(rmsnorm_forward)
+KILN_OP_NAME(rmsnorm_backward)
+KILN_OP_NAME(attention_forward)
+KILN_OP_NAME(attention_backward)
+KILN_OP_NAME(swiglu_forward)
+KILN_OP_NAME(swiglu_backward)
+KILN_OP_NAME(logit_stats)
+KILN_OP_NAME(cross_entropy_backward)
+KILN_OP_NAME(cross_entropy)
+KILN_OP_NAME(adamw)
+KILN_OP_NAME(to_bf16)
+KILN_OP_NAME(copy)
+KILN_OP_NAME(zero)
+KILN_OP_NAME(widen)
+KILN_OP_NAME(add)
+KILN_OP_NAME(slice_ids)
+KILN_OP_NAME(rescale_sumexp)
+KILN_OP_NAME(row_losses)
+KILN_OP_NAME(sum_squares)
+#undef KILN_OP_NAME
+
+template <Precision P>
+Kernels profiled() {
+    Kernels k = base<P>();
+#define KILN_TIMED(op) k.op = Timed<decltype(k.op)>::template call<P, &Kernels::op, k_##op>;
+    KILN_TIMED(embedding_forward)
+    KILN_TIMED(embedding_backward)
+    KILN_TIMED(rmsnorm_forward)
+    KILN_TIMED(rmsnorm_backward)
+    KILN_TIMED(attention_forward)
+    KILN_TIMED(attention_backward)
+    KILN_TIMED(swiglu_forward)
+    KILN_TIMED(swiglu_backward)
+    KILN_TIMED(logit_stats)
+    KILN_TIMED(cross_entropy_backward)
+    KILN_TIMED(cross_entropy)
+    KILN_TIMED(adamw)
+    KILN_TIMED(to_bf16)
+    KILN_TIMED(copy)
+    KILN_TIMED(zero)
+    KILN_TIMED(widen)
+    KILN_TIMED(add)
+    KILN_TIMED(slice_ids)
+    KILN_TIMED(rescale_sumexp)
+    KILN_TIMED(row_losses)
+    KILN_TIMED(sum_squares)
+#undef KILN_TIMED
+    k.gemm = gemm_timed<P>;
+    k.wait = wait_folded<P>;
+    return k;
+}
+
+}  // namespace
+
+const char* profile_path() {
+    static const char* path = std::getenv("KILN_CUDA_PROFILE");
+    return path && *path ? path : nullptr;
+}
+
+const Kernels& profiled_kernels(Precision precision, const std::string& path) {
+    static const Kernels bf16 = profiled<Precision::bf16>();
+    static const Kernels fp32 = profiled<Precision::fp32>();
+    Profile& p = profile();
+    {
+        const std::lock_guard<std::mutex> lock(p.mutex);
+        p.path = path;
+    }
+    return precision == Precision::bf16 ? bf16 : fp32;
+}
+
+}  // namespace kiln::kernels::cuda

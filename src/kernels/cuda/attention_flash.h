@@ -60,7 +60,8 @@ struct FlashTiles {
         ldo = 0;  // strides: (row, D) bf16, (row, key) bf16 and f32, (row, D) f32
     uint16_t *q = nullptr, *k = nullptr, *v = nullptr, *dout = nullptr, *p = nullptr, *ds = nullptr;
     float *s = nullptr, *dp = nullptr, *acc = nullptr, *acc2 = nullptr;
-    float *m = nullptr, *l = nullptr, *alpha = nullptr, *lse = nullptr, *rowdot = nullptr;
+    float *m = nullptr, *l = nullptr, *mnew = nullptr, *alpha = nullptr, *pmax = nullptr,
+          *psum = nullptr, *lse = nullptr, *rowdot = nullptr;
 
     // Lays the pass's tiles out from `base` (nullptr: only counts); returns the bytes.
     KILN_HD size_t place(char* base, int64_t D, FlashPass pass) {
@@ -86,7 +87,10 @@ struct FlashTiles {
         take(acc2, size_t(kTile) * ldo, dkdv);
         take(m, kTile, fwd);
         take(l, kTile, fwd);
+        take(mnew, kTile, fwd);
         take(alpha, kTile, fwd);
+        take(pmax, 2 * kTile, fwd);
+        take(psum, 2 * kTile, fwd);
         take(lse, kTile, !fwd);
         take(rowdot, kTile, !fwd);
         return at;
@@ -117,39 +121,60 @@ KILN_HD int visible_keys(int r, int rows, int64_t q0, int64_t k0) {
     return int(n < 0 ? 0 : n > kTile ? kTile : n);
 }
 
-// Forward, row r of the scores tile: the online softmax step (see the top).
-KILN_HD void flash_online_row(const FlashTiles& s, int r, int visible, float scale) {
-    const float* sr = s.s + r * s.lds;
-    uint16_t* pr = s.p + r * s.ldp;
-    if (visible == 0) {
-        for (int c = 0; c < kTile; c++)
-            pr[c] = 0;
-        s.alpha[r] = 1.0f;
-        return;
-    }
-    float mx = s.m[r];
-    for (int c = 0; c < visible; c++)
+// Forward, the online softmax step (see the top), by the whole block: each row's keys are split
+// between two threads, thread i taking row i / 2's keys c = i % 2, i % 2 + 2, ... (interleaved,
+// so a warp's reads of the scores spread over the banks), in two phases, then a third with the
+// output's rescaling:
+// 1. pmax[i]: the max of thread i's visible scaled scores (-inf for none).
+KILN_HD void flash_pair_max(const FlashTiles& s, int i, int visible, float scale) {
+    const float* sr = s.s + i / 2 * s.lds;
+    float mx = -INFINITY;
+    for (int c = i % 2; c < visible; c += 2)
         mx = fmaxf(mx, sr[c] * scale);
-    const float alpha = expf(s.m[r] - mx);  // 0 on the first tile, where m = -inf
-    float sum = 0.0f;
-    for (int c = 0; c < kTile; c++) {
-        const uint16_t p = c < visible ? bf16_round(expf(sr[c] * scale - mx)) : uint16_t(0);
-        pr[c] = p;
-        sum += bf16_widen(p);  // the weights the product sums, so they sum to 1 after / l
-    }
-    s.l[r] = s.l[r] * alpha + sum;
-    s.m[r] = mx;
-    s.alpha[r] = alpha;
+    s.pmax[i] = mx;
 }
 
-// Backward, row r of the scores and dp tiles: ds (bf16), and p (bf16) where the tiles keep it.
-KILN_HD void flash_ds_row(const FlashTiles& s, int r, int visible, float scale) {
-    for (int c = 0; c < kTile; c++) {
-        const float p = c < visible ? expf(s.s[r * s.lds + c] * scale - s.lse[r]) : 0.0f;
-        if (s.p)
-            s.p[r * s.ldp + c] = bf16_round(p);
-        s.ds[r * s.ldp + c] = bf16_round(p * (s.dp[r * s.lds + c] - s.rowdot[r]) * scale);
+// 2. The row's new max m' = max(m, both threads' maxima); p = exp(s / sqrt(D) - m') for thread
+// i's keys (0 where masked), rounded to bf16 as the product reads them, and psum[i] their sum
+// (the weights the product sums, so that they sum to 1 after / l). The pair's first also keeps
+// m' and the output's factor exp(m - m') (0 on the first tile, where m = -inf; 1 for a row that
+// sees none of the tile).
+KILN_HD void flash_pair_exp(const FlashTiles& s, int i, int visible, float scale) {
+    const int r = i / 2;
+    const float* sr = s.s + r * s.lds;
+    uint16_t* pr = s.p + r * s.ldp;
+    const float mx = fmaxf(s.m[r], fmaxf(s.pmax[2 * r], s.pmax[2 * r + 1]));
+    float sum = 0.0f;
+    for (int c = i % 2; c < kTile; c += 2) {
+        const uint16_t p = c < visible ? bf16_round(expf(sr[c] * scale - mx)) : uint16_t(0);
+        pr[c] = p;
+        sum += bf16_widen(p);
     }
+    s.psum[i] = sum;
+    if (i % 2 == 0) {
+        s.mnew[r] = mx;
+        s.alpha[r] = visible > 0 ? expf(s.m[r] - mx) : 1.0f;
+    }
+}
+
+// 3. Element i of the output tile (rows of D) scaled by its row's factor; a row's first element
+// also moves the row on: l = l exp(m - m') + the pair's sums, m = m'.
+KILN_HD void flash_rescale(const FlashTiles& s, int64_t D, int i) {
+    const int r = int(i / D), d = int(i % D);
+    s.acc[r * s.ldo + d] *= s.alpha[r];
+    if (d == 0) {
+        s.l[r] = s.l[r] * s.alpha[r] + s.psum[2 * r] + s.psum[2 * r + 1];
+        s.m[r] = s.mnew[r];
+    }
+}
+
+// Backward, element (r, c) of the scores and dp tiles: ds (bf16), and p (bf16) where the tiles
+// keep it.
+KILN_HD void flash_ds_at(const FlashTiles& s, int r, int c, int visible, float scale) {
+    const float p = c < visible ? expf(s.s[r * s.lds + c] * scale - s.lse[r]) : 0.0f;
+    if (s.p)
+        s.p[r * s.ldp + c] = bf16_round(p);
+    s.ds[r * s.ldp + c] = bf16_round(p * (s.dp[r * s.lds + c] - s.rowdot[r]) * scale);
 }
 
 // Tiles load in chunks of 8 bf16 (16 bytes: one vector load on the device; every row offset in
@@ -216,8 +241,11 @@ KILN_BLOCK void flash_forward_block(X& x, const FlashTiles& s, const Attention& 
                 i);
         });
         x.template product<false, true>(s.s, s.lds, s.q, s.ldh, s.k, s.ldh, kTile, int(D), false);
-        x.each(kTile, [&](int r) { flash_online_row(s, r, visible_keys(r, rows, q0, k0), scale); });
-        x.each(kTile * int(D), [&](int i) { s.acc[i / D * s.ldo + i % D] *= s.alpha[i / D]; });
+        x.each(2 * kTile,
+               [&](int i) { flash_pair_max(s, i, visible_keys(i / 2, rows, q0, k0), scale); });
+        x.each(2 * kTile,
+               [&](int i) { flash_pair_exp(s, i, visible_keys(i / 2, rows, q0, k0), scale); });
+        x.each(kTile * int(D), [&](int i) { flash_rescale(s, D, i); });
         x.template product<false, false>(s.acc, s.ldo, s.p, s.ldp, s.v, s.ldh, int(D), kTile, true);
     }
     x.each(kTile * int(D), [&](int i) {
@@ -273,7 +301,9 @@ KILN_BLOCK void flash_dq_block(X& x, const FlashTiles& s, const Attention& a, co
         x.template product<false, true>(s.s, s.lds, s.q, s.ldh, s.k, s.ldh, kTile, int(D), false);
         x.template product<false, true>(s.dp, s.lds, s.dout, s.ldh, s.v, s.ldh, kTile, int(D),
                                         false);
-        x.each(kTile, [&](int r) { flash_ds_row(s, r, visible_keys(r, rows, q0, k0), scale); });
+        x.each(kTile * kTile, [&](int i) {
+            flash_ds_at(s, i / kTile, i % kTile, visible_keys(i / kTile, rows, q0, k0), scale);
+        });
         x.template product<false, false>(s.acc, s.ldo, s.ds, s.ldp, s.k, s.ldh, int(D), kTile,
                                          true);
     }
@@ -324,7 +354,9 @@ KILN_BLOCK void flash_dkdv_block(X& x, const FlashTiles& s, const Attention& a,
                                             false);
             x.template product<false, true>(s.dp, s.lds, s.dout, s.ldh, s.v, s.ldh, kTile, int(D),
                                             false);
-            x.each(kTile, [&](int r) { flash_ds_row(s, r, visible_keys(r, rows, q0, k0), scale); });
+            x.each(kTile * kTile, [&](int i) {
+                flash_ds_at(s, i / kTile, i % kTile, visible_keys(i / kTile, rows, q0, k0), scale);
+            });
             x.template product<true, false>(s.acc2, s.ldo, s.p, s.ldp, s.dout, s.ldh, int(D), kTile,
                                             true);
             x.template product<true, false>(s.acc, s.ldo, s.ds, s.ldp, s.q, s.ldh, int(D), kTile,

@@ -213,6 +213,19 @@ KILN_HD void zero_chunk(float* tile, int ld, int64_t D, int i) {
         tile[c.r * ld + c.d + j] = 0.0f;
 }
 
+// A phase: the key and value tiles, rows m0 .. m0 + kTile (n of them in the sequence) of the kv
+// head that query head h reads.
+template <typename X>
+KILN_BLOCK void load_keys_values(X& x, const FlashTiles& s, const Attention& a,
+                                 const uint16_t* qkv16, int n, int64_t m0, int64_t h) {
+    x.each(kTile * int(a.D) / kChunk, [&](int i) {
+        tile_chunk(
+            s.k, s.ldh, qkv16, a.D, n, m0, [&](int64_t m) { return k_at(a, m, h); }, i);
+        tile_chunk(
+            s.v, s.ldh, qkv16, a.D, n, m0, [&](int64_t m) { return v_at(a, m, h); }, i);
+    });
+}
+
 // qkv16: the rotated qkv (M, ldqkv) in bf16. out (M, H*D) f32; saved_out the same, kept for the
 // backward; lse (B, H, T).
 template <typename X>
@@ -232,14 +245,7 @@ KILN_BLOCK void flash_forward_block(X& x, const FlashTiles& s, const Attention& 
     });
     for (int64_t k0 = 0; k0 < q0 + rows; k0 += kTile) {
         const int cols = tile_rows(a, k0);
-        x.each(chunks, [&](int i) {
-            tile_chunk(
-                s.k, s.ldh, qkv16, D, cols, m0 + k0, [&](int64_t m) { return k_at(a, m, at.h); },
-                i);
-            tile_chunk(
-                s.v, s.ldh, qkv16, D, cols, m0 + k0, [&](int64_t m) { return v_at(a, m, at.h); },
-                i);
-        });
+        load_keys_values(x, s, a, qkv16, cols, m0 + k0, at.h);
         x.template product<false, true>(s.s, s.lds, s.q, s.ldh, s.k, s.ldh, kTile, int(D), false);
         x.each(2 * kTile,
                [&](int i) { flash_pair_max(s, i, visible_keys(i / 2, rows, q0, k0), scale); });
@@ -290,14 +296,7 @@ KILN_BLOCK void flash_dq_block(X& x, const FlashTiles& s, const Attention& a, co
     });
     for (int64_t k0 = 0; k0 < q0 + rows; k0 += kTile) {
         const int cols = tile_rows(a, k0);
-        x.each(chunks, [&](int i) {
-            tile_chunk(
-                s.k, s.ldh, qkv16, D, cols, m0 + k0, [&](int64_t m) { return k_at(a, m, at.h); },
-                i);
-            tile_chunk(
-                s.v, s.ldh, qkv16, D, cols, m0 + k0, [&](int64_t m) { return v_at(a, m, at.h); },
-                i);
-        });
+        load_keys_values(x, s, a, qkv16, cols, m0 + k0, at.h);
         x.template product<false, true>(s.s, s.lds, s.q, s.ldh, s.k, s.ldh, kTile, int(D), false);
         x.template product<false, true>(s.dp, s.lds, s.dout, s.ldh, s.v, s.ldh, kTile, int(D),
                                         false);
@@ -326,11 +325,8 @@ KILN_BLOCK void flash_dkdv_block(X& x, const FlashTiles& s, const Attention& a,
     const int64_t h0 =
         at.h * G;  // the group's first query head, whose k_at / v_at are the kv head's
     const int chunks = kTile * int(D) / kChunk;
+    load_keys_values(x, s, a, qkv16, cols, m0 + k0, h0);
     x.each(chunks, [&](int i) {
-        tile_chunk(
-            s.k, s.ldh, qkv16, D, cols, m0 + k0, [&](int64_t m) { return k_at(a, m, h0); }, i);
-        tile_chunk(
-            s.v, s.ldh, qkv16, D, cols, m0 + k0, [&](int64_t m) { return v_at(a, m, h0); }, i);
         zero_chunk(s.acc, s.ldo, D, i);
         zero_chunk(s.acc2, s.ldo, D, i);
     });

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "core/dtype.h"
 
@@ -75,5 +76,17 @@ struct AdamWStep {
 // The implementation chosen for each product shape (autotuning, see Kernels::tune): shape ->
 // choice, both in the backend's own words.
 using Plan = std::map<std::string, std::string>;
+
+// Autotuning's choice among a shape's candidates, given each one's least time in one pass
+// (interference only ever adds time; [0] is the default): the fastest, but the default unless
+// another beats it by `margin` (noise is not a gain).
+inline size_t fastest_candidate(const std::vector<double>& fastest, double margin) {
+    size_t best = 0;
+    for (size_t i = 1; i < fastest.size(); i++) {
+        if (fastest[i] < fastest[best] && fastest[i] < (1 - margin) * fastest[0])
+            best = i;
+    }
+    return best;
+}
 
 }  // namespace kiln::kernels

@@ -385,14 +385,8 @@ bool tune_next() {
     }
     if (most > 1 && ++st.pass <= kRounds * int(most))
         return true;
-    // Each shape keeps the rank with the least time in a pass (interference only ever adds
-    // time), and the default unless another beats it by kMargin (noise is not a gain).
     for (auto& [name, t] : st.trials) {
-        size_t best = 0;
-        for (size_t i = 1; i < t.ranks.size(); i++) {
-            if (t.fastest[i] < t.fastest[best] && t.fastest[i] < (1 - kMargin) * t.fastest[0])
-                best = i;
-        }
+        const size_t best = fastest_candidate(t.fastest, kMargin);
         st.tuned[name] = choice_name(t.ranks[best]);
     }
     for (auto& [key, prod] : st.products)

@@ -239,39 +239,72 @@ __global__ void differ_kernel(int* differs, const float* got, const float* want,
     }
 }
 
-// One run of the product with `algo` into c (beta 0: c is only written).
-using Run = cublasStatus_t (*)(const void* ctx, const cublasLtMatmulAlgo_t& algo, void* c,
-                               float beta);
+// Fills x (n elements of its dtype) with values in [-0.5, 0.5) from a hash of the index: every
+// bit of a product's rounding shows in its sums.
+template <typename T>
+__global__ void hash_fill_kernel(T* x, int64_t n) {
+    for (int64_t i = first_index(); i < n; i += stride())
+        store(x + i, float(uint32_t(i * 2654435761u) >> 8) / 16777216.0f - 0.5f);
+}
 
-// The ranks whose result has the default's bits, each run once with beta 0 into scratch and
-// compared on the device; only the default when the scratch cannot be had.
-Trial discover(const Product& prod, const Gemm& g, Run run, const void* ctx) {
+// One run of the product with `algo` on operands (first, second) in the product's layouts
+// into c, beta 0 (c only written) or 1.
+using Run = cublasStatus_t (*)(const void* ctx, const cublasLtMatmulAlgo_t& algo, const void* first,
+                               const void* second, void* c, float beta);
+
+// The ranks whose result has the default's bits, each run once with beta 0 on operands of its
+// own, pseudo-random (the pass's may be zeros, as a pipeline stage's throwaway pass is, where
+// any summation order agrees), and compared on the device; only the default when the scratch
+// cannot be had.
+Trial discover(const Product& prod, const ColumnMajorProduct& p, cudaDataType_t type, Run run,
+               const void* ctx) {
     Trial t;
     t.ranks = {0};
-    const size_t bytes = size_t(g.M * g.ldc) * 4;
+    const size_t size = type == CUDA_R_16BF ? 2 : 4;
+    const int64_t first_n = p.first.ld * p.first.cols, second_n = p.second.ld * p.second.cols;
+    const int64_t out_n = p.out.ld * p.out.cols;
+    void *first = nullptr, *second = nullptr;
     float *want = nullptr, *got = nullptr;
     int* differs = nullptr;
-    if (cudaMalloc(&want, bytes) == cudaSuccess && cudaMalloc(&got, bytes) == cudaSuccess &&
-        cudaMalloc(&differs, sizeof(int)) == cudaSuccess &&
-        run(ctx, prod.ranked[0], want, 0.0f) == CUBLAS_STATUS_SUCCESS) {
-        for (int r = 1; r < int(prod.ranked.size()); r++) {
-            if (run(ctx, prod.ranked[size_t(r)], got, 0.0f) != CUBLAS_STATUS_SUCCESS)
-                continue;
-            int host = 1;
-            KILN_CUDA(cudaMemsetAsync(differs, 0, sizeof(int), stream()));
-            differ_kernel<<<element_blocks(g.M * g.N), kElementThreads, 0, stream()>>>(
-                differs, got, want, g.M, g.N, g.ldc);
-            KILN_CUDA(cudaGetLastError());
-            KILN_CUDA(
-                cudaMemcpyAsync(&host, differs, sizeof(int), cudaMemcpyDeviceToHost, stream()));
-            KILN_CUDA(cudaStreamSynchronize(stream()));
-            if (host == 0)
-                t.ranks.push_back(r);
+    auto fill = [&](void* x, int64_t n) {
+        if (type == CUDA_R_16BF) {
+            hash_fill_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(
+                static_cast<uint16_t*>(x), n);
+        } else {
+            hash_fill_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(
+                static_cast<float*>(x), n);
+        }
+        KILN_CUDA(cudaGetLastError());
+    };
+    if (cudaMalloc(&first, size_t(first_n) * size) == cudaSuccess &&
+        cudaMalloc(&second, size_t(second_n) * size) == cudaSuccess &&
+        cudaMalloc(&want, size_t(out_n) * 4) == cudaSuccess &&
+        cudaMalloc(&got, size_t(out_n) * 4) == cudaSuccess &&
+        cudaMalloc(&differs, sizeof(int)) == cudaSuccess) {
+        fill(first, first_n);
+        fill(second, second_n);
+        if (run(ctx, prod.ranked[0], first, second, want, 0.0f) == CUBLAS_STATUS_SUCCESS) {
+            for (int r = 1; r < int(prod.ranked.size()); r++) {
+                if (run(ctx, prod.ranked[size_t(r)], first, second, got, 0.0f) !=
+                    CUBLAS_STATUS_SUCCESS)
+                    continue;
+                int host = 1;
+                KILN_CUDA(cudaMemsetAsync(differs, 0, sizeof(int), stream()));
+                // out is column-major (rows, cols): row-major (cols, rows) with stride ld.
+                differ_kernel<<<element_blocks(out_n), kElementThreads, 0, stream()>>>(
+                    differs, got, want, p.out.cols, p.out.rows, p.out.ld);
+                KILN_CUDA(cudaGetLastError());
+                KILN_CUDA(
+                    cudaMemcpyAsync(&host, differs, sizeof(int), cudaMemcpyDeviceToHost, stream()));
+                KILN_CUDA(cudaStreamSynchronize(stream()));
+                if (host == 0)
+                    t.ranks.push_back(r);
+            }
         }
     }
-    (void)cudaGetLastError();  // a failed allocation: the default alone
+    (void)cudaGetLastError();  // a failed allocation or run: the default alone
     KILN_CUDA(cudaStreamSynchronize(stream()));
-    cudaFree(want), cudaFree(got), cudaFree(differs);
+    cudaFree(first), cudaFree(second), cudaFree(want), cudaFree(got), cudaFree(differs);
     t.fastest.assign(t.ranks.size(), 1e300);
     return t;
 }
@@ -319,13 +352,13 @@ void gemm(const Gemm& g, Precision precision, Workspace ws) {
     struct Context {
         const Product& prod;
         float alpha;
-        Operand a, b;
         void* lt_workspace;
-    } ctx{prod, g.alpha, a, b, lt_workspace};
-    const Run run = [](const void* raw, const cublasLtMatmulAlgo_t& algo, void* c, float beta) {
+    } ctx{prod, g.alpha, lt_workspace};
+    const Run run = [](const void* raw, const cublasLtMatmulAlgo_t& algo, const void* first,
+                       const void* second, void* c, float beta) {
         const auto& x = *static_cast<const Context*>(raw);
-        return cublasLtMatmul(handle(), x.prod.desc.get(), &x.alpha, x.b.ptr, x.prod.first.get(),
-                              x.a.ptr, x.prod.second.get(), &beta, c, x.prod.out.get(), c,
+        return cublasLtMatmul(handle(), x.prod.desc.get(), &x.alpha, first, x.prod.first.get(),
+                              second, x.prod.second.get(), &beta, c, x.prod.out.get(), c,
                               x.prod.out.get(), &algo, x.lt_workspace, kLtWorkspace, stream());
     };
     const float beta = g.accumulate ? 1.0f : 0.0f;
@@ -333,7 +366,7 @@ void gemm(const Gemm& g, Precision precision, Workspace ws) {
     if (st.tuning) {
         auto trial = st.trials.find(prod.name);
         if (st.pass == 0 && trial == st.trials.end() && part_of(prod.name, st.parts) == st.part) {
-            st.trials.emplace(prod.name, discover(prod, g, run, &ctx));
+            st.trials.emplace(prod.name, discover(prod, p, type, run, &ctx));
         } else if (st.pass > 0 && trial != st.trials.end()) {
             Trial& t = trial->second;
             const int rank = t.ranks[size_t(st.pass - 1) % t.ranks.size()];
@@ -341,14 +374,14 @@ void gemm(const Gemm& g, Precision precision, Workspace ws) {
             KILN_CUDA(cudaEventCreate(&ev.first));
             KILN_CUDA(cudaEventCreate(&ev.second));
             KILN_CUDA(cudaEventRecord(ev.first, stream()));
-            KILN_CUBLAS(run(&ctx, prod.ranked[size_t(rank)], g.c, beta));
+            KILN_CUBLAS(run(&ctx, prod.ranked[size_t(rank)], b.ptr, a.ptr, g.c, beta));
             KILN_CUDA(cudaEventRecord(ev.second, stream()));
             t.timed.push_back(ev);
             finish_launch();
             return;
         }
     }
-    KILN_CUBLAS(run(&ctx, prod.algo, g.c, beta));
+    KILN_CUBLAS(run(&ctx, prod.algo, b.ptr, a.ptr, g.c, beta));
     finish_launch();
 }
 

@@ -27,6 +27,7 @@ struct Mark {
     const char* op;
     std::string shape;  // products only
     cudaEvent_t start, stop;
+    bool carried = false;  // queued after an earlier wait, by another thread: outside its window
 };
 
 struct Profile {
@@ -60,12 +61,15 @@ struct Profile {
             float ms = 0;
             if (cudaEventQuery(m.stop) != cudaSuccess ||
                 cudaEventElapsedTime(&ms, m.start, m.stop) != cudaSuccess) {
+                m.carried = true;
                 later.push_back(std::move(m));
                 continue;
             }
-            if (first)
-                span_start = m.start, first = false;
-            span_stop = m.stop;
+            if (!m.carried) {  // the window: from its first op to its last
+                if (first)
+                    span_start = m.start, first = false;
+                span_stop = m.stop;
+            }
             Totals& t = totals[m.shape.empty() ? m.op : m.shape];
             t.calls++;
             t.ms += ms;
@@ -75,9 +79,7 @@ struct Profile {
         }
         (void)cudaGetLastError();
         pending = std::move(later);
-        if (first)
-            return;
-        if (cudaEventElapsedTime(&span, span_start, span_stop) == cudaSuccess) {
+        if (!first && cudaEventElapsedTime(&span, span_start, span_stop) == cudaSuccess) {
             span_ms += span;
             windows++;
         }
@@ -126,8 +128,13 @@ public:
     ~Span() {
         Profile& p = profile();
         const std::lock_guard<std::mutex> lock(p.mutex);
-        cudaEventRecord(mark_.stop, stream());  // in a destructor: nowhere for a failure to go
-        p.pending.push_back(std::move(mark_));
+        if (cudaEventRecord(mark_.stop, stream()) == cudaSuccess) {
+            p.pending.push_back(std::move(mark_));
+        } else {  // in a destructor, nowhere for the failure to go: the op goes unmarked
+            (void)cudaGetLastError();
+            p.spare.push_back(mark_.start);
+            p.spare.push_back(mark_.stop);
+        }
     }
     Span(const Span&) = delete;
     Span& operator=(const Span&) = delete;

@@ -4,6 +4,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <array>
 #include <cctype>
 #include <map>
 
@@ -102,20 +103,26 @@ double stage_flops_per_token(const model::LlamaConfig& m, int64_t T, int pp, int
 // four, and an all-gather in the compute precision before each column-parallel product (2), of
 // the output gradient before each row-parallel product's backward (2), and of the two norms'
 // outputs again in the backward, which SP gathers instead of keeping them. Full recompute
-// reruns the forward's collectives.
+// reruns the forward's collectives. On an accelerator, where a collective runs beside the
+// kernels (Collective::start), the backward of each column-parallel product (qkv, w13) runs the
+// norm's gather beside its input gradient's product and that gradient's sum beside its weight
+// gradient's product: of those four (two without SP) only what the product cannot hide shows.
+// `product_s` is one such product's seconds for qkv and for w13.
 double block_tp_seconds(const Accelerator& a, int tp, bool sp, bool bf16, bool wire_bf16, bool full,
-                        double rows, int64_t C) {
+                        double rows, int64_t C, const std::array<double, 2>& product_s) {
     if (tp == 1)
         return 0;
     const double ring = double(tp - 1) / tp, bw = a.intra_gbps * 1e9, latency = a.latency_us * 1e-6;
     const double sums = rows * double(C) * (wire_bf16 ? 2 : 4);
     const double compute = rows * double(C) * (bf16 ? 2 : 4);
-    if (!sp) {
-        const double reduces = full ? 6 : 4;
-        return reduces * (2 * ring * sums / bw + latency);
+    const double sum = (sp ? 1 : 2) * ring * sums / bw + latency;
+    const double gather = ring * compute / bw + latency;
+    double seconds = sp ? (full ? 6 : 4) * sum + (full ? 8 : 6) * gather : (full ? 6 : 4) * sum;
+    if (!a.host) {
+        for (double product : product_s)
+            seconds -= std::min(sum, product) + (sp ? std::min(gather, product) : 0.0);
     }
-    const double scatters = full ? 6 : 4, gathers = full ? 8 : 6;
-    return (scatters * sums + gathers * compute) * ring / bw + (scatters + gathers) * latency;
+    return seconds;
 }
 
 // Whether some pipeline's stages sit on different nodes: a pipeline is tp x pp consecutive ranks
@@ -246,13 +253,15 @@ Estimate estimate(const train::RunConfig& given, const Cluster& cluster) {
     // after, which is the bubble: (pp-1)/(m+pp-1) of the pipelined time when the stages are
     // equal. A stage that is lighter (no head) shortens it: the last of 2 stages of `tiny`, its
     // head 57% of the FLOPs, ran 4 micro-batches in 2.1 s while the first waited 1.5 s of them.
-    const double block_tp = block_tp_seconds(a, e.tp, e.sp, bf16, config.bf16_wire(),
-                                             e.recompute == "full", rows, m.dim);
+    const double rate = e.tp * a.peak_tflops * 1e12 * a.efficiency;  // FLOP/s of a TP group
+    const double ffn_width = 2 * double(m.ffn_dim()), qkv_width = double(m.qkv_dim());
+    const double block_tp = block_tp_seconds(
+        a, e.tp, e.sp, bf16, config.bf16_wire(), e.recompute == "full", rows, m.dim,
+        {2 * rows * double(m.dim) * qkv_width / rate, 2 * rows * double(m.dim) * ffn_width / rate});
     double slowest = 0, all_stages = 0, slowest_compute = 0, slowest_tp = 0;
     for (int s = 0; s < e.pp; s++) {
         const auto [first, last] = model::Layout::stage_layers(m.n_layers, e.pp, s);
-        const double compute = rows * stage_flops_per_token(m, T, e.pp, s, e.recompute) /
-                               (e.tp * a.peak_tflops * 1e12 * a.efficiency);
+        const double compute = rows * stage_flops_per_token(m, T, e.pp, s, e.recompute) / rate;
         const double tp = double(last - first) * block_tp;
         all_stages += compute + tp + p2p;
         if (compute + tp + p2p > slowest) {

@@ -20,7 +20,8 @@
 //              micro-batch cannot hide, and at least the region made final last (the first
 //              stage's embedding and one bucket); without the overlap (on CPUs), the whole
 //              reduce-scatter after the backward
-// with the TP and PP transfers not overlapped (kiln runs them in line with the compute).
+// PP transfers are in line with the compute; of TP's, on an accelerator, the backward's sums and
+// re-gathers beside the column-parallel products show only what those products cannot hide.
 #include <cstdint>
 #include <string>
 #include <vector>

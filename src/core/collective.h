@@ -5,6 +5,8 @@
 // the same order with the same sizes. Buffers are host memory, float32 unless stated.
 #include <cstddef>
 #include <cstdint>
+#include <functional>
+#include <utility>
 #include <vector>
 
 #include "core/dtype.h"
@@ -63,6 +65,22 @@ public:
     virtual void exchange(const void* send, size_t send_bytes, int to, void* recv,
                           size_t recv_bytes, int from) = 0;
 
+    // Overlap: start(op) runs `op`, calls of this collective, so that work the caller queues
+    // before finish() may run beside it; op's buffers hold their results only after finish().
+    // No other call of this collective comes between the two. On a device the calls launch at
+    // once on the collective's own stream, and finish() waits for them while the kernels queued
+    // meanwhile run. Host memory has nothing to run beside them (the products take the rank's
+    // cores), so this default runs `op` in finish(): the same calls in the same order on every
+    // rank, and a caller that reads a buffer too early reads it unsummed, every time.
+    virtual void start(std::function<void()> op) {
+        finish();
+        pending_ = std::move(op);
+    }
+    virtual void finish() {
+        if (auto op = std::exchange(pending_, nullptr))
+            op();
+    }
+
     // Bytes handed to collectives so far (the payload; what travels depends on the algorithm).
     uint64_t payload_bytes() const { return payload_bytes_; }
 
@@ -79,6 +97,7 @@ private:
         return wide_.data();
     }
     std::vector<float> wide_;
+    std::function<void()> pending_;  // start()'s operation, run by finish()
 };
 
 }  // namespace kiln

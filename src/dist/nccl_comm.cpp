@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstring>
 #include <thread>
+#include <utility>
 
 #include "core/error.h"
 #include "dist/store.h"
@@ -124,6 +125,25 @@ public:
             send_bytes);
     }
 
+    // The operation launches now, on this collective's stream, and the kernels queued before
+    // finish() run beside it; finish() waits for it as run() does.
+    void start(std::function<void()> op) override {
+        finish();
+        launching_only_ = true;
+        try {
+            op();
+        } catch (...) {
+            launching_only_ = false;
+            throw;
+        }
+        launching_only_ = false;
+        pending_ = true;
+    }
+    void finish() override {
+        if (std::exchange(pending_, false))
+            wait();
+    }
+
 private:
     // Launches an operation once the device work already queued on this process's streams is
     // done (the kernels' stream is a blocking one, so the legacy stream's event follows it),
@@ -131,6 +151,8 @@ private:
     // its own while the backward goes on): the device is per thread, so it is set each time.
     template <typename Launch>
     void run(Launch launch, size_t bytes) {
+        if (!launching_only_)
+            finish();
         KILN_CUDA_RT(cudaSetDevice(device_));
         KILN_CUDA_RT(cudaEventRecord(device_work_, cudaStreamLegacy));
         KILN_CUDA_RT(cudaStreamWaitEvent(stream_, device_work_, 0));
@@ -139,8 +161,9 @@ private:
             failed_ = true;
             library_failed("NCCL", "a collective", ncclGetErrorString(launched));
         }
-        wait();
         payload_bytes_ += bytes;
+        if (!launching_only_)
+            wait();
     }
     // Waits for the operation. A peer that died leaves NCCL's kernels waiting for ever, so the
     // wait polls NCCL's own error and gives up after the job's timeout.
@@ -176,6 +199,8 @@ private:
     int device_ = 0;  // the GPU this rank took when the group connected
     std::chrono::milliseconds timeout_;
     bool failed_ = false;
+    bool launching_only_ = false;  // inside start(): run() launches and leaves the wait
+    bool pending_ = false;         // start()'s operations are launched, not yet waited for
     cudaStream_t stream_ = nullptr;
     cudaEvent_t device_work_ = nullptr;
     float* scratch_ = nullptr;  // [device] one float for the barrier

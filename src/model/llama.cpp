@@ -294,21 +294,46 @@ void Llama::linear_forward(float* y, Operand x, Operand w, int64_t M, int64_t K,
     k_.gemm(g, ws_);
 }
 
-// dx (M, K) = dy (M, N) · W ; dw (N, K) += dy^T · x (= without accumulate_dw)
-void Llama::linear_backward(float* dx, float* dw, Operand dy, Operand x, Operand w, int64_t M,
-                            int64_t K, int64_t N, bool accumulate_dw) {
+// dx (M, K) = dy (M, N) · W
+void Llama::linear_dx(float* dx, Operand dy, Operand w, int64_t M, int64_t K, int64_t N) {
     Gemm g;
     g.M = M, g.N = K, g.K = N;
     g.a = dy.ptr, g.a_type = dy.type, g.lda = N;
     g.b = w.ptr, g.b_type = w.type, g.ldb = K;
     g.c = dx, g.ldc = K;
     k_.gemm(g, ws_);
-    Gemm gw;
-    gw.M = N, gw.N = K, gw.K = M;
-    gw.a = dy.ptr, gw.a_type = dy.type, gw.lda = N, gw.trans_a = true;
-    gw.b = x.ptr, gw.b_type = x.type, gw.ldb = K;
-    gw.c = dw, gw.ldc = K, gw.accumulate = accumulate_dw;
-    k_.gemm(gw, ws_);
+}
+
+// dw (N, K) += dy^T · x (= without accumulate_dw)
+void Llama::linear_dw(float* dw, Operand dy, Operand x, int64_t M, int64_t K, int64_t N,
+                      bool accumulate_dw) {
+    Gemm g;
+    g.M = N, g.N = K, g.K = M;
+    g.a = dy.ptr, g.a_type = dy.type, g.lda = N, g.trans_a = true;
+    g.b = x.ptr, g.b_type = x.type, g.ldb = K;
+    g.c = dw, g.ldc = K, g.accumulate = accumulate_dw;
+    k_.gemm(g, ws_);
+}
+
+void Llama::linear_backward(float* dx, float* dw, Operand dy, Operand x, Operand w, int64_t M,
+                            int64_t K, int64_t N, bool accumulate_dw) {
+    linear_dx(dx, dy, w, M, K, N);
+    linear_dw(dw, dy, x, M, K, N, accumulate_dw);
+}
+
+// The backward of a column-parallel product y (M, N) = x · W^T whose input x (M, K) fed every
+// rank (under sequence parallelism, the rows `x_local` of each rank gathered): dw, and this
+// rank's rows of dx summed over the group, in dxn_. Each collective runs beside a product that
+// does not read it: the rows' gather beside dx's product, dx's sum beside dw's.
+const float* Llama::column_parallel_backward(float* dw, Operand dy, const void* x_local, Operand w,
+                                             int64_t K, int64_t N, bool accumulate_dw) {
+    const Operand x = start_gather_rows(x_local, gathered_, compute_type());
+    linear_dx(dxn_, dy, w, M_, K, N);
+    if (sp_)
+        tp_->finish();
+    start_sum_rows(dxn_);
+    linear_dw(dw, dy, x, M_, K, N, accumulate_dw);
+    return finish_sum_rows(dxn_);
 }
 
 void Llama::tp_all_reduce(float* data, int64_t n) {
@@ -316,32 +341,53 @@ void Llama::tp_all_reduce(float* data, int64_t n) {
         tp_->all_reduce_sum(data, size_t(n));
 }
 
-Llama::Operand Llama::gather_rows(const void* local, void* full, DType type) {
+Llama::Operand Llama::start_gather_rows(const void* local, void* full, DType type) {
     if (!sp_)
         return {local, type};
     const size_t bytes = size_t(Ml_ * C_) * dtype_size(type);
     k_.copy(static_cast<char*>(full) + size_t(tp_rank_) * bytes, local, bytes);
-    tp_->all_gather_bytes(full, bytes);
+    tp_->start([this, full, bytes] { tp_->all_gather_bytes(full, bytes); });
     return {full, type};
 }
 
-float* Llama::sum_rows(float* full) {
+Llama::Operand Llama::gather_rows(const void* local, void* full, DType type) {
+    const Operand gathered = start_gather_rows(local, full, type);
+    if (sp_)
+        tp_->finish();
+    return gathered;
+}
+
+void Llama::start_sum_rows(float* full) {
+    if (tp_size_ == 1)
+        return;
+    const size_t n = size_t(M_ * C_), rows = size_t(Ml_ * C_);
     if (wire_) {
-        const int64_t n = M_ * C_, mine = sp_ ? tp_rank_ * Ml_ * C_ : 0, rows = Ml_ * C_;
-        k_.to_bf16(wire_, full, n);
+        k_.to_bf16(wire_, full, int64_t(n));
+        uint16_t* wire = wire_;
         if (sp_)
-            tp_->reduce_scatter_sum_bf16(wire_, size_t(rows));
+            tp_->start([this, wire, rows] { tp_->reduce_scatter_sum_bf16(wire, rows); });
         else
-            tp_->all_reduce_sum_bf16(wire_, size_t(n));
-        k_.widen(full + mine, wire_ + mine, rows);
-        return full + mine;
+            tp_->start([this, wire, n] { tp_->all_reduce_sum_bf16(wire, n); });
+    } else if (sp_) {
+        tp_->start([this, full, rows] { tp_->reduce_scatter_sum(full, rows); });
+    } else {
+        tp_->start([this, full, n] { tp_->all_reduce_sum(full, n); });
     }
-    if (!sp_) {
-        tp_all_reduce(full, M_ * C_);
+}
+
+float* Llama::finish_sum_rows(float* full) {
+    if (tp_size_ == 1)
         return full;
-    }
-    tp_->reduce_scatter_sum(full, size_t(Ml_ * C_));
-    return full + tp_rank_ * Ml_ * C_;
+    tp_->finish();
+    const int64_t mine = sp_ ? tp_rank_ * Ml_ * C_ : 0;
+    if (wire_)
+        k_.widen(full + mine, wire_ + mine, Ml_ * C_);
+    return full + mine;
+}
+
+float* Llama::sum_rows(float* full) {
+    start_sum_rows(full);
+    return finish_sum_rows(full);
 }
 
 // Rank 0 of the group adds the residual and every rank its partial product; the all-reduce sums
@@ -410,17 +456,17 @@ void Llama::block_backward(int slot, int64_t l, float* dres, bool accumulate) {
     k_.swiglu_backward(dgu_, ct, dh_, a.gu, M, F);
     // xn2's rows are gathered again (the forward's gathered copy is gone): the bytes of an
     // all-gather instead of a (M, C) activation kept per block.
-    const Operand xn2 = gather_rows(a.xn2, gathered_, ct);
-    linear_backward(dxn_, g + p.w13, input(dgu_), xn2, weight(p.w13), M, C, 2 * F, accumulate);
-    const float* dxn2 = sum_rows(dxn_);  // xn2 fed every rank's slice
+    const float* dxn2 =  // xn2 fed every rank's slice
+        column_parallel_backward(g + p.w13, input(dgu_), a.xn2, weight(p.w13), C, 2 * F,
+                                 accumulate);
     k_.rmsnorm_backward(dres, g + p.ffn_norm, dxn2, a.x2, norm_weight(p.ffn_norm), a.rstd2, Ml, C);
     // attention: x2 = x + att Wo^T, att = attention(xn1 Wqkv^T) (RoPE inside), xn1 = rmsnorm(x)
     linear_backward(datt_, g + p.wo, dy(), saved(a.att, a.att_bf), weight(p.wo), M, H * D, C,
                     accumulate);
     k_.attention_backward(dqkv_, ct, datt_, a.qkv, a.attention, attn_, ws_);
-    const Operand xn1 = gather_rows(a.xn1, gathered_, ct);
-    linear_backward(dxn_, g + p.wqkv, input(dqkv_), xn1, weight(p.wqkv), M, C, QKV, accumulate);
-    const float* dxn1 = sum_rows(dxn_);  // xn1 fed every rank's heads
+    const float* dxn1 =  // xn1 fed every rank's heads
+        column_parallel_backward(g + p.wqkv, input(dqkv_), a.xn1, weight(p.wqkv), C, QKV,
+                                 accumulate);
     k_.rmsnorm_backward(dres, g + p.attention_norm, dxn1, x, norm_weight(p.attention_norm), a.rstd1,
                         Ml, C);
 }

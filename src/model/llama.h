@@ -168,15 +168,25 @@ private:
     // Sequence parallelism: this rank's rows `local` (rows(), C) of dtype `type` gathered from
     // every rank into `full` (M, C); without it, `local` itself.
     Operand gather_rows(const void* local, void* full, DType type);
+    // The same, started (Collective::start): `full` holds the rows after tp_->finish().
+    Operand start_gather_rows(const void* local, void* full, DType type);
     // Sequence parallelism: `full` (M, C) summed over the group, this rank's rows of the sum
     // returned (a pointer into `full`); without it, `full` summed in place. In bf16 on the wire
     // with Split::bf16_wire.
     float* sum_rows(float* full);
+    // The same in two halves, so that work queued between them may run beside the sum.
+    void start_sum_rows(float* full);
+    float* finish_sum_rows(float* full);
     void linear_forward(float* y, Operand x, Operand w, int64_t M, int64_t K, int64_t N,
                         bool accumulate = false);
     // dw += (or = without accumulate_dw) the weight's gradient
     void linear_backward(float* dx, float* dw, Operand dy, Operand x, Operand w, int64_t M,
                          int64_t K, int64_t N, bool accumulate_dw);
+    void linear_dx(float* dx, Operand dy, Operand w, int64_t M, int64_t K, int64_t N);
+    void linear_dw(float* dw, Operand dy, Operand x, int64_t M, int64_t K, int64_t N,
+                   bool accumulate_dw);
+    const float* column_parallel_backward(float* dw, Operand dy, const void* x_local, Operand w,
+                                          int64_t K, int64_t N, bool accumulate_dw);
     // y (M, N) = residual + sum over tensor-parallel ranks of x · W^T (a row-parallel product).
     void row_parallel(float* y, const float* residual, Operand x, Operand w, int64_t M, int64_t K,
                       int64_t N);

@@ -89,7 +89,11 @@ if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then
         --set run.dir="$out/tiny-cuda-dp2"
     step train_cuda_tp2 120 "$k" launch -n 2 -- "$k" train "${tiny[@]}" --set train.backend=cuda \
         --set parallel.tp=2 --set train.grad_accum=2 --set run.dir="$out/tiny-cuda-tp2"
-    for layout in dp2 tp2; do
+    # Sequence parallel: the backward's gathers and sums run beside its products.
+    step train_cuda_tp2sp 120 "$k" launch -n 2 -- "$k" train "${tiny[@]}" \
+        --set train.backend=cuda --set parallel.tp=2 --set parallel.sp=true \
+        --set train.grad_accum=2 --set run.dir="$out/tiny-cuda-tp2sp"
+    for layout in dp2 tp2 tp2sp; do
         step "curves_$layout" 20 python3 bench/gpu/curves.py "$out/tiny-cuda-accum/metrics.jsonl" \
             "$out/tiny-cuda-$layout/metrics.jsonl" 30 1e-4
     done

@@ -103,13 +103,14 @@ double stage_flops_per_token(const model::LlamaConfig& m, int64_t T, int pp, int
 // four, and an all-gather in the compute precision before each column-parallel product (2), of
 // the output gradient before each row-parallel product's backward (2), and of the two norms'
 // outputs again in the backward, which SP gathers instead of keeping them. Full recompute
-// reruns the forward's collectives. On an accelerator, where a collective runs beside the
-// kernels (Collective::start), the backward of each column-parallel product (qkv, w13) runs the
-// norm's gather beside its input gradient's product and that gradient's sum beside its weight
-// gradient's product: of those four (two without SP) only what the product cannot hide shows.
-// `product_s` is one such product's seconds for qkv and for w13.
+// reruns the forward's collectives. With `overlap` (parallel.tp_overlap on an accelerator, where
+// a collective runs beside the kernels: Collective::start), the backward of each column-parallel
+// product (qkv, w13) runs the norm's gather beside its input gradient's product and that gradient's
+// sum beside its weight gradient's product: of those four (two without SP) only what the product
+// cannot hide shows. `product_s` is one such product's seconds for qkv and for w13.
 double block_tp_seconds(const Accelerator& a, int tp, bool sp, bool bf16, bool wire_bf16, bool full,
-                        double rows, int64_t C, const std::array<double, 2>& product_s) {
+                        double rows, int64_t C, bool overlap,
+                        const std::array<double, 2>& product_s) {
     if (tp == 1)
         return 0;
     const double ring = double(tp - 1) / tp, bw = a.intra_gbps * 1e9, latency = a.latency_us * 1e-6;
@@ -118,7 +119,7 @@ double block_tp_seconds(const Accelerator& a, int tp, bool sp, bool bf16, bool w
     const double sum = (sp ? 1 : 2) * ring * sums / bw + latency;
     const double gather = ring * compute / bw + latency;
     double seconds = sp ? (full ? 6 : 4) * sum + (full ? 8 : 6) * gather : (full ? 6 : 4) * sum;
-    if (!a.host) {
+    if (overlap) {
         for (double product : product_s)
             seconds -= std::min(sum, product) + (sp ? std::min(gather, product) : 0.0);
     }
@@ -257,6 +258,7 @@ Estimate estimate(const train::RunConfig& given, const Cluster& cluster) {
     const double ffn_width = 2 * double(m.ffn_dim()), qkv_width = double(m.qkv_dim());
     const double block_tp = block_tp_seconds(
         a, e.tp, e.sp, bf16, config.bf16_wire(), e.recompute == "full", rows, m.dim,
+        !a.host && config.tp_overlapped(true),
         {2 * rows * double(m.dim) * qkv_width / rate, 2 * rows * double(m.dim) * ffn_width / rate});
     double slowest = 0, all_stages = 0, slowest_compute = 0, slowest_tp = 0;
     for (int s = 0; s < e.pp; s++) {

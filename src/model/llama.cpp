@@ -328,12 +328,19 @@ void Llama::linear_backward(float* dx, float* dw, Operand dy, Operand x, Operand
 const float* Llama::column_parallel_backward(float* dw, Operand dy, const void* x_local, Operand w,
                                              int64_t K, int64_t N, bool accumulate_dw) {
     const Operand x = start_gather_rows(x_local, gathered_, compute_type());
+    unless_overlapped();
     linear_dx(dxn_, dy, w, M_, K, N);
     if (sp_)
         tp_->finish();
     start_sum_rows(dxn_);
+    unless_overlapped();
     linear_dw(dw, dy, x, M_, K, N, accumulate_dw);
     return finish_sum_rows(dxn_);
+}
+
+void Llama::unless_overlapped() {
+    if (!split_.tp_overlap && tp_size_ > 1)
+        tp_->finish();
 }
 
 void Llama::tp_all_reduce(float* data, int64_t n) {

@@ -57,6 +57,9 @@ struct Split {
     // rounded to bf16, summed, widened back. Only with bf16 products; the residual stream, the
     // cross-entropy's statistics and the gradients of weights stay f32.
     bool bf16_wire = false;
+    // The backward's tensor-parallel collectives run beside the products that do not read them
+    // (Collective::start); false ends each before the next product.
+    bool tp_overlap = true;
 };
 
 class Llama {
@@ -185,6 +188,7 @@ private:
     void linear_dx(float* dx, Operand dy, Operand w, int64_t M, int64_t K, int64_t N);
     void linear_dw(float* dw, Operand dy, Operand x, int64_t M, int64_t K, int64_t N,
                    bool accumulate_dw);
+    void unless_overlapped();  // without Split::tp_overlap, ends the collective started
     const float* column_parallel_backward(float* dw, Operand dy, const void* x_local, Operand w,
                                           int64_t K, int64_t N, bool accumulate_dw);
     // y (M, N) = residual + sum over tensor-parallel ranks of x · W^T (a row-parallel product).

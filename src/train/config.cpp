@@ -74,6 +74,11 @@ void build_schema(ConfigSchema& s, RunConfig& c) {
           "dtype of the tensor-parallel sums of activations: bf16 (with bf16 products), fp32, "
           "auto (bf16 on the cuda backend with bf16 products, else fp32)",
           one_of(&c.tp_wire, {"auto", "fp32", "bf16"}));
+    s.add("parallel.tp_overlap", &c.tp_overlap,
+          "run the backward's tensor-parallel collectives beside the products that do not read "
+          "them (NCCL: on a stream of its own): true, false, auto (true on the cuda backend; on "
+          "CPUs a product takes the rank's cores, so they run in line whatever this says)",
+          one_of(&c.tp_overlap, {"auto", "true", "false"}));
     s.add("parallel.pp", &c.pp,
           "pipeline stages: the blocks split into this many stages, run on a 1F1B schedule over "
           "the step's train.grad_accum micro-batches",
@@ -113,6 +118,7 @@ model::Split RunConfig::split(int pp_rank) const {
     // 1F1B: stage s starts pp - s forwards before its first backward frees one.
     s.inflight = int(std::min<int64_t>(pp - pp_rank, train.grad_accum));
     s.bf16_wire = bf16_wire();
+    s.tp_overlap = tp_overlapped(train.backend == "cuda");
     return s;
 }
 
@@ -121,6 +127,10 @@ bool RunConfig::bf16_wire() const {
     if (tp_wire == "auto")
         return bf16 && train.backend == "cuda";
     return tp_wire == "bf16";
+}
+
+bool RunConfig::tp_overlapped(bool device) const {
+    return tp_overlap == "true" || (tp_overlap == "auto" && device);
 }
 
 int64_t RunConfig::dp_bucket(bool device) const {

@@ -45,6 +45,8 @@ struct RunConfig {
     bool sp = false;               // sequence parallelism within the tensor-parallel group
     int64_t pp = 1;                // pipeline stages
     std::string tp_wire = "auto";  // auto | fp32 | bf16: the dtype TP's activation sums travel in
+    std::string tp_overlap = "auto";  // auto | true | false: TP's backward collectives beside
+                                      // its products
     int64_t zero = 1;
     double timeout_s = 300;           // rendezvous and collective timeout
     std::string dp_overlap = "auto";  // auto | true | false: DP's gradient sum during the backward
@@ -62,6 +64,10 @@ struct RunConfig {
     // auto on the cuda backend with bf16 products (NCCL sums bf16 natively; gloo widens to f32,
     // which measured faster on one host, so auto keeps f32 on CPUs).
     bool bf16_wire() const;
+    // Whether the backward's tensor-parallel collectives run beside the products
+    // (parallel.tp_overlap; auto: where the tensors are a device's, `device` as for dp_bucket).
+    // On host memory they run in line either way (Collective::start).
+    bool tp_overlapped(bool device) const;
     // The bucket, in floats, of the data-parallel gradient sum overlapped with the backward; 0
     // for the sum after it. Overlapped with parallel.dp_overlap=true, or auto where the tensors
     // are a device's (`device`: the cuda backend, or an accelerator in `kiln plan`): NCCL sums

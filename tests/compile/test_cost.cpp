@@ -97,12 +97,11 @@ TEST(Plan, StagesDivideTheComputePerDevice) {
 }
 
 TEST(Plan, SequenceParallelismShortensBf16TensorParallelTimeAndActivations) {
-    // The collectives in line with the products, as on a host, so that their times compare
-    // their bytes (BackwardSumsBeside... below has the accelerator's overlap).
-    Cluster cluster = parse_cluster("2xtrn1.32xlarge");
-    cluster.device.host = true;
-    train::RunConfig base = model_config("llama2-7b");
-    base.train.precision = "bf16";
+    // The collectives in line with the products, so that their times compare their bytes
+    // (BackwardSumsBeside... below has the backward's overlap).
+    const Cluster cluster = parse_cluster("2xtrn1.32xlarge");
+    train::RunConfig base = model_config("llama2-7b");  // bf16 on an accelerator
+    base.tp_overlap = "false";
     const Estimate off = estimate(layout(base, 8, 1, false, 1, 32, "none"), cluster);
     const Estimate on = estimate(layout(base, 8, 1, true, 1, 32, "none"), cluster);
     // 4 fp32 reduce-scatters and 6 bf16 all-gathers carry 7/8 of 4 fp32 all-reduces' bytes.
@@ -166,31 +165,36 @@ TEST(Plan, BackwardSumsBesideProductsShowOnlyWhatTheProductsCannotHide) {
     // Llama-2-7B in TP 8 without SP, f32 sums: 4 all-reduces a block and micro-batch, two of them
     // in the backward beside the weight gradient of qkv's and of w13's product.
     kiln::testing::TempDir dir;
-    auto cluster = [&](double gbps, bool host) {
+    auto cluster = [&](double gbps) {
         const std::string path = dir.path + "/c.yaml";
         fs::write_file_replace(path, fmt::format("peak_tflops: 100\nmemory_gb: 1000\nper_node: "
                                                  "8\nintra_gbps: {}\nefficiency: 0.5\n",
                                                  gbps));
-        Cluster c = parse_cluster(path);
-        c.device.host = host;  // the host runs its collectives in line with the products
-        return c;
+        return parse_cluster(path);
     };
     train::RunConfig run = layout(model_config("llama2-7b"), 8, 1, false, 1, 4, "none");
     run.train.precision = "bf16";
     run.tp_wire = "fp32";
+    train::RunConfig in_line = run;
+    in_line.tp_overlap = "false";
     // A link fast enough that each sum is shorter than its product: half the time shows.
-    const Estimate fast = estimate(run, cluster(5000, false));
-    const Estimate fast_serial = estimate(run, cluster(5000, true));
+    const Estimate fast = estimate(run, cluster(5000));
+    const Estimate fast_serial = estimate(in_line, cluster(5000));
     EXPECT_NEAR(fast.tp_s, fast_serial.tp_s / 2, 1e-9 * fast_serial.tp_s);
     EXPECT_EQ(fast.compute_s, fast_serial.compute_s);
     // A link so slow that no product hides its sum: the products' time is what is saved.
-    const Estimate slow = estimate(run, cluster(5, false));
-    const Estimate slow_serial = estimate(run, cluster(5, true));
+    const Estimate slow = estimate(run, cluster(5));
+    const Estimate slow_serial = estimate(in_line, cluster(5));
     const model::LlamaConfig& m = run.model;
     const double rows = 4096, products = 2 * rows * double(m.dim) *
                                          double(m.qkv_dim() + 2 * m.ffn_dim()) / (8 * 100e12 * 0.5);
     EXPECT_NEAR(slow_serial.tp_s - slow.tp_s, 4 * double(m.n_layers) * products,
                 1e-9 * slow_serial.tp_s);
+    // A host runs its collectives in line whatever parallel.tp_overlap says.
+    Cluster host = cluster(5000);
+    host.device.host = true;
+    run.tp_overlap = "true";
+    EXPECT_EQ(estimate(run, host).tp_s, estimate(in_line, host).tp_s);
 }
 
 }  // namespace

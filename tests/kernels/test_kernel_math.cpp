@@ -589,16 +589,17 @@ void flash_replay(std::vector<float>& out, std::vector<float>& dqkv, const std::
 // The fused bf16 attention against the reference in f32: grouped-query heads (2 and 4 query
 // heads a kv head), sequences shorter than a tile, and longer with a partial last tile (150 = 2 x
 // 64 + 22), so the causal walk, the online softmax's rescaling across key tiles, the masks of the
-// diagonal and the tail, and the group sums of dk and dv are all crossed; D = 16, 32, 128 (the
-// widest head). q, k, v, dout, p and ds enter the products in bf16, as on the tensor cores: the
-// errors are those of the products rung in bf16 (held to 1e-2 there; seen 2.4e-3 to 5.0e-3),
-// while a wrong mask, a missing rescale or a dropped head of a group moves them by 2e-2 to 1.
+// diagonal and the tail, and the group sums of dk and dv are all crossed; D = 16, 32, 64 (the
+// GPU check's 1.1B), 128 (the widest head). q, k, v, dout, p and ds enter the products in bf16, as
+// on the tensor cores: the errors are those of the products rung in bf16 (held to 1e-2 there;
+// seen 2.4e-3 to 5.0e-3), while a wrong mask, a missing rescale or a dropped head of a group moves
+// them by 2e-2 to 1.
 TEST(KernelMath, FlashAttentionForwardAndBackward) {
     struct Shape {
         int64_t B, T, H, Hkv, D;
     };
-    for (const Shape sh :
-         {Shape{2, 9, 4, 2, 16}, Shape{1, 150, 4, 1, 32}, Shape{1, 70, 2, 2, 128}}) {
+    for (const Shape sh : {Shape{2, 9, 4, 2, 16}, Shape{1, 150, 4, 1, 32}, Shape{1, 140, 4, 2, 64},
+                           Shape{1, 70, 2, 2, 128}}) {
         std::vector<float> cos, sin;
         rope_tables(sh.T, sh.D, cos, sin);
         Attention a{sh.B, sh.T, sh.H, sh.Hkv, sh.D, (sh.H + 2 * sh.Hkv) * sh.D};
@@ -631,6 +632,16 @@ TEST(KernelMath, FlashAttentionForwardAndBackward) {
             EXPECT_LT(rel_err(got, want), 1e-2) << what << " part " << part;
         }
     }
+}
+
+// The shared memory a block asks for at D = 64 (1.1B's heads): dkdv's, the largest, stays within
+// half of an H100's or H200's 228 KB a multiprocessor less the 1 KB each block reserves, so two
+// blocks run on each; the forward's and dq's fit two already.
+TEST(KernelMath, FlashTilesLeaveRoomForTwoBlocksAnSmAtHead64) {
+    const size_t half_sm = 228 * 1024 / 2 - 1024;
+    for (FlashPass pass : {FlashPass::forward, FlashPass::dq, FlashPass::dkdv})
+        EXPECT_LE(FlashTiles().place(nullptr, 64, pass), half_sm) << int(pass);
+    EXPECT_EQ(FlashTiles().place(nullptr, 64, FlashPass::dkdv), 114176u);
 }
 
 // Scores far beyond exp's range (q, k of scale 12: s / sqrt(D) spread ~150, exp overflows past

@@ -16,7 +16,8 @@
 //     p = exp(s / sqrt(D) - lse) and ds = p (dp - rowdot) / sqrt(D) in bf16, then dq += ds k.
 //     It writes rowdot for dkdv.
 //   dkdv (b, kv head, key tile): for each query head of the group and each query tile from the
-//     diagonal on, the same p and ds, then dv += p^T dout and dk += ds^T q.
+//     diagonal on, the same p and ds, then dv += p^T dout, and dk += ds^T q with ds in the tile
+//     p was in (ds kept in f32 over the scores until then).
 // Every gradient row is written once, by the one block that owns it: no atomics, the same bits
 // every run. The backward recomputes s and dp in both passes, the price of that determinism.
 //
@@ -66,7 +67,10 @@ struct FlashTiles {
     // Lays the pass's tiles out from `base` (nullptr: only counts); returns the bytes.
     KILN_HD size_t place(char* base, int64_t D, FlashPass pass) {
         const bool fwd = pass == FlashPass::forward, dkdv = pass == FlashPass::dkdv;
-        ldh = int(D) + 8, ldp = kTile + 8, lds = kTile + 4, ldo = int(D) + 4;
+        // dkdv keeps its two f32 score tiles unpadded and its ds in p's tile (see
+        // flash_dkdv_block): 114,176 bytes at D = 64, so two blocks fit an SM of 228 KB (each
+        // block reserves 1 KB) where one did at 125,440.
+        ldh = int(D) + 8, ldp = kTile + 8, lds = dkdv ? kTile : kTile + 4, ldo = int(D) + 4;
         size_t at = 0;
         auto take = [&](auto*& ptr, size_t elements, bool needed) {
             using T = std::remove_reference_t<decltype(*ptr)>;
@@ -80,7 +84,7 @@ struct FlashTiles {
         take(v, size_t(kTile) * ldh, true);
         take(dout, size_t(kTile) * ldh, !fwd);
         take(p, size_t(kTile) * ldp, fwd || dkdv);
-        take(ds, size_t(kTile) * ldp, !fwd);
+        take(ds, size_t(kTile) * ldp, pass == FlashPass::dq);
         take(s, size_t(kTile) * lds, true);
         take(dp, size_t(kTile) * lds, !fwd);
         take(acc, size_t(kTile) * ldo, true);
@@ -168,13 +172,27 @@ KILN_HD void flash_rescale(const FlashTiles& s, int64_t D, int i) {
     }
 }
 
-// Backward, element (r, c) of the scores and dp tiles: ds (bf16), and p (bf16) where the tiles
-// keep it.
+// Backward, element (r, c) of the scores and dp tiles: p and ds = p (dp - rowdot) / sqrt(D).
+KILN_HD float flash_p_at(const FlashTiles& s, int r, int c, int visible, float scale) {
+    return c < visible ? expf(s.s[r * s.lds + c] * scale - s.lse[r]) : 0.0f;
+}
+KILN_HD float flash_ds_of(const FlashTiles& s, float p, int r, int c, float scale) {
+    return p * (s.dp[r * s.lds + c] - s.rowdot[r]) * scale;
+}
+// dq: ds in bf16, as the product reads it.
 KILN_HD void flash_ds_at(const FlashTiles& s, int r, int c, int visible, float scale) {
-    const float p = c < visible ? expf(s.s[r * s.lds + c] * scale - s.lse[r]) : 0.0f;
-    if (s.p)
-        s.p[r * s.ldp + c] = bf16_round(p);
-    s.ds[r * s.ldp + c] = bf16_round(p * (s.dp[r * s.lds + c] - s.rowdot[r]) * scale);
+    const float p = flash_p_at(s, r, c, visible, scale);
+    s.ds[r * s.ldp + c] = bf16_round(flash_ds_of(s, p, r, c, scale));
+}
+// dkdv: p in bf16 for dv's product, and ds in f32 over the score it came from, until dv's product
+// has read p and ds may take p's tile (flash_ds_into_p).
+KILN_HD void flash_p_and_ds_at(const FlashTiles& s, int r, int c, int visible, float scale) {
+    const float p = flash_p_at(s, r, c, visible, scale);
+    s.p[r * s.ldp + c] = bf16_round(p);
+    s.s[r * s.lds + c] = flash_ds_of(s, p, r, c, scale);
+}
+KILN_HD void flash_ds_into_p(const FlashTiles& s, int r, int c) {
+    s.p[r * s.ldp + c] = bf16_round(s.s[r * s.lds + c]);
 }
 
 // Tiles load in chunks of 8 bf16 (16 bytes: one vector load on the device; every row offset in
@@ -351,11 +369,13 @@ KILN_BLOCK void flash_dkdv_block(X& x, const FlashTiles& s, const Attention& a,
             x.template product<false, true>(s.dp, s.lds, s.dout, s.ldh, s.v, s.ldh, kTile, int(D),
                                             false);
             x.each(kTile * kTile, [&](int i) {
-                flash_ds_at(s, i / kTile, i % kTile, visible_keys(i / kTile, rows, q0, k0), scale);
+                flash_p_and_ds_at(s, i / kTile, i % kTile, visible_keys(i / kTile, rows, q0, k0),
+                                  scale);
             });
             x.template product<true, false>(s.acc2, s.ldo, s.p, s.ldp, s.dout, s.ldh, int(D), kTile,
                                             true);
-            x.template product<true, false>(s.acc, s.ldo, s.ds, s.ldp, s.q, s.ldh, int(D), kTile,
+            x.each(kTile * kTile, [&](int i) { flash_ds_into_p(s, i / kTile, i % kTile); });
+            x.template product<true, false>(s.acc, s.ldo, s.p, s.ldp, s.q, s.ldh, int(D), kTile,
                                             true);
         }
     }

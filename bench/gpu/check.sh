@@ -4,7 +4,8 @@
 # binaries need among that machine's CUDA toolkit and PyTorch's pip packages (nvidia-*), says
 # which it used, then runs the CUDA op tests, the NCCL test, and the bundled kiln training `tiny`
 # for 30 steps in fp32 on the GPU and on the CPUs, comparing their loss curves, then a 1.1B Llama
-# in bf16 against PyTorch, and where its step's device time goes; each step has a time limit,
+# in bf16 against PyTorch, where its step's device time goes, and its attention against
+# PyTorch's attention kernels; each step has a time limit,
 # and the whole stays under ~8 minutes.
 # Figures go to $OUT (when set) and to stdout.
 set -uo pipefail
@@ -134,4 +135,8 @@ step torch_1b 240 python3 bench/gpu/torch_llama.py --batch 2 --seq 4096
 KILN_CUDA_PROFILE="$out/profile-1b.txt" step kiln_1b_profile 120 "$k" train "${b11[@]}" \
     --set train.steps=3 --set train.autotune=false --set run.dir="$out/kiln-1b-profile"
 head -30 "$out/profile-1b.txt" 2>/dev/null
+# Attention alone at one layer's shape: PyTorch's flash, cuDNN and memory-efficient kernels
+# against kiln's (the profile's attention rows), forward and backward.
+step attention 90 python3 bench/gpu/torch_attention.py --batch 2 --seq 4096 --heads 32 \
+    --kv-heads 4 --head-dim 64 --profile "$out/profile-1b.txt"
 exit $status

@@ -280,5 +280,53 @@ TEST(Plan, RecommendsPipelineStagesForLlama70B) {
     }
 }
 
+// The forecasts docs/plan.md quotes are what `kiln plan` prints today: each recommended layout's
+// tokens/s (per node, or in all with per node in brackets) and MFU, on one line of the document.
+// A change to the planner's model shows here until the document is brought up to date.
+TEST(Plan, DocumentedForecastsAreThePlannersOwn) {
+    const std::string doc = fs::read_file(std::string(KILN_SOURCE_DIR) + "/docs/plan.md");
+    auto grouped = [](const std::string& digits) {  // 18531 -> 18,531
+        std::string out;
+        for (size_t i = 0; i < digits.size(); i++) {
+            if (i > 0 && (digits.size() - i) % 3 == 0)
+                out += ',';
+            out += digits[i];
+        }
+        return out;
+    };
+    struct Case {
+        const char* args;
+        bool with_total;  // "total (per node)" as the 70B table writes it
+    };
+    for (const Case& c :
+         {Case{"--model llama2-7b --cluster 2xtrn1.32xlarge", false},
+          Case{"--model llama2-7b --cluster 2xtrn1.32xlarge --set "
+               "parallel.tp_wire=bf16",
+               false},
+          Case{"--model llama2-70b --cluster 16xtrn1.32xlarge", true},
+          Case{"--model llama2-70b --cluster 2xh200", true},
+          Case{"--model llama2-70b --cluster 8xp5.48xlarge --global-batch 128", true}}) {
+        Result r = kiln(std::string("plan ") + c.args);
+        ASSERT_EQ(r.rc, 0) << c.args << ": " << r.out;
+        std::smatch m;
+        ASSERT_TRUE(std::regex_search(
+            r.out, m,
+            std::regex(R"(recommended:[^\n]*\n +step .* ([0-9]+) tokens/s \(([0-9]+) per node\), )"
+                       R"(MFU ([0-9.]+%))")))
+            << r.out;
+        const std::string figure =
+            c.with_total ? grouped(m[1]) + " (" + grouped(m[2]) + ")" : grouped(m[2]);
+        const std::string mfu = m[3];
+        bool found = false;
+        std::istringstream lines(doc);
+        for (std::string line; std::getline(lines, line);)
+            found = found || (line.find("| " + figure + " |") != std::string::npos &&
+                              line.find(mfu) != std::string::npos);
+        EXPECT_TRUE(found) << "docs/plan.md has no table row with " << figure
+                           << " tokens/s and MFU " << mfu << ", which `kiln plan " << c.args
+                           << "` forecasts";
+    }
+}
+
 }  // namespace
 }  // namespace kiln

@@ -301,7 +301,7 @@ TEST(Plan, DocumentedForecastsAreThePlannersOwn) {
     for (const Case& c :
          {Case{"--model llama2-7b --cluster 2xtrn1.32xlarge", false},
           Case{"--model llama2-7b --cluster 2xtrn1.32xlarge --set "
-               "parallel.tp_wire=bf16",
+               "parallel.tp_wire=bf16 --set train.precision=bf16",
                false},
           Case{"--model llama2-70b --cluster 16xtrn1.32xlarge", true},
           Case{"--model llama2-70b --cluster 2xh200", true},

@@ -88,7 +88,7 @@ def main():
                     return sdpa(q, k, v, is_causal=True)
 
                 out = forward()
-                fwd = time_ms(lambda: forward(), args.reps)
+                fwd = time_ms(forward, args.reps)
                 both = time_ms(lambda: forward().backward(dout), args.reps)
         except Exception as e:  # a kernel that does not take this shape or GPU
             print(json.dumps({"impl": f"torch-{name}", "error": str(e).splitlines()[0][:200]}))

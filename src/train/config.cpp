@@ -149,6 +149,7 @@ void RunConfig::resolve() {
     kernels::PrecisionChoice choice = kernels::resolve_precision(train.backend, train.precision);
     train.precision = kernels::precision_name(choice.precision);
     train.precision_why = choice.why;
+    validate();  // the checks that waited for this machine's precision
 }
 
 void RunConfig::validate() const {
@@ -180,11 +181,13 @@ void RunConfig::validate() const {
             "train.seq_len) over parallel.tp={} ranks, which does not divide them",
             train.micro_batch * train.seq_len, tp);
     }
-    if (tp_wire == "bf16" && compute_precision(train) != kernels::Precision::bf16) {
+    // With precision auto the devices decide: this machine's in resolve(), the cluster's in a plan.
+    if (tp_wire == "bf16" && train.precision == "fp32") {
         throw error(
-            "parallel.tp_wire=bf16 carries activations in the products' dtype, and "
-            "train.precision={} runs them in fp32",
-            train.precision);
+            "parallel.tp_wire=bf16 carries activations in the products' dtype, and {} runs "
+            "them in fp32",
+            train.precision_why.empty() ? "train.precision=fp32"
+                                        : "this machine (" + train.precision_why + ")");
     }
     if (pp > model.n_layers) {
         throw error("parallel.pp={} is more stages than the model's {} layers (model.n_layers)", pp,

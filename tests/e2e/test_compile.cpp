@@ -22,9 +22,11 @@ struct Result {
     std::string out;
 };
 
-Result kiln(const std::string& args) {
+// `env`: assignments before the command ("NAME=value ").
+Result kiln(const std::string& args, const std::string& env = "") {
     TempDir tmp;
-    std::string cmd = kiln::testing::kiln_binary() + " " + args + " >" + (tmp / "out") + " 2>&1";
+    std::string cmd =
+        env + kiln::testing::kiln_binary() + " " + args + " >" + (tmp / "out") + " 2>&1";
     int rc = kiln::testing::run(cmd);
     return {rc, fs::read_file(tmp / "out")};
 }
@@ -263,6 +265,28 @@ TEST(Plan, RecommendsALayoutAndRefusesBadInput) {
     EXPECT_NE(bad.out.find("memory_gb must be positive"), std::string::npos) << bad.out;
 }
 
+// A plan for an accelerator cluster takes the cluster's precision (bf16 products under auto), not
+// this machine's: capped at AVX2 this CPU multiplies in fp32, and the plan still sums in bf16.
+// Training on this machine checks its own precision, naming what decided it.
+TEST(Plan, AcceleratorClustersDecideTheirOwnPrecision) {
+    const std::string capped = "ONEDNN_MAX_CPU_ISA=AVX2 ";
+    Result plan = kiln(
+        "plan --model llama2-7b --cluster 2xtrn1.32xlarge --set parallel.tp_wire=bf16", capped);
+    ASSERT_EQ(plan.rc, 0) << plan.out;
+    EXPECT_NE(plan.out.find("recommended:"), std::string::npos) << plan.out;
+
+    Result train = kiln("train --check --set parallel.tp_wire=bf16", capped);
+    EXPECT_NE(train.rc, 0) << train.out;
+    EXPECT_NE(train.out.find("parallel.tp_wire=bf16 carries activations in the products' dtype, "
+                             "and this machine (fp32 products (auto:"),
+              std::string::npos)
+        << train.out;
+    Result fp32 = kiln("train --check --set parallel.tp_wire=bf16 --set train.precision=fp32");
+    EXPECT_NE(fp32.rc, 0) << fp32.out;
+    EXPECT_NE(fp32.out.find("and train.precision=fp32 runs them in fp32"), std::string::npos)
+        << fp32.out;
+}
+
 // Llama-2-70B on 16 trn1 nodes (512 NeuronCores of 16 GB) and on 2 H200 nodes: the planner
 // splits it into pipeline stages and recommends a layout that fits, with its bubble.
 TEST(Plan, RecommendsPipelineStagesForLlama70B) {
@@ -300,9 +324,7 @@ TEST(Plan, DocumentedForecastsAreThePlannersOwn) {
     };
     for (const Case& c :
          {Case{"--model llama2-7b --cluster 2xtrn1.32xlarge", false},
-          Case{"--model llama2-7b --cluster 2xtrn1.32xlarge --set "
-               "parallel.tp_wire=bf16 --set train.precision=bf16",
-               false},
+          Case{"--model llama2-7b --cluster 2xtrn1.32xlarge --set parallel.tp_wire=bf16", false},
           Case{"--model llama2-70b --cluster 16xtrn1.32xlarge", true},
           Case{"--model llama2-70b --cluster 2xh200", true},
           Case{"--model llama2-70b --cluster 8xp5.48xlarge --global-batch 128", true}}) {

@@ -4,7 +4,8 @@
 # binaries need among that machine's CUDA toolkit and PyTorch's pip packages (nvidia-*), says
 # which it used, then runs the CUDA op tests, the NCCL test, and the bundled kiln training `tiny`
 # for 30 steps in fp32 on the GPU and on the CPUs, comparing their loss curves, then a 1.1B Llama
-# in bf16 against PyTorch, where its step's device time goes, and its attention against
+# in bf16 (its micro-batches replayed from CUDA graphs, then launched one by one) against
+# PyTorch, where its step's device time goes, and its attention against
 # PyTorch's attention kernels; each step has a time limit,
 # and the whole stays under ~8 minutes.
 # Figures go to $OUT (when set) and to stdout.
@@ -129,6 +130,10 @@ b11=(--set model.dim=2048 --set model.n_layers=22 --set model.n_heads=32 --set m
 step kiln_1b 200 "$k" train "${b11[@]}" --set run.dir="$out/kiln-1b"
 [ "$last" = 0 ] || step kiln_1b_untuned 200 "$k" train "${b11[@]}" --set train.autotune=false \
     --set run.dir="$out/kiln-1b-untuned"
+# The same with every kernel launched from the host (train.graphs=false): what replaying each
+# micro-batch's recorded CUDA graph saves; the tuned plan comes from the cache the first run left.
+step kiln_1b_eager 120 "$k" train "${b11[@]}" --set train.steps=6 --set train.graphs=false \
+    --set run.dir="$out/kiln-1b-eager"
 step torch_1b 240 python3 bench/gpu/torch_llama.py --batch 2 --seq 4096
 # Where the 1.1B step's device time goes: 3 steps with each op marked by events, summed per op
 # (the products per shape) into profile-1b.txt.

@@ -50,6 +50,13 @@ void row_losses(float* losses, const float* max, const float* sumexp, const floa
         losses[i] = targets[i] >= 0 ? std::log(sumexp[i]) + max[i] - target_logit[i] : 0.0f;
 }
 
+void sum_into(double* total, const float* x, int64_t n) {
+    double s = 0;
+    for (int64_t i = 0; i < n; i++)
+        s += x[i];
+    *total += s;
+}
+
 double sum_squares(const float* x, int64_t n) {
     std::mutex mutex;
     double total = 0;

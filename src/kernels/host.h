@@ -18,6 +18,7 @@ void slice_ids(int32_t* local, float* weight, const int32_t* ids, int64_t n, int
 void rescale_sumexp(float* sumexp, const float* local_max, const float* max, int64_t M);
 void row_losses(float* losses, const float* max, const float* sumexp, const float* target_logit,
                 const int32_t* targets, int64_t M);
+void sum_into(double* total, const float* x, int64_t n);
 double sum_squares(const float* x, int64_t n);  // threaded
 double sum_squares(const float* x, const std::vector<Range>& ranges);
 inline void wait() {}  // host ops end when they return

@@ -6,6 +6,7 @@
 // device memory for CUDA), except `copy`'s, either side of which may be host memory. A caller
 // holding the backend's memory touches it only through these ops, so the same caller runs on
 // every backend.
+#include <functional>
 #include <vector>
 
 #include "core/arena.h"
@@ -118,6 +119,10 @@ struct Kernels {
     void (*rescale_sumexp)(float* sumexp, const float* local_max, const float* max, int64_t M);
     void (*row_losses)(float* losses, const float* max, const float* sumexp,
                        const float* target_logit, const int32_t* targets, int64_t M);
+    // total[0] += the sum of x (n), accumulated in double from zero in index order on a host
+    // (on a device in the order of a block reduction), then added: a step's summed loss, kept
+    // where the losses are so that nothing waits for it until the step ends.
+    void (*sum_into)(double* total, const float* x, int64_t n);
     // Sum of the squares of x's elements in `ranges`, accumulated in double (the gradient
     // norm), returned to the host: one wait on a device, however many ranges.
     double (*sum_squares)(const float* x, const std::vector<Range>& ranges);
@@ -143,6 +148,16 @@ struct Kernels {
     // Stops tuning. From now on every product runs its choice in `plan` (the default for a
     // shape it lacks or a choice this library does not offer); shapes already seen are redone.
     void (*use)(const Plan& plan);
+
+    // Recorded device work, replayed without the host's launches: record(work) calls `work`
+    // with the ops it queues recorded instead of run, and returns the recording, an executable
+    // graph; replay(graph) queues the same work again (the same pointers, sizes and scalars);
+    // release(graph) frees it. Throws Error where the work cannot be recorded (an op in it waits
+    // for the device or reads host memory); nothing of it has run then. Null on the host tables,
+    // whose ops run as they are called.
+    void* (*record)(const std::function<void()>& work);
+    void (*replay)(void* graph);
+    void (*release)(void* graph);
 };
 
 }  // namespace kiln::kernels

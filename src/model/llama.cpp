@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <utility>
 
 #include "core/error.h"
 
@@ -135,7 +136,8 @@ void Llama::build(int64_t capacity, bool allocate) {
     size_t o_losses = acts_.add("losses", M, DType::f32);
     size_t o_rows = acts_.add("row_stats", 5 * M, DType::f32);
     // Token ids and targets as given, and in this rank's vocabulary slice (one set per slot).
-    size_t o_ids = acts_.add("ids", M, DType::i32);
+    size_t o_ids = acts_.add("ids", 2 * M, DType::i32);      // tokens, then targets
+    size_t o_loss = acts_.add("loss_total", 2, DType::u32);  // one double (take_loss())
     size_t o_local = acts_.add("local_ids", (S + 1) * M, DType::i32);
     size_t o_dy_bf = acts_.add("dy_bf", bf * Ml * C, DType::bf16);
     const int64_t sp = sp_ ? 1 : 0, wire = wire_bf16_ ? 1 : 0;
@@ -188,7 +190,9 @@ void Llama::build(int64_t capacity, bool allocate) {
     row_max_ = acts_.get<float>(o_rows);
     row_sum_ = row_max_ + M, row_target_ = row_sum_ + M, row_scale_ = row_target_ + M;
     row_local_max_ = row_scale_ + M;
-    ids_ = acts_.get<int32_t>(o_ids);
+    tokens_in_ = acts_.get<int32_t>(o_ids);
+    targets_in_ = tokens_in_ + M;
+    loss_total_ = acts_.get<double>(o_loss);
     local_targets_ = acts_.get<int32_t>(o_local) + S * M;
     norm_grads_ = sp_ ? acts_.get<float>(o_norm_grads) : nullptr;
     gathered_ = sp_ ? acts_.get<void>(o_gathered) : nullptr;
@@ -478,15 +482,37 @@ void Llama::block_backward(int slot, int64_t l, float* dres, bool accumulate) {
                         Ml, C);
 }
 
-void Llama::embed(int slot, const int32_t* tokens) {
-    // Vocabulary-parallel: each rank looks up the tokens of its slice; the sum is the lookup.
+void Llama::put_tokens(const int32_t* tokens) {
     for (int64_t m = 0; m < M_; m++) {
         KILN_CHECK(tokens[m] >= 0 && tokens[m] < config_.vocab_size, "token {} out of range",
                    tokens[m]);
     }
+    k_.copy(tokens_in_, tokens, size_t(M_) * sizeof(int32_t));
+}
+
+void Llama::put_targets(const int32_t* targets) {
+    for (int64_t m = 0; m < M_; m++)
+        loss_tokens_ += targets[m] >= 0 ? 1 : 0;
+    k_.copy(targets_in_, targets, size_t(M_) * sizeof(int32_t));
+}
+
+void Llama::stage_batch(const int32_t* tokens, const int32_t* targets) {
+    put_tokens(tokens);
+    put_targets(targets);
+}
+
+LossSum Llama::take_loss() {
+    LossSum loss;
+    k_.copy(&loss.sum, loss_total_, sizeof(double));
+    k_.zero(loss_total_, sizeof(double));
+    loss.tokens = std::exchange(loss_tokens_, 0);
+    return loss;
+}
+
+void Llama::embed(int slot) {
+    // Vocabulary-parallel: each rank looks up the tokens of its slice; the sum is the lookup.
     int32_t* local = local_tokens_[size_t(slot)];
-    k_.copy(ids_, tokens, size_t(M_) * sizeof(int32_t));
-    k_.slice_ids(local, nullptr, ids_, M_, layout_.vocab_begin, V_, 0.0f);
+    k_.slice_ids(local, nullptr, tokens_in_, M_, layout_.vocab_begin, V_, 0.0f);
     const Operand wte = weight(layout_.embedding);
     float* x = residual(slot);
     if (!sp_ && !wire_) {
@@ -508,7 +534,7 @@ void Llama::final_norm(int slot) {
 // statistics (max, sum of exp, target logit) are combined over the tensor-parallel group, so no
 // rank ever holds full-vocabulary logits. With grad_scale != 0 also the head's backward into
 // dxn_ (d xnf) and the output weight's gradient.
-LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out, bool accumulate) {
+void Llama::head(float grad_scale, float* logits_out, bool accumulate) {
     const int64_t C = C_, V = V_;
     // Every rank's rows of the final norm's output, under sequence parallelism.
     const void* xnf_all = gather_rows(xnf_, gathered_, compute_type()).ptr;
@@ -520,10 +546,9 @@ LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out,
             linear_forward(logits_, xnf, weight(layout_.output), rows, C, V);
             k_.copy(logits_out + r0 * V, logits_, size_t(rows * V) * sizeof(float));
         }
-        return {};
+        return;
     }
-    k_.copy(ids_, targets, size_t(M_) * sizeof(int32_t));
-    k_.slice_ids(local_targets_, row_scale_, ids_, M_, layout_.vocab_begin, V, grad_scale);
+    k_.slice_ids(local_targets_, row_scale_, targets_in_, M_, layout_.vocab_begin, V, grad_scale);
     for (int64_t r0 = 0; r0 < M_; r0 += head_rows_) {
         int64_t rows = std::min(head_rows_, M_ - r0);
         Operand xnf = input(xnf_all, r0 * C);
@@ -544,7 +569,7 @@ LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out,
             k_.rescale_sumexp(se, local_max, mx, rows);
             tp_->all_reduce_sum(se, size_t(rows));
             tp_->all_reduce_sum(tl, size_t(rows));
-            k_.row_losses(losses_ + r0, mx, se, tl, ids_ + r0, rows);
+            k_.row_losses(losses_ + r0, mx, se, tl, targets_in_ + r0, rows);
             if (dlogits_out) {
                 k_.cross_entropy_backward(logits_, local_targets_ + r0, mx, se, row_scale_ + r0,
                                           rows, V, dlogits_out, dlogits.type);
@@ -556,17 +581,8 @@ LossSum Llama::head(const int32_t* targets, float grad_scale, float* logits_out,
         }
     }
     if (grad_scale != 0)
-        dxnf_ = sum_rows(dxn_);  // xnf fed every rank's vocabulary
-    host_losses_.resize(size_t(M_));
-    k_.copy(host_losses_.data(), losses_, size_t(M_) * sizeof(float));
-    LossSum loss;
-    for (int64_t m = 0; m < M_; m++) {
-        if (targets[m] >= 0) {
-            loss.sum += host_losses_[size_t(m)];
-            loss.tokens++;
-        }
-    }
-    return loss;
+        dxnf_ = sum_rows(dxn_);             // xnf fed every rank's vocabulary
+    k_.sum_into(loss_total_, losses_, M_);  // the rows without a target lost 0
 }
 
 void Llama::zero_added_grads() {
@@ -579,10 +595,16 @@ void Llama::zero_added_grads() {
 }
 
 void Llama::forward(int slot, const int32_t* tokens, const float* input) {
+    if (layout_.first_stage())
+        put_tokens(tokens);
+    forward_staged(slot, input);
+}
+
+void Llama::forward_staged(int slot, const float* input) {
     KILN_CHECK(slot >= 0 && slot < split_.inflight, "slot {} of {}", slot, split_.inflight);
     float* x = residual(slot);
     if (layout_.first_stage())
-        embed(slot, tokens);
+        embed(slot);
     else
         k_.copy(x, input, size_t(Ml_ * C_) * sizeof(float));
     for (int64_t l = 0; l < L_; l++)
@@ -595,11 +617,16 @@ const float* Llama::output(int slot) const {
     return residual(slot) + L_ * Ml_ * C_;
 }
 
-LossSum Llama::loss(const int32_t* targets, float grad_scale, Grads mode) {
+void Llama::loss(const int32_t* targets, float grad_scale, Grads mode) {
+    put_targets(targets);
+    loss_staged(grad_scale, mode);
+}
+
+void Llama::loss_staged(float grad_scale, Grads mode) {
     KILN_CHECK(layout_.last_stage(), "the loss is the last stage's");
     if (mode == Grads::overwrite && grad_scale != 0)
         zero_added_grads();
-    return head(targets, grad_scale, nullptr, mode == Grads::accumulate);
+    head(grad_scale, nullptr, mode == Grads::accumulate);
 }
 
 void Llama::backward(int slot, const float* doutput, Grads mode, const GradsReady* last) {
@@ -635,16 +662,20 @@ void Llama::backward(int slot, const float* doutput, Grads mode, const GradsRead
     final_from(0, {});
 }
 
-LossSum Llama::forward_backward(const int32_t* tokens, const int32_t* targets, float grad_scale,
-                                Grads mode, const GradsReady* last) {
+void Llama::forward_backward(const int32_t* tokens, const int32_t* targets, float grad_scale,
+                             Grads mode, const GradsReady* last) {
+    stage_batch(tokens, targets);
+    forward_backward_staged(grad_scale, mode, last);
+}
+
+void Llama::forward_backward_staged(float grad_scale, Grads mode, const GradsReady* last) {
     KILN_CHECK(split_.pp == 1,
                "forward_backward() runs the whole model; stages run forward(), "
                "loss() and backward()");
-    forward(0, tokens, nullptr);
-    LossSum loss = this->loss(targets, grad_scale, mode);
+    forward_staged(0, nullptr);
+    loss_staged(grad_scale, mode);
     if (grad_scale != 0)
         backward(0, nullptr, mode, last);
-    return loss;
 }
 
 void Llama::sum_norm_grads(std::initializer_list<int64_t> offsets) {
@@ -665,7 +696,7 @@ void Llama::sum_norm_grads(std::initializer_list<int64_t> offsets) {
 void Llama::forward_logits(const int32_t* tokens, float* logits) {
     KILN_CHECK(split_.pp == 1, "full logits need every stage in one model");
     forward(0, tokens, nullptr);
-    head(nullptr, 0, logits, true);
+    head(0, logits, true);
 }
 
 }  // namespace kiln::model

@@ -99,9 +99,19 @@ public:
     // gradient of grad_scale * (summed loss), or = it with Grads::overwrite (a step's first
     // micro-batch: the products write the weight gradients instead of adding to them, so the
     // buffer is never cleared whole). grad_scale 0: forward only, grads untouched. `last`: see
-    // backward().
-    LossSum forward_backward(const int32_t* tokens, const int32_t* targets, float grad_scale,
-                             Grads mode = Grads::accumulate, const GradsReady* last = nullptr);
+    // backward(). The loss is summed where the model lives, for take_loss().
+    void forward_backward(const int32_t* tokens, const int32_t* targets, float grad_scale,
+                          Grads mode = Grads::accumulate, const GradsReady* last = nullptr);
+    // The same in two halves: stage_batch() checks the batch and copies it in; then
+    // forward_backward_staged() queues only the backend's ops on its memory (no host memory, no
+    // waits) and the same ones for the same arguments, so that a device can record it once and
+    // replay it (Kernels::record) while stage_batch() puts each new batch in place.
+    void stage_batch(const int32_t* tokens, const int32_t* targets);
+    void forward_backward_staged(float grad_scale, Grads mode, const GradsReady* last = nullptr);
+    // The losses summed (in double, micro-batch after micro-batch) since the last call, and the
+    // rows with a target they cover; then starts again from zero. Reads the sum from the
+    // backend's memory: on a device, one wait for the work queued so far.
+    LossSum take_loss();
     // Forward only, writing the full logits (B, T, V) to `logits` (tests and sampling; one
     // tensor-parallel rank and one stage only).
     void forward_logits(const int32_t* tokens, float* logits);
@@ -113,9 +123,9 @@ public:
     // From `tokens` (B, T) on the first stage, else from `input` (rows(), C).
     void forward(int slot, const int32_t* tokens, const float* input);
     const float* output(int slot) const;  // what forward() left for the next stage
-    // Last stage, right after forward(): the loss of the micro-batch, and with grad_scale != 0
-    // the head's backward (the start of backward()).
-    LossSum loss(const int32_t* targets, float grad_scale, Grads mode);
+    // Last stage, right after forward(): the loss of the micro-batch (summed for take_loss()),
+    // and with grad_scale != 0 the head's backward (the start of backward()).
+    void loss(const int32_t* targets, float grad_scale, Grads mode);
     // From `doutput` (rows(), C), the gradient of output(slot), on a stage that is not the last;
     // on the last, from loss(). On the first stage it ends in the embedding's gradient; on the
     // others input_grad() is then the gradient of the stage's input.
@@ -161,9 +171,13 @@ private:
     float* residual(int slot) const;  // (local layers + 1, rows(), C)
     void block_forward(int slot, int64_t l, const float* x, float* out);
     void block_backward(int slot, int64_t l, float* dres, bool accumulate);
-    void embed(int slot, const int32_t* tokens);
+    void put_tokens(const int32_t* tokens);    // checked, into tokens_in_
+    void put_targets(const int32_t* targets);  // into targets_in_, counted for take_loss()
+    void forward_staged(int slot, const float* input);
+    void loss_staged(float grad_scale, Grads mode);
+    void embed(int slot);
     void final_norm(int slot);
-    LossSum head(const int32_t* targets, float grad_scale, float* logits_out, bool accumulate);
+    void head(float grad_scale, float* logits_out, bool accumulate);
     void zero_added_grads();  // the gradients only ever added to: norms and the embedding
     // Sequence parallelism: the norm weights' gradients at `offsets` (C each, at most two)
     // summed over the tensor-parallel group; without it a no-op.
@@ -227,8 +241,9 @@ private:
     float *logits_, *losses_;           // (head_rows, V), (M)
     // (M) cross-entropy statistics; row_local_max_: this rank's max before the group's
     float *row_max_, *row_sum_, *row_target_, *row_scale_, *row_local_max_;
-    std::vector<float> host_losses_;  // (M) losses_ copied out to be summed
-    int32_t* ids_;                    // (M) the last token ids or targets copied in
+    double* loss_total_;                // (1) the losses summed since take_loss()
+    int64_t loss_tokens_ = 0;           // the rows with a target they cover
+    int32_t *tokens_in_, *targets_in_;  // (M) each: the last token ids and targets put in
     // [slot] (M) token ids in this rank's vocabulary slice, or -1; (M) the same for targets
     std::vector<int32_t*> local_tokens_;
     int32_t* local_targets_;

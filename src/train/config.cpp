@@ -42,6 +42,11 @@ void build_schema(ConfigSchema& s, RunConfig& c) {
     s.add("train.backend", &t.backend,
           "kernel backend: cpu | reference | cuda (each rank on its host's GPU LOCAL_RANK)",
           one_of(&t.backend, {"cpu", "reference", "cuda"}));
+    s.add("train.graphs", &t.graphs,
+          "record a micro-batch's device work once as a CUDA graph and replay it (no launches "
+          "from the host): auto (on the cuda backend with parallel.tp=1 and parallel.pp=1), "
+          "true, false",
+          one_of(&t.graphs, {"auto", "true", "false"}));
     s.add("train.threads", &t.threads, "CPU threads (0: all cores)", non_negative(&t.threads));
     s.add("train.init_std", &t.init_std,
           "std of the initial weights (wo and w2: init_std / sqrt(2 n_layers))",
@@ -129,6 +134,11 @@ bool RunConfig::bf16_wire() const {
     return tp_wire == "bf16";
 }
 
+bool RunConfig::graphs_recorded() const {
+    return train.graphs == "true" ||
+           (train.graphs == "auto" && train.backend == "cuda" && tp == 1 && pp == 1);
+}
+
 bool RunConfig::tp_overlapped(bool device) const {
     return tp_overlap == "true" || (tp_overlap == "auto" && device);
 }
@@ -188,6 +198,19 @@ void RunConfig::validate() const {
             "them in fp32",
             train.precision_why.empty() ? "train.precision=fp32"
                                         : "this machine (" + train.precision_why + ")");
+    }
+    if (train.graphs == "true" && train.backend != "cuda") {
+        throw error(
+            "train.graphs=true records device work, and train.backend={} runs each op as it is "
+            "called; use train.graphs=auto or false",
+            train.backend);
+    }
+    if (train.graphs == "true" && (tp > 1 || pp > 1)) {
+        throw error(
+            "train.graphs=true needs parallel.tp=1 and parallel.pp=1 (parallel.tp={}, "
+            "parallel.pp={}): the collectives between ranks wait on the host, which a recording "
+            "cannot hold",
+            tp, pp);
     }
     if (pp > model.n_layers) {
         throw error("parallel.pp={} is more stages than the model's {} layers (model.n_layers)", pp,

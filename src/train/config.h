@@ -24,6 +24,7 @@ struct TrainConfig {
     std::string precision_why;       // set by resolve(): the choice and what decided it
     std::string recompute = "none";
     std::string backend = "cpu";
+    std::string graphs = "auto";  // auto | true | false: RunConfig::graphs_recorded()
     int64_t threads = 0;
     double init_std = 0.02;
     int64_t log_every = 10;
@@ -68,6 +69,10 @@ struct RunConfig {
     // (parallel.tp_overlap; auto: where the tensors are a device's, `device` as for dp_bucket).
     // On host memory they run in line either way (Collective::start).
     bool tp_overlapped(bool device) const;
+    // Whether the trainer records each micro-batch's device work and replays it
+    // (kernels/replays.h): train.graphs=true, or auto on the cuda backend with one
+    // tensor-parallel rank and one stage (their collectives wait on the host).
+    bool graphs_recorded() const;
     // The bucket, in floats, of the data-parallel gradient sum overlapped with the backward; 0
     // for the sum after it. Overlapped with parallel.dp_overlap=true, or auto where the tensors
     // are a device's (`device`: the cuda backend, or an accelerator in `kiln plan`): NCCL sums

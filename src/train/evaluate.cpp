@@ -33,7 +33,6 @@ EvalResult evaluate(const std::string& checkpoint_dir, const std::string& data_d
 
     std::vector<int32_t> tokens(B * T), targets(B * T);
     EvalResult r;
-    double sum = 0;
     for (int64_t r0 = 0; r0 < rows; r0 += B) {
         for (int64_t b = 0; b < B; b++) {
             bool real = r0 + b < rows;  // a short last batch is padded with ignored rows
@@ -42,12 +41,12 @@ EvalResult evaluate(const std::string& checkpoint_dir, const std::string& data_d
                 targets[b * T + i] = real && i + 1 < T ? tokens[b * T + i + 1] : -1;
             }
         }
-        model::LossSum l = model.forward_backward(tokens.data(), targets.data(), 0.0f);
-        sum += l.sum;
-        r.tokens += l.tokens;
+        model.forward_backward(tokens.data(), targets.data(), 0.0f);
     }
+    const model::LossSum l = model.take_loss();  // summed batch after batch
+    r.tokens = l.tokens;
     r.rows = rows;
-    r.loss = r.tokens > 0 ? sum / double(r.tokens) : 0;
+    r.loss = r.tokens > 0 ? l.sum / double(r.tokens) : 0;
     return r;
 }
 

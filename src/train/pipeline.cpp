@@ -49,11 +49,8 @@ PipelineStats Pipeline::run(int64_t m, float grad_scale,
     auto forward = [&](int64_t k) {
         read(k, tokens.data(), targets.data());
         model.forward(slot(k), tokens.data(), x);
-        if (last) {
-            const model::LossSum l = model.loss(targets.data(), grad_scale, mode(k));
-            stats.loss.sum += l.sum;
-            stats.loss.tokens += l.tokens;
-        }
+        if (last)
+            model.loss(targets.data(), grad_scale, mode(k));
     };
     auto backward = [&](int64_t k) {
         model.backward(slot(k), g, mode(k), k + 1 == m ? &ready : nullptr);
@@ -84,6 +81,8 @@ PipelineStats Pipeline::run(int64_t m, float grad_scale,
         backward(k);
         exchange(input_grad(), prev, nullptr, -1);
     }
+    if (last)
+        stats.loss = model.take_loss();
     return stats;
 }
 

@@ -26,6 +26,7 @@
 #include "dist/communicator.h"
 #include "dist/env.h"
 #include "kernels/backends.h"
+#include "kernels/replays.h"
 #include "model/llama.h"
 #include "optim/adamw.h"
 #include "train/autotune.h"
@@ -480,6 +481,12 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
                   steps_done, mib, seconds_since(staging_start));
     };
 
+    // After tuning, so that a recording holds the products the plan chose.
+    kernels::Replays replays(k, cfg.graphs_recorded(), t.graphs == "true");
+    if (cfg.graphs_recorded() && k.record)
+        log::info("train",
+                  "each micro-batch's device work is recorded as a CUDA graph in the second "
+                  "step and replayed after (train.graphs)");
     // What the steps move, without the tuning passes, the set-up before them and checkpoints.
     // Host scalars and device tensors together, where they travel apart.
     auto payload = [](Collective& host, Collective& tensors) {
@@ -513,13 +520,23 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
         if (g.pp == 1) {
             for (int64_t micro = 0; micro < t.grad_accum; micro++) {
                 read(micro, tokens.data(), targets.data());
-                model::LossSum l = model.forward_backward(
-                    tokens.data(), targets.data(), grad_scale,
-                    micro == 0 ? model::Grads::overwrite : model::Grads::accumulate,
-                    micro + 1 == t.grad_accum ? &ready : nullptr);
-                loss_sum[0] += l.sum;
-                loss_sum[1] += double(l.tokens);
+                model.stage_batch(tokens.data(), targets.data());
+                const model::Grads mode =
+                    micro == 0 ? model::Grads::overwrite : model::Grads::accumulate;
+                // The last backward makes the gradients final (model::GradsReady). Recorded
+                // (one rank of TP, so no norms to sum), it needs no hook unless the
+                // data-parallel sum follows it, a host call a recording would leave out: that
+                // one runs as it is.
+                const bool last = micro + 1 == t.grad_accum;
+                if (replays.on() && !(last && reducer.overlapped())) {
+                    replays.run(int(mode),
+                                [&] { model.forward_backward_staged(grad_scale, mode); });
+                } else {
+                    model.forward_backward_staged(grad_scale, mode, last ? &ready : nullptr);
+                }
             }
+            const model::LossSum l = model.take_loss();
+            loss_sum[0] = l.sum, loss_sum[1] = double(l.tokens);
         } else {
             PipelineStats p = pipeline->run(t.grad_accum, grad_scale, read, B * T, ready);
             loss_sum[0] = p.loss.sum, loss_sum[1] = double(p.loss.tokens);

@@ -439,6 +439,9 @@ TEST(Cli, BadInputIsOneClearSentence) {
         {"train --set data.source=" + (dir / "data") + " --set train.seq_len=32",
          "vocab_size 256 but model.vocab_size is 32000"},
         {"train --set train.precision=fp16", "train.precision=fp16 is invalid"},
+        {"train --check --set train.graphs=true",
+         "train.graphs=true records device work, and train.backend=cpu runs each op as it is "
+         "called"},
         {"train --check --config " + (dir / "laughs.yaml"), "holds more than 4096 values"},
         {"train --check --config /dev/zero", "/dev/zero is larger than the 1048576 bytes"},
         // Products of config values once overflowed into a SIGFPE after --check passed them.

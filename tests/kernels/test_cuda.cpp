@@ -19,6 +19,7 @@
 #include "kernels/reference/reference.h"
 #include "kernels/tensors.h"
 #include "model/llama.h"
+#include "model/replayed_steps.h"
 #include "optim/adamw.h"
 
 #ifdef KILN_HAVE_CUDA
@@ -384,6 +385,7 @@ TEST(Cuda, TableMemoryAndSmallOps) {
     const size_t a_at = arena.add("a", n, DType::f32), b_at = arena.add("b", n, DType::f32);
     const size_t ids_at = arena.add("ids", n, DType::i32), w_at = arena.add("w", n, DType::f32);
     const size_t local_at = arena.add("local", n, DType::i32);
+    const size_t total_at = arena.add("total", 2, DType::u32);  // one double
     arena.allocate();
     float *a = arena.get<float>(a_at), *b = arena.get<float>(b_at), *w = arena.get<float>(w_at);
     int32_t *ids = arena.get<int32_t>(ids_at), *d_local = arena.get<int32_t>(local_at);
@@ -395,6 +397,15 @@ TEST(Cuda, TableMemoryAndSmallOps) {
     const std::vector<Range> ranges = {{0, int64_t(n) / 3}, {int64_t(n) / 2, int64_t(n)}};
     EXPECT_NEAR(dev.sum_squares(a, ranges), host.sum_squares(x.data(), ranges),
                 1e-12 * host.sum_squares(x.data(), ranges));
+    // Summed into what is there: twice over, as two micro-batches' losses.
+    double* total = arena.get<double>(total_at);
+    double got_total = 0, want_total = 0;
+    for (int i = 0; i < 2; i++) {
+        dev.sum_into(total, a, n);
+        host.sum_into(&want_total, x.data(), n);
+    }
+    dev.copy(&got_total, total, sizeof(double));
+    EXPECT_NEAR(got_total, want_total, 1e-12 * std::fabs(want_total));
     dev.add(a, a, b, n);
     std::vector<float> got(n), want(n);
     dev.copy(got.data(), a, n * 4);
@@ -463,8 +474,8 @@ TEST(Cuda, ModelStepMatchesCpu) {
         model::Llama m(c, k, B, T, model::Recompute::selective);
         optim::AdamW adamw(m.layout(), {}, 0, m.layout().total(), k);
         m.init_weights(3, 0.1);
-        const double loss =
-            m.forward_backward(tokens.data(), targets.data(), 0.01f, model::Grads::overwrite).sum;
+        m.forward_backward(tokens.data(), targets.data(), 0.01f, model::Grads::overwrite);
+        const double loss = m.take_loss().sum;
         const int64_t n = m.layout().total();
         grads.resize(n), params.resize(n);
         k.copy(grads.data(), m.grads(), n * 4);
@@ -480,6 +491,29 @@ TEST(Cuda, ModelStepMatchesCpu) {
     // AdamW's first step moves each weight by about lr whatever its gradient's size, so a
     // gradient near zero whose sign differs moves 2 lr apart; a wrong update moves them all.
     EXPECT_LT(rel_err(p_dev, p_cpu), 1e-3);
+}
+
+// A micro-batch replayed from its CUDA graph is the same work as the ops called one by one: the
+// same losses, gradients and weights, bit for bit (the kernels are deterministic), in both
+// precisions; and the loss summed on the device is the CPU table's within rounding.
+TEST(Cuda, MicroBatchesReplayFromCudaGraphs) {
+    KILN_REQUIRE_CUDA();
+    for (Precision p : {Precision::fp32, Precision::bf16}) {
+        const Kernels& k = cuda_kernels(p);
+        const auto called = kiln::testing::replayed_steps(k, model::Recompute::none, false);
+        const auto replayed = kiln::testing::replayed_steps(k, model::Recompute::none, true);
+        EXPECT_EQ(called.recorded, 0);
+        EXPECT_EQ(replayed.recorded, 2) << "the overwriting and the accumulating micro-batch";
+        EXPECT_EQ(replayed.losses, called.losses) << k.name;
+        EXPECT_EQ(replayed.grads, called.grads) << k.name;
+        EXPECT_EQ(replayed.params, called.params) << k.name;
+    }
+    const auto cpu =
+        kiln::testing::replayed_steps(cpu_kernels(Precision::fp32), model::Recompute::none, false);
+    const auto dev =
+        kiln::testing::replayed_steps(cuda_kernels(Precision::fp32), model::Recompute::none, true);
+    for (size_t s = 0; s < cpu.losses.size(); s++)
+        EXPECT_NEAR(dev.losses[s], cpu.losses[s], 1e-5 * cpu.losses[s]) << "step " << s;
 }
 #else
 TEST(Cuda, Ops) {

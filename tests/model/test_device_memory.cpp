@@ -4,19 +4,29 @@
 // these tests prove that the model, its pipeline stages and AdamW reach their memory only
 // through the table (kernels/table.h), which is what lets a CUDA table run them. The results
 // must be the CPU table's, bit for bit.
+//
+// The table records as a device records a graph (Kernels::record): while a recording is open
+// each op is kept with its arguments instead of run, and a replay runs what was kept without
+// the caller's code. An op that reads or writes host memory, or hands a value back to the host,
+// fails the recording. So a micro-batch replayed from its recording proves that its work is the
+// table's ops alone, the same ones every time.
 #include <gtest/gtest.h>
 #include <sys/mman.h>
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <mutex>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "core/error.h"
+#include "fixture.h"
 #include "kernels/cpu/cpu.h"
 #include "kernels/products.h"
 #include "model/llama.h"
+#include "model/replayed_steps.h"
 #include "optim/adamw.h"
 
 namespace kiln::model {
@@ -85,9 +95,56 @@ const Kernels& inner() {
     return kernels::cpu_kernels(P);
 }
 
-// Each op of the guarded table: the CPU table's, with the memory opened around it.
+bool guarded_pointer(const void* p) {
+    std::lock_guard<std::mutex> lock(guard().mutex);
+    for (auto [base, n] : guard().maps) {
+        if (p >= base && p < static_cast<const char*>(base) + n)
+            return true;
+    }
+    return false;
+}
+
+struct Tape {  // a recording: the ops, each with its arguments
+    std::vector<std::function<void()>> ops;
+};
+Tape* recording = nullptr;  // the open recording, if any
+
+void* record(const std::function<void()>& work) {
+    KILN_CHECK(!recording, "recordings do not nest");
+    auto tape = std::make_unique<Tape>();
+    recording = tape.get();
+    try {
+        work();
+    } catch (...) {
+        recording = nullptr;
+        throw;
+    }
+    recording = nullptr;
+    return tape.release();
+}
+void replay(void* tape) {
+    for (const auto& op : static_cast<Tape*>(tape)->ops)
+        op();
+}
+void release(void* tape) {
+    delete static_cast<Tape*>(tape);
+}
+
+// Each op of the guarded table: the CPU table's, with the memory opened around it; kept for
+// later while a recording is open.
 template <Precision P, auto Member, typename R, typename... A>
 R opened_call(A... a) {
+    if (recording) {
+        if constexpr (std::is_void_v<R>) {
+            recording->ops.push_back([a...] {  // copies of the arguments, as a graph keeps
+                Opened o;
+                (inner<P>().*Member)(a...);
+            });
+            return;
+        } else {
+            throw error("an op that returns a value to the host was recorded");
+        }
+    }
     Opened o;
     return (inner<P>().*Member)(a...);
 }
@@ -96,6 +153,20 @@ constexpr auto opened(R (*Kernels::*)(A...)) {
     return &opened_call<P, Member, R, A...>;
 }
 #define OPENED(f) opened<P, &Kernels::f>(&Kernels::f)
+
+// A copy is recorded only between two of the table's buffers: host memory is the caller's, and
+// changes (or is read) at the time of the call, not of the replay.
+template <Precision P>
+void guarded_copy(void* dst, const void* src, size_t bytes) {
+    if (recording && !(guarded_pointer(dst) && guarded_pointer(src)))
+        throw error("a copy from or to host memory was recorded");
+    opened_call<P, &Kernels::copy, void, void*, const void*, size_t>(dst, src, bytes);
+}
+
+void guarded_wait() {
+    if (recording)
+        throw error("a wait was recorded");
+}
 
 template <Precision P>
 const Kernels guarded_table = {
@@ -119,20 +190,24 @@ const Kernels guarded_table = {
     OPENED(to_bf16),
     &guarded_memory,
     &host_memory,
-    OPENED(copy),
+    guarded_copy<P>,
     OPENED(zero),
     OPENED(widen),
     OPENED(add),
     OPENED(slice_ids),
     OPENED(rescale_sumexp),
     OPENED(row_losses),
+    OPENED(sum_into),
     OPENED(sum_squares),
-    inner<P>().wait,  // touches no memory
-    nullptr,          // nothing to tune
+    guarded_wait,  // touches no memory
+    nullptr,       // nothing to tune
     nullptr,
     nullptr,
     nullptr,
     nullptr,
+    record,
+    replay,
+    release,
 };
 
 const Kernels& guarded(Precision p) {
@@ -182,10 +257,12 @@ Outcome train_step(const Kernels& k, Recompute recompute) {
     m.init_weights(5, 0.1);
     const Batch a = batch(B, T, c.vocab_size, 1), b = batch(B, T, c.vocab_size, 2);
     Outcome out;
-    out.losses.push_back(
-        m.forward_backward(a.tokens.data(), a.targets.data(), 0.01f, Grads::overwrite).sum);
-    out.losses.push_back(m.forward_backward(b.tokens.data(), b.targets.data(), 0.01f).sum);
-    out.losses.push_back(m.forward_backward(a.tokens.data(), a.targets.data(), 0).sum);
+    m.forward_backward(a.tokens.data(), a.targets.data(), 0.01f, Grads::overwrite);
+    out.losses.push_back(m.take_loss().sum);
+    m.forward_backward(b.tokens.data(), b.targets.data(), 0.01f);
+    out.losses.push_back(m.take_loss().sum);
+    m.forward_backward(a.tokens.data(), a.targets.data(), 0);
+    out.losses.push_back(m.take_loss().sum);
     const int64_t n = m.layout().total();
     out.grads = host_copy(k, m.grads(), n);
     out.grad_sq = k.sum_squares(m.grads(), {{0, n}});
@@ -225,15 +302,16 @@ TEST_P(DeviceMemory, PipelineStagesReachTheirMemoryOnlyThroughTheTable) {
     const Batch a = batch(B, T, c.vocab_size, 3);
     Llama whole(c, k, B, T, Recompute::selective);
     whole.init_weights(7, 0.1);
-    const double loss =
-        whole.forward_backward(a.tokens.data(), a.targets.data(), 0.01f, Grads::overwrite).sum;
+    whole.forward_backward(a.tokens.data(), a.targets.data(), 0.01f, Grads::overwrite);
+    const double loss = whole.take_loss().sum;
     Llama first(c, k, B, T, Recompute::selective, 0, nullptr, {false, 2, 0, 1});
     Llama last(c, k, B, T, Recompute::selective, 0, nullptr, {false, 2, 1, 1});
     first.init_weights(7, 0.1);
     last.init_weights(7, 0.1);
     first.forward(0, a.tokens.data(), nullptr);
     last.forward(0, nullptr, first.output(0));
-    EXPECT_EQ(last.loss(a.targets.data(), 0.01f, Grads::overwrite).sum, loss);
+    last.loss(a.targets.data(), 0.01f, Grads::overwrite);
+    EXPECT_EQ(last.take_loss().sum, loss);
     last.backward(0, nullptr, Grads::overwrite);
     first.backward(0, last.input_grad(), Grads::overwrite);
     const std::vector<float> g = host_copy(k, whole.grads(), whole.layout().total());
@@ -247,6 +325,49 @@ TEST_P(DeviceMemory, PipelineStagesReachTheirMemoryOnlyThroughTheTable) {
                 << p.name;
         }
     }
+}
+
+// Micro-batches replayed from their recordings (kernels::Replays, as the trainer runs them under
+// train.graphs) against the CPU table's run as called: the same losses, gradients and weights,
+// bit for bit. What a micro-batch reads from the host (stage_batch) is put in place before each
+// replay.
+TEST_P(DeviceMemory, MicroBatchesReplayFromTheirRecordings) {
+    KILN_REQUIRE_PRODUCTS(GetParam());
+    for (Recompute r : {Recompute::none, Recompute::full}) {
+        const auto eager = kiln::testing::replayed_steps(kernels::cpu_kernels(GetParam()), r, true);
+        const auto replayed = kiln::testing::replayed_steps(guarded(GetParam()), r, true);
+        EXPECT_EQ(eager.recorded, 0);  // the CPU table records nothing
+        EXPECT_EQ(replayed.recorded, 2);
+        EXPECT_EQ(replayed.losses, eager.losses);
+        EXPECT_EQ(replayed.grads, eager.grads);
+        EXPECT_EQ(replayed.params, eager.params);
+    }
+    EXPECT_TRUE(guard().maps.empty()) << "every arena is released";
+}
+
+// What cannot be recorded says so, and leaves nothing recorded: a micro-batch that reads its
+// batch from the host, and the read of its loss.
+TEST_P(DeviceMemory, HostReadsAndWaitsCannotBeRecorded) {
+    KILN_REQUIRE_PRODUCTS(GetParam());
+    const Kernels& k = guarded(GetParam());
+    const LlamaConfig c = config();
+    Llama m(c, k, 2, 8, Recompute::none);
+    m.init_weights(3, 0.1);
+    const Batch b = batch(2, 8, c.vocab_size, 1);
+    EXPECT_EQ(
+        kiln::testing::message_of([&] {
+            release(k.record([&] { m.forward_backward(b.tokens.data(), b.targets.data(), 0); }));
+        }),
+        "a copy from or to host memory was recorded");
+    m.stage_batch(b.tokens.data(), b.targets.data());
+    EXPECT_EQ(kiln::testing::message_of([&] {
+                  release(k.record([&] {
+                      m.forward_backward_staged(0, Grads::overwrite);
+                      m.take_loss();
+                  }));
+              }),
+              "a copy from or to host memory was recorded");
+    EXPECT_EQ(kiln::testing::message_of([&] { release(k.record(k.wait)); }), "a wait was recorded");
 }
 
 }  // namespace

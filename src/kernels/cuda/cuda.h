@@ -4,6 +4,7 @@
 // cuda_kernels() assembles them into the table.
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "kernels/cuda/sizes.h"
@@ -45,7 +46,13 @@ void row_losses(float* losses, const float* max, const float* sumexp, const floa
 // Each block's double partial accumulated over the ranges in order, summed on the host in block
 // order: one wait.
 double sum_squares(const float* x, const std::vector<Range>& ranges);
-void wait();  // for the stream's queued work
+void sum_into(double* total, const float* x, int64_t n);  // one block, queued
+void wait();                                              // for the stream's queued work
+// The stream's work recorded as a CUDA graph (Kernels::record): captured from this thread only
+// (another thread's ops run as ever), instantiated, launched on the stream by replay().
+void* record(const std::function<void()>& work);
+void replay(void* graph);
+void release(void* graph);
 
 // Each call queues its work on the process's one stream (launch.h) and returns, converting a
 // launch failure into KILN_CUDA's check; the host waits only where it reads or lends memory

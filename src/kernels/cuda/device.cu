@@ -18,6 +18,12 @@ __global__ void sum_squares_kernel(double* partials, const float* x, int64_t n) 
         partials[blockIdx.x] += s;  // launches on one stream: one range after another
 }
 
+__global__ void sum_into_kernel(double* total, const float* x, int64_t n) {
+    const double s = block_reduce(sum_share(x, n, threadIdx.x, blockDim.x), 0.0, Sum{});
+    if (threadIdx.x == 0)
+        *total += s;
+}
+
 void* device_alloc(size_t bytes, const char* what) {
     const size_t n = std::max<size_t>(bytes, 1);
     void* p = nullptr;
@@ -147,6 +153,57 @@ double sum_squares(const float* x, const std::vector<Range>& ranges) {
     for (double s : host)
         total += s;
     return total;
+}
+
+void sum_into(double* total, const float* x, int64_t n) {
+    sum_into_kernel<<<1, kRowThreads, 0, stream()>>>(total, x, n);
+    finish_launch();
+}
+
+void* record(const std::function<void()>& work) {
+    if (sync_each_launch())
+        throw error("KILN_CUDA_SYNC waits after every launch, which a recorded graph cannot do");
+    cudaStream_t s = stream();
+    KILN_CUDA(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    cudaGraph_t graph = nullptr;
+    auto abandon = [&] {  // ends the capture, whatever it holds; nothing of it has run
+        cudaStreamEndCapture(s, &graph);
+        if (graph)
+            cudaGraphDestroy(graph);
+        cudaGetLastError();  // capture errors are not sticky: the device stays usable
+    };
+    try {
+        work();
+    } catch (const Error& e) {
+        abandon();
+        throw error("the device work could not be recorded as a CUDA graph: {}", e.what());
+    } catch (...) {
+        abandon();
+        throw;
+    }
+    const cudaError_t ended = cudaStreamEndCapture(s, &graph);
+    if (ended != cudaSuccess) {
+        abandon();
+        throw error("the device work could not be recorded as a CUDA graph: {}",
+                    cudaGetErrorString(ended));
+    }
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t made = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    if (made != cudaSuccess) {
+        cudaGetLastError();
+        throw error("a recorded CUDA graph could not be instantiated: {}",
+                    cudaGetErrorString(made));
+    }
+    return exec;
+}
+
+void replay(void* graph) {
+    KILN_CUDA(cudaGraphLaunch(static_cast<cudaGraphExec_t>(graph), stream()));
+}
+
+void release(void* graph) {
+    cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(graph));  // a destructor's: nowhere to fail
 }
 
 }  // namespace kiln::kernels::cuda

@@ -320,6 +320,15 @@ KILN_HD double sum_squares_share(const float* x, int64_t n, int64_t first, int64
     return s;
 }
 
+// The same share of the plain sum (Kernels::sum_into, one block: the shares combined as
+// block_reduce orders them).
+KILN_HD double sum_share(const float* x, int64_t n, int64_t first, int64_t stride) {
+    double s = 0;
+    for (int64_t i = first; i < n; i += stride)
+        s += double(x[i]);
+    return s;
+}
+
 // --- AdamW, element by element (see Kernels::adamw), with fp32 master weights ---
 
 // The step's scalars, computed once on the host in double as the CPU backend computes them.

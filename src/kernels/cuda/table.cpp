@@ -74,6 +74,7 @@ const Kernels table = {
     slice_ids,
     rescale_sumexp,
     row_losses,
+    sum_into,
     sum_squares,
     wait,
     platform,
@@ -81,6 +82,9 @@ const Kernels table = {
     tune_next,
     tuned,
     use,
+    record,
+    replay,
+    release,
 };
 
 }  // namespace

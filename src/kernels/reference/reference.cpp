@@ -340,11 +340,15 @@ const Kernels table = {
     host::slice_ids,
     host::rescale_sumexp,
     host::row_losses,
+    host::sum_into,
     static_cast<double (*)(const float*, const std::vector<Range>&)>(host::sum_squares),
     host::wait,
     nullptr,  // nothing to tune
     nullptr,
     nullptr,
+    nullptr,
+    nullptr,
+    nullptr,  // nothing to record: the ops run as they are called
     nullptr,
     nullptr,
 };

@@ -483,10 +483,14 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
 
     // After tuning, so that a recording holds the products the plan chose.
     kernels::Replays replays(k, cfg.graphs_recorded(), t.graphs == "true");
-    if (cfg.graphs_recorded() && k.record)
+    if (replays.on()) {
         log::info("train",
-                  "each micro-batch's device work is recorded as a CUDA graph in the second "
-                  "step and replayed after (train.graphs)");
+                  "micro-batches recorded as CUDA graphs in the second step and replayed after "
+                  "(train.graphs){}",
+                  reducer.overlapped() ? ", but for each step's last: the data-parallel sum "
+                                         "follows its backward"
+                                       : "");
+    }
     // What the steps move, without the tuning passes, the set-up before them and checkpoints.
     // Host scalars and device tensors together, where they travel apart.
     auto payload = [](Collective& host, Collective& tensors) {

@@ -120,7 +120,11 @@ void copy(void* dst, const void* src, size_t bytes) {
     if (bytes == 0)
         return;
     KILN_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream()));
-    if (!on_device(dst) || !on_device(src))
+    // While a graph is recorded (record()) the copy is a node of it, between device buffers (the
+    // model's recorded work touches no host memory); nothing is asked of the pointers then.
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    KILN_CUDA(cudaStreamIsCapturing(stream(), &capture));
+    if (capture == cudaStreamCaptureStatusNone && (!on_device(dst) || !on_device(src)))
         KILN_CUDA(cudaStreamSynchronize(stream()));
 }
 

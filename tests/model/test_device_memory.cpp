@@ -25,6 +25,7 @@
 #include "fixture.h"
 #include "kernels/cpu/cpu.h"
 #include "kernels/products.h"
+#include "kernels/replays.h"
 #include "model/llama.h"
 #include "model/replayed_steps.h"
 #include "optim/adamw.h"
@@ -368,6 +369,27 @@ TEST_P(DeviceMemory, HostReadsAndWaitsCannotBeRecorded) {
               }),
               "a copy from or to host memory was recorded");
     EXPECT_EQ(kiln::testing::message_of([&] { release(k.record(k.wait)); }), "a wait was recorded");
+
+    // Through Replays: under train.graphs=true the failed recording is the error; under auto it
+    // is logged, and the work runs as called from then on, nothing of it lost.
+    m.take_loss();
+    auto unstaged = [&] { m.forward_backward(b.tokens.data(), b.targets.data(), 0); };
+    kernels::Replays strict(k, true, true), lenient(k, true, false);
+    strict.run(0, unstaged);  // the first run is as called
+    EXPECT_NE(kiln::testing::message_of([&] {
+                  strict.run(0, unstaged);
+              }).find("a copy from or to host memory was recorded"),
+              std::string::npos);
+    m.take_loss();
+    unstaged();
+    const LossSum once = m.take_loss();
+    for (int i = 0; i < 3; i++)
+        lenient.run(0, unstaged);
+    EXPECT_FALSE(lenient.on());
+    EXPECT_EQ(lenient.recorded(), 0);
+    const LossSum thrice = m.take_loss();
+    EXPECT_EQ(thrice.tokens, 3 * once.tokens);
+    EXPECT_DOUBLE_EQ(thrice.sum, 3 * once.sum);
 }
 
 }  // namespace

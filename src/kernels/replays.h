@@ -1,7 +1,9 @@
 #pragma once
 // Device work replayed from one recording (Kernels::record), so that a step's thousands of
 // launches cost the host one. The caller names each piece of work by a key; the work must queue
-// the same ops with the same pointers, sizes and scalars every time it runs under that key.
+// the same ops with the same pointers, sizes and scalars every time it runs under that key, and
+// change nothing on the host that matters after it: a replay runs none of the caller's code, and
+// a recording that fails runs the work again, as called.
 //
 // The first run of a key runs the work as it is: first uses set up what they need (a product's
 // plan, a kernel's attributes) outside any recording. The second records it and replays the

@@ -483,13 +483,23 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
 
     // After tuning, so that a recording holds the products the plan chose.
     kernels::Replays replays(k, cfg.graphs_recorded(), t.graphs == "true");
-    if (replays.on()) {
+    if (replays.on() && reducer.overlapped() && t.grad_accum == 1) {
         log::info("train",
-                  "micro-batches recorded as CUDA graphs in the second step and replayed after "
+                  "train.graphs: nothing recorded: each step's one micro-batch hands its "
+                  "gradients to the data-parallel sum as its backward goes, from the host "
+                  "(parallel.dp_overlap=false, or train.grad_accum > 1, leaves some to record)");
+    } else if (replays.on()) {
+        log::info("train",
+                  "micro-batches recorded as CUDA graphs the second time each kind runs (the one "
+                  "that writes the gradients, the one that adds to them) and replayed after "
                   "(train.graphs){}",
-                  reducer.overlapped() ? ", but for each step's last: the data-parallel sum "
-                                         "follows its backward"
+                  reducer.overlapped() ? "; each step's last runs as called: the data-parallel "
+                                         "sum follows its backward"
                                        : "");
+    } else if (cfg.graphs_recorded() && t.backend == "cuda") {
+        log::info("train",
+                  "train.graphs: nothing recorded: the profiled table (KILN_CUDA_PROFILE) times "
+                  "each op as it is called");
     }
     // What the steps move, without the tuning passes, the set-up before them and checkpoints.
     // Host scalars and device tensors together, where they travel apart.

@@ -48,8 +48,10 @@ void row_losses(float* losses, const float* max, const float* sumexp, const floa
 double sum_squares(const float* x, const std::vector<Range>& ranges);
 void sum_into(double* total, const float* x, int64_t n);  // one block, queued
 void wait();                                              // for the stream's queued work
-// The stream's work recorded as a CUDA graph (Kernels::record): captured from this thread only
-// (another thread's ops run as ever), instantiated, launched on the stream by replay().
+// The stream's work recorded as a CUDA graph (Kernels::record), captured from the calling thread,
+// instantiated, and launched on the stream by replay(). While it records, the legacy stream is
+// unusable (the stream is a blocking one): no other thread may queue work there, as NCCL's
+// collectives do (dist/nccl_comm.cpp); the trainer records none while one may run.
 void* record(const std::function<void()>& work);
 void replay(void* graph);
 void release(void* graph);

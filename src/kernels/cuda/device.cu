@@ -186,8 +186,8 @@ void* record(const std::function<void()>& work) {
         throw;
     }
     const cudaError_t ended = cudaStreamEndCapture(s, &graph);
-    if (ended != cudaSuccess) {
-        abandon();
+    if (ended != cudaSuccess) {  // the capture has ended, invalidated: no graph
+        cudaGetLastError();
         throw error("the device work could not be recorded as a CUDA graph: {}",
                     cudaGetErrorString(ended));
     }

@@ -257,6 +257,37 @@ TEST(KernelMath, RopeAsTheReferenceAttentionRotates) {
     EXPECT_LT(rel_err(dqkv, dqkv_ref), 1e-6);
 }
 
+// The rotation on the way into the products' copy, and back on the way out of the gradient, in
+// one pass: the same values as rope_at in place, rounded by store(), bit for bit.
+TEST(KernelMath, RotationIntoACopyIsRopeThenTheStore) {
+    const int64_t T = 9, H = 4, Hkv = 2, D = 16, ld = (H + 2 * Hkv) * D, M = 2 * T;
+    std::vector<float> cos, sin;
+    rope_tables(T, D, cos, sin);
+    const auto x = randn(M * ld, 3);
+    for (float sign : {1.0f, -1.0f}) {
+        auto turned = x;
+        grid_stride(M * (H + Hkv) * (D / 2), [&](int64_t i) {
+            rope_at(turned.data(), ld, T, H + Hkv, D, cos.data(), sin.data(), sign, i);
+        });
+        std::vector<float> f32(x.size());
+        std::vector<uint16_t> bf16(x.size()), bf16_want(x.size());
+        grid_stride(M * ld, [&](int64_t i) {
+            rotated_at(f32.data(), x.data(), ld, T, H + Hkv, D, cos.data(), sin.data(), sign, i);
+            rotated_at(bf16.data(), x.data(), ld, T, H + Hkv, D, cos.data(), sin.data(), sign, i);
+            store(bf16_want.data() + i, turned[i]);
+        });
+        EXPECT_EQ(f32, turned) << "sign " << sign;
+        EXPECT_EQ(bf16, bf16_want) << "sign " << sign;
+    }
+    // Without rope tables (no heads to rotate) it is the conversion alone.
+    std::vector<uint16_t> plain(x.size()), plain_want(x.size());
+    grid_stride(M * ld, [&](int64_t i) {
+        rotated_at(plain.data(), x.data(), ld, T, 0, D, nullptr, nullptr, 1.0f, i);
+        store(plain_want.data() + i, x[i]);
+    });
+    EXPECT_EQ(plain, plain_want);
+}
+
 // The backward functions are the gradients of the forward functions, seen through the shared
 // functions alone: central differences of loss = sum(forward * dout) with step h, evaluated in
 // double from the fp32 forward, at 60 random entries plus `extra` (those carrying the gradient's

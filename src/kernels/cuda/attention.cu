@@ -2,9 +2,10 @@
 // (attention_flash.h): three kernels whose tiles stay in shared memory, their products on the
 // tensor cores through WMMA. Otherwise, and always in f32 (exact products), the products rung:
 // every (sequence, head) pair's products through cuBLASLt (attention_products.h), with one block
-// per query row for the masked softmax and its backward (attention_math.h) in between. Queries
-// and keys are rotated in a copy in the workspace and their gradients rotated back there; in bf16
-// the products read bf16 copies of their operands, made once per call.
+// per query row for the masked softmax and its backward (attention_math.h) in between. The
+// products read bf16 copies of their operands in bf16, made once per call; queries and keys are
+// rotated on the way into that copy (in f32, into a copy in the workspace), and their gradients
+// rotated back on the way out (in f32, in place).
 #include <cuda_bf16.h>
 #include <mma.h>
 
@@ -104,15 +105,35 @@ struct Device {
     }
 };
 
-// qkv with queries and keys rotated (a copy in the workspace) when `a` has rope tables.
-const float* rotated(const float* qkv, const Attention& a, float* copy) {
+template <typename Out>
+__global__ void rotated_kernel(Out* dst, const float* x, int64_t ld, int64_t T, int64_t n_heads,
+                               int64_t D, const float* cos_table, const float* sin_table,
+                               float sign, int64_t n) {
+    for (int64_t i = first_index(); i < n; i += stride())
+        rotated_at(dst, x, ld, T, n_heads, D, cos_table, sin_table, sign, i);
+}
+
+// x (M, ldqkv) into dst in one pass, its queries' and keys' heads rotated by `a`'s rope tables
+// (sign -1: back, for gradients) when it has them, else only converted.
+template <typename Out>
+void rotate_into(Out* dst, const float* x, const Attention& a, float sign) {
+    const int64_t n = a.B * a.T * a.ldqkv, heads = a.rope_cos ? a.H + a.Hkv : 0;
+    rotated_kernel<Out><<<element_blocks(n), kElementThreads, 0, stream()>>>(
+        dst, x, a.ldqkv, a.T, heads, a.D, a.rope_cos, a.rope_sin, sign, n);
+    finish_launch();
+}
+
+// What the products read of qkv: its bf16 copy in bf16; in f32 qkv itself, or a rotated copy in
+// the workspace when `a` has rope tables.
+const void* qkv_operand(const float* qkv, const Attention& a, const Scratch& s) {
+    if (s.qkv16) {
+        rotate_into(s.qkv16, qkv, a, 1.0f);
+        return s.qkv16;
+    }
     if (!a.rope_cos)
         return qkv;
-    const int64_t M = a.B * a.T;
-    KILN_CUDA(
-        cudaMemcpyAsync(copy, qkv, size_t(M * a.ldqkv) * 4, cudaMemcpyDeviceToDevice, stream()));
-    rope(copy, a.ldqkv, M, a.T, a.H + a.Hkv, a.D, a.rope_cos, a.rope_sin, false);
-    return copy;
+    rotate_into(s.rotated, qkv, a, 1.0f);
+    return s.rotated;
 }
 
 // attention_flash.h's executor on the device: the block's threads and barrier, and the tile
@@ -213,7 +234,7 @@ void attention_forward(float* out, void* saved, const float* qkv, const Attentio
         return;
     const Scratch s(ws, a, precision);
     const DType ct = compute_dtype(precision);
-    const void* x = as_operand(rotated(qkv, a, s.rotated), a.B * a.T * a.ldqkv, s.qkv16);
+    const void* x = qkv_operand(qkv, a, s);
     if (flash_attention(a, precision)) {
         const FlashSaved keep(saved, a);
         launch_flash(flash_forward_kernel, FlashPass::forward, a.H, a,
@@ -234,7 +255,7 @@ void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const fl
     const Scratch s(ws, a, precision);
     const DType ct = compute_dtype(precision);
     const int64_t M = a.B * a.T;
-    const void* x = as_operand(rotated(qkv, a, s.rotated), M * a.ldqkv, s.qkv16);
+    const void* x = qkv_operand(qkv, a, s);
     const void* dO = as_operand(dout, M * a.H * a.D, s.dout16);
     // An f32 gradient is written in place; a bf16 one goes through the f32 scratch.
     float* grad = dqkv_type == DType::f32 ? static_cast<float*>(dqkv) : s.grad;
@@ -257,14 +278,12 @@ void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const fl
         Device<float> device{a, precision, s.products};
         attention_products_backward(device, grad, dO, ct, x, ct, saved, ct, a, s.scores, ds, ct);
     }
-    if (a.rope_cos)  // back through the rotation: its inverse, on the gradient
+    // Back through the rotation, its inverse on the gradient: on the way into the bf16 gradient,
+    // or in place.
+    if (dqkv_type == DType::bf16)
+        rotate_into(static_cast<uint16_t*>(dqkv), grad, a, -1.0f);
+    else if (a.rope_cos)
         rope(grad, a.ldqkv, M, a.T, a.H + a.Hkv, a.D, a.rope_cos, a.rope_sin, true);
-    if (dqkv_type == DType::bf16) {
-        const int64_t n = M * a.ldqkv;
-        convert_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(
-            static_cast<uint16_t*>(dqkv), grad, n);
-        finish_launch();
-    }
 }
 
 }  // namespace kiln::kernels::cuda

@@ -23,7 +23,8 @@ AttentionScratch attention_scratch(const Attention& a, Precision precision) {
     const bool bf16 = precision == Precision::bf16, fused = flash_attention(a, precision);
     const int64_t squares = fused ? 0 : rows * a.T;
     AttentionScratch s;
-    s.parts = {round_up(size_t(M * a.ldqkv) * 4),
+    // The rotated f32 copy of qkv: in bf16 the rotation goes straight into the bf16 copy.
+    s.parts = {bf16 ? 0 : round_up(size_t(M * a.ldqkv) * 4),
                round_up(size_t(M * a.ldqkv) * 4),
                round_up(size_t(squares) * 4),
                bf16 ? round_up(size_t(M * a.ldqkv) * 2) : 0,

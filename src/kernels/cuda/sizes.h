@@ -27,9 +27,9 @@ inline size_t round_up(size_t n) {
 // Room to convert both operands of a product, and cuBLASLt's own.
 size_t gemm_workspace_bytes(int64_t max_operand);
 
-// Attention's workspace, in order: the rotated qkv and the f32 gradient (M, ldqkv); unfused, the
-// scores (B, H, T, T) f32; in bf16, bf16 copies of qkv and dout and, unfused, of ds; fused, the
-// rows' rowdot (B, H, T) f32; then, unfused, the products' workspace.
+// Attention's workspace, in order: in f32 the rotated qkv, and the f32 gradient (M, ldqkv);
+// unfused, the scores (B, H, T, T) f32; in bf16, bf16 copies of qkv and dout and, unfused, of ds;
+// fused, the rows' rowdot (B, H, T) f32; then, unfused, the products' workspace.
 struct AttentionScratch {
     static constexpr int kParts = 7;
     std::array<size_t, kParts> parts;

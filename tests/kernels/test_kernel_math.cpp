@@ -271,20 +271,26 @@ TEST(KernelMath, RotationIntoACopyIsRopeThenTheStore) {
         });
         std::vector<float> f32(x.size());
         std::vector<uint16_t> bf16(x.size()), bf16_want(x.size());
-        grid_stride(M * ld, [&](int64_t i) {
-            rotated_at(f32.data(), x.data(), ld, T, H + Hkv, D, cos.data(), sin.data(), sign, i);
-            rotated_at(bf16.data(), x.data(), ld, T, H + Hkv, D, cos.data(), sin.data(), sign, i);
-            store(bf16_want.data() + i, turned[i]);
-        });
+        for (int64_t m = 0; m < M; m++) {  // the kernel's rows, its threads' columns in any order
+            const int64_t t = (m % T) * (D / 2);
+            for (int col = int(ld) - 1; col >= 0; col--) {
+                rotated_at(f32.data() + m * ld, x.data() + m * ld, col, H + Hkv, D, cos.data() + t,
+                           sin.data() + t, sign);
+                rotated_at(bf16.data() + m * ld, x.data() + m * ld, col, H + Hkv, D, cos.data() + t,
+                           sin.data() + t, sign);
+                store(bf16_want.data() + m * ld + col, turned[m * ld + col]);
+            }
+        }
         EXPECT_EQ(f32, turned) << "sign " << sign;
         EXPECT_EQ(bf16, bf16_want) << "sign " << sign;
     }
     // Without rope tables (no heads to rotate) it is the conversion alone.
     std::vector<uint16_t> plain(x.size()), plain_want(x.size());
-    grid_stride(M * ld, [&](int64_t i) {
-        rotated_at(plain.data(), x.data(), ld, T, 0, D, nullptr, nullptr, 1.0f, i);
+    for (int64_t i = 0; i < M * ld; i++) {
+        rotated_at(plain.data() + i / ld * ld, x.data() + i / ld * ld, int(i % ld), 0, D, nullptr,
+                   nullptr, 1.0f);
         store(plain_want.data() + i, x[i]);
-    });
+    }
     EXPECT_EQ(plain, plain_want);
 }
 

@@ -5,7 +5,7 @@
 // per query row for the masked softmax and its backward (attention_math.h) in between. The
 // products read bf16 copies of their operands in bf16, made once per call; queries and keys are
 // rotated on the way into that copy (in f32, into a copy in the workspace), and their gradients
-// rotated back on the way out (in f32, in place).
+// rotated back on the way out into a bf16 gradient, or in place in an f32 one.
 #include <cuda_bf16.h>
 #include <mma.h>
 
@@ -106,20 +106,25 @@ struct Device {
 };
 
 template <typename Out>
-__global__ void rotated_kernel(Out* dst, const float* x, int64_t ld, int64_t T, int64_t n_heads,
-                               int64_t D, const float* cos_table, const float* sin_table,
-                               float sign, int64_t n) {
-    for (int64_t i = first_index(); i < n; i += stride())
-        rotated_at(dst, x, ld, T, n_heads, D, cos_table, sin_table, sign, i);
+__global__ void rotated_kernel(Out* dst, const float* x, int64_t M, int ld, int64_t T, int n_heads,
+                               int D, const float* cos_table, const float* sin_table, float sign) {
+    for (int64_t m = blockIdx.x; m < M; m += gridDim.x) {  // a row a block
+        const int64_t table_row = n_heads > 0 ? (m % T) * (D / 2) : 0;
+        for (int col = threadIdx.x; col < ld; col += blockDim.x)
+            rotated_at(dst + m * ld, x + m * ld, col, n_heads, D, cos_table + table_row,
+                       sin_table + table_row, sign);
+    }
 }
 
 // x (M, ldqkv) into dst in one pass, its queries' and keys' heads rotated by `a`'s rope tables
 // (sign -1: back, for gradients) when it has them, else only converted.
 template <typename Out>
 void rotate_into(Out* dst, const float* x, const Attention& a, float sign) {
-    const int64_t n = a.B * a.T * a.ldqkv, heads = a.rope_cos ? a.H + a.Hkv : 0;
-    rotated_kernel<Out><<<element_blocks(n), kElementThreads, 0, stream()>>>(
-        dst, x, a.ldqkv, a.T, heads, a.D, a.rope_cos, a.rope_sin, sign, n);
+    const int64_t M = a.B * a.T;
+    const int heads = a.rope_cos ? int(a.H + a.Hkv) : 0;
+    const unsigned blocks = unsigned(std::min<int64_t>(std::max<int64_t>(M, 1), 65535));
+    rotated_kernel<Out><<<blocks, kElementThreads, 0, stream()>>>(
+        dst, x, M, int(a.ldqkv), a.T, heads, int(a.D), a.rope_cos, a.rope_sin, sign);
     finish_launch();
 }
 

@@ -8,7 +8,8 @@
 # PyTorch, where its step's device time goes, and its attention against
 # PyTorch's attention kernels; each step has a time limit,
 # and the whole stays under ~8 minutes.
-# Figures go to $OUT (when set) and to stdout.
+# Figures go to $OUT (when set) and to stdout, ending with summary.md: the block for
+# bench/RESULTS.md.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 b=bench/gpu/bundle
@@ -145,4 +146,6 @@ step attention 90 python3 bench/gpu/torch_attention.py --batch 2 --seq 4096 --he
 # comes from the cache the first run left.
 step kiln_1b_eager 120 "$k" train "${b11[@]}" --set train.steps=6 --set train.graphs=false \
     --set run.dir="$out/kiln-1b-eager"
+# The figures as one block for bench/RESULTS.md ($out/summary.md).
+echo; python3 bench/gpu/summary.py "$out"
 exit $status

@@ -34,7 +34,7 @@ void Replays::run(int key, const std::function<void()>& work) {
     } catch (const Error& failed) {
         if (required_)
             throw;
-        log::warn("kernels", "{}; the work runs unrecorded from now on (train.graphs=false)",
+        log::warn("kernels", "{}; from now on it runs as called, as with train.graphs=false",
                   failed.what());
         on_ = false;
         work();  // nothing of it ran while it was being recorded

@@ -19,15 +19,7 @@ Action add_eval(CLI::App& app) {
     app.add_option("--data", o->data, "shard folder made by kiln data")->required();
     app.add_option("--max-rows", o->max_rows, "evaluate at most this many sequences (0: all)");
     app.add_option("--batch", o->batch, "sequences per forward pass")->check(CLI::PositiveNumber);
-    app.add_option("--precision", o->precision,
-                   "matrix products: auto (bf16 where the CPU has native bf16), bf16, fp32")
-        ->check(CLI::IsMember({"auto", "fp32", "bf16"}))
-        ->capture_default_str();
-    app.add_option("--backend", o->backend,
-                   "kernels: cpu, or cuda (GPU 0 of those CUDA_VISIBLE_DEVICES shows); any "
-                   "checkpoint, whatever backend trained it")
-        ->check(CLI::IsMember({"cpu", "cuda"}))
-        ->capture_default_str();
+    add_kernel_options(app, o->precision, o->backend);
     return [o] {
         train::EvalResult r = train::evaluate(o->checkpoint, o->data, o->max_rows, o->precision,
                                               o->batch, o->backend);

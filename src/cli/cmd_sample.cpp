@@ -67,15 +67,7 @@ Action add_sample(CLI::App& app) {
         ->capture_default_str();
     app.add_option("--seed", o->sample.seed, "random seed")->capture_default_str();
     app.add_flag("--ids", o->ids, "print the new tokens' ids instead of text");
-    app.add_option("--precision", o->precision,
-                   "matrix products: auto (bf16 where the CPU has native bf16), bf16, fp32")
-        ->check(CLI::IsMember({"auto", "fp32", "bf16"}))
-        ->capture_default_str();
-    app.add_option("--backend", o->backend,
-                   "kernels: cpu, or cuda (GPU 0 of those CUDA_VISIBLE_DEVICES shows); any "
-                   "checkpoint, whatever backend trained it")
-        ->check(CLI::IsMember({"cpu", "cuda"}))
-        ->capture_default_str();
+    add_kernel_options(app, o->precision, o->backend);
     return [o] {
         train::Sampler sampler(o->checkpoint, o->precision, o->backend);
         std::string model = o->tokenizer.empty() ? run_tokenizer(o->checkpoint) : o->tokenizer;

@@ -34,6 +34,18 @@ void add_config_options(CLI::App& app, ConfigOptions& options, train::RunConfig 
     app.footer("Config keys (KEY = default; nested YAML or --set a.b=c):\n" + schema.help());
 }
 
+void add_kernel_options(CLI::App& app, std::string& precision, std::string& backend) {
+    app.add_option("--precision", precision,
+                   "matrix products: auto (bf16 where the CPU has native bf16), bf16, fp32")
+        ->check(CLI::IsMember({"auto", "fp32", "bf16"}))
+        ->capture_default_str();
+    app.add_option("--backend", backend,
+                   "kernels: cpu, or cuda (GPU 0 of those CUDA_VISIBLE_DEVICES shows); any "
+                   "checkpoint, whatever backend trained it")
+        ->check(CLI::IsMember({"cpu", "cuda"}))
+        ->capture_default_str();
+}
+
 bool checked_only(const ConfigOptions& options, const std::string& yaml) {
     if (options.check)
         std::printf("%s", yaml.c_str());

@@ -27,6 +27,8 @@ std::string resolve_config(train::RunConfig& config, const ConfigOptions& option
 void add_config_options(CLI::App& app, ConfigOptions& options, train::RunConfig defaults = {});
 // With --check: prints the resolved YAML and returns true (the command then stops, exit 0).
 bool checked_only(const ConfigOptions& options, const std::string& yaml);
+// --precision and --backend of the commands that run a checkpoint (eval, sample).
+void add_kernel_options(CLI::App& app, std::string& precision, std::string& backend);
 
 // The value of data.<key> in the config.yaml of the run folder that holds `checkpoint` (a run
 // folder, or one of its checkpoints/step-N folders); "" when there is none.

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "core/error.h"
+#include "core/fs.h"
 
 namespace kiln::testing {
 
@@ -48,6 +49,19 @@ inline const TempDir& test_cache_home_at_start = test_cache_home();
 inline int run(const std::string& command) {
     int rc = std::system(command.c_str());
     return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+}
+
+struct Result {
+    int rc;
+    std::string out;  // stdout and stderr together
+};
+
+// The kiln binary run with `args`; `env`: assignments before the command ("NAME=value ").
+inline Result kiln(const std::string& args, const std::string& env = "") {
+    TempDir tmp;
+    const std::string cmd = env + kiln_binary() + " " + args + " >" + (tmp / "out") + " 2>&1";
+    const int rc = run(cmd);
+    return {rc, fs::read_file(tmp / "out")};
 }
 
 // The message of the kiln::Error that f throws ("" when it throws none).

@@ -20,17 +20,8 @@ namespace {
 
 using kiln::testing::TempDir;
 
-struct Result {
-    int rc;
-    std::string out;  // stdout and stderr together
-};
-
-Result kiln(const std::string& args) {
-    TempDir tmp;
-    std::string cmd = kiln::testing::kiln_binary() + " " + args + " >" + (tmp / "out") + " 2>&1";
-    int rc = kiln::testing::run(cmd);
-    return {rc, fs::read_file(tmp / "out")};
-}
+using kiln::testing::kiln;
+using kiln::testing::Result;
 
 // A micro model that trains in a second.
 const std::string kMicro =

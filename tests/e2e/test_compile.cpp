@@ -17,19 +17,8 @@ namespace {
 using json = nlohmann::json;
 using kiln::testing::TempDir;
 
-struct Result {
-    int rc;
-    std::string out;
-};
-
-// `env`: assignments before the command ("NAME=value ").
-Result kiln(const std::string& args, const std::string& env = "") {
-    TempDir tmp;
-    std::string cmd =
-        env + kiln::testing::kiln_binary() + " " + args + " >" + (tmp / "out") + " 2>&1";
-    int rc = kiln::testing::run(cmd);
-    return {rc, fs::read_file(tmp / "out")};
-}
+using kiln::testing::kiln;
+using kiln::testing::Result;
 
 // The plan a run printed ("memory plan per rank: N MiB") and the highest peak resident memory
 // its ranks reported (ranks/rank-N.json).

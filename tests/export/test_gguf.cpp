@@ -29,17 +29,8 @@ using kiln::testing::randn;
 
 using kiln::testing::TempDir;
 
-struct Result {
-    int rc;
-    std::string out;  // stdout and stderr together
-};
-
-Result kiln(const std::string& args) {
-    TempDir tmp;
-    std::string cmd = kiln::testing::kiln_binary() + " " + args + " >" + (tmp / "out") + " 2>&1";
-    int rc = kiln::testing::run(cmd);
-    return {rc, fs::read_file(tmp / "out")};
-}
+using kiln::testing::kiln;
+using kiln::testing::Result;
 
 TEST(GgufFormat, WriterAndReaderAgreeOnEveryTypeAndValue) {
     TempDir dir;

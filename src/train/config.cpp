@@ -43,9 +43,9 @@ void build_schema(ConfigSchema& s, RunConfig& c) {
           "kernel backend: cpu | reference | cuda (each rank on its host's GPU LOCAL_RANK)",
           one_of(&t.backend, {"cpu", "reference", "cuda"}));
     s.add("train.graphs", &t.graphs,
-          "record a micro-batch's device work once as a CUDA graph and replay it (no launches "
-          "from the host): auto (on the cuda backend with parallel.tp=1 and parallel.pp=1), "
-          "true, false",
+          "record a micro-batch's device work once as a CUDA graph and replay it (one launch "
+          "from the host instead of one a kernel): auto (on the cuda backend with "
+          "parallel.tp=1 and parallel.pp=1), true, false",
           one_of(&t.graphs, {"auto", "true", "false"}));
     s.add("train.threads", &t.threads, "CPU threads (0: all cores)", non_negative(&t.threads));
     s.add("train.init_std", &t.init_std,

@@ -4,8 +4,8 @@
 # binaries need among that machine's CUDA toolkit and PyTorch's pip packages (nvidia-*), says
 # which it used, then runs the CUDA op tests, the NCCL test, and the bundled kiln training `tiny`
 # for 30 steps in fp32 on the GPU and on the CPUs, comparing their loss curves, then a 1.1B Llama
-# in bf16 (its micro-batches replayed from CUDA graphs, then launched one by one) against
-# PyTorch, where its step's device time goes, and its attention against
+# in bf16 (its micro-batches replayed from CUDA graphs, with cuDNN's attention, then launched
+# one by one) against PyTorch, where its step's device time goes, and its attention against
 # PyTorch's attention kernels; each step has a time limit,
 # and the whole stays under ~8 minutes.
 # Figures go to $OUT (when set) and to stdout, ending with summary.md: the block for
@@ -83,6 +83,14 @@ if [ "$status" != 0 ]; then  # the same run with every launch waited for names t
     KILN_CUDA_SYNC=1 step train_cuda_sync 120 "$k" train "${tiny[@]}" --set train.backend=cuda \
         --set run.dir="$out/tiny-cuda-sync"
 fi
+# tiny in bf16 with kiln's fused attention and with cuDNN's (KILN_CUDA_ATTENTION=cudnn): the same
+# curve within what bf16's roundings move it (2% at each step).
+bf16=(--set train.precision=bf16 --set train.backend=cuda)
+step train_cuda_bf16 60 "$k" train "${tiny[@]}" "${bf16[@]}" --set run.dir="$out/tiny-cuda-bf16"
+KILN_CUDA_ATTENTION=cudnn step train_cuda_cudnn 60 "$k" train "${tiny[@]}" "${bf16[@]}" \
+    --set run.dir="$out/tiny-cuda-cudnn"
+step curves_cudnn 20 python3 bench/gpu/curves.py "$out/tiny-cuda-bf16/metrics.jsonl" \
+    "$out/tiny-cuda-cudnn/metrics.jsonl" 30 2e-2
 # With two GPUs or more: data and tensor parallelism over NCCL against one GPU running the same
 # global batch as two micro-batches.
 if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then
@@ -132,6 +140,9 @@ step kiln_1b 200 "$k" train "${b11[@]}" --set run.dir="$out/kiln-1b"
 [ "$last" = 0 ] || step kiln_1b_untuned 200 "$k" train "${b11[@]}" --set train.autotune=false \
     --set run.dir="$out/kiln-1b-untuned"
 step torch_1b 240 python3 bench/gpu/torch_llama.py --batch 2 --seq 4096
+# The same run with cuDNN's fused attention in place of kiln's own kernels.
+KILN_CUDA_ATTENTION=cudnn step kiln_1b_cudnn 150 "$k" train "${b11[@]}" --set train.steps=8 \
+    --set run.dir="$out/kiln-1b-cudnn"
 # Where the 1.1B step's device time goes: 3 steps with each op marked by events, summed per op
 # (the products per shape) into profile-1b.txt.
 KILN_CUDA_PROFILE="$out/profile-1b.txt" step kiln_1b_profile 120 "$k" train "${b11[@]}" \

@@ -3,7 +3,7 @@
 
 usage: summary.py OUT_DIR
 Reads what bench/gpu/check.sh left in OUT_DIR: machine.txt, the 1.1B runs' metrics.jsonl
-(kiln-1b, or kiln-1b-untuned; kiln-1b-eager), torch_1b.log and attention.log (JSON lines) and
+(kiln-1b, or kiln-1b-untuned; kiln-1b-cudnn; kiln-1b-eager), torch_1b.log and attention.log (JSON lines) and
 curves.log. Prints the block and writes it to OUT_DIR/summary.md. A figure whose run is missing or failed reads "missing", so the
 block is had whatever ran. Exits 0.
 
@@ -62,6 +62,7 @@ def main(argv):
     lines += ["", "| run | tokens/s | MFU (989 TFLOP/s) | note |", "|---|---:|---:|---|"]
 
     kiln = kiln_run(out, "kiln-1b", "kiln-1b-untuned")
+    cudnn = kiln_run(out, "kiln-1b-cudnn")
     eager = kiln_run(out, "kiln-1b-eager")
     torch = {r["impl"]: r for r in json_lines(os.path.join(out, "torch_1b.log"))}
 
@@ -73,6 +74,11 @@ def main(argv):
             f"{kiln[0]}, median of steps 3-{kiln[3]}")
     else:
         lines.append("| kiln 1.1B bf16, CUDA graphs | missing | | |")
+    if cudnn:
+        row("kiln 1.1B bf16, cuDNN's attention", cudnn[1], cudnn[2],
+            f"KILN_CUDA_ATTENTION=cudnn, median of steps 3-{cudnn[3]}")
+    else:
+        lines.append("| kiln 1.1B bf16, cuDNN's attention | missing | | |")
     if eager:
         row("kiln 1.1B bf16, launched one by one", eager[1], eager[2],
             f"train.graphs=false, median of steps 3-{eager[3]}")
@@ -92,6 +98,9 @@ def main(argv):
     if kiln and best:
         lines.append(f"kiln / best PyTorch: {kiln[1] / best:.2f}x (the issue asks >= 1.2x); "
                      f"kiln MFU {100 * kiln[2]:.1f}% (asks >= 50%)")
+    if kiln and cudnn:
+        lines.append(f"cuDNN's attention: {100 * (cudnn[1] / kiln[1] - 1):+.1f}% tokens/s over "
+                     f"kiln's own attention kernels")
     if kiln and eager:
         lines.append(f"CUDA graphs: {100 * (kiln[1] / eager[1] - 1):+.1f}% tokens/s over the "
                      f"kernels launched one by one")

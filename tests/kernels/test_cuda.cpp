@@ -27,6 +27,7 @@
 
 #include "kernels/cuda/attention_flash.h"
 #include "kernels/cuda/cuda.h"
+#include "kernels/cuda/cudnn_attention.h"
 #endif
 
 namespace kiln::kernels {
@@ -355,6 +356,66 @@ TEST(Cuda, AttentionMatchesReference) {
                 EXPECT_EQ(d_dqkv_bf.host(), want) << what;
             }
         }
+    }
+}
+
+// cuDNN checks every tensor and operation of its attention graphs as they are made, which needs
+// no GPU: shapes that match, types it takes, attributes it knows. With grouped-query heads the
+// backward sums dK and dV over each group (two more operations).
+TEST(Cuda, CudnnAttentionGraphsPassCudnnsChecks) {
+    for (int64_t Hkv : {4, 1}) {
+        const Attention a{2, 256, 4, Hkv, 64, (4 + 2 * Hkv) * 64};
+        const cuda::CudnnAttentionOps ops = cuda::describe_cudnn_attention(a);
+        EXPECT_EQ(ops.forward, 14) << "Hkv=" << Hkv;
+        EXPECT_EQ(ops.backward, Hkv == 4 ? 22 : 24) << "Hkv=" << Hkv;
+    }
+}
+
+// cuDNN's fused attention (KILN_CUDA_ATTENTION=cudnn) against the reference on the same bf16
+// inputs, without rotation (the callers rotate into the bf16 copy it reads): the output, and the
+// gradients through the statistics it saved. Its probabilities are rounded to bf16 for the
+// products and its gradients stored in bf16, hence the bf16 tolerance. A GPU where cuDNN offers
+// no plan fails here, with cuDNN's reason in the log.
+TEST(Cuda, CudnnAttentionMatchesReference) {
+    KILN_REQUIRE_CUDA();
+    struct Shape {
+        int64_t B, T, H, Hkv, D;
+    };
+    for (const Shape sh :
+         {Shape{2, 300, 4, 2, 32}, Shape{1, 130, 4, 1, 128}, Shape{2, 256, 8, 8, 64}}) {
+        const Attention a{sh.B, sh.T, sh.H, sh.Hkv, sh.D, (sh.H + 2 * sh.Hkv) * sh.D};
+        const std::string what = "T=" + std::to_string(a.T) + " H=" + std::to_string(a.H) +
+                                 " Hkv=" + std::to_string(a.Hkv) + " D=" + std::to_string(a.D);
+        const int64_t M = a.B * a.T, HD = a.H * a.D;
+        // The reference reads the bf16 values as f32.
+        auto qkv = randn(M * a.ldqkv, 1), dout = randn(M * HD, 2);
+        std::vector<uint16_t> qkv16(qkv.size()), dout16(dout.size());
+        for (size_t i = 0; i < qkv.size(); i++)
+            qkv16[i] = f32_to_bf16(qkv[i]), qkv[i] = bf16_to_f32(qkv16[i]);
+        for (size_t i = 0; i < dout.size(); i++)
+            dout16[i] = f32_to_bf16(dout[i]), dout[i] = bf16_to_f32(dout16[i]);
+        std::vector<char> saved(ref().attention_saved_bytes(a));
+        std::vector<float> out(M * HD), dqkv(M * a.ldqkv);
+        ref().attention_forward(out.data(), saved.data(), qkv.data(), a, {});
+        ref().attention_backward(dqkv.data(), DType::f32, dout.data(), qkv.data(), saved.data(), a,
+                                 {});
+
+        const cuda::CudnnAttention* c = cuda::cudnn_attention(a);
+        ASSERT_NE(c, nullptr) << what << ": cuDNN offers no plan (its reason is logged above)";
+        Dev<uint16_t> d_qkv(qkv16), d_dout(dout16), d_o{size_t(M * HD)},
+            d_dqkv{size_t(M * a.ldqkv)};
+        Dev<float> d_stats{size_t(a.B * a.H * a.T)};
+        cuda::cudnn_attention_forward(*c, d_qkv.ptr, d_o.ptr, d_stats.ptr);
+        cuda::cudnn_attention_backward(*c, d_qkv.ptr, d_o.ptr, d_stats.ptr, d_dout.ptr, d_dqkv.ptr);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << what;
+        auto widened = [](const std::vector<uint16_t>& h) {
+            std::vector<float> f(h.size());
+            for (size_t i = 0; i < h.size(); i++)
+                f[i] = bf16_to_f32(h[i]);
+            return f;
+        };
+        EXPECT_LT(rel_err(widened(d_o.host()), out), 1e-2) << what;
+        EXPECT_LT(rel_err(widened(d_dqkv.host()), dqkv), 2e-2) << what;
     }
 }
 

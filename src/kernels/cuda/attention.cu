@@ -6,12 +6,16 @@
 // products read bf16 copies of their operands in bf16, made once per call; queries and keys are
 // rotated on the way into that copy (in f32, into a copy in the workspace), and their gradients
 // rotated back on the way out into a bf16 gradient, or in place in an f32 one.
+// KILN_CUDA_ATTENTION=cudnn runs the fused shapes through cuDNN's fused attention instead
+// (cudnn_attention.h), on the same rotated bf16 copy and in the same saved layout, its output
+// kept in bf16.
 #include <cuda_bf16.h>
 #include <mma.h>
 
 #include "kernels/cuda/attention_flash.h"
 #include "kernels/cuda/attention_products.h"
 #include "kernels/cuda/cuda.h"
+#include "kernels/cuda/cudnn_attention.h"
 #include "kernels/cuda/launch.h"
 
 namespace kiln::kernels::cuda {
@@ -105,8 +109,8 @@ struct Device {
     }
 };
 
-template <typename Out>
-__global__ void rotated_kernel(Out* dst, const float* x, int64_t M, int ld, int64_t T, int n_heads,
+template <typename Out, typename In>
+__global__ void rotated_kernel(Out* dst, const In* x, int64_t M, int ld, int64_t T, int n_heads,
                                int D, const float* cos_table, const float* sin_table, float sign) {
     for (int64_t m = blockIdx.x; m < M; m += gridDim.x) {  // a row a block
         const int64_t table_row = n_heads > 0 ? (m % T) * (D / 2) : 0;
@@ -118,12 +122,12 @@ __global__ void rotated_kernel(Out* dst, const float* x, int64_t M, int ld, int6
 
 // x (M, ldqkv) into dst in one pass, its queries' and keys' heads rotated by `a`'s rope tables
 // (sign -1: back, for gradients) when it has them, else only converted.
-template <typename Out>
-void rotate_into(Out* dst, const float* x, const Attention& a, float sign) {
+template <typename Out, typename In>
+void rotate_into(Out* dst, const In* x, const Attention& a, float sign) {
     const int64_t M = a.B * a.T;
     const int heads = a.rope_cos ? int(a.H + a.Hkv) : 0;
     const unsigned blocks = unsigned(std::min<int64_t>(std::max<int64_t>(M, 1), 65535));
-    rotated_kernel<Out><<<blocks, kElementThreads, 0, stream()>>>(
+    rotated_kernel<Out, In><<<blocks, kElementThreads, 0, stream()>>>(
         dst, x, M, int(a.ldqkv), a.T, heads, int(a.D), a.rope_cos, a.rope_sin, sign);
     finish_launch();
 }
@@ -223,6 +227,14 @@ void launch_flash(Kernel kernel, FlashPass pass, int64_t heads, const Attention&
     finish_launch();
 }
 
+// cuDNN's plans for `a` where KILN_CUDA_ATTENTION=cudnn asks for them, the shape is one the own
+// kernels fuse (the saved activation has their layout) and cuDNN offers a plan; else null.
+const CudnnAttention* cudnn_for(const Attention& a, Precision precision) {
+    if (!flash_attention(a, precision) || !cudnn_attention_shape(a) || !cudnn_attention_requested())
+        return nullptr;
+    return cudnn_attention(a);
+}
+
 // The fused path's saved activation (sizes.h): lse (B, H, T) f32, then the output (M, H*D) f32.
 struct FlashSaved {
     float *lse, *out;
@@ -240,7 +252,14 @@ void attention_forward(float* out, void* saved, const float* qkv, const Attentio
     const Scratch s(ws, a, precision);
     const DType ct = compute_dtype(precision);
     const void* x = qkv_operand(qkv, a, s);
-    if (flash_attention(a, precision)) {
+    if (const CudnnAttention* c = cudnn_for(a, precision)) {
+        // cuDNN's output in bf16 where the own kernels keep f32 (the backward reads it there),
+        // widened into `out`.
+        const FlashSaved keep(saved, a);
+        auto* o16 = reinterpret_cast<uint16_t*>(keep.out);
+        cudnn_attention_forward(*c, static_cast<const uint16_t*>(x), o16, keep.lse);
+        widen(out, o16, a.B * a.T * a.H * a.D);
+    } else if (flash_attention(a, precision)) {
         const FlashSaved keep(saved, a);
         launch_flash(flash_forward_kernel, FlashPass::forward, a.H, a,
                      static_cast<const uint16_t*>(x), out, keep.out, keep.lse);
@@ -266,6 +285,19 @@ void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const fl
     float* grad = dqkv_type == DType::f32 ? static_cast<float*>(dqkv) : s.grad;
     // ds: over dp itself in f32, a bf16 copy the products read in bf16.
     void* ds = s.ds16 ? static_cast<void*>(s.ds16) : static_cast<void*>(s.scores);
+    if (const CudnnAttention* c = cudnn_for(a, precision)) {
+        // cuDNN's bf16 gradient in the f32 scratch's first half, rotated back from there.
+        const FlashSaved kept(saved, a);
+        auto* grad16 = reinterpret_cast<uint16_t*>(s.grad);
+        cudnn_attention_backward(*c, static_cast<const uint16_t*>(x),
+                                 reinterpret_cast<const uint16_t*>(kept.out), kept.lse,
+                                 static_cast<const uint16_t*>(dO), grad16);
+        if (dqkv_type == DType::bf16)
+            rotate_into(static_cast<uint16_t*>(dqkv), grad16, a, -1.0f);
+        else
+            rotate_into(static_cast<float*>(dqkv), grad16, a, -1.0f);
+        return;
+    }
     if (flash_attention(a, precision)) {
         const FlashSaved kept(saved, a);
         const auto* x16 = static_cast<const uint16_t*>(x);

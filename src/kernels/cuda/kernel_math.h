@@ -266,18 +266,20 @@ KILN_HD void rope_at(float* x, int64_t ld, int64_t T, int64_t n_heads, int64_t D
 
 // Column `col` of one row, out of place: the row's element with its head rotated as rope_at
 // rotates it (the same products of the same values) where it lies in the first n_heads heads,
-// else as it is, written as Out (rounded to bf16 by store()). The rotation and the rounding the
+// else as it is, read as In and written as Out (rounded to bf16 by store()). The rotation and
+// the rounding the
 // products need in one pass over x, instead of a copy, a rotation in place and a conversion.
 // cos_row, sin_row: the tables' row of the row's position (m % T); 32-bit column arithmetic, the
 // row's own done once by the caller.
-template <typename Out>
-KILN_HD void rotated_at(Out* dst_row, const float* x_row, int col, int n_heads, int D,
+template <typename Out, typename In>
+KILN_HD void rotated_at(Out* dst_row, const In* x_row, int col, int n_heads, int D,
                         const float* cos_row, const float* sin_row, float sign) {
-    float v = x_row[col];
+    float v = load(x_row + col);
     if (col < n_heads * D) {
         const int half = D / 2, j = col % D, p = j < half ? j : j - half;
         const float c = cos_row[p], s = sign * sin_row[p];
-        const float *head = x_row + (col - j), a = head[p], b = head[p + half];
+        const In* head = x_row + (col - j);
+        const float a = load(head + p), b = load(head + p + half);
         v = j < half ? a * c - b * s : b * c + a * s;
     }
     store(dst_row + col, v);

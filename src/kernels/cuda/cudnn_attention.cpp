@@ -19,6 +19,7 @@
 
 #include <cuda_runtime.h>
 #include <cudnn.h>
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <cmath>
@@ -30,6 +31,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "core/log.h"
@@ -41,11 +43,67 @@ cudaStream_t stream();  // the backend's one stream (device.cu)
 
 namespace {
 
+// cuDNN's functions, loaded at first use, so that the binary needs no cuDNN where nothing asks for
+// its attention (and a machine without it runs kiln's own kernels).
+struct Cudnn {
+    decltype(&cudnnBackendCreateDescriptor) BackendCreateDescriptor = nullptr;
+    decltype(&cudnnBackendDestroyDescriptor) BackendDestroyDescriptor = nullptr;
+    decltype(&cudnnBackendExecute) BackendExecute = nullptr;
+    decltype(&cudnnBackendFinalize) BackendFinalize = nullptr;
+    decltype(&cudnnBackendGetAttribute) BackendGetAttribute = nullptr;
+    decltype(&cudnnBackendSetAttribute) BackendSetAttribute = nullptr;
+    decltype(&cudnnCreate) Create = nullptr;
+    decltype(&cudnnGetErrorString) GetErrorString = nullptr;
+    decltype(&cudnnGetLastErrorString) GetLastErrorString = nullptr;
+    decltype(&cudnnGetVersion) GetVersion = nullptr;
+    decltype(&cudnnSetStream) SetStream = nullptr;
+    std::string missing;  // why it could not be loaded; empty when it was
+};
+
+const Cudnn& cudnn_library() {
+    static const Cudnn c = [] {
+        Cudnn c;
+        void* lib = dlopen("libcudnn.so.9", RTLD_NOW | RTLD_GLOBAL);
+        if (!lib) {
+            const char* e = dlerror();
+            c.missing = e ? e : "libcudnn.so.9 not found";
+            return c;
+        }
+        auto load = [&](auto& f, const char* name) {
+            f = reinterpret_cast<std::remove_reference_t<decltype(f)>>(dlsym(lib, name));
+            if (!f && c.missing.empty())
+                c.missing = fmt::format("libcudnn.so.9 lacks {}", name);
+        };
+        load(c.BackendCreateDescriptor, "cudnnBackendCreateDescriptor");
+        load(c.BackendDestroyDescriptor, "cudnnBackendDestroyDescriptor");
+        load(c.BackendExecute, "cudnnBackendExecute");
+        load(c.BackendFinalize, "cudnnBackendFinalize");
+        load(c.BackendGetAttribute, "cudnnBackendGetAttribute");
+        load(c.BackendSetAttribute, "cudnnBackendSetAttribute");
+        load(c.Create, "cudnnCreate");
+        load(c.GetErrorString, "cudnnGetErrorString");
+        load(c.GetLastErrorString, "cudnnGetLastErrorString");
+        load(c.GetVersion, "cudnnGetVersion");
+        load(c.SetStream, "cudnnSetStream");
+        return c;
+    }();
+    return c;
+}
+
+// The loaded library; an Error saying why where it cannot be loaded.
+const Cudnn& cudnn() {
+    const Cudnn& c = cudnn_library();
+    if (!c.missing.empty())
+        throw Error(
+            fmt::format("cuDNN: {} (cuDNN 9 is needed for KILN_CUDA_ATTENTION=cudnn)", c.missing));
+    return c;
+}
+
 // Why cuDNN refused a call: its status and its last error message.
 std::string cudnn_failure(cudnnStatus_t status) {
     char detail[1024] = {0};
-    cudnnGetLastErrorString(detail, sizeof(detail));
-    return fmt::format("{}{}{}", cudnnGetErrorString(status), *detail ? ": " : "", detail);
+    cudnn().GetLastErrorString(detail, sizeof(detail));
+    return fmt::format("{}{}{}", cudnn().GetErrorString(status), *detail ? ": " : "", detail);
 }
 
 #define KILN_CUDNN(call)                                                    \
@@ -61,15 +119,15 @@ public:
     Desc() = default;
     explicit Desc(cudnnBackendDescriptorType_t type) {
         cudnnBackendDescriptor_t raw = nullptr;
-        KILN_CUDNN(cudnnBackendCreateDescriptor(type, &raw));
-        p_ = std::shared_ptr<void>(raw, [](void* d) { cudnnBackendDestroyDescriptor(d); });
+        KILN_CUDNN(cudnn().BackendCreateDescriptor(type, &raw));
+        p_ = std::shared_ptr<void>(raw, [](void* d) { cudnn().BackendDestroyDescriptor(d); });
     }
     cudnnBackendDescriptor_t get() const { return p_.get(); }
 
     template <typename T>
     Desc& set(cudnnBackendAttributeName_t name, cudnnBackendAttributeType_t type, const T* values,
               int64_t count) {
-        KILN_CUDNN(cudnnBackendSetAttribute(get(), name, type, count, values));
+        KILN_CUDNN(cudnn().BackendSetAttribute(get(), name, type, count, values));
         return *this;
     }
     template <typename T>
@@ -82,14 +140,14 @@ public:
     }
     // Finalizes; a refusal is an Error naming `what`.
     Desc& finalize(const char* what) {
-        const cudnnStatus_t st = cudnnBackendFinalize(get());
+        const cudnnStatus_t st = cudnn().BackendFinalize(get());
         if (st != CUDNN_STATUS_SUCCESS)
             library_failed("cuDNN", what, cudnn_failure(st));
         return *this;
     }
     // Finalizes; whether cuDNN accepted it, and why not in `why`.
     bool try_finalize(const char* what, std::string& why) {
-        const cudnnStatus_t st = cudnnBackendFinalize(get());
+        const cudnnStatus_t st = cudnn().BackendFinalize(get());
         if (st == CUDNN_STATUS_SUCCESS)
             return true;
         why = fmt::format("{}: {}", what, cudnn_failure(st));
@@ -221,8 +279,8 @@ public:
         if (!heur.try_finalize("engine heuristic", why))
             return false;
         int64_t count = 0;
-        KILN_CUDNN(cudnnBackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS,
-                                            CUDNN_TYPE_BACKEND_DESCRIPTOR, 0, &count, nullptr));
+        KILN_CUDNN(cudnn().BackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS,
+                                               CUDNN_TYPE_BACKEND_DESCRIPTOR, 0, &count, nullptr));
         std::vector<Desc> configs;
         std::vector<cudnnBackendDescriptor_t> raw_configs;
         for (int64_t i = 0; i < count; i++) {
@@ -231,9 +289,9 @@ public:
         }
         int64_t got = 0;
         if (count > 0)
-            KILN_CUDNN(cudnnBackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS,
-                                                CUDNN_TYPE_BACKEND_DESCRIPTOR, count, &got,
-                                                raw_configs.data()));
+            KILN_CUDNN(cudnn().BackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS,
+                                                   CUDNN_TYPE_BACKEND_DESCRIPTOR, count, &got,
+                                                   raw_configs.data()));
         why = "cuDNN's heuristic offers no engine for the graph";
         for (int64_t i = 0; i < got; i++) {
             Desc candidate(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR);
@@ -242,9 +300,9 @@ public:
             if (!candidate.try_finalize("execution plan", why))
                 continue;
             int64_t bytes = 0, n = 0;
-            KILN_CUDNN(cudnnBackendGetAttribute(candidate.get(),
-                                                CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
-                                                CUDNN_TYPE_INT64, 1, &n, &bytes));
+            KILN_CUDNN(cudnn().BackendGetAttribute(candidate.get(),
+                                                   CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
+                                                   CUDNN_TYPE_INT64, 1, &n, &bytes));
             plan = candidate;
             workspace = bytes;
             return true;
@@ -282,8 +340,8 @@ private:
 
 // -inf for masked scores; cuDNN before 9.10 wants the lowest finite float instead.
 float masked_value() {
-    return cudnnGetVersion() < 91000 ? std::numeric_limits<float>::lowest()
-                                     : -std::numeric_limits<float>::infinity();
+    return cudnn().GetVersion() < 91000 ? std::numeric_limits<float>::lowest()
+                                        : -std::numeric_limits<float>::infinity();
 }
 
 // The shapes both graphs share.
@@ -425,7 +483,7 @@ void backward_graph(Graph& g, const Shapes& s) {
 cudnnHandle_t handle() {
     static const cudnnHandle_t h = [] {
         cudnnHandle_t raw = nullptr;
-        KILN_CUDNN(cudnnCreate(&raw));
+        KILN_CUDNN(cudnn().Create(&raw));
         return raw;
     }();
     return h;
@@ -447,8 +505,8 @@ void execute(const Desc& plan, const Graph& g, std::vector<std::pair<int64_t, vo
              int64_t(pointers.size()))
         .set(CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, workspace)
         .finalize("variant pack");
-    KILN_CUDNN(cudnnSetStream(handle(), stream()));
-    KILN_CUDNN(cudnnBackendExecute(handle(), plan.get(), pack.get()));
+    KILN_CUDNN(cudnn().SetStream(handle(), stream()));
+    KILN_CUDNN(cudnn().BackendExecute(handle(), plan.get(), pack.get()));
 }
 
 using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
@@ -470,6 +528,10 @@ struct CudnnAttention {
     void* workspace = nullptr;
 };
 
+std::string cudnn_unavailable() {
+    return cudnn_library().missing;
+}
+
 bool cudnn_attention_requested() {
     static const bool requested = [] {
         const char* v = std::getenv("KILN_CUDA_ATTENTION");
@@ -490,6 +552,12 @@ const CudnnAttention* cudnn_attention(const Attention& a) {
     const auto it = built.find(key_of(a));
     if (it != built.end())
         return it->second.get();
+    if (const std::string missing = cudnn_unavailable(); !missing.empty()) {
+        log::warn("kernels", "cuDNN cannot be loaded ({}); attention runs kiln's own kernels",
+                  missing);
+        built.emplace(key_of(a), nullptr);
+        return nullptr;
+    }
     auto c = std::make_unique<CudnnAttention>();
     c->shape = a;
     const Shapes s(a);
@@ -539,7 +607,7 @@ void cudnn_attention_backward(const CudnnAttention& c, const uint16_t* qkv16, co
     const Attention& a = c.shape;
     auto* qkv = const_cast<uint16_t*>(qkv16);
     const int64_t k_at = a.H * a.D, v_at = (a.H + a.Hkv) * a.D;
-    if (cudnnGetVersion() < 90600)  // earlier versions sum into dQ's accumulator as it stands
+    if (cudnn().GetVersion() < 90600)  // earlier versions sum into dQ's accumulator as it stands
         KILN_CUDA(cudaMemsetAsync(c.dq_sum, 0, size_t(a.B * a.H * a.T * a.D) * 4, stream()));
     execute(c.backward_plan, c.backward,
             {{kQ, qkv},

@@ -4,6 +4,7 @@
 // cudnn_attention.cpp for the graphs). Host code: it builds cuDNN's operation graphs and runs
 // their plans on the backend's stream.
 #include <cstdint>
+#include <string>
 
 #include "kernels/ops.h"
 
@@ -12,6 +13,9 @@ namespace kiln::kernels::cuda {
 // Whether KILN_CUDA_ATTENTION=cudnn asks for cuDNN's attention (read once; "kiln", unset or
 // empty keep the own kernels; another value is an error naming the variable).
 bool cudnn_attention_requested();
+
+// Why cuDNN 9 cannot be loaded here (it is loaded at first use), or empty where it can.
+std::string cudnn_unavailable();
 
 // The shapes cuDNN's graphs are asked for: bf16 products, a head size in steps of 8 up to 128.
 inline bool cudnn_attention_shape(const Attention& a) {

@@ -147,8 +147,12 @@ const void* qkv_operand(const float* qkv, const Attention& a, const Scratch& s) 
 
 // attention_flash.h's executor on the device: the block's threads and barrier, and the tile
 // products as WMMA bf16 16 x 16 x 16 steps with f32 accumulators, warp w taking rows
-// [16 w, 16 w + 16) of every product.
+// [16 w, 16 w + 16) of every product. A warp holds all its n / 16 output tiles in registers and
+// loads each 16 x 16 piece of its rows of `a` once for all of them (not once per output tile);
+// each output tile still sums its k steps in order, so the bits are those of one tile at a time.
 struct FlashDevice {
+    static constexpr int kMaxTiles = std::max(kTile, kFlashMaxHead) / 16;  // n <= kTile or D
+
     template <typename F>
     __device__ void each(int n, F f) {
         for (int i = threadIdx.x; i < n; i += blockDim.x)
@@ -163,21 +167,34 @@ struct FlashDevice {
         using BLayout = std::conditional_t<BCol, wmma::col_major, wmma::row_major>;
         const auto* A = reinterpret_cast<const __nv_bfloat16*>(a);
         const auto* B = reinterpret_cast<const __nv_bfloat16*>(b);
-        const int row = 16 * int(threadIdx.x / 32);
-        for (int j = 0; j < n; j += 16) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> sum;
+        const int row = 16 * int(threadIdx.x / 32), tiles = n / 16;
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> sum[kMaxTiles];
+#pragma unroll
+        for (int t = 0; t < kMaxTiles; t++) {
+            if (t >= tiles)
+                continue;
             if (accumulate)
-                wmma::load_matrix_sync(sum, c + row * ldc + j, ldc, wmma::mem_row_major);
+                wmma::load_matrix_sync(sum[t], c + row * ldc + 16 * t, ldc, wmma::mem_row_major);
             else
-                wmma::fill_fragment(sum, 0.0f);
-            for (int kk = 0; kk < k; kk += 16) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, ALayout> fa;
+                wmma::fill_fragment(sum[t], 0.0f);
+        }
+        for (int kk = 0; kk < k; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, ALayout> fa;
+            wmma::load_matrix_sync(fa, A + (ACol ? kk * lda + row : row * lda + kk), lda);
+#pragma unroll
+            for (int t = 0; t < kMaxTiles; t++) {
+                if (t >= tiles)
+                    continue;
+                const int j = 16 * t;
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, BLayout> fb;
-                wmma::load_matrix_sync(fa, A + (ACol ? kk * lda + row : row * lda + kk), lda);
                 wmma::load_matrix_sync(fb, B + (BCol ? j * ldb + kk : kk * ldb + j), ldb);
-                wmma::mma_sync(sum, fa, fb, sum);
+                wmma::mma_sync(sum[t], fa, fb, sum[t]);
             }
-            wmma::store_matrix_sync(c + row * ldc + j, sum, ldc, wmma::mem_row_major);
+        }
+#pragma unroll
+        for (int t = 0; t < kMaxTiles; t++) {
+            if (t < tiles)
+                wmma::store_matrix_sync(c + row * ldc + 16 * t, sum[t], ldc, wmma::mem_row_major);
         }
         __syncthreads();
     }

@@ -44,6 +44,8 @@ export LD_LIBRARY_PATH="$(IFS=:; echo "${dirs[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRA
     echo "commit $(cat "$b/commit.txt" 2>/dev/null)"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -4
     echo "library path: $LD_LIBRARY_PATH"
+    # Loaded only for KILN_CUDA_ATTENTION=cudnn, so ldd below does not look for it.
+    echo "cuDNN: $(for d in "${dirs[@]}"; do ls "$d"/libcudnn.so.9* 2>/dev/null; done | head -1)"
 } | tee "$out/machine.txt"
 missing=0
 for bin in "$b"/bin/*; do

@@ -303,15 +303,19 @@ TEST(Cuda, TunedProductsKeepTheDefaultsBits) {
 // 300, longer than a row block and 4 tiles and a part of the fused kernels; the widest fused head
 // (D = 128, the most shared memory); D = 8, which bf16 runs as products. A bf16 gradient is its
 // f32 value rounded.
+// An attention shape, its qkv packed as the model packs it.
+struct AttentionShape {
+    int64_t B, T, H, Hkv, D;
+    Attention attention() const { return {B, T, H, Hkv, D, (H + 2 * Hkv) * D}; }
+};
+
 TEST(Cuda, AttentionMatchesReference) {
     KILN_REQUIRE_CUDA();
-    struct Shape {
-        int64_t B, T, H, Hkv, D;
-    };
-    for (const Shape sh :
-         {Shape{2, 300, 4, 2, 32}, Shape{1, 130, 4, 1, 128}, Shape{1, 40, 2, 1, 8}}) {
+    for (const AttentionShape sh :
+         {AttentionShape{2, 300, 4, 2, 32}, AttentionShape{1, 130, 4, 1, 128},
+          AttentionShape{1, 40, 2, 1, 8}}) {
         const auto [cos, sin] = rope_tables(sh.T, sh.D);
-        Attention a{sh.B, sh.T, sh.H, sh.Hkv, sh.D, (sh.H + 2 * sh.Hkv) * sh.D};
+        Attention a = sh.attention();
         const int64_t M = a.B * a.T, HD = a.H * a.D;
         auto qkv = randn(M * a.ldqkv, 1), dout = randn(M * HD, 2);
         Dev<float> d_cos(cos), d_sin(sin), d_qkv(qkv), d_dout(dout);
@@ -366,7 +370,7 @@ TEST(Cuda, CudnnAttentionGraphsPassCudnnsChecks) {
     if (const std::string why = cuda::cudnn_unavailable(); !why.empty())
         GTEST_SKIP() << "cuDNN 9 cannot be loaded here: " << why;
     for (int64_t Hkv : {4, 1}) {
-        const Attention a{2, 256, 4, Hkv, 64, (4 + 2 * Hkv) * 64};
+        const Attention a = AttentionShape{2, 256, 4, Hkv, 64}.attention();
         const cuda::CudnnAttentionOps ops = cuda::describe_cudnn_attention(a);
         EXPECT_EQ(ops.forward, 14) << "Hkv=" << Hkv;
         EXPECT_EQ(ops.backward, Hkv == 4 ? 22 : 24) << "Hkv=" << Hkv;
@@ -380,12 +384,10 @@ TEST(Cuda, CudnnAttentionGraphsPassCudnnsChecks) {
 // no plan fails here, with cuDNN's reason in the log.
 TEST(Cuda, CudnnAttentionMatchesReference) {
     KILN_REQUIRE_CUDA();
-    struct Shape {
-        int64_t B, T, H, Hkv, D;
-    };
-    for (const Shape sh :
-         {Shape{2, 300, 4, 2, 32}, Shape{1, 130, 4, 1, 128}, Shape{2, 256, 8, 8, 64}}) {
-        const Attention a{sh.B, sh.T, sh.H, sh.Hkv, sh.D, (sh.H + 2 * sh.Hkv) * sh.D};
+    for (const AttentionShape sh :
+         {AttentionShape{2, 300, 4, 2, 32}, AttentionShape{1, 130, 4, 1, 128},
+          AttentionShape{2, 256, 8, 8, 64}}) {
+        const Attention a = sh.attention();
         const std::string what = "T=" + std::to_string(a.T) + " H=" + std::to_string(a.H) +
                                  " Hkv=" + std::to_string(a.Hkv) + " D=" + std::to_string(a.D);
         const int64_t M = a.B * a.T, HD = a.H * a.D;

@@ -145,7 +145,7 @@ step kiln_1b 200 "$k" train "${b11[@]}" --set run.dir="$out/kiln-1b"
     --set run.dir="$out/kiln-1b-untuned"
 step torch_1b 240 python3 bench/gpu/torch_llama.py --batch 2 --seq 4096
 # The same run with cuDNN's fused attention in place of kiln's own kernels.
-KILN_CUDA_ATTENTION=cudnn step kiln_1b_cudnn 150 "$k" train "${b11[@]}" --set train.steps=8 \
+KILN_CUDA_ATTENTION=cudnn step kiln_1b_cudnn 150 "$k" train "${b11[@]}" --set train.steps=6 \
     --set run.dir="$out/kiln-1b-cudnn"
 # Where the 1.1B step's device time goes: 3 steps with each op marked by events, summed per op
 # (the products per shape) into profile-1b.txt.

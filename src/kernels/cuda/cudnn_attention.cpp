@@ -264,7 +264,7 @@ public:
     // The operation graph on `handle`, and the first engine configuration of cuDNN's heuristic
     // that makes a plan; false (and `why`) where none does.
     bool plan(cudnnHandle_t handle, Desc& plan, int64_t& workspace, std::string& why) {
-        Desc graph(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR);
+        Desc& graph = kept_.emplace_back(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR);
         std::vector<cudnnBackendDescriptor_t> raw;
         for (const Desc& op : ops_)
             raw.push_back(op.get());
@@ -273,7 +273,7 @@ public:
         graph.set(CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE, handle);
         if (!graph.try_finalize("operation graph", why))
             return false;
-        Desc heur(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR);
+        Desc& heur = kept_.emplace_back(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR);
         heur.set(CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, graph)
             .set(CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, CUDNN_HEUR_MODE_A);
         if (!heur.try_finalize("engine heuristic", why))
@@ -284,7 +284,7 @@ public:
         std::vector<Desc> configs;
         std::vector<cudnnBackendDescriptor_t> raw_configs;
         for (int64_t i = 0; i < count; i++) {
-            configs.emplace_back(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR);
+            configs.push_back(kept_.emplace_back(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR));
             raw_configs.push_back(configs.back().get());
         }
         int64_t got = 0;
@@ -325,6 +325,7 @@ private:
         if (by_value)
             t.desc.set(CUDNN_ATTR_TENSOR_IS_BY_VALUE, CUDNN_TYPE_BOOLEAN, true);
         t.desc.finalize("tensor descriptor");
+        kept_.push_back(t.desc);
         return t;
     }
     void add(Desc& op, const char* what) {
@@ -333,6 +334,9 @@ private:
     }
 
     std::vector<Desc> ops_;
+    // Every descriptor the operations and the plan refer to, kept for the graph's life (cuDNN
+    // does not say that it copies what a descriptor points to).
+    std::deque<Desc> kept_;
     std::deque<float> scalars_;
     std::deque<std::pair<int64_t, float*>> values_;
     int64_t next_uid_ = kFirstInternal;
@@ -473,7 +477,7 @@ void backward_graph(Graph& g, const Shapes& s) {
     per_group(g, s, dst, q, dk);
 
     // dQ = dS K, summed in f32, then stored in bf16.
-    const Tensor k = g.virt(s.heads(s.Hkv), s.packed_strides(), CUDNN_DATA_BFLOAT16);
+    const Tensor k = g.virt(s.heads(s.Hkv), s.packed_strides());
     g.reshape(kt, k);
     const Tensor dq_sum = g.tensor(s.heads(s.H), s.dense_strides(), CUDNN_DATA_FLOAT, kDQSum);
     g.matmul(ds, k, dq_sum);
@@ -532,6 +536,22 @@ std::string cudnn_unavailable() {
     return cudnn_library().missing;
 }
 
+std::string cudnn_attention_refusal(const Attention& a) {
+    if (const std::string missing = cudnn_unavailable(); !missing.empty())
+        return fmt::format("cuDNN cannot be loaded ({})", missing);
+    const size_t v = cudnn().GetVersion();
+    if (v == 91000 || v == 91001)
+        return fmt::format("cuDNN {}'s bf16 fused attention has known faults (9.10.0, 9.10.1)", v);
+    // Versions up to 9.15.0 want an explicit padding mask where the keys do not fill whole
+    // 128-key tiles (NaN gradients from the padded keys otherwise), which these graphs omit.
+    if (v <= 91500 && a.T % 128 != 0)
+        return fmt::format(
+            "cuDNN {} before 9.15.1 is not asked for sequences of {} (not a "
+            "multiple of 128)",
+            v, a.T);
+    return {};
+}
+
 bool cudnn_attention_requested() {
     static const bool requested = [] {
         const char* v = std::getenv("KILN_CUDA_ATTENTION");
@@ -552,9 +572,8 @@ const CudnnAttention* cudnn_attention(const Attention& a) {
     const auto it = built.find(key_of(a));
     if (it != built.end())
         return it->second.get();
-    if (const std::string missing = cudnn_unavailable(); !missing.empty()) {
-        log::warn("kernels", "cuDNN cannot be loaded ({}); attention runs kiln's own kernels",
-                  missing);
+    if (const std::string why = cudnn_attention_refusal(a); !why.empty()) {
+        log::warn("kernels", "{}; attention runs kiln's own kernels", why);
         built.emplace(key_of(a), nullptr);
         return nullptr;
     }

@@ -17,17 +17,23 @@ bool cudnn_attention_requested();
 // Why cuDNN 9 cannot be loaded here (it is loaded at first use), or empty where it can.
 std::string cudnn_unavailable();
 
-// The shapes cuDNN's graphs are asked for: bf16 products, a head size in steps of 8 up to 128.
+// The shapes cuDNN's graphs are asked for: bf16 products, a head size in steps of 8 up to 128,
+// more than one position (cuDNN's backward takes no single one).
 inline bool cudnn_attention_shape(const Attention& a) {
-    return a.D % 8 == 0 && a.D <= 128 && a.Hkv > 0 && a.H % a.Hkv == 0;
+    return a.D % 8 == 0 && a.D <= 128 && a.Hkv > 0 && a.H % a.Hkv == 0 && a.T > 1;
 }
+
+// Why this machine's cuDNN is not asked for `a` (it cannot be loaded, or its version has a known
+// fault there), or empty.
+std::string cudnn_attention_refusal(const Attention& a);
 
 // One attention shape's two plans (forward and backward) and the device memory they run in,
 // built on first use and kept for the process.
 struct CudnnAttention;
 
-// The shape's plans; null where cuDNN offers no plan for either graph on this GPU, said once per
-// shape with cuDNN's reason, and the caller runs its own kernels instead.
+// The shape's plans; null where cuDNN is refused (cudnn_attention_refusal) or offers no plan for
+// either graph on this GPU, said once per shape with the reason, and the caller runs its own
+// kernels instead.
 const CudnnAttention* cudnn_attention(const Attention& a);
 
 // Over the bf16 packed qkv (M, ldqkv), its queries and keys rotated: o16 (M, H*D) bf16 and each

@@ -15,26 +15,49 @@
 // stats, masked, exp: P; dV = P^T dO; dP = dO V^T; dS = P (dP - rowdot) / sqrt(D); dK = dS^T Q;
 // dQ = dS K through an f32 accumulator. With grouped-query heads, dK and dV are made per query
 // head and summed over each group by a reduction the graph fuses.
+//
+// A build that found no cudnn.h (KILN_HAVE_CUDNN unset) keeps only the switch, and refuses.
 #include "kernels/cuda/cudnn_attention.h"
 
+#include <cstdlib>
+#include <string>
+
+#include "core/error.h"
+#include "core/log.h"
+
+namespace kiln::kernels::cuda {
+
+bool cudnn_attention_requested() {
+    static const bool requested = [] {
+        const char* v = std::getenv("KILN_CUDA_ATTENTION");
+        const std::string value = v ? v : "";
+        if (value.empty() || value == "kiln")
+            return false;
+        if (value == "cudnn")
+            return true;
+        throw Error(fmt::format("KILN_CUDA_ATTENTION={}: expected kiln or cudnn", value));
+    }();
+    return requested;
+}
+
+}  // namespace kiln::kernels::cuda
+
+#if KILN_HAVE_CUDNN
 #include <cuda_runtime.h>
 #include <cudnn.h>
 #include <dlfcn.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <deque>
 #include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
-#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
-#include "core/log.h"
 #include "kernels/cuda/cuda_check.h"
 
 namespace kiln::kernels::cuda {
@@ -552,19 +575,6 @@ std::string cudnn_attention_refusal(const Attention& a) {
     return {};
 }
 
-bool cudnn_attention_requested() {
-    static const bool requested = [] {
-        const char* v = std::getenv("KILN_CUDA_ATTENTION");
-        const std::string value = v ? v : "";
-        if (value.empty() || value == "kiln")
-            return false;
-        if (value == "cudnn")
-            return true;
-        throw Error(fmt::format("KILN_CUDA_ATTENTION={}: expected kiln or cudnn", value));
-    }();
-    return requested;
-}
-
 const CudnnAttention* cudnn_attention(const Attention& a) {
     static std::mutex mutex;
     static std::map<Key, std::unique_ptr<CudnnAttention>> built;
@@ -652,3 +662,44 @@ CudnnAttentionOps describe_cudnn_attention(const Attention& a) {
 }
 
 }  // namespace kiln::kernels::cuda
+
+#else  // built without cuDNN's header: its attention is refused, and the own kernels run
+
+namespace kiln::kernels::cuda {
+
+struct CudnnAttention {};
+
+std::string cudnn_unavailable() {
+    return "this build has no cuDNN (configured with KILN_CUDNN=OFF, or where no cudnn.h was "
+           "found)";
+}
+
+std::string cudnn_attention_refusal(const Attention&) {
+    return fmt::format("cuDNN cannot be used ({})", cudnn_unavailable());
+}
+
+const CudnnAttention* cudnn_attention(const Attention& a) {
+    static const bool said = [&] {
+        log::warn("kernels", "{}; attention runs kiln's own kernels", cudnn_attention_refusal(a));
+        return true;
+    }();
+    (void)said;
+    return nullptr;
+}
+
+void cudnn_attention_forward(const CudnnAttention&, const uint16_t*, uint16_t*, float*) {
+    throw Error(cudnn_attention_refusal({}));
+}
+
+void cudnn_attention_backward(const CudnnAttention&, const uint16_t*, const uint16_t*, const float*,
+                              const uint16_t*, uint16_t*) {
+    throw Error(cudnn_attention_refusal({}));
+}
+
+CudnnAttentionOps describe_cudnn_attention(const Attention&) {
+    throw Error(cudnn_attention_refusal({}));
+}
+
+}  // namespace kiln::kernels::cuda
+
+#endif

@@ -3,9 +3,11 @@
 
 usage: summary.py OUT_DIR
 Reads what bench/gpu/check.sh left in OUT_DIR: machine.txt, the 1.1B runs' metrics.jsonl
-(kiln-1b, or kiln-1b-untuned; kiln-1b-cudnn; kiln-1b-eager), torch_1b.log and attention.log (JSON lines) and
-curves.log. Prints the block and writes it to OUT_DIR/summary.md. A figure whose run is missing or failed reads "missing", so the
-block is had whatever ran. Exits 0.
+(kiln-1b, or kiln-1b-untuned; kiln-1b-cudnn; kiln-1b-eager), torch_1b.log and attention.log
+(JSON lines), curves.log and curves_cudnn.log, and what the cuDNN steps' logs (cudnn_ops,
+train_cuda_cudnn, kiln_1b_cudnn) say of cuDNN: whether it ran, or why the own kernels ran
+instead. Prints the block and writes it to OUT_DIR/summary.md. A figure whose run is missing or
+failed reads "missing", so the block is had whatever ran. Exits 0.
 
 Tokens/s and MFU of a kiln run are the medians over its steps after the second: the first runs
 every kernel as called and the second records the CUDA graphs (train.graphs).
@@ -44,6 +46,18 @@ def kiln_run(out, *names):
     return None
 
 
+def cudnn_use(out, name):
+    """What a KILN_CUDA_ATTENTION=cudnn step's log says of cuDNN: used, refused (and why), or
+    nothing (then it never reached attention)."""
+    lines = nonempty_lines(os.path.join(out, name + ".log"))
+    refused = [l for l in lines if "runs kiln's own kernels" in l]
+    if refused:
+        return "own kernels ran: " + refused[0].split("] ", 1)[-1][:160]
+    if any("cuDNN fused attention for" in l for l in lines):
+        return "cuDNN ran"
+    return "no word of cuDNN in the log"
+
+
 def nonempty_lines(path):
     try:
         with open(path) as f:
@@ -76,7 +90,8 @@ def main(argv):
         lines.append("| kiln 1.1B bf16, CUDA graphs | missing | | |")
     if cudnn:
         row("kiln 1.1B bf16, cuDNN's attention", cudnn[1], cudnn[2],
-            f"KILN_CUDA_ATTENTION=cudnn, median of steps 3-{cudnn[3]}")
+            f"KILN_CUDA_ATTENTION=cudnn ({cudnn_use(out, 'kiln_1b_cudnn')}), "
+            f"median of steps 3-{cudnn[3]}")
     else:
         lines.append("| kiln 1.1B bf16, cuDNN's attention | missing | | |")
     if eager:
@@ -116,9 +131,20 @@ def main(argv):
             else:
                 lines.append(f"| {r['impl']} | missing | | | {r.get('error', '')[:60]} |")
 
-    curves = nonempty_lines(os.path.join(out, "curves.log"))
-    worst = [l for l in curves if l.startswith("worst")]
-    lines += ["", "tiny, GPU against CPU (fp32, 30 steps): " + (worst[0] if worst else "missing")]
+    def worst(name):
+        found = [l for l in nonempty_lines(os.path.join(out, name + ".log"))
+                 if l.startswith("worst")]
+        return found[0] if found else "missing"
+
+    lines += ["", "tiny, GPU against CPU (fp32, 30 steps): " + worst("curves"),
+              "tiny bf16, cuDNN's attention against kiln's (30 steps): " + worst("curves_cudnn")
+              + f" ({cudnn_use(out, 'train_cuda_cudnn')})"]
+    ops = nonempty_lines(os.path.join(out, "cudnn_ops.log"))
+    passed = any("[  PASSED  ]" in l for l in ops) and not any("FAILED" in l for l in ops)
+    said = [l for l in ops if "not asked for" in l or "offers no" in l]
+    lines.append("cuDNN attention against the reference: "
+                 + ("missing" if not ops else "passed" if passed else "FAILED")
+                 + ("; " + "; ".join(said)[:300] if said else ""))
     text = "\n".join(lines) + "\n"
     sys.stdout.write(text)
     try:

@@ -582,11 +582,14 @@ const CudnnAttention* cudnn_attention(const Attention& a) {
     const auto it = built.find(key_of(a));
     if (it != built.end())
         return it->second.get();
-    if (const std::string why = cudnn_attention_refusal(a); !why.empty()) {
-        log::warn("kernels", "{}; attention runs kiln's own kernels", why);
+    const std::string shape = fmt::format("B={} T={} H={} Hkv={} D={}", a.B, a.T, a.H, a.Hkv, a.D);
+    auto refuse = [&](const std::string& reason) -> const CudnnAttention* {
+        log::warn("kernels", "{}; attention runs kiln's own kernels", reason);
         built.emplace(key_of(a), nullptr);
         return nullptr;
-    }
+    };
+    if (const std::string why = cudnn_attention_refusal(a); !why.empty())
+        return refuse(why);
     auto c = std::make_unique<CudnnAttention>();
     c->shape = a;
     const Shapes s(a);
@@ -595,26 +598,25 @@ const CudnnAttention* cudnn_attention(const Attention& a) {
     int64_t forward_bytes = 0, backward_bytes = 0;
     std::string why;
     if (!c->forward.plan(handle(), c->forward_plan, forward_bytes, why) ||
-        !c->backward.plan(handle(), c->backward_plan, backward_bytes, why)) {
-        log::warn("kernels",
-                  "cuDNN offers no fused attention for B={} T={} H={} Hkv={} D={} ({}); "
-                  "this shape runs kiln's own attention kernels",
-                  a.B, a.T, a.H, a.Hkv, a.D, why);
-        built.emplace(key_of(a), nullptr);
-        return nullptr;
-    }
+        !c->backward.plan(handle(), c->backward_plan, backward_bytes, why))
+        return refuse(fmt::format("cuDNN offers no fused attention for {} ({})", shape, why));
     const size_t rowdot_bytes = size_t(a.B * a.H * a.T) * 4;
     const size_t dq_bytes = size_t(a.B * a.H * a.T * a.D) * 4;
     const size_t ws_bytes = size_t(std::max(forward_bytes, backward_bytes));
     auto round = [](size_t n) { return (n + 255) / 256 * 256; };
+    const size_t bytes = round(rowdot_bytes) + round(dq_bytes) + ws_bytes;
     void* raw = nullptr;
-    KILN_CUDA(cudaMalloc(&raw, round(rowdot_bytes) + round(dq_bytes) + ws_bytes));
+    if (const cudaError_t e = cudaMalloc(&raw, bytes); e != cudaSuccess) {
+        (void)cudaGetLastError();  // the failed allocation leaves nothing behind
+        return refuse(fmt::format("no room for cuDNN's attention memory for {} ({} MiB: {})", shape,
+                                  bytes >> 20, cudaGetErrorString(e)));
+    }
     c->memory = std::shared_ptr<void>(raw, [](void* p) { cudaFree(p); });
     c->rowdot = static_cast<float*>(raw);
     c->dq_sum = reinterpret_cast<float*>(static_cast<char*>(raw) + round(rowdot_bytes));
     c->workspace = static_cast<char*>(raw) + round(rowdot_bytes) + round(dq_bytes);
-    log::info("kernels", "cuDNN fused attention for B={} T={} H={} Hkv={} D={}: workspace {} B",
-              a.B, a.T, a.H, a.Hkv, a.D, ws_bytes);
+    log::info("kernels", "cuDNN fused attention for {}: {} MiB of its own memory", shape,
+              bytes >> 20);
     return built.emplace(key_of(a), std::move(c)).first->second.get();
 }
 

@@ -52,9 +52,20 @@ bool checked_only(const ConfigOptions& options, const std::string& yaml) {
     return options.check;
 }
 
+// The CUDA backend's switches that are not config keys: they pick an implementation or a
+// diagnosis, not what is trained.
+constexpr const char* kCudaEnvironment =
+    "\nEnvironment, with train.backend=cuda:\n"
+    "  KILN_CUDA_ATTENTION=cudnn  fused bf16 attention through cuDNN 9 (loaded when asked for; a "
+    "shape it refuses runs kiln's own kernels, said in the log) instead of kiln's own kernels "
+    "(kiln, the default)\n"
+    "  KILN_CUDA_PROFILE=FILE     each op's device time, summed per op into FILE\n"
+    "  KILN_CUDA_SYNC=1           wait after every kernel, to name the op whose kernel failed\n";
+
 Action add_train(CLI::App& app) {
     auto o = std::make_shared<ConfigOptions>();
     add_config_options(app, *o);
+    app.footer(app.get_footer() + kCudaEnvironment);
     return [o] {
         train::RunConfig config;
         std::string yaml = resolve_config(config, *o);

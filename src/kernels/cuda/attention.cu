@@ -157,6 +157,9 @@ struct FlashDevice {
     __device__ void each(int n, F f) {
         for (int i = threadIdx.x; i < n; i += blockDim.x)
             f(i);
+#if __CUDA_ARCH__ >= 800
+        asm volatile("cp.async.wait_all;\n" ::: "memory");  // copy_chunk's copies, if any
+#endif
         __syncthreads();
     }
     template <bool ACol, bool BCol>

@@ -22,7 +22,8 @@
 // every run. The backward recomputes s and dp in both passes, the price of that determinism.
 //
 // The executor X of a block:
-//   x.each(n, f)     f(i) for i in [0, n), spread over the block's threads; then the barrier
+//   x.each(n, f)     f(i) for i in [0, n), spread over the block's threads; then, the tile
+//                    copies it made (copy_chunk) landed, the barrier
 //   x.product<ACol, BCol>(c, ldc, a, lda, b, ldb, n, k, accumulate)
 //                    c (kTile x n, f32) = a b, or += with accumulate, a (kTile x k) and b (k x n)
 //                    bf16 tiles of the block's memory, row-major, or with Col the transposed view
@@ -195,12 +196,20 @@ KILN_HD void flash_ds_into_p(const FlashTiles& s, int r, int c) {
     s.p[r * s.ldp + c] = bf16_round(s.s[r * s.lds + c]);
 }
 
-// Tiles load in chunks of 8 bf16 (16 bytes: one vector load on the device; every row offset in
+// Tiles load in chunks of 8 bf16 (16 bytes: one vector copy on the device; every row offset in
 // qkv, dout and a tile is a multiple of 8 elements, D being one of 16).
 constexpr int kChunk = 8;
 
+// From sm_80 the copy is asynchronous (cp.async, global to shared without a register): a
+// thread's copies of a phase are all in flight at once, instead of each load waiting for the
+// store before it (the compiler cannot move a load above a store that may alias it). The
+// device executor's `each` waits for them before its barrier, so a phase's tiles are whole
+// after it, as with plain copies.
 KILN_HD void copy_chunk(uint16_t* dst, const uint16_t* src) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const auto to = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(to), "l"(src) : "memory");
+#elif defined(__CUDA_ARCH__)
     *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
 #else
     std::memcpy(dst, src, kChunk * sizeof(uint16_t));

@@ -155,10 +155,11 @@ b11=(--set model.dim=2048 --set model.n_layers=22 --set model.n_heads=32 --set m
 step kiln_1b 200 "$k" train "${b11[@]}" --set run.dir="$out/kiln-1b"
 [ "$last" = 0 ] || step kiln_1b_untuned 200 "$k" train "${b11[@]}" --set train.autotune=false \
     --set run.dir="$out/kiln-1b-untuned"
-step torch_1b 240 python3 bench/gpu/torch_llama.py --batch 2 --seq 4096
-# The same run with cuDNN's fused attention in place of kiln's own kernels.
+# The same run with cuDNN's fused attention in place of kiln's own kernels (the tuned plan from
+# the cache the first run left).
 KILN_CUDA_ATTENTION=cudnn step kiln_1b_cudnn 150 "$k" train "${b11[@]}" --set train.steps=6 \
     --set run.dir="$out/kiln-1b-cudnn"
+step torch_1b 240 python3 bench/gpu/torch_llama.py --batch 2 --seq 4096
 # Where the 1.1B step's device time goes: 3 steps with each op marked by events, summed per op
 # (the products per shape) into profile-1b.txt.
 KILN_CUDA_PROFILE="$out/profile-1b.txt" step kiln_1b_profile 120 "$k" train "${b11[@]}" \

@@ -11,7 +11,11 @@ import sys
 
 def main(argv):
     ref_path, other_path, steps, bound = argv[0], argv[1], int(argv[2]), float(argv[3])
-    ref, other = ([json.loads(line) for line in open(p)] for p in (ref_path, other_path))
+    try:
+        ref, other = ([json.loads(line) for line in open(p)] for p in (ref_path, other_path))
+    except (OSError, ValueError) as e:
+        print(f"curves: cannot read a run's metrics: {e}")
+        return 1
     if len(ref) != steps or len(other) != steps:
         print(f"curves: {len(ref)} and {len(other)} steps, {steps} expected")
         return 1

@@ -140,10 +140,17 @@ def main(argv):
               "tiny bf16, cuDNN's attention against kiln's (30 steps): " + worst("curves_cudnn")
               + f" ({cudnn_use(out, 'train_cuda_cudnn')})"]
     ops = nonempty_lines(os.path.join(out, "cudnn_ops.log"))
-    passed = any("[  PASSED  ]" in l for l in ops) and not any("FAILED" in l for l in ops)
+    if not ops:
+        verdict = "missing"
+    elif any("FAILED" in l for l in ops):
+        verdict = "FAILED"
+    elif any("[  SKIPPED ]" in l for l in ops):
+        verdict = "skipped"
+    else:
+        verdict = "passed" if any("[  PASSED  ]" in l for l in ops) else "no verdict"
     said = [l for l in ops if "not asked for" in l or "offers no" in l]
-    lines.append("cuDNN attention against the reference: "
-                 + ("missing" if not ops else "passed" if passed else "FAILED")
+    said += [ops[i + 1] for i, l in enumerate(ops[:-1]) if l.endswith(": Skipped")]  # the reason
+    lines.append("cuDNN attention against the reference: " + verdict
                  + ("; " + "; ".join(said)[:300] if said else ""))
     text = "\n".join(lines) + "\n"
     sys.stdout.write(text)

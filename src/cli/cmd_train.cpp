@@ -72,9 +72,10 @@ Action add_train(CLI::App& app) {
         if (checked_only(*o, yaml))
             return 0;
         train::TrainResult r = train::train(config, yaml);
-        std::printf("trained %lld steps: loss %.4f -> %.4f; checkpoint %s\n",
-                    static_cast<long long>(r.steps), r.first_loss, r.last_loss,
-                    r.checkpoint.c_str());
+        const std::string kept = r.checkpoint.empty() ? "no checkpoint (train.checkpoint_every=-1)"
+                                                      : "checkpoint " + r.checkpoint;
+        std::printf("trained %lld steps: loss %.4f -> %.4f; %s\n", static_cast<long long>(r.steps),
+                    r.first_loss, r.last_loss, kept.c_str());
         return 0;
     };
 }

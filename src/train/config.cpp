@@ -54,7 +54,9 @@ void build_schema(ConfigSchema& s, RunConfig& c) {
     s.add("train.log_every", &t.log_every, "print a progress line every N steps",
           positive(&t.log_every));
     s.add("train.checkpoint_every", &t.checkpoint_every,
-          "checkpoint every N steps (0: only at the end)", non_negative(&t.checkpoint_every));
+          "checkpoint every N steps (0: only at the end; -1: never, for runs that only measure: "
+          "nothing to resume, eval or export from)",
+          at_least(&t.checkpoint_every, -1));
     s.add("train.keep_checkpoints", &t.keep_checkpoints, "newest checkpoints kept (0: all)",
           non_negative(&t.keep_checkpoints));
     s.add("train.peak_gflops", &t.peak_gflops,

@@ -28,7 +28,7 @@ struct TrainConfig {
     int64_t threads = 0;
     double init_std = 0.02;
     int64_t log_every = 10;
-    int64_t checkpoint_every = 100;  // 0: only at the end
+    int64_t checkpoint_every = 100;  // 0: only at the end; -1: never
     int64_t keep_checkpoints = 3;
     double peak_gflops = 0;      // for MFU; 0: measured at start
     double memory_limit_gb = 0;  // per rank; 0: this machine's memory / ranks on it

@@ -649,7 +649,7 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
         if ((step + 1) % t.log_every == 0 || step + 1 == t.steps)
             write_rank_status(run, g, step + 1, compute_s,
                               g.pp > 1 ? std::optional<double>(stage_wait_s) : std::nullopt);
-        bool last = step + 1 == t.steps;
+        bool last = step + 1 == t.steps && t.checkpoint_every >= 0;
         // No checkpoint while steps are being skipped: the newest one stays the last good state.
         bool periodic = t.checkpoint_every > 0 && (step + 1) % t.checkpoint_every == 0;
         if ((last || periodic) && bad_in_a_row == 0) {

@@ -44,7 +44,7 @@ TEST(Cli, TrainLowersLossAndIsDeterministic) {
                     " --set train.keep_checkpoints=2 --set run.dir=" + (dir / "a"));
     ASSERT_EQ(a.rc, 0) << a.out;
     Result b = kiln("train" + kMicro + " --set train.steps=60 --set run.log_level=debug" +
-                    " --set run.dir=" + (dir / "b"));
+                    " --set train.checkpoint_every=-1 --set run.dir=" + (dir / "b"));
     ASSERT_EQ(b.rc, 0) << b.out;
     auto ma = metrics(dir / "a"), mb = metrics(dir / "b");
     ASSERT_EQ(ma.size(), 60u);
@@ -102,6 +102,9 @@ TEST(Cli, TrainLowersLossAndIsDeterministic) {
     EXPECT_TRUE(fs::exists(dir / "a/checkpoints/step-00000060/manifest.json"));
     EXPECT_TRUE(fs::exists(dir / "a/checkpoints/step-00000040/manifest.json"));
     EXPECT_FALSE(fs::exists(dir / "a/checkpoints/step-00000020"));
+    // train.checkpoint_every=-1: none at all, and the last line says so.
+    EXPECT_FALSE(fs::exists(dir / "b/checkpoints/step-00000060"));
+    EXPECT_NE(b.out.find("no checkpoint (train.checkpoint_every=-1)"), std::string::npos) << b.out;
     EXPECT_TRUE(fs::exists(dir / "a/config.yaml"));
     EXPECT_NE(fs::read_file(dir / "a/status.json").find("finished"), std::string::npos);
 }

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Do two kiln binaries train to the same bits? Runs the same short trainings with each (tiny on
-# the built-in stories, 6 steps: fp32; bf16 where this CPU has bf16 products; grad_accum 2 with
-# full recompute; TP 2 + SP; PP 2; DP 2; the reference backend) and compares every checkpoint
-# file's sha256 and every step's loss. For a change that must leave CPU results as they were:
-# build the commit before it beside this one (git worktree add /tmp/before REV; build there).
+# the built-in stories, 6 steps: fp32; bf16 where this CPU has bf16 products, also with selective
+# recompute; grad_accum 2 with full recompute; TP 2, and TP 2 + SP; PP 2; DP 2; the reference
+# backend) and compares every checkpoint file's sha256 and every step's loss. For a change that
+# must leave CPU results as they were: build the commit before it beside this one (git worktree
+# add /tmp/before REV; build there).
 #
 # usage: bench/same_results.sh BEFORE_BIN AFTER_BIN [WORK_DIR]
 # Exits 0 when every run is the same, 1 when one differs or fails. EXTRA_AFTER="--set k=v ..."
@@ -19,16 +20,20 @@ base=(--set model.preset=tiny --set model.vocab_size=512 --set data.source="$wor
       --set train.checkpoint_every=0 --set train.autotune=false --set run.log_level=warn)
 bf16=(--set train.precision=bf16)
 "$after" train --check "${bf16[@]}" >/dev/null 2>&1 || bf16=()  # no bf16 products here: skip it
-runs=(fp32 accum_full tpsp pp dp ref)
-[ ${#bf16[@]} -gt 0 ] && runs+=(bf16)
+runs=(fp32 accum_full tp tpsp pp dp ref)
+[ ${#bf16[@]} -gt 0 ] && runs+=(bf16 bf16_selective)
 train() {  # train BIN TAG NAME EXTRA...: the run's own flags after the common ones
     local bin=$1 tag=$2 name=$3; shift 3
     local flags=("${base[@]}" --set run.dir="$work/$tag/$name")
     case $name in
         fp32) "$bin" train "${flags[@]}" --set train.precision=fp32 "$@" ;;
         bf16) "$bin" train "${flags[@]}" "${bf16[@]}" "$@" ;;
+        bf16_selective) "$bin" train "${flags[@]}" "${bf16[@]}" --set train.recompute=selective \
+                            "$@" ;;
         accum_full) "$bin" train "${flags[@]}" --set train.grad_accum=2 \
                         --set train.recompute=full "$@" ;;
+        tp) "$bin" launch -n 2 -- "$bin" train "${flags[@]}" --set parallel.tp=2 \
+                --set train.grad_accum=2 "$@" ;;
         tpsp) "$bin" launch -n 2 -- "$bin" train "${flags[@]}" --set parallel.tp=2 \
                   --set parallel.sp=true --set train.grad_accum=2 "$@" ;;
         pp) "$bin" launch -n 2 -- "$bin" train "${flags[@]}" --set parallel.pp=2 \

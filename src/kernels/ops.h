@@ -28,11 +28,14 @@ constexpr DType compute_dtype(Precision p) {
     return p == Precision::bf16 ? DType::bf16 : DType::f32;
 }
 
-// C (M, N) = alpha * op(A) · op(B) (+ C when accumulate).
+// C (M, N) = alpha * op(A) · op(B) (+ C when accumulate; + c_in instead where c_in is set).
 // op(A) is (M, K): A is stored (M, K) with row stride lda, or (K, M) when trans_a.
 // op(B) is (K, N): B is stored (K, N) with row stride ldb, or (N, K) when trans_b.
 // A and B are f32 or bf16; C is f32. With Precision::bf16 an f32 operand is rounded to bf16
 // (in `workspace`) before the product, which then runs in bf16 with f32 accumulation.
+// c_in (M, N), f32 with C's row stride, is what an accumulating product adds when it is not C
+// itself (a residual stream's input, with its output C): a device reads it in the product's
+// epilogue, where C = c_in first and then += would move the whole of it twice more.
 struct Gemm {
     int64_t M = 0, N = 0, K = 0;
     const void* a = nullptr;
@@ -45,6 +48,7 @@ struct Gemm {
     DType b_type = DType::f32;
     float* c = nullptr;
     int64_t ldc = 0;
+    const float* c_in = nullptr;  // with accumulate: added in place of C (null: C)
     float alpha = 1.0f;
     bool accumulate = false;
 };

@@ -44,20 +44,21 @@ struct Kernels {
     void (*rmsnorm_backward)(float* dx, float* dw, const float* dout, const float* x,
                              const float* w, const float* rstd, int64_t M, int64_t C);
 
-    // Bytes one attention forward leaves for its backward (`saved`).
+    // Bytes one attention forward leaves for its backward (`saved`), beside its output.
     size_t (*attention_saved_bytes)(const Attention& a);
     // out (M, H*D) = softmax(q k^T / sqrt(D) + causal mask) v, with q and k rotated first when
-    // the Attention has rope tables (see ops.h). `saved` (attention_saved_bytes) keeps what the
-    // backward needs; it starts with the softmax (B, H, T, T), entries above the diagonal 0, in
-    // the table's precision: f32, or bf16 in a bf16 table (the dtype its products read). A
-    // backend may keep more after it.
-    void (*attention_forward)(float* out, void* saved, const float* qkv, const Attention& a,
+    // the Attention has rope tables (see ops.h), written in the compute dtype (f32, or bf16 in a
+    // bf16 table: only products and the backward read it). `saved` (attention_saved_bytes)
+    // keeps what else the backward needs: the softmax (B, H, T, T), entries above the diagonal
+    // 0, in the compute dtype, or (a fused kernel's) each row's log-sum-exp.
+    void (*attention_forward)(void* out, void* saved, const float* qkv, const Attention& a,
                               Workspace ws);
     // dqkv (M, ldqkv) = gradient of the attention output dout (M, H*D) w.r.t. the packed qkv
     // (overwritten, all three parts), written as dqkv_type (f32 or bf16: its readers are
-    // products); qkv and saved as given to the forward.
-    void (*attention_backward)(void* dqkv, DType dqkv_type, const float* dout, const float* qkv,
-                               const void* saved, const Attention& a, Workspace ws);
+    // products); out, qkv and saved as given to the forward, out as it left it.
+    void (*attention_backward)(void* dqkv, DType dqkv_type, const float* dout, const void* out,
+                               const float* qkv, const void* saved, const Attention& a,
+                               Workspace ws);
 
     // h (M, F) = silu(gate) * up where gu (M, 2F) holds gate in [0, F) and up in [F, 2F);
     // written as h_type (f32 or bf16)

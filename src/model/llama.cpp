@@ -104,18 +104,17 @@ void Llama::build(int64_t capacity, bool allocate) {
         o = acts_.add("residual", (L + 1) * Ml * C, DType::f32);
     const int64_t bf = bf16_ ? 1 : 0;  // bf16 copies of product inputs exist in bf16 only
     const DType ct = compute_type();
-    std::vector<std::array<size_t, 10>> o_block(sets);
+    std::vector<std::array<size_t, 9>> o_block(sets);
     for (auto& o : o_block) {
         o = {acts_.add("rstd1", Ml, DType::f32),
              acts_.add("qkv", M * QKV, DType::f32),
-             acts_.add("att", M * H * D, DType::f32),
              acts_.add("x2", Ml * C, DType::f32),
              acts_.add("rstd2", Ml, DType::f32),
              acts_.add("gu", M * 2 * F, DType::f32),
              acts_.add("xn1", Ml * C, ct),
+             acts_.add("att", M * H * D, ct),
              acts_.add("xn2", Ml * C, ct),
-             acts_.add("h", M * F, ct),
-             acts_.add("att_bf", bf * M * H * D, DType::bf16)};
+             acts_.add("h", M * F, ct)};
     }
     std::vector<size_t> o_saved(attention_sets);
     const int64_t saved_bytes = int64_t(k_.attention_saved_bytes(attn_));
@@ -164,13 +163,12 @@ void Llama::build(int64_t capacity, bool allocate) {
     for (int64_t i = 0; i < sets; i++) {
         const auto& o = o_block[i];
         BlockActs b;
-        float** fields[] = {&b.rstd1, &b.qkv, &b.att, &b.x2, &b.rstd2, &b.gu};
-        for (int f = 0; f < 6; f++)
+        float** fields[] = {&b.rstd1, &b.qkv, &b.x2, &b.rstd2, &b.gu};
+        for (int f = 0; f < 5; f++)
             *fields[f] = acts_.get<float>(o[f]);
-        void** inputs[] = {&b.xn1, &b.xn2, &b.h};
-        for (int f = 0; f < 3; f++)
-            *inputs[f] = acts_.get<void>(o[6 + f]);
-        b.att_bf = bf16_ ? acts_.get<uint16_t>(o[9]) : nullptr;
+        void** inputs[] = {&b.xn1, &b.att, &b.xn2, &b.h};
+        for (int f = 0; f < 4; f++)
+            *inputs[f] = acts_.get<void>(o[5 + f]);
         b.attention = acts_.get<void>(o_saved[recompute == Recompute::none ? i : 0]);
         blocks_.push_back(b);
     }
@@ -278,23 +276,19 @@ Llama::Operand Llama::operand(const float* x, uint16_t* copy, int64_t n) const {
     return {copy, DType::bf16};
 }
 
-Llama::Operand Llama::saved(const float* x, const uint16_t* copy) const {
-    return bf16_ ? Operand{copy, DType::bf16} : Operand{x, DType::f32};
-}
-
 Llama::Operand Llama::input(const void* x, int64_t offset) const {
     return {static_cast<const char*>(x) + offset * int64_t(dtype_size(compute_type())),
             compute_type()};
 }
 
-// y (M, N) = x (M, K) · W^T (+ y when accumulating), W (N, K)
+// y (M, N) = x (M, K) · W^T (+ residual), W (N, K)
 void Llama::linear_forward(float* y, Operand x, Operand w, int64_t M, int64_t K, int64_t N,
-                           bool accumulate) {
+                           const float* residual) {
     Gemm g;
     g.M = M, g.N = N, g.K = K;
     g.a = x.ptr, g.a_type = x.type, g.lda = K;
     g.b = w.ptr, g.b_type = w.type, g.ldb = K, g.trans_b = true;
-    g.c = y, g.ldc = N, g.accumulate = accumulate;
+    g.c = y, g.ldc = N, g.accumulate = residual != nullptr, g.c_in = residual;
     k_.gemm(g, ws_);
 }
 
@@ -402,9 +396,10 @@ float* Llama::sum_rows(float* full) {
 }
 
 // Rank 0 of the group adds the residual and every rank its partial product; the all-reduce sums
-// them. With one rank the residual rides on the product's accumulate. With sequence parallelism
-// the partial products are reduce-scattered over the rows, and each rank adds its rows of the
-// residual; so with bf16 on the wire, which must not round the residual stream.
+// them. The residual rides on the product's accumulate (a device's product reads it where it
+// writes y; it is not copied to y first). With sequence parallelism the partial products are
+// reduce-scattered over the rows, and each rank adds its rows of the residual; so with bf16 on
+// the wire, which must not round the residual stream.
 void Llama::row_parallel(float* y, const float* residual, Operand x, Operand w, int64_t M,
                          int64_t K, int64_t N) {
     if (sp_ || wire_) {
@@ -412,10 +407,7 @@ void Llama::row_parallel(float* y, const float* residual, Operand x, Operand w, 
         k_.add(y, residual, sum_rows(partial_), Ml_ * N);
         return;
     }
-    bool with_residual = tp_rank_ == 0;
-    if (with_residual)
-        k_.copy(y, residual, size_t(M * N) * sizeof(float));
-    linear_forward(y, x, w, M, K, N, with_residual);
+    linear_forward(y, x, w, M, K, N, tp_rank_ == 0 ? residual : nullptr);
     tp_all_reduce(y, M * N);
 }
 
@@ -438,7 +430,7 @@ void Llama::block_forward(int slot, int64_t l, const float* x, float* out) {
     k_.rmsnorm_forward(a.xn1, ct, a.rstd1, x, norm_weight(p.attention_norm), Ml, C, eps);
     linear_forward(a.qkv, gather_rows(a.xn1, gathered_, ct), weight(p.wqkv), M, C, QKV);
     k_.attention_forward(a.att, a.attention, a.qkv, attn_, ws_);
-    row_parallel(a.x2, x, operand(a.att, a.att_bf, M * H * D), weight(p.wo), M, H * D, C);
+    row_parallel(a.x2, x, input(a.att), weight(p.wo), M, H * D, C);
     // feed-forward (this rank's slice of the hidden width)
     k_.rmsnorm_forward(a.xn2, ct, a.rstd2, a.x2, norm_weight(p.ffn_norm), Ml, C, eps);
     linear_forward(a.gu, gather_rows(a.xn2, gathered_, ct), weight(p.w13), M, C, 2 * F);
@@ -472,9 +464,8 @@ void Llama::block_backward(int slot, int64_t l, float* dres, bool accumulate) {
                                  accumulate);
     k_.rmsnorm_backward(dres, g + p.ffn_norm, dxn2, a.x2, norm_weight(p.ffn_norm), a.rstd2, Ml, C);
     // attention: x2 = x + att Wo^T, att = attention(xn1 Wqkv^T) (RoPE inside), xn1 = rmsnorm(x)
-    linear_backward(datt_, g + p.wo, dy(), saved(a.att, a.att_bf), weight(p.wo), M, H * D, C,
-                    accumulate);
-    k_.attention_backward(dqkv_, ct, datt_, a.qkv, a.attention, attn_, ws_);
+    linear_backward(datt_, g + p.wo, dy(), input(a.att), weight(p.wo), M, H * D, C, accumulate);
+    k_.attention_backward(dqkv_, ct, datt_, a.att, a.qkv, a.attention, attn_, ws_);
     const float* dxn1 =  // xn1 fed every rank's heads
         column_parallel_backward(g + p.wqkv, input(dqkv_), a.xn1, weight(p.wqkv), C, QKV,
                                  accumulate);

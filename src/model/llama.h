@@ -143,12 +143,11 @@ private:
           Recompute recompute, Collective* tp, int tp_size, int tp_rank, const Split& split);
     void build(int64_t capacity, bool allocate);
     struct BlockActs {  // one block's saved activations; pointers into acts_
-        float *rstd1, *qkv, *att, *x2, *rstd2, *gu;
-        // Read only by products, so written straight in their dtype (compute_type()): the
-        // norms' outputs and the SwiGLU output.
-        void *xn1, *xn2, *h;
-        void* attention;   // what attention's forward keeps for its backward (the softmax, ...)
-        uint16_t* att_bf;  // bf16 precision: the attention output rounded for its product
+        float *rstd1, *qkv, *x2, *rstd2, *gu;
+        // Read only by products (and attention's output by its backward), so written straight
+        // in their dtype (compute_type()): the norms' outputs, attention's, and the SwiGLU's.
+        void *xn1, *att, *xn2, *h;
+        void* attention;  // what else attention's forward keeps for its backward (the softmax)
     };
     struct Operand {  // a matrix as the products read it
         const void* ptr;
@@ -160,8 +159,6 @@ private:
     const float* norm_weight(int64_t offset);  // a norm's C weights as f32 (widened from bf16)
     // x itself in fp32; in bf16, x rounded into `copy` (n elements) once, for every product.
     Operand operand(const float* x, uint16_t* copy, int64_t n) const;
-    // An activation saved by the forward: its bf16 copy in bf16 precision.
-    Operand saved(const float* x, const uint16_t* copy) const;
     // What the products read: bf16 in bf16 precision, else f32.
     DType compute_type() const { return kernels::compute_dtype(k_.precision); }
     // An activation kept in compute_type(), from element `offset` on.
@@ -194,8 +191,9 @@ private:
     // The same in two halves, so that work queued between them may run beside the sum.
     void start_sum_rows(float* full);
     float* finish_sum_rows(float* full);
+    // y (M, N) = x · W^T, plus `residual` (M, N) where given (it may be y itself)
     void linear_forward(float* y, Operand x, Operand w, int64_t M, int64_t K, int64_t N,
-                        bool accumulate = false);
+                        const float* residual = nullptr);
     // dw += (or = without accumulate_dw) the weight's gradient
     void linear_backward(float* dx, float* dw, Operand dy, Operand x, Operand w, int64_t M,
                          int64_t K, int64_t N, bool accumulate_dw);

@@ -221,21 +221,24 @@ TEST(Cuda, GemmMatchesReference) {
         Dev<char> ws{cuda::gemm_workspace_bytes(M * K + N * K)};
         for (int ta = 0; ta < 2; ta++) {
             for (int tb = 0; tb < 2; tb++) {
-                for (int acc = 0; acc < 2; acc++) {
+                for (int acc = 0; acc < 3; acc++) {  // 2: accumulating onto another matrix
                     // Row strides past the dense ones, so ld is honoured.
                     const int64_t lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 5, ldc = N + 2;
                     auto a = randn((ta ? K : M) * lda, 1), b = randn((tb ? N : K) * ldb, 2);
-                    auto c = randn(M * ldc, 3);
-                    Dev<float> d_a(a), d_b(b), d_c(c);
+                    auto c = randn(M * ldc, 3), c_in = randn(M * ldc, 6);
+                    Dev<float> d_a(a), d_b(b), d_c(c), d_c_in(c_in);
                     Gemm g;
                     g.M = M, g.N = N, g.K = K, g.trans_a = ta, g.trans_b = tb;
-                    g.lda = lda, g.ldb = ldb, g.ldc = ldc, g.alpha = 0.5f, g.accumulate = acc;
+                    g.lda = lda, g.ldb = ldb, g.ldc = ldc, g.alpha = 0.5f, g.accumulate = acc > 0;
                     g.a = a.data(), g.b = b.data(), g.c = c.data();
+                    g.c_in = acc == 2 ? c_in.data() : nullptr;
                     reference_kernels(prec).gemm(g, {});
                     g.a = d_a.ptr, g.b = d_b.ptr, g.c = d_c.ptr;
+                    g.c_in = acc == 2 ? d_c_in.ptr : nullptr;
                     cuda::gemm(g, prec, {ws.ptr, ws.n});
                     EXPECT_LT(rel_err(d_c.host(), c), tol)
                         << precision_name(prec) << " ta=" << ta << " tb=" << tb << " acc=" << acc;
+                    EXPECT_EQ(d_c_in.host(), c_in) << "c_in is only read";
                 }
             }
         }
@@ -298,17 +301,25 @@ TEST(Cuda, TunedProductsKeepTheDefaultsBits) {
     cuda::use({});
 }
 
-// Grouped-query attention with RoPE (tables on the device) against the reference, in both
-// precisions; tolerances as test_kernel_math.cpp's host replays: in fp32 times 4 (device expf,
-// cuBLASLt's summation order), in bf16 as there (the operands' rounding dominates). Shapes: T =
-// 300, longer than a row block and 4 tiles and a part of the fused kernels; the widest fused head
-// (D = 128, the most shared memory); D = 8, which bf16 runs as products. A bf16 gradient is its
-// f32 value rounded.
 // An attention shape, its qkv packed as the model packs it.
 struct AttentionShape {
     int64_t B, T, H, Hkv, D;
     Attention attention() const { return {B, T, H, Hkv, D, (H + 2 * Hkv) * D}; }
 };
+
+std::vector<float> widened(const std::vector<uint16_t>& h) {
+    std::vector<float> f(h.size());
+    for (size_t i = 0; i < h.size(); i++)
+        f[i] = bf16_to_f32(h[i]);
+    return f;
+}
+
+// Grouped-query attention with RoPE (tables on the device) against the reference, in both
+// precisions; tolerances as test_kernel_math.cpp's host replays: in fp32 times 4 (device expf,
+// cuBLASLt's summation order), in bf16 as there (the operands' rounding dominates). Shapes: T =
+// 300, longer than a row block and 4 tiles and a part of the fused kernels; the widest fused head
+// (D = 128, the most shared memory); D = 8, which bf16 runs as products. The output is in the
+// compute dtype; a bf16 gradient is its f32 value rounded.
 
 TEST(Cuda, AttentionMatchesReference) {
     KILN_REQUIRE_CUDA();
@@ -329,31 +340,38 @@ TEST(Cuda, AttentionMatchesReference) {
             Attention dev = a;
             dev.rope_cos = d_cos.ptr, dev.rope_sin = d_sin.ptr;
             const Kernels& r = reference_kernels(prec);
+            const bool bf16 = prec == Precision::bf16;
             std::vector<char> saved(r.attention_saved_bytes(host));
             std::vector<float> out(M * HD), dqkv(M * a.ldqkv);
-            r.attention_forward(out.data(), saved.data(), qkv.data(), host, {});
-            r.attention_backward(dqkv.data(), DType::f32, dout.data(), qkv.data(), saved.data(),
-                                 host, {});
+            std::vector<uint16_t> out16(bf16 ? M * HD : 0);
+            void* out_r = bf16 ? static_cast<void*>(out16.data()) : out.data();
+            r.attention_forward(out_r, saved.data(), qkv.data(), host, {});
+            r.attention_backward(dqkv.data(), DType::f32, dout.data(), out_r, qkv.data(),
+                                 saved.data(), host, {});
+            if (bf16)
+                out = widened(out16);
             if (!cuda::flash_attention(a, prec)) {  // the products rung keeps the probabilities
                 ASSERT_EQ(cuda::attention_saved_bytes(a, prec), saved.size()) << what;
             }
             Dev<char> d_saved{cuda::attention_saved_bytes(a, prec)};
-            Dev<float> d_out{size_t(M * HD)}, d_dqkv{size_t(M * a.ldqkv)};
-            cuda::attention_forward(d_out.ptr, d_saved.ptr, d_qkv.ptr, dev, prec, {ws.ptr, ws.n});
-            cuda::attention_backward(d_dqkv.ptr, DType::f32, d_dout.ptr, d_qkv.ptr, d_saved.ptr,
-                                     dev, prec, {ws.ptr, ws.n});
-            const bool bf16 = prec == Precision::bf16;
-            EXPECT_LT(rel_err(d_out.host(), out), bf16 ? 1e-2 : kTol) << what;
+            Dev<float> d_out32{size_t(M * HD)}, d_dqkv{size_t(M * a.ldqkv)};
+            Dev<uint16_t> d_out16{size_t(M * HD)};
+            void* d_out = bf16 ? static_cast<void*>(d_out16.ptr) : d_out32.ptr;
+            cuda::attention_forward(d_out, d_saved.ptr, d_qkv.ptr, dev, prec, {ws.ptr, ws.n});
+            cuda::attention_backward(d_dqkv.ptr, DType::f32, d_dout.ptr, d_out, d_qkv.ptr,
+                                     d_saved.ptr, dev, prec, {ws.ptr, ws.n});
+            const std::vector<float> got = bf16 ? widened(d_out16.host()) : d_out32.host();
+            EXPECT_LT(rel_err(got, out), bf16 ? 1e-2 : kTol) << what;
             EXPECT_LT(rel_err(d_dqkv.host(), dqkv), bf16 ? 1e-2 : kTol) << what;
             if (bf16) {
                 // The same bits on a second run (no atomics), and a bf16 gradient is the f32
                 // one rounded.
                 const auto f32 = d_dqkv.host();
-                cuda::attention_backward(d_dqkv.ptr, DType::f32, d_dout.ptr, d_qkv.ptr, d_saved.ptr,
-                                         dev, prec, {ws.ptr, ws.n});
+                cuda::attention_backward(d_dqkv.ptr, DType::f32, d_dout.ptr, d_out, d_qkv.ptr,
+                                         d_saved.ptr, dev, prec, {ws.ptr, ws.n});
                 EXPECT_EQ(d_dqkv.host(), f32) << what;
                 Dev<uint16_t> d_dqkv_bf{size_t(M * a.ldqkv)};
-                cuda::attention_backward(d_dqkv_bf.ptr, DType::bf16, d_dout.ptr, d_qkv.ptr,
+                cuda::attention_backward(d_dqkv_bf.ptr, DType::bf16, d_dout.ptr, d_out, d_qkv.ptr,
                                          d_saved.ptr, dev, prec, {ws.ptr, ws.n});
                 std::vector<uint16_t> want(f32.size());
                 for (size_t i = 0; i < f32.size(); i++)
@@ -403,8 +421,8 @@ TEST(Cuda, CudnnAttentionMatchesReference) {
         std::vector<char> saved(ref().attention_saved_bytes(a));
         std::vector<float> out(M * HD), dqkv(M * a.ldqkv);
         ref().attention_forward(out.data(), saved.data(), qkv.data(), a, {});
-        ref().attention_backward(dqkv.data(), DType::f32, dout.data(), qkv.data(), saved.data(), a,
-                                 {});
+        ref().attention_backward(dqkv.data(), DType::f32, dout.data(), out.data(), qkv.data(),
+                                 saved.data(), a, {});
 
         if (const std::string why = cuda::cudnn_attention_refusal(a); !why.empty()) {
             std::cout << what << ": not asked for: " << why << "\n";
@@ -418,12 +436,6 @@ TEST(Cuda, CudnnAttentionMatchesReference) {
         cuda::cudnn_attention_forward(*c, d_qkv.ptr, d_o.ptr, d_stats.ptr);
         cuda::cudnn_attention_backward(*c, d_qkv.ptr, d_o.ptr, d_stats.ptr, d_dout.ptr, d_dqkv.ptr);
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << what;
-        auto widened = [](const std::vector<uint16_t>& h) {
-            std::vector<float> f(h.size());
-            for (size_t i = 0; i < h.size(); i++)
-                f[i] = bf16_to_f32(h[i]);
-            return f;
-        };
         EXPECT_LT(rel_err(widened(d_o.host()), out), 1e-2) << what;
         EXPECT_LT(rel_err(widened(d_dqkv.host()), dqkv), 2e-2) << what;
     }

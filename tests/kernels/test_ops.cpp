@@ -119,14 +119,15 @@ TEST_P(GemmIn, CpuMatchesReferenceAllTranspositions) {
     {
         for (int ta = 0; ta < 2; ta++) {
             for (int tb = 0; tb < 2; tb++) {
-                for (int acc = 0; acc < 2; acc++) {
+                for (int acc = 0; acc < 3; acc++) {  // 2: accumulating onto another matrix
                     auto a = randn(M * K + 8, 1), b = randn(K * N + 8, 2);
-                    auto c0 = randn(M * N, 3);
+                    auto c0 = randn(M * N, 3), c_in = randn(M * N, 4);
                     Gemm g;
                     g.M = M, g.N = N, g.K = K, g.trans_a = ta, g.trans_b = tb;
                     g.a = a.data(), g.lda = ta ? M : K;
                     g.b = b.data(), g.ldb = tb ? K : N;
-                    g.ldc = N, g.alpha = 0.5f, g.accumulate = acc;
+                    g.ldc = N, g.alpha = 0.5f, g.accumulate = acc > 0;
+                    g.c_in = acc == 2 ? c_in.data() : nullptr;
                     std::vector<float> got = c0, want = c0;
                     Workspaces ws;
                     g.c = got.data();
@@ -135,6 +136,13 @@ TEST_P(GemmIn, CpuMatchesReferenceAllTranspositions) {
                     g.c = want.data();
                     reference_kernels(prec).gemm(g, {});
                     expect_close(got, want, prec == Precision::bf16 ? 2e-3 : 1e-4, 1e-3, "gemm");
+                    if (acc == 2) {  // as accumulating onto a copy of c_in, which is left as is
+                        std::vector<float> onto = c_in;
+                        g.c = onto.data(), g.c_in = nullptr;
+                        reference_kernels(prec).gemm(g, {});
+                        EXPECT_EQ(onto, want);
+                        EXPECT_EQ(c_in, randn(M * N, 4));
+                    }
                 }
             }
         }
@@ -350,13 +358,21 @@ void check_attention(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, Pr
     void* probs_c = saved_c.data();
     Workspaces ws;
     Workspace w = ws.get(cpu.workspace_bytes(0, a));
-    cpu.attention_forward(out_c.data(), probs_c, qkv.data(), a, w);
+    // The output in the compute dtype: bf16's widened into out_c.
+    std::vector<uint16_t> out_bf(out_c.size(), 0x7fc0);
+    const bool bf16 = prec == Precision::bf16;
+    cpu.attention_forward(bf16 ? static_cast<void*>(out_bf.data()) : out_c.data(), probs_c,
+                          qkv.data(), a, w);
+    if (bf16) {
+        for (size_t i = 0; i < out_c.size(); i++)
+            out_c[i] = bf16_to_f32(out_bf[i]);
+    }
     ref().attention_forward(out_r.data(), p_r.data(), qkv.data(), a, {});
     for (size_t i = 0; i < p_c.size(); i++) {
         p_c[i] = prec == Precision::bf16 ? bf16_to_f32(reinterpret_cast<uint16_t*>(probs_c)[i])
                                          : saved_c[i];
     }
-    double tol = prec == Precision::bf16 ? 3e-2 : 1e-4;
+    double tol = bf16 ? 3e-2 : 1e-4;
     expect_close(out_c, out_r, tol, tol, "attention out");
     expect_close(p_c, p_r, tol, tol, "attention probs");
     for (int64_t r = 0; r < B * H * T; r++) {  // exact zeros above the diagonal
@@ -364,12 +380,14 @@ void check_attention(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, Pr
             ASSERT_EQ(p_c[r * T + u], 0.0f) << "row " << r << " column " << u;
     }
     std::vector<float> dq_c(M * a.ldqkv, 9.0f), dq_r(M * a.ldqkv);
-    cpu.attention_backward(dq_c.data(), DType::f32, dout.data(), qkv.data(), probs_c, a, w);
-    ref().attention_backward(dq_r.data(), DType::f32, dout.data(), qkv.data(), p_r.data(), a, {});
+    const void* out = bf16 ? static_cast<const void*>(out_bf.data()) : out_c.data();
+    cpu.attention_backward(dq_c.data(), DType::f32, dout.data(), out, qkv.data(), probs_c, a, w);
+    ref().attention_backward(dq_r.data(), DType::f32, dout.data(), out_r.data(), qkv.data(),
+                             p_r.data(), a, {});
     expect_close(dq_c, dq_r, prec == Precision::bf16 ? 6e-2 : 1e-4, tol, "attention dqkv");
     // Written as bf16 (what the model asks for in bf16): the same values, rounded once.
     std::vector<uint16_t> dq_bf(dq_c.size(), 0x7fc0);
-    cpu.attention_backward(dq_bf.data(), DType::bf16, dout.data(), qkv.data(), probs_c, a, w);
+    cpu.attention_backward(dq_bf.data(), DType::bf16, dout.data(), out, qkv.data(), probs_c, a, w);
     for (size_t i = 0; i < dq_bf.size(); i++)
         ASSERT_EQ(dq_bf[i], f32_to_bf16(dq_c[i])) << "dqkv as bf16, element " << i;
     if (prec == Precision::fp32) {

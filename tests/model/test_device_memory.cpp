@@ -138,7 +138,8 @@ bool guarded_argument(const T& x) {
     if constexpr (std::is_pointer_v<T>)
         return !x || guarded_pointer(x);
     else if constexpr (std::is_same_v<T, kernels::Gemm>)
-        return guarded_argument(x.a) && guarded_argument(x.b) && guarded_argument(x.c);
+        return guarded_argument(x.a) && guarded_argument(x.b) && guarded_argument(x.c) &&
+               guarded_argument(x.c_in);
     else if constexpr (std::is_same_v<T, kernels::Attention>)
         return guarded_argument(x.rope_cos) && guarded_argument(x.rope_sin);
     else if constexpr (std::is_same_v<T, kernels::Workspace>)

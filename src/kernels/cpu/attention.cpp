@@ -158,8 +158,7 @@ size_t attention_saved_bytes(const Attention& a) {
 }
 
 template <Precision P>
-void attention_forward(float* out, void* saved, const float* qkv, const Attention& a,
-                       Workspace ws) {
+void attention_forward(void* out, void* saved, const float* qkv, const Attention& a, Workspace ws) {
     Scratch<P> s(a, ws);
     Saved<P> sv(saved, a);
     void* probs = sv.probs;
@@ -200,13 +199,17 @@ void attention_forward(float* out, void* saved, const float* qkv, const Attentio
             }
         }
     });
+    // The output in f32, then in bf16 (in the scratch the scores have left) rounded into `out`.
     const int64_t out_strides[4] = {T * a.H * D, D, a.H * D, 1};
-    matmul(dense(probs, ct, a, T, T, false), dense(sv.v, ct, a, T, D, false), out, out_strides,
+    float* wide = P == Precision::bf16 ? s.dp : static_cast<float*>(out);
+    matmul(dense(probs, ct, a, T, T, false), dense(sv.v, ct, a, T, D, false), wide, out_strides,
            1.0f, false);
+    if constexpr (P == Precision::bf16)
+        convert_f32_to_bf16(static_cast<uint16_t*>(out), wide, a.B * T * a.H * D);
 }
 
 template <Precision P>
-void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const float*,
+void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const void*, const float*,
                         const void* saved, const Attention& a, Workspace ws) {
     Scratch<P> s(a, ws);
     const Saved<P> sv(saved, a);
@@ -305,13 +308,15 @@ template size_t attention_workspace<Precision::fp32>(const Attention&);
 template size_t attention_workspace<Precision::bf16>(const Attention&);
 template size_t attention_saved_bytes<Precision::fp32>(const Attention&);
 template size_t attention_saved_bytes<Precision::bf16>(const Attention&);
-template void attention_forward<Precision::fp32>(float*, void*, const float*, const Attention&,
+template void attention_forward<Precision::fp32>(void*, void*, const float*, const Attention&,
                                                  Workspace);
-template void attention_forward<Precision::bf16>(float*, void*, const float*, const Attention&,
+template void attention_forward<Precision::bf16>(void*, void*, const float*, const Attention&,
                                                  Workspace);
-template void attention_backward<Precision::fp32>(void*, DType, const float*, const float*,
-                                                  const void*, const Attention&, Workspace);
-template void attention_backward<Precision::bf16>(void*, DType, const float*, const float*,
-                                                  const void*, const Attention&, Workspace);
+template void attention_backward<Precision::fp32>(void*, DType, const float*, const void*,
+                                                  const float*, const void*, const Attention&,
+                                                  Workspace);
+template void attention_backward<Precision::bf16>(void*, DType, const float*, const void*,
+                                                  const float*, const void*, const Attention&,
+                                                  Workspace);
 
 }  // namespace kiln::kernels::cpu

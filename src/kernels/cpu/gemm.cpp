@@ -1,5 +1,7 @@
 // gemm for the CPU backend: a 2-D view onto cpu::matmul, with f32 operands rounded to bf16 in
 // the workspace when the precision is bf16.
+#include <cstring>
+
 #include "core/error.h"
 #include "core/threads.h"
 #include "kernels/cpu/cpu.h"
@@ -63,6 +65,15 @@ void gemm(const Gemm& g, Workspace ws) {
             b = scratch;
             bt = DType::bf16;
             ldb = b_cols;
+        }
+    }
+    // oneDNN adds to the output itself: what is added goes there first.
+    if (g.accumulate && g.c_in && g.c_in != g.c) {
+        if (g.ldc == g.N) {
+            std::memcpy(g.c, g.c_in, size_t(g.M * g.N) * sizeof(float));
+        } else {
+            for (int64_t r = 0; r < g.M; r++)
+                std::memcpy(g.c + r * g.ldc, g.c_in + r * g.ldc, size_t(g.N) * sizeof(float));
         }
     }
     int64_t c_strides[4] = {g.M * g.ldc, g.M * g.ldc, g.ldc, 1};

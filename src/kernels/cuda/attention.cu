@@ -7,8 +7,7 @@
 // rotated on the way into that copy (in f32, into a copy in the workspace), and their gradients
 // rotated back on the way out into a bf16 gradient, or in place in an f32 one.
 // KILN_CUDA_ATTENTION=cudnn runs the fused shapes through cuDNN's fused attention instead
-// (cudnn_attention.h), on the same rotated bf16 copy and in the same saved layout, its output
-// kept in bf16.
+// (cudnn_attention.h), on the same rotated bf16 copy, into the same bf16 output and log-sum-exp.
 #include <cuda_bf16.h>
 #include <mma.h>
 
@@ -213,18 +212,17 @@ __device__ FlashTiles flash_tiles(const Attention& a, FlashPass pass) {
 }
 
 __global__ void __launch_bounds__(kFlashThreads)
-    flash_forward_kernel(Attention a, const uint16_t* qkv16, float* out, float* saved_out,
-                         float* lse) {
+    flash_forward_kernel(Attention a, const uint16_t* qkv16, uint16_t* out, float* lse) {
     FlashDevice x;
-    flash_forward_block(x, flash_tiles(a, FlashPass::forward), a, qkv16, out, saved_out, lse,
+    flash_forward_block(x, flash_tiles(a, FlashPass::forward), a, qkv16, out, lse,
                         FlashBlock(a, a.H, blockIdx.x, true));
 }
 
 __global__ void __launch_bounds__(kFlashThreads)
     flash_dq_kernel(Attention a, const uint16_t* qkv16, const uint16_t* dout16, const float* dout,
-                    const float* saved_out, const float* lse, float* rowdot, float* grad) {
+                    const uint16_t* out16, const float* lse, float* rowdot, float* grad) {
     FlashDevice x;
-    flash_dq_block(x, flash_tiles(a, FlashPass::dq), a, qkv16, dout16, dout, saved_out, lse, rowdot,
+    flash_dq_block(x, flash_tiles(a, FlashPass::dq), a, qkv16, dout16, dout, out16, lse, rowdot,
                    grad, FlashBlock(a, a.H, blockIdx.x, true));
 }
 
@@ -248,52 +246,44 @@ void launch_flash(Kernel kernel, FlashPass pass, int64_t heads, const Attention&
 }
 
 // cuDNN's plans for `a` where KILN_CUDA_ATTENTION=cudnn asks for them, the shape is one the own
-// kernels fuse (the saved activation has their layout) and cuDNN offers a plan; else null.
+// kernels fuse (the saved activation is their log-sum-exp) and cuDNN offers a plan; else null.
 const CudnnAttention* cudnn_for(const Attention& a, Precision precision) {
     if (!flash_attention(a, precision) || !cudnn_attention_shape(a) || !cudnn_attention_requested())
         return nullptr;
     return cudnn_attention(a);
 }
 
-// The fused path's saved activation (sizes.h): lse (B, H, T) f32, then the output (M, H*D) f32.
-struct FlashSaved {
-    float *lse, *out;
-    FlashSaved(const void* saved, const Attention& a)
-        : lse(static_cast<float*>(const_cast<void*>(saved))),
-          out(lse + flash_saved_out_offset(a) / 4) {}
-};
-
 }  // namespace
 
-void attention_forward(float* out, void* saved, const float* qkv, const Attention& a,
+void attention_forward(void* out, void* saved, const float* qkv, const Attention& a,
                        Precision precision, Workspace ws) {
     if (a.B * a.T == 0)
         return;
     const Scratch s(ws, a, precision);
     const DType ct = compute_dtype(precision);
     const void* x = qkv_operand(qkv, a, s);
+    // The fused paths' saved activation is each row's log-sum-exp (sizes.h).
+    auto* lse = static_cast<float*>(saved);
     if (const CudnnAttention* c = cudnn_for(a, precision)) {
-        // cuDNN's output in bf16 where the own kernels keep f32 (the backward reads it there),
-        // widened into `out`.
-        const FlashSaved keep(saved, a);
-        auto* o16 = reinterpret_cast<uint16_t*>(keep.out);
-        cudnn_attention_forward(*c, static_cast<const uint16_t*>(x), o16, keep.lse);
-        widen(out, o16, a.B * a.T * a.H * a.D);
+        cudnn_attention_forward(*c, static_cast<const uint16_t*>(x), static_cast<uint16_t*>(out),
+                                lse);
     } else if (flash_attention(a, precision)) {
-        const FlashSaved keep(saved, a);
         launch_flash(flash_forward_kernel, FlashPass::forward, a.H, a,
-                     static_cast<const uint16_t*>(x), out, keep.out, keep.lse);
+                     static_cast<const uint16_t*>(x), static_cast<uint16_t*>(out), lse);
     } else if (precision == Precision::bf16) {
+        // The products' f32 output in the gradient's scratch (free until the backward), rounded.
         Device<uint16_t> device{a, precision, s.products};
-        attention_products_forward(device, out, saved, ct, x, ct, a, s.scores);
+        attention_products_forward(device, s.grad, saved, ct, x, ct, a, s.scores);
+        as_operand(s.grad, a.B * a.T * a.H * a.D, static_cast<uint16_t*>(out));
     } else {
         Device<float> device{a, precision, s.products};
-        attention_products_forward(device, out, saved, ct, x, ct, a, s.scores);
+        attention_products_forward(device, static_cast<float*>(out), saved, ct, x, ct, a, s.scores);
     }
 }
 
-void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const float* qkv,
-                        const void* saved, const Attention& a, Precision precision, Workspace ws) {
+void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const void* out,
+                        const float* qkv, const void* saved, const Attention& a,
+                        Precision precision, Workspace ws) {
     if (a.B * a.T == 0)
         return;
     const Scratch s(ws, a, precision);
@@ -305,12 +295,12 @@ void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const fl
     float* grad = dqkv_type == DType::f32 ? static_cast<float*>(dqkv) : s.grad;
     // ds: over dp itself in f32, a bf16 copy the products read in bf16.
     void* ds = s.ds16 ? static_cast<void*>(s.ds16) : static_cast<void*>(s.scores);
+    const auto* lse = static_cast<const float*>(saved);  // on the fused paths
     if (const CudnnAttention* c = cudnn_for(a, precision)) {
         // cuDNN's bf16 gradient in the f32 scratch's first half, rotated back from there.
-        const FlashSaved kept(saved, a);
         auto* grad16 = reinterpret_cast<uint16_t*>(s.grad);
         cudnn_attention_backward(*c, static_cast<const uint16_t*>(x),
-                                 reinterpret_cast<const uint16_t*>(kept.out), kept.lse,
+                                 static_cast<const uint16_t*>(out), lse,
                                  static_cast<const uint16_t*>(dO), grad16);
         if (dqkv_type == DType::bf16)
             rotate_into(static_cast<uint16_t*>(dqkv), grad16, a, -1.0f);
@@ -319,15 +309,12 @@ void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const fl
         return;
     }
     if (flash_attention(a, precision)) {
-        const FlashSaved kept(saved, a);
         const auto* x16 = static_cast<const uint16_t*>(x);
         const auto* dout16 = static_cast<const uint16_t*>(dO);
         launch_flash(flash_dq_kernel, FlashPass::dq, a.H, a, x16, dout16, dout,
-                     static_cast<const float*>(kept.out), static_cast<const float*>(kept.lse),
-                     s.rowdot, grad);
-        launch_flash(flash_dkdv_kernel, FlashPass::dkdv, a.Hkv, a, x16, dout16,
-                     static_cast<const float*>(kept.lse), static_cast<const float*>(s.rowdot),
-                     grad);
+                     static_cast<const uint16_t*>(out), lse, s.rowdot, grad);
+        launch_flash(flash_dkdv_kernel, FlashPass::dkdv, a.Hkv, a, x16, dout16, lse,
+                     static_cast<const float*>(s.rowdot), grad);
     } else if (precision == Precision::bf16) {
         Device<uint16_t> device{a, precision, s.products};
         attention_products_backward(device, grad, dO, ct, x, ct, saved, ct, a, s.scores, ds, ct);

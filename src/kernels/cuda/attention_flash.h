@@ -6,12 +6,12 @@
 //
 // A block owns kTile = 64 rows of one head, queries (forward, dq) or keys (dkdv), and walks the
 // tiles of the other side that the causal mask leaves, in the block's shared memory: no T x T
-// square exists anywhere, and the saved activation is a row's log-sum-exp and the output.
+// square exists anywhere, and the saved activation is a row's log-sum-exp (beside the output).
 //   forward (b, h, query tile): for each key tile up to the diagonal, s = q k^T (a product); per
 //     row the online softmax: the new max m', p = exp(s / sqrt(D) - m') (0 where masked), rounded
 //     to bf16 as the product reads it, l = l exp(m - m') + sum p, the output row scaled by
-//     exp(m - m'); then o += p v (a product). At the end out = o / l, and lse = m + log l.
-//   dq (b, h, query tile): rowdot = sum_d dout out per row (out kept by the forward, in f32);
+//     exp(m - m'); then o += p v (a product). At the end out = o / l in bf16, lse = m + log l.
+//   dq (b, h, query tile): rowdot = sum_d dout out per row (the forward's bf16 output);
 //     for each key tile up to the diagonal, s = q k^T and dp = dout v^T, per row
 //     p = exp(s / sqrt(D) - lse) and ds = p (dp - rowdot) / sqrt(D) in bf16, then dq += ds k.
 //     It writes rowdot for dkdv.
@@ -253,11 +253,11 @@ KILN_BLOCK void load_keys_values(X& x, const FlashTiles& s, const Attention& a,
     });
 }
 
-// qkv16: the rotated qkv (M, ldqkv) in bf16. out (M, H*D) f32; saved_out the same, kept for the
-// backward; lse (B, H, T).
+// qkv16: the rotated qkv (M, ldqkv) in bf16. out (M, H*D) in bf16, which the backward reads
+// too; lse (B, H, T).
 template <typename X>
 KILN_BLOCK void flash_forward_block(X& x, const FlashTiles& s, const Attention& a,
-                                    const uint16_t* qkv16, float* out, float* saved_out, float* lse,
+                                    const uint16_t* qkv16, uint16_t* out, float* lse,
                                     const FlashBlock& at) {
     const int64_t D = a.D, HD = a.H * a.D, q0 = at.row0, m0 = at.b * a.T;
     const int rows = tile_rows(a, q0);
@@ -286,17 +286,18 @@ KILN_BLOCK void flash_forward_block(X& x, const FlashTiles& s, const Attention& 
         if (r >= rows)
             return;
         const int64_t o = (m0 + q0 + r) * HD + at.h * D + d;
-        out[o] = saved_out[o] = s.acc[r * s.ldo + d] / s.l[r];
+        store(out + o, s.acc[r * s.ldo + d] / s.l[r]);
         if (d == 0)
             lse[(at.b * a.H + at.h) * a.T + q0 + r] = s.m[r] + logf(s.l[r]);
     });
 }
 
 // The query rows' gradient into grad (M, ldqkv) f32; rowdot (B, H, T) written for dkdv. dout16
-// is dout (M, H*D) in bf16, read by the products; dout itself (f32) and saved_out give rowdot.
+// is dout (M, H*D) in bf16, read by the products; dout itself (f32) and the forward's output
+// out16 give rowdot.
 template <typename X>
 KILN_BLOCK void flash_dq_block(X& x, const FlashTiles& s, const Attention& a, const uint16_t* qkv16,
-                               const uint16_t* dout16, const float* dout, const float* saved_out,
+                               const uint16_t* dout16, const float* dout, const uint16_t* out16,
                                const float* lse, float* rowdot, float* grad, const FlashBlock& at) {
     const int64_t D = a.D, HD = a.H * a.D, q0 = at.row0, m0 = at.b * a.T;
     const int64_t row_at = (at.b * a.H + at.h) * a.T + q0;
@@ -315,7 +316,7 @@ KILN_BLOCK void flash_dq_block(X& x, const FlashTiles& s, const Attention& a, co
         if (r < rows) {
             const int64_t o = out_at(m0 + q0 + r);
             for (int64_t d = 0; d < D; d++)
-                dot += dout[o + d] * saved_out[o + d];
+                dot += dout[o + d] * load(out16 + o + d);
             rowdot[row_at + r] = dot;
         }
         s.rowdot[r] = dot;

@@ -95,14 +95,15 @@ Plan tuned();
 void use(const Plan& plan);
 
 // Causal attention with the contract of the table's entries (table.h, ops.h; rope_cos/rope_sin
-// device pointers when set), the precision choosing the dtype the products read. Fused where
-// flash_attention(a, precision) (attention_flash.h): `saved` keeps each row's log-sum-exp and
-// the output; otherwise the probabilities in the compute dtype (attention_saved_bytes). `ws` is
-// device memory of attention_workspace_bytes(a, precision) (sizes.h).
-void attention_forward(float* out, void* saved, const float* qkv, const Attention& a,
+// device pointers when set), the precision choosing the dtype the products read and `out` is
+// in. Fused where flash_attention(a, precision) (attention_flash.h): `saved` keeps each row's
+// log-sum-exp; otherwise the probabilities in the compute dtype (attention_saved_bytes). `ws`
+// is device memory of attention_workspace_bytes(a, precision) (sizes.h).
+void attention_forward(void* out, void* saved, const float* qkv, const Attention& a,
                        Precision precision, Workspace ws);
-void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const float* qkv,
-                        const void* saved, const Attention& a, Precision precision, Workspace ws);
+void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const void* out,
+                        const float* qkv, const void* saved, const Attention& a,
+                        Precision precision, Workspace ws);
 
 // Rotary embedding in place on the first n_heads heads (of D) of each row of x (M, ld), as the
 // Attention contract in ops.h defines it (rope_cos/rope_sin (T, D/2)); inverse rotates back,

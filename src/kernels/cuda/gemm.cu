@@ -11,6 +11,7 @@
 // untuned one. Each is timed by events around its products, where the training step runs them.
 #include <cublasLt.h>
 
+#include <algorithm>
 #include <array>
 #include <map>
 #include <memory>
@@ -248,9 +249,10 @@ __global__ void hash_fill_kernel(T* x, int64_t n) {
 }
 
 // One run of the product with `algo` on operands (first, second) in the product's layouts
-// into c, beta 0 (c only written) or 1.
+// into c, beta 0 (c only written) or 1 (c_in added: c itself, or another matrix of its layout,
+// which cuBLASLt reads in the epilogue and leaves as it is).
 using Run = cublasStatus_t (*)(const void* ctx, const cublasLtMatmulAlgo_t& algo, const void* first,
-                               const void* second, void* c, float beta);
+                               const void* second, const void* c_in, void* c, float beta);
 
 // The ranks whose result has the default's bits, each run once with beta 0 on operands of its
 // own, pseudo-random (the pass's may be zeros, as a pipeline stage's throwaway pass is, where
@@ -283,9 +285,9 @@ Trial discover(const Product& prod, const ColumnMajorProduct& p, cudaDataType_t 
         cudaMalloc(&differs, sizeof(int)) == cudaSuccess) {
         fill(first, first_n);
         fill(second, second_n);
-        if (run(ctx, prod.ranked[0], first, second, want, 0.0f) == CUBLAS_STATUS_SUCCESS) {
+        if (run(ctx, prod.ranked[0], first, second, want, want, 0.0f) == CUBLAS_STATUS_SUCCESS) {
             for (int r = 1; r < int(prod.ranked.size()); r++) {
-                if (run(ctx, prod.ranked[size_t(r)], first, second, got, 0.0f) !=
+                if (run(ctx, prod.ranked[size_t(r)], first, second, got, got, 0.0f) !=
                     CUBLAS_STATUS_SUCCESS)
                     continue;
                 int host = 1;
@@ -325,9 +327,13 @@ std::string device_platform() {
 void gemm(const Gemm& g, Precision precision, Workspace ws) {
     if (g.M == 0 || g.N == 0)
         return;
-    if (g.K == 0) {  // an empty sum: C = 0, or C unchanged when accumulating
+    const float* c_in = g.accumulate && g.c_in ? g.c_in : g.c;
+    if (g.K == 0) {  // an empty sum: C = 0, or what accumulating adds
         if (!g.accumulate)
             KILN_CUDA(cudaMemset2DAsync(g.c, g.ldc * 4, 0, g.N * 4, g.M, stream()));
+        else if (c_in != g.c)
+            KILN_CUDA(cudaMemcpy2DAsync(g.c, g.ldc * 4, c_in, g.ldc * 4, g.N * 4, g.M,
+                                        cudaMemcpyDeviceToDevice, stream()));
         return;
     }
     const DType want = compute_dtype(precision);
@@ -348,17 +354,18 @@ void gemm(const Gemm& g, Precision precision, Workspace ws) {
 
     const ColumnMajorProduct p = column_major(g, a.ld, b.ld);
     // The algorithms offered must suit the pointers' actual alignment.
-    const Product& prod = product_for(type, p, alignment(b.ptr), alignment(a.ptr), alignment(g.c));
+    const Product& prod = product_for(type, p, alignment(b.ptr), alignment(a.ptr),
+                                      std::min(alignment(g.c), alignment(c_in)));
     struct Context {
         const Product& prod;
         float alpha;
         void* lt_workspace;
     } ctx{prod, g.alpha, lt_workspace};
     const Run run = [](const void* raw, const cublasLtMatmulAlgo_t& algo, const void* first,
-                       const void* second, void* c, float beta) {
+                       const void* second, const void* c_in, void* c, float beta) {
         const auto& x = *static_cast<const Context*>(raw);
         return cublasLtMatmul(handle(), x.prod.desc.get(), &x.alpha, first, x.prod.first.get(),
-                              second, x.prod.second.get(), &beta, c, x.prod.out.get(), c,
+                              second, x.prod.second.get(), &beta, c_in, x.prod.out.get(), c,
                               x.prod.out.get(), &algo, x.lt_workspace, kLtWorkspace, stream());
     };
     const float beta = g.accumulate ? 1.0f : 0.0f;
@@ -374,14 +381,14 @@ void gemm(const Gemm& g, Precision precision, Workspace ws) {
             KILN_CUDA(cudaEventCreate(&ev.first));
             KILN_CUDA(cudaEventCreate(&ev.second));
             KILN_CUDA(cudaEventRecord(ev.first, stream()));
-            KILN_CUBLAS(run(&ctx, prod.ranked[size_t(rank)], b.ptr, a.ptr, g.c, beta));
+            KILN_CUBLAS(run(&ctx, prod.ranked[size_t(rank)], b.ptr, a.ptr, c_in, g.c, beta));
             KILN_CUDA(cudaEventRecord(ev.second, stream()));
             t.timed.push_back(ev);
             finish_launch();
             return;
         }
     }
-    KILN_CUBLAS(run(&ctx, prod.algo, b.ptr, a.ptr, g.c, beta));
+    KILN_CUBLAS(run(&ctx, prod.algo, b.ptr, a.ptr, c_in, g.c, beta));
     finish_launch();
 }
 

@@ -35,13 +35,9 @@ AttentionScratch attention_scratch(const Attention& a, Precision precision) {
     return s;
 }
 
-size_t flash_saved_out_offset(const Attention& a) {
-    return round_up(size_t(a.B * a.H * a.T) * 4);
-}
-
 size_t attention_saved_bytes(const Attention& a, Precision precision) {
     if (flash_attention(a, precision))
-        return flash_saved_out_offset(a) + size_t(a.B * a.T * a.H * a.D) * 4;
+        return size_t(a.B * a.H * a.T) * 4;
     return size_t(a.B * a.H * a.T * a.T) * dtype_size(compute_dtype(precision));
 }
 

@@ -27,7 +27,8 @@ inline size_t round_up(size_t n) {
 // Room to convert both operands of a product, and cuBLASLt's own.
 size_t gemm_workspace_bytes(int64_t max_operand);
 
-// Attention's workspace, in order: in f32 the rotated qkv, and the f32 gradient (M, ldqkv);
+// Attention's workspace, in order: in f32 the rotated qkv, and the f32 gradient (M, ldqkv)
+// (unfused in bf16, also the forward's f32 output before its rounding);
 // unfused, the scores (B, H, T, T) f32; in bf16, bf16 copies of qkv and dout and, unfused, of ds;
 // fused, the rows' rowdot (B, H, T) f32; then, unfused, the products' workspace.
 struct AttentionScratch {
@@ -38,11 +39,9 @@ struct AttentionScratch {
 };
 AttentionScratch attention_scratch(const Attention& a, Precision precision);
 
-// What the forward keeps for the backward: fused, the rows' log-sum-exp (B, H, T) f32 then the
-// output (M, H*D) f32, the second at flash_saved_out_offset; else the probabilities (B, H, T, T)
-// in the compute dtype.
+// What the forward keeps for the backward beside its output: fused, the rows' log-sum-exp
+// (B, H, T) f32; else the probabilities (B, H, T, T) in the compute dtype.
 size_t attention_saved_bytes(const Attention& a, Precision precision);
-size_t flash_saved_out_offset(const Attention& a);
 size_t attention_workspace_bytes(const Attention& a, Precision precision);
 
 // The model's one workspace, shared by the products and attention.

@@ -34,15 +34,15 @@ size_t saved_bytes_in(const Attention& a) {
 }
 
 template <Precision P>
-void attention_forward_in(float* out, void* saved, const float* qkv, const Attention& a,
+void attention_forward_in(void* out, void* saved, const float* qkv, const Attention& a,
                           Workspace ws) {
     attention_forward(out, saved, qkv, a, P, ws);
 }
 
 template <Precision P>
-void attention_backward_in(void* dqkv, DType dqkv_type, const float* dout, const float* qkv,
-                           const void* saved, const Attention& a, Workspace ws) {
-    attention_backward(dqkv, dqkv_type, dout, qkv, saved, a, P, ws);
+void attention_backward_in(void* dqkv, DType dqkv_type, const float* dout, const void* out,
+                           const float* qkv, const void* saved, const Attention& a, Workspace ws) {
+    attention_backward(dqkv, dqkv_type, dout, out, qkv, saved, a, P, ws);
 }
 
 template <Precision P>

@@ -42,8 +42,9 @@ void gemm(const Gemm& g, Workspace) {
                 int64_t ib = g.trans_b ? j * g.ldb + k : k * g.ldb + j;
                 acc += operand<P>(g.a, g.a_type, ia) * operand<P>(g.b, g.b_type, ib);
             }
-            float& c = g.c[i * g.ldc + j];
-            c = static_cast<float>(g.alpha * acc + (g.accumulate ? c : 0.0));
+            const float* add = g.c_in ? g.c_in : g.c;
+            g.c[i * g.ldc + j] =
+                static_cast<float>(g.alpha * acc + (g.accumulate ? add[i * g.ldc + j] : 0.0));
         }
     }
 }
@@ -144,7 +145,7 @@ size_t attention_saved_bytes(const Attention& a) {
 }
 
 template <Precision P>
-void attention_forward(float* out, void* probs, const float* unrotated, const Attention& a,
+void attention_forward(void* out, void* probs, const float* unrotated, const Attention& a,
                        Workspace) {
     std::vector<float> copy;
     const float* qkv = rotated(copy, unrotated, a);
@@ -173,7 +174,7 @@ void attention_forward(float* out, void* probs, const float* unrotated, const At
                     double o = 0;
                     for (int64_t u = 0; u <= t; u++)
                         o += s[u] / sum * qkv[ix.v(b, u, h) + i];
-                    out[(b * a.T + t) * a.H * a.D + h * a.D + i] = static_cast<float>(o);
+                    store(out, compute_dtype(P), (b * a.T + t) * a.H * a.D + h * a.D + i, o);
                 }
             }
         }
@@ -181,8 +182,8 @@ void attention_forward(float* out, void* probs, const float* unrotated, const At
 }
 
 template <Precision P>
-void attention_backward(void* out, DType out_type, const float* dout, const float* unrotated,
-                        const void* probs, const Attention& a, Workspace) {
+void attention_backward(void* out, DType out_type, const float* dout, const void*,
+                        const float* unrotated, const void* probs, const Attention& a, Workspace) {
     std::vector<float> copy;
     const float* qkv = rotated(copy, unrotated, a);
     QKV ix{a};

@@ -40,9 +40,12 @@ struct Kernels {
     // it); rstd (M) = 1 / sqrt(mean(x^2) + eps)
     void (*rmsnorm_forward)(void* out, DType out_type, float* rstd, const float* x, const float* w,
                             int64_t M, int64_t C, float eps);
-    // dx (M, C) += d/dx; dw (C) += d/dw; given dout (M, C), x, w, rstd from the forward
-    void (*rmsnorm_backward)(float* dx, float* dw, const float* dout, const float* x,
-                             const float* w, const float* rstd, int64_t M, int64_t C);
+    // dx (M, C) += d/dx, and where dx_bf16 is not null, dx_bf16 (M, C) = bf16(dx) after the
+    // sum (for the products that read it next); dw (C) += d/dw; given dout (M, C), x, w, rstd
+    // from the forward
+    void (*rmsnorm_backward)(float* dx, uint16_t* dx_bf16, float* dw, const float* dout,
+                             const float* x, const float* w, const float* rstd, int64_t M,
+                             int64_t C);
 
     // Bytes one attention forward leaves for its backward (`saved`), beside its output.
     size_t (*attention_saved_bytes)(const Attention& a);

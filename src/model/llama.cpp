@@ -269,13 +269,6 @@ Llama::Operand Llama::weight(int64_t offset) const {
     return {params_.get<float>(0) + offset, DType::f32};
 }
 
-Llama::Operand Llama::operand(const float* x, uint16_t* copy, int64_t n) const {
-    if (!bf16_)
-        return {x, DType::f32};
-    k_.to_bf16(copy, x, n);
-    return {copy, DType::bf16};
-}
-
 Llama::Operand Llama::input(const void* x, int64_t offset) const {
     return {static_cast<const char*>(x) + offset * int64_t(dtype_size(compute_type())),
             compute_type()};
@@ -451,8 +444,11 @@ void Llama::block_backward(int slot, int64_t l, float* dres, bool accumulate) {
     }
     float* g = grads();
     const DType ct = compute_type();
-    // The output gradient as the products read it: every rank's rows under sequence parallelism.
-    auto dy = [&] { return gather_rows(operand(dres, dy_bf_, Ml * C).ptr, gathered_, ct); };
+    // The output gradient as the products read it (in bf16 its rounding, which each norm's
+    // backward leaves beside dres): every rank's rows under sequence parallelism.
+    auto dy = [&] {
+        return gather_rows(bf16_ ? static_cast<const void*>(dy_bf_) : dres, gathered_, ct);
+    };
 
     // feed-forward: out = x2 + h W2^T, h = swiglu(xn2 W13^T), xn2 = rmsnorm(x2)
     linear_backward(dh_, g + p.w2, dy(), input(a.h), weight(p.w2), M, F, C, accumulate);
@@ -462,15 +458,16 @@ void Llama::block_backward(int slot, int64_t l, float* dres, bool accumulate) {
     const float* dxn2 =  // xn2 fed every rank's slice
         column_parallel_backward(g + p.w13, input(dgu_), a.xn2, weight(p.w13), C, 2 * F,
                                  accumulate);
-    k_.rmsnorm_backward(dres, g + p.ffn_norm, dxn2, a.x2, norm_weight(p.ffn_norm), a.rstd2, Ml, C);
+    k_.rmsnorm_backward(dres, dy_bf_, g + p.ffn_norm, dxn2, a.x2, norm_weight(p.ffn_norm), a.rstd2,
+                        Ml, C);
     // attention: x2 = x + att Wo^T, att = attention(xn1 Wqkv^T) (RoPE inside), xn1 = rmsnorm(x)
     linear_backward(datt_, g + p.wo, dy(), input(a.att), weight(p.wo), M, H * D, C, accumulate);
     k_.attention_backward(dqkv_, ct, datt_, a.att, a.qkv, a.attention, attn_, ws_);
     const float* dxn1 =  // xn1 fed every rank's heads
         column_parallel_backward(g + p.wqkv, input(dqkv_), a.xn1, weight(p.wqkv), C, QKV,
                                  accumulate);
-    k_.rmsnorm_backward(dres, g + p.attention_norm, dxn1, x, norm_weight(p.attention_norm), a.rstd1,
-                        Ml, C);
+    k_.rmsnorm_backward(dres, dy_bf_, g + p.attention_norm, dxn1, x, norm_weight(p.attention_norm),
+                        a.rstd1, Ml, C);
 }
 
 void Llama::put_tokens(const int32_t* tokens) {
@@ -633,13 +630,15 @@ void Llama::backward(int slot, const float* doutput, Grads mode, const GradsRead
     };
     if (layout_.last_stage()) {
         k_.zero(dres_, size_t(Ml_ * C) * sizeof(float));
-        k_.rmsnorm_backward(dres_, grads() + layout_.final_norm, dxnf_, output(slot),
+        k_.rmsnorm_backward(dres_, dy_bf_, grads() + layout_.final_norm, dxnf_, output(slot),
                             norm_weight(layout_.final_norm), rstdf_, Ml_, C);
         final_from(layout_.final_norm, {layout_.final_norm});  // and the head above it
     } else {
         if (!accumulate)
             zero_added_grads();
         k_.copy(dres_, doutput, size_t(Ml_ * C) * sizeof(float));
+        if (bf16_)  // as a norm's backward leaves it
+            k_.to_bf16(dy_bf_, dres_, Ml_ * C);
     }
     for (int64_t l = L_ - 1; l >= 0; l--) {
         block_backward(slot, l, dres_, accumulate);

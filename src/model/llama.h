@@ -157,8 +157,6 @@ private:
     // rank whose fp32 master weights are only a shard, under ZeRO-1, needs only the copy whole).
     Operand weight(int64_t offset) const;
     const float* norm_weight(int64_t offset);  // a norm's C weights as f32 (widened from bf16)
-    // x itself in fp32; in bf16, x rounded into `copy` (n elements) once, for every product.
-    Operand operand(const float* x, uint16_t* copy, int64_t n) const;
     // What the products read: bf16 in bf16 precision, else f32.
     DType compute_type() const { return kernels::compute_dtype(k_.precision); }
     // An activation kept in compute_type(), from element `offset` on.
@@ -245,8 +243,10 @@ private:
     // [slot] (M) token ids in this rank's vocabulary slice, or -1; (M) the same for targets
     std::vector<int32_t*> local_tokens_;
     int32_t* local_targets_;
-    float* norm_grads_;              // sequence parallelism: the norms' gradients, side by side
-    uint16_t *dy_bf_, *dlogits_bf_;  // bf16 precision: dy scratch (Ml, C), (rows, V)
+    float* norm_grads_;  // sequence parallelism: the norms' gradients, side by side
+    // bf16 precision: dres rounded (Ml, C), which each norm's backward leaves beside it for the
+    // products that read it next; the LM head's gradient (rows, V)
+    uint16_t *dy_bf_, *dlogits_bf_;
     // Sequence parallelism: the gathered rows of a product's input (M, C) in compute_type(), and
     // a row-parallel product's (M, C) fp32 partial sum before its reduce-scatter.
     void* gathered_;

@@ -112,14 +112,18 @@ std::string expect_layout_matches(const TempDir& dir, const std::string& name, i
 // bf16 products with ZeRO-1; bf16 rounding follows the summation order, hence 1e-2. With the
 // library's default products on both sides: a tuned plan may choose other algorithms for one
 // rank's thread count than for two, and an embedding row whose gradient is zero but for rounding
-// then moves by Adam's full step (seen: 0.26 of the largest weight).
+// then moves by Adam's full step (seen: 0.26 of the largest weight). Also two pipeline stages in
+// bf16, whose first rounds the output gradient it receives for its products itself (the last
+// stage's come from the final norm's backward).
 TEST(Parallel, Bf16DataParallelMatchesOneProcess) {
     const std::string why = kiln::testing::without_bf16_products();
     if (!why.empty())
         GTEST_SKIP() << why;
     TempDir dir;
     const std::string bf16 = " --set train.precision=bf16 --set train.autotune=false";
-    expect_layout_matches(dir, "dp2-bf16", 2, bf16, " --set train.grad_accum=2" + bf16, 1e-2);
+    const std::string ref = " --set train.grad_accum=2" + bf16;
+    expect_layout_matches(dir, "dp2-bf16", 2, bf16, ref, 1e-2);
+    expect_layout_matches(dir, "pp2-bf16", 2, " --set parallel.pp=2" + ref, ref, 1e-2);
 }
 
 // Tensor-parallel sums of activations in bf16 (parallel.tp_wire=bf16), with and without SP:

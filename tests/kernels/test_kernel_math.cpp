@@ -131,10 +131,10 @@ TEST(KernelMath, Embedding) {
 }
 
 // C = 1000 (not a multiple of the block) and C = 40 (most threads idle); x of spread 2.5, so
-// that rstd (~0.4) is far from 1 and every power of it shows.
+// that rstd (~0.4) is far from 1 and every power of it shows. M = 9 gives the backward a row a
+// block; M = 1100, 3 rows a block and a last block of 2.
 TEST(KernelMath, RmsNormForwardAndBackward) {
-    for (int64_t C : {1000, 40}) {
-        const int64_t M = 9;
+    for (auto [C, M] : {std::pair<int64_t, int64_t>{1000, 9}, {40, 9}, {1000, 1100}}) {
         const float eps = 1e-5f;
         auto x = randn(M * C, 1, 2.5f), w = randn(C, 2), dout = randn(M * C, 3);
         for (auto& v : w)
@@ -159,9 +159,14 @@ TEST(KernelMath, RmsNormForwardAndBackward) {
                               M, C, eps);
         expect_bf16_within_one_ulp(out_bf, out_bf_ref, "rmsnorm bf16 out");
 
-        // Backward from the reference's rstd; dx and dw accumulate onto a random start.
+        // Backward from the reference's rstd; dx and dw accumulate onto a random start. The
+        // kernel's grid: a block per chunk of rows, each row's dx and the chunk's column sums,
+        // then the chunks' sums per column.
         const std::vector<float> dx0 = randn(M * C, 4), dw0 = randn(C, 5);
         std::vector<float> dx = dx0, dw = dw0, dx_ref = dx0, dw_ref = dw0;
+        std::vector<uint16_t> dx_bf(M * C, 0x7fc0), dx_bf_ref(M * C);
+        const int64_t rows = rmsnorm_dw_rows(M), chunks = (M + rows - 1) / rows;
+        std::vector<float> chunk_sums(chunks * C, 0.0f);
         for (int64_t m = 0; m < M; m++) {
             const float* dr = dout.data() + m * C;
             const float* xr = x.data() + m * C;
@@ -169,21 +174,25 @@ TEST(KernelMath, RmsNormForwardAndBackward) {
                 row_reduce([&](int t) { return rmsnorm_dot(dr, w.data(), xr, C, t, kRowThreads); },
                            0.0f, Sum{});
             for (int t = 0; t < kRowThreads; t++) {
-                rmsnorm_dx(dx.data() + m * C, dr, w.data(), xr, rstd_ref[m], d, C, t, kRowThreads);
+                rmsnorm_dx(dx.data() + m * C, dx_bf.data() + m * C, dr, w.data(), xr, rstd_ref[m],
+                           d, C, t, kRowThreads);
+                rmsnorm_dw_add(chunk_sums.data() + (m / rows) * C, dr, xr, rstd_ref[m], C, t,
+                               kRowThreads);
             }
         }
-        grid_stride(C, [&](int64_t c) {
-            rmsnorm_dw_column(dw.data(), dout.data(), x.data(), rstd_ref.data(), M, C, c);
-        });
-        ref().rmsnorm_backward(dx_ref.data(), dw_ref.data(), dout.data(), x.data(), w.data(),
-                               rstd_ref.data(), M, C);
+        grid_stride(
+            C, [&](int64_t c) { rmsnorm_dw_column(dw.data(), chunk_sums.data(), chunks, C, c); });
+        ref().rmsnorm_backward(dx_ref.data(), dx_bf_ref.data(), dw_ref.data(), dout.data(),
+                               x.data(), w.data(), rstd_ref.data(), M, C);
+        for (size_t i = 0; i < dx.size(); i++)
+            ASSERT_EQ(dx_bf[i], bf16_round(dx[i])) << "dx's bf16 rounding, element " << i;
         // Compared as increments, so the random start does not hide them.
         for (size_t i = 0; i < dx.size(); i++)
             dx[i] -= dx0[i], dx_ref[i] -= dx0[i];
         for (size_t i = 0; i < dw.size(); i++)
             dw[i] -= dw0[i], dw_ref[i] -= dw0[i];
-        EXPECT_LT(rel_err(dx, dx_ref), 1e-6) << "dx, C=" << C;
-        EXPECT_LT(rel_err(dw, dw_ref), 1e-6) << "dw, C=" << C;
+        EXPECT_LT(rel_err(dx, dx_ref), 1e-6) << "dx, C=" << C << " M=" << M;
+        EXPECT_LT(rel_err(dw, dw_ref), 1e-6) << "dw, C=" << C << " M=" << M;
     }
 }
 
@@ -357,7 +366,7 @@ TEST(KernelMath, BackwardIsTheGradientOfForward) {
                 row_reduce([&](int t) { return rmsnorm_dot(dr, w.data(), xr, C, t, kRowThreads); },
                            0.0f, Sum{});
             for (int t = 0; t < kRowThreads; t++)
-                rmsnorm_dx(dx.data() + m * C, dr, w.data(), xr, r, d, C, t, kRowThreads);
+                rmsnorm_dx(dx.data() + m * C, nullptr, dr, w.data(), xr, r, d, C, t, kRowThreads);
         }
         EXPECT_LT(fd_nmse(x, dx, forward, 1e-2f), 1e-5) << "rmsnorm dx";
     }

@@ -270,13 +270,15 @@ TEST(RmsNorm, ForwardAndBackward) {
                           1e-5f);
     expect_close(from_bf16(out_bf), out_r, 1e-5, 4e-3, "rmsnorm bf16 out");
     std::vector<float> dx_c(M * C, 0.5f), dx_r(M * C, 0.5f), dw_c(C, 0.25f), dw_r(C, 0.25f);
+    std::vector<uint16_t> dx_bf(M * C, 0x7fc0);
     cpu_kernels(Precision::fp32)
-        .rmsnorm_backward(dx_c.data(), dw_c.data(), dout.data(), x.data(), w.data(), rstd_c.data(),
-                          M, C);
-    ref().rmsnorm_backward(dx_r.data(), dw_r.data(), dout.data(), x.data(), w.data(), rstd_r.data(),
-                           M, C);
+        .rmsnorm_backward(dx_c.data(), dx_bf.data(), dw_c.data(), dout.data(), x.data(), w.data(),
+                          rstd_c.data(), M, C);
+    ref().rmsnorm_backward(dx_r.data(), nullptr, dw_r.data(), dout.data(), x.data(), w.data(),
+                           rstd_r.data(), M, C);
     expect_close(dx_c, dx_r, 1e-5, 1e-4, "rmsnorm dx");
     expect_close(dw_c, dw_r, 1e-5, 1e-4, "rmsnorm dw");
+    EXPECT_EQ(dx_bf, to_bf16(dx_c)) << "dx's bf16 copy is the sum rounded";
     // Finite differences of sum(out * dout) (the accumulate base 0.5/0.25 subtracted).
     for (auto& v : dx_r)
         v -= 0.5f;

@@ -65,8 +65,8 @@ void rmsnorm_forward(void* out, DType out_type, float* rstd, const float* x, con
     });
 }
 
-void rmsnorm_backward(float* dx, float* dw, const float* dout, const float* x, const float* w,
-                      const float* rstd, int64_t M, int64_t C) {
+void rmsnorm_backward(float* dx, uint16_t* dx_bf16, float* dw, const float* dout, const float* x,
+                      const float* w, const float* rstd, int64_t M, int64_t C) {
     parallel_range(M, 8, [&](int64_t m0, int64_t m1) {
         const float* __restrict wl = w;  // local: through the capture GCC emitted gathers
         for (int64_t m = m0; m < m1; m++) {
@@ -81,6 +81,11 @@ void rmsnorm_backward(float* dx, float* dw, const float* dout, const float* x, c
             float* __restrict d = dx + m * C;
             for (int64_t c = 0; c < C; c++)
                 d[c] += r * dr[c] * wl[c] - k * xr[c];
+            if (dx_bf16) {
+                uint16_t* __restrict b = dx_bf16 + m * C;
+                for (int64_t c = 0; c < C; c++)
+                    b[c] = f32_to_bf16(d[c]);
+            }
         }
     });
     parallel_range(C, 16, [&](int64_t c0, int64_t c1) {

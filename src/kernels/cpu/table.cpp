@@ -19,8 +19,8 @@ void attention_backward(void*, DType, const float*, const void*, const float*, c
 void embedding_forward(float*, const int32_t*, const void*, DType, int64_t, int64_t);
 void embedding_backward(float*, const float*, const int32_t*, int64_t, int64_t);
 void rmsnorm_forward(void*, DType, float*, const float*, const float*, int64_t, int64_t, float);
-void rmsnorm_backward(float*, float*, const float*, const float*, const float*, const float*,
-                      int64_t, int64_t);
+void rmsnorm_backward(float*, uint16_t*, float*, const float*, const float*, const float*,
+                      const float*, int64_t, int64_t);
 void swiglu_forward(void*, DType, const float*, int64_t, int64_t);
 void swiglu_backward(void*, DType, const float*, const float*, int64_t, int64_t);
 void logit_stats(const float*, const int32_t*, int64_t, int64_t, float*, float*, float*);

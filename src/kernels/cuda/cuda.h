@@ -66,8 +66,8 @@ void embedding_backward(float* dwte, const float* dout, const int32_t* tokens, i
                         int64_t C);
 void rmsnorm_forward(void* out, DType out_type, float* rstd, const float* x, const float* w,
                      int64_t M, int64_t C, float eps);
-void rmsnorm_backward(float* dx, float* dw, const float* dout, const float* x, const float* w,
-                      const float* rstd, int64_t M, int64_t C);
+void rmsnorm_backward(float* dx, uint16_t* dx_bf16, float* dw, const float* dout, const float* x,
+                      const float* w, const float* rstd, int64_t M, int64_t C);
 void swiglu_forward(void* h, DType h_type, const float* gu, int64_t M, int64_t F);
 void swiglu_backward(void* dgu, DType dgu_type, const float* dh, const float* gu, int64_t M,
                      int64_t F);

@@ -213,21 +213,42 @@ KILN_HD float rmsnorm_dot(const float* dout, const float* w, const float* x, int
     return dot;
 }
 
-// Thread t adds its elements of the row's dx, given the row's dot.
-KILN_HD void rmsnorm_dx(float* dx, const float* dout, const float* w, const float* x, float rstd,
-                        float dot, int64_t C, int t, int threads) {
+// Thread t adds its elements of the row's dx, given the row's dot, and rounds the sums into
+// dx_bf16 where that is not null.
+KILN_HD void rmsnorm_dx(float* dx, uint16_t* dx_bf16, const float* dout, const float* w,
+                        const float* x, float rstd, float dot, int64_t C, int t, int threads) {
     const float k = rstd * rstd * rstd * dot / static_cast<float>(C);
-    for (int64_t c = t; c < C; c += threads)
-        dx[c] += rstd * dout[c] * w[c] - k * x[c];
+    for (int64_t c = t; c < C; c += threads) {
+        const float v = dx[c] + (rstd * dout[c] * w[c] - k * x[c]);
+        dx[c] = v;
+        if (dx_bf16)
+            dx_bf16[c] = bf16_round(v);
+    }
 }
 
-// Column c of dw (C) += sum_m dout[m][c] x[m][c] rstd[m], rows in order, one thread a column.
-KILN_HD void rmsnorm_dw_column(float* dw, const float* dout, const float* x, const float* rstd,
-                               int64_t M, int64_t C, int64_t c) {
-    float acc = dw[c];
-    for (int64_t m = 0; m < M; m++)
-        acc += dout[m * C + c] * x[m * C + c] * rstd[m];
-    dw[c] = acc;
+// dw (C) += sum_m dout[m][c] x[m][c] rstd[m] in two steps, so that every multiprocessor takes
+// part and the bits stay the same on every run: a block of the backward takes the rows
+// [chunk * rows, chunk * rows + rows) (rmsnorm_dw_rows), and thread t adds each row's terms of
+// its columns into the block's sums (acc, C), in row order; then each column's sum of the chunks'
+// sums, in chunk order, is added to dw.
+constexpr int64_t kRmsnormDwChunks = 512;  // at most; M alone decides how many, not the GPU
+
+KILN_HD int64_t rmsnorm_dw_rows(int64_t M) {
+    return M <= kRmsnormDwChunks ? 1 : (M + kRmsnormDwChunks - 1) / kRmsnormDwChunks;
+}
+
+KILN_HD void rmsnorm_dw_add(float* acc, const float* dout, const float* x, float rstd, int64_t C,
+                            int t, int threads) {
+    for (int64_t c = t; c < C; c += threads)
+        acc[c] += dout[c] * x[c] * rstd;
+}
+
+KILN_HD void rmsnorm_dw_column(float* dw, const float* chunk_sums, int64_t chunks, int64_t C,
+                               int64_t c) {
+    float acc = 0.0f;
+    for (int64_t r = 0; r < chunks; r++)
+        acc += chunk_sums[r * C + c];
+    dw[c] += acc;
 }
 
 // --- SwiGLU: h (M, F) = silu(gate) * up, gu (M, 2F) = [gate | up] per row ---

@@ -1,5 +1,6 @@
-// The CUDA backend's row ops: one thread block per row, with kernel_math.h's per-thread shares
-// and the block reduction of launch.h (RMSNorm, cross-entropy), plus RMSNorm's column sums.
+// The CUDA backend's row ops: one thread block per row (RMSNorm's backward: per chunk of rows),
+// with kernel_math.h's per-thread shares and the block reduction of launch.h (RMSNorm,
+// cross-entropy), plus RMSNorm's column sums.
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/launch.h"
 
@@ -18,19 +19,46 @@ __global__ void rmsnorm_forward_kernel(Out* out, float* rstd, const float* x, co
     rmsnorm_scale(out + row * C, xr, w, r, C, threadIdx.x, blockDim.x);
 }
 
-__global__ void rmsnorm_dx_kernel(float* dx, const float* dout, const float* x, const float* w,
-                                  const float* rstd, int64_t C) {
-    const int64_t row = blockIdx.x;
-    const float dot = block_reduce(
-        rmsnorm_dot(dout + row * C, w, x + row * C, C, threadIdx.x, blockDim.x), 0.0f, Sum{});
-    rmsnorm_dx(dx + row * C, dout + row * C, w, x + row * C, rstd[row], dot, C, threadIdx.x,
-               blockDim.x);
+// A chunk of `rows` rows a block: each row's dx (and its bf16 rounding), and the chunk's sums of
+// dw's terms per column in shared memory (C floats), written to chunk_sums. A thread's columns
+// are the same in the dot, dx and the sums, so it reads each element once from memory.
+__global__ void rmsnorm_backward_kernel(float* dx, uint16_t* dx_bf16, float* chunk_sums,
+                                        const float* dout, const float* x, const float* w,
+                                        const float* rstd, int64_t M, int64_t C, int64_t rows) {
+    extern __shared__ float acc[];
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x)
+        acc[c] = 0.0f;
+    const int64_t m0 = blockIdx.x * rows, m1 = m0 + rows < M ? m0 + rows : M;
+    for (int64_t m = m0; m < m1; m++) {
+        const float* dr = dout + m * C;
+        const float* xr = x + m * C;
+        const float dot =
+            block_reduce(rmsnorm_dot(dr, w, xr, C, threadIdx.x, blockDim.x), 0.0f, Sum{});
+        rmsnorm_dx(dx + m * C, dx_bf16 ? dx_bf16 + m * C : nullptr, dr, w, xr, rstd[m], dot, C,
+                   threadIdx.x, blockDim.x);
+        rmsnorm_dw_add(acc, dr, xr, rstd[m], C, threadIdx.x, blockDim.x);
+    }
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x)
+        chunk_sums[blockIdx.x * C + c] = acc[c];
 }
 
-__global__ void rmsnorm_dw_kernel(float* dw, const float* dout, const float* x, const float* rstd,
-                                  int64_t M, int64_t C) {
+__global__ void rmsnorm_dw_kernel(float* dw, const float* chunk_sums, int64_t chunks, int64_t C) {
     for (int64_t c = first_index(); c < C; c += stride())
-        rmsnorm_dw_column(dw, dout, x, rstd, M, C, c);
+        rmsnorm_dw_column(dw, chunk_sums, chunks, C, c);
+}
+
+// Device memory for the chunks' sums: ops queue on one stream, so one buffer serves every call in
+// turn. A larger shape gets a larger one; the smaller stays allocated, as a recorded graph may
+// still write it.
+float* rmsnorm_chunk_sums(size_t floats) {
+    static float* sums = nullptr;
+    static size_t have = 0;
+    if (floats > have) {
+        float* larger = nullptr;
+        KILN_CUDA(cudaMalloc(&larger, floats * sizeof(float)));
+        sums = larger, have = floats;
+    }
+    return sums;
 }
 
 __global__ void logit_stats_kernel(const float* logits, const int32_t* targets, int64_t V,
@@ -92,13 +120,20 @@ void rmsnorm_forward(void* out, DType out_type, float* rstd, const float* x, con
     finish_launch();
 }
 
-void rmsnorm_backward(float* dx, float* dw, const float* dout, const float* x, const float* w,
-                      const float* rstd, int64_t M, int64_t C) {
+void rmsnorm_backward(float* dx, uint16_t* dx_bf16, float* dw, const float* dout, const float* x,
+                      const float* w, const float* rstd, int64_t M, int64_t C) {
     if (M == 0)
         return;
-    rmsnorm_dx_kernel<<<static_cast<unsigned>(M), kRowThreads, 0, stream()>>>(dx, dout, x, w, rstd,
-                                                                              C);
-    rmsnorm_dw_kernel<<<element_blocks(C), kElementThreads, 0, stream()>>>(dw, dout, x, rstd, M, C);
+    const int64_t rows = rmsnorm_dw_rows(M), chunks = (M + rows - 1) / rows;
+    float* sums = rmsnorm_chunk_sums(size_t(chunks * C));
+    const size_t shared = size_t(C) * sizeof(float);
+    if (shared > 48 * 1024) {
+        KILN_CUDA(cudaFuncSetAttribute(rmsnorm_backward_kernel,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
+    }
+    rmsnorm_backward_kernel<<<static_cast<unsigned>(chunks), kRowThreads, shared, stream()>>>(
+        dx, dx_bf16, sums, dout, x, w, rstd, M, C, rows);
+    rmsnorm_dw_kernel<<<element_blocks(C), kElementThreads, 0, stream()>>>(dw, sums, chunks, C);
     finish_launch();
 }
 

@@ -84,8 +84,8 @@ void rmsnorm_forward(void* out, DType out_type, float* rstd, const float* x, con
     }
 }
 
-void rmsnorm_backward(float* dx, float* dw, const float* dout, const float* x, const float* w,
-                      const float* rstd, int64_t M, int64_t C) {
+void rmsnorm_backward(float* dx, uint16_t* dx_bf16, float* dw, const float* dout, const float* x,
+                      const float* w, const float* rstd, int64_t M, int64_t C) {
     for (int64_t m = 0; m < M; m++) {
         const float* xr = x + m * C;
         const float* dr = dout + m * C;
@@ -96,6 +96,8 @@ void rmsnorm_backward(float* dx, float* dw, const float* dout, const float* x, c
         for (int64_t c = 0; c < C; c++) {
             dx[m * C + c] += static_cast<float>(r * dr[c] * w[c] - r * r * r * xr[c] * dot / C);
             dw[c] += static_cast<float>(dr[c] * xr[c] * r);
+            if (dx_bf16)
+                dx_bf16[m * C + c] = f32_to_bf16(dx[m * C + c]);
         }
     }
 }

@@ -31,11 +31,13 @@ constexpr DType compute_dtype(Precision p) {
 // C (M, N) = alpha * op(A) · op(B) (+ C when accumulate; + c_in instead where c_in is set).
 // op(A) is (M, K): A is stored (M, K) with row stride lda, or (K, M) when trans_a.
 // op(B) is (K, N): B is stored (K, N) with row stride ldb, or (N, K) when trans_b.
-// A and B are f32 or bf16; C is f32. With Precision::bf16 an f32 operand is rounded to bf16
-// (in `workspace`) before the product, which then runs in bf16 with f32 accumulation.
-// c_in (M, N), f32 with C's row stride, is what an accumulating product adds when it is not C
-// itself (a residual stream's input, with its output C): a device reads it in the product's
-// epilogue, where C = c_in first and then += would move the whole of it twice more.
+// A and B are f32 or bf16; C is f32, or bf16 (c_type, not when accumulating: the f32 sums
+// rounded once) on a table whose SwiGLU inputs are bf16 (Kernels::swiglu_in), for those. With
+// Precision::bf16 an f32 operand is rounded to bf16 (in `workspace`) before the product, which then
+// runs in bf16 with f32 accumulation. c_in (M, N), f32 with C's row stride, is what an accumulating
+// product adds when it is not C itself (a residual stream's input, with its output C): a device
+// reads it in the product's epilogue, where C = c_in first and then += would move the whole of it
+// twice more.
 struct Gemm {
     int64_t M = 0, N = 0, K = 0;
     const void* a = nullptr;
@@ -46,8 +48,9 @@ struct Gemm {
     int64_t ldb = 0;
     bool trans_b = false;
     DType b_type = DType::f32;
-    float* c = nullptr;
+    void* c = nullptr;
     int64_t ldc = 0;
+    DType c_type = DType::f32;
     const float* c_in = nullptr;  // with accumulate: added in place of C (null: C)
     float alpha = 1.0f;
     bool accumulate = false;

@@ -21,6 +21,10 @@ struct Range {  // elements [begin, end)
 struct Kernels {
     const char* name;
     Precision precision;
+    // The dtype SwiGLU's inputs are kept in, which the products that make them (gate/up, and
+    // h's gradient) write: f32 on the host tables; on a device's bf16 table bf16, as those f32
+    // tensors were a sixth of a block's memory traffic there and only SwiGLU reads them.
+    DType swiglu_in;
 
     // Bytes of scratch that gemm (operands of at most `max_operand` elements) and attention
     // (shape `a`) need; the caller hands that much to every call as a Workspace.
@@ -64,11 +68,13 @@ struct Kernels {
                                Workspace ws);
 
     // h (M, F) = silu(gate) * up where gu (M, 2F) holds gate in [0, F) and up in [F, 2F);
-    // written as h_type (f32 or bf16)
-    void (*swiglu_forward)(void* h, DType h_type, const float* gu, int64_t M, int64_t F);
-    // dgu (M, 2F) = gradient w.r.t. gate and up, given dh (M, F); written as dgu_type
-    void (*swiglu_backward)(void* dgu, DType dgu_type, const float* dh, const float* gu, int64_t M,
-                            int64_t F);
+    // written as h_type (f32 or bf16); gu read as in_type (f32 or bf16)
+    void (*swiglu_forward)(void* h, DType h_type, const void* gu, DType in_type, int64_t M,
+                           int64_t F);
+    // dgu (M, 2F) = gradient w.r.t. gate and up, given dh (M, F); written as dgu_type; dh and gu
+    // read as in_type
+    void (*swiglu_backward)(void* dgu, DType dgu_type, const void* dh, const void* gu,
+                            DType in_type, int64_t M, int64_t F);
 
     // Cross-entropy in two halves, so that a vocabulary split over tensor-parallel ranks can
     // combine the row statistics in between. logits (M, V); targets (M) index this V, or are

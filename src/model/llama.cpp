@@ -61,7 +61,8 @@ Llama::Llama(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t
       Ml_(sp_ ? B * T / tp_size : B * T),
       L_(int64_t(layout_.blocks.size())),
       recompute_(recompute),
-      bf16_(kernels.precision == kernels::Precision::bf16) {}
+      bf16_(kernels.precision == kernels::Precision::bf16),
+      swiglu_in_(bf16_ ? kernels.swiglu_in : DType::f32) {}
 
 // Declares every buffer; with `allocate`, allocates them and resolves the pointers into them.
 void Llama::build(int64_t capacity, bool allocate) {
@@ -106,15 +107,11 @@ void Llama::build(int64_t capacity, bool allocate) {
     const DType ct = compute_type();
     std::vector<std::array<size_t, 9>> o_block(sets);
     for (auto& o : o_block) {
-        o = {acts_.add("rstd1", Ml, DType::f32),
-             acts_.add("qkv", M * QKV, DType::f32),
-             acts_.add("x2", Ml * C, DType::f32),
-             acts_.add("rstd2", Ml, DType::f32),
-             acts_.add("gu", M * 2 * F, DType::f32),
-             acts_.add("xn1", Ml * C, ct),
-             acts_.add("att", M * H * D, ct),
-             acts_.add("xn2", Ml * C, ct),
-             acts_.add("h", M * F, ct)};
+        o = {acts_.add("rstd1", Ml, DType::f32),    acts_.add("qkv", M * QKV, DType::f32),
+             acts_.add("x2", Ml * C, DType::f32),   acts_.add("rstd2", Ml, DType::f32),
+             acts_.add("xn1", Ml * C, ct),          acts_.add("att", M * H * D, ct),
+             acts_.add("xn2", Ml * C, ct),          acts_.add("h", M * F, ct),
+             acts_.add("gu", M * 2 * F, swiglu_in_)};
     }
     std::vector<size_t> o_saved(attention_sets);
     const int64_t saved_bytes = int64_t(k_.attention_saved_bytes(attn_));
@@ -130,7 +127,7 @@ void Llama::build(int64_t capacity, bool allocate) {
     size_t o_dqkv = acts_.add("dqkv", M * QKV, ct);
     size_t o_datt = acts_.add("datt", M * H * D, DType::f32);
     size_t o_dgu = acts_.add("dgu", M * 2 * F, ct);
-    size_t o_dh = acts_.add("dh", M * F, DType::f32);
+    size_t o_dh = acts_.add("dh", M * F, swiglu_in_);
     size_t o_logits = acts_.add("logits", head_rows_ * V, DType::f32);
     size_t o_losses = acts_.add("losses", M, DType::f32);
     size_t o_rows = acts_.add("row_stats", 5 * M, DType::f32);
@@ -163,12 +160,12 @@ void Llama::build(int64_t capacity, bool allocate) {
     for (int64_t i = 0; i < sets; i++) {
         const auto& o = o_block[i];
         BlockActs b;
-        float** fields[] = {&b.rstd1, &b.qkv, &b.x2, &b.rstd2, &b.gu};
-        for (int f = 0; f < 5; f++)
-            *fields[f] = acts_.get<float>(o[f]);
-        void** inputs[] = {&b.xn1, &b.att, &b.xn2, &b.h};
+        float** fields[] = {&b.rstd1, &b.qkv, &b.x2, &b.rstd2};
         for (int f = 0; f < 4; f++)
-            *inputs[f] = acts_.get<void>(o[5 + f]);
+            *fields[f] = acts_.get<float>(o[f]);
+        void** typed[] = {&b.xn1, &b.att, &b.xn2, &b.h, &b.gu};
+        for (int f = 0; f < 5; f++)
+            *typed[f] = acts_.get<void>(o[4 + f]);
         b.attention = acts_.get<void>(o_saved[recompute == Recompute::none ? i : 0]);
         blocks_.push_back(b);
     }
@@ -182,7 +179,7 @@ void Llama::build(int64_t capacity, bool allocate) {
     dqkv_ = acts_.get<void>(o_dqkv);
     datt_ = acts_.get<float>(o_datt);
     dgu_ = acts_.get<void>(o_dgu);
-    dh_ = acts_.get<float>(o_dh);
+    dh_ = acts_.get<void>(o_dh);
     logits_ = acts_.get<float>(o_logits);
     losses_ = acts_.get<float>(o_losses);
     row_max_ = acts_.get<float>(o_rows);
@@ -275,23 +272,24 @@ Llama::Operand Llama::input(const void* x, int64_t offset) const {
 }
 
 // y (M, N) = x (M, K) · W^T (+ residual), W (N, K)
-void Llama::linear_forward(float* y, Operand x, Operand w, int64_t M, int64_t K, int64_t N,
+void Llama::linear_forward(Output y, Operand x, Operand w, int64_t M, int64_t K, int64_t N,
                            const float* residual) {
     Gemm g;
     g.M = M, g.N = N, g.K = K;
     g.a = x.ptr, g.a_type = x.type, g.lda = K;
     g.b = w.ptr, g.b_type = w.type, g.ldb = K, g.trans_b = true;
-    g.c = y, g.ldc = N, g.accumulate = residual != nullptr, g.c_in = residual;
+    g.c = y.ptr, g.c_type = y.type, g.ldc = N;
+    g.accumulate = residual != nullptr, g.c_in = residual;
     k_.gemm(g, ws_);
 }
 
 // dx (M, K) = dy (M, N) · W
-void Llama::linear_dx(float* dx, Operand dy, Operand w, int64_t M, int64_t K, int64_t N) {
+void Llama::linear_dx(Output dx, Operand dy, Operand w, int64_t M, int64_t K, int64_t N) {
     Gemm g;
     g.M = M, g.N = K, g.K = N;
     g.a = dy.ptr, g.a_type = dy.type, g.lda = N;
     g.b = w.ptr, g.b_type = w.type, g.ldb = K;
-    g.c = dx, g.ldc = K;
+    g.c = dx.ptr, g.c_type = dx.type, g.ldc = K;
     k_.gemm(g, ws_);
 }
 
@@ -306,7 +304,7 @@ void Llama::linear_dw(float* dw, Operand dy, Operand x, int64_t M, int64_t K, in
     k_.gemm(g, ws_);
 }
 
-void Llama::linear_backward(float* dx, float* dw, Operand dy, Operand x, Operand w, int64_t M,
+void Llama::linear_backward(Output dx, float* dw, Operand dy, Operand x, Operand w, int64_t M,
                             int64_t K, int64_t N, bool accumulate_dw) {
     linear_dx(dx, dy, w, M, K, N);
     linear_dw(dw, dy, x, M, K, N, accumulate_dw);
@@ -426,8 +424,9 @@ void Llama::block_forward(int slot, int64_t l, const float* x, float* out) {
     row_parallel(a.x2, x, input(a.att), weight(p.wo), M, H * D, C);
     // feed-forward (this rank's slice of the hidden width)
     k_.rmsnorm_forward(a.xn2, ct, a.rstd2, a.x2, norm_weight(p.ffn_norm), Ml, C, eps);
-    linear_forward(a.gu, gather_rows(a.xn2, gathered_, ct), weight(p.w13), M, C, 2 * F);
-    k_.swiglu_forward(a.h, ct, a.gu, M, F);
+    linear_forward({a.gu, swiglu_in_}, gather_rows(a.xn2, gathered_, ct), weight(p.w13), M, C,
+                   2 * F);
+    k_.swiglu_forward(a.h, ct, a.gu, swiglu_in_, M, F);
     row_parallel(out, a.x2, input(a.h), weight(p.w2), M, F, C);
 }
 
@@ -451,8 +450,9 @@ void Llama::block_backward(int slot, int64_t l, float* dres, bool accumulate) {
     };
 
     // feed-forward: out = x2 + h W2^T, h = swiglu(xn2 W13^T), xn2 = rmsnorm(x2)
-    linear_backward(dh_, g + p.w2, dy(), input(a.h), weight(p.w2), M, F, C, accumulate);
-    k_.swiglu_backward(dgu_, ct, dh_, a.gu, M, F);
+    linear_backward({dh_, swiglu_in_}, g + p.w2, dy(), input(a.h), weight(p.w2), M, F, C,
+                    accumulate);
+    k_.swiglu_backward(dgu_, ct, dh_, a.gu, swiglu_in_, M, F);
     // xn2's rows are gathered again (the forward's gathered copy is gone): the bytes of an
     // all-gather instead of a (M, C) activation kept per block.
     const float* dxn2 =  // xn2 fed every rank's slice

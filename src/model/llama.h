@@ -143,10 +143,11 @@ private:
           Recompute recompute, Collective* tp, int tp_size, int tp_rank, const Split& split);
     void build(int64_t capacity, bool allocate);
     struct BlockActs {  // one block's saved activations; pointers into acts_
-        float *rstd1, *qkv, *x2, *rstd2, *gu;
+        float *rstd1, *qkv, *x2, *rstd2;
         // Read only by products (and attention's output by its backward), so written straight
         // in their dtype (compute_type()): the norms' outputs, attention's, and the SwiGLU's.
         void *xn1, *att, *xn2, *h;
+        void* gu;         // gate | up, SwiGLU's input, in swiglu_in_
         void* attention;  // what else attention's forward keeps for its backward (the softmax)
     };
     struct Operand {  // a matrix as the products read it
@@ -189,13 +190,20 @@ private:
     // The same in two halves, so that work queued between them may run beside the sum.
     void start_sum_rows(float* full);
     float* finish_sum_rows(float* full);
+    // A product's output: f32, or bf16 where only SwiGLU reads it (Kernels::swiglu_in).
+    struct Output {
+        void* ptr;
+        DType type = DType::f32;
+        Output(float* f32) : ptr(f32) {}  // NOLINT(google-explicit-constructor): f32 as it is
+        Output(void* p, DType t) : ptr(p), type(t) {}
+    };
     // y (M, N) = x · W^T, plus `residual` (M, N) where given (it may be y itself)
-    void linear_forward(float* y, Operand x, Operand w, int64_t M, int64_t K, int64_t N,
+    void linear_forward(Output y, Operand x, Operand w, int64_t M, int64_t K, int64_t N,
                         const float* residual = nullptr);
     // dw += (or = without accumulate_dw) the weight's gradient
-    void linear_backward(float* dx, float* dw, Operand dy, Operand x, Operand w, int64_t M,
+    void linear_backward(Output dx, float* dw, Operand dy, Operand x, Operand w, int64_t M,
                          int64_t K, int64_t N, bool accumulate_dw);
-    void linear_dx(float* dx, Operand dy, Operand w, int64_t M, int64_t K, int64_t N);
+    void linear_dx(Output dx, Operand dy, Operand w, int64_t M, int64_t K, int64_t N);
     void linear_dw(float* dw, Operand dy, Operand x, int64_t M, int64_t K, int64_t N,
                    bool accumulate_dw);
     void unless_overlapped();  // without Split::tp_overlap, ends the collective started
@@ -226,15 +234,17 @@ private:
 
     // [slot] (L+1, Ml, C) residual stream: block inputs, then the final block's output
     std::vector<float*> res_;
-    std::vector<BlockActs> blocks_;     // [slot * L + layer] (one set when recomputing all)
-    float *rope_cos_, *rope_sin_;       // (T, D/2)
-    float* rstdf_;                      // (Ml) final norm
-    void* xnf_;                         // (Ml, C) final norm output, compute_type()
-    float* norm_w_;                     // (C) norm_weight's widened copy
-    float *dres_, *dxn_, *datt_, *dh_;  // backward scratch; dres_ (Ml, C), dxn_ (M, C)
-    const float* dxnf_ = nullptr;       // (Ml, C) the head's gradient of xnf, in dxn_
-    void *dqkv_, *dgu_;                 // backward scratch in compute_type()
-    float *logits_, *losses_;           // (head_rows, V), (M)
+    std::vector<BlockActs> blocks_;  // [slot * L + layer] (one set when recomputing all)
+    float *rope_cos_, *rope_sin_;    // (T, D/2)
+    float* rstdf_;                   // (Ml) final norm
+    void* xnf_;                      // (Ml, C) final norm output, compute_type()
+    float* norm_w_;                  // (C) norm_weight's widened copy
+    float *dres_, *dxn_, *datt_;     // backward scratch; dres_ (Ml, C), dxn_ (M, C)
+    void* dh_;                       // (M, F) in swiglu_in_
+    DType swiglu_in_;                // SwiGLU's inputs: the table's in bf16, else f32
+    const float* dxnf_ = nullptr;    // (Ml, C) the head's gradient of xnf, in dxn_
+    void *dqkv_, *dgu_;              // backward scratch in compute_type()
+    float *logits_, *losses_;        // (head_rows, V), (M)
     // (M) cross-entropy statistics; row_local_max_: this rank's max before the group's
     float *row_max_, *row_sum_, *row_target_, *row_scale_, *row_local_max_;
     double* loss_total_;                // (1) the losses summed since take_loss()

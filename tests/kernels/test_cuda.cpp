@@ -145,18 +145,31 @@ TEST(Cuda, SwiGluForwardAndBackward) {
     const int64_t M = 33, F = 500;
     auto gu = randn(M * 2 * F, 1, 2.0f), dh = randn(M * F, 2);
     std::vector<float> h(M * F), dgu(M * 2 * F);
-    ref().swiglu_forward(h.data(), DType::f32, gu.data(), M, F);
-    ref().swiglu_backward(dgu.data(), DType::f32, dh.data(), gu.data(), M, F);
+    ref().swiglu_forward(h.data(), DType::f32, gu.data(), DType::f32, M, F);
+    ref().swiglu_backward(dgu.data(), DType::f32, dh.data(), gu.data(), DType::f32, M, F);
     Dev<float> d_gu(gu), d_dh(dh), d_h{size_t(M * F)}, d_dgu{size_t(M * 2 * F)};
-    cuda::swiglu_forward(d_h.ptr, DType::f32, d_gu.ptr, M, F);
-    cuda::swiglu_backward(d_dgu.ptr, DType::f32, d_dh.ptr, d_gu.ptr, M, F);
+    cuda::swiglu_forward(d_h.ptr, DType::f32, d_gu.ptr, DType::f32, M, F);
+    cuda::swiglu_backward(d_dgu.ptr, DType::f32, d_dh.ptr, d_gu.ptr, DType::f32, M, F);
     EXPECT_LT(rel_err(d_h.host(), h), kTol);
     EXPECT_LT(rel_err(d_dgu.host(), dgu), kTol);
     std::vector<uint16_t> hb(M * F);
-    ref().swiglu_forward(hb.data(), DType::bf16, gu.data(), M, F);
+    ref().swiglu_forward(hb.data(), DType::bf16, gu.data(), DType::f32, M, F);
     Dev<uint16_t> d_hb{size_t(M * F)};
-    cuda::swiglu_forward(d_hb.ptr, DType::bf16, d_gu.ptr, M, F);
+    cuda::swiglu_forward(d_hb.ptr, DType::bf16, d_gu.ptr, DType::f32, M, F);
     expect_bf16_within_one_ulp(d_hb.host(), hb, "swiglu bf16 h");
+    // bf16 inputs, as the gate/up and dh products write them in bf16.
+    std::vector<uint16_t> gu16(gu.size()), dh16(dh.size());
+    for (size_t i = 0; i < gu.size(); i++)
+        gu16[i] = f32_to_bf16(gu[i]);
+    for (size_t i = 0; i < dh.size(); i++)
+        dh16[i] = f32_to_bf16(dh[i]);
+    ref().swiglu_forward(h.data(), DType::f32, gu16.data(), DType::bf16, M, F);
+    ref().swiglu_backward(dgu.data(), DType::f32, dh16.data(), gu16.data(), DType::bf16, M, F);
+    Dev<uint16_t> d_gu16(gu16), d_dh16(dh16);
+    cuda::swiglu_forward(d_h.ptr, DType::f32, d_gu16.ptr, DType::bf16, M, F);
+    cuda::swiglu_backward(d_dgu.ptr, DType::f32, d_dh16.ptr, d_gu16.ptr, DType::bf16, M, F);
+    EXPECT_LT(rel_err(d_h.host(), h), kTol);
+    EXPECT_LT(rel_err(d_dgu.host(), dgu), kTol);
 }
 
 // The fused loss and gradient, in place over the logits as the chunked LM head runs it, and the

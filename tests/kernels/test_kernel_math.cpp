@@ -201,21 +201,37 @@ TEST(KernelMath, SwiGluForwardAndBackward) {
     auto gu = randn(M * 2 * F, 1, 2.0f), dh = randn(M * F, 2);
     std::vector<float> h(M * F), h_ref(M * F), dgu(M * 2 * F), dgu_ref(M * 2 * F);
     grid_stride(M * F, [&](int64_t i) { swiglu_forward_at(h.data(), gu.data(), F, i); });
-    ref().swiglu_forward(h_ref.data(), DType::f32, gu.data(), M, F);
+    ref().swiglu_forward(h_ref.data(), DType::f32, gu.data(), DType::f32, M, F);
     EXPECT_LT(rel_err(h, h_ref), 1e-6);
     grid_stride(M * F,
                 [&](int64_t i) { swiglu_backward_at(dgu.data(), dh.data(), gu.data(), F, i); });
-    ref().swiglu_backward(dgu_ref.data(), DType::f32, dh.data(), gu.data(), M, F);
+    ref().swiglu_backward(dgu_ref.data(), DType::f32, dh.data(), gu.data(), DType::f32, M, F);
     EXPECT_LT(rel_err(dgu, dgu_ref), 1e-6);
 
     std::vector<uint16_t> hb(M * F), hb_ref(M * F), dgub(M * 2 * F), dgub_ref(M * 2 * F);
     grid_stride(M * F, [&](int64_t i) { swiglu_forward_at(hb.data(), gu.data(), F, i); });
-    ref().swiglu_forward(hb_ref.data(), DType::bf16, gu.data(), M, F);
+    ref().swiglu_forward(hb_ref.data(), DType::bf16, gu.data(), DType::f32, M, F);
     expect_bf16_within_one_ulp(hb, hb_ref, "swiglu bf16 h");
     grid_stride(M * F,
                 [&](int64_t i) { swiglu_backward_at(dgub.data(), dh.data(), gu.data(), F, i); });
-    ref().swiglu_backward(dgub_ref.data(), DType::bf16, dh.data(), gu.data(), M, F);
+    ref().swiglu_backward(dgub_ref.data(), DType::bf16, dh.data(), gu.data(), DType::f32, M, F);
     expect_bf16_within_one_ulp(dgub, dgub_ref, "swiglu bf16 dgu");
+
+    // Inputs in bf16 (the gate/up and dh products' outputs on a device): read widened.
+    std::vector<uint16_t> gu16(gu.size()), dh16(dh.size());
+    for (size_t i = 0; i < gu.size(); i++)
+        gu16[i] = bf16_round(gu[i]);
+    for (size_t i = 0; i < dh.size(); i++)
+        dh16[i] = bf16_round(dh[i]);
+    grid_stride(M * F, [&](int64_t i) { swiglu_forward_at(h.data(), gu16.data(), F, i); });
+    ref().swiglu_forward(h_ref.data(), DType::f32, gu16.data(), DType::bf16, M, F);
+    EXPECT_LT(rel_err(h, h_ref), 1e-6);
+    grid_stride(M * F,
+                [&](int64_t i) { swiglu_backward_at(dgu.data(), dh16.data(), gu16.data(), F, i); });
+    ref().swiglu_backward(dgu_ref.data(), DType::f32, dh16.data(), gu16.data(), DType::bf16, M, F);
+    EXPECT_LT(rel_err(dgu, dgu_ref), 1e-6);
+    ref().swiglu_forward(h.data(), DType::f32, gu.data(), DType::f32, M, F);
+    EXPECT_GT(rel_err(h, h_ref), 1e-4) << "the bf16 inputs were read as bf16";
 }
 
 // Rotary tables of Hugging Face's convention: angle(t, i) = t * 10000^(-2i/D), i < D/2.

@@ -149,6 +149,22 @@ TEST_P(GemmIn, CpuMatchesReferenceAllTranspositions) {
     }
 }
 
+// A product written in bf16 (where a table keeps SwiGLU's inputs in bf16) is its f32 output
+// rounded once.
+TEST(Gemm, Bf16OutputIsTheF32OneRounded) {
+    const int64_t M = 9, N = 7, K = 5;
+    auto a = randn(M * K, 1), b = randn(K * N, 2);
+    Gemm g;
+    g.M = M, g.N = N, g.K = K, g.a = a.data(), g.lda = K, g.b = b.data(), g.ldb = N, g.ldc = N;
+    std::vector<float> wide(M * N);
+    g.c = wide.data();
+    ref().gemm(g, {});
+    std::vector<uint16_t> narrow(M * N);
+    g.c = narrow.data(), g.c_type = DType::bf16;
+    ref().gemm(g, {});
+    EXPECT_EQ(narrow, to_bf16(wide));
+}
+
 // A oneDNN 2.6 AMX defect: short products (M <= 32) with N in 49..63 split over threads gave
 // wrong values. Every call here must match the reference, repeatedly.
 TEST(Gemm, ShortBf16ProductsAreRightEveryTime) {
@@ -425,23 +441,35 @@ TEST(SwiGlu, ForwardAndBackward) {
     auto gu = randn(M * 2 * F, 7, 2.0f), dh = randn(M * F, 8);
     std::vector<float> h_c(M * F), h_r(M * F), d_c(M * 2 * F), d_r(M * 2 * F);
     const Kernels& cpu = cpu_kernels(Precision::fp32);
-    cpu.swiglu_forward(h_c.data(), DType::f32, gu.data(), M, F);
-    ref().swiglu_forward(h_r.data(), DType::f32, gu.data(), M, F);
+    cpu.swiglu_forward(h_c.data(), DType::f32, gu.data(), DType::f32, M, F);
+    ref().swiglu_forward(h_r.data(), DType::f32, gu.data(), DType::f32, M, F);
     expect_close(h_c, h_r, 1e-6, 1e-5, "swiglu");
-    cpu.swiglu_backward(d_c.data(), DType::f32, dh.data(), gu.data(), M, F);
-    ref().swiglu_backward(d_r.data(), DType::f32, dh.data(), gu.data(), M, F);
+    cpu.swiglu_backward(d_c.data(), DType::f32, dh.data(), gu.data(), DType::f32, M, F);
+    ref().swiglu_backward(d_r.data(), DType::f32, dh.data(), gu.data(), DType::f32, M, F);
     expect_close(d_c, d_r, 1e-6, 1e-5, "swiglu backward");
     // bf16 outputs are the f32 ones rounded.
     std::vector<uint16_t> h_bf(M * F), d_bf(M * 2 * F);
-    cpu.swiglu_forward(h_bf.data(), DType::bf16, gu.data(), M, F);
+    cpu.swiglu_forward(h_bf.data(), DType::bf16, gu.data(), DType::f32, M, F);
     EXPECT_EQ(h_bf, to_bf16(h_c));
-    cpu.swiglu_backward(d_bf.data(), DType::bf16, dh.data(), gu.data(), M, F);
+    cpu.swiglu_backward(d_bf.data(), DType::bf16, dh.data(), gu.data(), DType::f32, M, F);
     EXPECT_EQ(d_bf, to_bf16(d_c));
-    ref().swiglu_backward(d_bf.data(), DType::bf16, dh.data(), gu.data(), M, F);
+    ref().swiglu_backward(d_bf.data(), DType::bf16, dh.data(), gu.data(), DType::f32, M, F);
     expect_close(from_bf16(d_bf), d_r, 1e-6, 4e-3, "swiglu backward bf16");
+    // bf16 inputs are read widened: the same as f32 inputs holding the rounded values.
+    const std::vector<uint16_t> gu16 = to_bf16(gu), dh16 = to_bf16(dh);
+    const std::vector<float> gu_r = from_bf16(gu16), dh_r = from_bf16(dh16);
+    std::vector<float> h_in(M * F), h_want(M * F), d_in(M * 2 * F), d_want(M * 2 * F);
+    cpu.swiglu_forward(h_in.data(), DType::f32, gu16.data(), DType::bf16, M, F);
+    cpu.swiglu_forward(h_want.data(), DType::f32, gu_r.data(), DType::f32, M, F);
+    EXPECT_EQ(h_in, h_want);
+    cpu.swiglu_backward(d_in.data(), DType::f32, dh16.data(), gu16.data(), DType::bf16, M, F);
+    cpu.swiglu_backward(d_want.data(), DType::f32, dh_r.data(), gu_r.data(), DType::f32, M, F);
+    EXPECT_EQ(d_in, d_want);
+    ref().swiglu_forward(h_r.data(), DType::f32, gu16.data(), DType::bf16, M, F);
+    expect_close(h_in, h_r, 1e-6, 1e-5, "swiglu of bf16 inputs");
     auto loss = [&] {
         std::vector<float> h(M * F);
-        ref().swiglu_forward(h.data(), DType::f32, gu.data(), M, F);
+        ref().swiglu_forward(h.data(), DType::f32, gu.data(), DType::f32, M, F);
         return dot(h, dh);
     };
     expect_fd(gu, d_r, loss, "swiglu fd");

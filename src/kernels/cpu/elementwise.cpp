@@ -3,6 +3,7 @@
 // enough for GCC to vectorize.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "core/threads.h"
@@ -99,36 +100,45 @@ void rmsnorm_backward(float* dx, uint16_t* dx_bf16, float* dw, const float* dout
     });
 }
 
-void swiglu_forward(void* h, DType h_type, const float* gu, int64_t M, int64_t F) {
+void swiglu_forward(void* h, DType h_type, const void* gu, DType in_type, int64_t M, int64_t F) {
     with_type(h, h_type, [&](auto* out) {
-        parallel_range(M, 4, [&](int64_t m0, int64_t m1) {
-            for (int64_t m = m0; m < m1; m++) {
-                const float* g = gu + m * 2 * F;
-                const float* u = g + F;
-                auto* o = out + m * F;
-                for (int64_t f = 0; f < F; f++)
-                    put(o + f, g[f] * sigmoid(g[f]) * u[f]);
-            }
+        with_type(const_cast<void*>(gu), in_type, [&](auto* in) {
+            parallel_range(M, 4, [&](int64_t m0, int64_t m1) {
+                for (int64_t m = m0; m < m1; m++) {
+                    const auto* g = in + m * 2 * F;
+                    const auto* u = g + F;
+                    auto* o = out + m * F;
+                    for (int64_t f = 0; f < F; f++) {
+                        const float gf = get(g + f);
+                        put(o + f, gf * sigmoid(gf) * get(u + f));
+                    }
+                }
+            });
         });
     });
 }
 
-void swiglu_backward(void* dgu, DType dgu_type, const float* dh, const float* gu, int64_t M,
-                     int64_t F) {
+void swiglu_backward(void* dgu, DType dgu_type, const void* dh, const void* gu, DType in_type,
+                     int64_t M, int64_t F) {
     with_type(dgu, dgu_type, [&](auto* out) {
-        parallel_range(M, 4, [&](int64_t m0, int64_t m1) {
-            for (int64_t m = m0; m < m1; m++) {
-                const float* g = gu + m * 2 * F;
-                const float* u = g + F;
-                const float* d = dh + m * F;
-                auto* dg = out + m * 2 * F;
-                auto* du = dg + F;
-                for (int64_t f = 0; f < F; f++) {
-                    float s = sigmoid(g[f]);
-                    put(dg + f, d[f] * u[f] * s * (1.0f + g[f] * (1.0f - s)));
-                    put(du + f, d[f] * g[f] * s);
+        with_type(const_cast<void*>(gu), in_type, [&](auto* in) {
+            using In = std::remove_pointer_t<decltype(in)>;
+            const In* dh_in = static_cast<const In*>(dh);
+            parallel_range(M, 4, [&](int64_t m0, int64_t m1) {
+                for (int64_t m = m0; m < m1; m++) {
+                    const In* g = in + m * 2 * F;
+                    const In* u = g + F;
+                    const In* d = dh_in + m * F;
+                    auto* dg = out + m * 2 * F;
+                    auto* du = dg + F;
+                    for (int64_t f = 0; f < F; f++) {
+                        const float gf = get(g + f), uf = get(u + f), df = get(d + f);
+                        float s = sigmoid(gf);
+                        put(dg + f, df * uf * s * (1.0f + gf * (1.0f - s)));
+                        put(du + f, df * gf * s);
+                    }
                 }
-            }
+            });
         });
     });
 }

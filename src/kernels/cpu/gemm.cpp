@@ -67,18 +67,20 @@ void gemm(const Gemm& g, Workspace ws) {
             ldb = b_cols;
         }
     }
+    KILN_CHECK(g.c_type == DType::f32, "the CPU products write f32 (SwiGLU's inputs are f32 here)");
+    float* c = static_cast<float*>(g.c);
     // oneDNN adds to the output itself: what is added goes there first.
-    if (g.accumulate && g.c_in && g.c_in != g.c) {
+    if (g.accumulate && g.c_in && g.c_in != c) {
         if (g.ldc == g.N) {
-            std::memcpy(g.c, g.c_in, size_t(g.M * g.N) * sizeof(float));
+            std::memcpy(c, g.c_in, size_t(g.M * g.N) * sizeof(float));
         } else {
             for (int64_t r = 0; r < g.M; r++)
-                std::memcpy(g.c + r * g.ldc, g.c_in + r * g.ldc, size_t(g.N) * sizeof(float));
+                std::memcpy(c + r * g.ldc, g.c_in + r * g.ldc, size_t(g.N) * sizeof(float));
         }
     }
     int64_t c_strides[4] = {g.M * g.ldc, g.M * g.ldc, g.ldc, 1};
     matmul(view(a, at, a_rows, a_cols, lda, g.trans_a), view(b, bt, b_rows, b_cols, ldb, g.trans_b),
-           g.c, c_strides, g.alpha, g.accumulate);
+           c, c_strides, g.alpha, g.accumulate);
 }
 
 template void gemm<Precision::fp32>(const Gemm&, Workspace);

@@ -21,8 +21,8 @@ void embedding_backward(float*, const float*, const int32_t*, int64_t, int64_t);
 void rmsnorm_forward(void*, DType, float*, const float*, const float*, int64_t, int64_t, float);
 void rmsnorm_backward(float*, uint16_t*, float*, const float*, const float*, const float*,
                       const float*, int64_t, int64_t);
-void swiglu_forward(void*, DType, const float*, int64_t, int64_t);
-void swiglu_backward(void*, DType, const float*, const float*, int64_t, int64_t);
+void swiglu_forward(void*, DType, const void*, DType, int64_t, int64_t);
+void swiglu_backward(void*, DType, const void*, const void*, DType, int64_t, int64_t);
 void logit_stats(const float*, const int32_t*, int64_t, int64_t, float*, float*, float*);
 void cross_entropy_backward(const float*, const int32_t*, const float*, const float*, const float*,
                             int64_t, int64_t, void*, DType);
@@ -44,6 +44,7 @@ template <Precision P>
 const Kernels table = {
     P == Precision::bf16 ? "cpu-bf16" : "cpu-fp32",
     P,
+    DType::f32,
     workspace_bytes<P>,
     gemm<P>,
     embedding_forward,

@@ -40,6 +40,13 @@ inline void put(float* p, float x) {
 inline void put(uint16_t* p, float x) {
     *p = f32_to_bf16(x);
 }
+// An input element, f32 or bf16 widened.
+inline float get(const float* p) {
+    return *p;
+}
+inline float get(const uint16_t* p) {
+    return bf16_to_f32(*p);
+}
 
 // Calls fn(typed out) with `out` as float* or uint16_t*, so each loop is compiled for both.
 template <typename Fn>

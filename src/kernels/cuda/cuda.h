@@ -68,9 +68,9 @@ void rmsnorm_forward(void* out, DType out_type, float* rstd, const float* x, con
                      int64_t M, int64_t C, float eps);
 void rmsnorm_backward(float* dx, uint16_t* dx_bf16, float* dw, const float* dout, const float* x,
                       const float* w, const float* rstd, int64_t M, int64_t C);
-void swiglu_forward(void* h, DType h_type, const float* gu, int64_t M, int64_t F);
-void swiglu_backward(void* dgu, DType dgu_type, const float* dh, const float* gu, int64_t M,
-                     int64_t F);
+void swiglu_forward(void* h, DType h_type, const void* gu, DType in_type, int64_t M, int64_t F);
+void swiglu_backward(void* dgu, DType dgu_type, const void* dh, const void* gu, DType in_type,
+                     int64_t M, int64_t F);
 void logit_stats(const float* logits, const int32_t* targets, int64_t M, int64_t V, float* max,
                  float* sumexp, float* target_logit);
 void cross_entropy_backward(const float* logits, const int32_t* targets, const float* max,

@@ -1,6 +1,8 @@
 // The CUDA backend's elementwise ops: grid-stride loops over kernel_math.h's per-element
 // functions (embedding, SwiGLU, rotary embedding, AdamW, bf16 rounding, and the small ops around
 // the products).
+#include <type_traits>
+
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/launch.h"
 
@@ -20,17 +22,25 @@ __global__ void embedding_backward_kernel(float* dwte, const float* dout, const 
         embedding_backward_column(dwte, dout, tokens, M, C, c);
 }
 
-template <typename Out>
-__global__ void swiglu_forward_kernel(Out* h, const float* gu, int64_t F, int64_t n) {
+template <typename Out, typename In>
+__global__ void swiglu_forward_kernel(Out* h, const In* gu, int64_t F, int64_t n) {
     for (int64_t i = first_index(); i < n; i += stride())
         swiglu_forward_at(h, gu, F, i);
 }
 
-template <typename Out>
-__global__ void swiglu_backward_kernel(Out* dgu, const float* dh, const float* gu, int64_t F,
-                                       int64_t n) {
+template <typename Out, typename In>
+__global__ void swiglu_backward_kernel(Out* dgu, const In* dh, const In* gu, int64_t F, int64_t n) {
     for (int64_t i = first_index(); i < n; i += stride())
         swiglu_backward_at(dgu, dh, gu, F, i);
+}
+
+// fn(x typed): x as float* or uint16_t*, as `type` says, so each kernel is built for both.
+template <typename Fn>
+void typed(const void* x, DType type, Fn&& fn) {
+    if (type == DType::bf16)
+        fn(static_cast<uint16_t*>(const_cast<void*>(x)));
+    else
+        fn(static_cast<float*>(const_cast<void*>(x)));
 }
 
 __global__ void rope_kernel(float* x, int64_t ld, int64_t T, int64_t n_heads, int64_t D,
@@ -140,28 +150,27 @@ void embedding_backward(float* dwte, const float* dout, const int32_t* tokens, i
     finish_launch();
 }
 
-void swiglu_forward(void* h, DType h_type, const float* gu, int64_t M, int64_t F) {
+void swiglu_forward(void* h, DType h_type, const void* gu, DType in_type, int64_t M, int64_t F) {
     const int64_t n = M * F;
-    if (h_type == DType::bf16) {
-        swiglu_forward_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(
-            static_cast<uint16_t*>(h), gu, F, n);
-    } else {
-        swiglu_forward_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(
-            static_cast<float*>(h), gu, F, n);
-    }
+    typed(h, h_type, [&](auto* out) {
+        typed(gu, in_type, [&](auto* in) {
+            swiglu_forward_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(out, in, F,
+                                                                                       n);
+        });
+    });
     finish_launch();
 }
 
-void swiglu_backward(void* dgu, DType dgu_type, const float* dh, const float* gu, int64_t M,
-                     int64_t F) {
+void swiglu_backward(void* dgu, DType dgu_type, const void* dh, const void* gu, DType in_type,
+                     int64_t M, int64_t F) {
     const int64_t n = M * F;
-    if (dgu_type == DType::bf16) {
-        swiglu_backward_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(
-            static_cast<uint16_t*>(dgu), dh, gu, F, n);
-    } else {
-        swiglu_backward_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(
-            static_cast<float*>(dgu), dh, gu, F, n);
-    }
+    typed(dgu, dgu_type, [&](auto* out) {
+        typed(gu, in_type, [&](auto* in) {
+            using In = std::remove_pointer_t<decltype(in)>;
+            swiglu_backward_kernel<<<element_blocks(n), kElementThreads, 0, stream()>>>(
+                out, static_cast<const In*>(dh), static_cast<const In*>(in), F, n);
+        });
+    });
     finish_launch();
 }
 

@@ -134,10 +134,10 @@ int chosen_rank(const Product& p, const kernels::Plan& plan) {
     return 0;
 }
 
-Product& product_for(cudaDataType_t type, const ColumnMajorProduct& p, uint32_t align_first,
-                     uint32_t align_second, uint32_t align_c) {
+Product& product_for(cudaDataType_t type, cudaDataType_t out_type, const ColumnMajorProduct& p,
+                     uint32_t align_first, uint32_t align_second, uint32_t align_c) {
     State& st = state();
-    const Key key = {int64_t(type),
+    const Key key = {int64_t(type) << 16 | int64_t(out_type),
                      p.first.rows,
                      p.first.cols,
                      p.first.ld,
@@ -154,10 +154,10 @@ Product& product_for(cudaDataType_t type, const ColumnMajorProduct& p, uint32_t 
     if (auto it = st.products.find(key); it != st.products.end())
         return it->second;
     Product plan;
-    plan.name = fmt::format("{} {}x{}x{} {}{} ld {} {} {} align {} {} {}",
-                            type == CUDA_R_16BF ? "bf16" : "f32", p.m, p.n, p.k,
-                            p.first.trans ? "T" : "N", p.second.trans ? "T" : "N", p.first.ld,
-                            p.second.ld, p.out.ld, align_first, align_second, align_c);
+    plan.name = fmt::format(
+        "{} {}x{}x{} {}{} ld {} {} {} align {} {} {}{}", type == CUDA_R_16BF ? "bf16" : "f32", p.m,
+        p.n, p.k, p.first.trans ? "T" : "N", p.second.trans ? "T" : "N", p.first.ld, p.second.ld,
+        p.out.ld, align_first, align_second, align_c, out_type == CUDA_R_16BF ? " to bf16" : "");
     cublasLtMatmulDesc_t raw_desc = nullptr;
     KILN_CUBLAS(cublasLtMatmulDescCreate(&raw_desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     plan.desc.reset(raw_desc);
@@ -169,7 +169,7 @@ Product& product_for(cudaDataType_t type, const ColumnMajorProduct& p, uint32_t 
                                                &op_second, sizeof(op_second)));
     plan.first = layout(type, p.first.rows, p.first.cols, p.first.ld);
     plan.second = layout(type, p.second.rows, p.second.cols, p.second.ld);
-    plan.out = layout(CUDA_R_32F, p.out.rows, p.out.cols, p.out.ld);
+    plan.out = layout(out_type, p.out.rows, p.out.cols, p.out.ld);
 
     cublasLtMatmulPreference_t raw_pref = nullptr;
     KILN_CUBLAS(cublasLtMatmulPreferenceCreate(&raw_pref));
@@ -230,12 +230,19 @@ Operand prepare(const void* src, DType type, int64_t rows, int64_t cols, int64_t
     return {scratch, cols};
 }
 
-// differs = 1 where got and want (M, N) row stride ld differ in any bit.
-__global__ void differ_kernel(int* differs, const float* got, const float* want, int64_t M,
-                              int64_t N, int64_t ld) {
+// differs = 1 where got and want (M, N) row stride ld, f32 or bf16, differ in any bit.
+__device__ uint32_t bits_of(float x) {
+    return float_bits(x);
+}
+__device__ uint32_t bits_of(uint16_t x) {
+    return x;
+}
+template <typename T>
+__global__ void differ_kernel(int* differs, const T* got, const T* want, int64_t M, int64_t N,
+                              int64_t ld) {
     for (int64_t i = first_index(); i < M * N; i += stride()) {
         const int64_t at = i / N * ld + i % N;
-        if (float_bits(got[at]) != float_bits(want[at]))
+        if (bits_of(got[at]) != bits_of(want[at]))
             *differs = 1;
     }
 }
@@ -258,15 +265,14 @@ using Run = cublasStatus_t (*)(const void* ctx, const cublasLtMatmulAlgo_t& algo
 // own, pseudo-random (the pass's may be zeros, as a pipeline stage's throwaway pass is, where
 // any summation order agrees), and compared on the device; only the default when the scratch
 // cannot be had.
-Trial discover(const Product& prod, const ColumnMajorProduct& p, cudaDataType_t type, Run run,
-               const void* ctx) {
+Trial discover(const Product& prod, const ColumnMajorProduct& p, cudaDataType_t type,
+               cudaDataType_t out_type, Run run, const void* ctx) {
     Trial t;
     t.ranks = {0};
-    const size_t size = type == CUDA_R_16BF ? 2 : 4;
+    const size_t size = type == CUDA_R_16BF ? 2 : 4, out_size = out_type == CUDA_R_16BF ? 2 : 4;
     const int64_t first_n = p.first.ld * p.first.cols, second_n = p.second.ld * p.second.cols;
     const int64_t out_n = p.out.ld * p.out.cols;
-    void *first = nullptr, *second = nullptr;
-    float *want = nullptr, *got = nullptr;
+    void *first = nullptr, *second = nullptr, *want = nullptr, *got = nullptr;
     int* differs = nullptr;
     auto fill = [&](void* x, int64_t n) {
         if (type == CUDA_R_16BF) {
@@ -280,8 +286,8 @@ Trial discover(const Product& prod, const ColumnMajorProduct& p, cudaDataType_t 
     };
     if (cudaMalloc(&first, size_t(first_n) * size) == cudaSuccess &&
         cudaMalloc(&second, size_t(second_n) * size) == cudaSuccess &&
-        cudaMalloc(&want, size_t(out_n) * 4) == cudaSuccess &&
-        cudaMalloc(&got, size_t(out_n) * 4) == cudaSuccess &&
+        cudaMalloc(&want, size_t(out_n) * out_size) == cudaSuccess &&
+        cudaMalloc(&got, size_t(out_n) * out_size) == cudaSuccess &&
         cudaMalloc(&differs, sizeof(int)) == cudaSuccess) {
         fill(first, first_n);
         fill(second, second_n);
@@ -293,8 +299,15 @@ Trial discover(const Product& prod, const ColumnMajorProduct& p, cudaDataType_t 
                 int host = 1;
                 KILN_CUDA(cudaMemsetAsync(differs, 0, sizeof(int), stream()));
                 // out is column-major (rows, cols): row-major (cols, rows) with stride ld.
-                differ_kernel<<<element_blocks(out_n), kElementThreads, 0, stream()>>>(
-                    differs, got, want, p.out.cols, p.out.rows, p.out.ld);
+                if (out_type == CUDA_R_16BF) {
+                    differ_kernel<<<element_blocks(out_n), kElementThreads, 0, stream()>>>(
+                        differs, static_cast<const uint16_t*>(got),
+                        static_cast<const uint16_t*>(want), p.out.cols, p.out.rows, p.out.ld);
+                } else {
+                    differ_kernel<<<element_blocks(out_n), kElementThreads, 0, stream()>>>(
+                        differs, static_cast<const float*>(got), static_cast<const float*>(want),
+                        p.out.cols, p.out.rows, p.out.ld);
+                }
                 KILN_CUDA(cudaGetLastError());
                 KILN_CUDA(
                     cudaMemcpyAsync(&host, differs, sizeof(int), cudaMemcpyDeviceToHost, stream()));
@@ -327,10 +340,12 @@ std::string device_platform() {
 void gemm(const Gemm& g, Precision precision, Workspace ws) {
     if (g.M == 0 || g.N == 0)
         return;
-    const float* c_in = g.accumulate && g.c_in ? g.c_in : g.c;
+    KILN_CHECK(g.c_type == DType::f32 || !g.accumulate, "a bf16 product output is not added to");
+    const void* c_in = g.accumulate && g.c_in ? static_cast<const void*>(g.c_in) : g.c;
+    const size_t c_size = dtype_size(g.c_type);
     if (g.K == 0) {  // an empty sum: C = 0, or what accumulating adds
         if (!g.accumulate)
-            KILN_CUDA(cudaMemset2DAsync(g.c, g.ldc * 4, 0, g.N * 4, g.M, stream()));
+            KILN_CUDA(cudaMemset2DAsync(g.c, g.ldc * c_size, 0, g.N * c_size, g.M, stream()));
         else if (c_in != g.c)
             KILN_CUDA(cudaMemcpy2DAsync(g.c, g.ldc * 4, c_in, g.ldc * 4, g.N * 4, g.M,
                                         cudaMemcpyDeviceToDevice, stream()));
@@ -354,7 +369,8 @@ void gemm(const Gemm& g, Precision precision, Workspace ws) {
 
     const ColumnMajorProduct p = column_major(g, a.ld, b.ld);
     // The algorithms offered must suit the pointers' actual alignment.
-    const Product& prod = product_for(type, p, alignment(b.ptr), alignment(a.ptr),
+    const cudaDataType_t out_type = g.c_type == DType::bf16 ? CUDA_R_16BF : CUDA_R_32F;
+    const Product& prod = product_for(type, out_type, p, alignment(b.ptr), alignment(a.ptr),
                                       std::min(alignment(g.c), alignment(c_in)));
     struct Context {
         const Product& prod;
@@ -373,7 +389,7 @@ void gemm(const Gemm& g, Precision precision, Workspace ws) {
     if (st.tuning) {
         auto trial = st.trials.find(prod.name);
         if (st.pass == 0 && trial == st.trials.end() && part_of(prod.name, st.parts) == st.part) {
-            st.trials.emplace(prod.name, discover(prod, p, type, run, &ctx));
+            st.trials.emplace(prod.name, discover(prod, p, type, out_type, run, &ctx));
         } else if (st.pass > 0 && trial != st.trials.end()) {
             Trial& t = trial->second;
             const int rank = t.ranks[size_t(st.pass - 1) % t.ranks.size()];

@@ -253,18 +253,18 @@ KILN_HD void rmsnorm_dw_column(float* dw, const float* chunk_sums, int64_t chunk
 
 // --- SwiGLU: h (M, F) = silu(gate) * up, gu (M, 2F) = [gate | up] per row ---
 
-template <typename Out>
-KILN_HD void swiglu_forward_at(Out* h, const float* gu, int64_t F, int64_t i) {
+template <typename Out, typename In>
+KILN_HD void swiglu_forward_at(Out* h, const In* gu, int64_t F, int64_t i) {
     const int64_t m = i / F, f = i % F;
-    const float g = gu[m * 2 * F + f], u = gu[m * 2 * F + F + f];
+    const float g = load(gu + m * 2 * F + f), u = load(gu + m * 2 * F + F + f);
     store(h + i, g * sigmoid(g) * u);
 }
 
 // Element i of dh (M, F) gives both of its gradients in dgu (M, 2F).
-template <typename Out>
-KILN_HD void swiglu_backward_at(Out* dgu, const float* dh, const float* gu, int64_t F, int64_t i) {
+template <typename Out, typename In>
+KILN_HD void swiglu_backward_at(Out* dgu, const In* dh, const In* gu, int64_t F, int64_t i) {
     const int64_t m = i / F, f = i % F;
-    const float g = gu[m * 2 * F + f], u = gu[m * 2 * F + F + f], d = dh[i];
+    const float g = load(gu + m * 2 * F + f), u = load(gu + m * 2 * F + F + f), d = load(dh + i);
     const float s = sigmoid(g);
     store(dgu + m * 2 * F + f, d * u * s * (1.0f + g * (1.0f - s)));
     store(dgu + m * 2 * F + F + f, d * g * s);

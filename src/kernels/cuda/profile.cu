@@ -163,8 +163,9 @@ struct Timed<R (*)(A...)> {
 template <Precision P>
 void gemm_timed(const Gemm& g, Workspace ws) {
     const Span span("gemm",
-                    fmt::format("gemm {}x{}x{} {}{}{}", g.M, g.N, g.K, g.trans_a ? "T" : "N",
-                                g.trans_b ? "T" : "N", g.accumulate ? " +=" : ""));
+                    fmt::format("gemm {}x{}x{} {}{}{}{}", g.M, g.N, g.K, g.trans_a ? "T" : "N",
+                                g.trans_b ? "T" : "N", g.accumulate ? " +=" : "",
+                                g.c_type == DType::bf16 ? " to bf16" : ""));
     base<P>().gemm(g, ws);
 }
 

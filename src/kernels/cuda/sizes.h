@@ -24,6 +24,12 @@ inline size_t round_up(size_t n) {
     return (n + kAlign - 1) / kAlign * kAlign;
 }
 
+// The dtype of SwiGLU's inputs (Kernels::swiglu_in): the compute dtype, so that in bf16 the
+// gate/up product and h's gradient product write bf16.
+constexpr DType swiglu_in(Precision precision) {
+    return compute_dtype(precision);
+}
+
 // Room to convert both operands of a product, and cuBLASLt's own.
 size_t gemm_workspace_bytes(int64_t max_operand);
 

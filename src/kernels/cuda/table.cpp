@@ -49,6 +49,7 @@ template <Precision P>
 const Kernels table = {
     P == Precision::bf16 ? "cuda-bf16" : "cuda-fp32",
     P,
+    swiglu_in(P),
     workspace_in<P>,
     gemm_in<P>,
     embedding_forward,

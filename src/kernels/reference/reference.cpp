@@ -42,9 +42,10 @@ void gemm(const Gemm& g, Workspace) {
                 int64_t ib = g.trans_b ? j * g.ldb + k : k * g.ldb + j;
                 acc += operand<P>(g.a, g.a_type, ia) * operand<P>(g.b, g.b_type, ib);
             }
-            const float* add = g.c_in ? g.c_in : g.c;
-            g.c[i * g.ldc + j] =
-                static_cast<float>(g.alpha * acc + (g.accumulate ? add[i * g.ldc + j] : 0.0));
+            const int64_t at = i * g.ldc + j;
+            const float* add = g.c_in ? g.c_in : static_cast<const float*>(g.c);
+            store(g.c, g.c_type, at,
+                  static_cast<float>(g.alpha * acc + (g.accumulate ? add[at] : 0.0)));
         }
     }
 }
@@ -231,19 +232,20 @@ double silu(double x) {
     return x / (1 + std::exp(-x));
 }
 
-void swiglu_forward(void* h, DType h_type, const float* gu, int64_t M, int64_t F) {
+void swiglu_forward(void* h, DType h_type, const void* gu, DType in_type, int64_t M, int64_t F) {
+    auto in = [&](int64_t i) { return operand<Precision::fp32>(gu, in_type, i); };
     for (int64_t m = 0; m < M; m++) {
-        for (int64_t f = 0; f < F; f++) {
-            store(h, h_type, m * F + f, silu(gu[m * 2 * F + f]) * gu[m * 2 * F + F + f]);
-        }
+        for (int64_t f = 0; f < F; f++)
+            store(h, h_type, m * F + f, silu(in(m * 2 * F + f)) * in(m * 2 * F + F + f));
     }
 }
 
-void swiglu_backward(void* dgu, DType dgu_type, const float* dh, const float* gu, int64_t M,
-                     int64_t F) {
+void swiglu_backward(void* dgu, DType dgu_type, const void* dh, const void* gu, DType in_type,
+                     int64_t M, int64_t F) {
+    auto in = [&](const void* x, int64_t i) { return operand<Precision::fp32>(x, in_type, i); };
     for (int64_t m = 0; m < M; m++) {
         for (int64_t f = 0; f < F; f++) {
-            double g = gu[m * 2 * F + f], u = gu[m * 2 * F + F + f], d = dh[m * F + f];
+            double g = in(gu, m * 2 * F + f), u = in(gu, m * 2 * F + F + f), d = in(dh, m * F + f);
             double sig = 1 / (1 + std::exp(-g));
             store(dgu, dgu_type, m * 2 * F + f, d * u * sig * (1 + g * (1 - sig)));
             store(dgu, dgu_type, m * 2 * F + F + f, d * g * sig);
@@ -318,6 +320,7 @@ template <Precision P>
 const Kernels table = {
     P == Precision::bf16 ? "reference-bf16" : "reference-fp32",
     P,
+    DType::f32,
     workspace_bytes,
     gemm<P>,
     embedding_forward,

@@ -122,12 +122,19 @@ TEST(KernelMath, Embedding) {
     EXPECT_EQ(got, want);
 
     auto dout = randn(M * C, 2);
-    std::vector<float> dwte = randn(V * C, 3), dwte_ref = dwte;  // accumulates (+=)
-    grid_stride(C, [&](int64_t c) {
-        embedding_backward_column(dwte.data(), dout.data(), tokens.data(), M, C, c);
-    });
+    std::vector<float> dwte_ref = randn(V * C, 3);  // accumulates (+=)
+    const std::vector<float> dwte0 = dwte_ref;
     ref().embedding_backward(dwte_ref.data(), dout.data(), tokens.data(), M, C);
-    EXPECT_EQ(dwte, dwte_ref);
+    // One group (a thread a column), groups that share tokens' rows out unevenly, and the
+    // kernel's: the same bits each way.
+    for (int groups : {1, 3, kEmbeddingGroups}) {
+        std::vector<float> dwte = dwte0;
+        grid_stride(C * groups, [&](int64_t i) {
+            embedding_backward_column(dwte.data(), dout.data(), tokens.data(), M, C, i % C,
+                                      int(i / C), groups);
+        });
+        EXPECT_EQ(dwte, dwte_ref) << groups << " groups";
+    }
 }
 
 // C = 1000 (not a multiple of the block) and C = 40 (most threads idle); x of spread 2.5, so

@@ -18,8 +18,8 @@ __global__ void embedding_forward_kernel(float* out, const int32_t* tokens, cons
 
 __global__ void embedding_backward_kernel(float* dwte, const float* dout, const int32_t* tokens,
                                           int64_t M, int64_t C) {
-    for (int64_t c = first_index(); c < C; c += stride())
-        embedding_backward_column(dwte, dout, tokens, M, C, c);
+    for (int64_t i = first_index(); i < C * kEmbeddingGroups; i += stride())
+        embedding_backward_column(dwte, dout, tokens, M, C, i % C, int(i / C), kEmbeddingGroups);
 }
 
 template <typename Out, typename In>
@@ -145,8 +145,8 @@ void embedding_forward(float* out, const int32_t* tokens, const void* wte, DType
 
 void embedding_backward(float* dwte, const float* dout, const int32_t* tokens, int64_t M,
                         int64_t C) {
-    embedding_backward_kernel<<<element_blocks(C), kElementThreads, 0, stream()>>>(dwte, dout,
-                                                                                   tokens, M, C);
+    embedding_backward_kernel<<<element_blocks(C * kEmbeddingGroups), kElementThreads, 0,
+                                stream()>>>(dwte, dout, tokens, M, C);
     finish_launch();
 }
 

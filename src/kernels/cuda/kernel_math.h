@@ -171,13 +171,19 @@ KILN_HD void embedding_forward_at(float* out, const int32_t* tokens, const W* wt
     out[i] = token < 0 ? 0.0f : load(wte + int64_t(token) * C + i % C);
 }
 
-// Column c of dwte, over all M rows in order: one thread owns a column, so repeated tokens
-// never race and the sums come out the same every run (no atomics).
+// Column c of dwte over the rows, in order, whose token is in group `group` of `groups` (token %
+// groups): one thread owns a column of a group's tokens, so repeated tokens never race and every
+// (token, column) sums its rows in row order, the same bits however many groups and every run
+// (no atomics). The groups let C x groups threads share the work: a column a thread over all the
+// rows kept 8 blocks busy at C = 2048, each thread a chain of M dependent read-add-writes.
+constexpr int kEmbeddingGroups = 128;
+
 KILN_HD void embedding_backward_column(float* dwte, const float* dout, const int32_t* tokens,
-                                       int64_t M, int64_t C, int64_t c) {
+                                       int64_t M, int64_t C, int64_t c, int group, int groups) {
     for (int64_t m = 0; m < M; m++) {
-        if (tokens[m] >= 0)
-            dwte[int64_t(tokens[m]) * C + c] += dout[m * C + c];
+        const int32_t t = tokens[m];
+        if (t >= 0 && t % groups == group)
+            dwte[int64_t(t) * C + c] += dout[m * C + c];
     }
 }
 

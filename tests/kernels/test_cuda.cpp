@@ -106,38 +106,44 @@ TEST(Cuda, Embedding) {
     EXPECT_EQ(d_dwte.host(), dwte);
 }
 
+// Shapes: 3 rows a block of the backward and 2 in the last; 12,288 columns (48 KB of sums a
+// block, which must ask for more than the default shared memory); 60,000 columns, whose sums do
+// not fit one block's shared memory and go to device memory instead.
 TEST(Cuda, RmsNormForwardAndBackward) {
     KILN_REQUIRE_CUDA();
-    const int64_t M = 1100, C = 1000;  // 3 rows a block of the backward, 2 in the last
-    auto x = randn(M * C, 1, 2.5f), w = randn(C, 2), dout = randn(M * C, 3);
-    std::vector<float> out(M * C), rstd(M);
-    ref().rmsnorm_forward(out.data(), DType::f32, rstd.data(), x.data(), w.data(), M, C, 1e-5f);
-    Dev<float> d_x(x), d_w(w), d_out{size_t(M * C)}, d_rstd{size_t(M)};
-    cuda::rmsnorm_forward(d_out.ptr, DType::f32, d_rstd.ptr, d_x.ptr, d_w.ptr, M, C, 1e-5f);
-    EXPECT_LT(rel_err(d_out.host(), out), kTol);
-    EXPECT_LT(rel_err(d_rstd.host(), rstd), kTol);
-    std::vector<uint16_t> out_bf(M * C);
-    ref().rmsnorm_forward(out_bf.data(), DType::bf16, rstd.data(), x.data(), w.data(), M, C, 1e-5f);
-    Dev<uint16_t> d_out_bf{size_t(M * C)};
-    cuda::rmsnorm_forward(d_out_bf.ptr, DType::bf16, d_rstd.ptr, d_x.ptr, d_w.ptr, M, C, 1e-5f);
-    expect_bf16_within_one_ulp(d_out_bf.host(), out_bf, "rmsnorm bf16 out");
+    for (auto [M, C] : {std::pair<int64_t, int64_t>{1100, 1000}, {40, 12288}, {5, 60000}}) {
+        const std::string what = "M=" + std::to_string(M) + " C=" + std::to_string(C);
+        auto x = randn(M * C, 1, 2.5f), w = randn(C, 2), dout = randn(M * C, 3);
+        std::vector<float> out(M * C), rstd(M);
+        ref().rmsnorm_forward(out.data(), DType::f32, rstd.data(), x.data(), w.data(), M, C, 1e-5f);
+        Dev<float> d_x(x), d_w(w), d_out{size_t(M * C)}, d_rstd{size_t(M)};
+        cuda::rmsnorm_forward(d_out.ptr, DType::f32, d_rstd.ptr, d_x.ptr, d_w.ptr, M, C, 1e-5f);
+        EXPECT_LT(rel_err(d_out.host(), out), kTol) << what;
+        EXPECT_LT(rel_err(d_rstd.host(), rstd), kTol) << what;
+        std::vector<uint16_t> out_bf(M * C);
+        ref().rmsnorm_forward(out_bf.data(), DType::bf16, rstd.data(), x.data(), w.data(), M, C,
+                              1e-5f);
+        Dev<uint16_t> d_out_bf{size_t(M * C)};
+        cuda::rmsnorm_forward(d_out_bf.ptr, DType::bf16, d_rstd.ptr, d_x.ptr, d_w.ptr, M, C, 1e-5f);
+        expect_bf16_within_one_ulp(d_out_bf.host(), out_bf, "rmsnorm bf16 out");
 
-    // dx and dw accumulate: start both at zero and compare the sums; dx's bf16 copy is the sum
-    // rounded.
-    std::vector<float> dx(M * C), dw(C);
-    ref().rmsnorm_backward(dx.data(), nullptr, dw.data(), dout.data(), x.data(), w.data(),
-                           rstd.data(), M, C);
-    Dev<float> d_dout(dout), d_rs(rstd), d_dx{size_t(M * C)}, d_dw{size_t(C)};
-    Dev<uint16_t> d_dx_bf{size_t(M * C)};
-    cuda::rmsnorm_backward(d_dx.ptr, d_dx_bf.ptr, d_dw.ptr, d_dout.ptr, d_x.ptr, d_w.ptr, d_rs.ptr,
-                           M, C);
-    const auto got = d_dx.host();
-    EXPECT_LT(rel_err(got, dx), kTol);
-    EXPECT_LT(rel_err(d_dw.host(), dw), kTol);
-    std::vector<uint16_t> want(got.size());
-    for (size_t i = 0; i < got.size(); i++)
-        want[i] = f32_to_bf16(got[i]);
-    EXPECT_EQ(d_dx_bf.host(), want);
+        // dx and dw accumulate: start both at zero and compare the sums; dx's bf16 copy is the
+        // sum rounded.
+        std::vector<float> dx(M * C), dw(C);
+        ref().rmsnorm_backward(dx.data(), nullptr, dw.data(), dout.data(), x.data(), w.data(),
+                               rstd.data(), M, C);
+        Dev<float> d_dout(dout), d_rs(rstd), d_dx{size_t(M * C)}, d_dw{size_t(C)};
+        Dev<uint16_t> d_dx_bf{size_t(M * C)};
+        cuda::rmsnorm_backward(d_dx.ptr, d_dx_bf.ptr, d_dw.ptr, d_dout.ptr, d_x.ptr, d_w.ptr,
+                               d_rs.ptr, M, C);
+        const auto got = d_dx.host();
+        EXPECT_LT(rel_err(got, dx), kTol) << what;
+        EXPECT_LT(rel_err(d_dw.host(), dw), kTol) << what;
+        std::vector<uint16_t> want(got.size());
+        for (size_t i = 0; i < got.size(); i++)
+            want[i] = f32_to_bf16(got[i]);
+        EXPECT_EQ(d_dx_bf.host(), want) << what;
+    }
 }
 
 TEST(Cuda, SwiGluForwardAndBackward) {

@@ -264,11 +264,15 @@ using Run = cublasStatus_t (*)(const void* ctx, const cublasLtMatmulAlgo_t& algo
 // The ranks whose result has the default's bits, each run once with beta 0 on operands of its
 // own, pseudo-random (the pass's may be zeros, as a pipeline stage's throwaway pass is, where
 // any summation order agrees), and compared on the device; only the default when the scratch
-// cannot be had.
+// cannot be had, or when the output is bf16: rounding to bf16 hides most last-bit differences
+// of the f32 sums, so on a small product another summation order could pass for the default's.
 Trial discover(const Product& prod, const ColumnMajorProduct& p, cudaDataType_t type,
                cudaDataType_t out_type, Run run, const void* ctx) {
     Trial t;
     t.ranks = {0};
+    t.fastest.assign(1, 1e300);
+    if (out_type == CUDA_R_16BF)
+        return t;
     const size_t size = type == CUDA_R_16BF ? 2 : 4, out_size = out_type == CUDA_R_16BF ? 2 : 4;
     const int64_t first_n = p.first.ld * p.first.cols, second_n = p.second.ld * p.second.cols;
     const int64_t out_n = p.out.ld * p.out.cols;

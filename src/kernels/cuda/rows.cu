@@ -20,12 +20,17 @@ __global__ void rmsnorm_forward_kernel(Out* out, float* rstd, const float* x, co
 }
 
 // A chunk of `rows` rows a block: each row's dx (and its bf16 rounding), and the chunk's sums of
-// dw's terms per column in shared memory (C floats), written to chunk_sums. A thread's columns
-// are the same in the dot, dx and the sums, so it reads each element once from memory.
+// dw's terms per column (C floats) in shared memory, or where a row of C floats does not fit
+// there, in the chunk's row of chunk_sums itself; either way written to chunk_sums. A thread's
+// columns are the same in the dot, dx and the sums, so it reads each element once from memory,
+// and no other thread touches its sums.
 __global__ void rmsnorm_backward_kernel(float* dx, uint16_t* dx_bf16, float* chunk_sums,
                                         const float* dout, const float* x, const float* w,
-                                        const float* rstd, int64_t M, int64_t C, int64_t rows) {
-    extern __shared__ float acc[];
+                                        const float* rstd, int64_t M, int64_t C, int64_t rows,
+                                        bool in_shared) {
+    extern __shared__ float shared_sums[];
+    float* mine = chunk_sums + blockIdx.x * C;
+    float* acc = in_shared ? shared_sums : mine;
     for (int64_t c = threadIdx.x; c < C; c += blockDim.x)
         acc[c] = 0.0f;
     const int64_t m0 = blockIdx.x * rows, m1 = m0 + rows < M ? m0 + rows : M;
@@ -38,8 +43,10 @@ __global__ void rmsnorm_backward_kernel(float* dx, uint16_t* dx_bf16, float* chu
                    threadIdx.x, blockDim.x);
         rmsnorm_dw_add(acc, dr, xr, rstd[m], C, threadIdx.x, blockDim.x);
     }
-    for (int64_t c = threadIdx.x; c < C; c += blockDim.x)
-        chunk_sums[blockIdx.x * C + c] = acc[c];
+    if (in_shared) {
+        for (int64_t c = threadIdx.x; c < C; c += blockDim.x)
+            mine[c] = acc[c];
+    }
 }
 
 __global__ void rmsnorm_dw_kernel(float* dw, const float* chunk_sums, int64_t chunks, int64_t C) {
@@ -126,13 +133,23 @@ void rmsnorm_backward(float* dx, uint16_t* dx_bf16, float* dw, const float* dout
         return;
     const int64_t rows = rmsnorm_dw_rows(M), chunks = (M + rows - 1) / rows;
     float* sums = rmsnorm_chunk_sums(size_t(chunks * C));
-    const size_t shared = size_t(C) * sizeof(float);
-    if (shared > 48 * 1024) {
+    // The sums in shared memory where C floats fit beside block_reduce's 32 slots: past 48 KB a
+    // block only by asking, and never past the device's limit for one block.
+    static const size_t most = [] {
+        int device = 0, bytes = 0;
+        KILN_CUDA(cudaGetDevice(&device));
+        KILN_CUDA(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+        return size_t(bytes);
+    }();
+    const size_t slots = 32 * sizeof(float), bytes = size_t(C) * sizeof(float);
+    const bool in_shared = bytes + slots <= most;
+    const size_t shared = in_shared ? bytes : 0;
+    if (shared + slots > 48 * 1024) {
         KILN_CUDA(cudaFuncSetAttribute(rmsnorm_backward_kernel,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
     }
     rmsnorm_backward_kernel<<<static_cast<unsigned>(chunks), kRowThreads, shared, stream()>>>(
-        dx, dx_bf16, sums, dout, x, w, rstd, M, C, rows);
+        dx, dx_bf16, sums, dout, x, w, rstd, M, C, rows, in_shared);
     rmsnorm_dw_kernel<<<element_blocks(C), kElementThreads, 0, stream()>>>(dw, sums, chunks, C);
     finish_launch();
 }

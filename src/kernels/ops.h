@@ -32,7 +32,7 @@ constexpr DType compute_dtype(Precision p) {
 // op(A) is (M, K): A is stored (M, K) with row stride lda, or (K, M) when trans_a.
 // op(B) is (K, N): B is stored (K, N) with row stride ldb, or (N, K) when trans_b.
 // A and B are f32 or bf16; C is f32, or bf16 (c_type, not when accumulating: the f32 sums
-// rounded once) on a table whose SwiGLU inputs are bf16 (Kernels::swiglu_in), for those. With
+// rounded once) on a table whose ops' inputs are bf16 (Kernels::op_inputs), for those. With
 // Precision::bf16 an f32 operand is rounded to bf16 (in `workspace`) before the product, which then
 // runs in bf16 with f32 accumulation. c_in (M, N), f32 with C's row stride, is what an accumulating
 // product adds when it is not C itself (a residual stream's input, with its output C): a device

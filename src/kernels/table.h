@@ -21,10 +21,11 @@ struct Range {  // elements [begin, end)
 struct Kernels {
     const char* name;
     Precision precision;
-    // The dtype SwiGLU's inputs are kept in, which the products that make them (gate/up, and
-    // h's gradient) write: f32 on the host tables; on a device's bf16 table bf16, as those f32
-    // tensors were a sixth of a block's memory traffic there and only SwiGLU reads them.
-    DType swiglu_in;
+    // The dtype of what products write for this table's ops alone to read: the packed qkv and
+    // attention's output gradient (attention's inputs), gate/up and h's gradient (SwiGLU's).
+    // f32 on the host tables, whose bits must not move; bf16 on a device's bf16 table, as
+    // autocast keeps them, where in f32 they were about a quarter of a block's memory traffic.
+    DType op_inputs;
 
     // Bytes of scratch that gemm (operands of at most `max_operand` elements) and attention
     // (shape `a`) need; the caller hands that much to every call as a Workspace.
@@ -55,17 +56,19 @@ struct Kernels {
     size_t (*attention_saved_bytes)(const Attention& a);
     // out (M, H*D) = softmax(q k^T / sqrt(D) + causal mask) v, with q and k rotated first when
     // the Attention has rope tables (see ops.h), written in the compute dtype (f32, or bf16 in a
-    // bf16 table: only products and the backward read it). `saved` (attention_saved_bytes)
-    // keeps what else the backward needs: the softmax (B, H, T, T), entries above the diagonal
-    // 0, in the compute dtype, or (a fused kernel's) each row's log-sum-exp.
-    void (*attention_forward)(void* out, void* saved, const float* qkv, const Attention& a,
-                              Workspace ws);
+    // bf16 table: only products and the backward read it); qkv read as in_type (f32 or bf16).
+    // `saved` (attention_saved_bytes) keeps what else the backward needs: the softmax (B, H, T,
+    // T), entries above the diagonal 0, in the compute dtype, or (a fused kernel's) each row's
+    // log-sum-exp.
+    void (*attention_forward)(void* out, void* saved, const void* qkv, DType in_type,
+                              const Attention& a, Workspace ws);
     // dqkv (M, ldqkv) = gradient of the attention output dout (M, H*D) w.r.t. the packed qkv
     // (overwritten, all three parts), written as dqkv_type (f32 or bf16: its readers are
-    // products); out, qkv and saved as given to the forward, out as it left it.
-    void (*attention_backward)(void* dqkv, DType dqkv_type, const float* dout, const void* out,
-                               const float* qkv, const void* saved, const Attention& a,
-                               Workspace ws);
+    // products); dout and qkv read as in_type; out, qkv and saved as given to the forward, out
+    // as it left it.
+    void (*attention_backward)(void* dqkv, DType dqkv_type, const void* dout, const void* out,
+                               const void* qkv, DType in_type, const void* saved,
+                               const Attention& a, Workspace ws);
 
     // h (M, F) = silu(gate) * up where gu (M, 2F) holds gate in [0, F) and up in [F, 2F);
     // written as h_type (f32 or bf16); gu read as in_type (f32 or bf16)

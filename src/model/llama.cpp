@@ -62,7 +62,7 @@ Llama::Llama(const LlamaConfig& config, const kernels::Kernels& kernels, int64_t
       L_(int64_t(layout_.blocks.size())),
       recompute_(recompute),
       bf16_(kernels.precision == kernels::Precision::bf16),
-      swiglu_in_(bf16_ ? kernels.swiglu_in : DType::f32) {}
+      op_inputs_(bf16_ ? kernels.op_inputs : DType::f32) {}
 
 // Declares every buffer; with `allocate`, allocates them and resolves the pointers into them.
 void Llama::build(int64_t capacity, bool allocate) {
@@ -107,11 +107,15 @@ void Llama::build(int64_t capacity, bool allocate) {
     const DType ct = compute_type();
     std::vector<std::array<size_t, 9>> o_block(sets);
     for (auto& o : o_block) {
-        o = {acts_.add("rstd1", Ml, DType::f32),    acts_.add("qkv", M * QKV, DType::f32),
-             acts_.add("x2", Ml * C, DType::f32),   acts_.add("rstd2", Ml, DType::f32),
-             acts_.add("xn1", Ml * C, ct),          acts_.add("att", M * H * D, ct),
-             acts_.add("xn2", Ml * C, ct),          acts_.add("h", M * F, ct),
-             acts_.add("gu", M * 2 * F, swiglu_in_)};
+        o = {acts_.add("rstd1", Ml, DType::f32),
+             acts_.add("x2", Ml * C, DType::f32),
+             acts_.add("rstd2", Ml, DType::f32),
+             acts_.add("xn1", Ml * C, ct),
+             acts_.add("att", M * H * D, ct),
+             acts_.add("xn2", Ml * C, ct),
+             acts_.add("h", M * F, ct),
+             acts_.add("qkv", M * QKV, op_inputs_),
+             acts_.add("gu", M * 2 * F, op_inputs_)};
     }
     std::vector<size_t> o_saved(attention_sets);
     const int64_t saved_bytes = int64_t(k_.attention_saved_bytes(attn_));
@@ -125,9 +129,9 @@ void Llama::build(int64_t capacity, bool allocate) {
     size_t o_dres = acts_.add("dres", Ml * C, DType::f32);
     size_t o_dxn = acts_.add("dxn", M * C, DType::f32);
     size_t o_dqkv = acts_.add("dqkv", M * QKV, ct);
-    size_t o_datt = acts_.add("datt", M * H * D, DType::f32);
+    size_t o_datt = acts_.add("datt", M * H * D, op_inputs_);
     size_t o_dgu = acts_.add("dgu", M * 2 * F, ct);
-    size_t o_dh = acts_.add("dh", M * F, swiglu_in_);
+    size_t o_dh = acts_.add("dh", M * F, op_inputs_);
     size_t o_logits = acts_.add("logits", head_rows_ * V, DType::f32);
     size_t o_losses = acts_.add("losses", M, DType::f32);
     size_t o_rows = acts_.add("row_stats", 5 * M, DType::f32);
@@ -160,12 +164,12 @@ void Llama::build(int64_t capacity, bool allocate) {
     for (int64_t i = 0; i < sets; i++) {
         const auto& o = o_block[i];
         BlockActs b;
-        float** fields[] = {&b.rstd1, &b.qkv, &b.x2, &b.rstd2};
-        for (int f = 0; f < 4; f++)
+        float** fields[] = {&b.rstd1, &b.x2, &b.rstd2};
+        for (int f = 0; f < 3; f++)
             *fields[f] = acts_.get<float>(o[f]);
-        void** typed[] = {&b.xn1, &b.att, &b.xn2, &b.h, &b.gu};
-        for (int f = 0; f < 5; f++)
-            *typed[f] = acts_.get<void>(o[4 + f]);
+        void** typed[] = {&b.xn1, &b.att, &b.xn2, &b.h, &b.qkv, &b.gu};
+        for (int f = 0; f < 6; f++)
+            *typed[f] = acts_.get<void>(o[3 + f]);
         b.attention = acts_.get<void>(o_saved[recompute == Recompute::none ? i : 0]);
         blocks_.push_back(b);
     }
@@ -177,7 +181,7 @@ void Llama::build(int64_t capacity, bool allocate) {
     dres_ = acts_.get<float>(o_dres);
     dxn_ = acts_.get<float>(o_dxn);
     dqkv_ = acts_.get<void>(o_dqkv);
-    datt_ = acts_.get<float>(o_datt);
+    datt_ = acts_.get<void>(o_datt);
     dgu_ = acts_.get<void>(o_dgu);
     dh_ = acts_.get<void>(o_dh);
     logits_ = acts_.get<float>(o_logits);
@@ -419,14 +423,15 @@ void Llama::block_forward(int slot, int64_t l, const float* x, float* out) {
     // attention (this rank's heads)
     const DType ct = compute_type();
     k_.rmsnorm_forward(a.xn1, ct, a.rstd1, x, norm_weight(p.attention_norm), Ml, C, eps);
-    linear_forward(a.qkv, gather_rows(a.xn1, gathered_, ct), weight(p.wqkv), M, C, QKV);
-    k_.attention_forward(a.att, a.attention, a.qkv, attn_, ws_);
+    linear_forward({a.qkv, op_inputs_}, gather_rows(a.xn1, gathered_, ct), weight(p.wqkv), M, C,
+                   QKV);
+    k_.attention_forward(a.att, a.attention, a.qkv, op_inputs_, attn_, ws_);
     row_parallel(a.x2, x, input(a.att), weight(p.wo), M, H * D, C);
     // feed-forward (this rank's slice of the hidden width)
     k_.rmsnorm_forward(a.xn2, ct, a.rstd2, a.x2, norm_weight(p.ffn_norm), Ml, C, eps);
-    linear_forward({a.gu, swiglu_in_}, gather_rows(a.xn2, gathered_, ct), weight(p.w13), M, C,
+    linear_forward({a.gu, op_inputs_}, gather_rows(a.xn2, gathered_, ct), weight(p.w13), M, C,
                    2 * F);
-    k_.swiglu_forward(a.h, ct, a.gu, swiglu_in_, M, F);
+    k_.swiglu_forward(a.h, ct, a.gu, op_inputs_, M, F);
     row_parallel(out, a.x2, input(a.h), weight(p.w2), M, F, C);
 }
 
@@ -439,7 +444,8 @@ void Llama::block_backward(int slot, int64_t l, float* dres, bool accumulate) {
     if (recompute_ == Recompute::full) {
         block_forward(slot, l, x, residual(slot) + (l + 1) * Ml * C);  // same values as before
     } else if (recompute_ == Recompute::selective) {
-        k_.attention_forward(a.att, a.attention, a.qkv, attn_, ws_);  // refills the shared set
+        // refills the shared set
+        k_.attention_forward(a.att, a.attention, a.qkv, op_inputs_, attn_, ws_);
     }
     float* g = grads();
     const DType ct = compute_type();
@@ -450,9 +456,9 @@ void Llama::block_backward(int slot, int64_t l, float* dres, bool accumulate) {
     };
 
     // feed-forward: out = x2 + h W2^T, h = swiglu(xn2 W13^T), xn2 = rmsnorm(x2)
-    linear_backward({dh_, swiglu_in_}, g + p.w2, dy(), input(a.h), weight(p.w2), M, F, C,
+    linear_backward({dh_, op_inputs_}, g + p.w2, dy(), input(a.h), weight(p.w2), M, F, C,
                     accumulate);
-    k_.swiglu_backward(dgu_, ct, dh_, a.gu, swiglu_in_, M, F);
+    k_.swiglu_backward(dgu_, ct, dh_, a.gu, op_inputs_, M, F);
     // xn2's rows are gathered again (the forward's gathered copy is gone): the bytes of an
     // all-gather instead of a (M, C) activation kept per block.
     const float* dxn2 =  // xn2 fed every rank's slice
@@ -461,8 +467,9 @@ void Llama::block_backward(int slot, int64_t l, float* dres, bool accumulate) {
     k_.rmsnorm_backward(dres, dy_bf_, g + p.ffn_norm, dxn2, a.x2, norm_weight(p.ffn_norm), a.rstd2,
                         Ml, C);
     // attention: x2 = x + att Wo^T, att = attention(xn1 Wqkv^T) (RoPE inside), xn1 = rmsnorm(x)
-    linear_backward(datt_, g + p.wo, dy(), input(a.att), weight(p.wo), M, H * D, C, accumulate);
-    k_.attention_backward(dqkv_, ct, datt_, a.att, a.qkv, a.attention, attn_, ws_);
+    linear_backward({datt_, op_inputs_}, g + p.wo, dy(), input(a.att), weight(p.wo), M, H * D, C,
+                    accumulate);
+    k_.attention_backward(dqkv_, ct, datt_, a.att, a.qkv, op_inputs_, a.attention, attn_, ws_);
     const float* dxn1 =  // xn1 fed every rank's heads
         column_parallel_backward(g + p.wqkv, input(dqkv_), a.xn1, weight(p.wqkv), C, QKV,
                                  accumulate);

@@ -143,11 +143,11 @@ private:
           Recompute recompute, Collective* tp, int tp_size, int tp_rank, const Split& split);
     void build(int64_t capacity, bool allocate);
     struct BlockActs {  // one block's saved activations; pointers into acts_
-        float *rstd1, *qkv, *x2, *rstd2;
+        float *rstd1, *x2, *rstd2;
         // Read only by products (and attention's output by its backward), so written straight
         // in their dtype (compute_type()): the norms' outputs, attention's, and the SwiGLU's.
         void *xn1, *att, *xn2, *h;
-        void* gu;         // gate | up, SwiGLU's input, in swiglu_in_
+        void *qkv, *gu;   // attention's and SwiGLU's inputs, in op_inputs_
         void* attention;  // what else attention's forward keeps for its backward (the softmax)
     };
     struct Operand {  // a matrix as the products read it
@@ -190,7 +190,7 @@ private:
     // The same in two halves, so that work queued between them may run beside the sum.
     void start_sum_rows(float* full);
     float* finish_sum_rows(float* full);
-    // A product's output: f32, or bf16 where only SwiGLU reads it (Kernels::swiglu_in).
+    // A product's output: f32, or bf16 where only the table's ops read it (Kernels::op_inputs).
     struct Output {
         void* ptr;
         DType type = DType::f32;
@@ -239,9 +239,9 @@ private:
     float* rstdf_;                   // (Ml) final norm
     void* xnf_;                      // (Ml, C) final norm output, compute_type()
     float* norm_w_;                  // (C) norm_weight's widened copy
-    float *dres_, *dxn_, *datt_;     // backward scratch; dres_ (Ml, C), dxn_ (M, C)
-    void* dh_;                       // (M, F) in swiglu_in_
-    DType swiglu_in_;                // SwiGLU's inputs: the table's in bf16, else f32
+    float *dres_, *dxn_;             // backward scratch; dres_ (Ml, C), dxn_ (M, C)
+    void *datt_, *dh_;               // (M, H*D), (M, F) in op_inputs_
+    DType op_inputs_;                // the table's (Kernels::op_inputs) in bf16, else f32
     const float* dxnf_ = nullptr;    // (Ml, C) the head's gradient of xnf, in dxn_
     void *dqkv_, *dgu_;              // backward scratch in compute_type()
     float *logits_, *losses_;        // (head_rows, V), (M)

@@ -372,9 +372,9 @@ TEST(Cuda, AttentionMatchesReference) {
             std::vector<float> out(M * HD), dqkv(M * a.ldqkv);
             std::vector<uint16_t> out16(bf16 ? M * HD : 0);
             void* out_r = bf16 ? static_cast<void*>(out16.data()) : out.data();
-            r.attention_forward(out_r, saved.data(), qkv.data(), host, {});
+            r.attention_forward(out_r, saved.data(), qkv.data(), DType::f32, host, {});
             r.attention_backward(dqkv.data(), DType::f32, dout.data(), out_r, qkv.data(),
-                                 saved.data(), host, {});
+                                 DType::f32, saved.data(), host, {});
             if (bf16)
                 out = widened(out16);
             if (!cuda::flash_attention(a, prec)) {  // the products rung keeps the probabilities
@@ -384,9 +384,10 @@ TEST(Cuda, AttentionMatchesReference) {
             Dev<float> d_out32{size_t(M * HD)}, d_dqkv{size_t(M * a.ldqkv)};
             Dev<uint16_t> d_out16{size_t(M * HD)};
             void* d_out = bf16 ? static_cast<void*>(d_out16.ptr) : d_out32.ptr;
-            cuda::attention_forward(d_out, d_saved.ptr, d_qkv.ptr, dev, prec, {ws.ptr, ws.n});
+            cuda::attention_forward(d_out, d_saved.ptr, d_qkv.ptr, DType::f32, dev, prec,
+                                    {ws.ptr, ws.n});
             cuda::attention_backward(d_dqkv.ptr, DType::f32, d_dout.ptr, d_out, d_qkv.ptr,
-                                     d_saved.ptr, dev, prec, {ws.ptr, ws.n});
+                                     DType::f32, d_saved.ptr, dev, prec, {ws.ptr, ws.n});
             const std::vector<float> got = bf16 ? widened(d_out16.host()) : d_out32.host();
             EXPECT_LT(rel_err(got, out), bf16 ? 1e-2 : kTol) << what;
             EXPECT_LT(rel_err(d_dqkv.host(), dqkv), bf16 ? 1e-2 : kTol) << what;
@@ -395,16 +396,44 @@ TEST(Cuda, AttentionMatchesReference) {
                 // one rounded.
                 const auto f32 = d_dqkv.host();
                 cuda::attention_backward(d_dqkv.ptr, DType::f32, d_dout.ptr, d_out, d_qkv.ptr,
-                                         d_saved.ptr, dev, prec, {ws.ptr, ws.n});
+                                         DType::f32, d_saved.ptr, dev, prec, {ws.ptr, ws.n});
                 EXPECT_EQ(d_dqkv.host(), f32) << what;
                 Dev<uint16_t> d_dqkv_bf{size_t(M * a.ldqkv)};
                 cuda::attention_backward(d_dqkv_bf.ptr, DType::bf16, d_dout.ptr, d_out, d_qkv.ptr,
-                                         d_saved.ptr, dev, prec, {ws.ptr, ws.n});
+                                         DType::f32, d_saved.ptr, dev, prec, {ws.ptr, ws.n});
                 std::vector<uint16_t> want(f32.size());
                 for (size_t i = 0; i < f32.size(); i++)
                     want[i] = f32_to_bf16(f32[i]);
                 EXPECT_EQ(d_dqkv_bf.host(), want) << what;
             }
+            // qkv and dout in bf16 (as the bf16 table's products write them) are read widened:
+            // in bf16 the same bits as f32 inputs that hold the rounded values; in f32 the same
+            // values, though a widened dout is a dense copy, whose products cuBLASLt may run
+            // with another algorithm than the strided original's.
+            std::vector<uint16_t> qkv16(qkv.size()), dout16(dout.size());
+            std::vector<float> qkv_r(qkv.size()), dout_r(dout.size());
+            for (size_t i = 0; i < qkv.size(); i++)
+                qkv16[i] = f32_to_bf16(qkv[i]), qkv_r[i] = bf16_to_f32(qkv16[i]);
+            for (size_t i = 0; i < dout.size(); i++)
+                dout16[i] = f32_to_bf16(dout[i]), dout_r[i] = bf16_to_f32(dout16[i]);
+            Dev<uint16_t> d_qkv16(qkv16), d_dout16(dout16);
+            Dev<float> d_qkv_r(qkv_r), d_dout_r(dout_r), d_dq16{size_t(M * a.ldqkv)},
+                d_dq32{size_t(M * a.ldqkv)};
+            cuda::attention_forward(d_out, d_saved.ptr, d_qkv16.ptr, DType::bf16, dev, prec,
+                                    {ws.ptr, ws.n});
+            const std::vector<float> got16 = bf16 ? widened(d_out16.host()) : d_out32.host();
+            cuda::attention_backward(d_dq16.ptr, DType::f32, d_dout16.ptr, d_out, d_qkv16.ptr,
+                                     DType::bf16, d_saved.ptr, dev, prec, {ws.ptr, ws.n});
+            cuda::attention_forward(d_out, d_saved.ptr, d_qkv_r.ptr, DType::f32, dev, prec,
+                                    {ws.ptr, ws.n});
+            const std::vector<float> got32 = bf16 ? widened(d_out16.host()) : d_out32.host();
+            cuda::attention_backward(d_dq32.ptr, DType::f32, d_dout_r.ptr, d_out, d_qkv_r.ptr,
+                                     DType::f32, d_saved.ptr, dev, prec, {ws.ptr, ws.n});
+            EXPECT_EQ(got16, got32) << what << ": the output of bf16 qkv";
+            if (bf16)
+                EXPECT_EQ(d_dq16.host(), d_dq32.host()) << what << ": the gradient, bf16 inputs";
+            else
+                EXPECT_LT(rel_err(d_dq16.host(), d_dq32.host()), kTol) << what << ": bf16 inputs";
         }
     }
 }
@@ -447,9 +476,9 @@ TEST(Cuda, CudnnAttentionMatchesReference) {
             dout16[i] = f32_to_bf16(dout[i]), dout[i] = bf16_to_f32(dout16[i]);
         std::vector<char> saved(ref().attention_saved_bytes(a));
         std::vector<float> out(M * HD), dqkv(M * a.ldqkv);
-        ref().attention_forward(out.data(), saved.data(), qkv.data(), a, {});
+        ref().attention_forward(out.data(), saved.data(), qkv.data(), DType::f32, a, {});
         ref().attention_backward(dqkv.data(), DType::f32, dout.data(), out.data(), qkv.data(),
-                                 saved.data(), a, {});
+                                 DType::f32, saved.data(), a, {});
 
         if (const std::string why = cuda::cudnn_attention_refusal(a); !why.empty()) {
             std::cout << what << ": not asked for: " << why << "\n";

@@ -272,20 +272,20 @@ TEST(KernelMath, RopeAsTheReferenceAttentionRotates) {
         rope_at(turned.data(), plain.ldqkv, T, H + Hkv, D, cos.data(), sin.data(), 1.0f, i);
     });
     std::vector<float> out(M * H * D), out_ref(M * H * D), probs(B * H * T * T);
-    ref().attention_forward(out.data(), probs.data(), turned.data(), plain, {});
-    ref().attention_forward(out_ref.data(), probs.data(), qkv.data(), roped, {});
+    ref().attention_forward(out.data(), probs.data(), turned.data(), DType::f32, plain, {});
+    ref().attention_forward(out_ref.data(), probs.data(), qkv.data(), DType::f32, roped, {});
     EXPECT_LT(rel_err(out, out_ref), 1e-6);
 
     std::vector<float> dqkv(qkv.size()), dqkv_ref(qkv.size());
-    ref().attention_forward(out.data(), probs.data(), turned.data(), plain, {});
+    ref().attention_forward(out.data(), probs.data(), turned.data(), DType::f32, plain, {});
     ref().attention_backward(dqkv.data(), DType::f32, dout.data(), out.data(), turned.data(),
-                             probs.data(), plain, {});
+                             DType::f32, probs.data(), plain, {});
     grid_stride(pairs, [&](int64_t i) {
         rope_at(dqkv.data(), plain.ldqkv, T, H + Hkv, D, cos.data(), sin.data(), -1.0f, i);
     });
-    ref().attention_forward(out_ref.data(), probs.data(), qkv.data(), roped, {});
+    ref().attention_forward(out_ref.data(), probs.data(), qkv.data(), DType::f32, roped, {});
     ref().attention_backward(dqkv_ref.data(), DType::f32, dout.data(), out_ref.data(), qkv.data(),
-                             probs.data(), roped, {});
+                             DType::f32, probs.data(), roped, {});
     EXPECT_LT(rel_err(dqkv, dqkv_ref), 1e-6);
 }
 
@@ -560,18 +560,20 @@ TEST(KernelMath, AttentionForwardAndBackward) {
                 std::string(precision_name(prec)) + " T=" + std::to_string(a.T);
             if (prec == Precision::fp32) {
                 std::vector<float> probs(n_probs, 9.0f), probs_ref(n_probs);
-                r.attention_forward(out_ref.data(), probs_ref.data(), qkv.data(), a, {});
+                r.attention_forward(out_ref.data(), probs_ref.data(), qkv.data(), DType::f32, a,
+                                    {});
                 r.attention_backward(dqkv_ref.data(), DType::f32, dout.data(), out_ref.data(),
-                                     qkv.data(), probs_ref.data(), a, {});
+                                     qkv.data(), DType::f32, probs_ref.data(), a, {});
                 attention_replay(out, probs, dqkv, qkv, dout, a, prec);
                 EXPECT_LT(rel_err(probs, probs_ref), 1e-6) << what;
                 EXPECT_LT(rel_err(out, out_ref), 1e-6) << what;
                 EXPECT_LT(rel_err(dqkv, dqkv_ref), 1e-6) << what;
             } else {
                 std::vector<uint16_t> probs(n_probs, 9), probs_ref(n_probs);
-                r.attention_forward(out_ref16.data(), probs_ref.data(), qkv.data(), a, {});
+                r.attention_forward(out_ref16.data(), probs_ref.data(), qkv.data(), DType::f32, a,
+                                    {});
                 r.attention_backward(dqkv_ref.data(), DType::f32, dout.data(), out_ref16.data(),
-                                     qkv.data(), probs_ref.data(), a, {});
+                                     qkv.data(), DType::f32, probs_ref.data(), a, {});
                 for (size_t i = 0; i < out_ref.size(); i++)
                     out_ref[i] = bf16_to_f32(out_ref16[i]);
                 attention_replay(out, probs, dqkv, qkv, dout, a, prec);
@@ -652,8 +654,8 @@ void flash_replay(std::vector<uint16_t>& out, std::vector<float>& dqkv,
         flash_forward_block(host, s, a, x16.data(), out.data(), lse.data(), at);
     });
     run(FlashPass::dq, a.H, true, [&](const FlashTiles& s, const FlashBlock& at) {
-        flash_dq_block(host, s, a, x16.data(), dout16.data(), dout.data(), out.data(), lse.data(),
-                       rowdot.data(), dqkv.data(), at);
+        flash_dq_block(host, s, a, x16.data(), dout16.data(), out.data(), lse.data(), rowdot.data(),
+                       dqkv.data(), at);
     });
     run(FlashPass::dkdv, a.Hkv, false, [&](const FlashTiles& s, const FlashBlock& at) {
         flash_dkdv_block(host, s, a, x16.data(), dout16.data(), lse.data(), rowdot.data(),
@@ -690,9 +692,9 @@ TEST(KernelMath, FlashAttentionForwardAndBackward) {
         auto qkv = randn(M * a.ldqkv, 1), dout = randn(M * a.H * a.D, 2);
         std::vector<float> out_ref(M * a.H * a.D), dqkv_ref(M * a.ldqkv);
         std::vector<float> probs(ref().attention_saved_bytes(a) / 4);
-        ref().attention_forward(out_ref.data(), probs.data(), qkv.data(), a, {});
+        ref().attention_forward(out_ref.data(), probs.data(), qkv.data(), DType::f32, a, {});
         ref().attention_backward(dqkv_ref.data(), DType::f32, dout.data(), out_ref.data(),
-                                 qkv.data(), probs.data(), a, {});
+                                 qkv.data(), DType::f32, probs.data(), a, {});
         std::vector<uint16_t> out(out_ref.size(), 0x7fc0);
         std::vector<float> dqkv(dqkv_ref.size(), 9.0f);
         flash_replay(out, dqkv, qkv, dout, a);
@@ -737,9 +739,9 @@ TEST(KernelMath, FlashAttentionKeepsHugeScoresFinite) {
         v = bf16_widen(bf16_round(v));
     std::vector<float> out_ref(M * a.H * a.D), dqkv_ref(M * a.ldqkv);
     std::vector<float> probs(ref().attention_saved_bytes(a) / 4);
-    ref().attention_forward(out_ref.data(), probs.data(), qkv.data(), a, {});
+    ref().attention_forward(out_ref.data(), probs.data(), qkv.data(), DType::f32, a, {});
     ref().attention_backward(dqkv_ref.data(), DType::f32, dout.data(), out_ref.data(), qkv.data(),
-                             probs.data(), a, {});
+                             DType::f32, probs.data(), a, {});
     std::vector<uint16_t> out(out_ref.size(), 0x7fc0);
     std::vector<float> dqkv(dqkv_ref.size(), 9.0f);
     flash_replay(out, dqkv, qkv, dout, a);

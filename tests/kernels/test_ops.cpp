@@ -348,12 +348,12 @@ TEST(Rope, AttentionRotatesQueriesAndKeysTheHuggingFaceWay) {
         }
     }
     std::vector<float> out_a(B * T * H * D), out_b(out_a.size()), p(B * H * T * T);
-    ref().attention_forward(out_a.data(), p.data(), qkv.data(), rope, {});
-    ref().attention_forward(out_b.data(), p.data(), turned.data(), plain, {});
+    ref().attention_forward(out_a.data(), p.data(), qkv.data(), DType::f32, rope, {});
+    ref().attention_forward(out_b.data(), p.data(), turned.data(), DType::f32, plain, {});
     expect_close(out_a, out_b, 1e-5, 1e-5, "attention with rope tables vs on rotated inputs");
     // Position 0 is not rotated at all.
     std::vector<float> first(out_a.begin(), out_a.begin() + H * D);
-    ref().attention_forward(out_b.data(), p.data(), qkv.data(), plain, {});
+    ref().attention_forward(out_b.data(), p.data(), qkv.data(), DType::f32, plain, {});
     expect_close(first, std::vector<float>(out_b.begin(), out_b.begin() + H * D), 1e-6, 1e-6,
                  "position 0");
 }
@@ -380,12 +380,12 @@ void check_attention(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, Pr
     std::vector<uint16_t> out_bf(out_c.size(), 0x7fc0);
     const bool bf16 = prec == Precision::bf16;
     cpu.attention_forward(bf16 ? static_cast<void*>(out_bf.data()) : out_c.data(), probs_c,
-                          qkv.data(), a, w);
+                          qkv.data(), DType::f32, a, w);
     if (bf16) {
         for (size_t i = 0; i < out_c.size(); i++)
             out_c[i] = bf16_to_f32(out_bf[i]);
     }
-    ref().attention_forward(out_r.data(), p_r.data(), qkv.data(), a, {});
+    ref().attention_forward(out_r.data(), p_r.data(), qkv.data(), DType::f32, a, {});
     for (size_t i = 0; i < p_c.size(); i++) {
         p_c[i] = prec == Precision::bf16 ? bf16_to_f32(reinterpret_cast<uint16_t*>(probs_c)[i])
                                          : saved_c[i];
@@ -399,19 +399,36 @@ void check_attention(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, Pr
     }
     std::vector<float> dq_c(M * a.ldqkv, 9.0f), dq_r(M * a.ldqkv);
     const void* out = bf16 ? static_cast<const void*>(out_bf.data()) : out_c.data();
-    cpu.attention_backward(dq_c.data(), DType::f32, dout.data(), out, qkv.data(), probs_c, a, w);
+    cpu.attention_backward(dq_c.data(), DType::f32, dout.data(), out, qkv.data(), DType::f32,
+                           probs_c, a, w);
     ref().attention_backward(dq_r.data(), DType::f32, dout.data(), out_r.data(), qkv.data(),
-                             p_r.data(), a, {});
+                             DType::f32, p_r.data(), a, {});
     expect_close(dq_c, dq_r, prec == Precision::bf16 ? 6e-2 : 1e-4, tol, "attention dqkv");
     // Written as bf16 (what the model asks for in bf16): the same values, rounded once.
     std::vector<uint16_t> dq_bf(dq_c.size(), 0x7fc0);
-    cpu.attention_backward(dq_bf.data(), DType::bf16, dout.data(), out, qkv.data(), probs_c, a, w);
+    cpu.attention_backward(dq_bf.data(), DType::bf16, dout.data(), out, qkv.data(), DType::f32,
+                           probs_c, a, w);
     for (size_t i = 0; i < dq_bf.size(); i++)
         ASSERT_EQ(dq_bf[i], f32_to_bf16(dq_c[i])) << "dqkv as bf16, element " << i;
+    // qkv and dout in bf16 (as a device's products write them) are read widened: the same bits
+    // as f32 inputs holding the rounded values, in the forward and the backward.
+    const std::vector<uint16_t> qkv16 = to_bf16(qkv), dout16 = to_bf16(dout);
+    const std::vector<float> qkv_r = from_bf16(qkv16), dout_r = from_bf16(dout16);
+    const size_t out_bytes = out_c.size() * (bf16 ? 2 : 4);
+    std::vector<char> o16(out_bytes), o32(out_bytes);
+    std::vector<float> dq16(dq_c.size()), dq32(dq_c.size());
+    cpu.attention_forward(o16.data(), probs_c, qkv16.data(), DType::bf16, a, w);
+    cpu.attention_backward(dq16.data(), DType::f32, dout16.data(), o16.data(), qkv16.data(),
+                           DType::bf16, probs_c, a, w);
+    cpu.attention_forward(o32.data(), probs_c, qkv_r.data(), DType::f32, a, w);
+    cpu.attention_backward(dq32.data(), DType::f32, dout_r.data(), o32.data(), qkv_r.data(),
+                           DType::f32, probs_c, a, w);
+    EXPECT_EQ(o16, o32) << "attention of bf16 qkv";
+    EXPECT_EQ(dq16, dq32) << "attention's gradient from bf16 qkv and dout";
     if (prec == Precision::fp32) {
         auto loss = [&] {
             std::vector<float> o(M * H * D), p(B * H * T * T);
-            ref().attention_forward(o.data(), p.data(), qkv.data(), a, {});
+            ref().attention_forward(o.data(), p.data(), qkv.data(), DType::f32, a, {});
             return dot(o, dout);
         };
         expect_fd(qkv, dq_r, loss, "attention fd");

@@ -183,7 +183,7 @@ template <Precision P>
 const Kernels guarded_table = {
     P == Precision::bf16 ? "guarded-bf16" : "guarded-fp32",
     P,
-    inner<P>().swiglu_in,
+    inner<P>().op_inputs,
     inner<P>().workspace_bytes,  // a size: touches no memory
     OPENED(gemm),
     OPENED(embedding_forward),

@@ -79,11 +79,11 @@ struct Scratch {
 template <Precision P>
 using Packed = std::conditional_t<P == Precision::bf16, uint16_t, float>;
 
-// Copies D values of `heads` heads from rows of src (row stride ld, first head at column col0)
-// into dst (B, H, T, D); head h reads source head h / repeat. `rotate`: rotated by RoPE on the
-// way, when the Attention has tables.
-template <Precision P>
-void pack_heads(char* dst, const float* src, int64_t ld, int64_t col0, int64_t repeat,
+// Copies D values of `heads` heads from rows of src (f32 or bf16; row stride ld, first head at
+// column col0) into dst (B, H, T, D); head h reads source head h / repeat. `rotate`: rotated by
+// RoPE on the way, when the Attention has tables.
+template <Precision P, typename Src>
+void pack_heads(char* dst, const Src* src, int64_t ld, int64_t col0, int64_t repeat,
                 const Attention& a, bool rotate = false) {
     const int64_t D = a.D, half = D / 2;
     rotate = rotate && a.rope_cos;
@@ -93,18 +93,18 @@ void pack_heads(char* dst, const float* src, int64_t ld, int64_t col0, int64_t r
             const float* __restrict cr = rotate ? a.rope_cos + t * half : nullptr;
             const float* __restrict sr = rotate ? a.rope_sin + t * half : nullptr;
             for (int64_t h = 0; h < a.H; h++) {
-                const float* __restrict s = src + r * ld + col0 + (h / repeat) * D;
+                const Src* __restrict s = src + r * ld + col0 + (h / repeat) * D;
                 Packed<P>* __restrict d =
                     reinterpret_cast<Packed<P>*>(dst) + ((b * a.H + h) * a.T + t) * D;
                 if (rotate) {
                     for (int64_t i = 0; i < half; i++) {
-                        float x1 = s[i], x2 = s[i + half];
+                        float x1 = get(s + i), x2 = get(s + i + half);
                         put(d + i, x1 * cr[i] - x2 * sr[i]);
                         put(d + i + half, x2 * cr[i] + x1 * sr[i]);
                     }
                 } else {
                     for (int64_t i = 0; i < D; i++)
-                        put(d + i, s[i]);
+                        put(d + i, get(s + i));
                 }
             }
         }
@@ -138,11 +138,13 @@ MatOperand dense(const void* ptr, DType type, const Attention& a, int64_t rows, 
 }
 
 template <Precision P>
-void pack_qkv(const Saved<P>& s, const float* qkv, const Attention& a) {
+void pack_qkv(const Saved<P>& s, const void* qkv, DType type, const Attention& a) {
     int64_t G = a.H / a.Hkv;
-    pack_heads<P>(s.q, qkv, a.ldqkv, 0, 1, a, true);
-    pack_heads<P>(s.k, qkv, a.ldqkv, a.H * a.D, G, a, true);
-    pack_heads<P>(s.v, qkv, a.ldqkv, (a.H + a.Hkv) * a.D, G, a);
+    with_type(const_cast<void*>(qkv), type, [&](const auto* x) {
+        pack_heads<P>(s.q, x, a.ldqkv, 0, 1, a, true);
+        pack_heads<P>(s.k, x, a.ldqkv, a.H * a.D, G, a, true);
+        pack_heads<P>(s.v, x, a.ldqkv, (a.H + a.Hkv) * a.D, G, a);
+    });
 }
 
 }  // namespace
@@ -158,13 +160,14 @@ size_t attention_saved_bytes(const Attention& a) {
 }
 
 template <Precision P>
-void attention_forward(void* out, void* saved, const float* qkv, const Attention& a, Workspace ws) {
+void attention_forward(void* out, void* saved, const void* qkv, DType in_type, const Attention& a,
+                       Workspace ws) {
     Scratch<P> s(a, ws);
     Saved<P> sv(saved, a);
     void* probs = sv.probs;
     const DType ct = compute_dtype(P);
     const int64_t T = a.T, D = a.D;
-    pack_qkv<P>(sv, qkv, a);
+    pack_qkv<P>(sv, qkv, in_type, a);
     // Scores in f32: in place of the probabilities in fp32, in scratch in bf16.
     float* scores = P == Precision::bf16 ? s.dp : static_cast<float*>(probs);
     const int64_t tt_strides[4] = {a.H * T * T, T * T, T, 1};
@@ -209,15 +212,16 @@ void attention_forward(void* out, void* saved, const float* qkv, const Attention
 }
 
 template <Precision P>
-void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const void*, const float*,
-                        const void* saved, const Attention& a, Workspace ws) {
+void attention_backward(void* dqkv, DType dqkv_type, const void* dout, const void*, const void*,
+                        DType in_type, const void* saved, const Attention& a, Workspace ws) {
     Scratch<P> s(a, ws);
     const Saved<P> sv(saved, a);
     const void* probs = sv.probs;
     const DType ct = compute_dtype(P);
     const int64_t T = a.T, D = a.D, G = a.H / a.Hkv;
     const float scale = 1.0f / std::sqrt(float(D));
-    pack_heads<P>(s.do_, dout, a.H * D, 0, 1, a);
+    with_type(const_cast<void*>(dout), in_type,
+              [&](const auto* x) { pack_heads<P>(s.do_, x, a.H * D, 0, 1, a); });
     // dQ, dK and dV go to dense (B, H, T, D) scratch: with dqkv's strides as the destination,
     // oneDNN's products took a scalar copy out of their own buffer (8% of a small bf16 step).
     // dQ reuses the dP slot once dS is made.
@@ -308,15 +312,15 @@ template size_t attention_workspace<Precision::fp32>(const Attention&);
 template size_t attention_workspace<Precision::bf16>(const Attention&);
 template size_t attention_saved_bytes<Precision::fp32>(const Attention&);
 template size_t attention_saved_bytes<Precision::bf16>(const Attention&);
-template void attention_forward<Precision::fp32>(void*, void*, const float*, const Attention&,
+template void attention_forward<Precision::fp32>(void*, void*, const void*, DType, const Attention&,
                                                  Workspace);
-template void attention_forward<Precision::bf16>(void*, void*, const float*, const Attention&,
+template void attention_forward<Precision::bf16>(void*, void*, const void*, DType, const Attention&,
                                                  Workspace);
-template void attention_backward<Precision::fp32>(void*, DType, const float*, const void*,
-                                                  const float*, const void*, const Attention&,
+template void attention_backward<Precision::fp32>(void*, DType, const void*, const void*,
+                                                  const void*, DType, const void*, const Attention&,
                                                   Workspace);
-template void attention_backward<Precision::bf16>(void*, DType, const float*, const void*,
-                                                  const float*, const void*, const Attention&,
+template void attention_backward<Precision::bf16>(void*, DType, const void*, const void*,
+                                                  const void*, DType, const void*, const Attention&,
                                                   Workspace);
 
 }  // namespace kiln::kernels::cpu

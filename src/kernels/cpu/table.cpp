@@ -12,9 +12,9 @@ size_t attention_workspace(const Attention& a);
 template <Precision P>
 size_t attention_saved_bytes(const Attention& a);
 template <Precision P>
-void attention_forward(void*, void*, const float*, const Attention&, Workspace);
+void attention_forward(void*, void*, const void*, DType, const Attention&, Workspace);
 template <Precision P>
-void attention_backward(void*, DType, const float*, const void*, const float*, const void*,
+void attention_backward(void*, DType, const void*, const void*, const void*, DType, const void*,
                         const Attention&, Workspace);
 void embedding_forward(float*, const int32_t*, const void*, DType, int64_t, int64_t);
 void embedding_backward(float*, const float*, const int32_t*, int64_t, int64_t);

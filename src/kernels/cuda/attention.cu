@@ -131,17 +131,27 @@ void rotate_into(Out* dst, const In* x, const Attention& a, float sign) {
     finish_launch();
 }
 
-// What the products read of qkv: its bf16 copy in bf16; in f32 qkv itself, or a rotated copy in
-// the workspace when `a` has rope tables.
-const void* qkv_operand(const float* qkv, const Attention& a, const Scratch& s) {
-    if (s.qkv16) {
-        rotate_into(s.qkv16, qkv, a, 1.0f);
-        return s.qkv16;
-    }
-    if (!a.rope_cos)
+// fn(x typed): x (of `type`) as const float* or const uint16_t*.
+template <typename Fn>
+void typed(const void* x, DType type, Fn&& fn) {
+    if (type == DType::bf16)
+        fn(static_cast<const uint16_t*>(x));
+    else
+        fn(static_cast<const float*>(x));
+}
+
+// What the products read of qkv (of `type`): its bf16 copy in bf16; in f32 qkv itself, or a
+// rotated (or widened) copy in the workspace when `a` has rope tables (or qkv is bf16).
+const void* qkv_operand(const void* qkv, DType type, const Attention& a, const Scratch& s) {
+    if (!s.qkv16 && !a.rope_cos && type == DType::f32)
         return qkv;
-    rotate_into(s.rotated, qkv, a, 1.0f);
-    return s.rotated;
+    typed(qkv, type, [&](const auto* x) {
+        if (s.qkv16)
+            rotate_into(s.qkv16, x, a, 1.0f);
+        else
+            rotate_into(s.rotated, x, a, 1.0f);
+    });
+    return s.qkv16 ? static_cast<const void*>(s.qkv16) : s.rotated;
 }
 
 // attention_flash.h's executor on the device: the block's threads and barrier, and the tile
@@ -219,11 +229,11 @@ __global__ void __launch_bounds__(kFlashThreads)
 }
 
 __global__ void __launch_bounds__(kFlashThreads)
-    flash_dq_kernel(Attention a, const uint16_t* qkv16, const uint16_t* dout16, const float* dout,
+    flash_dq_kernel(Attention a, const uint16_t* qkv16, const uint16_t* dout16,
                     const uint16_t* out16, const float* lse, float* rowdot, float* grad) {
     FlashDevice x;
-    flash_dq_block(x, flash_tiles(a, FlashPass::dq), a, qkv16, dout16, dout, out16, lse, rowdot,
-                   grad, FlashBlock(a, a.H, blockIdx.x, true));
+    flash_dq_block(x, flash_tiles(a, FlashPass::dq), a, qkv16, dout16, out16, lse, rowdot, grad,
+                   FlashBlock(a, a.H, blockIdx.x, true));
 }
 
 __global__ void __launch_bounds__(kFlashThreads)
@@ -255,13 +265,13 @@ const CudnnAttention* cudnn_for(const Attention& a, Precision precision) {
 
 }  // namespace
 
-void attention_forward(void* out, void* saved, const float* qkv, const Attention& a,
+void attention_forward(void* out, void* saved, const void* qkv, DType in_type, const Attention& a,
                        Precision precision, Workspace ws) {
     if (a.B * a.T == 0)
         return;
     const Scratch s(ws, a, precision);
     const DType ct = compute_dtype(precision);
-    const void* x = qkv_operand(qkv, a, s);
+    const void* x = qkv_operand(qkv, in_type, a, s);
     // The fused paths' saved activation is each row's log-sum-exp (sizes.h).
     auto* lse = static_cast<float*>(saved);
     if (const CudnnAttention* c = cudnn_for(a, precision)) {
@@ -281,16 +291,21 @@ void attention_forward(void* out, void* saved, const float* qkv, const Attention
     }
 }
 
-void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const void* out,
-                        const float* qkv, const void* saved, const Attention& a,
+void attention_backward(void* dqkv, DType dqkv_type, const void* dout, const void* out,
+                        const void* qkv, DType in_type, const void* saved, const Attention& a,
                         Precision precision, Workspace ws) {
     if (a.B * a.T == 0)
         return;
     const Scratch s(ws, a, precision);
     const DType ct = compute_dtype(precision);
     const int64_t M = a.B * a.T;
-    const void* x = qkv_operand(qkv, a, s);
-    const void* dO = as_operand(dout, M * a.H * a.D, s.dout16);
+    const void* x = qkv_operand(qkv, in_type, a, s);
+    // dout as the products read it: in bf16 its bf16 copy unless it is bf16 already; in f32
+    // itself (a bf16 dout is widened by the products' own conversion).
+    const bool own = !s.dout16 || in_type == DType::bf16;
+    const void* dO =
+        own ? dout : as_operand(static_cast<const float*>(dout), M * a.H * a.D, s.dout16);
+    const DType dO_type = own ? in_type : DType::bf16;
     // An f32 gradient is written in place; a bf16 one goes through the f32 scratch.
     float* grad = dqkv_type == DType::f32 ? static_cast<float*>(dqkv) : s.grad;
     // ds: over dp itself in f32, a bf16 copy the products read in bf16.
@@ -311,16 +326,18 @@ void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const vo
     if (flash_attention(a, precision)) {
         const auto* x16 = static_cast<const uint16_t*>(x);
         const auto* dout16 = static_cast<const uint16_t*>(dO);
-        launch_flash(flash_dq_kernel, FlashPass::dq, a.H, a, x16, dout16, dout,
+        launch_flash(flash_dq_kernel, FlashPass::dq, a.H, a, x16, dout16,
                      static_cast<const uint16_t*>(out), lse, s.rowdot, grad);
         launch_flash(flash_dkdv_kernel, FlashPass::dkdv, a.Hkv, a, x16, dout16, lse,
                      static_cast<const float*>(s.rowdot), grad);
     } else if (precision == Precision::bf16) {
         Device<uint16_t> device{a, precision, s.products};
-        attention_products_backward(device, grad, dO, ct, x, ct, saved, ct, a, s.scores, ds, ct);
+        attention_products_backward(device, grad, dO, dO_type, x, ct, saved, ct, a, s.scores, ds,
+                                    ct);
     } else {
         Device<float> device{a, precision, s.products};
-        attention_products_backward(device, grad, dO, ct, x, ct, saved, ct, a, s.scores, ds, ct);
+        attention_products_backward(device, grad, dO, dO_type, x, ct, saved, ct, a, s.scores, ds,
+                                    ct);
     }
     // Back through the rotation, its inverse on the gradient: on the way into the bf16 gradient,
     // or in place.

@@ -11,7 +11,7 @@
 //     row the online softmax: the new max m', p = exp(s / sqrt(D) - m') (0 where masked), rounded
 //     to bf16 as the product reads it, l = l exp(m - m') + sum p, the output row scaled by
 //     exp(m - m'); then o += p v (a product). At the end out = o / l in bf16, lse = m + log l.
-//   dq (b, h, query tile): rowdot = sum_d dout out per row (the forward's bf16 output);
+//   dq (b, h, query tile): rowdot = sum_d dout out per row (both in bf16, out the forward's);
 //     for each key tile up to the diagonal, s = q k^T and dp = dout v^T, per row
 //     p = exp(s / sqrt(D) - lse) and ds = p (dp - rowdot) / sqrt(D) in bf16, then dq += ds k.
 //     It writes rowdot for dkdv.
@@ -293,12 +293,11 @@ KILN_BLOCK void flash_forward_block(X& x, const FlashTiles& s, const Attention& 
 }
 
 // The query rows' gradient into grad (M, ldqkv) f32; rowdot (B, H, T) written for dkdv. dout16
-// is dout (M, H*D) in bf16, read by the products; dout itself (f32) and the forward's output
-// out16 give rowdot.
+// is dout (M, H*D) in bf16, which with the forward's output out16 also gives rowdot.
 template <typename X>
 KILN_BLOCK void flash_dq_block(X& x, const FlashTiles& s, const Attention& a, const uint16_t* qkv16,
-                               const uint16_t* dout16, const float* dout, const uint16_t* out16,
-                               const float* lse, float* rowdot, float* grad, const FlashBlock& at) {
+                               const uint16_t* dout16, const uint16_t* out16, const float* lse,
+                               float* rowdot, float* grad, const FlashBlock& at) {
     const int64_t D = a.D, HD = a.H * a.D, q0 = at.row0, m0 = at.b * a.T;
     const int64_t row_at = (at.b * a.H + at.h) * a.T + q0;
     const int rows = tile_rows(a, q0);
@@ -316,7 +315,7 @@ KILN_BLOCK void flash_dq_block(X& x, const FlashTiles& s, const Attention& a, co
         if (r < rows) {
             const int64_t o = out_at(m0 + q0 + r);
             for (int64_t d = 0; d < D; d++)
-                dot += dout[o + d] * load(out16 + o + d);
+                dot += load(dout16 + o + d) * load(out16 + o + d);
             rowdot[row_at + r] = dot;
         }
         s.rowdot[r] = dot;

@@ -99,10 +99,10 @@ void use(const Plan& plan);
 // in. Fused where flash_attention(a, precision) (attention_flash.h): `saved` keeps each row's
 // log-sum-exp; otherwise the probabilities in the compute dtype (attention_saved_bytes). `ws`
 // is device memory of attention_workspace_bytes(a, precision) (sizes.h).
-void attention_forward(void* out, void* saved, const float* qkv, const Attention& a,
+void attention_forward(void* out, void* saved, const void* qkv, DType in_type, const Attention& a,
                        Precision precision, Workspace ws);
-void attention_backward(void* dqkv, DType dqkv_type, const float* dout, const void* out,
-                        const float* qkv, const void* saved, const Attention& a,
+void attention_backward(void* dqkv, DType dqkv_type, const void* dout, const void* out,
+                        const void* qkv, DType in_type, const void* saved, const Attention& a,
                         Precision precision, Workspace ws);
 
 // Rotary embedding in place on the first n_heads heads (of D) of each row of x (M, ld), as the

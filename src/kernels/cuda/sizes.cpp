@@ -65,7 +65,7 @@ template <Precision P>
 Kernels sizing_table() {
     Kernels k = cpu_kernels(P);
     k.name = P == Precision::bf16 ? "cuda-bf16 sizes" : "cuda-fp32 sizes";
-    k.swiglu_in = swiglu_in(P);
+    k.op_inputs = op_inputs(P);
     k.workspace_bytes = workspace_in<P>;
     k.attention_saved_bytes = saved_in<P>;
     return k;

@@ -24,9 +24,9 @@ inline size_t round_up(size_t n) {
     return (n + kAlign - 1) / kAlign * kAlign;
 }
 
-// The dtype of SwiGLU's inputs (Kernels::swiglu_in): the compute dtype, so that in bf16 the
-// gate/up product and h's gradient product write bf16.
-constexpr DType swiglu_in(Precision precision) {
+// The dtype of the ops' inputs that products write (Kernels::op_inputs): the compute dtype, so
+// that in bf16 the qkv, attention-gradient, gate/up and h-gradient products write bf16.
+constexpr DType op_inputs(Precision precision) {
     return compute_dtype(precision);
 }
 

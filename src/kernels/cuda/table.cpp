@@ -34,22 +34,23 @@ size_t saved_bytes_in(const Attention& a) {
 }
 
 template <Precision P>
-void attention_forward_in(void* out, void* saved, const float* qkv, const Attention& a,
-                          Workspace ws) {
-    attention_forward(out, saved, qkv, a, P, ws);
+void attention_forward_in(void* out, void* saved, const void* qkv, DType in_type,
+                          const Attention& a, Workspace ws) {
+    attention_forward(out, saved, qkv, in_type, a, P, ws);
 }
 
 template <Precision P>
-void attention_backward_in(void* dqkv, DType dqkv_type, const float* dout, const void* out,
-                           const float* qkv, const void* saved, const Attention& a, Workspace ws) {
-    attention_backward(dqkv, dqkv_type, dout, out, qkv, saved, a, P, ws);
+void attention_backward_in(void* dqkv, DType dqkv_type, const void* dout, const void* out,
+                           const void* qkv, DType in_type, const void* saved, const Attention& a,
+                           Workspace ws) {
+    attention_backward(dqkv, dqkv_type, dout, out, qkv, in_type, saved, a, P, ws);
 }
 
 template <Precision P>
 const Kernels table = {
     P == Precision::bf16 ? "cuda-bf16" : "cuda-fp32",
     P,
-    swiglu_in(P),
+    op_inputs(P),
     workspace_in<P>,
     gemm_in<P>,
     embedding_forward,

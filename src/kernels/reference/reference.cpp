@@ -120,11 +120,24 @@ void rope(float* x, int64_t ld, int64_t M, int64_t T, int64_t n_heads, int64_t D
     }
 }
 
-// qkv with the queries and keys rotated when `a` has rope tables; else qkv itself.
-const float* rotated(std::vector<float>& copy, const float* qkv, const Attention& a) {
+// x (n elements of `type`) as f32: itself, or widened into `copy`.
+const float* widened(std::vector<float>& copy, const void* x, DType type, int64_t n) {
+    if (type == DType::f32)
+        return static_cast<const float*>(x);
+    copy.resize(size_t(n));
+    for (int64_t i = 0; i < n; i++)
+        copy[size_t(i)] = static_cast<float>(operand<Precision::fp32>(x, type, i));
+    return copy.data();
+}
+
+// qkv (of `type`) in f32, with the queries and keys rotated when `a` has rope tables.
+const float* rotated(std::vector<float>& copy, const void* qkv, DType type, const Attention& a) {
+    const int64_t n = a.B * a.T * a.ldqkv;
+    const float* x = widened(copy, qkv, type, n);
     if (!a.rope_cos)
-        return qkv;
-    copy.assign(qkv, qkv + a.B * a.T * a.ldqkv);
+        return x;
+    if (x != copy.data())
+        copy.assign(x, x + n);
     rope(copy.data(), a.ldqkv, a.B * a.T, a.T, a.H + a.Hkv, a.D, a.rope_cos, a.rope_sin, 1.0);
     return copy.data();
 }
@@ -148,10 +161,10 @@ size_t attention_saved_bytes(const Attention& a) {
 }
 
 template <Precision P>
-void attention_forward(void* out, void* probs, const float* unrotated, const Attention& a,
-                       Workspace) {
+void attention_forward(void* out, void* probs, const void* unrotated, DType in_type,
+                       const Attention& a, Workspace) {
     std::vector<float> copy;
-    const float* qkv = rotated(copy, unrotated, a);
+    const float* qkv = rotated(copy, unrotated, in_type, a);
     QKV ix{a};
     double scale = 1.0 / std::sqrt(double(a.D));
     std::vector<double> s(a.T);
@@ -185,10 +198,12 @@ void attention_forward(void* out, void* probs, const float* unrotated, const Att
 }
 
 template <Precision P>
-void attention_backward(void* out, DType out_type, const float* dout, const void*,
-                        const float* unrotated, const void* probs, const Attention& a, Workspace) {
-    std::vector<float> copy;
-    const float* qkv = rotated(copy, unrotated, a);
+void attention_backward(void* out, DType out_type, const void* dout_in, const void*,
+                        const void* unrotated, DType in_type, const void* probs, const Attention& a,
+                        Workspace) {
+    std::vector<float> copy, dout_copy;
+    const float* qkv = rotated(copy, unrotated, in_type, a);
+    const float* dout = widened(dout_copy, dout_in, in_type, a.B * a.T * a.H * a.D);
     QKV ix{a};
     double scale = 1.0 / std::sqrt(double(a.D));
     std::vector<float> grad(size_t(a.B * a.T * a.ldqkv), 0.0f);

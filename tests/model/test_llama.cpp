@@ -207,19 +207,23 @@ void run_step(Llama& model, const Batch& batch, std::vector<float>& grads, doubl
     grads.assign(model.grads(), model.grads() + model.layout().total());
 }
 
+// One step of a fresh model on table k, from the weights of seed 9: its gradients and loss.
+void step_from_seed_9(const kernels::Kernels& k, const LlamaConfig& c, const Batch& batch,
+                      int64_t B, int64_t T, std::vector<float>& grads, double& loss) {
+    Llama model(c, k, B, T, Recompute::none);
+    model.init_weights(9, 0.1);
+    run_step(model, batch, grads, loss);
+}
+
 TEST(Llama, CpuMatchesReferenceBackend) {
     LlamaConfig c = small_config();
     c.vocab_size = 300;
     const int64_t B = 3, T = 16;
     Batch batch = random_batch(B, T, c.vocab_size, 6);
-    Llama cpu(c, kernels::cpu_kernels(Precision::fp32), B, T, Recompute::none);
-    Llama ref(c, kernels::reference_kernels(Precision::fp32), B, T, Recompute::none);
-    cpu.init_weights(9, 0.1);
-    ref.init_weights(9, 0.1);
     std::vector<float> g_cpu, g_ref;
     double l_cpu, l_ref;
-    run_step(cpu, batch, g_cpu, l_cpu);
-    run_step(ref, batch, g_ref, l_ref);
+    step_from_seed_9(kernels::cpu_kernels(Precision::fp32), c, batch, B, T, g_cpu, l_cpu);
+    step_from_seed_9(kernels::reference_kernels(Precision::fp32), c, batch, B, T, g_ref, l_ref);
     EXPECT_NEAR(l_cpu, l_ref, 1e-4 * std::fabs(l_ref));
     EXPECT_LT(max_rel_diff(g_cpu.data(), g_ref.data(), g_cpu.size(), 1e-3), 2e-3);
 }
@@ -234,14 +238,10 @@ TEST(Llama, Bf16OpInputsFollowTheF32Ones) {
     Batch batch = random_batch(B, T, c.vocab_size, 6);
     kernels::Kernels narrow = kernels::reference_kernels(Precision::bf16);
     narrow.op_inputs = DType::bf16;
-    Llama wide(c, kernels::reference_kernels(Precision::bf16), B, T, Recompute::none);
-    Llama thin(c, narrow, B, T, Recompute::none);
-    wide.init_weights(9, 0.1);
-    thin.init_weights(9, 0.1);
     std::vector<float> g_wide, g_thin;
     double l_wide, l_thin;
-    run_step(wide, batch, g_wide, l_wide);
-    run_step(thin, batch, g_thin, l_thin);
+    step_from_seed_9(kernels::reference_kernels(Precision::bf16), c, batch, B, T, g_wide, l_wide);
+    step_from_seed_9(narrow, c, batch, B, T, g_thin, l_thin);
     EXPECT_NEAR(l_thin, l_wide, 1e-3 * std::fabs(l_wide));
     const double err = normalized_error(g_thin.data(), g_wide.data(), int64_t(g_wide.size()));
     EXPECT_LT(err, 1e-2);

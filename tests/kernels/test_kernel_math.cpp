@@ -621,8 +621,9 @@ std::vector<float> widened(const std::vector<uint16_t>& x) {
 }
 
 // attention.cu's fused path replayed: rotate a copy, round it and dout to bf16, then every block
-// of the forward, dq and dkdv grids in turn, each in its own shared memory, the gradient rotated
-// back. out (bf16) and dqkv start as garbage: every element must be written.
+// of the forward, dq and dkdv grids in turn, each in its own shared memory, each writing its
+// gradient rows rotated back. out (bf16) and dqkv start as garbage: every element must be
+// written. The backward runs again into a bf16 gradient, which must be the f32 one rounded.
 void flash_replay(std::vector<uint16_t>& out, std::vector<float>& dqkv,
                   const std::vector<float>& qkv, const std::vector<float>& dout,
                   const Attention& a) {
@@ -653,19 +654,20 @@ void flash_replay(std::vector<uint16_t>& out, std::vector<float>& dqkv,
     run(FlashPass::forward, a.H, true, [&](const FlashTiles& s, const FlashBlock& at) {
         flash_forward_block(host, s, a, x16.data(), out.data(), lse.data(), at);
     });
-    run(FlashPass::dq, a.H, true, [&](const FlashTiles& s, const FlashBlock& at) {
-        flash_dq_block(host, s, a, x16.data(), dout16.data(), out.data(), lse.data(), rowdot.data(),
-                       dqkv.data(), at);
-    });
-    run(FlashPass::dkdv, a.Hkv, false, [&](const FlashTiles& s, const FlashBlock& at) {
-        flash_dkdv_block(host, s, a, x16.data(), dout16.data(), lse.data(), rowdot.data(),
-                         dqkv.data(), at);
-    });
-    if (a.rope_cos) {
-        grid_stride(pairs, [&](int64_t i) {
-            rope_at(dqkv.data(), a.ldqkv, a.T, a.H + a.Hkv, a.D, a.rope_cos, a.rope_sin, -1.0f, i);
+    auto backward = [&](auto* grad) {
+        run(FlashPass::dq, a.H, true, [&](const FlashTiles& s, const FlashBlock& at) {
+            flash_dq_block(host, s, a, x16.data(), dout16.data(), out.data(), lse.data(),
+                           rowdot.data(), grad, at);
         });
-    }
+        run(FlashPass::dkdv, a.Hkv, false, [&](const FlashTiles& s, const FlashBlock& at) {
+            flash_dkdv_block(host, s, a, x16.data(), dout16.data(), lse.data(), rowdot.data(), grad,
+                             at);
+        });
+    };
+    backward(dqkv.data());
+    std::vector<uint16_t> dqkv16(dqkv.size(), 0x7fc0);
+    backward(dqkv16.data());
+    EXPECT_EQ(dqkv16, rounded(dqkv)) << "the bf16 gradient is the f32 one rounded";
 }
 
 // The fused bf16 attention against the reference in f32: grouped-query heads (2 and 4 query

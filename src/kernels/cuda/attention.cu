@@ -5,11 +5,14 @@
 // per query row for the masked softmax and its backward (attention_math.h) in between. The
 // products read bf16 copies of their operands in bf16, made once per call; queries and keys are
 // rotated on the way into that copy (in f32, into a copy in the workspace), and their gradients
-// rotated back on the way out into a bf16 gradient, or in place in an f32 one.
+// rotated back on the way out: by the fused kernels as they write each gradient row, otherwise
+// into a bf16 gradient, or in place in an f32 one.
 // KILN_CUDA_ATTENTION=cudnn runs the fused shapes through cuDNN's fused attention instead
 // (cudnn_attention.h), on the same rotated bf16 copy, into the same bf16 output and log-sum-exp.
 #include <cuda_bf16.h>
 #include <mma.h>
+
+#include <type_traits>
 
 #include "kernels/cuda/attention_flash.h"
 #include "kernels/cuda/attention_products.h"
@@ -228,17 +231,19 @@ __global__ void __launch_bounds__(kFlashThreads)
                         FlashBlock(a, a.H, blockIdx.x, true));
 }
 
+template <typename G>
 __global__ void __launch_bounds__(kFlashThreads)
     flash_dq_kernel(Attention a, const uint16_t* qkv16, const uint16_t* dout16,
-                    const uint16_t* out16, const float* lse, float* rowdot, float* grad) {
+                    const uint16_t* out16, const float* lse, float* rowdot, G* grad) {
     FlashDevice x;
     flash_dq_block(x, flash_tiles(a, FlashPass::dq), a, qkv16, dout16, out16, lse, rowdot, grad,
                    FlashBlock(a, a.H, blockIdx.x, true));
 }
 
+template <typename G>
 __global__ void __launch_bounds__(kFlashThreads)
     flash_dkdv_kernel(Attention a, const uint16_t* qkv16, const uint16_t* dout16, const float* lse,
-                      const float* rowdot, float* grad) {
+                      const float* rowdot, G* grad) {
     FlashDevice x;
     flash_dkdv_block(x, flash_tiles(a, FlashPass::dkdv), a, qkv16, dout16, lse, rowdot, grad,
                      FlashBlock(a, a.Hkv, blockIdx.x, false));
@@ -324,13 +329,24 @@ void attention_backward(void* dqkv, DType dqkv_type, const void* dout, const voi
         return;
     }
     if (flash_attention(a, precision)) {
+        // Each gradient row written once, rotated back on the way out, in dqkv's dtype.
         const auto* x16 = static_cast<const uint16_t*>(x);
         const auto* dout16 = static_cast<const uint16_t*>(dO);
-        launch_flash(flash_dq_kernel, FlashPass::dq, a.H, a, x16, dout16,
-                     static_cast<const uint16_t*>(out), lse, s.rowdot, grad);
-        launch_flash(flash_dkdv_kernel, FlashPass::dkdv, a.Hkv, a, x16, dout16, lse,
-                     static_cast<const float*>(s.rowdot), grad);
-    } else if (precision == Precision::bf16) {
+        const auto* out16 = static_cast<const uint16_t*>(out);
+        auto run = [&](auto* g) {
+            using G = std::remove_pointer_t<decltype(g)>;
+            launch_flash(flash_dq_kernel<G>, FlashPass::dq, a.H, a, x16, dout16, out16, lse,
+                         s.rowdot, g);
+            launch_flash(flash_dkdv_kernel<G>, FlashPass::dkdv, a.Hkv, a, x16, dout16, lse,
+                         static_cast<const float*>(s.rowdot), g);
+        };
+        if (dqkv_type == DType::bf16)
+            run(static_cast<uint16_t*>(dqkv));
+        else
+            run(static_cast<float*>(dqkv));
+        return;
+    }
+    if (precision == Precision::bf16) {
         Device<uint16_t> device{a, precision, s.products};
         attention_products_backward(device, grad, dO, dO_type, x, ct, saved, ct, a, s.scores, ds,
                                     ct);

@@ -292,12 +292,25 @@ KILN_BLOCK void flash_forward_block(X& x, const FlashTiles& s, const Attention& 
     });
 }
 
-// The query rows' gradient into grad (M, ldqkv) f32; rowdot (B, H, T) written for dkdv. dout16
-// is dout (M, H*D) in bf16, which with the forward's output out16 also gives rowdot.
-template <typename X>
+// Row r of the block's gradient tile t (f32, row stride ld), the gradient of the row of qkv at
+// `at` (row m, its head at column at): into grad (f32 or bf16), rotated back when `a` has rope
+// tables (`rotate`: a query or key head), as rotated_at rotates a whole gradient back.
+template <typename Grad>
+KILN_HD void flash_gradient_row(Grad* grad, int64_t at, const float* t, const Attention& a,
+                                int64_t m, bool rotate, int d) {
+    const bool turn = rotate && a.rope_cos;
+    const int64_t table_row = turn ? (m % a.T) * (a.D / 2) : 0;
+    rotated_at(grad + at, t, d, turn ? 1 : 0, int(a.D), turn ? a.rope_cos + table_row : nullptr,
+               turn ? a.rope_sin + table_row : nullptr, -1.0f);
+}
+
+// The query rows' gradient into grad (M, ldqkv; f32 or bf16), rotated back; rowdot (B, H, T)
+// written for dkdv. dout16 is dout (M, H*D) in bf16, which with the forward's output out16 also
+// gives rowdot.
+template <typename X, typename Grad>
 KILN_BLOCK void flash_dq_block(X& x, const FlashTiles& s, const Attention& a, const uint16_t* qkv16,
                                const uint16_t* dout16, const uint16_t* out16, const float* lse,
-                               float* rowdot, float* grad, const FlashBlock& at) {
+                               float* rowdot, Grad* grad, const FlashBlock& at) {
     const int64_t D = a.D, HD = a.H * a.D, q0 = at.row0, m0 = at.b * a.T;
     const int64_t row_at = (at.b * a.H + at.h) * a.T + q0;
     const int rows = tile_rows(a, q0);
@@ -335,17 +348,19 @@ KILN_BLOCK void flash_dq_block(X& x, const FlashTiles& s, const Attention& a, co
     }
     x.each(kTile * int(D), [&](int i) {
         const int r = int(i / D), d = int(i % D);
+        const int64_t m = m0 + q0 + r;
         if (r < rows)
-            grad[q_at(a, m0 + q0 + r, at.h) + d] = s.acc[r * s.ldo + d];
+            flash_gradient_row(grad, q_at(a, m, at.h), s.acc + r * s.ldo, a, m, true, d);
     });
 }
 
-// The key and value rows' gradient of kv head at.h into grad, summed over the group's query
-// heads in order; lse and rowdot (B, H, T) as the forward and dq left them.
-template <typename X>
+// The key and value rows' gradient of kv head at.h into grad (f32 or bf16), summed over the
+// group's query heads in order, the keys' rotated back; lse and rowdot (B, H, T) as the forward
+// and dq left them.
+template <typename X, typename Grad>
 KILN_BLOCK void flash_dkdv_block(X& x, const FlashTiles& s, const Attention& a,
                                  const uint16_t* qkv16, const uint16_t* dout16, const float* lse,
-                                 const float* rowdot, float* grad, const FlashBlock& at) {
+                                 const float* rowdot, Grad* grad, const FlashBlock& at) {
     const int64_t D = a.D, HD = a.H * a.D, k0 = at.row0, m0 = at.b * a.T, G = a.H / a.Hkv;
     const int cols = tile_rows(a, k0);
     const float scale = attention_scale(a);
@@ -390,9 +405,10 @@ KILN_BLOCK void flash_dkdv_block(X& x, const FlashTiles& s, const Attention& a,
     }
     x.each(kTile * int(D), [&](int i) {
         const int r = int(i / D), d = int(i % D);
+        const int64_t m = m0 + k0 + r;
         if (r < cols) {
-            grad[k_at(a, m0 + k0 + r, h0) + d] = s.acc[r * s.ldo + d];
-            grad[v_at(a, m0 + k0 + r, h0) + d] = s.acc2[r * s.ldo + d];
+            flash_gradient_row(grad, k_at(a, m, h0), s.acc + r * s.ldo, a, m, true, d);
+            flash_gradient_row(grad, v_at(a, m, h0), s.acc2 + r * s.ldo, a, m, false, d);
         }
     });
 }

@@ -630,6 +630,16 @@ TEST(Cuda, ModelStepMatchesCpu) {
     // AdamW's first step moves each weight by about lr whatever its gradient's size, so a
     // gradient near zero whose sign differs moves 2 lr apart; a wrong update moves them all.
     EXPECT_LT(rel_err(p_dev, p_cpu), 1e-3);
+    // bf16: the device's table (fused attention at D = 16, its ops' inputs in bf16) against the
+    // reference's exact products over the same bf16 inputs: apart by bf16's roundings only (a
+    // few 1e-3 in the host replays); a wrong dtype, offset or rotation moves them by O(1).
+    Kernels ref16 = reference_kernels(Precision::bf16);
+    ref16.op_inputs = DType::bf16;
+    std::vector<float> g16, p16, g_ref, p_ref;
+    const double l16 = step(cuda_kernels(Precision::bf16), g16, p16);
+    const double l_ref = step(ref16, g_ref, p_ref);
+    EXPECT_NEAR(l16, l_ref, 1e-2 * l_ref) << "bf16";
+    EXPECT_LT(rel_err(g16, g_ref), 1e-1) << "bf16";
 }
 
 // A micro-batch replayed from its CUDA graph is the same work as the ops called one by one: the

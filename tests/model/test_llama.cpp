@@ -8,6 +8,7 @@
 #include <cstring>
 #include <numeric>
 #include <random>
+#include <set>
 #include <vector>
 
 #include "core/error.h"
@@ -236,8 +237,33 @@ TEST(Llama, Bf16OpInputsFollowTheF32Ones) {
     LlamaConfig c = small_config();
     const int64_t B = 2, T = 8;
     Batch batch = random_batch(B, T, c.vocab_size, 6);
+    // The reference table, its ops' inputs bf16, noting the dtype each such op is handed.
+    static std::set<DType> handed;
     kernels::Kernels narrow = kernels::reference_kernels(Precision::bf16);
     narrow.op_inputs = DType::bf16;
+    narrow.attention_forward = [](void* out, void* saved, const void* qkv, DType in,
+                                  const kernels::Attention& a, kernels::Workspace ws) {
+        handed.insert(in);
+        kernels::reference_kernels(Precision::bf16).attention_forward(out, saved, qkv, in, a, ws);
+    };
+    narrow.attention_backward = [](void* dqkv, DType dqkv_type, const void* dout, const void* out,
+                                   const void* qkv, DType in, const void* saved,
+                                   const kernels::Attention& a, kernels::Workspace ws) {
+        handed.insert(in);
+        kernels::reference_kernels(Precision::bf16)
+            .attention_backward(dqkv, dqkv_type, dout, out, qkv, in, saved, a, ws);
+    };
+    narrow.swiglu_forward = [](void* h, DType h_type, const void* gu, DType in, int64_t M,
+                               int64_t F) {
+        handed.insert(in);
+        kernels::reference_kernels(Precision::bf16).swiglu_forward(h, h_type, gu, in, M, F);
+    };
+    narrow.swiglu_backward = [](void* dgu, DType dgu_type, const void* dh, const void* gu, DType in,
+                                int64_t M, int64_t F) {
+        handed.insert(in);
+        kernels::reference_kernels(Precision::bf16)
+            .swiglu_backward(dgu, dgu_type, dh, gu, in, M, F);
+    };
     std::vector<float> g_wide, g_thin;
     double l_wide, l_thin;
     step_from_seed_9(kernels::reference_kernels(Precision::bf16), c, batch, B, T, g_wide, l_wide);
@@ -246,6 +272,7 @@ TEST(Llama, Bf16OpInputsFollowTheF32Ones) {
     const double err = normalized_error(g_thin.data(), g_wide.data(), int64_t(g_wide.size()));
     EXPECT_LT(err, 1e-2);
     EXPECT_GT(err, 1e-5) << "the products wrote bf16";
+    EXPECT_EQ(handed, std::set<DType>{DType::bf16}) << "every such op was handed bf16";
 }
 
 // A step's first micro-batch overwrites every gradient, whatever the buffer held; the next ones

@@ -591,7 +591,11 @@ TEST(Cuda, ProfiledTableReportsEachOpsDeviceTime) {
     EXPECT_LT(rel_err(got, want), 1e-5);
     const std::string report = fs::read_file(path);
     EXPECT_NE(report.find("device time per op"), std::string::npos) << report;
-    EXPECT_NE(report.find("gemm 64x32x64 NN"), std::string::npos) << report;
+    const size_t product = report.find("gemm 64x32x64 NN");
+    ASSERT_NE(product, std::string::npos) << report;
+    // The product's row ends with the rate it ran at, in TFLOP/s.
+    const std::string row = report.substr(product, report.find('\n', product) - product);
+    EXPECT_GT(std::stod(row.substr(row.find_last_of(' ') + 1)), 0.0) << report;
     const size_t add = report.find("\nadd ");
     ASSERT_NE(add, std::string::npos) << report;
     EXPECT_EQ(std::stoi(report.substr(add + 5, 50)), 2) << report;  // its calls

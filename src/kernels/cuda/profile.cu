@@ -4,6 +4,8 @@
 // finished pairs, adds them up per op (the products per shape, from the Gemm) and rewrites the
 // report file. The span from the first op to the last of each wait's window counts too, so the
 // device's idle time between ops (launch overhead, the host's own waits) shows beside the ops.
+// The products' rows also give the rate they ran at (2 M N K a call over their time), to hold
+// against the GPU's peak.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -20,12 +22,13 @@ namespace {
 
 struct Totals {
     int64_t calls = 0;
-    double ms = 0;
+    double ms = 0, flops = 0;
 };
 
 struct Mark {
     const char* op;
     std::string shape;  // products only
+    double flops;       // products only
     cudaEvent_t start, stop;
     bool carried = false;  // queued after an earlier wait, by another thread: outside its window
 };
@@ -73,6 +76,7 @@ struct Profile {
             Totals& t = totals[m.shape.empty() ? m.op : m.shape];
             t.calls++;
             t.ms += ms;
+            t.flops += m.flops;
             ops_ms += ms;
             spare_later.push_back(m.start);
             spare_later.push_back(m.stop);
@@ -96,12 +100,16 @@ struct Profile {
         std::string text = fmt::format(
             "device time per op (KILN_CUDA_PROFILE), {} windows between waits\n"
             "span {:.1f} ms from each window's first op to its last; ops {:.1f} ms ({:.1f}%); "
-            "idle between them {:.1f} ms\n\n{:<44} {:>8} {:>11} {:>7} {:>10}\n",
+            "idle between them {:.1f} ms\n\n{:<44} {:>8} {:>11} {:>7} {:>10} {:>9}\n",
             windows, span_ms, ops_ms, span_ms > 0 ? 100 * ops_ms / span_ms : 0.0,
-            std::max(0.0, span_ms - ops_ms), "op", "calls", "total ms", "share", "mean us");
+            std::max(0.0, span_ms - ops_ms), "op", "calls", "total ms", "share", "mean us",
+            "TFLOP/s");
         for (const auto& [name, t] : rows) {
-            text += fmt::format("{:<44} {:>8} {:>11.2f} {:>6.1f}% {:>10.1f}\n", name, t.calls, t.ms,
-                                ops_ms > 0 ? 100 * t.ms / ops_ms : 0.0, 1000 * t.ms / t.calls);
+            const std::string rate =
+                t.flops > 0 && t.ms > 0 ? fmt::format("{:.1f}", t.flops / (t.ms * 1e9)) : "";
+            text += fmt::format("{:<44} {:>8} {:>11.2f} {:>6.1f}% {:>10.1f} {:>9}\n", name, t.calls,
+                                t.ms, ops_ms > 0 ? 100 * t.ms / ops_ms : 0.0, 1000 * t.ms / t.calls,
+                                rate);
         }
         if (std::FILE* f = std::fopen(path.c_str(), "w")) {
             std::fputs(text.c_str(), f);
@@ -118,7 +126,8 @@ Profile& profile() {
 // Marks one op's work on the stream.
 class Span {
 public:
-    explicit Span(const char* op, std::string shape = {}) : mark_{op, std::move(shape), {}, {}} {
+    explicit Span(const char* op, std::string shape = {}, double flops = 0)
+        : mark_{op, std::move(shape), flops, {}, {}} {
         Profile& p = profile();
         const std::lock_guard<std::mutex> lock(p.mutex);
         mark_.start = p.event();
@@ -165,7 +174,8 @@ void gemm_timed(const Gemm& g, Workspace ws) {
     const Span span("gemm",
                     fmt::format("gemm {}x{}x{} {}{}{}{}", g.M, g.N, g.K, g.trans_a ? "T" : "N",
                                 g.trans_b ? "T" : "N", g.accumulate ? " +=" : "",
-                                g.c_type == DType::bf16 ? " to bf16" : ""));
+                                g.c_type == DType::bf16 ? " to bf16" : ""),
+                    2.0 * double(g.M) * double(g.N) * double(g.K));
     base<P>().gemm(g, ws);
 }
 

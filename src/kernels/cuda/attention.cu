@@ -134,15 +134,6 @@ void rotate_into(Out* dst, const In* x, const Attention& a, float sign) {
     finish_launch();
 }
 
-// fn(x typed): x (of `type`) as const float* or const uint16_t*.
-template <typename Fn>
-void typed(const void* x, DType type, Fn&& fn) {
-    if (type == DType::bf16)
-        fn(static_cast<const uint16_t*>(x));
-    else
-        fn(static_cast<const float*>(x));
-}
-
 // What the products read of qkv (of `type`): its bf16 copy in bf16; in f32 qkv itself, or a
 // rotated (or widened) copy in the workspace when `a` has rope tables (or qkv is bf16).
 const void* qkv_operand(const void* qkv, DType type, const Attention& a, const Scratch& s) {

@@ -34,15 +34,6 @@ __global__ void swiglu_backward_kernel(Out* dgu, const In* dh, const In* gu, int
         swiglu_backward_at(dgu, dh, gu, F, i);
 }
 
-// fn(x typed): x as float* or uint16_t*, as `type` says, so each kernel is built for both.
-template <typename Fn>
-void typed(const void* x, DType type, Fn&& fn) {
-    if (type == DType::bf16)
-        fn(static_cast<uint16_t*>(const_cast<void*>(x)));
-    else
-        fn(static_cast<float*>(const_cast<void*>(x)));
-}
-
 __global__ void rope_kernel(float* x, int64_t ld, int64_t T, int64_t n_heads, int64_t D,
                             const float* cos_table, const float* sin_table, float sign, int64_t n) {
     for (int64_t i = first_index(); i < n; i += stride())

@@ -18,6 +18,16 @@ inline unsigned element_blocks(int64_t n) {
         1, std::min<int64_t>((n + kElementThreads - 1) / kElementThreads, 65535)));
 }
 
+// fn(x typed): x as float* or uint16_t*, as `type` says, so that each kernel a launch names is
+// built for both dtypes (a caller that only reads takes it as `const auto*`).
+template <typename Fn>
+void typed(const void* x, DType type, Fn&& fn) {
+    if (type == DType::bf16)
+        fn(static_cast<uint16_t*>(const_cast<void*>(x)));
+    else
+        fn(static_cast<float*>(const_cast<void*>(x)));
+}
+
 // The flat indices of a grid-stride loop: for (int64_t i = first_index(); i < n; i += stride())
 __device__ __forceinline__ int64_t first_index() {
     return int64_t(blockIdx.x) * blockDim.x + threadIdx.x;

@@ -75,7 +75,7 @@ def main():
     kv = [torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
     k, v = (t.repeat_interleave(H // Hkv, dim=1).requires_grad_() for t in kv)
     dout = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16)
-    flop = 2.0 * B * H * T * T * D  # one causal product: half of 2·T²·D per head
+    flop = 1.0 * B * H * T * T * D  # one causal product: half of 2·T²·D per head
     shape = {"batch": B, "heads": H, "kv_heads": Hkv, "head_dim": D, "seq": T}
     for name, backend in [("flash", SDPBackend.FLASH_ATTENTION),
                           ("cudnn", SDPBackend.CUDNN_ATTENTION),

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <iostream>
 #include <random>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -593,12 +594,26 @@ TEST(Cuda, ProfiledTableReportsEachOpsDeviceTime) {
     EXPECT_NE(report.find("device time per op"), std::string::npos) << report;
     const size_t product = report.find("gemm 64x32x64 NN");
     ASSERT_NE(product, std::string::npos) << report;
-    // The product's row ends with the rate it ran at, in TFLOP/s.
-    const std::string row = report.substr(product, report.find('\n', product) - product);
-    EXPECT_GT(std::stod(row.substr(row.find_last_of(' ') + 1)), 0.0) << report;
+    // A row's last columns: the rate it ran at in TFLOP/s (the product's), and in GB/s (the
+    // memory-bound op's), "-" where the op has none.
+    auto columns = [&](size_t at) {
+        std::istringstream row(report.substr(at, report.find('\n', at) - at));
+        std::vector<std::string> words;
+        for (std::string w; row >> w;)
+            words.push_back(w);
+        return words;
+    };
+    const std::vector<std::string> gemm_row = columns(product);
+    ASSERT_GE(gemm_row.size(), 8u) << report;
+    EXPECT_GT(std::stod(gemm_row.end()[-2]), 0.0) << report;
+    EXPECT_EQ(gemm_row.back(), "-") << report;
     const size_t add = report.find("\nadd ");
     ASSERT_NE(add, std::string::npos) << report;
-    EXPECT_EQ(std::stoi(report.substr(add + 5, 50)), 2) << report;  // its calls
+    const std::vector<std::string> add_row = columns(add + 1);
+    ASSERT_EQ(add_row.size(), 7u) << report;
+    EXPECT_EQ(add_row[1], "2") << report;  // its calls
+    EXPECT_EQ(add_row[5], "-") << report;
+    EXPECT_GT(std::stod(add_row[6]), 0.0) << report;  // 12 bytes an element, twice
 }
 
 // The whole model on the CUDA table against the CPU table: losses, every gradient, the update.

@@ -4,8 +4,10 @@
 // finished pairs, adds them up per op (the products per shape, from the Gemm) and rewrites the
 // report file. The span from the first op to the last of each wait's window counts too, so the
 // device's idle time between ops (launch overhead, the host's own waits) shows beside the ops.
-// The products' rows also give the rate they ran at (2 M N K a call over their time), to hold
-// against the GPU's peak.
+// The products' and attention's rows also give the rate they ran at (2 M N K a product; the
+// causal attention's 2 B H T^2 D a product, 2 in the forward, 5 in the backward), and the
+// memory-bound ops' rows the bandwidth they reached (the bytes they must read and write at
+// least, work_of below), to hold against the GPU's peaks.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -22,13 +24,17 @@ namespace {
 
 struct Totals {
     int64_t calls = 0;
-    double ms = 0, flops = 0;
+    double ms = 0, flops = 0, bytes = 0;
+};
+
+struct Work {
+    double flops = 0, bytes = 0;  // what one call computes, and moves at least
 };
 
 struct Mark {
     const char* op;
     std::string shape;  // products only
-    double flops;       // products only
+    Work work;
     cudaEvent_t start, stop;
     bool carried = false;  // queued after an earlier wait, by another thread: outside its window
 };
@@ -76,7 +82,8 @@ struct Profile {
             Totals& t = totals[m.shape.empty() ? m.op : m.shape];
             t.calls++;
             t.ms += ms;
-            t.flops += m.flops;
+            t.flops += m.work.flops;
+            t.bytes += m.work.bytes;
             ops_ms += ms;
             spare_later.push_back(m.start);
             spare_later.push_back(m.stop);
@@ -100,16 +107,23 @@ struct Profile {
         std::string text = fmt::format(
             "device time per op (KILN_CUDA_PROFILE), {} windows between waits\n"
             "span {:.1f} ms from each window's first op to its last; ops {:.1f} ms ({:.1f}%); "
-            "idle between them {:.1f} ms\n\n{:<44} {:>8} {:>11} {:>7} {:>10} {:>9}\n",
+            "idle between them {:.1f} ms\n\n{:<44} {:>8} {:>11} {:>7} {:>10} {:>9} {:>8}\n",
             windows, span_ms, ops_ms, span_ms > 0 ? 100 * ops_ms / span_ms : 0.0,
             std::max(0.0, span_ms - ops_ms), "op", "calls", "total ms", "share", "mean us",
-            "TFLOP/s");
+            "TFLOP/s", "GB/s");
+        // Per second of the op's time: TFLOP = 1e12 FLOP over 1e3 ms; GB = 1e9 B over 1e3 ms.
+        // "-" where nothing is counted; three digits below 1 (a test's small shapes).
+        auto rate = [](double work, double ms, double scale) {
+            if (work <= 0 || ms <= 0)
+                return std::string("-");
+            const double r = work / (ms * scale);
+            return r < 1 ? fmt::format("{:.3g}", r) : fmt::format("{:.1f}", r);
+        };
         for (const auto& [name, t] : rows) {
-            const std::string rate =
-                t.flops > 0 && t.ms > 0 ? fmt::format("{:.1f}", t.flops / (t.ms * 1e9)) : "";
-            text += fmt::format("{:<44} {:>8} {:>11.2f} {:>6.1f}% {:>10.1f} {:>9}\n", name, t.calls,
-                                t.ms, ops_ms > 0 ? 100 * t.ms / ops_ms : 0.0, 1000 * t.ms / t.calls,
-                                rate);
+            text += fmt::format("{:<44} {:>8} {:>11.2f} {:>6.1f}% {:>10.1f} {:>9} {:>8}\n", name,
+                                t.calls, t.ms, ops_ms > 0 ? 100 * t.ms / ops_ms : 0.0,
+                                1000 * t.ms / t.calls, rate(t.flops, t.ms, 1e9),
+                                rate(t.bytes, t.ms, 1e6));
         }
         if (std::FILE* f = std::fopen(path.c_str(), "w")) {
             std::fputs(text.c_str(), f);
@@ -126,8 +140,8 @@ Profile& profile() {
 // Marks one op's work on the stream.
 class Span {
 public:
-    explicit Span(const char* op, std::string shape = {}, double flops = 0)
-        : mark_{op, std::move(shape), flops, {}, {}} {
+    explicit Span(const char* op, Work work, std::string shape = {})
+        : mark_{op, std::move(shape), work, {}, {}} {
         Profile& p = profile();
         const std::lock_guard<std::mutex> lock(p.mutex);
         mark_.start = p.event();
@@ -157,6 +171,14 @@ const Kernels& base() {
     return unprofiled_kernels(P);
 }
 
+// The work of one call of the op named Name: by default none counted (the small ops).
+template <const char* Name>
+struct Op {};
+template <const char* Name, typename... A>
+Work work_of(Op<Name>, A...) {
+    return {};
+}
+
 // Timed<op's type>::call<P, &Kernels::op, name>: the op of the precision's table, marked.
 template <typename F>
 struct Timed;
@@ -164,18 +186,17 @@ template <typename R, typename... A>
 struct Timed<R (*)(A...)> {
     template <Precision P, R (*Kernels::*Member)(A...), const char* Name>
     static R call(A... a) {
-        const Span span(Name);
+        const Span span(Name, work_of(Op<Name>{}, a...));
         return (base<P>().*Member)(a...);
     }
 };
 
 template <Precision P>
 void gemm_timed(const Gemm& g, Workspace ws) {
-    const Span span("gemm",
+    const Span span("gemm", {2.0 * double(g.M) * double(g.N) * double(g.K), 0},
                     fmt::format("gemm {}x{}x{} {}{}{}{}", g.M, g.N, g.K, g.trans_a ? "T" : "N",
                                 g.trans_b ? "T" : "N", g.accumulate ? " +=" : "",
-                                g.c_type == DType::bf16 ? " to bf16" : ""),
-                    2.0 * double(g.M) * double(g.N) * double(g.K));
+                                g.c_type == DType::bf16 ? " to bf16" : ""));
     base<P>().gemm(g, ws);
 }
 
@@ -211,6 +232,88 @@ KILN_OP_NAME(row_losses)
 KILN_OP_NAME(sum_into)
 KILN_OP_NAME(sum_squares)
 #undef KILN_OP_NAME
+
+// What the ops that decide a step's time do at least: attention's products (a causal product
+// is half of 2 T^2 D a head; the forward runs 2, the backward 5 with the scores recomputed),
+// and the bytes the memory-bound ops read and write, each element once. These overloads are
+// found by argument-dependent lookup where Timed is instantiated, and preferred to work_of's
+// default as functions that are not templates.
+double causal_product(const Attention& a) {
+    return double(a.B) * double(a.H) * double(a.T) * double(a.T) * double(a.D);
+}
+double sz(DType t) {
+    return double(dtype_size(t));
+}
+Work work_of(Op<k_attention_forward>, void*, void*, const void*, DType, const Attention& a,
+             Workspace) {
+    return {2 * causal_product(a), 0};
+}
+Work work_of(Op<k_attention_backward>, void*, DType, const void*, const void*, const void*, DType,
+             const void*, const Attention& a, Workspace) {
+    return {5 * causal_product(a), 0};
+}
+Work work_of(Op<k_embedding_forward>, float*, const int32_t*, const void*, DType wte_type,
+             int64_t M, int64_t C) {
+    return {0, double(M) * (double(C) * (4 + sz(wte_type)) + 4)};
+}
+Work work_of(Op<k_embedding_backward>, float*, const float*, const int32_t*, int64_t M, int64_t C) {
+    return {0, double(M) * (double(C) * 12 + 4)};  // dout read; dwte's rows read and written
+}
+Work work_of(Op<k_rmsnorm_forward>, void*, DType out_type, float*, const float*, const float*,
+             int64_t M, int64_t C, float) {
+    return {0, double(M) * (double(C) * (4 + sz(out_type)) + 4)};
+}
+Work work_of(Op<k_rmsnorm_backward>, float*, uint16_t* dx_bf16, float*, const float*, const float*,
+             const float*, const float*, int64_t M, int64_t C) {
+    // dout and x read, dx read and written, and its bf16 copy
+    return {0, double(M) * double(C) * (16 + (dx_bf16 ? 2 : 0))};
+}
+Work work_of(Op<k_swiglu_forward>, void*, DType h_type, const void*, DType in_type, int64_t M,
+             int64_t F) {
+    return {0, double(M) * double(F) * (2 * sz(in_type) + sz(h_type))};
+}
+Work work_of(Op<k_swiglu_backward>, void*, DType dgu_type, const void*, const void*, DType in_type,
+             int64_t M, int64_t F) {
+    return {0, double(M) * double(F) * (3 * sz(in_type) + 2 * sz(dgu_type))};
+}
+Work work_of(Op<k_logit_stats>, const float*, const int32_t*, int64_t M, int64_t V, float*, float*,
+             float*) {
+    return {0, double(M) * double(V) * 4};
+}
+Work work_of(Op<k_cross_entropy_backward>, const float*, const int32_t*, const float*, const float*,
+             const float*, int64_t M, int64_t V, void*, DType dlogits_type) {
+    return {0, double(M) * double(V) * (4 + sz(dlogits_type))};
+}
+Work work_of(Op<k_cross_entropy>, const float*, const int32_t*, const float*, int64_t M, int64_t V,
+             float*, void* dlogits, DType dlogits_type) {
+    return {0, double(M) * double(V) * (4 + (dlogits ? sz(dlogits_type) : 0))};
+}
+Work work_of(Op<k_adamw>, float*, uint16_t* p_bf16, float*, float*, const float*, int64_t n,
+             const AdamWStep&) {
+    // p, m and v read and written, g read, and p's bf16 copy
+    return {0, double(n) * (28 + (p_bf16 ? 2 : 0))};
+}
+Work work_of(Op<k_to_bf16>, uint16_t*, const float*, int64_t n) {
+    return {0, double(n) * 6};
+}
+Work work_of(Op<k_widen>, float*, const uint16_t*, int64_t n) {
+    return {0, double(n) * 6};
+}
+Work work_of(Op<k_add>, float*, const float*, const float*, int64_t n) {
+    return {0, double(n) * 12};
+}
+Work work_of(Op<k_copy>, void*, const void*, size_t bytes) {
+    return {0, 2 * double(bytes)};
+}
+Work work_of(Op<k_zero>, void*, size_t bytes) {
+    return {0, double(bytes)};
+}
+Work work_of(Op<k_sum_squares>, const float*, const std::vector<Range>& ranges) {
+    double n = 0;
+    for (const Range& r : ranges)
+        n += double(r.end - r.begin);
+    return {0, 4 * n};
+}
 
 template <Precision P>
 Kernels profiled() {

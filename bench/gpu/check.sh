@@ -79,6 +79,11 @@ step() {  # step NAME SECONDS COMMAND...
 }
 k="$b/bin/kiln"
 step cuda_ops 90 "$b/bin/test_cuda" --gtest_filter=-Cuda.CudnnAttentionMatchesReference
+# Under a driver older than the binary's CUDA the runtime sees no device and every device test
+# skips: here that is a failure, with the runtime's reason.
+if grep -m1 "no CUDA device here" "$out/cuda_ops.log"; then
+    echo "check: the CUDA tests saw no device"; status=1
+fi
 # cuDNN's attention in its own process: a fault there cannot take the other cases with it.
 step cudnn_ops 60 "$b/bin/test_cuda" --gtest_filter=Cuda.CudnnAttentionMatchesReference
 step nccl 60 "$b/bin/test_nccl"

@@ -23,6 +23,14 @@ bool cuda_available() {
     return cuda_devices() > 0;
 }
 
+std::string no_cuda_reason() {
+#ifdef KILN_HAVE_CUDA
+    return cuda::no_device_reason();
+#else
+    return "this kiln was built without CUDA (no nvcc at build time)";
+#endif
+}
+
 namespace {
 // Why `key`=cuda cannot run here, when it cannot.
 void require_cuda(const std::string& key = "train.backend") {
@@ -30,7 +38,8 @@ void require_cuda(const std::string& key = "train.backend") {
     throw error("{}=cuda: this kiln was built without CUDA (no nvcc at build time); use cpu", key);
 #endif
     if (!cuda_available())
-        throw error("{}=cuda: no CUDA device is visible to this process; use cpu", key);
+        throw error("{}=cuda: no CUDA device is visible to this process ({}); use cpu", key,
+                    no_cuda_reason());
 }
 }  // namespace
 

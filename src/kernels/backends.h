@@ -28,6 +28,7 @@ PrecisionChoice resolve_precision(const std::string& backend, const std::string&
 const char* precision_name(Precision p);  // "fp32" | "bf16"
 bool cuda_available();                    // built with CUDA and a device is present
 int cuda_devices();                       // how many (0 without CUDA)
+std::string no_cuda_reason();             // why there are none, when there are none
 // Makes GPU `local_rank` (this host's rank, LOCAL_RANK) the current device of this process, for
 // the CUDA table's memory and streams and for NCCL. Throws Error when there is no such GPU.
 void use_cuda_device(int local_rank);

@@ -55,7 +55,7 @@ std::pair<std::vector<float>, std::vector<float>> rope_tables(int64_t T, int64_t
 
 #define KILN_REQUIRE_CUDA() \
     if (!cuda_available())  \
-    GTEST_SKIP() << "no CUDA device here (cudaGetDeviceCount found none)"
+    GTEST_SKIP() << "no CUDA device here (" << kiln::kernels::no_cuda_reason() << ")"
 
 constexpr double kTol = 4e-6;
 

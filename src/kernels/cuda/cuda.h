@@ -24,7 +24,10 @@ const Kernels& unprofiled_kernels(Precision precision);
 const char* profile_path();  // KILN_CUDA_PROFILE, or null
 const Kernels& profiled_kernels(Precision precision, const std::string& path);
 
-int device_count();           // 0 when there is no usable device or driver
+int device_count();  // 0 when there is no usable device or driver
+// Why device_count() is 0: the runtime's reason (a driver older than this CUDA, no driver), or
+// that it found no device. Empty while devices are found.
+std::string no_device_reason();
 void set_device(int device);  // the current device of this process, before any allocation
 int64_t device_memory_bytes(int device);  // its total memory
 // The current GPU's name, compute capability, driver and CUDA runtime and cuBLASLt versions.

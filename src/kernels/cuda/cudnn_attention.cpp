@@ -392,8 +392,9 @@ struct Shapes {
 Tensor causal(Graph& g, const Shapes& s, const Tensor& scores) {
     const Tensor row = g.virt(s.scores(), s.scores_strides(), CUDNN_DATA_INT32);
     const Tensor col = g.virt(s.scores(), s.scores_strides(), CUDNN_DATA_INT32);
-    g.pointwise(CUDNN_POINTWISE_GEN_INDEX, scores, nullptr, nullptr, row, CUDNN_DATA_FLOAT, 2);
-    g.pointwise(CUDNN_POINTWISE_GEN_INDEX, scores, nullptr, nullptr, col, CUDNN_DATA_FLOAT, 3);
+    // Integer indices computed as integers, the form cuDNN's fused attention engines recognise.
+    g.pointwise(CUDNN_POINTWISE_GEN_INDEX, scores, nullptr, nullptr, row, CUDNN_DATA_INT32, 2);
+    g.pointwise(CUDNN_POINTWISE_GEN_INDEX, scores, nullptr, nullptr, col, CUDNN_DATA_INT32, 3);
     const Tensor keep = g.virt(s.scores(), s.scores_strides(), CUDNN_DATA_BOOLEAN);
     g.pointwise(CUDNN_POINTWISE_CMP_GE, row, &col, nullptr, keep, CUDNN_DATA_BOOLEAN);
     const Tensor masked = g.virt(s.scores(), s.scores_strides());
@@ -593,13 +594,18 @@ const CudnnAttention* cudnn_attention(const Attention& a) {
     auto c = std::make_unique<CudnnAttention>();
     c->shape = a;
     const Shapes s(a);
-    forward_graph(c->forward, s);
-    backward_graph(c->backward, s);
     int64_t forward_bytes = 0, backward_bytes = 0;
     std::string why;
-    if (!c->forward.plan(handle(), c->forward_plan, forward_bytes, why) ||
-        !c->backward.plan(handle(), c->backward_plan, backward_bytes, why))
-        return refuse(fmt::format("cuDNN offers no fused attention for {} ({})", shape, why));
+    try {  // a descriptor this cuDNN does not take refuses the shape, as no plan does
+        forward_graph(c->forward, s);
+        backward_graph(c->backward, s);
+        if (!c->forward.plan(handle(), c->forward_plan, forward_bytes, why) ||
+            !c->backward.plan(handle(), c->backward_plan, backward_bytes, why))
+            return refuse(fmt::format("cuDNN offers no fused attention for {} ({})", shape, why));
+    } catch (const Error& e) {
+        return refuse(
+            fmt::format("cuDNN cannot build fused attention for {} ({})", shape, e.what()));
+    }
     const size_t rowdot_bytes = size_t(a.B * a.H * a.T) * 4;
     const size_t dq_bytes = size_t(a.B * a.H * a.T * a.D) * 4;
     const size_t ws_bytes = size_t(std::max(forward_bytes, backward_bytes));

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <string>
+#include <utility>
 
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/launch.h"
@@ -84,13 +86,24 @@ bool sync_each_launch() {
     return sync;
 }
 
-int device_count() {
+namespace {
+// How many devices the runtime counts, and the reason when it counts none.
+std::pair<int, std::string> counted() {
     int n = 0;
-    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    if (const cudaError_t e = cudaGetDeviceCount(&n); e != cudaSuccess) {
         cudaGetLastError();  // clear the sticky error of a machine without a driver
-        return 0;
+        return {0, fmt::format("the CUDA runtime says: {}", cudaGetErrorString(e))};
     }
-    return n;
+    return {n, n > 0 ? "" : "the CUDA runtime found no device"};
+}
+}  // namespace
+
+int device_count() {
+    return counted().first;
+}
+
+std::string no_device_reason() {
+    return counted().second;
 }
 
 namespace {

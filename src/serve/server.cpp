@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <httplib.h>
 #include <signal.h>
+#include <sys/socket.h>
 
 #include <array>
 #include <atomic>
@@ -588,6 +589,13 @@ int serve(const ServeOptions& o) {
         res.set_content(prometheus(queue, runs), "text/plain; version=0.0.4");
     });
 
+    // Address reuse, for a restart while the last head's connections linger, but not the port
+    // sharing (SO_REUSEPORT) httplib sets by default: a second head on a taken port would
+    // silently take half of its requests.
+    svr.set_socket_options([](socket_t sock) {
+        int yes = 1;
+        ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+    });
     if (!svr.bind_to_port(o.host, o.port))
         throw error("cannot listen on {}:{}: {}", o.host, o.port, std::strerror(errno));
     widen_listen_backlog(o.port);

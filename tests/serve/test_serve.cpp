@@ -334,6 +334,14 @@ TEST(Serve, RestartKeepsEveryJob) {
                                           ") holds the runs folder"),
                   std::string::npos)
             << fs::read_file(out);
+        // Nor does a head on another folder share the port: its requests would go to either.
+        rc = kiln::testing::run(kiln::testing::kiln_binary() + " serve --port " +
+                                std::to_string(port) + " --runs " + (dir / "other") + " >" + out +
+                                " 2>&1");
+        EXPECT_NE(rc, 0);
+        EXPECT_NE(fs::read_file(out).find(fmt::format("cannot listen on 127.0.0.1:{}", port)),
+                  std::string::npos)
+            << fs::read_file(out);
         // The head dies without a chance to clean up.
         s.stop(SIGKILL);
     }

@@ -312,7 +312,7 @@ void Queue::save(const Job& job) {
                                  "UPDATE SET body = excluded.body",
                                  -1, &st, nullptr),
               "prepare");
-    std::string body = to_json(job).dump();
+    std::string body = json_text(to_json(job));
     sqlite3_bind_text(st, 1, job.id.c_str(), -1, SQLITE_TRANSIENT);
     sqlite3_bind_text(st, 2, body.c_str(), -1, SQLITE_TRANSIENT);
     int rc = sqlite3_step(st);

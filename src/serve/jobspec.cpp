@@ -138,6 +138,10 @@ std::vector<std::string> split_entrypoint(const std::string& line) {
     return words;
 }
 
+std::string json_text(const json& value) {
+    return value.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
 JobSpec parse_spec(const json& request) {
     if (!request.is_object())
         throw error("the job must be a JSON object, not {}", request.type_name());

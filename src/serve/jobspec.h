@@ -29,6 +29,10 @@ struct JobSpec {
     int64_t memory_per_rank = 0;
 };
 
+// JSON text of a value whose strings may hold bytes that are not UTF-8 (a job's output, a
+// request's path quoted in an error): those bytes become U+FFFD, where a plain dump() throws.
+std::string json_text(const nlohmann::json& value);
+
 // Parses and checks a submission body (the JSON of POST /api/jobs/): kiln's fields and every
 // field of Ray's JobSubmitRequest (null meaning absent, as Ray's client sends them). Throws
 // Error naming the field at fault: unknown fields, wrong types, an entrypoint that is not a

@@ -51,9 +51,10 @@ std::string read_small(const std::string& path) {
     return f.ok() ? f.read(0, kMaxSmallFile) : "";
 }
 
+// A run's JSON file as an object: {} where it is missing, unreadable or not an object.
 json read_json(const std::string& path) {
     json j = json::parse(read_small(path), nullptr, false);
-    return j.is_discarded() ? json::object() : j;
+    return j.is_object() ? j : json::object();
 }
 
 // status.json as a reader should show it, its mtime being the trainer's heartbeat: "lost" in
@@ -264,6 +265,11 @@ std::vector<RunSummary> Runs::list() {
     }
     std::vector<RunSummary> out;
     for (const auto& name : names_) {
+        try {  // listed only where it may be read: not through a link out of the runs folder
+            folder(name);
+        } catch (const Error&) {
+            continue;
+        }
         Cached& c = cache_[name];
         refresh(name, c);
         out.push_back(c.summary);
@@ -308,9 +314,12 @@ json Runs::detail(const std::string& name) {
     for (const auto& leaf : steps) {
         stdfs::path dir = stdfs::path(run.checkpoints()) / leaf;
         int64_t bytes = 0;
-        for (const auto& f : stdfs::directory_iterator(dir, ec)) {
-            if (f.is_regular_file(ec))
-                bytes += int64_t(f.file_size(ec));
+        // Links (out of the run, perhaps) are not followed, as for `ranks`.
+        if (!stdfs::is_symlink(dir, ec)) {
+            for (const auto& f : stdfs::directory_iterator(dir, ec)) {
+                if (f.is_regular_file(ec) && !f.is_symlink(ec))
+                    bytes += int64_t(f.file_size(ec));
+            }
         }
         checkpoints.push_back({{"name", leaf},
                                {"step", std::atoll(leaf.c_str() + 5)},

@@ -14,9 +14,9 @@ namespace kiln::serve {
 
 struct RunSummary {
     std::string name;
-    nlohmann::json status;  // status.json, or {} before the first one
-    nlohmann::json last;    // the newest metrics.jsonl line, or {}
-    double updated = 0;     // newest change of either (unix seconds)
+    nlohmann::json status = nlohmann::json::object();  // status.json, or {} before the first one
+    nlohmann::json last = nlohmann::json::object();    // the newest metrics.jsonl line, or {}
+    double updated = 0;                                // newest change of either (unix seconds)
 };
 
 class Runs {

@@ -31,7 +31,7 @@ constexpr int kMaxFollowers = 8;  // log followers, each holding a thread while 
 
 void reply(httplib::Response& res, int status, const json& body) {
     res.status = status;
-    res.set_content(body.dump() + "\n", "application/json");
+    res.set_content(json_text(body) + "\n", "application/json");
 }
 
 void fail(httplib::Response& res, int status, const std::string& message) {

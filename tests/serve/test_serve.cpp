@@ -423,6 +423,30 @@ TEST(Serve, BadInputGetsAClearFourHundred) {
         EXPECT_EQ(log.second, "") << path;
     }
     expect(get("/api/jobs/nope"), 404, "no job named");
+    // Bytes that are not UTF-8, quoted back in the error, once aborted the head: they come back
+    // as U+FFFD.
+    expect(get("/%FF"), 404, "no such endpoint");
+    expect(get("/api/jobs/%FF%FE"), 404,
+           "no such endpoint: GET /api/jobs/\xEF\xBF\xBD\xEF\xBF\xBD");
+    expect(get("/api/run?name=%FF"), 400, "not a run");
+    // Only runs that may be read are listed: not the link out of the folder above.
+    for (const json& run : s.get("/api/runs"))
+        EXPECT_NE(run.value("name", ""), "escape") << run.dump();
+    // A checkpoint folder that is a link is not looked into.
+    std::filesystem::create_directories(dir / "runs/linked/checkpoints");
+    std::ofstream(dir / "outside/rank-00000.safetensors") << std::string(1000, 'x');
+    std::filesystem::create_directory_symlink(dir / "outside",
+                                              dir / "runs/linked/checkpoints/step-00000001");
+    linked = get("/api/run?name=linked");
+    ASSERT_EQ(linked.first, 200) << linked.second;
+    const json steps = json::parse(linked.second)["checkpoints"];
+    ASSERT_EQ(steps.size(), 1u) << linked.second;
+    EXPECT_EQ(steps[0]["bytes"], 0) << linked.second;
+    // A run folder with a config and no status yet (a job stopped in its first second) leaves
+    // /metrics answering.
+    std::filesystem::create_directories(dir / "runs/starting");
+    std::ofstream(dir / "runs/starting/config.yaml") << "model:\n  dim: 32\n";
+    EXPECT_EQ(get("/metrics").first, 200);
     expect(get("/nowhere/../../etc/passwd"), 404, "no such endpoint");
     expect(get("/api/run/metrics?name=x&offset=ten"), 400, "not an integer");
     // A client-chosen id equal to the next automatic one does not block automatic ids.
@@ -433,6 +457,12 @@ TEST(Serve, BadInputGetsAClearFourHundred) {
     expect(post(job(one).dump()), 200, "\"job-0003\"");
     expect(post(chosen.dump()), 400, "exists already");
     expect(post(job(one).dump()), 200, "\"job-0004\"");
+    // A job whose output is not UTF-8 (its config's bytes, quoted in its error) fails, and the
+    // head goes on, its record and log readable.
+    std::ofstream(dir / "runs/latin1.yaml") << "model:\n  preset: \xff\xfe\n";
+    const std::string bad = s.submit(job("kiln train --config " + (dir / "runs/latin1.yaml")));
+    EXPECT_EQ(s.wait(bad)["status"], "FAILED");
+    expect(get("/api/jobs/" + bad + "/logs"), 200, "model.preset=\xEF\xBF\xBD");
 
     // A 100 MB body is turned away without being read.
     std::string huge(100u << 20, 'x');
@@ -442,7 +472,7 @@ TEST(Serve, BadInputGetsAClearFourHundred) {
     EXPECT_NE(r->body.find("over the 1048576 byte limit"), std::string::npos) << r->body;
     // The server is still up and answering.
     EXPECT_EQ(get("/healthz").first, 200);
-    EXPECT_EQ(s.get("/api/jobs/").size(), 3u);  // the three accepted above
+    EXPECT_EQ(s.get("/api/jobs/").size(), 4u);  // the four accepted above
 }
 
 // A web page on another site can make a browser send simple requests to a loopback head (a POST

@@ -11,6 +11,7 @@
 #include <charconv>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "core/error.h"
 #include "core/progress.h"
@@ -41,6 +42,49 @@ int parse_int(const std::map<std::string, std::string>& env, const std::string& 
     return v;
 }
 
+// This node's count in Slurm's SLURM_TASKS_PER_NODE: "4" for every node, "2(x3),1" for three
+// nodes of 2 tasks and one of 1; `node` is SLURM_NODEID.
+int slurm_tasks_on(const std::string& list, int node) {
+    auto refuse = [&] {
+        return error(
+            "environment variable SLURM_TASKS_PER_NODE={} is not a list of task counts like "
+            "2(x3),1",
+            list);
+    };
+    const char* at = list.data();
+    const char* const end = list.data() + list.size();
+    auto number = [&] {
+        int v = 0;
+        auto [next, ec] = std::from_chars(at, end, v);
+        if (ec != std::errc() || v < 1)
+            throw refuse();
+        at = next;
+        return v;
+    };
+    for (int first = 0;;) {
+        const int count = number();
+        int repeat = 1;
+        if (at < end && *at == '(') {
+            if (end - at < 2 || at[1] != 'x')
+                throw refuse();
+            at += 2;
+            repeat = number();
+            if (at == end || *at++ != ')')
+                throw refuse();
+        }
+        if (node < first + repeat)
+            return count;
+        first += repeat;
+        if (at == end)
+            throw error(
+                "environment variable SLURM_TASKS_PER_NODE={} has no count for node {} "
+                "(SLURM_NODEID)",
+                list, node);
+        if (*at++ != ',')
+            throw refuse();
+    }
+}
+
 // "host1,host2" or "host1 host2" -> first host.
 std::string first_host(const std::string& list) {
     auto end = list.find_first_of(", \n");
@@ -58,6 +102,8 @@ Placement discover(const std::map<std::string, std::string>& given) {
         p.world_size = has("WORLD_SIZE") ? parse_int(env, "WORLD_SIZE", 1) : 1;
         p.rank = has("RANK") ? parse_int(env, "RANK", 0) : 0;
         p.local_rank = has("LOCAL_RANK") ? parse_int(env, "LOCAL_RANK", 0) : p.rank;
+        if (has("LOCAL_WORLD_SIZE"))
+            p.local_world_size = parse_int(env, "LOCAL_WORLD_SIZE", 1);
     } else if (has("OMPI_COMM_WORLD_SIZE")) {
         p.source = "openmpi";
         p.world_size = parse_int(env, "OMPI_COMM_WORLD_SIZE", 1);
@@ -65,11 +111,19 @@ Placement discover(const std::map<std::string, std::string>& given) {
         p.local_rank = has("OMPI_COMM_WORLD_LOCAL_RANK")
                            ? parse_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0)
                            : p.rank;
+        if (has("OMPI_COMM_WORLD_LOCAL_SIZE"))
+            p.local_world_size = parse_int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", 1);
     } else if (has("SLURM_NTASKS")) {
         p.source = "slurm";
         p.world_size = parse_int(env, "SLURM_NTASKS", 1);
         p.rank = parse_int(env, "SLURM_PROCID", 0);
         p.local_rank = has("SLURM_LOCALID") ? parse_int(env, "SLURM_LOCALID", 0) : 0;
+        if (has("SLURM_NTASKS_PER_NODE"))
+            p.local_world_size = parse_int(env, "SLURM_NTASKS_PER_NODE", 1);
+        else if (has("SLURM_TASKS_PER_NODE"))
+            p.local_world_size =
+                slurm_tasks_on(env.at("SLURM_TASKS_PER_NODE"),
+                               has("SLURM_NODEID") ? parse_int(env, "SLURM_NODEID", 0) : 0);
         if (has("SLURM_LAUNCH_NODE_IPADDR"))
             p.master_addr = env.at("SLURM_LAUNCH_NODE_IPADDR");
     } else if (has("VC_TASK_INDEX")) {

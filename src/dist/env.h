@@ -3,7 +3,9 @@
 // convention (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK; also what `kiln launch`
 // sets), Slurm (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), Open MPI (OMPI_COMM_WORLD_RANK,
 // OMPI_COMM_WORLD_SIZE, OMPI_COMM_WORLD_LOCAL_RANK) or a Volcano job (VC_TASK_INDEX with the
-// svc plugin's host lists). Explicit torchrun variables win over the others.
+// svc plugin's host lists). Explicit torchrun variables win over the others. How many ranks
+// share this host comes from LOCAL_WORLD_SIZE, OMPI_COMM_WORLD_LOCAL_SIZE, or Slurm's
+// SLURM_NTASKS_PER_NODE or SLURM_TASKS_PER_NODE (with SLURM_NODEID); a Volcano pod holds one.
 #include <map>
 #include <string>
 
@@ -13,6 +15,7 @@ struct Placement {
     int rank = 0;
     int world_size = 1;
     int local_rank = 0;
+    int local_world_size = 1;  // ranks on this host, which share its memory
     std::string master_addr = "127.0.0.1";
     int master_port = 29500;
     std::string source = "default";  // which convention supplied it

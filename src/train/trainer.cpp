@@ -297,9 +297,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
         }
     }
     // Nothing big is allocated before the plan says it fits.
-    const char* local = std::getenv("LOCAL_WORLD_SIZE");
     const MemoryPlan plan = memory_plan(cfg, g.world);
-    check_fits(plan, memory_limit(cfg, local ? std::max(1, std::atoi(local)) : 1), cfg);
+    check_fits(plan, memory_limit(cfg, place.local_world_size), cfg);
     const bool zero = cfg.zero == 1 && g.dp > 1;
     const Shards sh = shard_layout(
         model::Layout(cfg.model, g.tp, g.tp_rank, g.pp, g.pp_rank).total(), g.dp, g.dp_rank, zero);

@@ -376,6 +376,25 @@ TEST(Env, EveryLauncherConvention) {
     EXPECT_EQ(p.source, "slurm");
     EXPECT_EQ(p.rank, 5);
     EXPECT_EQ(p.local_rank, 1);
+    EXPECT_EQ(p.local_world_size, 1);  // not said: the host's memory is this rank's
+    // The ranks sharing a host, which share its memory in the memory plan's limit.
+    auto slurm = [](std::map<std::string, std::string> env) {
+        env.insert({{"SLURM_NTASKS", "7"}, {"SLURM_PROCID", "0"}});
+        return dist::discover(env).local_world_size;
+    };
+    EXPECT_EQ(slurm({{"SLURM_NTASKS_PER_NODE", "4"}}), 4);
+    EXPECT_EQ(slurm({{"SLURM_TASKS_PER_NODE", "4(x4)"}, {"SLURM_NODEID", "3"}}), 4);
+    EXPECT_EQ(slurm({{"SLURM_TASKS_PER_NODE", "2(x3),1"}, {"SLURM_NODEID", "2"}}), 2);
+    EXPECT_EQ(slurm({{"SLURM_TASKS_PER_NODE", "2(x3),1"}, {"SLURM_NODEID", "3"}}), 1);
+    EXPECT_THROW(slurm({{"SLURM_TASKS_PER_NODE", "2(x3),1"}, {"SLURM_NODEID", "4"}}), Error);
+    EXPECT_THROW(slurm({{"SLURM_TASKS_PER_NODE", "2(3)"}}), Error);
+    EXPECT_THROW(slurm({{"SLURM_TASKS_PER_NODE", "two"}}), Error);
+    EXPECT_EQ(dist::discover({{"WORLD_SIZE", "8"}, {"LOCAL_WORLD_SIZE", "4"}}).local_world_size, 4);
+    EXPECT_EQ(dist::discover({{"OMPI_COMM_WORLD_SIZE", "8"},
+                              {"OMPI_COMM_WORLD_RANK", "2"},
+                              {"OMPI_COMM_WORLD_LOCAL_SIZE", "2"}})
+                  .local_world_size,
+              2);
     p = dist::discover({{"OMPI_COMM_WORLD_SIZE", "3"}, {"OMPI_COMM_WORLD_RANK", "2"}});
     EXPECT_EQ(p.source, "openmpi");
     EXPECT_EQ(p.world_size, 3);

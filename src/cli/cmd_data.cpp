@@ -65,6 +65,7 @@ Action add_data(CLI::App& app) {
                                           "check a data set: headers, sizes, checksums, "
                                           "token range");
     verify->add_option("dir", o->verify_dir, "data set folder")->required();
+    verify->footer("");  // it reads no config: not data's list of keys
     return [o, verify] {
         train::RunConfig config;
         // Only data.* matters here: the products' precision is the training's to settle.

@@ -132,7 +132,7 @@ if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then
 fi
 # The GPU run's Hugging Face export read by this machine's transformers, against `kiln eval`.
 step export 60 "$k" export --checkpoint "$out/tiny-cuda" --format hf --out "$out/hf" \
-    --tokenizer "$data/tokenizer.model"
+    --tokenizer "$data/tokenizer.model" --force  # $out may hold a previous check's export
 step eval 60 bash -c "'$k' eval --checkpoint '$out/tiny-cuda' --data '$data' --max-rows 8 \
     --precision fp32 >'$out/eval.json'"
 # The same checkpoint read by eval and sample on the GPU: eval's loss within 1e-5 of the CPU's.

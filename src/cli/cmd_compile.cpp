@@ -48,7 +48,8 @@ Action add_plan(CLI::App& app) {
     app.add_option("--cluster", o->cluster,
                    "NODESxACCELERATOR (" + presets + ") or a cluster .yaml file")
         ->required();
-    app.add_option("--tokens", o->tokens, "token budget (default: the config's steps)");
+    app.add_option("--tokens", o->tokens, "token budget (default: the config's steps)")
+        ->check(number_in(0));
     app.add_option("--global-batch", o->global_batch, "sequences per optimizer step")
         ->capture_default_str();
     app.add_option("--seq-len", o->seq_len, "tokens per sequence")->capture_default_str();

@@ -7,6 +7,7 @@
 
 #include "cli/commands.h"
 #include "core/error.h"
+#include "core/fs.h"
 #include "core/log.h"
 #include "core/threads.h"
 #include "data/build.h"
@@ -15,12 +16,15 @@
 namespace kiln::cli {
 
 // Trains a tokenizer on the corpus into `out` (a .model path); shared with kiln tokenizer train.
+// An existing `out` is replaced only with `force`, and only if it is a regular file: every data
+// set encoded with the old model would no longer match it.
 void train_tokenizer_on(const std::vector<std::string>& corpus, const data::DataConfig& config,
-                        int vocab_size, int threads, const std::string& out) {
+                        int vocab_size, int threads, const std::string& out, bool force) {
     if (std::filesystem::is_directory(out))
         throw error(
             "--out {} is a folder; give the tokenizer file to write, e.g. {}/tokenizer.model", out,
             out);
+    fs::check_replaceable(out, force);
     std::string lines = out + ".lines.tmp";
     int64_t bytes = data::write_training_lines(corpus, config, lines, int64_t(1) << 30);
     log::info("tokenizer", "training a {}-piece BPE tokenizer on {:.1f} MB of text", vocab_size,
@@ -94,7 +98,8 @@ Action add_data(CLI::App& app) {
                 log::info("tokenizer", "reusing {} (--force retrains it)", model);
             } else {
                 std::filesystem::create_directories(o->out);
-                train_tokenizer_on(o->corpus, config.data, o->train_tokenizer, o->threads, model);
+                train_tokenizer_on(o->corpus, config.data, o->train_tokenizer, o->threads, model,
+                                   o->force);
             }
         }
         data::Tokenizer tokenizer(model);

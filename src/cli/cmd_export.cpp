@@ -1,5 +1,5 @@
-// kiln export --checkpoint DIR --format hf --out DIR [--dtype float32|bfloat16]
-// kiln export --checkpoint DIR --format gguf --out FILE.gguf [--dtype f32|f16|bf16|q8_0]
+// kiln export --checkpoint DIR --format hf --out DIR [--dtype float32|bfloat16] [--force]
+// kiln export --checkpoint DIR --format gguf --out FILE.gguf [--dtype f32|f16|bf16|q8_0] [--force]
 // kiln export --inspect FILE.gguf
 #include <chrono>
 #include <memory>
@@ -29,7 +29,8 @@ Action add_export(CLI::App& app) {
                    "tokenizer.model to ship (hf: none by default; gguf: the run's by default)")
         ->check(CLI::ExistingFile);
     app.add_option("--name", o->name, "gguf: general.name (default kiln-<preset>-step<N>)");
-    app.add_flag("--force", o->force, "gguf: replace an existing output file");
+    app.add_flag("--force", o->force,
+                 "replace existing output files (gguf: the file; hf: the folder's files)");
     app.add_option("--inspect", o->inspect,
                    "check a GGUF file and print its metadata and tensor table");
     return [o] {
@@ -42,7 +43,7 @@ Action add_export(CLI::App& app) {
             throw error("kiln export needs --checkpoint DIR and --out PATH (or --inspect FILE)");
         if (o->format == "hf") {
             exporter::export_hf(o->checkpoint, o->out, o->dtype.empty() ? "float32" : o->dtype,
-                                o->tokenizer);
+                                o->tokenizer, o->force);
             std::printf("exported %s to %s (model.safetensors, config.json)\n",
                         o->checkpoint.c_str(), o->out.c_str());
             return 0;

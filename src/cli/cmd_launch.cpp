@@ -19,13 +19,15 @@ Action add_launch(CLI::App& app) {
         ->capture_default_str();
     app.add_option("--agent-port", o->agent_port,
                    "where node 0's launch listens for the other hosts' (default: master port + 1)");
-    app.add_option("--grace", o->grace_s, "seconds the other ranks get to stop after a failure");
+    app.add_option("--grace", o->grace_s, "seconds the other ranks get to stop after a failure")
+        ->check(number_in(0, 86400));
     app.add_option(
         "--max-failures", o->max_failures,
         "restart the whole gang (from the newest good checkpoint) up to this many times");
     app.add_option("--hang-timeout", o->hang_timeout_s,
                    "a rank without progress, or with --nnodes a silent host, for this many seconds "
-                   "counts as failed (0: never for a rank, 600 s for a host)");
+                   "counts as failed (0: never for a rank, 600 s for a host)")
+        ->check(number_in(0));
     app.add_option("command", o->command, "the command of every rank, after --")->required();
     app.footer(
         "Example: kiln launch -n 2 -- kiln train --set run.dir=runs/dp2\n"

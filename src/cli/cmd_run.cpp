@@ -36,7 +36,7 @@
 namespace kiln::cli {
 
 void train_tokenizer_on(const std::vector<std::string>& corpus, const data::DataConfig& config,
-                        int vocab_size, int threads, const std::string& out);
+                        int vocab_size, int threads, const std::string& out, bool force);
 
 namespace {
 
@@ -142,7 +142,7 @@ Action add_run(CLI::App& app) {
         } else {
             std::filesystem::create_directories(config.data.source);
             train_tokenizer_on(o->corpus, config.data, int(config.model.vocab_size),
-                               int(config.train.threads), model);
+                               int(config.train.threads), model, false);
         }
         data::Tokenizer tokenizer(model);
         data::BuildResult built =
@@ -189,11 +189,11 @@ Action add_run(CLI::App& app) {
         std::string hf = o->out + "/hf";
         std::string gguf = o->out + "/model.gguf";
         log::info("run", "stage 5/5: export {} to {} and {}", *checkpoint, hf, gguf);
-        exporter::export_hf(*checkpoint, hf, "float32", model);
+        exporter::export_hf(*checkpoint, hf, "float32", model, true);  // a rerun replaces it
         exporter::GgufExportOptions g;
         g.tokenizer = model;
         g.data_fingerprint = exporter::data_fingerprint(config.data.source);
-        g.force = true;  // a rerun replaces it, as it replaces the HF folder's files
+        g.force = true;  // as the HF folder's files
         exporter::export_gguf(*checkpoint, gguf, g);
         std::printf(
             "done: loss %.4f -> %.4f; checkpoint %s; Hugging Face folder %s; llama.cpp file %s\n",

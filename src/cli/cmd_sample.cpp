@@ -60,7 +60,7 @@ Action add_sample(CLI::App& app) {
         ->check(CLI::Range(1, 1000))
         ->capture_default_str();
     app.add_option("--temperature", o->sample.temperature, "softmax temperature (0: greedy)")
-        ->check(CLI::Range(0.0, 100.0))
+        ->check(number_in(0, 100))
         ->capture_default_str();
     app.add_option("--top-k", o->sample.top_k, "draw among the k likeliest (0: all)")
         ->check(CLI::NonNegativeNumber)

@@ -1,4 +1,4 @@
-// kiln tokenizer train --corpus PATH... --vocab-size N --out FILE.model
+// kiln tokenizer train --corpus PATH... --vocab-size N --out FILE.model [--force]
 // kiln tokenizer encode|decode --tokenizer MODEL     (stdin -> stdout)
 #include <iostream>
 #include <memory>
@@ -12,13 +12,14 @@
 namespace kiln::cli {
 
 void train_tokenizer_on(const std::vector<std::string>& corpus, const data::DataConfig& config,
-                        int vocab_size, int threads, const std::string& out);
+                        int vocab_size, int threads, const std::string& out, bool force);
 
 Action add_tokenizer(CLI::App& app) {
     struct Options {
         std::vector<std::string> corpus;
         std::string out, model;
         int vocab_size = 32000, threads = 0;
+        bool force = false;
     };
     auto o = std::make_shared<Options>();
     app.require_subcommand(1);
@@ -30,6 +31,8 @@ Action add_tokenizer(CLI::App& app) {
         ->check(CLI::Range(100, 1 << 20));
     train->add_option("--out", o->out, "the .model file to write")->required();
     train->add_option("--threads", o->threads, "training threads (0: all cores)");
+    train->add_flag("--force", o->force,
+                    "replace an existing --out file (data sets encoded with it no longer match)");
     CLI::App* encode = app.add_subcommand("encode", "text on stdin -> one line of ids per line");
     CLI::App* decode = app.add_subcommand("decode", "lines of ids on stdin -> text");
     for (CLI::App* sub : {encode, decode}) {
@@ -37,7 +40,8 @@ Action add_tokenizer(CLI::App& app) {
     }
     return [o, train, encode] {
         if (train->parsed()) {
-            train_tokenizer_on(o->corpus, data::DataConfig{}, o->vocab_size, o->threads, o->out);
+            train_tokenizer_on(o->corpus, data::DataConfig{}, o->vocab_size, o->threads, o->out,
+                               o->force);
             return 0;
         }
         data::Tokenizer tok(o->model);

@@ -1,4 +1,7 @@
 // kiln train [--config FILE.yaml] [--set key=value ...]
+#include <fmt/format.h>
+
+#include <cmath>
 #include <memory>
 
 #include "cli/commands.h"
@@ -32,6 +35,20 @@ void add_config_options(CLI::App& app, ConfigOptions& options, train::RunConfig 
     ConfigSchema schema;
     train::build_schema(schema, defaults);
     app.footer("Config keys (KEY = default; nested YAML or --set a.b=c):\n" + schema.help());
+}
+
+CLI::Validator number_in(double lo, double hi) {
+    const std::string range = std::isinf(hi) ? fmt::format("a finite number of at least {}", lo)
+                                             : fmt::format("a number from {} to {}", lo, hi);
+    auto check = [lo, hi, range](std::string& input) {
+        double v = 0;
+        const bool parsed = CLI::detail::lexical_cast(input, v);
+        // Written so that NaN fails it: every comparison with NaN is false.
+        if (parsed && v >= lo && v <= hi && std::isfinite(v))
+            return std::string();
+        return fmt::format("{} is not {}", input, range);
+    };
+    return CLI::Validator(check, range.substr(range.find(' ') + 1));
 }
 
 void add_kernel_options(CLI::App& app, std::string& precision, std::string& backend) {

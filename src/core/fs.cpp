@@ -38,6 +38,51 @@ std::string read_file(const std::string& path, size_t max_bytes) {
     return out;
 }
 
+namespace {
+// What a path that is not a regular file is, for the sentence that refuses it.
+const char* kind_of(mode_t mode) {
+    if (S_ISREG(mode))
+        return "a file";
+    if (S_ISDIR(mode))
+        return "a folder";
+    if (S_ISLNK(mode))
+        return "a symbolic link";
+    if (S_ISFIFO(mode))
+        return "a FIFO";
+    if (S_ISCHR(mode) || S_ISBLK(mode))
+        return "a device";
+    if (S_ISSOCK(mode))
+        return "a socket";
+    return "a special file";
+}
+}  // namespace
+
+void check_replaceable(const std::string& path, bool force) {
+    struct stat st;
+    if (::lstat(path.c_str(), &st) != 0) {
+        if (errno == ENOENT)
+            return;
+        throw error("cannot write {}: {}", path, std::strerror(errno));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        throw error("{} is {}, not a regular file; kiln replaces only regular files", path,
+                    kind_of(st.st_mode));
+    }
+    if (!force)
+        throw error("{} exists; pass --force to replace it", path);
+}
+
+void check_folder(const std::string& path) {
+    struct stat st;
+    if (::stat(path.c_str(), &st) != 0) {
+        if (errno == ENOENT)
+            return;
+        throw error("cannot write into {}: {}", path, std::strerror(errno));
+    }
+    if (!S_ISDIR(st.st_mode))
+        throw error("{} is {}, not a folder to write into", path, kind_of(st.st_mode));
+}
+
 void fsync_path(const std::string& path) {
     int fd = ::open(path.c_str(), O_RDONLY);
     if (fd < 0) {

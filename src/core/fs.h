@@ -21,6 +21,15 @@ inline void write_file_atomic(const std::string& path, const std::string& text) 
     write_file_atomic(path, std::span<const char>(text.data(), text.size()));
 }
 
+// Refuses, in one sentence naming `path`, an output that would replace what is already there:
+// anything but a regular file (a rename over a FIFO, a device node or a symbolic link replaces
+// that node, not what it stands for), and a regular file unless `force` (the user's --force).
+// Nothing there: returns.
+void check_replaceable(const std::string& path, bool force);
+// Refuses, naming `path`, a folder to write into that exists as anything but a folder (or a link
+// to one).
+void check_folder(const std::string& path);
+
 // Like write_file_atomic without the fsyncs, for status files rewritten every few seconds:
 // readers see the old file or the new one, never half of one; a crash may lose the newest.
 void write_file_replace(const std::string& path, const std::string& text);

@@ -55,9 +55,22 @@ private:
     int64_t consumed_ = 0;
 };
 
+// zlib is lenient where a corpus reader must not be: it reads a file without the gzip magic
+// as plain bytes ("transparent" mode), and a stream that stops short (no end of the deflate
+// data, or no trailer) as a normal end, saying so only through gzerror's Z_BUF_ERROR. Both
+// are refused here, so that a damaged download is never tokenized as if it were whole.
 class GzipStream : public ByteStream {
 public:
-    explicit GzipStream(const std::string& path) : path_(path), f_(gzopen(path.c_str(), "rb")) {
+    explicit GzipStream(const std::string& path) : path_(path) {
+        unsigned char magic[2] = {0, 0};
+        {
+            PlainStream file(path);
+            if (file.read(reinterpret_cast<char*>(magic), 2) != 2 || magic[0] != 0x1f ||
+                magic[1] != 0x8b)
+                throw error("{} is not valid gzip: it does not start with the gzip magic 1f 8b",
+                            path);
+        }
+        f_ = gzopen(path.c_str(), "rb");
         if (!f_)
             throw error("cannot open {}", path);
         gzbuffer(f_, 1 << 17);
@@ -65,17 +78,19 @@ public:
     ~GzipStream() override { gzclose(f_); }
     size_t read(char* buf, size_t n) override {
         int got = gzread(f_, buf, static_cast<unsigned>(std::min<size_t>(n, 1 << 30)));
-        if (got < 0) {
-            int code;
-            throw error("{} is not valid gzip: {}", path_, gzerror(f_, &code));
-        }
+        int code = Z_OK;
+        const char* why = gzerror(f_, &code);
+        if (got < 0)
+            throw error("{} is not valid gzip: {}", path_, why);
+        if (code == Z_BUF_ERROR)  // "unexpected end of file": the stream stopped short
+            throw error("{} is truncated gzip data", path_);
         return size_t(got);
     }
     int64_t consumed() const override { return gzoffset(f_); }
 
 private:
     std::string path_;
-    gzFile f_;
+    gzFile f_ = nullptr;
 };
 
 class ZstdStream : public ByteStream {

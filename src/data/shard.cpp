@@ -5,6 +5,7 @@
 #include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
+#include <unordered_set>
 
 #include "core/error.h"
 
@@ -133,6 +134,7 @@ Manifest read_manifest(const std::string& dir) {
         m.sources = j.value("sources", std::vector<std::string>{});
         m.add_eos = j.value("add_eos", true);
         m.tail = j.value("tail", std::string("drop"));
+        std::unordered_set<std::string> names;
         for (const auto& s : j.at("shards")) {
             ShardEntry e;
             e.file = s.at("file").get<std::string>();
@@ -148,6 +150,10 @@ Manifest read_manifest(const std::string& dir) {
                 throw error("{}: shard file name {} must be a plain name in the folder", path,
                             nlohmann::json(e.file.substr(0, 300)).dump());
             }
+            // A name listed twice would be read twice an epoch, and the shard it stands in
+            // for never: such a manifest was not written by kiln data.
+            if (!names.insert(e.file).second)
+                throw error("{} lists shard {} twice", path, e.file);
             m.shards.push_back(e);
         }
     } catch (const nlohmann::json::exception& e) {

@@ -352,11 +352,17 @@ Tokenizer::Tokenizer(const std::string& model_path)
     : sp_(std::make_unique<sentencepiece::SentencePieceProcessor>()) {
     if (!fs::exists(model_path))
         throw error("tokenizer {} does not exist", model_path);
-    auto status = sp_->Load(model_path);
+    if (std::filesystem::is_directory(model_path))
+        throw error("tokenizer {} is a folder, not a tokenizer model", model_path);
+    // Read through kiln's own mapping, not SentencePiece's stream, whose failures name no file
+    // and which would wait on a FIFO: MappedFile refuses anything but a regular file by name.
+    const fs::MappedFile file(model_path);
+    auto status =
+        sp_->LoadFromSerializedProto({reinterpret_cast<const char*>(file.data()), file.size()});
     if (!status.ok()) {
         throw error("{} is not a SentencePiece model: {}", model_path, status.ToString());
     }
-    identity_ = tokenizer_identity(model_path);
+    identity_ = fmt::format("xxh64:{:016x}", fs::xxh64(file.data(), file.size()));
 
     // A cut just before a '\n' changes no id when the normalizer leaves every character alone
     // and BPE can merge nothing across the '\n': no piece holds one, so it is the byte token

@@ -189,7 +189,8 @@ public:
 private:
     void need(uint64_t n, const char* what) {
         if (n > f_.size() - at_)
-            throw error("{} ends inside the header (reading {} at byte {})", f_.path(), what, at_);
+            throw error("{} ends inside the header (reading {} at byte {}): the file is truncated",
+                        f_.path(), what, at_);
     }
     const fs::MappedFile& f_;
     uint64_t at_ = 0;
@@ -471,8 +472,13 @@ uint64_t GgufWriter::commit() {
 
 GgufFile::GgufFile(const std::string& path) : file_(path) {
     Cursor c(file_);
-    if (file_.size() < 24 || c.get<uint32_t>("the magic") != kMagic)
+    // The bytes there are compared with the magic's first ones, so that a file cut inside its
+    // fixed start is called truncated (by the cursor, naming what it was reading), not foreign.
+    if (file_.size() == 0)
+        throw error("{} is empty, not a GGUF file", path);
+    if (std::memcmp(file_.data(), "GGUF", std::min<size_t>(4, file_.size())) != 0)
         throw error("{} is not a GGUF file (no GGUF magic)", path);
+    c.get<uint32_t>("the magic");
     version_ = c.get<uint32_t>("the version");
     if (version_ != kVersion)
         throw error("{} is GGUF version {}; kiln reads version 3", path, version_);

@@ -4,7 +4,6 @@
 #include <fmt/ranges.h>
 
 #include <cstdio>
-#include <filesystem>
 #include <vector>
 
 #include "checkpoint/checkpoint.h"
@@ -156,8 +155,7 @@ GgufExportResult export_gguf(const std::string& checkpoint_dir, const std::strin
     const std::optional<GgmlType> dtype = ggml_type_from_name(options.dtype);
     if (!dtype)
         throw error("--dtype {} is not one of f32, f16, bf16, q8_0", options.dtype);
-    if (std::filesystem::exists(out_path) && !options.force)
-        throw error("{} exists; pass --force to replace it", out_path);
+    fs::check_replaceable(out_path, options.force);
     if (options.tokenizer.empty())
         throw error(
             "{}: its run names no tokenizer (data.tokenizer in config.yaml), and a GGUF file "

@@ -25,7 +25,8 @@ struct GgufExportResult {
 
 // Writes out_path atomically (out_path.tmp, then rename): a failure leaves no file and any
 // old one untouched. Throws Error in one sentence for an unknown dtype, a missing tokenizer,
-// a tokenizer that does not fit the model, or an existing out_path without `force`.
+// a tokenizer that does not fit the model, an existing out_path without `force`, or one that is
+// not a regular file (a FIFO, a device, a link) with it.
 GgufExportResult export_gguf(const std::string& checkpoint_dir, const std::string& out_path,
                              const GgufExportOptions& options);
 

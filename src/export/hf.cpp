@@ -12,10 +12,19 @@
 namespace kiln::exporter {
 
 void export_hf(const std::string& checkpoint_dir, const std::string& out_dir,
-               const std::string& dtype, const std::string& tokenizer) {
+               const std::string& dtype, const std::string& tokenizer, bool force) {
     if (dtype != "float32" && dtype != "bfloat16") {
         throw error("--dtype {} is not float32 or bfloat16", dtype);
     }
+    // Every file this export writes is checked before any is: a refusal leaves the folder as
+    // it was, not half replaced.
+    fs::check_folder(out_dir);
+    std::vector<std::string> outputs = {"model.safetensors", "config.json"};
+    if (!tokenizer.empty())
+        outputs.insert(outputs.end(),
+                       {"tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"});
+    for (const auto& name : outputs)
+        fs::check_replaceable(out_dir + "/" + name, force);
     checkpoint::Checkpoint ck(checkpoint_dir);
     const model::LlamaConfig& c = ck.config();
     model::Layout layout(c);

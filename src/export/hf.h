@@ -6,9 +6,11 @@
 
 namespace kiln::exporter {
 
-// dtype: "float32" or "bfloat16". Writes into out_dir (created); existing files there are
-// replaced atomically. A tokenizer.model, when given, is copied with the LlamaTokenizer config.
+// dtype: "float32" or "bfloat16". Writes into out_dir (created). A tokenizer.model, when given,
+// is copied with the LlamaTokenizer config. An output file already there is replaced
+// (atomically) only with `force`, and only when it is a regular file: else Error names it
+// before anything is written.
 void export_hf(const std::string& checkpoint_dir, const std::string& out_dir,
-               const std::string& dtype, const std::string& tokenizer = "");
+               const std::string& dtype, const std::string& tokenizer = "", bool force = false);
 
 }  // namespace kiln::exporter

@@ -2,6 +2,7 @@
 // Llama-2 tokenizer against spm_encode when ../shared/data is present.
 #include <gtest/gtest.h>
 #include <omp.h>
+#include <sys/stat.h>
 #include <zlib.h>
 #include <zstd.h>
 
@@ -110,6 +111,59 @@ TEST(Corpus, BadInputIsNamedOrCounted) {
     write(dir / "trunc.jsonl.zst", "not zstd at all");
     EXPECT_NE(message_of([&] { read_all({dir / "trunc.jsonl.zst"}); }).find("not valid zstd"),
               std::string::npos);
+}
+
+// zlib reads a cut .gz as far as it goes and anything without the gzip magic as plain bytes:
+// both must end the read with a sentence naming the file, never a quiet prefix or garbage.
+TEST(Corpus, TruncatedOrFakeGzipIsRefused) {
+    TempDir dir;
+    std::string text;
+    for (int i = 0; i < 400; i++)
+        text += builtin_story(3, i) + "\n";
+    write_gz(dir / "whole.txt.gz", text);
+    const std::string gz = fs::read_file(dir / "whole.txt.gz");
+    ASSERT_GT(gz.size(), 4000u);
+    EXPECT_EQ(read_all({dir / "whole.txt.gz"}), std::vector<std::string>{text});
+    write(dir / "cut.txt.gz", gz.substr(0, gz.size() / 8));
+    std::string m = message_of([&] { read_all({dir / "cut.txt.gz"}); });
+    EXPECT_NE(m.find("cut.txt.gz is truncated gzip data"), std::string::npos) << m;
+    write(dir / "trailer.txt.gz", gz.substr(0, gz.size() - 4));  // the length field gone
+    m = message_of([&] { read_all({dir / "trailer.txt.gz"}); });
+    EXPECT_NE(m.find("trailer.txt.gz is truncated gzip data"), std::string::npos) << m;
+    std::string lines;
+    for (int i = 0; i < 400; i++)
+        lines += nlohmann::json({{"text", builtin_story(4, i)}}).dump() + "\n";
+    write_gz(dir / "lines.jsonl.gz", lines);
+    const std::string gz_lines = fs::read_file(dir / "lines.jsonl.gz");
+    write(dir / "cut.jsonl.gz", gz_lines.substr(0, gz_lines.size() / 2));
+    m = message_of([&] { read_all({dir / "cut.jsonl.gz"}); });
+    EXPECT_NE(m.find("cut.jsonl.gz is truncated gzip data"), std::string::npos) << m;
+    std::mt19937 rng(7);
+    std::string noise(5000, '\0');
+    for (char& c : noise)
+        c = char(rng());
+    noise[0] = 'x';  // never the magic by chance
+    write(dir / "x.txt.gz", noise);
+    m = message_of([&] { read_all({dir / "x.txt.gz"}); });
+    EXPECT_NE(m.find("x.txt.gz is not valid gzip"), std::string::npos) << m;
+    write(dir / "plain.txt.gz", "plain text, never compressed\n");
+    m = message_of([&] { read_all({dir / "plain.txt.gz"}); });
+    EXPECT_NE(m.find("plain.txt.gz is not valid gzip"), std::string::npos) << m;
+    write(dir / "empty.txt.gz", "");
+    m = message_of([&] { read_all({dir / "empty.txt.gz"}); });
+    EXPECT_NE(m.find("empty.txt.gz is not valid gzip"), std::string::npos) << m;
+}
+
+// A folder given as the tokenizer is named as such, not as a stream error without a path.
+TEST(Corpus, TokenizerThatIsAFolderIsNamed) {
+    TempDir dir;
+    std::string m = message_of([&] { Tokenizer t(dir.path); });
+    EXPECT_NE(m.find("tokenizer " + dir.path + " is a folder, not a tokenizer model"),
+              std::string::npos)
+        << m;
+    ASSERT_EQ(::mkfifo((dir / "fifo.model").c_str(), 0644), 0);
+    m = message_of([&] { Tokenizer t(dir / "fifo.model"); });  // refused, not waited on
+    EXPECT_NE(m.find("fifo.model is not a regular file"), std::string::npos) << m;
 }
 
 TEST(Corpus, BuiltinStoriesAreDeterministic) {

@@ -116,6 +116,12 @@ TEST(Shards, BadManifestFieldsAreRefused) {
     std::string sum = good.substr(good.find("\"xxh64\": \"") + 10, 16);
     EXPECT_NE(with(sum, "xyz").find("xxh64 \"xyz\" of shard-00000.bin is not 16 hexadecimal"),
               std::string::npos);
+    // A shard listed twice would be read twice an epoch while the one it displaced lies unused.
+    std::string twice = with("\"shard-00001.bin\"", "\"shard-00000.bin\"");
+    EXPECT_NE(twice.find(d + "/manifest.json lists shard shard-00000.bin twice"), std::string::npos)
+        << twice;
+    EXPECT_NE(message_of([&] { ShardSet(d, 100); }).find("lists shard shard-00000.bin twice"),
+              std::string::npos);
     fs::write_file_atomic(d + "/manifest.json", good);
     std::filesystem::remove(d + "/shard-00001.bin");
     ASSERT_EQ(::mkfifo((d + "/shard-00001.bin").c_str(), 0644), 0);

@@ -54,11 +54,12 @@ std::vector<double> losses(const std::string& run) {
 }
 
 // Largest over tensors of max|a - b| / max|b|, between the final weights of two runs, read
-// through `kiln export` (which assembles whole tensors from any layout's rank files).
+// through `kiln export` (which assembles whole tensors from any layout's rank files). A
+// reference run is compared with several layouts, so its export is replaced (--force).
 double weight_difference(const std::string& run_a, const std::string& run_b) {
     for (const auto& run : {run_a, run_b}) {
-        Result r = sh(kiln::testing::kiln_binary() + " export --checkpoint " + run + " --out " +
-                      run + "/hf");
+        Result r = sh(kiln::testing::kiln_binary() + " export --force --checkpoint " + run +
+                      " --out " + run + "/hf");
         EXPECT_EQ(r.rc, 0) << r.out;
     }
     SafetensorsFile a(run_a + "/hf/model.safetensors");

@@ -2,6 +2,7 @@
 // an uninterrupted run, eval and export agreeing with the independent PyTorch reference, and bad
 // input ending in one clear sentence with nothing overwritten.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <fstream>
@@ -402,6 +403,61 @@ TEST(Cli, DataPipelineAndItsGuards) {
                        (dir / "b/tokenizer.model") + " --out " + (dir / "c"));
     EXPECT_NE(line.rc, 0);
     EXPECT_NE(line.out.find("bad.jsonl:2: line is not valid JSON"), std::string::npos) << line.out;
+}
+
+// A tokenizer file is what every data set encoded with it depends on: training one over an
+// existing file takes --force, and even then only a regular file is replaced.
+TEST(Cli, TokenizerTrainKeepsAnExistingOutput) {
+    TempDir dir;
+    const std::string train =
+        "tokenizer train --corpus builtin:stories:200 --vocab-size 400 --out ";
+    fs::write_file_atomic(dir / "exist.model", std::string("keep me"));
+    Result r = kiln(train + (dir / "exist.model"));
+    EXPECT_NE(r.rc, 0);
+    EXPECT_NE(r.out.find(dir / "exist.model exists; pass --force to replace it"), std::string::npos)
+        << r.out;
+    EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 1) << r.out;
+    EXPECT_EQ(fs::read_file(dir / "exist.model"), "keep me");
+    EXPECT_FALSE(fs::exists(dir / "exist.model.lines.tmp"));
+    // A link is not replaced by a file, with --force or without; its target stays as it was.
+    std::filesystem::create_symlink(dir / "exist.model", dir / "link.model");
+    for (const std::string force : {"", " --force"}) {
+        r = kiln(train + (dir / "link.model") + force);
+        EXPECT_NE(r.rc, 0);
+        EXPECT_NE(r.out.find(dir / "link.model is a symbolic link, not a regular file"),
+                  std::string::npos)
+            << r.out;
+        EXPECT_TRUE(std::filesystem::is_symlink(dir / "link.model"));
+    }
+    EXPECT_EQ(fs::read_file(dir / "exist.model"), "keep me");
+    ASSERT_EQ(::mkfifo((dir / "fifo.model").c_str(), 0644), 0);
+    r = kiln(train + (dir / "fifo.model") + " --force");
+    EXPECT_NE(r.rc, 0);
+    EXPECT_NE(r.out.find(dir / "fifo.model is a FIFO, not a regular file"), std::string::npos)
+        << r.out;
+    EXPECT_TRUE(std::filesystem::is_fifo(dir / "fifo.model"));
+    r = kiln(train + (dir / "exist.model") + " --force");
+    EXPECT_EQ(r.rc, 0) << r.out;
+    EXPECT_NE(fs::read_file(dir / "exist.model"), "keep me");
+    EXPECT_NE(kiln("tokenizer train --help").out.find("--force"), std::string::npos);
+}
+
+// A float flag's range check must refuse NaN, which compares false with every bound.
+TEST(Cli, NanFlagsAreRefused) {
+    TempDir dir;
+    const std::string cases[] = {
+        "sample --checkpoint " + (dir / "none") + " --temperature nan",
+        "plan --cluster 1xh200 --tokens nan",
+        "launch -n 1 --grace nan -- true",
+        "launch -n 1 --hang-timeout nan -- true",
+    };
+    for (const auto& args : cases) {
+        Result r = kiln(args);
+        EXPECT_NE(r.rc, 0) << args;
+        EXPECT_NE(r.out.find("nan is not a "), std::string::npos) << args << "\n" << r.out;
+    }
+    Result inf = kiln("sample --checkpoint " + (dir / "none") + " --temperature inf");
+    EXPECT_NE(inf.out.find("inf is not a number from 0 to 100"), std::string::npos) << inf.out;
 }
 
 // Bad input: exit non-zero with one line naming the key or file; nothing overwritten.

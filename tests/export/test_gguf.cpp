@@ -4,7 +4,9 @@
 // llama.cpp (node-llama-cpp's prebuilt binary, installed by scripts/setup.sh) loads the files,
 // tokenizes as kiln does, continues a prompt as `kiln sample` does, and q8_0 keeps perplexity.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -154,6 +156,18 @@ TEST(GgufFormat, ReaderRefusesDamagedFilesInOneSentence) {
     EXPECT_NE(m.find("past the end"), std::string::npos) << m;
     m = damaged("header.gguf", bytes.substr(0, 60));
     EXPECT_NE(m.find("header.gguf ends inside the header"), std::string::npos) << m;
+    // A file cut short of the fixed 24-byte start still has its magic: it is truncated.
+    m = damaged("ten.gguf", bytes.substr(0, 10));
+    EXPECT_NE(m.find("ten.gguf ends inside the header (reading the tensor count at byte 8): "
+                     "the file is truncated"),
+              std::string::npos)
+        << m;
+    m = damaged("two.gguf", bytes.substr(0, 2));
+    EXPECT_NE(m.find("two.gguf ends inside the header (reading the magic at byte 0)"),
+              std::string::npos)
+        << m;
+    m = damaged("tiny.gguf", "GGX");
+    EXPECT_NE(m.find("tiny.gguf is not a GGUF file"), std::string::npos) << m;
     std::string misaligned = bytes;
     misaligned[offset_of("b") + 4 + 8 + 4] += 4;  // n_dims, one dim, type, then the offset
     m = damaged("misaligned.gguf", misaligned);
@@ -366,6 +380,70 @@ TEST(GgufExport, BadInputIsOneSentenceAndWritesNothing) {
         << r.out;
     EXPECT_FALSE(fs::exists(dir / "b.gguf"));
     EXPECT_FALSE(fs::exists(dir / "b.gguf.tmp"));
+}
+
+// An export replaces nothing already there without --force, and with it only regular files:
+// the rename that replaces a file would put a file in place of a FIFO, a device node or a link.
+TEST(GgufExport, ExistingOutputsNeedForceAndMustBeRegularFiles) {
+    const TempDir& d = micro_data();
+    TempDir dir;
+    ASSERT_EQ(kiln("train" + kMicro + " --set model.vocab_size=320 --set train.steps=2" +
+                   " --set run.dir=" + (dir / "run"))
+                  .rc,
+              0);
+    auto is_fifo = [](const std::string& path) {
+        struct stat st;
+        return ::lstat(path.c_str(), &st) == 0 && S_ISFIFO(st.st_mode);
+    };
+    // Hugging Face: a second export into the same folder asks for --force, and keeps the file.
+    const std::string hf = "export --checkpoint " + (dir / "run") + " --format hf --out ";
+    Result r = kiln(hf + (dir / "hf"));
+    ASSERT_EQ(r.rc, 0) << r.out;
+    const std::string exported = fs::read_file(dir / "hf/model.safetensors");
+    fs::write_file_atomic(dir / "hf/model.safetensors", std::string("keep me"));
+    r = kiln(hf + (dir / "hf"));
+    EXPECT_NE(r.rc, 0);
+    EXPECT_NE(r.out.find(dir / "hf/model.safetensors exists; pass --force to replace it"),
+              std::string::npos)
+        << r.out;
+    EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 1) << r.out;
+    EXPECT_EQ(fs::read_file(dir / "hf/model.safetensors"), "keep me");
+    r = kiln(hf + (dir / "hf") + " --force");
+    EXPECT_EQ(r.rc, 0) << r.out;
+    EXPECT_EQ(fs::read_file(dir / "hf/model.safetensors"), exported);
+    // A FIFO in a file's place, or as the folder, is refused even with --force, and stays.
+    fs::make_dirs(dir / "hf2");
+    ASSERT_EQ(::mkfifo((dir / "hf2/model.safetensors").c_str(), 0644), 0);
+    r = kiln(hf + (dir / "hf2") + " --force");
+    EXPECT_NE(r.rc, 0);
+    EXPECT_NE(r.out.find(dir / "hf2/model.safetensors is a FIFO, not a regular file"),
+              std::string::npos)
+        << r.out;
+    EXPECT_TRUE(is_fifo(dir / "hf2/model.safetensors"));
+    EXPECT_FALSE(fs::exists(dir / "hf2/config.json"));
+    ASSERT_EQ(::mkfifo((dir / "pipe").c_str(), 0644), 0);
+    r = kiln(hf + (dir / "pipe") + " --force");
+    EXPECT_NE(r.rc, 0);
+    EXPECT_NE(r.out.find(dir / "pipe is a FIFO, not a folder"), std::string::npos) << r.out;
+    EXPECT_TRUE(is_fifo(dir / "pipe"));
+    // GGUF: the same for a FIFO, and a symbolic link is left a link (its target untouched).
+    const std::string gguf = "export --checkpoint " + (dir / "run") +
+                             " --format gguf --force --tokenizer " + (d / "data/tokenizer.model") +
+                             " --out ";
+    r = kiln(gguf + (dir / "pipe"));
+    EXPECT_NE(r.rc, 0);
+    EXPECT_NE(r.out.find(dir / "pipe is a FIFO, not a regular file"), std::string::npos) << r.out;
+    EXPECT_TRUE(is_fifo(dir / "pipe"));
+    EXPECT_FALSE(fs::exists(dir / "pipe.tmp"));
+    fs::write_file_atomic(dir / "target.gguf", std::string("keep me"));
+    std::filesystem::create_symlink(dir / "target.gguf", dir / "link.gguf");
+    r = kiln(gguf + (dir / "link.gguf"));
+    EXPECT_NE(r.rc, 0);
+    EXPECT_NE(r.out.find(dir / "link.gguf is a symbolic link, not a regular file"),
+              std::string::npos)
+        << r.out;
+    EXPECT_TRUE(std::filesystem::is_symlink(dir / "link.gguf"));
+    EXPECT_EQ(fs::read_file(dir / "target.gguf"), "keep me");
 }
 
 // node-llama-cpp as scripts/setup.sh installs it, or why it cannot run here.

@@ -26,7 +26,8 @@ Action add_export(CLI::App& app) {
     app.add_option("--dtype", o->dtype,
                    "hf: float32 (default) or bfloat16; gguf: f32 (default), f16, bf16 or q8_0");
     app.add_option("--tokenizer", o->tokenizer,
-                   "tokenizer.model to ship (hf: none by default; gguf: the run's by default)")
+                   "tokenizer.model to ship (default: the run's data.tokenizer, where it names "
+                   "one)")
         ->check(CLI::ExistingFile);
     app.add_option("--name", o->name, "gguf: general.name (default kiln-<preset>-step<N>)");
     app.add_flag("--force", o->force,
@@ -41,19 +42,21 @@ Action add_export(CLI::App& app) {
         }
         if (o->checkpoint.empty() || o->out.empty())
             throw error("kiln export needs --checkpoint DIR and --out PATH (or --inspect FILE)");
+        const std::string tokenizer =
+            o->tokenizer.empty() ? run_data_key(o->checkpoint, "tokenizer") : o->tokenizer;
         if (o->format == "hf") {
             exporter::export_hf(o->checkpoint, o->out, o->dtype.empty() ? "float32" : o->dtype,
-                                o->tokenizer, o->force);
-            std::printf("exported %s to %s (model.safetensors, config.json)\n",
-                        o->checkpoint.c_str(), o->out.c_str());
+                                tokenizer, o->force);
+            std::printf("exported %s to %s (model.safetensors, config.json%s)\n",
+                        o->checkpoint.c_str(), o->out.c_str(),
+                        tokenizer.empty() ? "" : ", the tokenizer");
             return 0;
         }
         if (o->format != "gguf")
             throw error("--format {} is not hf or gguf", o->format);
         exporter::GgufExportOptions g;
         g.dtype = o->dtype.empty() ? "f32" : o->dtype;
-        g.tokenizer =
-            o->tokenizer.empty() ? run_data_key(o->checkpoint, "tokenizer") : o->tokenizer;
+        g.tokenizer = tokenizer;
         g.name = o->name;
         g.data_fingerprint = exporter::data_fingerprint(run_data_key(o->checkpoint, "source"));
         g.force = o->force;

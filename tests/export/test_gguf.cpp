@@ -260,6 +260,8 @@ TEST(GgufExport, ATensorParallelCheckpointMatchesTheHuggingFaceExport) {
     ASSERT_EQ(t.rc, 0) << t.out;
     ASSERT_EQ(
         kiln("export --checkpoint " + (dir / "run") + " --format hf --out " + (dir / "hf")).rc, 0);
+    // The run's tokenizer goes with the HF folder too, unasked.
+    EXPECT_EQ(fs::read_file(dir / "hf/tokenizer.model"), fs::read_file(d / "data/tokenizer.model"));
     Result e =
         kiln("export --checkpoint " + (dir / "run") + " --format gguf --out " + (dir / "m.gguf"));
     ASSERT_EQ(e.rc, 0) << e.out;

@@ -240,13 +240,27 @@ std::unique_ptr<Checkpoint> newest_valid(const RunDir& run) {
         log::warn("checkpoint", "{}", e.what());
     }
     std::vector<std::string> steps = step_dirs(run);
-    candidates.insert(candidates.end(), steps.rbegin(), steps.rend());  // newest first
+    for (auto it = steps.rbegin(); it != steps.rend(); ++it) {  // newest first
+        if (candidates.empty() || *it != candidates.front())    // `latest` is tried once
+            candidates.push_back(*it);
+    }
+    std::string newest_damage;
     for (const auto& dir : candidates) {
         try {
             return std::make_unique<Checkpoint>(dir);
         } catch (const Error& e) {
             log::warn("checkpoint", "skipping a damaged checkpoint: {}", e.what());
+            if (newest_damage.empty())
+                newest_damage = e.what();
         }
+    }
+    // Checkpoints that are all damaged are not a fresh run: starting over from step 0 would
+    // overwrite them, and with them whatever a repair could still recover.
+    if (!candidates.empty()) {
+        throw error(
+            "every checkpoint in {} is damaged ({} of them; the newest: {}); restore a good "
+            "checkpoint there, or move {} aside to start over, or use another run.dir",
+            run.root, candidates.size(), newest_damage, run.checkpoints());
     }
     return nullptr;
 }

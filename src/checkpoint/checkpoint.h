@@ -112,7 +112,8 @@ std::optional<std::string> latest(const RunDir& run);
 class Checkpoint;
 // The newest checkpoint of a run that opens and verifies: the one `latest` names, else the
 // step-* folders newest first. Each damaged one is reported (log warning) and skipped; a bad
-// file is never loaded. Empty when the run has none that is good.
+// file is never loaded. Empty when the run has no checkpoint; throws Error, naming the run
+// folder, when it has some and every one is damaged.
 std::unique_ptr<Checkpoint> newest_valid(const RunDir& run);
 
 // A checkpoint opened for reading; every rank file's size and checksum are verified on open.

@@ -1,5 +1,7 @@
 // kiln compile [--config F] [--set ...] [--ranks N] [--dry-steps S]
 // kiln plan --model PRESET --cluster SPEC [--tokens N] [--global-batch S] [--seq-len T]
+#include <cstdint>
+#include <limits>
 #include <memory>
 
 #include "cli/commands.h"
@@ -15,12 +17,17 @@ Action add_compile(CLI::App& app) {
         compile::CompileOptions compile;
     };
     auto o = std::make_shared<Options>();
-    app.add_option("--ranks", o->compile.ranks,
-                   "ranks of the run (default: parallel.tp x parallel.pp)");
+    CLI::Option* ranks = app.add_option("--ranks", o->compile.ranks,
+                                        "ranks of the run (default: parallel.tp x parallel.pp)");
     app.add_option("--dry-steps", o->compile.dry_steps, "steps of the dry run (0: none)")
         ->capture_default_str();
     add_config_options(app, o->config);
-    return [o] {
+    return [o, ranks] {
+        // 0 stands for the default only when --ranks is not given.
+        if (ranks->count() > 0)
+            check_flag("--ranks", o->compile.ranks, 1, INT32_MAX, "a number of ranks, 1 or more");
+        check_flag("--dry-steps", o->compile.dry_steps, 0, 100000,
+                   "a number of steps from 0 (no dry run) to 100000");
         train::RunConfig config;
         std::string yaml = resolve_config(config, o->config);
         if (checked_only(o->config, yaml))
@@ -48,8 +55,8 @@ Action add_plan(CLI::App& app) {
     app.add_option("--cluster", o->cluster,
                    "NODESxACCELERATOR (" + presets + ") or a cluster .yaml file")
         ->required();
-    app.add_option("--tokens", o->tokens, "token budget (default: the config's steps)")
-        ->check(number_in(0));
+    CLI::Option* tokens =
+        app.add_option("--tokens", o->tokens, "token budget (default: the config's steps)");
     app.add_option("--global-batch", o->global_batch, "sequences per optimizer step")
         ->capture_default_str();
     app.add_option("--seq-len", o->seq_len, "tokens per sequence")->capture_default_str();
@@ -59,7 +66,10 @@ Action add_plan(CLI::App& app) {
                  "train.micro_batch, train.grad_accum, train.recompute)");
     add_config_options(app, o->config);
     app.footer("Example: kiln plan --model llama2-7b --cluster 2xtrn1.32xlarge --tokens 1e10");
-    return [o] {
+    return [o, tokens] {
+        if (tokens->count() > 0)
+            check_flag("--tokens", o->tokens, 1, std::numeric_limits<double>::max(),
+                       "a number of tokens, 1 or more");
         train::RunConfig config;
         ConfigOptions c = o->config;
         c.sets.insert(c.sets.begin(), "model.preset=" + o->model);

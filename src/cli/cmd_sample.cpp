@@ -60,7 +60,6 @@ Action add_sample(CLI::App& app) {
         ->check(CLI::Range(1, 1000))
         ->capture_default_str();
     app.add_option("--temperature", o->sample.temperature, "softmax temperature (0: greedy)")
-        ->check(number_in(0, 100))
         ->capture_default_str();
     app.add_option("--top-k", o->sample.top_k, "draw among the k likeliest (0: all)")
         ->check(CLI::NonNegativeNumber)
@@ -69,6 +68,8 @@ Action add_sample(CLI::App& app) {
     app.add_flag("--ids", o->ids, "print the new tokens' ids instead of text");
     add_kernel_options(app, o->precision, o->backend);
     return [o] {
+        check_flag("--temperature", o->sample.temperature, 0, 100,
+                   "a temperature from 0 (greedy) to 100");
         train::Sampler sampler(o->checkpoint, o->precision, o->backend);
         std::string model = o->tokenizer.empty() ? run_tokenizer(o->checkpoint) : o->tokenizer;
         data::Tokenizer tok(model);

@@ -28,7 +28,8 @@ Action add_tokenizer(CLI::App& app) {
     train->add_option("--corpus", o->corpus, "files, folders, globs or builtin:stories[:N]")
         ->required();
     train->add_option("--vocab-size", o->vocab_size, "pieces in the vocabulary")
-        ->check(CLI::Range(100, 1 << 20));
+        ->check(CLI::Range(100, 1 << 20))
+        ->capture_default_str();
     train->add_option("--out", o->out, "the .model file to write")->required();
     train->add_option("--threads", o->threads, "training threads (0: all cores)");
     train->add_flag("--force", o->force,

@@ -1,10 +1,9 @@
 // kiln train [--config FILE.yaml] [--set key=value ...]
-#include <fmt/format.h>
-
 #include <cmath>
 #include <memory>
 
 #include "cli/commands.h"
+#include "core/error.h"
 #include "core/log.h"
 #include "train/trainer.h"
 
@@ -37,20 +36,6 @@ void add_config_options(CLI::App& app, ConfigOptions& options, train::RunConfig 
     app.footer("Config keys (KEY = default; nested YAML or --set a.b=c):\n" + schema.help());
 }
 
-CLI::Validator number_in(double lo, double hi) {
-    const std::string range = std::isinf(hi) ? fmt::format("a finite number of at least {}", lo)
-                                             : fmt::format("a number from {} to {}", lo, hi);
-    auto check = [lo, hi, range](std::string& input) {
-        double v = 0;
-        const bool parsed = CLI::detail::lexical_cast(input, v);
-        // Written so that NaN fails it: every comparison with NaN is false.
-        if (parsed && v >= lo && v <= hi && std::isfinite(v))
-            return std::string();
-        return fmt::format("{} is not {}", input, range);
-    };
-    return CLI::Validator(check, range.substr(range.find(' ') + 1));
-}
-
 void add_kernel_options(CLI::App& app, std::string& precision, std::string& backend) {
     app.add_option("--precision", precision,
                    "matrix products: auto (bf16 where the CPU has native bf16), bf16, fp32")
@@ -61,6 +46,12 @@ void add_kernel_options(CLI::App& app, std::string& precision, std::string& back
                    "checkpoint, whatever backend trained it")
         ->check(CLI::IsMember({"cpu", "cuda"}))
         ->capture_default_str();
+}
+
+void check_flag(const std::string& flag, double value, double lo, double hi,
+                const std::string& expected) {
+    if (!(std::isfinite(value) && value >= lo && value <= hi))
+        throw error("{} {} is not {}", flag, value, expected);
 }
 
 bool checked_only(const ConfigOptions& options, const std::string& yaml) {
@@ -89,6 +80,13 @@ Action add_train(CLI::App& app) {
         if (checked_only(*o, yaml))
             return 0;
         train::TrainResult r = train::train(config, yaml);
+        if (r.already_finished) {
+            std::printf(
+                "nothing to train: %s is already at step %lld = train.steps; checkpoint %s "
+                "(raise train.steps to train further)\n",
+                r.run_dir.c_str(), static_cast<long long>(r.steps), r.checkpoint.c_str());
+            return 0;
+        }
         const std::string kept = r.checkpoint.empty() ? "no checkpoint (train.checkpoint_every=-1)"
                                                       : "checkpoint " + r.checkpoint;
         std::printf("trained %lld steps: loss %.4f -> %.4f; %s\n", static_cast<long long>(r.steps),

@@ -3,7 +3,6 @@
 // action to run when that subcommand is chosen.
 #include <CLI/CLI.hpp>
 #include <functional>
-#include <limits>
 #include <string>
 #include <vector>
 
@@ -28,10 +27,12 @@ std::string resolve_config(train::RunConfig& config, const ConfigOptions& option
 void add_config_options(CLI::App& app, ConfigOptions& options, train::RunConfig defaults = {});
 // With --check: prints the resolved YAML and returns true (the command then stops, exit 0).
 bool checked_only(const ConfigOptions& options, const std::string& yaml);
-// The check of every floating-point flag: a number from lo to hi, both inclusive; hi = +inf
-// means no upper bound, though the value must still be finite. CLI::Range writes its test as
-// `v < lo || v > hi`, which NaN passes (it compares false with everything): this one does not.
-CLI::Validator number_in(double lo, double hi = std::numeric_limits<double>::infinity());
+// A numeric flag's value, checked where its command starts (CLI11 has parsed it, but takes any
+// number, NaN and negatives included): throws Error, one sentence naming the flag and the value,
+// unless `value` is a finite number from `lo` to `hi`; `expected` says what the flag holds and its
+// range, e.g. "a number of seconds, 0 or more".
+void check_flag(const std::string& flag, double value, double lo, double hi,
+                const std::string& expected);
 // --precision and --backend of the commands that run a checkpoint (eval, sample).
 void add_kernel_options(CLI::App& app, std::string& precision, std::string& backend);
 

@@ -6,8 +6,11 @@
 #include <algorithm>
 #include <array>
 #include <cctype>
+#include <charconv>
+#include <cmath>
 #include <map>
 
+#include "core/config.h"
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/threads.h"
@@ -68,13 +71,40 @@ Accelerator this_machine() {
     return a;
 }
 
+// The keys a cluster file may hold (docs/plan.md).
+const std::vector<std::string> kClusterKeys = {"name",       "peak_tflops", "memory_gb",
+                                               "per_node",   "intra_gbps",  "inter_gbps",
+                                               "efficiency", "backend",     "nodes"};
+
+// The most nodes, and devices a node, a cluster may have: past any built (the largest hold tens
+// of thousands of accelerators), and their product stays within an int.
+constexpr int64_t kMaxNodes = 65536, kMaxPerNode = 4096;
+
+// A cluster file's value of `key` as T; an Error naming the file and the key when it is not one.
+template <typename T>
+T field(const YAML::Node& y, const char* key, const std::string& file, const char* what) {
+    try {
+        return y[key].as<T>();
+    } catch (const YAML::Exception&) {
+        throw error("{}: {} is not {}", file, key, what);
+    }
+}
+
 double positive_field(const YAML::Node& y, const char* key, const std::string& file) {
     if (!y[key])
         throw error("{}: the cluster has no {}", file, key);
-    double v = y[key].as<double>();
-    if (!(v > 0))
+    double v = field<double>(y, key, file, "a number");
+    if (!(v > 0) || !std::isfinite(v))
         throw error("{}: {} must be positive, not {}", file, key, v);
     return v;
+}
+
+// A positive whole number up to `most`, as a count.
+int count_field(const YAML::Node& y, const char* key, const std::string& file, int64_t most) {
+    const double v = positive_field(y, key, file);
+    if (v != std::floor(v) || v > double(most))
+        throw error("{}: {} must be a whole number from 1 to {}, not {}", file, key, most, v);
+    return int(v);
 }
 
 // FLOPs per token of pipeline stage `stage` of `pp`: its blocks' products and attention, the LM
@@ -155,11 +185,17 @@ Cluster parse_cluster(const std::string& spec) {
         std::all_of(spec.begin(), spec.begin() + long(x), [](char ch) {
             return std::isdigit(static_cast<unsigned char>(ch)) || ch == ' ';
         })) {
-        c.nodes = std::atoi(spec.substr(0, x).c_str());
+        std::string digits = spec.substr(0, x);
+        digits.erase(std::remove(digits.begin(), digits.end(), ' '), digits.end());
+        int64_t nodes = 0;
+        const auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), nodes);
+        if (digits.empty() || ec != std::errc() || end != digits.data() + digits.size() ||
+            nodes < 1 || nodes > kMaxNodes)
+            throw error("cluster {}: the node count {} is out of range (1 to {})", spec, digits,
+                        kMaxNodes);
+        c.nodes = int(nodes);
         name = spec.substr(x + 1);
         name.erase(0, name.find_first_not_of(' '));
-        if (c.nodes < 1)
-            throw error("cluster {}: the node count must be at least 1", spec);
     }
     if (name.size() > 5 && (name.ends_with(".yaml") || name.ends_with(".yml"))) {
         YAML::Node y;
@@ -168,18 +204,35 @@ Cluster parse_cluster(const std::string& spec) {
         } catch (const YAML::Exception& e) {
             throw error("cannot read cluster file {}: {}", name, e.what());
         }
+        if (!y.IsMap())
+            throw error("{}: a cluster file is a mapping of keys (name, peak_tflops, ...)", name);
+        // A misspelt key would otherwise leave its default in place unsaid.
+        for (const auto& kv : y) {
+            std::string key;
+            try {
+                key = kv.first.as<std::string>();
+            } catch (const YAML::Exception&) {
+                throw error("{}: a key at line {} is not a word", name, kv.first.Mark().line + 1);
+            }
+            if (std::find(kClusterKeys.begin(), kClusterKeys.end(), key) == kClusterKeys.end()) {
+                const std::string hint = kiln::closest_key(key, kClusterKeys);
+                throw error("{}: unknown cluster key '{}'{}", name, key,
+                            hint.empty() ? " (docs/plan.md lists the keys)"
+                                         : fmt::format(" (did you mean '{}'?)", hint));
+            }
+        }
         Accelerator& a = c.device;
-        a.name = y["name"] ? y["name"].as<std::string>() : name;
+        a.name = y["name"] ? field<std::string>(y, "name", name, "a string") : name;
         a.peak_tflops = positive_field(y, "peak_tflops", name);
         a.memory_gb = positive_field(y, "memory_gb", name);
-        a.per_node = int(positive_field(y, "per_node", name));
+        a.per_node = count_field(y, "per_node", name, kMaxPerNode);
         a.intra_gbps = positive_field(y, "intra_gbps", name);
         a.inter_gbps = y["inter_gbps"] ? positive_field(y, "inter_gbps", name) : a.intra_gbps;
         a.efficiency = y["efficiency"] ? positive_field(y, "efficiency", name) : 0.4;
         if (a.efficiency > 1)
             throw error("{}: efficiency is a share of peak (0-1), not {}", name, a.efficiency);
         if (y["backend"]) {
-            a.backend = y["backend"].as<std::string>();
+            a.backend = field<std::string>(y, "backend", name, "a string");
             if (a.backend != "cpu" && a.backend != "cuda")
                 throw error(
                     "{}: backend is cpu or cuda (the kernels whose memory is planned), "
@@ -187,7 +240,7 @@ Cluster parse_cluster(const std::string& spec) {
                     name, a.backend);
         }
         if (y["nodes"] && x == std::string::npos)
-            c.nodes = int(positive_field(y, "nodes", name));
+            c.nodes = count_field(y, "nodes", name, kMaxNodes);
         return c;
     }
     if (name == "this") {

@@ -58,15 +58,48 @@ std::string ConfigSchema::value_string(const std::string& key) const {
 
 namespace {
 
+// Edits (insert, delete, replace one byte) that turn `a` into `b`.
+size_t edit_distance(const std::string& a, const std::string& b) {
+    std::vector<size_t> row(b.size() + 1);
+    for (size_t j = 0; j <= b.size(); j++)
+        row[j] = j;
+    for (size_t i = 1; i <= a.size(); i++) {
+        size_t diagonal = row[0];
+        row[0] = i;
+        for (size_t j = 1; j <= b.size(); j++) {
+            const size_t above = row[j];
+            row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] != b[j - 1])});
+            diagonal = above;
+        }
+    }
+    return row[b.size()];
+}
+
+}  // namespace
+
 std::string closest_key(const std::string& key, const std::vector<std::string>& keys) {
-    // Suggest a registered key sharing the last path component, if any.
+    // A known key sharing the last path component (a key in the wrong section), if any.
     std::string leaf = key.substr(key.rfind('.') + 1);
     for (const auto& k : keys) {
         if (k.substr(k.rfind('.') + 1) == leaf)
             return k;
     }
-    return "";
+    // Else a typo: the nearest key within two edits (one for keys of four bytes or fewer, so
+    // that short keys are not suggested for unrelated words).
+    const size_t most = key.size() <= 4 ? 1 : 2;
+    std::string best;
+    size_t best_distance = most + 1;
+    for (const auto& k : keys) {
+        const size_t d = edit_distance(key, k);
+        if (d < best_distance) {
+            best = k;
+            best_distance = d;
+        }
+    }
+    return best;
 }
+
+namespace {
 
 // A key or value from the input, for an error message: bytes below 0x20 (yaml-cpp's message may
 // quote a newline or a NUL) are written as \xNN so that the message stays one line, and text

@@ -13,6 +13,10 @@
 
 namespace kiln {
 
+// The known key that `key` (unknown) most likely meant, for a "did you mean" hint: one with
+// the same last path component, else the nearest within two typing slips; "" when none is.
+std::string closest_key(const std::string& key, const std::vector<std::string>& keys);
+
 class ConfigSchema {
 public:
     static constexpr size_t kMaxConfigBytes = 1 << 20;  // a config file larger is refused

@@ -23,6 +23,12 @@
 namespace kiln::launch {
 namespace {
 
+// The most ranks one host's launch starts. A rank is a process and an open pipe in this
+// launcher, which polls them all in one loop: 1024 is more ranks than the largest hosts have
+// cores (a rank per core at most; one per accelerator on GPU hosts), so no real gang is refused,
+// while a slip like -n 100000 cannot fork-bomb the machine. Bigger gangs span hosts (--nnodes).
+constexpr int kMaxLocalRanks = 1024;
+
 std::atomic<int> g_signal{0};
 void on_signal(int sig) {
     g_signal = sig;
@@ -130,13 +136,32 @@ Attempt run_once(const LaunchOptions& o, const std::vector<std::string>& command
     auto heartbeat_of = [&](int i) { return heartbeat_dir + "/rank-" + std::to_string(first + i); };
     for (int i = 0; i < o.ranks; i++)
         ::unlink(heartbeat_of(i).c_str());
-    std::vector<Rank> ranks(o.ranks);
-    for (int i = 0; i < o.ranks; i++) {
+    std::vector<Rank> ranks;
+    ranks.reserve(size_t(o.ranks));
+    // Spawning stops at a signal (the loop below then stops the ranks already started) or at a
+    // rank that cannot start; SIGINT and SIGTERM are held across each fork, so that a child
+    // never runs the launcher's handler: it takes their default action before it runs the
+    // command, and a signal meant for the launcher reaches it after the fork.
+    std::string spawn_failure;
+    sigset_t stops, before;
+    sigemptyset(&stops);
+    sigaddset(&stops, SIGINT);
+    sigaddset(&stops, SIGTERM);
+    for (int i = 0; i < o.ranks && g_signal == 0; i++) {
         int fds[2];
-        if (::pipe(fds) != 0)
-            throw error("cannot create a pipe: {}", std::strerror(errno));
+        if (::pipe(fds) != 0) {
+            spawn_failure = fmt::format("cannot start rank {}: no pipe for its output: {}",
+                                        first + i, std::strerror(errno));
+            break;
+        }
+        ::sigprocmask(SIG_BLOCK, &stops, &before);
         pid_t pid = ::fork();
         if (pid == 0) {
+            struct sigaction dfl {};
+            dfl.sa_handler = SIG_DFL;
+            ::sigaction(SIGINT, &dfl, nullptr);
+            ::sigaction(SIGTERM, &dfl, nullptr);
+            ::sigprocmask(SIG_SETMASK, &before, nullptr);
             ::dup2(fds[1], STDOUT_FILENO);
             ::dup2(fds[1], STDERR_FILENO);
             ::close(fds[0]);
@@ -164,11 +189,22 @@ Attempt run_once(const LaunchOptions& o, const std::vector<std::string>& command
                          std::strerror(errno));
             ::_exit(127);
         }
+        const int fork_errno = errno;
+        ::sigprocmask(SIG_SETMASK, &before, nullptr);
         ::close(fds[1]);
+        if (pid < 0) {
+            ::close(fds[0]);
+            spawn_failure =
+                fmt::format("cannot start rank {}: fork: {}", first + i, std::strerror(fork_errno));
+            break;
+        }
         ::fcntl(fds[0], F_SETFL, O_NONBLOCK);
-        ranks[i].pid = pid;
-        ranks[i].out = fds[0];
+        Rank r;
+        r.pid = pid;
+        r.out = fds[0];
+        ranks.push_back(std::move(r));
     }
+    const int started = int(ranks.size());
 
     Attempt result;
     bool stopping = false;
@@ -189,17 +225,25 @@ Attempt run_once(const LaunchOptions& o, const std::vector<std::string>& command
         stop_deadline =
             std::chrono::steady_clock::now() + std::chrono::milliseconds(int64_t(o.grace_s * 1000));
     };
-    int running = o.ranks;
-    while (running > 0) {
+    if (!spawn_failure.empty())
+        stop_all(fmt::format("{}; stopped the {} rank(s) started", spawn_failure, started));
+    int running = started;
+    // At least once: a signal that came before any rank started is still heard.
+    do {
         std::vector<pollfd> fds;
         for (auto& r : ranks)
             fds.push_back({r.out, POLLIN, 0});
         ::poll(fds.data(), fds.size(), 100);
-        for (int i = 0; i < o.ranks; i++)
+        for (int i = 0; i < started; i++)
             drain(first + i, ranks[i], false);
         if (int sig = g_signal.exchange(0); sig != 0) {
             result.interrupted = true;
-            stop_all(fmt::format("interrupted by signal {}; stopped all {} ranks", sig, o.ranks));
+            stop_all(
+                started == o.ranks
+                    ? fmt::format("interrupted by signal {}; stopped all {} ranks", sig, o.ranks)
+                    : fmt::format("interrupted by signal {} while starting ranks; stopped "
+                                  "the {} of {} started",
+                                  sig, started, o.ranks));
         }
         if (peers) {  // beats while stopping too
             std::string why = peers->poll();
@@ -208,7 +252,7 @@ Attempt run_once(const LaunchOptions& o, const std::vector<std::string>& command
                 stop_all(fmt::format("{}; stopped this host's {} ranks", why, o.ranks), false);
             }
         }
-        for (int i = 0; i < o.ranks; i++) {
+        for (int i = 0; i < started; i++) {
             Rank& r = ranks[i];
             if (!r.running)
                 continue;
@@ -239,7 +283,7 @@ Attempt run_once(const LaunchOptions& o, const std::vector<std::string>& command
             }
             stop_deadline = std::chrono::steady_clock::time_point::max();
         }
-    }
+    } while (running > 0);
     for (auto& r : ranks)
         ::close(r.out);
     result.ok = result.reason.empty();
@@ -254,6 +298,9 @@ int run_gang(const LaunchOptions& given) {
         o.agent_port = o.master_port + 1;
     if (o.ranks < 1)
         throw error("-n {}: the gang needs at least one rank", o.ranks);
+    if (o.ranks > kMaxLocalRanks)
+        throw error("-n {}: one host's launch starts at most {} ranks; use --nnodes for more",
+                    o.ranks, kMaxLocalRanks);
     if (o.command.empty())
         throw error("kiln launch needs a command after --, e.g. -- kiln train");
     if (o.nnodes < 1 || o.node_rank < 0 || o.node_rank >= o.nnodes)
@@ -264,6 +311,9 @@ int run_gang(const LaunchOptions& given) {
             "--nnodes {} needs --master-port, the same on every host (and --master-addr, "
             "node 0's address)",
             o.nnodes);
+    if (o.nnodes > 1 && o.agent_port > 65535)
+        throw error("--master-port {} leaves no port above it for the agents; give --agent-port",
+                    o.master_port);
     std::vector<std::string> command = o.command;
     if (command[0] == "kiln")
         command[0] = "/proc/self/exe";

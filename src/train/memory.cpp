@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <limits>
 
 #include "core/error.h"
 #include "kernels/backends.h"
@@ -106,8 +107,14 @@ MemoryPlan memory_plan(const RunConfig& config, int world) {
 }
 
 MemoryLimit memory_limit(const RunConfig& config, int local_ranks) {
-    if (config.train.memory_limit_gb > 0)
-        return {int64_t(config.train.memory_limit_gb * 1024 * kMiB), "train.memory_limit_gb"};
+    if (config.train.memory_limit_gb > 0) {
+        // In double, then capped: 2^33 GiB and more is past int64_t's bytes (a cast would wrap
+        // to a negative limit), and means no practical limit anyway.
+        const double bytes = config.train.memory_limit_gb * 1024 * kMiB;
+        const double most = double(std::numeric_limits<int64_t>::max());
+        return {bytes >= most ? std::numeric_limits<int64_t>::max() : int64_t(bytes),
+                "train.memory_limit_gb"};
+    }
     if (config.train.backend == "cuda") {
         if (int64_t gpu = kernels::cuda_device_memory(0); gpu > 0)
             return {gpu, "its GPU's memory"};  // one rank per GPU

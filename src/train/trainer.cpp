@@ -296,6 +296,40 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
             }
         }
     }
+    // The checkpoint to resume from, and the steps left to run, are settled before anything big
+    // is allocated or any file of the run is written.
+    std::unique_ptr<checkpoint::Checkpoint> found = checkpoint::newest_valid(run);
+    if (found) {
+        const checkpoint::Checkpoint& ck = *found;
+        if (!ck.config().same_shapes(cfg.model)) {
+            throw error(
+                "{}: checkpoint holds a different model than the config (dim {}, {} "
+                "layers, vocab {}); use another run.dir",
+                ck.dir(), ck.config().dim, ck.config().n_layers, ck.config().vocab_size);
+        }
+        const int64_t done = ck.state().step;
+        if (done > t.steps) {
+            throw error(
+                "{} is already at step {} ({}), past train.steps={}; raise train.steps above {} "
+                "to train further, or use another run.dir",
+                run.root, done, ck.dir(), t.steps, done);
+        }
+        if (done == t.steps) {
+            // A finished run run again with its own config (kiln run reusing what is done, a
+            // gang restarted after the last checkpoint) has nothing left to do: it succeeds
+            // without writing anything, since config.yaml, status.json and metrics.jsonl already
+            // tell what the run did and a rewrite from here would know less (no loss of its own).
+            // The command says so (kiln train's last line).
+            TrainResult finished;
+            finished.run_dir = run.root;
+            finished.checkpoint = ck.dir();
+            finished.steps = done;
+            finished.already_finished = true;
+            finished.first_loss = finished.last_loss = ck.state().loss;
+            job.finish();
+            return finished;
+        }
+    }
     // Nothing big is allocated before the plan says it fits.
     const MemoryPlan plan = memory_plan(cfg, g.world);
     check_fits(plan, memory_limit(cfg, place.local_world_size), cfg);
@@ -314,14 +348,8 @@ TrainResult train(const RunConfig& cfg, const std::string& resolved_yaml) {
     schedule.total_steps = t.steps;
 
     int64_t start_step = 0;
-    if (auto found = checkpoint::newest_valid(run)) {
+    if (found) {
         const checkpoint::Checkpoint& ck = *found;
-        if (!ck.config().same_shapes(cfg.model)) {
-            throw error(
-                "{}: checkpoint holds a different model than the config (dim {}, {} "
-                "layers, vocab {}); use another run.dir",
-                ck.dir(), ck.config().dim, ck.config().n_layers, ck.config().vocab_size);
-        }
         // Each rank takes its shard of the saved state, whatever layout saved it.
         auto load_start = Clock::now();
         ck.load(model.layout(), model.params(), adamw.m(), adamw.v(), sh.begin, sh.end,

@@ -14,6 +14,9 @@ struct TrainResult {
     std::string checkpoint;  // the final checkpoint folder
     int64_t steps = 0;
     double first_loss = 0, last_loss = 0;
+    // The run's checkpoint was already at train.steps: nothing ran and nothing was written
+    // (steps: that step; first_loss and last_loss: the checkpoint's loss).
+    bool already_finished = false;
 };
 
 // `resolved_yaml` is written to the run folder as config.yaml.

@@ -85,6 +85,24 @@ TEST(Config, ErrorsNameKeyValueAndSource) {
     EXPECT_NE(m.find("expected KEY=VALUE"), std::string::npos) << m;
 }
 
+// The hint for an unknown key: a known key with the same last component (a key in the wrong
+// section), else the nearest within two slips of typing, else none.
+TEST(Config, UnknownKeyHintsTheNearestKnownOne) {
+    const std::vector<std::string> keys = {"train.steps", "train.lr", "model.dim", "efficiency"};
+    EXPECT_EQ(closest_key("model.steps", keys), "train.steps");
+    EXPECT_EQ(closest_key("train.stesp", keys), "train.steps");
+    EXPECT_EQ(closest_key("efficency", keys), "efficiency");
+    EXPECT_EQ(closest_key("train.learning_rate", keys), "");
+
+    Sample c;
+    ConfigSchema s;
+    build(s, c);
+    s.add_override("run.nmae=x");
+    std::string m = message_of([&] { s.apply(); });
+    EXPECT_NE(m.find("unknown config key 'run.nmae' (did you mean 'run.name'?)"), std::string::npos)
+        << m;
+}
+
 TEST(Config, ResolvedYamlRoundTrips) {
     Sample c;
     ConfigSchema s;

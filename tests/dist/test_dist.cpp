@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <fstream>
@@ -357,6 +358,48 @@ TEST(Parallel, FailuresAreOneSentenceAndNeverHang) {
     EXPECT_NE(fail.out.find("kiln launch: rank 1 exited with status 3"), std::string::npos)
         << fail.out;
     EXPECT_LT(fail.seconds, 20);
+}
+
+// kiln launch's numbers are checked before any rank starts: one sentence naming the flag and
+// the value, non-zero. -n has a ceiling (it once forked as many ranks as asked, 100,000 too);
+// a port out of range, a NaN or negative duration or count were taken as given.
+TEST(Parallel, LaunchFlagsAreCheckedBeforeAnyRankStarts) {
+    // Bounded, should a launch wait for hosts that never come.
+    const std::string launch = "timeout -k 5 20 " + kiln::testing::kiln_binary() + " launch";
+    struct Case {
+        std::string flags, sentence;
+    } cases[] = {
+        {"-n 1025", "kiln: -n 1025: one host's launch starts at most 1024 ranks; use --nnodes"},
+        {"-n 1 --master-port -5",
+         "kiln: --master-port -5 is not a TCP port (1 to 65535, or 0 for a free one)"},
+        {"-n 1 --master-port 70000", "kiln: --master-port 70000 is not a TCP port"},
+        {"-n 1 --agent-port 65536", "kiln: --agent-port 65536 is not a TCP port"},
+        {"-n 1 --hang-timeout nan", "kiln: --hang-timeout nan is not a number of seconds"},
+        {"-n 1 --hang-timeout -5", "kiln: --hang-timeout -5 is not a number of seconds"},
+        {"-n 1 --hang-timeout 1e300", "kiln: --hang-timeout 1e+300 is not a number of seconds"},
+        {"-n 1 --grace -1",
+         "kiln: --grace -1 is not a number of seconds from 0 to 604800 (a week)"},
+        {"-n 1 --grace inf", "kiln: --grace inf is not a number of seconds"},
+        {"-n 1 --max-failures -3", "kiln: --max-failures -3 is not a number of gang restarts"},
+        {"-n 2 --nnodes 2 --master-port 65535",
+         "kiln: --master-port 65535 leaves no port above it for the agents"},
+    };
+    TempDir dir;
+    for (const auto& c : cases) {
+        // A rank that ran would leave its mark.
+        Result r = sh(launch + " " + c.flags + " -- touch " + (dir / "ran"));
+        EXPECT_NE(r.rc, 0) << c.flags;
+        EXPECT_NE(r.out.find(c.sentence), std::string::npos) << c.flags << ": " << r.out;
+        EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 1) << c.flags << ": " << r.out;
+        EXPECT_FALSE(fs::exists(dir / "ran")) << c.flags;
+        std::filesystem::remove(dir / "ran");
+        EXPECT_LT(r.seconds, 5) << c.flags;
+    }
+    // The edges themselves are taken.
+    Result ok = sh(launch +
+                   " -n 1 --master-port 65534 --grace 0 --hang-timeout 0 --max-failures 0"
+                   " -- true");
+    EXPECT_EQ(ok.rc, 0) << ok.out;
 }
 
 TEST(Env, EveryLauncherConvention) {

@@ -6,6 +6,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -159,6 +160,61 @@ TEST(Restart, CtrlCReachesEveryRankAndEndsTheGang) {
     EXPECT_EQ(out.find("restarting the gang"), std::string::npos) << out;
 }
 
+// The processes whose command line holds `marker`.
+std::vector<pid_t> processes_with(const std::string& marker) {
+    std::vector<pid_t> out;
+    for (const auto& e : std::filesystem::directory_iterator("/proc")) {
+        const std::string name = e.path().filename().string();
+        if (name.find_first_not_of("0123456789") != std::string::npos)
+            continue;
+        std::ifstream in(e.path() / "cmdline");
+        std::string cmdline((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+        std::replace(cmdline.begin(), cmdline.end(), '\0', ' ');
+        if (cmdline.find(marker) != std::string::npos)
+            out.push_back(pid_t(std::stoi(name)));
+    }
+    return out;
+}
+
+// SIGTERM while the launcher is still starting ranks: it starts no more, stops those it started
+// (a rank caught between fork and exec too), and exits non-zero at once; it once started every
+// rank first, and a large -n kept it busy for a minute.
+TEST(Restart, SigtermWhileStartingRanksStopsTheStartedOnes) {
+    TempDir dir;
+    // Seconds unique to this test process, so that its ranks are told from any others.
+    const std::string marker = "30." + std::to_string(::getpid());
+    const int n = 900;  // within a default limit of 1024 open files: a pipe each
+    std::string cmd = kiln::testing::kiln_binary() + " launch -n " + std::to_string(n) +
+                      " --grace 30 -- sleep " + marker + " >" + (dir / "out") + " 2>&1 & echo $!";
+    FILE* p = ::popen(cmd.c_str(), "r");
+    pid_t launcher = 0;
+    ASSERT_EQ(std::fscanf(p, "%d", &launcher), 1);
+    ::pclose(p);
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (children_of(launcher).empty() && alive(launcher) &&
+           std::chrono::steady_clock::now() < deadline)
+        std::this_thread::yield();
+    ASSERT_EQ(::kill(launcher, SIGTERM), 0);
+    auto t0 = std::chrono::steady_clock::now();
+    auto seconds = [&] {
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    };
+    while (alive(launcher) && seconds() < 30)
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    EXPECT_FALSE(alive(launcher)) << "the launcher outlived SIGTERM by 30 s";
+    // --grace 30: the ranks went at SIGTERM, not at the SIGKILL that follows the grace.
+    EXPECT_LT(seconds(), 10);
+    const std::vector<pid_t> left = processes_with("sleep " + marker);
+    for (pid_t r : left)
+        ::kill(r, SIGKILL);
+    EXPECT_TRUE(left.empty()) << left.size() << " rank(s) outlived the launcher";
+    std::string out = fs::read_file(dir / "out");
+    EXPECT_NE(out.find("kiln launch: interrupted by signal 15 while starting ranks; stopped the "),
+              std::string::npos)
+        << out;
+    EXPECT_NE(out.find(" of " + std::to_string(n) + " started"), std::string::npos) << out;
+}
+
 TEST(Restart, HungRankIsStoppedAndTheGangRestarted) {
     std::string kiln = kiln::testing::kiln_binary();
     TempDir dir;
@@ -219,6 +275,43 @@ TEST(Restart, DamagedNewestCheckpointFallsBackToThePreviousOne) {
             << out;
         EXPECT_TRUE(weights(run, 25) == weights(dir / "full", 25)) << damage;
     }
+}
+
+// Every checkpoint damaged is not a fresh run: the run is refused, in one sentence naming the
+// run folder, and the damaged files stay as they were for a repair (a fresh start from step 0
+// once overwrote them and exited 0).
+TEST(Restart, EveryCheckpointDamagedIsRefusedAndLeftAlone) {
+    TempDir dir;
+    const std::string run = dir / "run";
+    const std::string kiln = kiln::testing::kiln_binary() + " train" + kModel +
+                             " --set train.checkpoint_every=2 --set run.dir=" + run;
+    ASSERT_EQ(kiln::testing::run(kiln + " --set train.steps=4 >/dev/null 2>&1"), 0);
+    std::vector<std::string> files;
+    for (int step : {2, 4}) {
+        char name[80];
+        std::snprintf(name, sizeof name, "/checkpoints/step-%08d/rank-00000.safetensors", step);
+        files.push_back(run + name);
+        std::filesystem::resize_file(files.back(), 1000);
+    }
+    files.insert(files.end(), {run + "/checkpoints/latest", run + "/config.yaml",
+                               run + "/status.json", run + "/metrics.jsonl"});
+    std::vector<std::string> before;
+    for (const auto& f : files)
+        before.push_back(fs::read_file(f));
+
+    int rc = kiln::testing::run(kiln + " --set train.steps=6 >" + (dir / "out") + " 2>&1");
+    std::string out = fs::read_file(dir / "out");
+    EXPECT_NE(rc, 0) << out;
+    EXPECT_NE(out.find("kiln: every checkpoint in " + run + " is damaged (2 of them; the newest: " +
+                       run + "/checkpoints/step-00000004/rank-00000.safetensors is 1000 bytes"),
+              std::string::npos)
+        << out;
+    EXPECT_NE(out.find("move " + run + "/checkpoints aside to start over"), std::string::npos)
+        << out;
+    EXPECT_EQ(out.find("step      1/"), std::string::npos) << out;  // no step ran
+    for (size_t i = 0; i < files.size(); i++)
+        EXPECT_TRUE(fs::read_file(files[i]) == before[i]) << files[i] << " changed";
+    EXPECT_FALSE(fs::exists(run + "/checkpoints/step-00000006"));
 }
 
 }  // namespace

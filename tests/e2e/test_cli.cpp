@@ -125,6 +125,43 @@ TEST(Cli, ResumeMatchesUninterruptedRun) {
                 fs::read_file(dir / "cut/checkpoints/step-00000020/rank-00000.safetensors"));
 }
 
+// A run asked for no more steps than its checkpoint has done. Fewer: refused in one sentence,
+// nothing written (it once "trained 3 steps: loss 0.0000 -> 0.0000" and rewrote status.json and
+// config.yaml to step 3 beside a checkpoint of step 6). As many: the finished run run again
+// succeeds, says so, and rewrites nothing (it once wrote a loss of 0 into status.json).
+TEST(Cli, ResumeAtOrPastTrainStepsTrainsNothingAndWritesNothing) {
+    TempDir dir;
+    const std::string run = dir / "run";
+    const std::string common =
+        "train" + kMicro + " --set train.checkpoint_every=2 --set run.dir=" + run;
+    ASSERT_EQ(kiln(common + " --set train.steps=6").rc, 0);
+    const std::vector<std::string> files = {"config.yaml", "status.json", "metrics.jsonl",
+                                            "checkpoints/latest", "rank-0.log"};
+    std::vector<std::string> before;
+    for (const auto& f : files)
+        before.push_back(fs::read_file(run + "/" + f));
+
+    Result past = kiln(common + " --set train.steps=3");
+    EXPECT_NE(past.rc, 0) << past.out;
+    EXPECT_NE(past.out.find("kiln: " + run + " is already at step 6 (" + run +
+                            "/checkpoints/step-00000006), past train.steps=3; raise train.steps "
+                            "above 6 to train further"),
+              std::string::npos)
+        << past.out;
+    EXPECT_EQ(std::count(past.out.begin(), past.out.end(), '\n'), 1) << past.out;
+
+    Result same = kiln(common + " --set train.steps=6");
+    EXPECT_EQ(same.rc, 0) << same.out;
+    EXPECT_NE(same.out.find("nothing to train: " + run + " is already at step 6 = train.steps"),
+              std::string::npos)
+        << same.out;
+    EXPECT_EQ(same.out.find("trained"), std::string::npos) << same.out;
+
+    for (size_t i = 0; i < files.size(); i++)
+        EXPECT_TRUE(fs::read_file(run + "/" + files[i]) == before[i]) << files[i] << " changed";
+    EXPECT_FALSE(fs::exists(run + "/checkpoints/step-00000003"));
+}
+
 // Writes a shard set of `rows` random rows of T tokens below `vocab`.
 void write_shards(const std::string& dir, int64_t rows, uint32_t T, int64_t vocab) {
     std::filesystem::create_directories(dir);
@@ -352,7 +389,8 @@ TEST(Cli, RunTrainsExportsAndReusesWhatIsDone) {
     EXPECT_TRUE(fs::exists(dir / "job/train/checkpoints/step-00000012/manifest.json"));
     Result again = kiln(args);
     ASSERT_EQ(again.rc, 0) << again.out;
-    EXPECT_NE(again.out.find("resuming from"), std::string::npos) << again.out;
+    // The run's checkpoint is at train.steps already: nothing is loaded, trained or written.
+    EXPECT_NE(again.out.find("nothing to train: "), std::string::npos) << again.out;
     EXPECT_EQ(again.out.find("step     "), std::string::npos) << "trained again:\n" << again.out;
 }
 
@@ -457,7 +495,9 @@ TEST(Cli, NanFlagsAreRefused) {
         EXPECT_NE(r.out.find("nan is not a "), std::string::npos) << args << "\n" << r.out;
     }
     Result inf = kiln("sample --checkpoint " + (dir / "none") + " --temperature inf");
-    EXPECT_NE(inf.out.find("inf is not a number from 0 to 100"), std::string::npos) << inf.out;
+    EXPECT_NE(inf.out.find("--temperature inf is not a temperature from 0 (greedy) to 100"),
+              std::string::npos)
+        << inf.out;
 }
 
 // Bad input: exit non-zero with one line naming the key or file; nothing overwritten.

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <sstream>
@@ -86,6 +87,21 @@ TEST(Compile, RefusesAPlanThatCannotFitBeforeAllocating) {
     EXPECT_NE(c.rc, 0);
     EXPECT_NE(c.out.find("activations + workspace"), std::string::npos) << c.out;
     EXPECT_NE(c.out.find("but a rank may use 16.00 GiB"), std::string::npos) << c.out;
+}
+
+// A limit past int64_t's bytes (8589934592 GiB is 2^63) is no practical limit: it once wrapped
+// to "a rank may use -8589934592.00 GiB" and refused every run.
+TEST(Compile, HugeMemoryLimitIsNoPracticalLimit) {
+    TempDir dir;
+    for (const char* gb : {"8589934592", "1e10", "1e30"}) {
+        Result r = kiln(std::string("compile --dry-steps 0 --set model.preset=tiny ") +
+                        "--set train.memory_limit_gb=" + gb + " --set run.dir=" + (dir / "run"));
+        ASSERT_EQ(r.rc, 0) << gb << ": " << r.out;
+        EXPECT_EQ(r.out.find("-8589934592"), std::string::npos) << r.out;
+        json report = json::parse(fs::read_file(dir / "run/compile.json"));
+        EXPECT_EQ(report["memory_limit_bytes"].get<int64_t>(), std::numeric_limits<int64_t>::max())
+            << gb;
+    }
 }
 
 // A model small enough that a step, or a tuning pass, takes milliseconds.
@@ -252,6 +268,61 @@ TEST(Plan, RecommendsALayoutAndRefusesBadInput) {
     Result bad = kiln("plan --cluster " + file);
     EXPECT_NE(bad.rc, 0);
     EXPECT_NE(bad.out.find("memory_gb must be positive"), std::string::npos) << bad.out;
+}
+
+// Numbers out of range and cluster files with a misspelt key or a value of the wrong kind: one
+// sentence naming the flag or the file and key. --ranks 0 and --tokens -5 once fell back to the
+// defaults, a node count past an int wrapped ("must be at least 1"), a misspelt key left its
+// default in place, and a list for a name stopped with yaml-cpp's words and no file named.
+TEST(Plan, RefusesBadNumbersAndClusterFiles) {
+    TempDir dir;
+    auto cluster = [&](const std::string& name, const std::string& extra) {
+        std::string file = dir / name;
+        fs::write_file_atomic(file,
+                              "name: lab\npeak_tflops: 100\nmemory_gb: 80\nper_node: 8\n"
+                              "intra_gbps: 100\n" +
+                                  extra);
+        return file;
+    };
+    struct Case {
+        std::string args, sentence;
+    } cases[] = {
+        {"compile --ranks 0", "kiln: --ranks 0 is not a number of ranks, 1 or more"},
+        {"compile --dry-steps -1", "kiln: --dry-steps -1 is not a number of steps"},
+        {"plan --cluster 2xh200 --tokens -5", "kiln: --tokens -5 is not a number of tokens"},
+        {"plan --cluster 2xh200 --tokens nan", "kiln: --tokens nan is not a number of tokens"},
+        {"plan --cluster 99999999999999999999xh200",
+         "kiln: cluster 99999999999999999999xh200: the node count 99999999999999999999 is out of "
+         "range (1 to 65536)"},
+        {"plan --cluster 65537xh200", "the node count 65537 is out of range"},
+        {"plan --cluster " + cluster("typo.yaml", "efficency: 0.1\n"),
+         "typo.yaml: unknown cluster key 'efficency' (did you mean 'efficiency'?)"},
+        {"plan --cluster " + cluster("typo2.yaml", "backnd: cpu\n"),
+         "typo2.yaml: unknown cluster key 'backnd' (did you mean 'backend'?)"},
+        {"plan --cluster " + cluster("odd.yaml", "colour: blue\n"),
+         "odd.yaml: unknown cluster key 'colour' (docs/plan.md lists the keys)"},
+        {"plan --cluster " + (dir / "name.yaml"), "name.yaml: name is not a string"},
+        {"plan --cluster " + cluster("flops.yaml", "efficiency: fast\n"),
+         "flops.yaml: efficiency is not a number"},
+        {"plan --cluster " + cluster("big.yaml", "nodes: 1e12\n"),
+         "big.yaml: nodes must be a whole number from 1 to 65536, not 1000000000000"},
+    };
+    fs::write_file_atomic(dir / "name.yaml",
+                          std::string("name: [1, 2]\npeak_tflops: 100\nmemory_gb: 80\n"
+                                      "per_node: 8\nintra_gbps: 100\n"));
+    for (const auto& c : cases) {
+        Result r = kiln(c.args);
+        EXPECT_NE(r.rc, 0) << c.args;
+        EXPECT_NE(r.out.find(c.sentence), std::string::npos) << c.args << ": " << r.out;
+        EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 1) << c.args << ": " << r.out;
+    }
+    // Within range, a file with every key and a given token budget plan as before.
+    Result good = kiln("plan --model tiny --tokens 1e9 --cluster " +
+                       cluster("good.yaml",
+                               "inter_gbps: 10\nefficiency: 0.4\nbackend: cuda\n"
+                               "nodes: 2\n"));
+    EXPECT_EQ(good.rc, 0) << good.out;
+    EXPECT_NE(good.out.find("tiny: 2 node(s) x 8 lab (100 TFLOP/s"), std::string::npos) << good.out;
 }
 
 // A plan for an accelerator cluster takes the cluster's precision (bf16 products under auto), not

@@ -180,11 +180,13 @@ std::vector<std::string> cluster_presets() {
 Cluster parse_cluster(const std::string& spec) {
     Cluster c;
     std::string name = spec;
-    size_t x = spec.find_first_of("x*");
-    if (x != std::string::npos && x > 0 &&
-        std::all_of(spec.begin(), spec.begin() + long(x), [](char ch) {
-            return std::isdigit(static_cast<unsigned char>(ch)) || ch == ' ';
-        })) {
+    const size_t x = spec.find_first_of("x*");
+    // "N x NAME": the node count given before the name (it wins over a file's `nodes`).
+    const bool counted = x != std::string::npos && x > 0 &&
+                         std::all_of(spec.begin(), spec.begin() + long(x), [](char ch) {
+                             return std::isdigit(static_cast<unsigned char>(ch)) || ch == ' ';
+                         });
+    if (counted) {
         std::string digits = spec.substr(0, x);
         digits.erase(std::remove(digits.begin(), digits.end(), ' '), digits.end());
         int64_t nodes = 0;
@@ -239,7 +241,7 @@ Cluster parse_cluster(const std::string& spec) {
                     "not {}",
                     name, a.backend);
         }
-        if (y["nodes"] && x == std::string::npos)
+        if (y["nodes"] && !counted)  // not `x` alone: a file's path may hold an x
             c.nodes = count_field(y, "nodes", name, kMaxNodes);
         return c;
     }

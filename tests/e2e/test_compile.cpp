@@ -276,8 +276,10 @@ TEST(Plan, RecommendsALayoutAndRefusesBadInput) {
 // default in place, and a list for a name stopped with yaml-cpp's words and no file named.
 TEST(Plan, RefusesBadNumbersAndClusterFiles) {
     TempDir dir;
+    // In a folder whose name holds an x, as "2xh200" does: the file's `nodes` must still count.
+    std::filesystem::create_directories(dir / "x1");
     auto cluster = [&](const std::string& name, const std::string& extra) {
-        std::string file = dir / name;
+        std::string file = dir / ("x1/" + name);
         fs::write_file_atomic(file,
                               "name: lab\npeak_tflops: 100\nmemory_gb: 80\nper_node: 8\n"
                               "intra_gbps: 100\n" +

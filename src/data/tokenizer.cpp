@@ -344,8 +344,14 @@ private:
     uint64_t mask_ = 0;
 };
 
+namespace {
+std::string identity_of(uint64_t hash) {  // of the model file's bytes
+    return fmt::format("xxh64:{:016x}", hash);
+}
+}  // namespace
+
 std::string tokenizer_identity(const std::string& model_path) {
-    return fmt::format("xxh64:{:016x}", fs::xxh64_file(model_path));
+    return identity_of(fs::xxh64_file(model_path));
 }
 
 Tokenizer::Tokenizer(const std::string& model_path)
@@ -362,7 +368,7 @@ Tokenizer::Tokenizer(const std::string& model_path)
     if (!status.ok()) {
         throw error("{} is not a SentencePiece model: {}", model_path, status.ToString());
     }
-    identity_ = fmt::format("xxh64:{:016x}", fs::xxh64(file.data(), file.size()));
+    identity_ = identity_of(fs::xxh64(file.data(), file.size()));
 
     // A cut just before a '\n' changes no id when the normalizer leaves every character alone
     // and BPE can merge nothing across the '\n': no piece holds one, so it is the byte token

@@ -339,14 +339,18 @@ TEST(GgufExport, ATensorParallelCheckpointMatchesTheHuggingFaceExport) {
               std::filesystem::file_size(dir / "f16.gguf"));
 }
 
+// kMicro trained 2 steps on synthetic data into `run` (which names no tokenizer); the exit code.
+int train_two_steps(const std::string& run, int vocab) {
+    return kiln("train" + kMicro + " --set model.vocab_size=" + std::to_string(vocab) +
+                " --set train.steps=2 --set run.dir=" + run)
+        .rc;
+}
+
 TEST(GgufExport, BadInputIsOneSentenceAndWritesNothing) {
     const TempDir& d = micro_data();
     TempDir dir;
     // A run on synthetic data names no tokenizer.
-    ASSERT_EQ(kiln("train" + kMicro + " --set model.vocab_size=320 --set train.steps=2" +
-                   " --set run.dir=" + (dir / "synthetic"))
-                  .rc,
-              0);
+    ASSERT_EQ(train_two_steps(dir / "synthetic", 320), 0);
     Result r = kiln("export --checkpoint " + (dir / "synthetic") + " --format gguf --out " +
                     (dir / "a.gguf"));
     EXPECT_NE(r.rc, 0);
@@ -371,10 +375,7 @@ TEST(GgufExport, BadInputIsOneSentenceAndWritesNothing) {
     EXPECT_EQ(GgufFile(dir / "a.gguf").get_uint("kiln.training.step"), 2u);
     EXPECT_EQ(GgufFile(dir / "a.gguf").get_string("kiln.data.fingerprint"), "synthetic");
     // A tokenizer of another size than the model's vocabulary.
-    ASSERT_EQ(kiln("train" + kMicro + " --set model.vocab_size=256 --set train.steps=2" +
-                   " --set run.dir=" + (dir / "v256"))
-                  .rc,
-              0);
+    ASSERT_EQ(train_two_steps(dir / "v256", 256), 0);
     r = kiln("export --checkpoint " + (dir / "v256") + " --format gguf --tokenizer " +
              (d / "data/tokenizer.model") + " --out " + (dir / "b.gguf"));
     EXPECT_NE(r.rc, 0);
@@ -389,10 +390,7 @@ TEST(GgufExport, BadInputIsOneSentenceAndWritesNothing) {
 TEST(GgufExport, ExistingOutputsNeedForceAndMustBeRegularFiles) {
     const TempDir& d = micro_data();
     TempDir dir;
-    ASSERT_EQ(kiln("train" + kMicro + " --set model.vocab_size=320 --set train.steps=2" +
-                   " --set run.dir=" + (dir / "run"))
-                  .rc,
-              0);
+    ASSERT_EQ(train_two_steps(dir / "run", 320), 0);
     auto is_fifo = [](const std::string& path) {
         struct stat st;
         return ::lstat(path.c_str(), &st) == 0 && S_ISFIFO(st.st_mode);
